@@ -1,0 +1,3 @@
+from gputorrent.cli import main
+
+raise SystemExit(main())

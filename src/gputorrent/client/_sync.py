@@ -1,0 +1,93 @@
+"""`APIClient`: the synchronous client."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import httpx
+
+from gputorrent.client import _base
+from gputorrent.errors import ResultTimeout
+from gputorrent.protocol import Accepted, ChatMessage, InferenceOptions, JobResult, JobStatus, WorkerState
+
+
+class APIClient:
+    """Submit jobs to a coordinator and fetch their results.
+
+    Example:
+        >>> client = APIClient("http://localhost:8000")  # doctest: +SKIP
+        >>> client.infer("gemma3:270m", prompt="The capital of France is").output  # doctest: +SKIP
+    """
+
+    def __init__(
+        self, base_url: str = _base.DEFAULT_BASE_URL, *, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None
+    ) -> None:
+        self.base_url = _base.normalize_base_url(base_url)
+        self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)
+
+    def submit(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[ChatMessage] | list[dict[str, str]] | None = None,
+        options: InferenceOptions | dict[str, Any] | None = None,
+    ) -> Accepted:
+        """Queue a request; returns its `request_id` and the worker it went to."""
+        body = _base.inference_body(model, prompt, messages, options)
+        return _base.parse_accepted(self._request("POST", "/inference", json=body))
+
+    def result(self, request_id: str, *, wait_s: float = 0.0) -> JobResult | JobStatus:
+        """The result (a `JobResult`, completed or failed) or, before it exists, the job's status."""
+        return _base.parse_result(
+            self._request("GET", f"/result/{request_id}", params={"wait": wait_s}, timeout=wait_s + 30)
+        )
+
+    def infer(
+        self,
+        model: str,
+        prompt: str | None = None,
+        *,
+        messages: list[ChatMessage] | list[dict[str, str]] | None = None,
+        options: InferenceOptions | dict[str, Any] | None = None,
+        timeout_s: float = 300.0,
+    ) -> JobResult:
+        """Submit and wait for the completed result.
+
+        Raises:
+            JobFailed: the job ended with status `failed` (its `code` says why).
+            ResultTimeout: no result within `timeout_s`.
+        """
+        accepted = self.submit(model, prompt, messages=messages, options=options)
+        deadline = time.monotonic() + timeout_s
+        while (remaining_s := deadline - time.monotonic()) > 0:
+            found = self.result(accepted.request_id, wait_s=min(remaining_s, _base.WAIT_SLICE_S))
+            if isinstance(found, JobResult):
+                return _base.completed_or_raise(found)
+        raise ResultTimeout(f"no result for {accepted.request_id} within {timeout_s} s", request_id=accepted.request_id)
+
+    def workers(self) -> list[WorkerState]:
+        """Every registered worker with its state."""
+        return _base.parse_workers(self._request("GET", "/workers"))
+
+    def health(self) -> dict[str, Any]:
+        """The coordinator's `/health` body (raises `ServiceUnavailable` on 503)."""
+        response = self._request("GET", "/health")
+        _base.raise_for_error(response)
+        return response.json()  # type: ignore[no-any-return]
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> APIClient:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            return self._http.request(method, path, **kwargs)
+        except httpx.TransportError as e:
+            raise _base.connection_error(self.base_url, e) from None

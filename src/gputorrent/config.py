@@ -1,0 +1,109 @@
+"""Settings, read from the environment once at the entry point and passed in.
+
+The seed's variable names come first (`REDIS_HOST`, `REDIS_PORT`, `COORDINATOR_URL`,
+`REDIS_URL`, `MODEL_NAME`, `HF_TOKEN`); everything added since is `GPUTORRENT_*`, except
+the names users already know from the backends (`OLLAMA_HOST`, `OPENAI_BASE_URL`,
+`OPENAI_API_KEY`). CLI flags are passed as keyword arguments and win over the environment.
+
+>>> normalize_ollama_host("0.0.0.0")
+'http://0.0.0.0:11434'
+>>> normalize_ollama_host("https://ollama.example/")
+'https://ollama.example:443'
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+BackendName = Literal["llamacpp", "ollama", "openai", "fake"]
+
+PACKAGED_MODEL = "gemma3:270m"
+DEFAULT_MODEL_BY_BACKEND: dict[str, str | None] = {
+    "ollama": "llama3.2",  # the seed's MODEL_NAME default
+    "llamacpp": PACKAGED_MODEL,
+    "openai": None,  # the first model the server lists
+    "fake": "fake",
+}
+
+
+def _env(*names: str) -> AliasChoices:
+    return AliasChoices(*names)
+
+
+class _Settings(BaseSettings):
+    model_config = SettingsConfigDict(populate_by_name=True, case_sensitive=False, extra="ignore", frozen=True)
+
+
+class CoordinatorSettings(_Settings):
+    """What the coordinator needs. `REDIS_URL`, when set, wins over `REDIS_HOST`/`REDIS_PORT`."""
+
+    redis_host: str = Field(default="localhost", validation_alias=_env("redis_host", "REDIS_HOST"))
+    redis_port: int = Field(default=6379, ge=1, le=65535, validation_alias=_env("redis_port", "REDIS_PORT"))
+    redis_url_override: str | None = Field(default=None, validation_alias=_env("redis_url", "REDIS_URL"))
+    host: str = Field(default="127.0.0.1", validation_alias=_env("host", "GPUTORRENT_HOST"))
+    port: int = Field(default=8000, ge=0, le=65535, validation_alias=_env("port", "GPUTORRENT_PORT"))
+    heartbeat_interval_s: float = Field(
+        default=2.0, gt=0, validation_alias=_env("heartbeat_interval_s", "GPUTORRENT_HEARTBEAT_INTERVAL_S")
+    )
+    heartbeat_timeout_s: float = Field(
+        default=6.0, gt=0, validation_alias=_env("heartbeat_timeout_s", "GPUTORRENT_HEARTBEAT_TIMEOUT_S")
+    )
+    result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("result_ttl_s", "GPUTORRENT_RESULT_TTL_S"))
+    max_body_bytes: int = Field(
+        default=1024 * 1024, ge=1024, validation_alias=_env("max_body_bytes", "GPUTORRENT_MAX_BODY_BYTES")
+    )
+    max_result_wait_s: float = Field(
+        default=60.0, ge=0, validation_alias=_env("max_result_wait_s", "GPUTORRENT_MAX_RESULT_WAIT_S")
+    )
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis_url_override or f"redis://{self.redis_host}:{self.redis_port}"
+
+
+class WorkerSettings(_Settings):
+    """What a worker needs. `MODEL_NAME` unset means the backend's default model."""
+
+    coordinator_url: str = Field(
+        default="http://localhost:8000", validation_alias=_env("coordinator_url", "COORDINATOR_URL")
+    )
+    redis_url: str = Field(default="redis://localhost:6379", validation_alias=_env("redis_url", "REDIS_URL"))
+    model_name: str | None = Field(default=None, validation_alias=_env("model_name", "MODEL_NAME"))
+    hf_token: SecretStr | None = Field(default=None, validation_alias=_env("hf_token", "HF_TOKEN"))
+    backend: BackendName = Field(default="ollama", validation_alias=_env("backend", "GPUTORRENT_BACKEND"))
+    worker_id: str | None = Field(default=None, validation_alias=_env("worker_id", "GPUTORRENT_WORKER_ID"))
+    slots: int = Field(default=1, ge=1, le=1024, validation_alias=_env("slots", "GPUTORRENT_SLOTS"))
+    result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("result_ttl_s", "GPUTORRENT_RESULT_TTL_S"))
+    ollama_host: str = Field(default="http://localhost:11434", validation_alias=_env("ollama_host", "OLLAMA_HOST"))
+    openai_base_url: str = Field(
+        default="http://localhost:8080/v1", validation_alias=_env("openai_base_url", "OPENAI_BASE_URL")
+    )
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("openai_api_key", "OPENAI_API_KEY"))
+    n_ctx: int = Field(default=4096, ge=256, validation_alias=_env("n_ctx", "GPUTORRENT_N_CTX"))
+    n_gpu_layers: int = Field(default=-1, validation_alias=_env("n_gpu_layers", "GPUTORRENT_N_GPU_LAYERS"))
+    register_timeout_s: float = Field(
+        default=60.0, gt=0, validation_alias=_env("register_timeout_s", "GPUTORRENT_REGISTER_TIMEOUT_S")
+    )
+
+    @field_validator("ollama_host")
+    @classmethod
+    def _ollama_host(cls, value: str) -> str:
+        return normalize_ollama_host(value)
+
+    @property
+    def model(self) -> str | None:
+        """The model to serve: `MODEL_NAME`, else the backend's default."""
+        return self.model_name or DEFAULT_MODEL_BY_BACKEND[self.backend]
+
+
+def normalize_ollama_host(value: str) -> str:
+    """Accept `OLLAMA_HOST` the way Ollama does: scheme and port optional."""
+    if "://" not in value:
+        value = f"http://{value}"
+    parts = urlsplit(value)
+    port = parts.port or (443 if parts.scheme == "https" else 11434)
+    return f"{parts.scheme}://{parts.hostname}:{port}"

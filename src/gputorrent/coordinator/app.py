@@ -1,0 +1,79 @@
+"""The coordinator's FastAPI app, built from settings by `create_app`."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from gputorrent import __version__
+from gputorrent.config import CoordinatorSettings
+from gputorrent.coordinator.limits import BodySizeLimit
+from gputorrent.coordinator.results import ResultWaiter
+from gputorrent.coordinator.routes import native
+from gputorrent.errors import GPUTorrentError, RedisUnavailable
+
+log = logging.getLogger(__name__)
+
+
+def create_app(settings: CoordinatorSettings) -> FastAPI:
+    """The coordinator: every route, the error mapping and the background result listener."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = Redis.from_url(
+            settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10, max_connections=512
+        )
+        waiter = ResultWaiter(redis)
+        app.state.redis, app.state.settings, app.state.waiter = redis, settings, waiter
+        listener = asyncio.create_task(waiter.run(), name="result-listener")
+        try:
+            yield
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+            await redis.aclose()
+
+    app = FastAPI(title="GPU Torrent coordinator", version=__version__, lifespan=lifespan)
+    app.include_router(native.router)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RedisConnectionError, _redis_down)
+    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    return app
+
+
+async def _domain_error(_: Request, exc: GPUTorrentError) -> JSONResponse:
+    return JSONResponse(exc.to_body(), status_code=exc.http_status)
+
+
+async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+    log.warning("Redis unavailable: %s", exc)
+    error = RedisUnavailable("the coordinator cannot reach Redis; retry shortly")
+    return JSONResponse(error.to_body(), status_code=error.http_status, headers={"Retry-After": "1"})
+
+
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 with `{"error": {"code", "message", "fields"}}`; `message` names each bad field."""
+    fields: list[dict[str, Any]] = []
+    for err in exc.errors():
+        if err.get("type") == "json_invalid":
+            fields.append({"field": "body", "message": "the body is not valid JSON"})
+            continue
+        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path")]
+        fields.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
+    message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
+    body = {"error": {"code": "invalid_request", "message": message, "fields": fields}}
+    return JSONResponse(jsonable_encoder(body), status_code=422)

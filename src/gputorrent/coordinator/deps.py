@@ -1,0 +1,28 @@
+"""FastAPI dependencies: what routes get from the app's state."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Depends, Request
+from redis.asyncio import Redis
+
+from gputorrent.config import CoordinatorSettings
+from gputorrent.coordinator.results import ResultWaiter
+
+
+def _redis(request: Request) -> Redis:
+    return request.app.state.redis  # type: ignore[no-any-return]
+
+
+def _settings(request: Request) -> CoordinatorSettings:
+    return request.app.state.settings  # type: ignore[no-any-return]
+
+
+def _waiter(request: Request) -> ResultWaiter:
+    return request.app.state.waiter  # type: ignore[no-any-return]
+
+
+RedisDep = Annotated[Redis, Depends(_redis)]
+SettingsDep = Annotated[CoordinatorSettings, Depends(_settings)]
+WaiterDep = Annotated[ResultWaiter, Depends(_waiter)]

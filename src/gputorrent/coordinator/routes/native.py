@@ -1,0 +1,99 @@
+"""The seed's API: `/register`, `/workers`, `/inference`, `/result/{request_id}`, `/health`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse
+from redis.exceptions import RedisError
+
+from gputorrent import registry
+from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.dispatch import admit
+from gputorrent.errors import RequestNotFound
+from gputorrent.protocol import (
+    Accepted,
+    InferenceRequest,
+    JobResult,
+    JobStatus,
+    Registered,
+    WorkerRecord,
+    WorkerRegistration,
+    WorkerState,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+HEALTH_PING_TIMEOUT_S = 2.0
+
+
+@router.post("/register", response_model=Registered, tags=["workers"])
+async def register_worker(body: WorkerRegistration, redis: RedisDep, settings: SettingsDep) -> Registered:
+    """A worker joins the pool (or re-joins: the same id replaces its record)."""
+    worker_id = body.worker_id or f"w-{uuid.uuid4().hex[:12]}"
+    record = WorkerRecord(
+        worker_id=worker_id,
+        models=body.models,
+        backend=body.backend,
+        slots=body.slots,
+        hardware=body.hardware,
+        version=body.version,
+        registered_at=time.time(),
+    )
+    await registry.register(redis, record, settings.heartbeat_timeout_s)
+    log.info("worker %s registered backend=%s models=%s", worker_id, body.backend, ",".join(body.models))
+    return Registered(
+        worker_id=worker_id,
+        heartbeat_interval_s=settings.heartbeat_interval_s,
+        heartbeat_timeout_s=settings.heartbeat_timeout_s,
+    )
+
+
+@router.get("/workers", response_model=list[WorkerState], tags=["workers"])
+async def list_workers(redis: RedisDep) -> list[WorkerState]:
+    """Every registered worker, alive or not, with its load and queue length."""
+    return await registry.snapshot(redis)
+
+
+@router.post("/inference", status_code=202, response_model=Accepted, tags=["inference"])
+async def submit_inference(body: InferenceRequest, redis: RedisDep, settings: SettingsDep) -> Accepted:
+    """Queue a request on a live worker that serves its model; answers with its `request_id`."""
+    return await admit(redis, body, settings.result_ttl_s)
+
+
+@router.get(
+    "/result/{request_id}",
+    response_model=JobResult | JobStatus,
+    responses={202: {"model": JobStatus}, 404: {"description": "unknown request id"}},
+    tags=["inference"],
+)
+async def get_result(
+    request_id: str,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    response: Response,
+    wait: Annotated[float, Query(ge=0, description="seconds to hold the request until the result exists")] = 0.0,
+) -> JobResult | JobStatus:
+    """The result when it exists (200), the job's status before that (202)."""
+    found = await waiter.wait(request_id, min(wait, settings.max_result_wait_s))
+    if found is None:
+        raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
+    if isinstance(found, JobStatus):
+        response.status_code = 202
+    return found
+
+
+@router.get("/health", tags=["operations"])
+async def health(redis: RedisDep) -> JSONResponse:
+    """200 while Redis answers, 503 when it does not (for load balancers)."""
+    try:
+        await asyncio.wait_for(redis.ping(), HEALTH_PING_TIMEOUT_S)
+    except (RedisError, OSError, TimeoutError):
+        return JSONResponse({"status": "unhealthy", "redis": "disconnected"}, status_code=503)
+    return JSONResponse({"status": "healthy", "redis": "connected"})

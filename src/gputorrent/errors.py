@@ -1,0 +1,118 @@
+"""Errors, each with a stable `code` and the HTTP status it maps to.
+
+    GPUTorrentError                  500 internal_error
+    ├── InvalidRequest               422 invalid_request
+    ├── RequestTooLarge              413 request_too_large
+    ├── NotFound                     404 not_found
+    │   ├── ModelNotFound            404 model_not_found      (carries the models live workers serve)
+    │   └── RequestNotFound          404 request_not_found
+    ├── ServiceUnavailable           503 service_unavailable
+    │   ├── NoWorkersAvailable       503 no_workers
+    │   └── RedisUnavailable         503 redis_unavailable
+    ├── BackendError                 502 backend_error        (a worker's backend failed a job)
+    │   └── ModelUnavailable         502 model_unavailable    (the model cannot be found or pulled)
+    ├── JobFailed                    200 per the job          (client side: a result with status failed)
+    └── ResultTimeout                504 result_timeout       (client side: no result within the wait)
+
+The coordinator turns these into `{"error": {"code", "message", ...}}` in one handler; the
+client turns that body back into the same classes in one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GPUTorrentError(Exception):
+    """Base of every GPU Torrent error."""
+
+    code: ClassVar[str] = "internal_error"
+    http_status: ClassVar[int] = 500
+
+    def __init__(self, message: str, **details: Any) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def to_body(self) -> dict[str, Any]:
+        return {"error": {"code": self.code, "message": self.message, **self.details}}
+
+
+class InvalidRequest(GPUTorrentError):
+    code = "invalid_request"
+    http_status = 422
+
+
+class RequestTooLarge(GPUTorrentError):
+    code = "request_too_large"
+    http_status = 413
+
+
+class NotFound(GPUTorrentError):
+    code = "not_found"
+    http_status = 404
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class RequestNotFound(NotFound):
+    code = "request_not_found"
+
+
+class ServiceUnavailable(GPUTorrentError):
+    code = "service_unavailable"
+    http_status = 503
+
+
+class NoWorkersAvailable(ServiceUnavailable):
+    code = "no_workers"
+
+
+class RedisUnavailable(ServiceUnavailable):
+    code = "redis_unavailable"
+
+
+class BackendError(GPUTorrentError):
+    code = "backend_error"
+    http_status = 502
+
+
+class ModelUnavailable(BackendError):
+    code = "model_unavailable"
+
+
+class JobFailed(GPUTorrentError):
+    """A job ended with status `failed`; `code` is the job's own error code."""
+
+    http_status = 200
+
+    def __init__(self, message: str, *, request_id: str, code: str) -> None:
+        super().__init__(message, request_id=request_id)
+        self.request_id = request_id
+        self.code = code  # type: ignore[misc]
+
+
+class ResultTimeout(GPUTorrentError):
+    code = "result_timeout"
+    http_status = 504
+
+
+ERRORS_BY_CODE: dict[str, type[GPUTorrentError]] = {
+    cls.code: cls
+    for cls in (
+        GPUTorrentError,
+        InvalidRequest,
+        RequestTooLarge,
+        NotFound,
+        ModelNotFound,
+        RequestNotFound,
+        ServiceUnavailable,
+        NoWorkersAvailable,
+        RedisUnavailable,
+        BackendError,
+        ModelUnavailable,
+        ResultTimeout,
+    )
+}

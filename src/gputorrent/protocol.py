@@ -1,0 +1,202 @@
+"""The wire models every part shares: requests, jobs, results and worker records.
+
+Models that arrive from outside (requests, registrations) forbid unknown fields so a typo
+is a 422 that names the field, not a silently ignored option.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+MODEL_NAME_PATTERN = r"^[^\s]{1,256}$"
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InferenceOptions(WireModel):
+    """Sampling options; the names follow the OpenAI API."""
+
+    max_tokens: int = Field(default=256, ge=1, le=32768)
+    temperature: float = Field(default=0.8, ge=0.0, le=2.0)
+    top_p: float = Field(default=0.95, gt=0.0, le=1.0)
+    seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
+    stop: list[str] = Field(default_factory=list, max_length=16)
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _stop_as_list(cls, value: object) -> object:
+        # OpenAI accepts a single string or a list; keep one shape inside.
+        if value is None:
+            return []
+        if isinstance(value, str):
+            return [value]
+        return value
+
+
+class ChatMessage(WireModel):
+    role: Literal["system", "user", "assistant"]
+    content: str
+
+
+class InferenceRequest(WireModel):
+    """What a client submits to `POST /inference`: a prompt or a chat, never both."""
+
+    model: str = Field(pattern=MODEL_NAME_PATTERN)
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    options: InferenceOptions = Field(default_factory=InferenceOptions)
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> InferenceRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("exactly one of 'prompt' or 'messages' is required")
+        return self
+
+
+class Job(WireModel):
+    """An admitted request as it travels through `queue:{worker_id}`."""
+
+    request_id: str
+    worker_id: str
+    model: str
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    options: InferenceOptions
+    enqueued_at: float  # unix time, seconds
+
+
+class Usage(WireModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+
+
+class Timings(WireModel):
+    queued_ms: float = 0.0
+    inference_ms: float = 0.0
+
+
+class ErrorInfo(WireModel):
+    code: str
+    message: str
+
+
+class JobResult(WireModel):
+    """The finished job, stored at `result:{request_id}`."""
+
+    request_id: str
+    status: Literal["completed", "failed"]
+    model: str
+    worker_id: str
+    output: str | None = None
+    finish_reason: str | None = None
+    usage: Usage = Field(default_factory=Usage)
+    timings: Timings = Field(default_factory=Timings)
+    error: ErrorInfo | None = None
+
+
+class JobStatus(WireModel):
+    """What `GET /result/{request_id}` answers (202) before the result exists."""
+
+    request_id: str
+    status: Literal["queued", "running"]
+    worker_id: str
+    model: str
+
+
+class Accepted(WireModel):
+    """The 202 answer of `POST /inference`."""
+
+    request_id: str
+    worker_id: str
+    status: Literal["queued"] = "queued"
+
+
+class GPUInfo(WireModel):
+    name: str
+    memory_total_bytes: int | None = Field(default=None, ge=0)
+
+
+class Hardware(WireModel):
+    gpus: list[GPUInfo] = Field(default_factory=list, max_length=64)
+    cpu_cores: int | None = Field(default=None, ge=1)
+    ram_total_bytes: int | None = Field(default=None, ge=0)
+
+
+class WorkerRegistration(WireModel):
+    """The body of `POST /register`. A worker that gives no id is given one."""
+
+    worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
+    models: list[str] = Field(min_length=1, max_length=256)
+    backend: str = Field(min_length=1, max_length=64)
+    slots: int = Field(default=1, ge=1, le=1024)
+    hardware: Hardware = Field(default_factory=Hardware)
+    version: str | None = Field(default=None, max_length=64)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, models: list[str]) -> list[str]:
+        for name in models:
+            if not name or len(name) > 256 or any(ch.isspace() for ch in name):
+                raise ValueError(f"invalid model name {name!r}")
+        return models
+
+
+class WorkerRecord(WireModel):
+    """The registration as stored at `worker:{worker_id}`."""
+
+    worker_id: str
+    models: list[str]
+    backend: str
+    slots: int
+    hardware: Hardware
+    version: str | None = None
+    registered_at: float
+
+
+class Registered(WireModel):
+    """The answer of `POST /register`."""
+
+    worker_id: str
+    heartbeat_interval_s: float
+    heartbeat_timeout_s: float
+
+
+class Heartbeat(WireModel):
+    """What a worker writes at `heartbeat:{worker_id}` on every beat."""
+
+    at: float
+    jobs_in_flight: int = 0
+
+
+class WorkerState(WireModel):
+    """One row of `GET /workers`."""
+
+    worker_id: str
+    models: list[str]
+    backend: str
+    slots: int
+    hardware: Hardware
+    state: Literal["alive", "dead"]
+    jobs_in_flight: int
+    queue_length: int
+    last_heartbeat_at: float | None
+    registered_at: float
+
+
+class TokenChunk(WireModel):
+    """A piece of generated text, as a backend yields it."""
+
+    text: str
+
+
+class GenerationDone(WireModel):
+    """The last item a backend yields: token counts and why generation stopped."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str = "stop"

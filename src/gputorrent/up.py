@@ -1,0 +1,132 @@
+"""`gputorrent up`: a whole pool on this machine, stopped as one by Ctrl-C.
+
+Starts a private Redis-compatible server (unless `REDIS_URL` or `REDIS_HOST` names one), the
+coordinator and one llama.cpp worker, each its own process, and stops every one of them on
+SIGINT or SIGTERM, or when any of them dies: the worker first, Redis last.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import time
+from types import FrameType
+
+import httpx
+
+from gputorrent.embedded import EmbeddedRedis
+
+START_TIMEOUT_S = 180.0  # the worker assembles and loads the model before it registers
+STOP_TIMEOUT_S = 10.0
+
+
+class _Stop(Exception):
+    pass
+
+
+def _die_with_parent() -> None:
+    """Linux: the child gets SIGTERM if `up` itself is killed, so nothing is left behind."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
+    def on_signal(signum: int, _: FrameType | None) -> None:
+        raise _Stop
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    env = dict(os.environ)
+    embedded: EmbeddedRedis | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    try:
+        if "REDIS_URL" not in env and "REDIS_HOST" not in env:
+            embedded = EmbeddedRedis().start(preexec_fn=_die_with_parent, start_new_session=True)
+            env["REDIS_URL"] = embedded.url
+            print(f"started a private Redis-compatible server at {embedded.url}", flush=True)
+        redis_url = env.get("REDIS_URL") or f"redis://{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}"
+        local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
+        url = f"http://{local_host}:{port}"
+        python = [sys.executable, "-m", "gputorrent", "--log-level", log_level]
+        children.append(_spawn([*python, "coordinator", "--host", host, "--port", str(port), "--redis-url", redis_url], env))
+        _wait_until(lambda: _get(f"{url}/health") is not None, children, "the coordinator to answer /health")
+        children.append(
+            _spawn(
+                [*python, "worker", "--backend", "llamacpp", "--model", model, "--coordinator", url,
+                 "--redis-url", redis_url],
+                env,
+            )
+        )  # fmt: skip
+        _wait_until(lambda: _alive_worker(url), children, f"the worker to load {model} and register")
+        print(_banner(url, model), flush=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        print("a process of the pool exited; stopping the rest", file=sys.stderr, flush=True)
+        return 1
+    except _Stop:
+        return 0
+    except RuntimeError as e:
+        print(f"gputorrent up: {e}", file=sys.stderr, flush=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        for child in reversed(children):  # the worker first, so it leaves the pool cleanly
+            _terminate(child)
+        if embedded is not None:
+            embedded.stop()
+        print("stopped", flush=True)
+
+
+def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
+    # A session of its own: a terminal's Ctrl-C reaches only `up`, which stops the pool in order.
+    return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent, start_new_session=True)
+
+
+def _terminate(child: subprocess.Popen[bytes]) -> None:
+    if child.poll() is None:
+        child.terminate()
+    try:
+        child.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        child.wait()
+
+
+def _wait_until(ready: object, children: list[subprocess.Popen[bytes]], what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise RuntimeError(f"a process exited while waiting for {what}")
+        if ready():  # type: ignore[operator]
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def _get(url: str) -> httpx.Response | None:
+    try:
+        response = httpx.get(url, timeout=2)
+    except httpx.TransportError:
+        return None
+    return response if response.status_code == 200 else None
+
+
+def _alive_worker(url: str) -> bool:
+    response = _get(f"{url}/workers")
+    return response is not None and any(w["state"] == "alive" for w in response.json())
+
+
+def _banner(url: str, model: str) -> str:
+    body = f'{{"model": "{model}", "prompt": "The capital of France is", "options": {{"max_tokens": 16}}}}'
+    return (
+        f"\nGPU Torrent is up at {url} (Ctrl-C stops it)\n"
+        "Try:\n"
+        f"  id=$(curl -s {url}/inference -H 'content-type: application/json' \\\n"
+        f"        -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"request_id\"])')\n"
+        f"  curl -s '{url}/result/'$id'?wait=30'\n"
+    )

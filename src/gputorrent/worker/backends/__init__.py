@@ -1,0 +1,30 @@
+"""Backend construction: one factory per name, no plugin system."""
+
+from __future__ import annotations
+
+from gputorrent.config import WorkerSettings
+from gputorrent.worker.backends.base import Backend
+
+
+def make_backend(settings: WorkerSettings) -> Backend:
+    """The backend `settings.backend` names, configured from the settings."""
+    if settings.backend == "llamacpp":
+        from gputorrent.worker.backends.llamacpp import LlamaCppBackend
+
+        return LlamaCppBackend(n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers)
+    if settings.backend == "ollama":
+        from gputorrent.worker.backends.ollama import OllamaBackend
+
+        token = settings.hf_token.get_secret_value() if settings.hf_token else None
+        return OllamaBackend(host=settings.ollama_host, hf_token=token)
+    if settings.backend == "openai":
+        from gputorrent.worker.backends.openai import OpenAIBackend
+
+        key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+        return OpenAIBackend(base_url=settings.openai_base_url, api_key=key)
+    from gputorrent.worker.backends.fake import FakeBackend
+
+    return FakeBackend()
+
+
+__all__ = ["Backend", "make_backend"]

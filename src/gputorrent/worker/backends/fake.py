@@ -1,0 +1,44 @@
+"""A deterministic echo backend for tests and benchmarks; it never loads a model.
+
+The output is `echo: ` followed by the prompt (or the last message), cut to `max_tokens`
+words, one word per token, so tests can predict it exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from gputorrent.errors import BackendError
+from gputorrent.protocol import GenerationDone, Job, TokenChunk
+
+FAIL_TRIGGER = "__fail__"  # a prompt containing this fails, to exercise the failure path
+
+
+class FakeBackend:
+    name = "fake"
+
+    def __init__(self) -> None:
+        self._model = "fake"
+
+    async def load(self, model: str | None) -> str:
+        self._model = model or "fake"
+        return self._model
+
+    async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+        text = job.prompt if job.prompt is not None else (job.messages or [])[-1].content
+        if FAIL_TRIGGER in text:
+            raise BackendError("the fake backend was asked to fail")
+        words = ["echo:", *text.split()]
+        emitted = words[: job.options.max_tokens]
+        for i, word in enumerate(emitted):
+            yield TokenChunk(text=word if i == 0 else f" {word}")
+        finish_reason = "length" if len(words) > len(emitted) else "stop"
+        yield GenerationDone(
+            prompt_tokens=len(text.split()), completion_tokens=len(emitted), finish_reason=finish_reason
+        )
+
+    async def list_models(self) -> list[str]:
+        return [self._model]
+
+    async def close(self) -> None:
+        return None

@@ -1,0 +1,131 @@
+"""Ollama over its REST API (`/api/tags`, `/api/pull`, `/api/generate`, `/api/chat`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+
+from gputorrent.errors import BackendError, ModelUnavailable
+from gputorrent.protocol import GenerationDone, Job, TokenChunk
+
+log = logging.getLogger(__name__)
+
+# Generations can take minutes; only connecting is bounded tightly.
+_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+
+
+def same_model(wanted: str, listed: str) -> bool:
+    """Ollama lists `llama3.2` as `llama3.2:latest`.
+
+    >>> same_model("llama3.2", "llama3.2:latest"), same_model("llama3.2:1b", "llama3.2:latest")
+    (True, False)
+    """
+    return listed == wanted or (":" not in wanted and listed == f"{wanted}:latest")
+
+
+class OllamaBackend:
+    name = "ollama"
+
+    def __init__(self, *, host: str, hf_token: str | None = None) -> None:
+        self._host = host.rstrip("/")
+        self._hf_token = hf_token
+        self._session: aiohttp.ClientSession | None = None
+        self._model = ""
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+        return self._session
+
+    async def load(self, model: str | None) -> str:
+        name = model or "llama3.2"
+        if not any(same_model(name, listed) for listed in await self.list_models()):
+            await self._pull(name)
+        self._model = name
+        return name
+
+    async def _pull(self, model: str) -> None:
+        log.info("pulling %s through Ollama at %s", model, self._host)
+        headers = {}
+        if self._hf_token and model.startswith(("hf.co/", "huggingface.co/")):
+            # Gated Hugging Face repositories: Ollama forwards this to the registry.
+            headers["Authorization"] = f"Bearer {self._hf_token}"
+        last_status = ""
+        async for line in self._stream("POST", "/api/pull", {"model": model, "stream": True}, headers):
+            if "error" in line:
+                raise ModelUnavailable(f"Ollama could not pull {model!r}: {line['error']}")
+            status = str(line.get("status", ""))
+            if line.get("total") and line.get("completed") is not None:
+                status = f"{status} {100 * line['completed'] // line['total']}%"
+            if status != last_status:
+                log.info("pull %s: %s", model, status)
+                last_status = status
+
+    async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+        options = job.options
+        body: dict[str, Any] = {
+            "model": job.model,
+            "stream": False,
+            "options": {
+                "num_predict": options.max_tokens,
+                "temperature": options.temperature,
+                "top_p": options.top_p,
+                **({"seed": options.seed} if options.seed is not None else {}),
+                **({"stop": options.stop} if options.stop else {}),
+            },
+        }
+        if job.messages is not None:
+            body["messages"] = [m.model_dump() for m in job.messages]
+            reply = await self._call("POST", "/api/chat", body)
+            text = reply.get("message", {}).get("content", "")
+        else:
+            body["prompt"] = job.prompt
+            reply = await self._call("POST", "/api/generate", body)
+            text = reply.get("response", "")
+        yield TokenChunk(text=text)
+        yield GenerationDone(
+            prompt_tokens=int(reply.get("prompt_eval_count", 0)),
+            completion_tokens=int(reply.get("eval_count", 0)),
+            finish_reason=str(reply.get("done_reason") or "stop"),
+        )
+
+    async def list_models(self) -> list[str]:
+        reply = await self._call("GET", "/api/tags")
+        return [str(m["name"]) for m in reply.get("models", [])]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        try:
+            async with self._http().request(method, self._host + path, json=body) as resp:
+                payload = await resp.json(content_type=None)
+                if resp.status >= 400:
+                    raise BackendError(f"Ollama answered {resp.status}: {_error_text(payload)}")
+                return payload  # type: ignore[no-any-return]
+        except aiohttp.ClientError as e:
+            raise BackendError(f"cannot reach Ollama at {self._host}: {e}") from e
+
+    async def _stream(
+        self, method: str, path: str, body: dict[str, Any], headers: dict[str, str]
+    ) -> AsyncIterator[dict[str, Any]]:
+        try:
+            async with self._http().request(method, self._host + path, json=body, headers=headers) as resp:
+                if resp.status >= 400:
+                    payload = await resp.json(content_type=None)
+                    raise ModelUnavailable(f"Ollama answered {resp.status}: {_error_text(payload)}")
+                async for raw in resp.content:
+                    if raw.strip():
+                        yield json.loads(raw)
+        except aiohttp.ClientError as e:
+            raise BackendError(f"cannot reach Ollama at {self._host}: {e}") from e
+
+
+def _error_text(payload: Any) -> str:
+    return str(payload.get("error", payload)) if isinstance(payload, dict) else str(payload)

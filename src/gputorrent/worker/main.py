@@ -1,0 +1,145 @@
+"""The worker's life: load the model, register, then heartbeat and consume until told to stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import time
+import uuid
+
+import aiohttp
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gputorrent import __version__, queue, registry
+from gputorrent.config import WorkerSettings
+from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.worker.backends import Backend, make_backend
+from gputorrent.worker.executor import execute
+from gputorrent.worker.hardware import detect_hardware
+
+log = logging.getLogger(__name__)
+
+POP_TIMEOUT_S = 1.0  # how long a BRPOP blocks; also how fast a stop request is noticed
+
+
+class Worker:
+    """One registered worker: `slots` consumer loops and a heartbeat loop over one Redis client."""
+
+    def __init__(self, redis: Redis, backend: Backend, registered: Registered, settings: WorkerSettings) -> None:
+        self.redis = redis
+        self.backend = backend
+        self.worker_id = registered.worker_id
+        self.heartbeat_interval_s = registered.heartbeat_interval_s
+        self.heartbeat_timeout_s = registered.heartbeat_timeout_s
+        self.settings = settings
+        self.jobs_in_flight = 0
+        self.jobs_done = 0
+
+    async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
+        """Consume until `stop` is set (or, in burst mode, until the queue is empty), then leave."""
+        try:
+            async with asyncio.TaskGroup() as tasks:
+                heartbeat = tasks.create_task(self._heartbeat(stop))
+                consumers = [tasks.create_task(self._consume(stop, burst)) for _ in range(self.settings.slots)]
+                await asyncio.gather(*consumers)
+                heartbeat.cancel()
+        finally:
+            try:
+                await registry.mark_gone(self.redis, self.worker_id)
+            except (RedisError, OSError) as e:
+                log.warning("worker %s could not mark itself gone (%s); its heartbeat will expire", self.worker_id, e)
+            log.info("worker %s stopped after %d jobs", self.worker_id, self.jobs_done)
+
+    async def _heartbeat(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await registry.beat(self.redis, self.worker_id, self.jobs_in_flight, self.heartbeat_timeout_s)
+            except (RedisError, OSError) as e:
+                log.warning("worker %s heartbeat failed: %s", self.worker_id, e)
+            try:
+                await asyncio.wait_for(stop.wait(), self.heartbeat_interval_s)
+            except TimeoutError:
+                pass
+
+    async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
+        backoff_s = 0.1
+        while not stop.is_set():
+            try:
+                job = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S)
+            except (RedisError, OSError) as e:
+                log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff_s)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 5.0)
+                continue
+            backoff_s = 0.1
+            if job is None:
+                if burst:
+                    return
+                continue
+            self.jobs_in_flight += 1
+            try:
+                await queue.mark_running(self.redis, job.request_id)
+                log.info("request %s started model=%s", job.request_id, job.model)
+                result = await execute(self.backend, job)
+                # The result write must not be lost to a cancellation arriving mid-write.
+                await asyncio.shield(queue.store_result(self.redis, result, self.settings.result_ttl_s))
+                log.info(
+                    "request %s %s in %.0f ms (%d tokens)",
+                    job.request_id, result.status, result.timings.inference_ms, result.usage.completion_tokens,
+                )
+                self.jobs_done += 1
+            finally:
+                self.jobs_in_flight -= 1
+
+
+def default_worker_id() -> str:
+    """Host name plus a random suffix, so two workers on one machine never share a queue."""
+    return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
+
+
+async def register(settings: WorkerSettings, worker_id: str, model: str, backend_name: str) -> Registered:
+    """`POST /register` to the coordinator, retrying with backoff until `register_timeout_s`."""
+    body = WorkerRegistration(
+        worker_id=worker_id,
+        models=[model],
+        backend=backend_name,
+        slots=settings.slots,
+        hardware=detect_hardware(),
+        version=__version__,
+    )
+    url = settings.coordinator_url.rstrip("/") + "/register"
+    deadline = time.monotonic() + settings.register_timeout_s
+    backoff_s = 0.2
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
+        while True:
+            try:
+                async with http.post(url, data=body.model_dump_json(), headers={"content-type": "application/json"}) as resp:
+                    if resp.status == 200:
+                        return Registered.model_validate_json(await resp.read())
+                    raise RuntimeError(f"the coordinator refused registration ({resp.status}): {await resp.text()}")
+            except (aiohttp.ClientError, TimeoutError) as e:
+                if time.monotonic() + backoff_s > deadline:
+                    raise RuntimeError(f"cannot reach the coordinator at {settings.coordinator_url}: {e}") from e
+                log.info("coordinator not reachable yet (%s); retrying", e)
+                await asyncio.sleep(backoff_s)
+                backoff_s = min(backoff_s * 2, 3.0)
+
+
+async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bool = False) -> None:
+    """Load the model, register, then serve jobs until `stop` is set."""
+    backend = make_backend(settings)
+    try:
+        model = await backend.load(settings.model)
+        log.info("backend %s serves %s", backend.name, model)
+        worker_id = settings.worker_id or default_worker_id()
+        redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5)
+        try:
+            registered = await register(settings, worker_id, model, backend.name)
+            log.info("worker %s registered with %s", worker_id, settings.coordinator_url)
+            await Worker(redis, backend, registered, settings).run(stop, burst=burst)
+        finally:
+            await redis.aclose()
+    finally:
+        await backend.close()
