@@ -52,7 +52,9 @@ def _coordinator(args: argparse.Namespace) -> int:
     from gputorrent.coordinator.app import create_app
 
     settings = CoordinatorSettings(**_overrides(args, "host", "port", "redis_url"))
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False)
+    uvicorn.run(
+        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False
+    )
     return 0
 
 
@@ -146,7 +148,9 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker that joins a coordinator")
     worker.add_argument("--coordinator", dest="coordinator_url", help="COORDINATOR_URL (default http://localhost:8000)")
     worker.add_argument("--redis-url", help="REDIS_URL (default redis://localhost:6379)")
-    worker.add_argument("--backend", choices=["llamacpp", "ollama", "openai", "fake"], help="GPUTORRENT_BACKEND (default ollama)")
+    worker.add_argument(
+        "--backend", choices=["llamacpp", "ollama", "openai", "fake"], help="GPUTORRENT_BACKEND (default ollama)"
+    )
     worker.add_argument("--model", dest="model_name", help="MODEL_NAME (default: the backend's default model)")
     worker.add_argument("--worker-id", help="GPUTORRENT_WORKER_ID (default: host name plus a random suffix)")
     worker.add_argument("--slots", type=int, help="GPUTORRENT_SLOTS: jobs run at once (default 1)")

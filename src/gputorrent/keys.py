@@ -2,16 +2,16 @@
 
 The first four are the seed's contract (SPEC.md) and keep their names.
 
-| key                     | type          | holds                                        | TTL                      | written by          |
-|-------------------------|---------------|----------------------------------------------|--------------------------|---------------------|
-| `worker:{worker_id}`    | string (JSON) | the worker's registration record             | none (removed on leave)  | coordinator         |
-| `queue:{worker_id}`     | list          | job JSON, LPUSH by coordinator, BRPOP'd      | none                     | coordinator, worker |
-| `result:{request_id}`   | string (JSON) | the finished (completed or failed) result    | `result_ttl_s` (1 h)     | worker              |
-| `worker_index`          | integer       | the round-robin counter                      | none                     | coordinator         |
-| `workers`               | set           | ids of every registered worker               | none                     | coordinator         |
-| `heartbeat:{worker_id}` | string (JSON) | liveness and jobs in flight; absent = dead   | `heartbeat_ttl_s`        | worker              |
-| `job:{request_id}`      | hash          | status (queued/running), worker, timestamps  | `result_ttl_s`           | coordinator, worker |
-| `results:ready`         | pub/sub chan. | request ids whose result was just written    | n/a                      | worker              |
+| key                   | type      | holds                                       | TTL            | writer      |
+|-----------------------|-----------|---------------------------------------------|----------------|-------------|
+| `worker:{worker_id}`  | string    | the registration record (JSON)              | none           | coordinator |
+| `queue:{worker_id}`   | list      | jobs (JSON): LPUSH on admission, BRPOP'd    | none           | both        |
+| `result:{request_id}` | string    | the finished result (JSON)                  | `result_ttl_s` | worker      |
+| `worker_index`        | integer   | the round-robin counter                     | none           | coordinator |
+| `workers`             | set       | ids of every registered worker              | none           | coordinator |
+| `heartbeat:{id}`      | string    | last beat and jobs in flight; absent = dead | heartbeat TTL  | worker      |
+| `job:{request_id}`    | hash      | status (queued/running), worker, model      | `result_ttl_s` | both        |
+| `results:ready`       | channel   | ids of results just written (pub/sub)       | n/a            | worker      |
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')

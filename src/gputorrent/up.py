@@ -52,7 +52,9 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         url = f"http://{local_host}:{port}"
         python = [sys.executable, "-m", "gputorrent", "--log-level", log_level]
-        children.append(_spawn([*python, "coordinator", "--host", host, "--port", str(port), "--redis-url", redis_url], env))
+        children.append(
+            _spawn([*python, "coordinator", "--host", host, "--port", str(port), "--redis-url", redis_url], env)
+        )
         _wait_until(lambda: _get(f"{url}/health") is not None, children, "the coordinator to answer /health")
         children.append(
             _spawn(

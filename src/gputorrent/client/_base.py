@@ -11,7 +11,15 @@ from typing import Any
 import httpx
 
 from gputorrent.errors import ERRORS_BY_CODE, GPUTorrentError, JobFailed, NotFound, ServiceUnavailable
-from gputorrent.protocol import Accepted, ChatMessage, InferenceOptions, InferenceRequest, JobResult, JobStatus, WorkerState
+from gputorrent.protocol import (
+    Accepted,
+    ChatMessage,
+    InferenceOptions,
+    InferenceRequest,
+    JobResult,
+    JobStatus,
+    WorkerState,
+)
 
 DEFAULT_BASE_URL = "http://localhost:8000"
 WAIT_SLICE_S = 30.0  # longest single `?wait=` the client asks for; it re-asks until its own deadline

@@ -21,7 +21,11 @@ class APIClient:
     """
 
     def __init__(
-        self, base_url: str = _base.DEFAULT_BASE_URL, *, timeout_s: float = 30.0, transport: httpx.BaseTransport | None = None
+        self,
+        base_url: str = _base.DEFAULT_BASE_URL,
+        *,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
     ) -> None:
         self.base_url = _base.normalize_base_url(base_url)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout_s, transport=transport)

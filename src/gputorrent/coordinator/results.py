@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import defaultdict
 
@@ -56,10 +57,8 @@ class ResultWaiter:
                 remaining_s = deadline - loop.time()
                 if not isinstance(found, JobStatus) or remaining_s <= 0:
                     return found
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining_s, RECHECK_INTERVAL_S))
-                except TimeoutError:
-                    pass
         finally:
             waiting = self._events[request_id]
             waiting.discard(event)

@@ -31,7 +31,9 @@ async def execute(backend: Backend, job: Job) -> JobResult:
         return _failed(job, e.code, e.message, queued_ms, started)
     except Exception:
         log.exception("request %s failed inside the worker", job.request_id)
-        return _failed(job, "internal_error", "the worker failed to run the job; its log has the cause", queued_ms, started)
+        return _failed(
+            job, "internal_error", "the worker failed to run the job; its log has the cause", queued_ms, started
+        )
     return JobResult(
         request_id=job.request_id,
         status="completed",

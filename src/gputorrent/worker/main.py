@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -58,10 +59,8 @@ class Worker:
                 await registry.beat(self.redis, self.worker_id, self.jobs_in_flight, self.heartbeat_timeout_s)
             except (RedisError, OSError) as e:
                 log.warning("worker %s heartbeat failed: %s", self.worker_id, e)
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.heartbeat_interval_s)
-            except TimeoutError:
-                pass
 
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
         backoff_s = 0.1
@@ -87,7 +86,10 @@ class Worker:
                 await asyncio.shield(queue.store_result(self.redis, result, self.settings.result_ttl_s))
                 log.info(
                     "request %s %s in %.0f ms (%d tokens)",
-                    job.request_id, result.status, result.timings.inference_ms, result.usage.completion_tokens,
+                    job.request_id,
+                    result.status,
+                    result.timings.inference_ms,
+                    result.usage.completion_tokens,
                 )
                 self.jobs_done += 1
             finally:
@@ -115,7 +117,9 @@ async def register(settings: WorkerSettings, worker_id: str, model: str, backend
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         while True:
             try:
-                async with http.post(url, data=body.model_dump_json(), headers={"content-type": "application/json"}) as resp:
+                async with http.post(
+                    url, data=body.model_dump_json(), headers={"content-type": "application/json"}
+                ) as resp:
                     if resp.status == 200:
                         return Registered.model_validate_json(await resp.read())
                     raise RuntimeError(f"the coordinator refused registration ({resp.status}): {await resp.text()}")

@@ -67,7 +67,9 @@ class LlamaCppBackend:
         try:
             from llama_cpp import Llama
         except ImportError:
-            raise ModelUnavailable("the llamacpp backend needs llama-cpp-python: pip install 'gputorrent[llamacpp]'") from None
+            raise ModelUnavailable(
+                "the llamacpp backend needs llama-cpp-python: pip install 'gputorrent[llamacpp]'"
+            ) from None
         log.info("loading %s from %s", name, path)
         self._llm = await asyncio.to_thread(
             Llama,

@@ -11,11 +11,9 @@ import aiohttp
 
 from gputorrent.errors import BackendError, ModelUnavailable
 from gputorrent.protocol import GenerationDone, Job, TokenChunk
+from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
 
 log = logging.getLogger(__name__)
-
-# Generations can take minutes; only connecting is bounded tightly.
-_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
 
 
 def same_model(wanted: str, listed: str) -> bool:
@@ -38,7 +36,7 @@ class OllamaBackend:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=_TIMEOUT)
+            self._session = aiohttp.ClientSession(timeout=TIMEOUT)
         return self._session
 
     async def load(self, model: str | None) -> str:
@@ -59,11 +57,16 @@ class OllamaBackend:
             if "error" in line:
                 raise ModelUnavailable(f"Ollama could not pull {model!r}: {line['error']}")
             status = str(line.get("status", ""))
+            if status == "success":
+                return
             if line.get("total") and line.get("completed") is not None:
                 status = f"{status} {100 * line['completed'] // line['total']}%"
             if status != last_status:
                 log.info("pull %s: %s", model, status)
                 last_status = status
+        raise ModelUnavailable(
+            f"Ollama's pull of {model!r} ended without success (last status: {last_status or 'none'})"
+        )
 
     async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
         options = job.options
@@ -103,14 +106,7 @@ class OllamaBackend:
             self._session = None
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        try:
-            async with self._http().request(method, self._host + path, json=body) as resp:
-                payload = await resp.json(content_type=None)
-                if resp.status >= 400:
-                    raise BackendError(f"Ollama answered {resp.status}: {_error_text(payload)}")
-                return payload  # type: ignore[no-any-return]
-        except aiohttp.ClientError as e:
-            raise BackendError(f"cannot reach Ollama at {self._host}: {e}") from e
+        return await request_json(self._http(), method, self._host + path, body, f"Ollama at {self._host}")
 
     async def _stream(
         self, method: str, path: str, body: dict[str, Any], headers: dict[str, str]
@@ -118,14 +114,16 @@ class OllamaBackend:
         try:
             async with self._http().request(method, self._host + path, json=body, headers=headers) as resp:
                 if resp.status >= 400:
-                    payload = await resp.json(content_type=None)
-                    raise ModelUnavailable(f"Ollama answered {resp.status}: {_error_text(payload)}")
+                    text = await resp.text()
+                    try:
+                        message = error_text(json.loads(text))
+                    except ValueError:
+                        message = text[:200]
+                    raise ModelUnavailable(f"Ollama answered {resp.status}: {message}")
                 async for raw in resp.content:
                     if raw.strip():
                         yield json.loads(raw)
-        except aiohttp.ClientError as e:
-            raise BackendError(f"cannot reach Ollama at {self._host}: {e}") from e
-
-
-def _error_text(payload: Any) -> str:
-    return str(payload.get("error", payload)) if isinstance(payload, dict) else str(payload)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise BackendError(f"cannot reach Ollama at {self._host}: {e or type(e).__name__}") from e
+        except ValueError as e:
+            raise BackendError(f"Ollama at {self._host} streamed a line that is not JSON") from e

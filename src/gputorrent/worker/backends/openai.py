@@ -7,10 +7,9 @@ from typing import Any
 
 import aiohttp
 
-from gputorrent.errors import BackendError, ModelUnavailable
+from gputorrent.errors import ModelUnavailable
 from gputorrent.protocol import GenerationDone, Job, TokenChunk
-
-_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10)
+from gputorrent.worker.backends._http import TIMEOUT, request_json
 
 
 class OpenAIBackend:
@@ -24,7 +23,7 @@ class OpenAIBackend:
 
     def _http(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=_TIMEOUT, headers=self._headers)
+            self._session = aiohttp.ClientSession(timeout=TIMEOUT, headers=self._headers)
         return self._session
 
     async def load(self, model: str | None) -> str:
@@ -34,9 +33,8 @@ class OpenAIBackend:
                 raise ModelUnavailable(f"the server at {self._base_url} lists no models")
             model = available[0]
         elif model not in available:
-            raise ModelUnavailable(
-                f"the server at {self._base_url} does not serve {model!r}; it serves {', '.join(available) or 'nothing'}"
-            )
+            served = ", ".join(available) or "nothing"
+            raise ModelUnavailable(f"the server at {self._base_url} does not serve {model!r}; it serves {served}")
         self._model = model
         return model
 
@@ -78,17 +76,5 @@ class OpenAIBackend:
             self._session = None
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        try:
-            async with self._http().request(method, self._base_url + path, json=body) as resp:
-                payload = await resp.json(content_type=None)
-                if resp.status >= 400:
-                    raise BackendError(f"the OpenAI-compatible server answered {resp.status}: {_error_text(payload)}")
-                return payload  # type: ignore[no-any-return]
-        except aiohttp.ClientError as e:
-            raise BackendError(f"cannot reach the OpenAI-compatible server at {self._base_url}: {e}") from e
-
-
-def _error_text(payload: Any) -> str:
-    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
-        return str(payload["error"].get("message", payload["error"]))
-    return str(payload)
+        server = f"the OpenAI-compatible server at {self._base_url}"
+        return await request_json(self._http(), method, self._base_url + path, body, server)

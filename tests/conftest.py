@@ -1,0 +1,195 @@
+"""Shared fixtures: a real Redis (the machine's, or a private one), the app in process, real processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from redis import Redis as SyncRedis
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gputorrent.config import CoordinatorSettings, WorkerSettings
+from gputorrent.coordinator.app import create_app
+from gputorrent.embedded import EmbeddedRedis, free_port
+from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.worker.backends.fake import FakeBackend
+from gputorrent.worker.main import Worker
+
+# Tests use their own database so a developer's data in db 0 is never flushed.
+TEST_DB = 13
+PROCESS_START_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(scope="session")
+def redis_server_url() -> Iterator[str]:
+    """127.0.0.1:6379 when a server answers there (CI), else a private server for the session."""
+    try:
+        SyncRedis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5).ping()
+        yield "redis://127.0.0.1:6379"
+        return
+    except RedisError:
+        pass
+    with EmbeddedRedis() as server:
+        yield server.url
+
+
+@pytest.fixture
+def redis_url(redis_server_url: str) -> Iterator[str]:
+    """The test database, empty before and after each test."""
+    url = f"{redis_server_url}/{TEST_DB}"
+    client = SyncRedis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    client = Redis.from_url(redis_url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def coordinator_settings(redis_url: str) -> CoordinatorSettings:
+    return CoordinatorSettings(redis_url=redis_url, heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0)
+
+
+@pytest.fixture
+async def api(coordinator_settings: CoordinatorSettings) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the coordinator app in process, lifespan included."""
+    app = create_app(coordinator_settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://coordinator") as client:
+            yield client
+
+
+@pytest.fixture
+def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callable[..., Awaitable[Worker]]:
+    """Register an in-process worker on the fake backend; run it with `await worker.run(stop, burst=True)`."""
+
+    async def make(worker_id: str, model: str = "fake") -> Worker:
+        body = WorkerRegistration(worker_id=worker_id, models=[model], backend="fake")
+        response = await api.post("/register", json=body.model_dump(mode="json"))
+        assert response.status_code == 200, response.text
+        backend = FakeBackend()
+        await backend.load(model)
+        settings = WorkerSettings(redis_url=redis_url, backend="fake", model_name=model, worker_id=worker_id)
+        return Worker(redis, backend, Registered.model_validate(response.json()), settings)
+
+    return make
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll `condition` until it holds; fail the test with `what` after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+class Process:
+    """A `python -m gputorrent ...` child with its output in a log file; stopped on teardown."""
+
+    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+        self.log_path = log_path
+        self._log = log_path.open("wb")
+        self.popen = subprocess.Popen(
+            [sys.executable, "-m", "gputorrent", *args],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+
+    @property
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.popen.send_signal(signum)
+
+    def stop(self, timeout_s: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            code = self.popen.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            code = self.popen.wait()
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
+    started: list[Process] = []
+
+    def start(*args: str, env: dict[str, str] | None = None, name: str = "process") -> Process:
+        proc = Process(list(args), tmp_path / f"{name}-{len(started)}.log", env)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in reversed(started):
+        proc.stop()
+
+
+def _get_json(url: str) -> object | None:
+    try:
+        response = httpx.get(url, timeout=2)
+    except httpx.TransportError:
+        return None
+    return response.json() if response.status_code == 200 else None
+
+
+@pytest.fixture
+def coordinator_url(processes: Callable[..., Process], redis_url: str) -> str:
+    """A coordinator process on a free port, answering /health."""
+    port = free_port()
+    proc = processes("coordinator", "--port", str(port), "--redis-url", redis_url, name="coordinator",
+                     env={"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "2"})  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_for(lambda: (proc.popen.poll() is None and _get_json(f"{url}/health") is not None) or _exited(proc),
+             PROCESS_START_TIMEOUT_S, "the coordinator's /health")  # fmt: skip
+    assert proc.popen.poll() is None, proc.log
+    return url
+
+
+def _exited(proc: Process) -> bool:
+    return proc.popen.poll() is not None
+
+
+def alive_workers(coordinator_url: str) -> list[str]:
+    workers = _get_json(f"{coordinator_url}/workers") or []
+    assert isinstance(workers, list)
+    return [w["worker_id"] for w in workers if w["state"] == "alive"]
+
+
+@pytest.fixture
+def start_worker(processes: Callable[..., Process], coordinator_url: str, redis_url: str) -> Callable[..., Process]:
+    """Start a worker process and wait until the coordinator lists it alive."""
+
+    def start(
+        worker_id: str, *extra: str, backend: str = "fake", timeout_s: float = PROCESS_START_TIMEOUT_S
+    ) -> Process:
+        proc = processes(
+            "worker", "--backend", backend, "--coordinator", coordinator_url, "--redis-url", redis_url,
+            "--worker-id", worker_id, *extra, name=f"worker-{worker_id}",
+        )  # fmt: skip
+        wait_for(lambda: worker_id in alive_workers(coordinator_url) or _exited(proc), timeout_s, f"worker {worker_id}")
+        assert proc.popen.poll() is None, proc.log
+        return proc
+
+    return start

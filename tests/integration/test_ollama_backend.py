@@ -1,0 +1,388 @@
+"""`OllamaBackend` against a stand-in for Ollama's documented REST protocol — NOT a real Ollama.
+
+No Ollama binary can be installed where these tests run, so `OllamaProtocolStandin` is an in-process
+aiohttp server that answers the way Ollama's API reference (docs/api.md in ollama/ollama) says Ollama does:
+
+- `GET /api/tags` lists local models as `{"models": [{"name": "llama3.2:latest", ...}]}`;
+- `POST /api/pull` streams NDJSON progress (`pulling manifest`, `downloading <digest>` with `digest`/`total`/
+  `completed`, `verifying sha256 digest`, `writing manifest`, `success`), and an `{"error": ...}` line for a
+  model the registry does not have;
+- `POST /api/generate` and `POST /api/chat` answer one object when `"stream": false` (`response` or
+  `message`, `done`, `done_reason`, `prompt_eval_count`, `eval_count`, durations), an NDJSON stream otherwise,
+  and 404 `{"error": "model 'x' not found"}` for a model that is not present.
+
+The stand-in records every request so tests can assert on what the backend sent. What these tests prove is
+that the backend speaks the documented protocol; they cannot prove a given Ollama release still matches it.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+from aiohttp import web
+
+from gputorrent.embedded import free_port
+from gputorrent.errors import BackendError, ModelUnavailable
+from gputorrent.protocol import ChatMessage, GenerationDone, InferenceOptions, Job, TokenChunk
+from gputorrent.worker.backends.ollama import OllamaBackend
+
+# What the stand-in "generates": a canned reply, cut to `num_predict` words (one word = one token here).
+GENERATE_REPLY = "Paris is the capital of France."
+CHAT_REPLY = "Hello! How can I help you today?"
+PULL_NOT_FOUND = "pull model manifest: file does not exist"
+
+
+def _tagged(name: str) -> str:
+    """Ollama's name convention: the tag defaults to `latest` (docs/api.md, "Model names")."""
+    return name if ":" in name.rsplit("/", 1)[-1] else f"{name}:latest"
+
+
+@dataclass(frozen=True)
+class Received:
+    """One request as the stand-in saw it."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: Any
+
+
+@dataclass
+class OllamaProtocolStandin:
+    """An in-process server following Ollama's documented REST protocol. Not Ollama itself.
+
+    `models` are present locally (listed by /api/tags); `registry` is what /api/pull can fetch.
+    """
+
+    models: list[str] = field(default_factory=lambda: ["llama3.2:latest"])
+    registry: set[str] = field(
+        default_factory=lambda: {"qwen2.5:0.5b", "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"}
+    )
+    received: list[Received] = field(default_factory=list)
+    url: str = ""
+    _runner: web.AppRunner | None = None
+
+    def requests_to(self, path: str) -> list[Received]:
+        return [r for r in self.received if r.path == path]
+
+    async def start(self) -> str:
+        app = web.Application(middlewares=[self._record])
+        app.router.add_get("/api/tags", self._tags)
+        app.router.add_post("/api/pull", self._pull)
+        app.router.add_post("/api/generate", self._generate)
+        app.router.add_post("/api/chat", self._chat)
+        self._runner = web.AppRunner(app, access_log=None)
+        await self._runner.setup()
+        site = web.TCPSite(self._runner, "127.0.0.1", 0)
+        await site.start()
+        host, port = self._runner.addresses[0][:2]
+        self.url = f"http://{host}:{port}"
+        return self.url
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+
+    @web.middleware
+    async def _record(self, request: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
+        body = json.loads(await request.read()) if request.can_read_body else None
+        self.received.append(Received(request.method, request.path, dict(request.headers), body))
+        return await handler(request)  # type: ignore[no-any-return]
+
+    def _present(self, name: str) -> bool:
+        return _tagged(name) in self.models
+
+    async def _tags(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "models": [
+                    {
+                        "name": name,
+                        "model": name,
+                        "modified_at": "2024-11-04T14:56:49.277302595-07:00",
+                        "size": 2019393189,
+                        "digest": uuid.uuid5(uuid.NAMESPACE_URL, name).hex * 2,
+                        "details": {"format": "gguf", "family": "llama", "parameter_size": "3.2B"},
+                    }
+                    for name in self.models
+                ]
+            }
+        )
+
+    async def _pull(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        name = body.get("model") or body.get("name")  # `name` is the older spelling
+        lines: list[dict[str, Any]] = [{"status": "pulling manifest"}]
+        if name not in self.registry and _tagged(name) not in self.registry:
+            # The stream has started (HTTP 200); a failure arrives as an error line, as Ollama does.
+            lines.append({"error": PULL_NOT_FOUND})
+        else:
+            digest = "sha256:" + uuid.uuid5(uuid.NAMESPACE_URL, name).hex * 2
+            total = 4_000
+            lines.append({"status": f"pulling {digest[7:19]}", "digest": digest, "total": total})
+            lines += [
+                {"status": f"pulling {digest[7:19]}", "digest": digest, "total": total, "completed": done}
+                for done in (1_000, 2_500, total)
+            ]
+            lines += [{"status": s} for s in ("verifying sha256 digest", "writing manifest", "success")]
+            self.models.append(_tagged(name))
+        if body.get("stream", True) is False:
+            return web.json_response(lines[-1])
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        for line in lines:
+            await resp.write(json.dumps(line).encode() + b"\n")
+        await resp.write_eof()
+        return resp
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not self._present(body["model"]):
+            return web.json_response({"error": f"model '{body['model']}' not found"}, status=404)
+        prompt_tokens = len(str(body.get("prompt", "")).split())
+        return await self._answer(request, body, prompt_tokens, GENERATE_REPLY, chat=False)
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        if not self._present(body["model"]):
+            return web.json_response({"error": f"model '{body['model']}' not found"}, status=404)
+        prompt_tokens = sum(len(m["content"].split()) for m in body.get("messages", []))
+        return await self._answer(request, body, prompt_tokens, CHAT_REPLY, chat=True)
+
+    async def _answer(
+        self, request: web.Request, body: dict[str, Any], prompt_tokens: int, reply: str, *, chat: bool
+    ) -> web.StreamResponse:
+        words = reply.split()
+        limit = int((body.get("options") or {}).get("num_predict", -1))
+        kept = words if limit < 0 else words[:limit]
+        done_reason = "length" if len(kept) < len(words) else "stop"
+        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(kept)]
+
+        def frame(text: str, *, done: bool) -> dict[str, Any]:
+            out: dict[str, Any] = {"model": body["model"], "created_at": datetime.now(UTC).isoformat()}
+            out |= {"message": {"role": "assistant", "content": text}} if chat else {"response": text}
+            out["done"] = done
+            if done:
+                out |= {
+                    "done_reason": done_reason,
+                    "total_duration": 5_043_500_667,
+                    "load_duration": 5_025_959,
+                    "prompt_eval_count": prompt_tokens,
+                    "prompt_eval_duration": 325_953_000,
+                    "eval_count": len(kept),
+                    "eval_duration": 4_709_213_000,
+                }
+            return out
+
+        if body.get("stream", True) is False:
+            return web.json_response(frame("".join(pieces), done=True))
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        for piece in pieces:
+            await resp.write(json.dumps(frame(piece, done=False)).encode() + b"\n")
+        await resp.write(json.dumps(frame("", done=True)).encode() + b"\n")
+        await resp.write_eof()
+        return resp
+
+
+@pytest.fixture
+async def ollama_protocol_standin() -> AsyncIterator[OllamaProtocolStandin]:
+    standin = OllamaProtocolStandin()
+    await standin.start()
+    yield standin
+    await standin.stop()
+
+
+@pytest.fixture
+async def make_backend() -> AsyncIterator[Callable[..., OllamaBackend]]:
+    """Backends made here are closed at teardown, so no client session is left open."""
+    made: list[OllamaBackend] = []
+
+    def make(host: str, hf_token: str | None = None) -> OllamaBackend:
+        backend = OllamaBackend(host=host, hf_token=hf_token)
+        made.append(backend)
+        return backend
+
+    yield make
+    for backend in made:
+        await backend.close()
+
+
+def _job(model: str, *, prompt: str | None = None, messages: list[ChatMessage] | None = None, **options: Any) -> Job:
+    return Job(
+        request_id=uuid.uuid4().hex,
+        worker_id="w-ollama",
+        model=model,
+        prompt=prompt,
+        messages=messages,
+        options=InferenceOptions(**options),
+        enqueued_at=time.time(),
+    )
+
+
+async def _run(backend: OllamaBackend, job: Job) -> list[TokenChunk | GenerationDone]:
+    return [item async for item in backend.generate(job)]
+
+
+@pytest.mark.parametrize("wanted", ["llama3.2", "llama3.2:latest", None])
+async def test_load_of_a_listed_model_does_not_pull_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend], wanted: str | None
+) -> None:
+    """`llama3.2` matches the `llama3.2:latest` that /api/tags lists (None means the default, llama3.2)."""
+    backend = make_backend(ollama_protocol_standin.url)
+    served = await backend.load(wanted)
+    assert served == (wanted or "llama3.2")
+    assert len(ollama_protocol_standin.requests_to("/api/tags")) == 1
+    assert ollama_protocol_standin.requests_to("/api/pull") == []
+
+
+async def test_load_of_a_missing_model_pulls_it_then_serves_it_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    assert await backend.load("qwen2.5:0.5b") == "qwen2.5:0.5b"
+
+    pulls = ollama_protocol_standin.requests_to("/api/pull")
+    assert [p.body for p in pulls] == [{"model": "qwen2.5:0.5b", "stream": True}]
+    assert "qwen2.5:0.5b" in await backend.list_models()
+    # The stand-in answers 404 for a model it does not have, so this only works because the pull happened.
+    items = await _run(backend, _job("qwen2.5:0.5b", prompt="Where is Paris?"))
+    assert isinstance(items[-1], GenerationDone) and items[-1].completion_tokens > 0
+
+
+async def test_hf_pull_sends_the_hf_token_and_other_pulls_never_do_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    hf_model = "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"
+    backend = make_backend(ollama_protocol_standin.url, hf_token="hf_test_token")
+    await backend.load(hf_model)
+    await backend.load("qwen2.5:0.5b")
+
+    hf_pull, plain_pull = ollama_protocol_standin.requests_to("/api/pull")
+    assert hf_pull.body["model"] == hf_model
+    assert hf_pull.headers.get("Authorization") == "Bearer hf_test_token"
+    assert plain_pull.body["model"] == "qwen2.5:0.5b"
+    assert "Authorization" not in plain_pull.headers
+    # The token goes to pulls only, never to the other endpoints.
+    assert all("Authorization" not in r.headers for r in ollama_protocol_standin.received if r.path != "/api/pull")
+
+
+async def test_hf_pull_without_a_token_sends_no_authorization_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    await backend.load("hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M")
+    (pull,) = ollama_protocol_standin.requests_to("/api/pull")
+    assert "Authorization" not in pull.headers
+
+
+async def test_failing_pull_raises_model_unavailable_naming_the_model_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    with pytest.raises(ModelUnavailable) as caught:
+        await backend.load("no-such-model:7b")
+    assert "no-such-model:7b" in caught.value.message
+    assert PULL_NOT_FOUND in caught.value.message
+    assert caught.value.code == "model_unavailable"
+    assert "no-such-model:7b" not in await backend.list_models()
+
+
+async def test_prompt_job_maps_options_and_usage_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    await backend.load("llama3.2")
+    job = _job(
+        "llama3.2", prompt="The capital of France is", max_tokens=3, temperature=0.2, top_p=0.5, seed=42, stop=["\n"]
+    )
+    items = await _run(backend, job)
+
+    (request,) = ollama_protocol_standin.requests_to("/api/generate")
+    assert request.body == {
+        "model": "llama3.2",
+        "prompt": "The capital of France is",
+        "stream": False,
+        "options": {"num_predict": 3, "temperature": 0.2, "top_p": 0.5, "seed": 42, "stop": ["\n"]},
+    }
+    assert ollama_protocol_standin.requests_to("/api/chat") == []
+    # The stand-in cut its reply at num_predict=3 words, so Ollama's done_reason is "length".
+    assert items == [
+        TokenChunk(text="Paris is the"),
+        GenerationDone(prompt_tokens=5, completion_tokens=3, finish_reason="length"),
+    ]
+
+
+async def test_prompt_job_without_seed_or_stop_omits_them_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    items = await _run(backend, _job("llama3.2", prompt="Hi there", max_tokens=64))
+    (request,) = ollama_protocol_standin.requests_to("/api/generate")
+    assert set(request.body["options"]) == {"num_predict", "temperature", "top_p"}
+    assert items == [
+        TokenChunk(text=GENERATE_REPLY),
+        GenerationDone(prompt_tokens=2, completion_tokens=len(GENERATE_REPLY.split()), finish_reason="stop"),
+    ]
+
+
+async def test_messages_job_calls_api_chat_with_the_messages_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    messages = [
+        ChatMessage(role="system", content="You are terse."),
+        ChatMessage(role="user", content="Say hello."),
+    ]
+    items = await _run(backend, _job("llama3.2", messages=messages, max_tokens=32))
+
+    (request,) = ollama_protocol_standin.requests_to("/api/chat")
+    assert request.body["messages"] == [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Say hello."},
+    ]
+    assert request.body["stream"] is False and "prompt" not in request.body
+    assert ollama_protocol_standin.requests_to("/api/generate") == []
+    assert items == [
+        TokenChunk(text=CHAT_REPLY),
+        GenerationDone(prompt_tokens=5, completion_tokens=len(CHAT_REPLY.split()), finish_reason="stop"),
+    ]
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["generate", "chat"])
+async def test_ollama_error_status_becomes_backend_error_with_its_message_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend], chat: bool
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    if chat:
+        job = _job("absent:1b", messages=[ChatMessage(role="user", content="hi")])
+    else:
+        job = _job("absent:1b", prompt="hi")
+    with pytest.raises(BackendError) as caught:
+        await _run(backend, job)
+    assert "404" in caught.value.message
+    assert "model 'absent:1b' not found" in caught.value.message
+    assert caught.value.code == "backend_error"
+
+
+async def test_unreachable_host_raises_backend_error_naming_the_host(
+    make_backend: Callable[..., OllamaBackend],
+) -> None:
+    """No stand-in here: nothing listens on the port, as when Ollama is not running."""
+    host = f"http://127.0.0.1:{free_port()}"
+    backend = make_backend(host)
+    with pytest.raises(BackendError) as at_load:
+        await backend.load("llama3.2")
+    assert f"cannot reach Ollama at {host}" in at_load.value.message
+    assert not isinstance(at_load.value, ModelUnavailable)
+
+    with pytest.raises(BackendError) as at_generate:
+        await _run(backend, _job("llama3.2", prompt="hi"))
+    assert f"cannot reach Ollama at {host}" in at_generate.value.message

@@ -1,0 +1,83 @@
+"""Registration in Redis: atomic, idempotent, and liveness by heartbeat."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import httpx
+from redis.asyncio import Redis
+
+from gputorrent import keys, registry
+from gputorrent.protocol import Hardware, WorkerRecord
+
+
+async def test_register_answers_with_id_and_heartbeat_interval(api: httpx.AsyncClient, redis: Redis) -> None:
+    body = {
+        "models": ["gemma3:270m"],
+        "backend": "llamacpp",
+        "slots": 2,
+        "hardware": {"gpus": [{"name": "RTX 4090", "memory_total_bytes": 24 * 2**30}], "cpu_cores": 16},
+    }
+    response = await api.post("/register", json=body)
+    assert response.status_code == 200
+    answer = response.json()
+    assert answer["heartbeat_interval_s"] == 0.5
+    worker_id = answer["worker_id"]
+    record = WorkerRecord.model_validate_json(await redis.get(keys.worker_key(worker_id)))
+    assert record.models == ["gemma3:270m"] and record.slots == 2
+    assert record.hardware.gpus[0].name == "RTX 4090"
+    assert await redis.sismember(keys.WORKERS, worker_id)
+    assert await redis.exists(keys.heartbeat_key(worker_id))
+
+
+async def test_registering_the_same_id_twice_keeps_one_record(api: httpx.AsyncClient, redis: Redis) -> None:
+    first = await api.post("/register", json={"worker_id": "w1", "models": ["a"], "backend": "fake"})
+    second = await api.post("/register", json={"worker_id": "w1", "models": ["b"], "backend": "fake"})
+    assert first.json()["worker_id"] == second.json()["worker_id"] == "w1"
+    assert await redis.smembers(keys.WORKERS) == {"w1"}
+    [worker] = (await api.get("/workers")).json()
+    assert worker["models"] == ["b"]
+
+
+async def test_concurrent_registrations_of_one_id_leave_one_whole_record(api: httpx.AsyncClient, redis: Redis) -> None:
+    bodies = [{"worker_id": "w1", "models": [f"m{i}"], "backend": "fake", "slots": i + 1} for i in range(20)]
+    responses = await asyncio.gather(*(api.post("/register", json=b) for b in bodies))
+    assert {r.status_code for r in responses} == {200}
+    assert await redis.smembers(keys.WORKERS) == {"w1"}
+    record = WorkerRecord.model_validate_json(await redis.get(keys.worker_key("w1")))
+    assert record.models == [f"m{record.slots - 1}"]  # models and slots come from the same registration
+
+
+async def test_register_refuses_bad_bodies_naming_the_field(api: httpx.AsyncClient) -> None:
+    response = await api.post("/register", json={"backend": "fake"})
+    assert response.status_code == 422
+    assert response.json()["error"]["fields"][0]["field"] == "models"
+    bad_slots = await api.post("/register", json={"models": ["m"], "backend": "fake", "slots": 0})
+    assert bad_slots.json()["error"]["fields"][0]["field"] == "slots"
+
+
+async def test_a_worker_is_dead_once_its_heartbeat_expires(redis: Redis) -> None:
+    record = WorkerRecord(
+        worker_id="w1", models=["m"], backend="fake", slots=1, hardware=Hardware(), registered_at=time.time()
+    )
+    await registry.register(redis, record, heartbeat_ttl_s=0.2)
+    assert [w.state for w in await registry.snapshot(redis)] == ["alive"]
+    deadline = time.monotonic() + 5
+    while await redis.exists(keys.heartbeat_key("w1")):  # Redis expires the key; wait for that event
+        assert time.monotonic() < deadline, "heartbeat never expired"
+        await asyncio.sleep(0.05)
+    [state] = await registry.snapshot(redis)
+    assert state.state == "dead" and state.last_heartbeat_at is None
+
+
+async def test_heartbeats_report_jobs_in_flight(redis: Redis) -> None:
+    record = WorkerRecord(
+        worker_id="w1", models=["m"], backend="fake", slots=4, hardware=Hardware(), registered_at=time.time()
+    )
+    await registry.register(redis, record, heartbeat_ttl_s=5)
+    await registry.beat(redis, "w1", jobs_in_flight=3, ttl_s=5)
+    [state] = await registry.snapshot(redis)
+    assert state.jobs_in_flight == 3
+    await registry.mark_gone(redis, "w1")
+    assert [w.state for w in await registry.snapshot(redis)] == ["dead"]
