@@ -51,7 +51,7 @@ return -1
 
 async def mark_running(redis: Redis, request_id: str) -> None:
     """Note that a worker started the job, if its status record still exists."""
-    await redis.eval(_MARK_RUNNING, 1, keys.job_key(request_id), str(time.time()))  # type: ignore[misc]
+    await redis.eval(_MARK_RUNNING, 1, keys.job_key(request_id), str(time.time()))
 
 
 async def store_result(redis: Redis, result: JobResult, ttl_s: int) -> None:

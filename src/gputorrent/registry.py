@@ -41,7 +41,7 @@ async def mark_gone(redis: Redis, worker_id: str) -> None:
 
 async def snapshot(redis: Redis) -> list[WorkerState]:
     """Every registered worker with its state, load and queue length, sorted by id."""
-    worker_ids = sorted(await redis.smembers(keys.WORKERS))
+    worker_ids = sorted(str(worker_id) for worker_id in await redis.smembers(keys.WORKERS))
     if not worker_ids:
         return []
     async with redis.pipeline(transaction=False) as pipe:

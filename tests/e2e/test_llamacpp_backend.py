@@ -1,0 +1,71 @@
+"""The in-process llama.cpp backend on the packaged Gemma 3 270M model."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+
+from gputorrent.errors import ModelUnavailable
+from gputorrent.protocol import ChatMessage, GenerationDone, InferenceOptions, Job, TokenChunk
+from gputorrent.worker.backends.llamacpp import LlamaCppBackend
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture
+async def backend() -> AsyncIterator[LlamaCppBackend]:
+    """A fresh load per test: the packaged model loads in under a second."""
+    llama = LlamaCppBackend(n_ctx=1024, n_gpu_layers=-1)
+    assert await llama.load("gemma3:270m") == "gemma3:270m"
+    yield llama
+    await llama.close()
+
+
+def _job(prompt: str | None = None, messages: list[ChatMessage] | None = None, **options: object) -> Job:
+    return Job(
+        request_id="r", worker_id="w", model="gemma3:270m", prompt=prompt, messages=messages,
+        options=InferenceOptions.model_validate(options), enqueued_at=time.time(),
+    )  # fmt: skip
+
+
+async def _run(backend: LlamaCppBackend, job: Job) -> tuple[str, GenerationDone]:
+    items = [item async for item in backend.generate(job)]
+    *chunks, done = items
+    assert isinstance(done, GenerationDone)
+    assert all(isinstance(c, TokenChunk) for c in chunks)
+    return "".join(c.text for c in chunks if isinstance(c, TokenChunk)), done
+
+
+async def test_a_prompt_gets_a_completion_with_token_counts(backend: LlamaCppBackend) -> None:
+    text, done = await _run(backend, _job("The capital of France is", max_tokens=8, temperature=0))
+    assert text.strip()
+    assert done.prompt_tokens > 0
+    assert 0 < done.completion_tokens <= 8
+
+
+async def test_chat_uses_the_gemma_format(backend: LlamaCppBackend) -> None:
+    messages = [ChatMessage(role="user", content="Name a colour.")]
+    text, done = await _run(backend, _job(messages=messages, max_tokens=8, temperature=0))
+    assert text.strip()
+    assert "<start_of_turn>" not in text
+    assert done.prompt_tokens > 5  # the turn markers are counted too
+
+
+async def test_the_same_seed_gives_the_same_text(backend: LlamaCppBackend) -> None:
+    job = _job("Once upon a time", max_tokens=12, temperature=1.0, seed=42)
+    first, _ = await _run(backend, job)
+    second, _ = await _run(backend, job)
+    assert first == second
+
+
+async def test_max_tokens_ends_the_generation_with_reason_length(backend: LlamaCppBackend) -> None:
+    _, done = await _run(backend, _job("Count: one, two, three,", max_tokens=2, temperature=0))
+    assert done.completion_tokens == 2
+    assert done.finish_reason == "length"
+
+
+async def test_an_unknown_model_is_refused_clearly() -> None:
+    with pytest.raises(ModelUnavailable, match="neither a GGUF file nor the packaged model"):
+        await LlamaCppBackend(n_ctx=512, n_gpu_layers=0).load("llama3.2")

@@ -1,0 +1,116 @@
+"""The pool as real processes: a coordinator and fake-backend workers on a real Redis, driven by the client and CLI."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+from collections.abc import Callable
+
+import pytest
+
+from gputorrent.client import APIClient, AsyncAPIClient
+from gputorrent.errors import JobFailed, ModelNotFound, ServiceUnavailable
+from gputorrent.protocol import JobResult
+from gputorrent.worker.backends.fake import FAIL_TRIGGER
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, alive_workers, wait_for
+
+StartWorker = Callable[..., Process]
+
+
+def _cli(*args: str, url: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gputorrent", *args, "--url", url], capture_output=True, text=True, timeout=60
+    )
+
+
+def test_client_infer_through_coordinator_and_worker_processes(coordinator_url: str, start_worker: StartWorker) -> None:
+    start_worker("w1")
+    with APIClient(coordinator_url) as client:
+        result = client.infer("fake", "hello from the client", options={"max_tokens": 3})
+    assert result.status == "completed"
+    assert result.output == "echo: hello from"
+    assert result.finish_reason == "length"
+    assert result.usage.completion_tokens == 3
+    assert result.worker_id == "w1"
+
+
+def test_jobs_alternate_between_two_worker_processes(coordinator_url: str, start_worker: StartWorker) -> None:
+    start_worker("w1")
+    start_worker("w2")
+    with APIClient(coordinator_url) as client:
+        served_by = [client.infer("fake", f"job {i}").worker_id for i in range(4)]
+    assert sorted(served_by) == ["w1", "w1", "w2", "w2"]
+    assert served_by[0] != served_by[1]
+
+
+def test_client_raises_the_api_errors_as_exceptions(coordinator_url: str, start_worker: StartWorker) -> None:
+    with APIClient(coordinator_url) as client:
+        with pytest.raises(ServiceUnavailable, match="no live worker"):
+            client.submit("fake", "p")
+        start_worker("w1")
+        with pytest.raises(ModelNotFound) as caught:
+            client.submit("nope", "p")
+        assert caught.value.details["available_models"] == ["fake"]
+        with pytest.raises(JobFailed) as failed:
+            client.infer("fake", f"x {FAIL_TRIGGER}")
+        assert failed.value.code == "backend_error"
+    with pytest.raises(ServiceUnavailable, match="cannot reach the coordinator"):
+        APIClient("http://127.0.0.1:1").workers()
+
+
+async def test_async_client_submits_and_waits(coordinator_url: str, start_worker: StartWorker) -> None:
+    start_worker("w1")
+    async with AsyncAPIClient(coordinator_url) as client:
+        accepted = await client.submit("fake", messages=[{"role": "user", "content": "hi async"}])
+        result = await client.result(accepted.request_id, wait_s=20)
+        assert isinstance(result, JobResult)
+        assert result.output == "echo: hi async"
+        assert [w.worker_id for w in await client.workers()] == ["w1"]
+        assert await client.health() == {"status": "healthy", "redis": "connected"}
+
+
+def test_cli_infer_prints_the_answer_and_workers_prints_a_table(coordinator_url: str, start_worker: StartWorker) -> None:
+    start_worker("w1")
+    infer = _cli("infer", "hello cli", "--model", "fake", url=coordinator_url)
+    assert infer.returncode == 0, infer.stderr
+    assert infer.stdout.strip() == "echo: hello cli"
+    table = _cli("workers", url=coordinator_url)
+    assert table.returncode == 0, table.stderr
+    header, row = table.stdout.splitlines()
+    assert header.split()[:3] == ["WORKER", "STATE", "BACKEND"]
+    assert row.split()[:4] == ["w1", "alive", "fake", "fake"]
+    unknown = _cli("infer", "x", "--model", "nope", url=coordinator_url)
+    assert unknown.returncode == 1
+    assert "model_not_found" in unknown.stderr
+
+
+def test_sigterm_stops_a_worker_cleanly_and_it_shows_dead_at_once(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    worker = start_worker("w1")
+    worker.signal(signal.SIGTERM)
+    assert worker.popen.wait(timeout=15) == 0, worker.log
+    assert alive_workers(coordinator_url) == []  # it marked itself gone; no wait for the heartbeat to expire
+    assert "stopped after 0 jobs" in worker.log
+
+
+def test_a_killed_worker_is_declared_dead_when_its_heartbeat_expires(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    worker = start_worker("w1")
+    worker.signal(signal.SIGKILL)
+    worker.popen.wait(timeout=10)
+    wait_for(lambda: alive_workers(coordinator_url) == [], 10, "the heartbeat (2 s TTL) to expire")
+
+
+def test_a_worker_that_cannot_reach_the_coordinator_exits_with_a_clear_error(
+    processes: Callable[..., Process], redis_url: str
+) -> None:
+    proc = processes(
+        "worker", "--backend", "fake", "--coordinator", "http://127.0.0.1:1", "--redis-url", redis_url,
+        env={"GPUTORRENT_REGISTER_TIMEOUT_S": "1"}, name="lonely-worker",
+    )  # fmt: skip
+    assert proc.popen.wait(timeout=PROCESS_START_TIMEOUT_S) == 1
+    assert "cannot reach the coordinator at http://127.0.0.1:1" in proc.log
+    assert "Traceback" not in proc.log

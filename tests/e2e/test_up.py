@@ -1,0 +1,73 @@
+"""`gputorrent up` end to end: private Redis, coordinator and a llama.cpp worker on the packaged model."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from gputorrent.embedded import free_port
+from tests.conftest import wait_for
+
+pytestmark = pytest.mark.model
+
+UP_TIMEOUT_S = 180.0  # first run assembles the 253 MB model from its package
+
+
+def _try_block(log: str) -> str:
+    """The shell lines `up` prints under "Try:"."""
+    block = log.split("Try:\n", 1)[1].split("\n\n", 1)[0]
+    return textwrap.dedent(block)
+
+
+def test_up_serves_a_real_completion_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT")}
+    log_path = tmp_path / "up.log"
+    with log_path.open("wb") as log_file:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "gputorrent", "up", "--port", str(port)],
+            stdout=log_file, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+    try:
+        wait_for(lambda: "Try:" in log_path.read_text() or up.poll() is not None, UP_TIMEOUT_S, "the pool to start")
+        log = log_path.read_text()
+        assert up.poll() is None, log
+        assert "started a private Redis-compatible server" in log
+        assert f"GPU Torrent is up at http://127.0.0.1:{port}" in log
+        pool = psutil.Process(up.pid).children(recursive=True)
+        assert len(pool) >= 3  # Redis, coordinator, worker
+
+        # The seed's flow: POST /inference, then GET /result/{id}.
+        base = f"http://127.0.0.1:{port}"
+        request = {"model": "gemma3:270m", "prompt": "The capital of France is", "options": {"max_tokens": 12}}
+        accepted = httpx.post(f"{base}/inference", json=request, timeout=10)
+        assert accepted.status_code == 202
+        result = httpx.get(f"{base}/result/{accepted.json()['request_id']}", params={"wait": 60}, timeout=90).json()
+        assert result["status"] == "completed", result
+        assert result["output"].strip()
+        assert result["usage"]["prompt_tokens"] > 0
+        assert 0 < result["usage"]["completion_tokens"] <= 12
+
+        # The curl line printed for the user works as printed.
+        shown = subprocess.run(["bash", "-c", _try_block(log)], capture_output=True, text=True, timeout=120)
+        assert shown.returncode == 0, shown.stderr
+        printed = json.loads(shown.stdout)
+        assert printed["status"] == "completed" and printed["output"].strip()
+
+        up.send_signal(signal.SIGINT)
+        assert up.wait(timeout=60) == 0, log_path.read_text()
+        for proc in pool:
+            assert not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE, f"{proc.cmdline()} left behind"
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()
