@@ -6,12 +6,25 @@ is a 422 that names the field, not a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[^\s]{1,256}$"
+
+
+def _encodable(value: str) -> str:
+    # JSON may carry "\ud800" escapes that decode to lone surrogates, which no UTF-8 encoder accepts.
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text (a lone surrogate escape is not)") from None
+    return value
+
+
+Text = Annotated[str, AfterValidator(_encodable)]
+"""A string that can be written back out as UTF-8: every client-supplied string is one."""
 
 
 class WireModel(BaseModel):
@@ -25,7 +38,7 @@ class InferenceOptions(WireModel):
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
-    stop: list[str] = Field(default_factory=list, max_length=16)
+    stop: list[Text] = Field(default_factory=list, max_length=16)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -40,14 +53,14 @@ class InferenceOptions(WireModel):
 
 class ChatMessage(WireModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class InferenceRequest(WireModel):
     """What a client submits to `POST /inference`: a prompt or a chat, never both."""
 
-    model: str = Field(pattern=MODEL_NAME_PATTERN)
-    prompt: str | None = None
+    model: Text = Field(pattern=MODEL_NAME_PATTERN)
+    prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     options: InferenceOptions = Field(default_factory=InferenceOptions)
 
@@ -117,7 +130,7 @@ class Accepted(WireModel):
 
 
 class GPUInfo(WireModel):
-    name: str
+    name: Text
     memory_total_bytes: int | None = Field(default=None, ge=0)
 
 
@@ -131,11 +144,11 @@ class WorkerRegistration(WireModel):
     """The body of `POST /register`. A worker that gives no id is given one."""
 
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
-    models: list[str] = Field(min_length=1, max_length=256)
-    backend: str = Field(min_length=1, max_length=64)
+    models: list[Text] = Field(min_length=1, max_length=256)
+    backend: Text = Field(min_length=1, max_length=64)
     slots: int = Field(default=1, ge=1, le=1024)
     hardware: Hardware = Field(default_factory=Hardware)
-    version: str | None = Field(default=None, max_length=64)
+    version: Text | None = Field(default=None, max_length=64)
 
     @field_validator("models")
     @classmethod

@@ -70,7 +70,9 @@ async def test_async_client_submits_and_waits(coordinator_url: str, start_worker
         assert await client.health() == {"status": "healthy", "redis": "connected"}
 
 
-def test_cli_infer_prints_the_answer_and_workers_prints_a_table(coordinator_url: str, start_worker: StartWorker) -> None:
+def test_cli_infer_prints_the_answer_and_workers_prints_a_table(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
     start_worker("w1")
     infer = _cli("infer", "hello cli", "--model", "fake", url=coordinator_url)
     assert infer.returncode == 0, infer.stderr

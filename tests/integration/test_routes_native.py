@@ -220,3 +220,25 @@ async def test_without_redis_health_is_503_and_inference_503_not_500() -> None:
         assert submit.status_code == 503
         assert submit.json()["error"]["code"] == "redis_unavailable"
         assert submit.headers["retry-after"] == "1"
+
+
+async def test_text_that_cannot_be_encoded_is_422_not_500(api: httpx.AsyncClient, fake_worker: MakeWorker) -> None:
+    await fake_worker("w1")
+    body = b'{"model": "fake", "prompt": "\\ud800"}'  # a lone surrogate escape: valid JSON, not valid Unicode
+    response = await api.post("/inference", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["error"]["fields"][0]["field"] == "prompt"
+
+
+async def test_wait_must_be_a_finite_number(api: httpx.AsyncClient) -> None:
+    for value in ("nan", "inf", "abc"):
+        response = await api.get("/result/r", params={"wait": value})
+        assert response.status_code == 422
+        assert response.json()["error"]["fields"][0]["field"] == "wait"
+
+
+async def test_unknown_routes_and_methods_answer_in_the_same_error_shape(api: httpx.AsyncClient) -> None:
+    missing = await api.get("/no-such-route")
+    assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
+    wrong_method = await api.delete("/inference")
+    assert (wrong_method.status_code, wrong_method.json()["error"]["code"]) == (405, "method_not_allowed")

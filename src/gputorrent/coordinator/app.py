@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException
 
 from gputorrent import __version__
 from gputorrent.config import CoordinatorSettings
@@ -50,6 +51,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
+    app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(RedisConnectionError, _redis_down)
     app.add_exception_handler(RedisTimeoutError, _redis_down)
     return app
@@ -57,6 +59,13 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
 async def _domain_error(_: Request, exc: GPUTorrentError) -> JSONResponse:
     return JSONResponse(exc.to_body(), status_code=exc.http_status)
+
+
+async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+    """Framework errors (unknown route, wrong method) in the same shape as ours."""
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    body = {"error": {"code": code, "message": str(exc.detail)}}
+    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
 
 
 async def _redis_down(_: Request, exc: Exception) -> JSONResponse:

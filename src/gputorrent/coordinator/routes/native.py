@@ -78,7 +78,9 @@ async def get_result(
     waiter: WaiterDep,
     settings: SettingsDep,
     response: Response,
-    wait: Annotated[float, Query(ge=0, description="seconds to hold the request until the result exists")] = 0.0,
+    wait: Annotated[
+        float, Query(ge=0, allow_inf_nan=False, description="seconds to hold the request until the result exists")
+    ] = 0.0,
 ) -> JobResult | JobStatus:
     """The result when it exists (200), the job's status before that (202)."""
     found = await waiter.wait(request_id, min(wait, settings.max_result_wait_s))
