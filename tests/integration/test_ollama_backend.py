@@ -386,3 +386,44 @@ async def test_unreachable_host_raises_backend_error_naming_the_host(
     with pytest.raises(BackendError) as at_generate:
         await _run(backend, _job("llama3.2", prompt="hi"))
     assert f"cannot reach Ollama at {host}" in at_generate.value.message
+
+
+async def test_a_pull_that_ends_without_success_is_model_unavailable_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
+) -> None:
+    """A pull stream cut short (no `success` line) must not count as a loaded model."""
+
+    async def cut_short(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        await resp.write(b'{"status": "pulling manifest"}\n')
+        await resp.write_eof()
+        return resp
+
+    ollama_protocol_standin._pull = cut_short  # type: ignore[method-assign]
+    await ollama_protocol_standin.stop()
+    await ollama_protocol_standin.start()
+    with pytest.raises(ModelUnavailable, match="ended without success"):
+        await make_backend(ollama_protocol_standin.url).load("qwen2.5:0.5b")
+
+
+async def test_a_reply_that_is_not_json_is_a_backend_error(make_backend: Callable[..., OllamaBackend]) -> None:
+    """Ollama answers unknown paths with a plain-text 404; a proxy may answer with HTML."""
+
+    async def plain_text(_: web.Request) -> web.Response:
+        return web.Response(status=404, text="404 page not found")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", plain_text)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    host, port = runner.addresses[0][:2]
+    try:
+        backend = make_backend(f"http://{host}:{port}")
+        with pytest.raises(BackendError, match="answered 404: 404 page not found"):
+            await backend.load("llama3.2")
+        with pytest.raises(BackendError, match="answered 404"):
+            await _run(backend, _job("llama3.2", prompt="hi"))
+    finally:
+        await runner.cleanup()

@@ -26,6 +26,8 @@ from gputorrent.errors import GPUTorrentError, RedisUnavailable
 
 log = logging.getLogger(__name__)
 
+LISTENER_STOP_TIMEOUT_S = 5.0
+
 
 def create_app(settings: CoordinatorSettings) -> FastAPI:
     """The coordinator: every route, the error mapping and the background result listener."""
@@ -41,9 +43,11 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         try:
             yield
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            # Asked to stop rather than cancelled: redis-py's pub/sub can swallow a cancellation and wait on.
+            waiter.stop()
+            _, pending = await asyncio.wait([listener], timeout=LISTENER_STOP_TIMEOUT_S)
+            for task in pending:
+                task.cancel()
             await redis.aclose()
 
     app = FastAPI(title="GPU Torrent coordinator", version=__version__, lifespan=lifespan)

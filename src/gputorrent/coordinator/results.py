@@ -12,12 +12,14 @@ from redis.exceptions import RedisError
 
 from gputorrent import keys, queue
 from gputorrent.protocol import JobResult, JobStatus
+from gputorrent.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 # A waiter re-reads Redis at least this often, so a missed notification (listener
 # reconnecting) delays an answer by at most this much instead of losing it.
 RECHECK_INTERVAL_S = 1.0
+LISTEN_SLICE_S = 0.25  # how long one read of the channel blocks; bounds how long `stop()` takes
 
 
 class ResultWaiter:
@@ -26,23 +28,28 @@ class ResultWaiter:
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
+        self._stopping = False
+
+    def stop(self) -> None:
+        """Make `run()` return within `LISTEN_SLICE_S`."""
+        self._stopping = True
 
     async def run(self) -> None:
-        """Listen on the results channel until cancelled, reconnecting with backoff."""
-        backoff_s = 0.1
-        while True:
+        """Listen on the results channel until `stop()`, reconnecting with backoff."""
+        backoff = Backoff()
+        while not self._stopping:
             try:
-                async with self._redis.pubsub() as pubsub:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(keys.RESULTS_CHANNEL)
-                    backoff_s = 0.1
-                    async for message in pubsub.listen():
-                        if message["type"] == "message":
+                    backoff.reset()
+                    while not self._stopping:
+                        message = await pubsub.get_message(timeout=LISTEN_SLICE_S)
+                        if message is not None and message["type"] == "message":
                             self._wake(message["data"])
             except (RedisError, OSError) as e:
-                log.warning("result listener lost Redis (%s); retrying in %.1f s", e, backoff_s)
+                log.warning("result listener lost Redis (%s); retrying in %.1f s", e, backoff.delay_s)
                 self._wake_all()
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                await backoff.wait()
 
     async def wait(self, request_id: str, timeout_s: float) -> JobResult | JobStatus | None:
         """The result once it exists, or the latest status after `timeout_s`; None for an unknown id."""

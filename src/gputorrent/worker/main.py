@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 from gputorrent import __version__, queue, registry
 from gputorrent.config import WorkerSettings
 from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.retry import Backoff
 from gputorrent.worker.backends import Backend, make_backend
 from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
@@ -63,16 +64,15 @@ class Worker:
                 await asyncio.wait_for(stop.wait(), self.heartbeat_interval_s)
 
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
-        backoff_s = 0.1
+        backoff = Backoff()
         while not stop.is_set():
             try:
                 job = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S)
             except (RedisError, OSError) as e:
-                log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff_s)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 5.0)
+                log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff.delay_s)
+                await backoff.wait()
                 continue
-            backoff_s = 0.1
+            backoff.reset()
             if job is None:
                 if burst:
                     return
@@ -113,7 +113,7 @@ async def register(settings: WorkerSettings, worker_id: str, model: str, backend
     )
     url = settings.coordinator_url.rstrip("/") + "/register"
     deadline = time.monotonic() + settings.register_timeout_s
-    backoff_s = 0.2
+    backoff = Backoff(first_s=0.2, max_s=3.0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         while True:
             try:
@@ -124,11 +124,10 @@ async def register(settings: WorkerSettings, worker_id: str, model: str, backend
                         return Registered.model_validate_json(await resp.read())
                     raise RuntimeError(f"the coordinator refused registration ({resp.status}): {await resp.text()}")
             except (aiohttp.ClientError, TimeoutError) as e:
-                if time.monotonic() + backoff_s > deadline:
+                if time.monotonic() + backoff.delay_s > deadline:
                     raise RuntimeError(f"cannot reach the coordinator at {settings.coordinator_url}: {e}") from e
                 log.info("coordinator not reachable yet (%s); retrying", e)
-                await asyncio.sleep(backoff_s)
-                backoff_s = min(backoff_s * 2, 3.0)
+                await backoff.wait()
 
 
 async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bool = False) -> None:
