@@ -66,7 +66,10 @@ async def test_async_client_submits_and_waits(coordinator_url: str, start_worker
         result = await client.result(accepted.request_id, wait_s=20)
         assert isinstance(result, JobResult)
         assert result.output == "echo: hi async"
-        assert [w.worker_id for w in await client.workers()] == ["w1"]
+        [worker] = await client.workers()
+        assert worker.worker_id == "w1"
+        assert worker.hardware.gpus or (worker.hardware.cpu_cores or 0) > 0  # a CPU box reports cores and RAM
+        assert worker.hardware.gpus or (worker.hardware.ram_total_bytes or 0) > 0
         assert await client.health() == {"status": "healthy", "redis": "connected"}
 
 
