@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from gputorrent import __version__, queue, registry
 from gputorrent.config import WorkerSettings
-from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.protocol import Job, Registered, WorkerRegistration
 from gputorrent.retry import Backoff
 from gputorrent.worker.backends import Backend, make_backend
 from gputorrent.worker.executor import execute
@@ -79,21 +79,35 @@ class Worker:
                 continue
             self.jobs_in_flight += 1
             try:
-                await queue.mark_running(self.redis, job.request_id)
-                log.info("request %s started model=%s", job.request_id, job.model)
-                result = await execute(self.backend, job)
-                # The result write must not be lost to a cancellation arriving mid-write.
-                await asyncio.shield(queue.store_result(self.redis, result, self.settings.result_ttl_s))
-                log.info(
-                    "request %s %s in %.0f ms (%d tokens)",
-                    job.request_id,
-                    result.status,
-                    result.timings.inference_ms,
-                    result.usage.completion_tokens,
-                )
-                self.jobs_done += 1
+                await self._handle(job)
             finally:
                 self.jobs_in_flight -= 1
+
+    async def _handle(self, job: Job) -> None:
+        try:
+            await queue.mark_running(self.redis, job.request_id)
+        except (RedisError, OSError) as e:  # only the status shown to clients; the job itself goes on
+            log.warning("request %s: could not mark it running (%s)", job.request_id, e)
+        log.info("request %s started model=%s", job.request_id, job.model)
+        result = await execute(self.backend, job)
+        # The result is the job's only copy now: retry through a Redis outage, and never let a
+        # cancellation interrupt the write half-way.
+        backoff = Backoff()
+        while True:
+            try:
+                await asyncio.shield(queue.store_result(self.redis, result, self.settings.result_ttl_s))
+                break
+            except (RedisError, OSError) as e:
+                log.warning("request %s: result not stored yet (%s); retrying", job.request_id, e)
+                await backoff.wait()
+        log.info(
+            "request %s %s in %.0f ms (%d tokens)",
+            job.request_id,
+            result.status,
+            result.timings.inference_ms,
+            result.usage.completion_tokens,
+        )
+        self.jobs_done += 1
 
 
 def default_worker_id() -> str:
