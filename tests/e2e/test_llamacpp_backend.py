@@ -69,3 +69,28 @@ async def test_max_tokens_ends_the_generation_with_reason_length(backend: LlamaC
 async def test_an_unknown_model_is_refused_clearly() -> None:
     with pytest.raises(ModelUnavailable, match="neither a GGUF file nor the packaged model"):
         await LlamaCppBackend(n_ctx=512, n_gpu_layers=0).load("llama3.2")
+
+
+async def test_tokens_stream_one_by_one(backend: LlamaCppBackend) -> None:
+    items = [item async for item in backend.generate(_job("Once upon a time", max_tokens=8, temperature=0))]
+    chunks = [i for i in items if isinstance(i, TokenChunk)]
+    assert len(chunks) >= 4  # not one block at the end
+
+
+async def test_abandoning_a_stream_stops_generation_and_frees_the_model(backend: LlamaCppBackend) -> None:
+    stream = backend.generate(_job("Write a long story about a dragon.", max_tokens=2000, temperature=0))
+    first = await anext(stream)
+    assert isinstance(first, TokenChunk)
+    started = time.monotonic()
+    await stream.aclose()  # must not wait for 2000 tokens
+    assert time.monotonic() - started < 5
+    text, _ = await _run(backend, _job("The capital of France is", max_tokens=4, temperature=0))
+    assert text.strip()
+
+
+async def test_a_system_message_is_kept_for_gemma(backend: LlamaCppBackend) -> None:
+    user = ChatMessage(role="user", content="Name a colour.")
+    system = ChatMessage(role="system", content="You answer in exactly one word, in capitals.")
+    _, without = await _run(backend, _job(messages=[user], max_tokens=2, temperature=0))
+    _, with_system = await _run(backend, _job(messages=[system, user], max_tokens=2, temperature=0))
+    assert with_system.prompt_tokens > without.prompt_tokens + 5

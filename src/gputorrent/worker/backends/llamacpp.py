@@ -6,13 +6,13 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 from gputorrent.config import PACKAGED_MODEL
 from gputorrent.errors import BackendError, ModelUnavailable
-from gputorrent.protocol import GenerationDone, Job, TokenChunk
+from gputorrent.protocol import ChatMessage, GenerationDone, Job, TokenChunk
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +58,7 @@ class LlamaCppBackend:
         self._n_gpu_layers = n_gpu_layers
         self._llm: Any = None
         self._model = ""
+        self._chat_format: str | None = None
         # One llama.cpp context is not thread-safe: one generation at a time.
         self._lock = asyncio.Lock()
 
@@ -80,39 +81,88 @@ class LlamaCppBackend:
             verbose=False,
         )
         self._model = name
+        self._chat_format = chat_format
         return name
 
     async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+        """Stream tokens from a thread as llama.cpp samples them; closing the iterator stops generation."""
         if self._llm is None:
             raise BackendError("the llamacpp backend has no model loaded")
         async with self._lock:
+            loop = asyncio.get_running_loop()
+            items: asyncio.Queue[TokenChunk | GenerationDone | BaseException] = asyncio.Queue()
+            count = _TokenCount()
+
+            def produce() -> None:
+                try:
+                    for item in self._stream(job, count):
+                        loop.call_soon_threadsafe(items.put_nowait, item)
+                except BaseException as e:  # handed to the event loop, which raises it
+                    loop.call_soon_threadsafe(items.put_nowait, e)
+
+            producer = loop.run_in_executor(None, produce)
             try:
-                reply = await asyncio.to_thread(self._complete, job)
-            except ValueError as e:  # llama-cpp-python's way of saying the prompt does not fit
-                raise BackendError(str(e)) from e
-        choice = reply["choices"][0]
-        text = choice["message"]["content"] if job.messages is not None else choice["text"]
-        yield TokenChunk(text=text or "")
-        usage = reply["usage"]
+                while True:
+                    item = await items.get()
+                    if isinstance(item, ValueError):  # llama-cpp-python's way of saying the prompt does not fit
+                        raise BackendError(str(item)) from item
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+                    if isinstance(item, GenerationDone):
+                        break
+            finally:
+                count.cancelled = True  # stops a generation the consumer abandoned, at its next token
+                await producer
+
+    def _stream(self, job: Job, count: _TokenCount) -> Iterator[TokenChunk | GenerationDone]:
+        from llama_cpp import StoppingCriteriaList
+
+        options = job.options
+        prompt: str | list[int] | None = job.prompt
+        stop = list(options.stop)
+        if job.messages is not None:
+            prompt, chat_stop = self._chat_prompt(job.messages)
+            stop += chat_stop
+        finish_reason = "stop"
+        for chunk in self._llm.create_completion(
+            prompt=prompt,
+            max_tokens=options.max_tokens,
+            temperature=options.temperature,
+            top_p=options.top_p,
+            seed=options.seed,
+            stop=stop or None,
+            stream=True,
+            stopping_criteria=StoppingCriteriaList([count]),
+        ):
+            choice = chunk["choices"][0]
+            if choice["text"]:
+                yield TokenChunk(text=choice["text"])
+            finish_reason = choice.get("finish_reason") or finish_reason
         yield GenerationDone(
-            prompt_tokens=usage["prompt_tokens"],
-            completion_tokens=usage["completion_tokens"],
-            finish_reason=choice.get("finish_reason") or "stop",
+            prompt_tokens=count.prompt_tokens, completion_tokens=count.sampled, finish_reason=finish_reason
         )
 
-    def _complete(self, job: Job) -> dict[str, Any]:
-        options = job.options
-        sampling: dict[str, Any] = {
-            "max_tokens": options.max_tokens,
-            "temperature": options.temperature,
-            "top_p": options.top_p,
-            "seed": options.seed,
-            "stop": options.stop or None,
-        }
-        if job.messages is not None:
-            messages = [m.model_dump() for m in job.messages]
-            return self._llm.create_chat_completion(messages=messages, **sampling)  # type: ignore[no-any-return]
-        return self._llm.create_completion(prompt=job.prompt, **sampling)  # type: ignore[no-any-return]
+    def _chat_prompt(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
+        """The chat as prompt tokens plus the format's stop strings, so chat streams like a completion."""
+        from llama_cpp import llama_chat_format
+
+        turns: list[dict[str, str]] = [m.model_dump() for m in messages]
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if self._chat_format == "gemma":
+            formatted = llama_chat_format.format_gemma(messages=_fold_system_into_first_user_turn(turns))
+        elif template:
+            eos, bos = self._llm.token_eos(), self._llm.token_bos()
+            formatted = llama_chat_format.Jinja2ChatFormatter(
+                template=template,
+                eos_token=self._llm._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=self._llm._model.token_get_text(bos) if bos != -1 else "",
+            )(messages=turns)  # type: ignore[arg-type]
+        else:
+            raise BackendError(f"{self._model} has no chat template; send a prompt instead of messages")
+        tokens = self._llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+        stop = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
+        return tokens, [s for s in stop if s]
 
     async def list_models(self) -> list[str]:
         return [self._model] if self._llm is not None else []
@@ -121,3 +171,39 @@ class LlamaCppBackend:
         if self._llm is not None:
             await asyncio.to_thread(self._llm.close)
             self._llm = None
+
+
+class _TokenCount:
+    """A llama.cpp stopping criterion that never stops a generation itself but counts it.
+
+    llama.cpp calls it after sampling each position with the tokens before it: the first
+    call's length is the prompt's, and the distinct lengths are the positions generated
+    (it may sample the last position twice). A final end-of-turn token counts as generated.
+    Setting `cancelled` stops the generation at the next token.
+    """
+
+    def __init__(self) -> None:
+        self.prompt_tokens = 0
+        self.sampled = 0
+        self.cancelled = False
+        self._last_length = -1
+
+    def __call__(self, input_ids: Any, _logits: Any) -> bool:
+        length = len(input_ids)
+        if self._last_length < 0:
+            self.prompt_tokens = length
+        if length != self._last_length:
+            self.sampled += 1
+            self._last_length = length
+        return self.cancelled
+
+
+def _fold_system_into_first_user_turn(turns: list[dict[str, str]]) -> list[dict[str, str]]:
+    """Gemma's format has no system turn (llama.cpp drops it); keep its text in front of the first user turn."""
+    system = "\n\n".join(t["content"] for t in turns if t["role"] == "system")
+    rest = [t for t in turns if t["role"] != "system"]
+    if system and rest and rest[0]["role"] == "user":
+        rest[0] = {"role": "user", "content": f"{system}\n\n{rest[0]['content']}"}
+    elif system:
+        rest.insert(0, {"role": "user", "content": system})
+    return rest
