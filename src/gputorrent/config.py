@@ -59,6 +59,9 @@ class CoordinatorSettings(_Settings):
     max_result_wait_s: float = Field(
         default=60.0, ge=0, validation_alias=_env("max_result_wait_s", "GPUTORRENT_MAX_RESULT_WAIT_S")
     )
+    max_sync_wait_s: float = Field(
+        default=600.0, gt=0, validation_alias=_env("max_sync_wait_s", "GPUTORRENT_MAX_SYNC_WAIT_S")
+    )
 
     @property
     def redis_url(self) -> str:
@@ -85,6 +88,9 @@ class WorkerSettings(_Settings):
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("openai_api_key", "OPENAI_API_KEY"))
     n_ctx: int = Field(default=4096, ge=256, validation_alias=_env("n_ctx", "GPUTORRENT_N_CTX"))
     n_gpu_layers: int = Field(default=-1, validation_alias=_env("n_gpu_layers", "GPUTORRENT_N_GPU_LAYERS"))
+    fake_token_delay_s: float = Field(
+        default=0.0, ge=0, validation_alias=_env("fake_token_delay_s", "GPUTORRENT_FAKE_TOKEN_DELAY_S")
+    )  # the `fake` test backend only: a pause before each token, to test streaming and cancellation
     register_timeout_s: float = Field(
         default=60.0, gt=0, validation_alias=_env("register_timeout_s", "GPUTORRENT_REGISTER_TIMEOUT_S")
     )

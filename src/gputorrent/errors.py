@@ -11,7 +11,9 @@
     │   └── RedisUnavailable         503 redis_unavailable
     ├── BackendError                 502 backend_error        (a worker's backend failed a job)
     │   └── ModelUnavailable         502 model_unavailable    (the model cannot be found or pulled)
-    ├── JobFailed                    200 per the job          (client side: a result with status failed)
+    ├── Cancelled                    409 cancelled            (the client gave up; the job stopped)
+    ├── JobFailed                    502 per the job          (a result with status failed; the native API
+    │                                                          returns it as a 200 result, the others as 502)
     └── ResultTimeout                504 result_timeout       (client side: no result within the wait)
 
 The coordinator turns these into `{"error": {"code", "message", ...}}` in one handler; the
@@ -83,10 +85,15 @@ class ModelUnavailable(BackendError):
     code = "model_unavailable"
 
 
+class Cancelled(GPUTorrentError):
+    code = "cancelled"
+    http_status = 409
+
+
 class JobFailed(GPUTorrentError):
     """A job ended with status `failed`; `code` is the job's own error code."""
 
-    http_status = 200
+    http_status = 502
 
     def __init__(self, message: str, *, request_id: str, code: str) -> None:
         super().__init__(message, request_id=request_id)
@@ -113,6 +120,7 @@ ERRORS_BY_CODE: dict[str, type[GPUTorrentError]] = {
         RedisUnavailable,
         BackendError,
         ModelUnavailable,
+        Cancelled,
         ResultTimeout,
     )
 }

@@ -12,6 +12,8 @@ The first four are the seed's contract (SPEC.md) and keep their names.
 | `heartbeat:{id}`      | string    | last beat and jobs in flight; absent = dead | heartbeat TTL  | worker      |
 | `job:{request_id}`    | hash      | status (queued/running), worker, model      | `result_ttl_s` | both        |
 | `results:ready`       | channel   | ids of results just written (pub/sub)       | n/a            | worker      |
+| `stream:{request_id}` | stream    | text entries, then one entry with the result | `result_ttl_s` | worker      |
+| `cancel:{request_id}` | string    | present: the client gave up on the request  | `result_ttl_s` | coordinator |
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')
@@ -47,3 +49,13 @@ def heartbeat_key(worker_id: str) -> str:
 def job_key(request_id: str) -> str:
     """The status of a request between admission and result."""
     return f"job:{request_id}"
+
+
+def stream_key(request_id: str) -> str:
+    """The tokens of a streamed request, as they are generated."""
+    return f"stream:{request_id}"
+
+
+def cancel_key(request_id: str) -> str:
+    """Present once the client has given up on the request (it disconnected from its stream)."""
+    return f"cancel:{request_id}"

@@ -63,6 +63,7 @@ class InferenceRequest(WireModel):
     prompt: Text | None = None
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     options: InferenceOptions = Field(default_factory=InferenceOptions)
+    stream: bool = False
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> InferenceRequest:
@@ -81,6 +82,7 @@ class Job(WireModel):
     messages: list[ChatMessage] | None = None
     options: InferenceOptions
     enqueued_at: float  # unix time, seconds
+    stream: bool = False  # the worker writes tokens to `stream:{request_id}` as they come
 
 
 class Usage(WireModel):

@@ -54,11 +54,19 @@ async def mark_running(redis: Redis, request_id: str) -> None:
     await redis.eval(_MARK_RUNNING, 1, keys.job_key(request_id), str(time.time()))
 
 
-async def store_result(redis: Redis, result: JobResult, ttl_s: int) -> None:
-    """Write `result:{request_id}` with its TTL, drop the status record, and announce it, atomically."""
+async def store_result(redis: Redis, result: JobResult, ttl_s: int, *, streamed: bool = False) -> None:
+    """Write `result:{request_id}` with its TTL, drop the status record, and announce it, atomically.
+
+    For a streamed job the same transaction ends `stream:{request_id}` with the result, so a
+    follower never sees a result that the stream lacks or the other way round.
+    """
+    result_json = result.model_dump_json()
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.result_key(result.request_id), result.model_dump_json(), ex=ttl_s)
+        pipe.set(keys.result_key(result.request_id), result_json, ex=ttl_s)
         pipe.delete(keys.job_key(result.request_id))
+        if streamed:
+            pipe.xadd(keys.stream_key(result.request_id), {"result": result_json})
+            pipe.expire(keys.stream_key(result.request_id), ttl_s)
         pipe.publish(keys.RESULTS_CHANNEL, result.request_id)
         await pipe.execute()
 

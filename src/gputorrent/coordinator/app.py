@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,9 +19,12 @@ from starlette.exceptions import HTTPException
 
 from gputorrent import __version__
 from gputorrent.config import CoordinatorSettings
+from gputorrent.coordinator.adapters import anthropic as anthropic_wire
+from gputorrent.coordinator.adapters import ollama as ollama_wire
+from gputorrent.coordinator.adapters import openai as openai_wire
 from gputorrent.coordinator.limits import BodySizeLimit
 from gputorrent.coordinator.results import ResultWaiter
-from gputorrent.coordinator.routes import native
+from gputorrent.coordinator.routes import anthropic, native, ollama, openai
 from gputorrent.errors import GPUTorrentError, RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -52,6 +55,9 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
     app = FastAPI(title="GPU Torrent coordinator", version=__version__, lifespan=lifespan)
     app.include_router(native.router)
+    app.include_router(openai.router)
+    app.include_router(ollama.router)
+    app.include_router(anthropic.router)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
@@ -61,24 +67,56 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     return app
 
 
-async def _domain_error(_: Request, exc: GPUTorrentError) -> JSONResponse:
-    return JSONResponse(exc.to_body(), status_code=exc.http_status)
+def _error_response(
+    request: Request,
+    status: int,
+    code: str,
+    message: str,
+    details: dict[str, Any] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> JSONResponse:
+    """The one place errors get their wire shape: each API family's own, ours on the native routes."""
+    details = details or {}
+    family = _error_family(request.url.path)
+    if family is not None:
+        status = 400 if status == 422 else status  # the other APIs report every invalid request as 400
+        body = family(status, message, code, details.get("param"))
+    else:
+        # `param` is OpenAI's name for the field at fault; our own shape lists `fields` instead.
+        body = {"error": {"code": code, "message": message, **{k: v for k, v in details.items() if k != "param"}}}
+    return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
 
 
-async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+ErrorBody = Callable[[int, str, str | None, str | None], dict[str, Any]]
+
+
+def _error_family(path: str) -> ErrorBody | None:
+    if path.startswith("/v1/messages"):
+        return anthropic_wire.error_body
+    if path.startswith("/v1/"):
+        return openai_wire.error_body
+    if path.startswith("/api/"):
+        return ollama_wire.error_body
+    return None
+
+
+async def _domain_error(request: Request, exc: GPUTorrentError) -> JSONResponse:
+    return _error_response(request, exc.http_status, exc.code, exc.message, exc.details)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     """Framework errors (unknown route, wrong method) in the same shape as ours."""
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    body = {"error": {"code": code, "message": str(exc.detail)}}
-    return JSONResponse(body, status_code=exc.status_code, headers=exc.headers)
+    return _error_response(request, exc.status_code, code, str(exc.detail), headers=exc.headers)
 
 
-async def _redis_down(_: Request, exc: Exception) -> JSONResponse:
+async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     log.warning("Redis unavailable: %s", exc)
     error = RedisUnavailable("the coordinator cannot reach Redis; retry shortly")
-    return JSONResponse(error.to_body(), status_code=error.http_status, headers={"Retry-After": "1"})
+    return _error_response(request, error.http_status, error.code, error.message, headers={"Retry-After": "1"})
 
 
-async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     """422 with `{"error": {"code", "message", "fields"}}`; `message` names each bad field."""
     fields: list[dict[str, Any]] = []
     for err in exc.errors():
@@ -88,5 +126,5 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
         loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path")]
         fields.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
-    body = {"error": {"code": "invalid_request", "message": message, "fields": fields}}
-    return JSONResponse(jsonable_encoder(body), status_code=422)
+    details = {"fields": fields, "param": fields[0]["field"] if fields else None}
+    return _error_response(request, 422, "invalid_request", message, details)

@@ -40,6 +40,7 @@ async def admit(redis: Redis, request: InferenceRequest, result_ttl_s: int) -> A
         messages=request.messages,
         options=request.options,
         enqueued_at=time.time(),
+        stream=request.stream,
     )
     await queue.enqueue(redis, job, result_ttl_s)
     log.info("request %s queued model=%s worker=%s", job.request_id, job.model, worker_id)

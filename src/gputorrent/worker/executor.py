@@ -5,25 +5,34 @@ from __future__ import annotations
 import logging
 import time
 
-from gputorrent.errors import GPUTorrentError
+from gputorrent.errors import Cancelled, GPUTorrentError
 from gputorrent.protocol import ErrorInfo, GenerationDone, Job, JobResult, Timings, TokenChunk, Usage
+from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend
 
 log = logging.getLogger(__name__)
 
 
-async def execute(backend: Backend, job: Job) -> JobResult:
-    """Generate the job's output; a failure becomes a failed result, never an exception."""
+async def execute(backend: Backend, job: Job, writer: StreamWriter | None = None) -> JobResult:
+    """Generate the job's output, streaming it to `writer` if given; a failure becomes a failed result."""
     started = time.time()
     queued_ms = max(0.0, (started - job.enqueued_at) * 1000)
     pieces: list[str] = []
     done: GenerationDone | None = None
     try:
-        async for item in backend.generate(job):
-            if isinstance(item, TokenChunk):
-                pieces.append(item.text)
-            else:
-                done = item
+        generation = backend.generate(job)
+        try:
+            async for item in generation:
+                if isinstance(item, TokenChunk):
+                    pieces.append(item.text)
+                    if writer is not None:
+                        writer.push(item.text)
+                        if writer.cancelled:
+                            raise Cancelled("the client disconnected; generation stopped")
+                else:
+                    done = item
+        finally:
+            await generation.aclose()  # stops the backend at once when we leave early
         if done is None:
             raise GPUTorrentError("the backend ended without reporting completion")
     except GPUTorrentError as e:

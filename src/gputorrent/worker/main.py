@@ -17,6 +17,7 @@ from gputorrent import __version__, queue, registry
 from gputorrent.config import WorkerSettings
 from gputorrent.protocol import Job, Registered, WorkerRegistration
 from gputorrent.retry import Backoff
+from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, make_backend
 from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
@@ -89,13 +90,20 @@ class Worker:
         except (RedisError, OSError) as e:  # only the status shown to clients; the job itself goes on
             log.warning("request %s: could not mark it running (%s)", job.request_id, e)
         log.info("request %s started model=%s", job.request_id, job.model)
-        result = await execute(self.backend, job)
+        writer = StreamWriter(self.redis, job.request_id, self.settings.result_ttl_s) if job.stream else None
+        result = await execute(self.backend, job, writer)
+        if writer is not None:
+            try:
+                await writer.close()
+            except (RedisError, OSError) as e:  # the stream loses text; the result below still carries all of it
+                log.warning("request %s: stream write failed (%s)", job.request_id, e)
         # The result is the job's only copy now: retry through a Redis outage, and never let a
         # cancellation interrupt the write half-way.
         backoff = Backoff()
         while True:
             try:
-                await asyncio.shield(queue.store_result(self.redis, result, self.settings.result_ttl_s))
+                store = queue.store_result(self.redis, result, self.settings.result_ttl_s, streamed=job.stream)
+                await asyncio.shield(store)
                 break
             except (RedisError, OSError) as e:
                 log.warning("request %s: result not stored yet (%s); retrying", job.request_id, e)

@@ -6,15 +6,18 @@ import asyncio
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from gputorrent import registry
+from gputorrent.coordinator import relay
 from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
+from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.errors import RequestNotFound
 from gputorrent.protocol import (
     Accepted,
@@ -61,10 +64,36 @@ async def list_workers(redis: RedisDep) -> list[WorkerState]:
     return await registry.snapshot(redis)
 
 
-@router.post("/inference", status_code=202, response_model=Accepted, tags=["inference"])
-async def submit_inference(body: InferenceRequest, redis: RedisDep, settings: SettingsDep) -> Accepted:
-    """Queue a request on a live worker that serves its model; answers with its `request_id`."""
-    return await admit(redis, body, settings.result_ttl_s)
+@router.post(
+    "/inference",
+    status_code=202,
+    response_model=Accepted,
+    responses={200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}},
+    tags=["inference"],
+)
+async def submit_inference(
+    body: InferenceRequest, redis: RedisDep, settings: SettingsDep
+) -> Accepted | StreamingResponse:
+    """Queue a request on a live worker that serves its model; answers with its `request_id`.
+
+    With `"stream": true` the answer is a stream of server-sent events instead: `queued` (the
+    202 body), one `token` event per batch of text, then `result` (what `/result` would return).
+    """
+    accepted = await admit(redis, body, settings.result_ttl_s)
+    if not body.stream:
+        return accepted
+    return StreamingResponse(
+        _events(redis, settings, accepted), status_code=200, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS
+    )
+
+
+async def _events(redis: RedisDep, settings: SettingsDep, accepted: Accepted) -> AsyncIterator[bytes]:
+    yield sse(accepted.model_dump(), event="queued")
+    async for item in relay.follow(redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s):
+        if isinstance(item, JobResult):
+            yield sse(item.model_dump(mode="json"), event="result")
+        else:
+            yield sse({"text": item.text}, event="token")
 
 
 @router.get(

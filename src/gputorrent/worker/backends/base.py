@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from typing import Protocol
 
 from gputorrent.protocol import GenerationDone, Job, TokenChunk
@@ -21,7 +21,7 @@ class Backend(Protocol):
         """
         ...
 
-    def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+    def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
         """Run the job's prompt or chat; yield text, then exactly one `GenerationDone`.
 
         Raises:

@@ -1,12 +1,14 @@
 """A deterministic echo backend for tests and benchmarks; it never loads a model.
 
 The output is `echo: ` followed by the prompt (or the last message), cut to `max_tokens`
-words, one word per token, so tests can predict it exactly.
+words, one word per token, so tests can predict it exactly. `token_delay_s` paces the
+tokens so a test can watch a stream arrive or cancel it half-way; it is 0 unless a test sets it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncGenerator
 
 from gputorrent.errors import BackendError
 from gputorrent.protocol import GenerationDone, Job, TokenChunk
@@ -17,20 +19,23 @@ FAIL_TRIGGER = "__fail__"  # a prompt containing this fails, to exercise the fai
 class FakeBackend:
     name = "fake"
 
-    def __init__(self) -> None:
+    def __init__(self, token_delay_s: float = 0.0) -> None:
         self._model = "fake"
+        self._token_delay_s = token_delay_s
 
     async def load(self, model: str | None) -> str:
         self._model = model or "fake"
         return self._model
 
-    async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+    async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
         text = job.prompt if job.prompt is not None else (job.messages or [])[-1].content
         if FAIL_TRIGGER in text:
             raise BackendError("the fake backend was asked to fail")
         words = ["echo:", *text.split()]
         emitted = words[: job.options.max_tokens]
         for i, word in enumerate(emitted):
+            if self._token_delay_s:
+                await asyncio.sleep(self._token_delay_s)  # a set pace, so tests can watch a stream arrive
             yield TokenChunk(text=word if i == 0 else f" {word}")
         finish_reason = "length" if len(words) > len(emitted) else "stop"
         yield GenerationDone(

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +84,7 @@ class LlamaCppBackend:
         self._chat_format = chat_format
         return name
 
-    async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+    async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
         """Stream tokens from a thread as llama.cpp samples them; closing the iterator stops generation."""
         if self._llm is None:
             raise BackendError("the llamacpp backend has no model loaded")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -68,11 +68,12 @@ class OllamaBackend:
             f"Ollama's pull of {model!r} ended without success (last status: {last_status or 'none'})"
         )
 
-    async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+    async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
+        """Ollama's `/api/chat` or `/api/generate`; streamed line by line when the job streams."""
         options = job.options
         body: dict[str, Any] = {
             "model": job.model,
-            "stream": False,
+            "stream": job.stream,
             "options": {
                 "num_predict": options.max_tokens,
                 "temperature": options.temperature,
@@ -82,19 +83,23 @@ class OllamaBackend:
             },
         }
         if job.messages is not None:
-            body["messages"] = [m.model_dump() for m in job.messages]
-            reply = await self._call("POST", "/api/chat", body)
-            text = reply.get("message", {}).get("content", "")
+            path, body["messages"] = "/api/chat", [m.model_dump() for m in job.messages]
         else:
-            body["prompt"] = job.prompt
-            reply = await self._call("POST", "/api/generate", body)
-            text = reply.get("response", "")
-        yield TokenChunk(text=text)
-        yield GenerationDone(
-            prompt_tokens=int(reply.get("prompt_eval_count", 0)),
-            completion_tokens=int(reply.get("eval_count", 0)),
-            finish_reason=str(reply.get("done_reason") or "stop"),
-        )
+            path, body["prompt"] = "/api/generate", job.prompt
+        if not job.stream:
+            reply = await self._call("POST", path, body)
+            yield TokenChunk(text=_text(reply))
+            yield _done(reply)
+            return
+        async for line in self._stream("POST", path, body, {}, BackendError):
+            if "error" in line:
+                raise BackendError(f"Ollama failed mid-generation: {line['error']}")
+            if text := _text(line):
+                yield TokenChunk(text=text)
+            if line.get("done"):
+                yield _done(line)
+                return
+        raise BackendError("Ollama's stream ended before its final line")
 
     async def list_models(self) -> list[str]:
         reply = await self._call("GET", "/api/tags")
@@ -109,7 +114,12 @@ class OllamaBackend:
         return await request_json(self._http(), method, self._host + path, body, f"Ollama at {self._host}")
 
     async def _stream(
-        self, method: str, path: str, body: dict[str, Any], headers: dict[str, str]
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str],
+        error: type[BackendError] = ModelUnavailable,
     ) -> AsyncIterator[dict[str, Any]]:
         try:
             async with self._http().request(method, self._host + path, json=body, headers=headers) as resp:
@@ -119,7 +129,7 @@ class OllamaBackend:
                         message = error_text(json.loads(text))
                     except ValueError:
                         message = text[:200]
-                    raise ModelUnavailable(f"Ollama answered {resp.status}: {message}")
+                    raise error(f"Ollama answered {resp.status}: {message}")
                 async for raw in resp.content:
                     if raw.strip():
                         yield json.loads(raw)
@@ -127,3 +137,16 @@ class OllamaBackend:
             raise BackendError(f"cannot reach Ollama at {self._host}: {e or type(e).__name__}") from e
         except ValueError as e:
             raise BackendError(f"Ollama at {self._host} streamed a line that is not JSON") from e
+
+
+def _text(line: dict[str, Any]) -> str:
+    """The text of a `/api/generate` (`response`) or `/api/chat` (`message.content`) reply or line."""
+    return str(line.get("response") or (line.get("message") or {}).get("content") or "")
+
+
+def _done(line: dict[str, Any]) -> GenerationDone:
+    return GenerationDone(
+        prompt_tokens=int(line.get("prompt_eval_count", 0)),
+        completion_tokens=int(line.get("eval_count", 0)),
+        finish_reason=str(line.get("done_reason") or "stop"),
+    )

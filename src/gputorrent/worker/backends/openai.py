@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import json
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import aiohttp
 
-from gputorrent.errors import ModelUnavailable
+from gputorrent.errors import BackendError, ModelUnavailable
 from gputorrent.protocol import GenerationDone, Job, TokenChunk
 from gputorrent.worker.backends._http import TIMEOUT, request_json
 
@@ -38,7 +39,12 @@ class OpenAIBackend:
         self._model = model
         return model
 
-    async def generate(self, job: Job) -> AsyncIterator[TokenChunk | GenerationDone]:
+    async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
+        """`/chat/completions` or `/completions`; streamed (SSE) when the job streams.
+
+        A streamed reply carries usage only where the server honours `stream_options.include_usage`;
+        elsewhere the completion tokens are counted one per content chunk and the prompt's are 0.
+        """
         options = job.options
         body: dict[str, Any] = {
             "model": job.model,
@@ -49,22 +55,48 @@ class OpenAIBackend:
             **({"stop": options.stop} if options.stop else {}),
         }
         if job.messages is not None:
-            body["messages"] = [m.model_dump() for m in job.messages]
-            reply = await self._call("POST", "/chat/completions", body)
-            choice = reply["choices"][0]
-            text = (choice.get("message") or {}).get("content") or ""
+            path, body["messages"] = "/chat/completions", [m.model_dump() for m in job.messages]
         else:
-            body["prompt"] = job.prompt
-            reply = await self._call("POST", "/completions", body)
+            path, body["prompt"] = "/completions", job.prompt
+        if not job.stream:
+            reply = await self._call("POST", path, body)
             choice = reply["choices"][0]
-            text = choice.get("text") or ""
-        usage = reply.get("usage") or {}
-        yield TokenChunk(text=text)
-        yield GenerationDone(
-            prompt_tokens=int(usage.get("prompt_tokens", 0)),
-            completion_tokens=int(usage.get("completion_tokens", 0)),
-            finish_reason=str(choice.get("finish_reason") or "stop"),
-        )
+            yield TokenChunk(text=_choice_text(choice))
+            yield _done(reply.get("usage"), choice.get("finish_reason"), chunks=0)
+            return
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+        usage: dict[str, Any] | None = None
+        finish_reason: str | None = None
+        chunks = 0
+        async for event in self._events(path, body):
+            usage = event.get("usage") or usage
+            for choice in event.get("choices") or []:
+                if text := _choice_text(choice):
+                    chunks += 1
+                    yield TokenChunk(text=text)
+                finish_reason = choice.get("finish_reason") or finish_reason
+        yield _done(usage, finish_reason, chunks)
+
+    async def _events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
+        """The JSON events of a server-sent-events reply, up to `[DONE]`."""
+        server = f"the OpenAI-compatible server at {self._base_url}"
+        try:
+            async with self._http().post(self._base_url + path, json=body) as resp:
+                if resp.status >= 400:
+                    text = await resp.text()
+                    raise BackendError(f"{server} answered {resp.status}: {text[:300]}")
+                async for raw in resp.content:
+                    line = raw.strip()
+                    if not line.startswith(b"data:"):
+                        continue
+                    data = line[5:].strip()
+                    if data == b"[DONE]":
+                        return
+                    yield json.loads(data)
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise BackendError(f"cannot reach {server}: {e or type(e).__name__}") from e
+        except ValueError as e:
+            raise BackendError(f"{server} streamed an event that is not JSON") from e
 
     async def list_models(self) -> list[str]:
         reply = await self._call("GET", "/models")
@@ -78,3 +110,18 @@ class OpenAIBackend:
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         server = f"the OpenAI-compatible server at {self._base_url}"
         return await request_json(self._http(), method, self._base_url + path, body, server)
+
+
+def _choice_text(choice: dict[str, Any]) -> str:
+    """Text of a chat choice (`message` or streamed `delta`) or a completion choice (`text`)."""
+    message = choice.get("message") or choice.get("delta") or {}
+    return str(message.get("content") or choice.get("text") or "")
+
+
+def _done(usage: dict[str, Any] | None, finish_reason: str | None, chunks: int) -> GenerationDone:
+    usage = usage or {}
+    return GenerationDone(
+        prompt_tokens=int(usage.get("prompt_tokens", 0)),
+        completion_tokens=int(usage.get("completion_tokens", chunks)),
+        finish_reason=finish_reason or "stop",
+    )

@@ -1,0 +1,209 @@
+"""OpenAI's wire format: tolerant request models and pure functions to and from ours.
+
+Requests accept fields we do not use (OpenAI clients send many); they are ignored, not refused.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gputorrent.errors import InvalidRequest
+from gputorrent.protocol import InferenceRequest, JobResult
+
+OWNED_BY = "gputorrent"
+
+
+class _Tolerant(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class StreamOptions(_Tolerant):
+    include_usage: bool = False
+
+
+class ContentPart(_Tolerant):
+    type: str
+    text: str | None = None
+
+
+class Message(_Tolerant):
+    role: str
+    content: str | list[ContentPart] | None = None
+
+
+class _Sampling(_Tolerant):
+    model: str
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+
+
+class CompletionRequest(_Sampling):
+    prompt: str | list[str]
+    max_tokens: int | None = 16  # OpenAI's default for the legacy completions endpoint
+
+
+_ROLES: dict[str, Literal["system", "user", "assistant"]] = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+}
+
+
+def _text_of(message: Message, index: int) -> str:
+    if message.content is None or isinstance(message.content, str):
+        return message.content or ""
+    texts = []
+    for part in message.content:
+        if part.type != "text" or part.text is None:
+            raise InvalidRequest(
+                f"only text content is supported, not {part.type!r}", param=f"messages.{index}.content"
+            )
+        texts.append(part.text)
+    return "".join(texts)
+
+
+def _options(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
+    if body.n != 1:
+        raise InvalidRequest("only n=1 is supported", param="n")
+    given = {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p, "seed": body.seed}
+    options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
+    if body.stop is not None:
+        options["stop"] = body.stop
+    return options
+
+
+def _validated(data: dict[str, Any]) -> InferenceRequest:
+    try:
+        return InferenceRequest.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{field}: {first['msg']}", param=field.removeprefix("options.")) from None
+
+
+def chat_to_inference(body: ChatCompletionRequest) -> InferenceRequest:
+    """A chat completion request as our `InferenceRequest` (tools, images and n>1 are refused)."""
+    messages = []
+    for i, message in enumerate(body.messages):
+        role = _ROLES.get(message.role)
+        if role is None:
+            raise InvalidRequest(f"role {message.role!r} is not supported", param=f"messages.{i}.role")
+        messages.append({"role": role, "content": _text_of(message, i)})
+    max_tokens = body.max_completion_tokens or body.max_tokens
+    return _validated({"model": body.model, "messages": messages, "options": _options(body, max_tokens)})
+
+
+def completion_to_inference(body: CompletionRequest) -> InferenceRequest:
+    """A legacy completion request as our `InferenceRequest` (one prompt per request)."""
+    prompt = body.prompt
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
+        prompt = prompt[0]
+    return _validated({"model": body.model, "prompt": prompt, "options": _options(body, body.max_tokens)})
+
+
+def usage(result: JobResult) -> dict[str, int]:
+    prompt, completion = result.usage.prompt_tokens, result.usage.completion_tokens
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def chat_completion(result: JobResult, created: int) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{result.request_id}",
+        "object": "chat.completion",
+        "created": created,
+        "model": result.model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.output or ""},
+                "logprobs": None,
+                "finish_reason": result.finish_reason or "stop",
+            }
+        ],
+        "usage": usage(result),
+    }
+
+
+def completion(result: JobResult, created: int) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{result.request_id}",
+        "object": "text_completion",
+        "created": created,
+        "model": result.model,
+        "choices": [
+            {"text": result.output or "", "index": 0, "logprobs": None, "finish_reason": result.finish_reason or "stop"}
+        ],
+        "usage": usage(result),
+    }
+
+
+def chat_chunk(
+    request_id: str, model: str, created: int, delta: dict[str, str], finish_reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def completion_chunk(
+    request_id: str, model: str, created: int, text: str, finish_reason: str | None = None
+) -> dict[str, Any]:
+    return {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": created,
+        "model": model,
+        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
+    }
+
+
+def usage_chunk(result: JobResult, created: int, object_name: str) -> dict[str, Any]:
+    """The extra last chunk `stream_options.include_usage` asks for: no choices, the usage."""
+    prefix = "chatcmpl" if object_name == "chat.completion.chunk" else "cmpl"
+    return {
+        "id": f"{prefix}-{result.request_id}",
+        "object": object_name,
+        "created": created,
+        "model": result.model,
+        "choices": [],
+        "usage": usage(result),
+    }
+
+
+def models(names: list[str]) -> dict[str, Any]:
+    created = int(time.time())
+    return {
+        "object": "list",
+        "data": [{"id": n, "object": "model", "created": created, "owned_by": OWNED_BY} for n in names],
+    }
+
+
+def error_body(status: int, message: str, code: str | None, param: str | None) -> dict[str, Any]:
+    """OpenAI's error shape; `type` follows the status as OpenAI's does."""
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    if status == 401:
+        kind = "authentication_error"
+    elif status == 429:
+        kind = "rate_limit_exceeded"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}

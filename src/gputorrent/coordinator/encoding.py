@@ -1,0 +1,24 @@
+"""Framing for streamed responses: server-sent events and NDJSON, in one place."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+SSE_MEDIA_TYPE = "text/event-stream"
+NDJSON_MEDIA_TYPE = "application/x-ndjson"
+SSE_DONE = b"data: [DONE]\n\n"
+# Proxies (nginx) buffer responses unless told not to; a buffered stream is no stream.
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def sse(data: Any, event: str | None = None) -> bytes:
+    """One server-sent event; `data` is JSON-encoded unless it is already a string."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {payload}\n\n".encode()
+
+
+def ndjson(data: Any) -> bytes:
+    """One line of newline-delimited JSON."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False).encode() + b"\n"

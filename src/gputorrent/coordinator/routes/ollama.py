@@ -1,0 +1,7 @@
+"""The Ollama-compatible API under `/api/`."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter
+
+router = APIRouter(prefix="/api", tags=["ollama"])

@@ -1,0 +1,95 @@
+"""The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter
+from fastapi.responses import StreamingResponse
+
+from gputorrent import registry, routing
+from gputorrent.coordinator import relay
+from gputorrent.coordinator.adapters import openai as wire
+from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.dispatch import admit
+from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.protocol import JobResult
+
+router = APIRouter(prefix="/v1", tags=["openai"])
+
+
+@router.get("/models")
+async def list_models(redis: RedisDep) -> dict[str, Any]:
+    """The models live workers serve."""
+    return wire.models(routing.served_models(await registry.snapshot(redis)))
+
+
+@router.post("/chat/completions", response_model=None)
+async def chat_completions(
+    body: wire.ChatCompletionRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+) -> dict[str, Any] | StreamingResponse:
+    request = wire.chat_to_inference(body).model_copy(update={"stream": body.stream})
+    accepted = await admit(redis, request, settings.result_ttl_s)
+    created = int(time.time())
+    if not body.stream:
+        return wire.chat_completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
+
+    def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
+        return wire.chat_chunk(accepted.request_id, body.model, created, {"content": text}, finish_reason)
+
+    first = wire.chat_chunk(accepted.request_id, body.model, created, {"role": "assistant", "content": ""})
+    events = _events(redis, settings, accepted.request_id, first, chunk, body, "chat.completion.chunk", created)
+    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+@router.post("/completions", response_model=None)
+async def completions(
+    body: wire.CompletionRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+) -> dict[str, Any] | StreamingResponse:
+    request = wire.completion_to_inference(body).model_copy(update={"stream": body.stream})
+    accepted = await admit(redis, request, settings.result_ttl_s)
+    created = int(time.time())
+    if not body.stream:
+        return wire.completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
+
+    def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
+        return wire.completion_chunk(accepted.request_id, body.model, created, text, finish_reason)
+
+    events = _events(redis, settings, accepted.request_id, None, chunk, body, "text_completion", created)
+    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+async def _completed(waiter: WaiterDep, request_id: str, timeout_s: float) -> JobResult:
+    result = await relay.completed_result(waiter, request_id, timeout_s)
+    if result.status == "failed":
+        raise relay.failure(result)
+    return result
+
+
+async def _events(
+    redis: RedisDep,
+    settings: SettingsDep,
+    request_id: str,
+    first: dict[str, Any] | None,
+    chunk: Callable[[str, str | None], dict[str, Any]],
+    body: wire.ChatCompletionRequest | wire.CompletionRequest,
+    object_name: str,
+    created: int,
+) -> AsyncIterator[bytes]:
+    """SSE chunks as tokens arrive; a failure mid-stream is an `error` event, as OpenAI sends it."""
+    if first is not None:
+        yield sse(first)
+    async for item in relay.follow(redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s):
+        if not isinstance(item, JobResult):
+            yield sse(chunk(item.text, None))
+            continue
+        if item.status == "failed":
+            error = relay.failure(item)
+            yield sse(wire.error_body(502, error.message, error.code, None))
+            return
+        yield sse(chunk("", item.finish_reason or "stop"))
+        if body.stream_options is not None and body.stream_options.include_usage:
+            yield sse(wire.usage_chunk(item, created, object_name))
+        yield SSE_DONE

@@ -1,0 +1,91 @@
+"""Token streams in Redis: the worker appends text to `stream:{request_id}`, any coordinator follows it.
+
+A stream ends with one entry holding the whole `JobResult` (written with the result itself,
+see `queue.store_result`), so a follower always learns how the job ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import cast
+
+from redis.asyncio import Redis
+
+from gputorrent import keys
+from gputorrent.protocol import JobResult, TokenChunk
+
+log = logging.getLogger(__name__)
+
+TEXT_FIELD = "text"
+RESULT_FIELD = "result"
+FOLLOW_BLOCK_MS = 1000
+
+StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
+
+
+async def append(redis: Redis, request_id: str, text: str, ttl_s: int) -> bool:
+    """Append text to the stream; returns False when the client has cancelled the request."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.xadd(keys.stream_key(request_id), {TEXT_FIELD: text})
+        pipe.expire(keys.stream_key(request_id), ttl_s)
+        pipe.exists(keys.cancel_key(request_id))
+        *_, cancelled = await pipe.execute()
+    return not cancelled
+
+
+async def cancel(redis: Redis, request_id: str, ttl_s: int) -> None:
+    """Mark the request as abandoned by its client; its worker stops at the next flush."""
+    await redis.set(keys.cancel_key(request_id), "1", ex=ttl_s)
+
+
+async def follow(redis: Redis, request_id: str, timeout_s: float) -> AsyncIterator[TokenChunk | JobResult]:
+    """Yield the stream's text as it arrives, then the `JobResult`; stop after `timeout_s` without one."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    last_id = "0-0"
+    key = keys.stream_key(request_id)
+    while loop.time() < deadline:
+        reply = cast(StreamReply, await redis.xread({key: last_id}, block=FOLLOW_BLOCK_MS, count=512))
+        for _, entries in reply:
+            for entry_id, fields in entries:
+                last_id = entry_id
+                if RESULT_FIELD in fields:
+                    yield JobResult.model_validate_json(fields[RESULT_FIELD])
+                    return
+                yield TokenChunk(text=fields[TEXT_FIELD])
+
+
+class StreamWriter:
+    """Batches a job's text into Redis: one write in flight at a time, the text meanwhile goes in the next.
+
+    The first token goes out at once (time to first token); under a fast generator the batch
+    grows to whatever arrived during one round trip, so Redis sees one call per flush, not per token.
+    """
+
+    def __init__(self, redis: Redis, request_id: str, ttl_s: int) -> None:
+        self._redis = redis
+        self._request_id = request_id
+        self._ttl_s = ttl_s
+        self._pending: list[str] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.cancelled = False
+
+    def push(self, text: str) -> None:
+        """Queue text for the stream (never blocks the generation)."""
+        self._pending.append(text)
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush())
+
+    async def _flush(self) -> None:
+        while self._pending:
+            text = "".join(self._pending)
+            self._pending.clear()
+            if not await append(self._redis, self._request_id, text, self._ttl_s):
+                self.cancelled = True
+
+    async def close(self) -> None:
+        """Wait until everything pushed is in Redis."""
+        if self._flusher is not None:
+            await self._flusher
