@@ -78,11 +78,11 @@ async def api(coordinator_settings: CoordinatorSettings) -> AsyncIterator[httpx.
 def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callable[..., Awaitable[Worker]]:
     """Register an in-process worker on the fake backend; run it with `await worker.run(stop, burst=True)`."""
 
-    async def make(worker_id: str, model: str = "fake") -> Worker:
+    async def make(worker_id: str, model: str = "fake", token_delay_s: float = 0.0) -> Worker:
         body = WorkerRegistration(worker_id=worker_id, models=[model], backend="fake")
         response = await api.post("/register", json=body.model_dump(mode="json"))
         assert response.status_code == 200, response.text
-        backend = FakeBackend()
+        backend = FakeBackend(token_delay_s=token_delay_s)
         await backend.load(model)
         settings = WorkerSettings(redis_url=redis_url, backend="fake", model_name=model, worker_id=worker_id)
         return Worker(redis, backend, Registered.model_validate(response.json()), settings)
@@ -182,11 +182,15 @@ def start_worker(processes: Callable[..., Process], coordinator_url: str, redis_
     """Start a worker process and wait until the coordinator lists it alive."""
 
     def start(
-        worker_id: str, *extra: str, backend: str = "fake", timeout_s: float = PROCESS_START_TIMEOUT_S
+        worker_id: str,
+        *extra: str,
+        backend: str = "fake",
+        env: dict[str, str] | None = None,
+        timeout_s: float = PROCESS_START_TIMEOUT_S,
     ) -> Process:
         proc = processes(
             "worker", "--backend", backend, "--coordinator", coordinator_url, "--redis-url", redis_url,
-            "--worker-id", worker_id, *extra, name=f"worker-{worker_id}",
+            "--worker-id", worker_id, *extra, env=env, name=f"worker-{worker_id}",
         )  # fmt: skip
         wait_for(lambda: worker_id in alive_workers(coordinator_url) or _exited(proc), timeout_s, f"worker {worker_id}")
         assert proc.popen.poll() is None, proc.log

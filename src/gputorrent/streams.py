@@ -40,21 +40,25 @@ async def cancel(redis: Redis, request_id: str, ttl_s: int) -> None:
     await redis.set(keys.cancel_key(request_id), "1", ex=ttl_s)
 
 
-async def follow(redis: Redis, request_id: str, timeout_s: float) -> AsyncIterator[TokenChunk | JobResult]:
-    """Yield the stream's text as it arrives, then the `JobResult`; stop after `timeout_s` without one."""
+async def follow(redis: Redis, request_id: str, timeout_s: float) -> AsyncIterator[list[TokenChunk | JobResult]]:
+    """Read the stream in rounds of at most `FOLLOW_BLOCK_MS`: each round's text (maybe none), the
+    `JobResult` last; stops after the result, or after `timeout_s` without one."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     last_id = "0-0"
     key = keys.stream_key(request_id)
     while loop.time() < deadline:
         reply = cast(StreamReply, await redis.xread({key: last_id}, block=FOLLOW_BLOCK_MS, count=512))
+        batch: list[TokenChunk | JobResult] = []
         for _, entries in reply:
             for entry_id, fields in entries:
                 last_id = entry_id
                 if RESULT_FIELD in fields:
-                    yield JobResult.model_validate_json(fields[RESULT_FIELD])
+                    batch.append(JobResult.model_validate_json(fields[RESULT_FIELD]))
+                    yield batch
                     return
-                yield TokenChunk(text=fields[TEXT_FIELD])
+                batch.append(TokenChunk(text=fields[TEXT_FIELD]))
+        yield batch
 
 
 class StreamWriter:

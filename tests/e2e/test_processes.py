@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import sys
 from collections.abc import Callable
 
+import httpx
 import pytest
 
 from gputorrent.client import APIClient, AsyncAPIClient
@@ -119,3 +121,27 @@ def test_a_worker_that_cannot_reach_the_coordinator_exits_with_a_clear_error(
     assert proc.popen.wait(timeout=PROCESS_START_TIMEOUT_S) == 1
     assert "cannot reach the coordinator at http://127.0.0.1:1" in proc.log
     assert "Traceback" not in proc.log
+
+
+def test_native_stream_sends_queued_then_tokens_then_the_result(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    start_worker("w1", env={"GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.05"})
+    body = {"model": "fake", "prompt": "one two three four", "stream": True}
+    events: list[tuple[str, dict[str, object]]] = []
+    with httpx.stream("POST", f"{coordinator_url}/inference", json=body, timeout=30) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        event = ""
+        for line in response.iter_lines():
+            if line.startswith("event: "):
+                event = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                events.append((event, json.loads(line.removeprefix("data: "))))
+    names = [name for name, _ in events]
+    assert names[0] == "queued" and names[-1] == "result"
+    assert set(names[1:-1]) == {"token"} and len(names) >= 4
+    result = events[-1][1]
+    assert "".join(str(data["text"]) for name, data in events if name == "token") == result["output"]
+    stored = httpx.get(f"{coordinator_url}/result/{result['request_id']}").json()
+    assert stored == result

@@ -6,9 +6,11 @@ Shared by every API family; each turns these into its own wire format. No HTTP f
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
+import anyio
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gputorrent import streams
 from gputorrent.coordinator.results import ResultWaiter
@@ -32,27 +34,35 @@ async def completed_result(waiter: ResultWaiter, request_id: str, timeout_s: flo
     return found
 
 
-async def follow(redis: Redis, request_id: str, timeout_s: float, ttl_s: int) -> AsyncIterator[TokenChunk | JobResult]:
+async def follow(
+    redis: Redis, request_id: str, timeout_s: float, ttl_s: int, disconnected: Callable[[], Awaitable[bool]]
+) -> AsyncIterator[TokenChunk | JobResult]:
     """The job's tokens as they are generated, then its result.
 
-    A client that goes away before the result (the consumer stops iterating) cancels the job:
-    its worker stops at the next flush.
+    A client that goes away before the result (`disconnected()` turns true, checked at least
+    once a second, or the consumer stops iterating) cancels the job: its worker stops at its
+    next flush.
     """
     finished = False
     try:
-        async for item in streams.follow(redis, request_id, timeout_s):
-            if isinstance(item, JobResult):
-                finished = True
-            yield item
+        async for batch in streams.follow(redis, request_id, timeout_s):
+            for item in batch:
+                finished = isinstance(item, JobResult)
+                yield item
+            if not finished and await disconnected():
+                return
         if not finished:
             raise ResultTimeout(f"the stream of {request_id} produced no result within {timeout_s:.0f} s")
     finally:
         if not finished:
             log.info("request %s: client left the stream; cancelling", request_id)
-            try:
-                await streams.cancel(redis, request_id, ttl_s)
-            except Exception as e:  # best effort on a connection that is going away
-                log.warning("request %s: could not record the cancellation (%s)", request_id, e)
+            # Shielded: the server cancels this task when the client goes, and that cancellation
+            # (anyio's, level-triggered) would otherwise abort the write at its first await.
+            with anyio.CancelScope(shield=True):
+                try:
+                    await streams.cancel(redis, request_id, ttl_s)
+                except (RedisError, OSError) as e:
+                    log.warning("request %s: could not record the cancellation (%s)", request_id, e)
 
 
 def failure(result: JobResult) -> JobFailed:

@@ -2,6 +2,87 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import logging
+from collections.abc import AsyncIterator
+from typing import Annotated, Any
 
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from redis.exceptions import RedisError
+
+from gputorrent.coordinator import relay
+from gputorrent.coordinator.adapters import anthropic as wire
+from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.dispatch import admit
+from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.errors import GPUTorrentError, RedisUnavailable
+from gputorrent.protocol import JobResult
+
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["anthropic"])
+
+
+@router.post(
+    "/messages",
+    response_model=None,
+    responses={200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}},
+)
+async def create_message(
+    body: wire.MessagesRequest,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    x_api_key: Annotated[str | None, Header(description="accepted and ignored: there is no authentication yet")] = None,
+    anthropic_version: Annotated[str | None, Header(description="accepted and ignored")] = None,
+) -> JSONResponse | StreamingResponse:
+    """Anthropic's Messages API: a `Message`, or with `stream: true` its event stream."""
+    accepted = await admit(redis, wire.to_inference(body), settings.result_ttl_s)
+    headers = {"request-id": accepted.request_id}  # the header Anthropic's SDKs expose as `_request_id`
+    if not body.stream:
+        result = await relay.completed_result(waiter, accepted.request_id, settings.max_sync_wait_s)
+        if result.status == "failed":
+            raise relay.failure(result)
+        return JSONResponse(wire.message(result), headers=headers)
+    events = _events(redis, settings, request, accepted.request_id, body.model)
+    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers={**STREAM_HEADERS, **headers})
+
+
+def _event(data: dict[str, Any]) -> bytes:
+    return sse(data, event=data["type"])
+
+
+async def _events(
+    redis: RedisDep, settings: SettingsDep, request: Request, request_id: str, model: str
+) -> AsyncIterator[bytes]:
+    """Anthropic's event sequence as tokens arrive; a failure mid-stream is an `error` event, as Anthropic sends it."""
+    yield _event(wire.message_start(request_id, model))
+    yield _event(wire.content_block_start())
+    yield _event(wire.ping())
+    result: JobResult | None = None
+    following = relay.follow(
+        redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
+    )
+    try:
+        async for item in following:
+            if isinstance(item, JobResult):
+                result = item
+            elif item.text:
+                yield _event(wire.text_delta(item.text))
+    except GPUTorrentError as e:  # the wait ran out: the response has begun, so the error goes in the stream
+        yield _event(wire.error_body(e.http_status, e.message, e.code, None))
+        return
+    except RedisError as e:
+        log.warning("request %s: Redis failed mid-stream (%s)", request_id, e)
+        error = RedisUnavailable("the coordinator lost Redis while streaming; retry shortly")
+        yield _event(wire.error_body(error.http_status, error.message, error.code, None))
+        return
+    if result is None:  # the client left; relay.follow has cancelled the job
+        return
+    if result.status == "failed":
+        failure = relay.failure(result)
+        yield _event(wire.error_body(failure.http_status, failure.message, failure.code, None))
+        return
+    yield _event(wire.content_block_stop())
+    yield _event(wire.message_delta(result))
+    yield _event(wire.message_stop())

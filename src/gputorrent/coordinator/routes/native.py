@@ -9,7 +9,7 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from redis.exceptions import RedisError
 
@@ -72,7 +72,7 @@ async def list_workers(redis: RedisDep) -> list[WorkerState]:
     tags=["inference"],
 )
 async def submit_inference(
-    body: InferenceRequest, redis: RedisDep, settings: SettingsDep
+    body: InferenceRequest, request: Request, redis: RedisDep, settings: SettingsDep
 ) -> Accepted | StreamingResponse:
     """Queue a request on a live worker that serves its model; answers with its `request_id`.
 
@@ -83,13 +83,16 @@ async def submit_inference(
     if not body.stream:
         return accepted
     return StreamingResponse(
-        _events(redis, settings, accepted), status_code=200, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS
+        _events(redis, settings, accepted, request), status_code=200, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS
     )
 
 
-async def _events(redis: RedisDep, settings: SettingsDep, accepted: Accepted) -> AsyncIterator[bytes]:
+async def _events(redis: RedisDep, settings: SettingsDep, accepted: Accepted, request: Request) -> AsyncIterator[bytes]:
     yield sse(accepted.model_dump(), event="queued")
-    async for item in relay.follow(redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s):
+    following = relay.follow(
+        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
+    )
+    async for item in following:
         if isinstance(item, JobResult):
             yield sse(item.model_dump(mode="json"), event="result")
         else:

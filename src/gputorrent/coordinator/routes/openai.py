@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from gputorrent import registry, routing
@@ -28,10 +28,10 @@ async def list_models(redis: RedisDep) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: wire.ChatCompletionRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.ChatCompletionRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
 ) -> dict[str, Any] | StreamingResponse:
-    request = wire.chat_to_inference(body).model_copy(update={"stream": body.stream})
-    accepted = await admit(redis, request, settings.result_ttl_s)
+    job_request = wire.chat_to_inference(body).model_copy(update={"stream": body.stream})
+    accepted = await admit(redis, job_request, settings.result_ttl_s)
     created = int(time.time())
     if not body.stream:
         return wire.chat_completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
@@ -40,16 +40,17 @@ async def chat_completions(
         return wire.chat_chunk(accepted.request_id, body.model, created, {"content": text}, finish_reason)
 
     first = wire.chat_chunk(accepted.request_id, body.model, created, {"role": "assistant", "content": ""})
-    events = _events(redis, settings, accepted.request_id, first, chunk, body, "chat.completion.chunk", created)
+    following = _follow(redis, settings, accepted.request_id, request)
+    events = _events(following, first, chunk, body, "chat.completion.chunk", created)
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: wire.CompletionRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.CompletionRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
 ) -> dict[str, Any] | StreamingResponse:
-    request = wire.completion_to_inference(body).model_copy(update={"stream": body.stream})
-    accepted = await admit(redis, request, settings.result_ttl_s)
+    job_request = wire.completion_to_inference(body).model_copy(update={"stream": body.stream})
+    accepted = await admit(redis, job_request, settings.result_ttl_s)
     created = int(time.time())
     if not body.stream:
         return wire.completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
@@ -57,7 +58,9 @@ async def completions(
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return wire.completion_chunk(accepted.request_id, body.model, created, text, finish_reason)
 
-    events = _events(redis, settings, accepted.request_id, None, chunk, body, "text_completion", created)
+    events = _events(
+        _follow(redis, settings, accepted.request_id, request), None, chunk, body, "text_completion", created
+    )
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
@@ -68,10 +71,12 @@ async def _completed(waiter: WaiterDep, request_id: str, timeout_s: float) -> Jo
     return result
 
 
+def _follow(redis: RedisDep, settings: SettingsDep, request_id: str, request: Request) -> AsyncIterator[Any]:
+    return relay.follow(redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected)
+
+
 async def _events(
-    redis: RedisDep,
-    settings: SettingsDep,
-    request_id: str,
+    following: AsyncIterator[Any],
     first: dict[str, Any] | None,
     chunk: Callable[[str, str | None], dict[str, Any]],
     body: wire.ChatCompletionRequest | wire.CompletionRequest,
@@ -81,7 +86,7 @@ async def _events(
     """SSE chunks as tokens arrive; a failure mid-stream is an `error` event, as OpenAI sends it."""
     if first is not None:
         yield sse(first)
-    async for item in relay.follow(redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s):
+    async for item in following:
         if not isinstance(item, JobResult):
             yield sse(chunk(item.text, None))
             continue
