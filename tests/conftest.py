@@ -159,7 +159,7 @@ def coordinator_url(processes: Callable[..., Process], redis_url: str) -> str:
     """A coordinator process on a free port, answering /health."""
     port = free_port()
     proc = processes("coordinator", "--port", str(port), "--redis-url", redis_url, name="coordinator",
-                     env={"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "2"})  # fmt: skip
+                     env={"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "4"})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: (proc.popen.poll() is None and _get_json(f"{url}/health") is not None) or _exited(proc),
              PROCESS_START_TIMEOUT_S, "the coordinator's /health")  # fmt: skip

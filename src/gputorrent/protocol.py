@@ -72,15 +72,24 @@ class InferenceRequest(WireModel):
         return self
 
 
+class EmbeddingRequest(WireModel):
+    """Texts to embed with a model: one vector per text."""
+
+    model: Text = Field(pattern=MODEL_NAME_PATTERN)
+    input: list[Text] = Field(min_length=1, max_length=2048)
+
+
 class Job(WireModel):
-    """An admitted request as it travels through `queue:{worker_id}`."""
+    """An admitted request as it travels through `queue:{worker_id}`: a generation or an embedding."""
 
     request_id: str
     worker_id: str
     model: str
+    kind: Literal["generate", "embed"] = "generate"
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
-    options: InferenceOptions
+    input: list[str] | None = None  # the texts of an embedding job
+    options: InferenceOptions = Field(default_factory=InferenceOptions)
     enqueued_at: float  # unix time, seconds
     stream: bool = False  # the worker writes tokens to `stream:{request_id}` as they come
 
@@ -109,6 +118,7 @@ class JobResult(WireModel):
     worker_id: str
     output: str | None = None
     finish_reason: str | None = None
+    embeddings: list[list[float]] | None = None  # an embedding job's vectors, one per input
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=Timings)
     error: ErrorInfo | None = None
@@ -215,3 +225,10 @@ class GenerationDone(WireModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"
+
+
+class Embeddings(WireModel):
+    """What a backend returns for an embedding job."""
+
+    vectors: list[list[float]]
+    prompt_tokens: int

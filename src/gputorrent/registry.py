@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from gputorrent import keys
@@ -28,10 +29,10 @@ async def register(redis: Redis, record: WorkerRecord, heartbeat_ttl_s: float) -
         await pipe.execute()
 
 
-async def beat(redis: Redis, worker_id: str, jobs_in_flight: int, ttl_s: float) -> None:
-    """Refresh the worker's liveness key with its current load."""
+def beat(client: SyncRedis, worker_id: str, jobs_in_flight: int, ttl_s: float) -> None:
+    """Refresh the worker's liveness key with its current load (blocking: it runs on its own thread)."""
     heartbeat = Heartbeat(at=time.time(), jobs_in_flight=jobs_in_flight)
-    await redis.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
+    client.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
 
 
 async def mark_gone(redis: Redis, worker_id: str) -> None:

@@ -152,3 +152,35 @@ def test_real_model_through_the_openai_client(coordinator_url: str, start_worker
     ]
     assert len([p for p in pieces if p]) > 2
     assert "".join(pieces).strip()
+
+
+def test_embeddings_one_vector_per_input_in_float_and_base64(coordinator_url: str, start_worker: StartWorker) -> None:
+    start_worker("w1")
+    client = _client(coordinator_url)
+    reply = client.embeddings.create(model="fake", input=["alpha", "beta gamma"])  # the SDK asks for base64
+    assert [d.index for d in reply.data] == [0, 1]
+    assert [len(d.embedding) for d in reply.data] == [8, 8]
+    assert reply.usage.prompt_tokens == 3
+    as_floats = client.embeddings.create(model="fake", input="alpha", encoding_format="float")
+    assert as_floats.data[0].embedding == pytest.approx(reply.data[0].embedding)
+    with pytest.raises(openai.BadRequestError) as tokens:
+        client.embeddings.create(model="fake", input=[[1, 2, 3]])
+    assert tokens.value.param == "input"
+
+
+@pytest.mark.model
+def test_real_model_embeddings_have_the_models_width(coordinator_url: str, start_worker: StartWorker) -> None:
+    start_worker("w-llama", "--model", "gemma3:270m", backend="llamacpp")
+    reply = _client(coordinator_url).embeddings.create(
+        model="gemma3:270m", input=["The cat sat on the mat.", "A feline rested on a rug.", "Stock prices fell."]
+    )
+    widths = {len(d.embedding) for d in reply.data}
+    assert widths == {640}  # Gemma 3 270M's hidden size: one pooled vector per text, not one per token
+    assert reply.usage.prompt_tokens > 10
+    cat, feline, stocks = (d.embedding for d in reply.data)
+    assert _cosine(cat, feline) > _cosine(cat, stocks)
+
+
+def _cosine(a: list[float], b: list[float]) -> float:
+    dot = sum(x * y for x, y in zip(a, b, strict=True))
+    return dot / (sum(x * x for x in a) ** 0.5 * sum(y * y for y in b) ** 0.5)

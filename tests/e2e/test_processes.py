@@ -108,7 +108,7 @@ def test_a_killed_worker_is_declared_dead_when_its_heartbeat_expires(
     worker = start_worker("w1")
     worker.signal(signal.SIGKILL)
     worker.popen.wait(timeout=10)
-    wait_for(lambda: alive_workers(coordinator_url) == [], 10, "the heartbeat (2 s TTL) to expire")
+    wait_for(lambda: alive_workers(coordinator_url) == [], 10, "the heartbeat (4 s TTL) to expire")
 
 
 def test_a_worker_that_cannot_reach_the_coordinator_exits_with_a_clear_error(

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from gputorrent import keys, registry
@@ -71,12 +72,13 @@ async def test_a_worker_is_dead_once_its_heartbeat_expires(redis: Redis) -> None
     assert state.state == "dead" and state.last_heartbeat_at is None
 
 
-async def test_heartbeats_report_jobs_in_flight(redis: Redis) -> None:
+async def test_heartbeats_report_jobs_in_flight(redis: Redis, redis_url: str) -> None:
     record = WorkerRecord(
         worker_id="w1", models=["m"], backend="fake", slots=4, hardware=Hardware(), registered_at=time.time()
     )
     await registry.register(redis, record, heartbeat_ttl_s=5)
-    await registry.beat(redis, "w1", jobs_in_flight=3, ttl_s=5)
+    with SyncRedis.from_url(redis_url) as client:
+        registry.beat(client, "w1", jobs_in_flight=3, ttl_s=5)
     [state] = await registry.snapshot(redis)
     assert state.jobs_in_flight == 3
     await registry.mark_gone(redis, "w1")

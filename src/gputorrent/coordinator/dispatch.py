@@ -10,7 +10,7 @@ from redis.asyncio import Redis
 
 from gputorrent import queue, registry, routing
 from gputorrent.errors import ModelNotFound, NoWorkersAvailable
-from gputorrent.protocol import Accepted, InferenceRequest, Job, WorkerState
+from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Job, WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -20,7 +20,7 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
-async def admit(redis: Redis, request: InferenceRequest, result_ttl_s: int) -> Accepted:
+async def admit(redis: Redis, request: InferenceRequest | EmbeddingRequest, result_ttl_s: int) -> Accepted:
     """Route the request round-robin among live workers serving its model and enqueue it.
 
     Raises:
@@ -32,8 +32,24 @@ async def admit(redis: Redis, request: InferenceRequest, result_ttl_s: int) -> A
     if not candidates:
         raise _no_candidate_error(request.model, workers)
     worker_id = routing.pick_round_robin(candidates, await queue.next_round_robin(redis))
-    job = Job(
-        request_id=new_request_id(),
+    job = _job(new_request_id(), worker_id, request)
+    await queue.enqueue(redis, job, result_ttl_s)
+    log.info("request %s queued model=%s worker=%s kind=%s", job.request_id, job.model, worker_id, job.kind)
+    return Accepted(request_id=job.request_id, worker_id=worker_id)
+
+
+def _job(request_id: str, worker_id: str, request: InferenceRequest | EmbeddingRequest) -> Job:
+    if isinstance(request, EmbeddingRequest):
+        return Job(
+            request_id=request_id,
+            worker_id=worker_id,
+            model=request.model,
+            kind="embed",
+            input=request.input,
+            enqueued_at=time.time(),
+        )
+    return Job(
+        request_id=request_id,
         worker_id=worker_id,
         model=request.model,
         prompt=request.prompt,
@@ -42,9 +58,6 @@ async def admit(redis: Redis, request: InferenceRequest, result_ttl_s: int) -> A
         enqueued_at=time.time(),
         stream=request.stream,
     )
-    await queue.enqueue(redis, job, result_ttl_s)
-    log.info("request %s queued model=%s worker=%s", job.request_id, job.model, worker_id)
-    return Accepted(request_id=job.request_id, worker_id=worker_id)
 
 
 def _no_candidate_error(model: str, workers: list[WorkerState]) -> NoWorkersAvailable | ModelNotFound:

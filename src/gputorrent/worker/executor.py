@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 from gputorrent.errors import Cancelled, GPUTorrentError
 from gputorrent.protocol import ErrorInfo, GenerationDone, Job, JobResult, Timings, TokenChunk, Usage
@@ -14,45 +15,62 @@ log = logging.getLogger(__name__)
 
 
 async def execute(backend: Backend, job: Job, writer: StreamWriter | None = None) -> JobResult:
-    """Generate the job's output, streaming it to `writer` if given; a failure becomes a failed result."""
+    """Run the job, streaming generated text to `writer` if given; a failure becomes a failed result."""
     started = time.time()
     queued_ms = max(0.0, (started - job.enqueued_at) * 1000)
-    pieces: list[str] = []
-    done: GenerationDone | None = None
     try:
-        generation = backend.generate(job)
-        try:
-            async for item in generation:
-                if isinstance(item, TokenChunk):
-                    pieces.append(item.text)
-                    if writer is not None:
-                        writer.push(item.text)
-                        if writer.cancelled:
-                            raise Cancelled("the client disconnected; generation stopped")
-                else:
-                    done = item
-        finally:
-            await generation.aclose()  # stops the backend at once when we leave early
-        if done is None:
-            raise GPUTorrentError("the backend ended without reporting completion")
+        if job.kind == "embed":
+            embeddings = await backend.embed(job)
+            outcome: dict[str, Any] = {
+                "embeddings": embeddings.vectors,
+                "usage": Usage(prompt_tokens=embeddings.prompt_tokens),
+            }
+        else:
+            outcome = await _generate(backend, job, writer)
     except GPUTorrentError as e:
         log.warning("request %s failed: %s: %s", job.request_id, e.code, e.message)
         return _failed(job, e.code, e.message, queued_ms, started)
     except Exception:
         log.exception("request %s failed inside the worker", job.request_id)
-        return _failed(
-            job, "internal_error", "the worker failed to run the job; its log has the cause", queued_ms, started
-        )
+        message = "the worker failed to run the job; its log has the cause"
+        return _failed(job, "internal_error", message, queued_ms, started)
     return JobResult(
         request_id=job.request_id,
         status="completed",
         model=job.model,
         worker_id=job.worker_id,
-        output="".join(pieces),
-        finish_reason=done.finish_reason,
-        usage=Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
-        timings=Timings(queued_ms=round(queued_ms, 3), inference_ms=round((time.time() - started) * 1000, 3)),
+        timings=_timings(queued_ms, started),
+        **outcome,
     )
+
+
+async def _generate(backend: Backend, job: Job, writer: StreamWriter | None) -> dict[str, Any]:
+    pieces: list[str] = []
+    done: GenerationDone | None = None
+    generation = backend.generate(job)
+    try:
+        async for item in generation:
+            if isinstance(item, TokenChunk):
+                pieces.append(item.text)
+                if writer is not None:
+                    writer.push(item.text)
+                    if writer.cancelled:
+                        raise Cancelled("the client disconnected; generation stopped")
+            else:
+                done = item
+    finally:
+        await generation.aclose()  # stops the backend at once when we leave early
+    if done is None:
+        raise GPUTorrentError("the backend ended without reporting completion")
+    return {
+        "output": "".join(pieces),
+        "finish_reason": done.finish_reason,
+        "usage": Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
+    }
+
+
+def _timings(queued_ms: float, started: float) -> Timings:
+    return Timings(queued_ms=round(queued_ms, 3), inference_ms=round((time.time() - started) * 1000, 3))
 
 
 def _failed(job: Job, code: str, message: str, queued_ms: float, started: float) -> JobResult:
@@ -62,5 +80,5 @@ def _failed(job: Job, code: str, message: str, queued_ms: float, started: float)
         model=job.model,
         worker_id=job.worker_id,
         error=ErrorInfo(code=code, message=message),
-        timings=Timings(queued_ms=round(queued_ms, 3), inference_ms=round((time.time() - started) * 1000, 3)),
+        timings=_timings(queued_ms, started),
     )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import socket
 import time
@@ -21,6 +20,7 @@ from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, make_backend
 from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
+from gputorrent.worker.heartbeat import HeartbeatThread
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ POP_TIMEOUT_S = 1.0  # how long a BRPOP blocks; also how fast a stop request is 
 
 
 class Worker:
-    """One registered worker: `slots` consumer loops and a heartbeat loop over one Redis client."""
+    """One registered worker: `slots` consumer loops on the event loop, and a heartbeat thread."""
 
     def __init__(self, redis: Redis, backend: Backend, registered: Registered, settings: WorkerSettings) -> None:
         self.redis = redis
@@ -42,27 +42,25 @@ class Worker:
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
         """Consume until `stop` is set (or, in burst mode, until the queue is empty), then leave."""
+        heartbeat = HeartbeatThread(
+            self.settings.redis_url,
+            self.worker_id,
+            self.heartbeat_interval_s,
+            self.heartbeat_timeout_s,
+            lambda: self.jobs_in_flight,
+        )
+        heartbeat.start()
         try:
             async with asyncio.TaskGroup() as tasks:
-                heartbeat = tasks.create_task(self._heartbeat(stop))
-                consumers = [tasks.create_task(self._consume(stop, burst)) for _ in range(self.settings.slots)]
-                await asyncio.gather(*consumers)
-                heartbeat.cancel()
+                for _ in range(self.settings.slots):
+                    tasks.create_task(self._consume(stop, burst))
         finally:
+            await asyncio.to_thread(heartbeat.stop)
             try:
                 await registry.mark_gone(self.redis, self.worker_id)
             except (RedisError, OSError) as e:
                 log.warning("worker %s could not mark itself gone (%s); its heartbeat will expire", self.worker_id, e)
             log.info("worker %s stopped after %d jobs", self.worker_id, self.jobs_done)
-
-    async def _heartbeat(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await registry.beat(self.redis, self.worker_id, self.jobs_in_flight, self.heartbeat_timeout_s)
-            except (RedisError, OSError) as e:
-                log.warning("worker %s heartbeat failed: %s", self.worker_id, e)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), self.heartbeat_interval_s)
 
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
         backoff = Backoff()

@@ -5,13 +5,15 @@ Requests accept fields we do not use (OpenAI clients send many); they are ignore
 
 from __future__ import annotations
 
+import base64
+import struct
 import time
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gputorrent.errors import InvalidRequest
-from gputorrent.protocol import InferenceRequest, JobResult
+from gputorrent.protocol import EmbeddingRequest, InferenceRequest, JobResult
 
 OWNED_BY = "gputorrent"
 
@@ -54,6 +56,12 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: str | list[str]
     max_tokens: int | None = 16  # OpenAI's default for the legacy completions endpoint
+
+
+class EmbeddingsRequest(_Tolerant):
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"
 
 
 _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
@@ -116,6 +124,38 @@ def completion_to_inference(body: CompletionRequest) -> InferenceRequest:
             raise InvalidRequest("exactly one prompt per request is supported", param="prompt")
         prompt = prompt[0]
     return _validated({"model": body.model, "prompt": prompt, "options": _options(body, body.max_tokens)})
+
+
+def embeddings_to_request(body: EmbeddingsRequest) -> EmbeddingRequest:
+    """Texts only: token arrays are refused (workers tokenize with their own model)."""
+    texts = [body.input] if isinstance(body.input, str) else body.input
+    if not all(isinstance(text, str) for text in texts):
+        raise InvalidRequest(
+            "input must be a string or a list of strings; token arrays are not supported", param="input"
+        )
+    try:
+        return EmbeddingRequest.model_validate({"model": body.model, "input": texts})
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+
+
+def embeddings(result: JobResult, encoding_format: str) -> dict[str, Any]:
+    """The embeddings list; base64 is little-endian float32, as OpenAI encodes it."""
+    data = []
+    for index, vector in enumerate(result.embeddings or []):
+        encoded: list[float] | str = vector
+        if encoding_format == "base64":
+            encoded = base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": encoded})
+    tokens = result.usage.prompt_tokens
+    return {
+        "object": "list",
+        "data": data,
+        "model": result.model,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 def usage(result: JobResult) -> dict[str, int]:

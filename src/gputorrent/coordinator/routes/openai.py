@@ -1,4 +1,4 @@
-"""The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/models`."""
+"""The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`."""
 
 from __future__ import annotations
 
@@ -62,6 +62,15 @@ async def completions(
         _follow(redis, settings, accepted.request_id, request), None, chunk, body, "text_completion", created
     )
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+@router.post("/embeddings")
+async def embeddings(
+    body: wire.EmbeddingsRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+) -> dict[str, Any]:
+    accepted = await admit(redis, wire.embeddings_to_request(body), settings.result_ttl_s)
+    result = await _completed(waiter, accepted.request_id, settings.max_sync_wait_s)
+    return wire.embeddings(result, body.encoding_format)
 
 
 async def _completed(waiter: WaiterDep, request_id: str, timeout_s: float) -> JobResult:

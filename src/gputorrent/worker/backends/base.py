@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator
 from typing import Protocol
 
-from gputorrent.protocol import GenerationDone, Job, TokenChunk
+from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 
 
 class Backend(Protocol):
@@ -26,6 +26,14 @@ class Backend(Protocol):
 
         Raises:
             BackendError: the engine failed; the message is safe to show the client.
+        """
+        ...
+
+    async def embed(self, job: Job) -> Embeddings:
+        """One vector per text in `job.input`, and the tokens they took.
+
+        Raises:
+            BackendError: the engine failed or cannot embed with this model.
         """
         ...
 

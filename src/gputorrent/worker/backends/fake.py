@@ -8,11 +8,13 @@ tokens so a test can watch a stream arrive or cancel it half-way; it is 0 unless
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import AsyncGenerator
 
 from gputorrent.errors import BackendError
-from gputorrent.protocol import GenerationDone, Job, TokenChunk
+from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 
+EMBEDDING_SIZE = 8
 FAIL_TRIGGER = "__fail__"  # a prompt containing this fails, to exercise the failure path
 
 
@@ -41,6 +43,12 @@ class FakeBackend:
         yield GenerationDone(
             prompt_tokens=len(text.split()), completion_tokens=len(emitted), finish_reason=finish_reason
         )
+
+    async def embed(self, job: Job) -> Embeddings:
+        """Eight numbers per text from its SHA-256: the same text always gives the same vector."""
+        texts = job.input or []
+        vectors = [[byte / 255 for byte in hashlib.sha256(text.encode()).digest()[:EMBEDDING_SIZE]] for text in texts]
+        return Embeddings(vectors=vectors, prompt_tokens=sum(len(t.split()) for t in texts))
 
     async def list_models(self) -> list[str]:
         return [self._model]

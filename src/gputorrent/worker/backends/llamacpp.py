@@ -12,7 +12,7 @@ from typing import Any
 
 from gputorrent.config import PACKAGED_MODEL
 from gputorrent.errors import BackendError, ModelUnavailable
-from gputorrent.protocol import ChatMessage, GenerationDone, Job, TokenChunk
+from gputorrent.protocol import ChatMessage, Embeddings, GenerationDone, Job, TokenChunk
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ class LlamaCppBackend:
         self._llm: Any = None
         self._model = ""
         self._chat_format: str | None = None
+        self._path: Path | None = None
+        self._embedder: Any = None
         # One llama.cpp context is not thread-safe: one generation at a time.
         self._lock = asyncio.Lock()
 
@@ -82,6 +84,7 @@ class LlamaCppBackend:
         )
         self._model = name
         self._chat_format = chat_format
+        self._path = path
         return name
 
     async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
@@ -164,13 +167,38 @@ class LlamaCppBackend:
         stop = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
         return tokens, [s for s in stop if s]
 
+    async def embed(self, job: Job) -> Embeddings:
+        """Mean-pooled vectors from a second, embedding-mode context on the same GGUF, made on first use."""
+        if self._path is None:
+            raise BackendError("the llamacpp backend has no model loaded")
+        async with self._lock:
+            if self._embedder is None:
+                from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
+
+                self._embedder = await asyncio.to_thread(
+                    Llama,
+                    model_path=str(self._path),
+                    n_ctx=self._n_ctx,
+                    n_gpu_layers=self._n_gpu_layers,
+                    embedding=True,
+                    pooling_type=LLAMA_POOLING_TYPE_MEAN,  # one vector per text, not one per token
+                    verbose=False,
+                )
+            try:
+                reply = await asyncio.to_thread(self._embedder.create_embedding, job.input or [])
+            except ValueError as e:  # a text longer than the context
+                raise BackendError(str(e)) from e
+        vectors = [item["embedding"] for item in sorted(reply["data"], key=lambda item: item["index"])]
+        return Embeddings(vectors=vectors, prompt_tokens=reply["usage"]["prompt_tokens"])
+
     async def list_models(self) -> list[str]:
         return [self._model] if self._llm is not None else []
 
     async def close(self) -> None:
-        if self._llm is not None:
-            await asyncio.to_thread(self._llm.close)
-            self._llm = None
+        for llm in (self._llm, self._embedder):
+            if llm is not None:
+                await asyncio.to_thread(llm.close)
+        self._llm = self._embedder = None
 
 
 class _TokenCount:

@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from gputorrent.errors import BackendError, ModelUnavailable
-from gputorrent.protocol import GenerationDone, Job, TokenChunk
+from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
 
 log = logging.getLogger(__name__)
@@ -100,6 +100,11 @@ class OllamaBackend:
                 yield _done(line)
                 return
         raise BackendError("Ollama's stream ended before its final line")
+
+    async def embed(self, job: Job) -> Embeddings:
+        """Ollama's `/api/embed`."""
+        reply = await self._call("POST", "/api/embed", {"model": job.model, "input": job.input or []})
+        return Embeddings(vectors=reply.get("embeddings", []), prompt_tokens=int(reply.get("prompt_eval_count", 0)))
 
     async def list_models(self) -> list[str]:
         reply = await self._call("GET", "/api/tags")

@@ -9,7 +9,7 @@ from typing import Any
 import aiohttp
 
 from gputorrent.errors import BackendError, ModelUnavailable
-from gputorrent.protocol import GenerationDone, Job, TokenChunk
+from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 from gputorrent.worker.backends._http import TIMEOUT, request_json
 
 
@@ -97,6 +97,16 @@ class OpenAIBackend:
             raise BackendError(f"cannot reach {server}: {e or type(e).__name__}") from e
         except ValueError as e:
             raise BackendError(f"{server} streamed an event that is not JSON") from e
+
+    async def embed(self, job: Job) -> Embeddings:
+        """`/embeddings`, as floats."""
+        body = {"model": job.model, "input": job.input or [], "encoding_format": "float"}
+        reply = await self._call("POST", "/embeddings", body)
+        data = sorted(reply.get("data", []), key=lambda item: int(item.get("index", 0)))
+        usage = reply.get("usage") or {}
+        return Embeddings(
+            vectors=[item["embedding"] for item in data], prompt_tokens=int(usage.get("prompt_tokens", 0))
+        )
 
     async def list_models(self) -> list[str]:
         reply = await self._call("GET", "/models")
