@@ -180,3 +180,25 @@ def test_pool_end_to_end_through_an_openai_worker(
     assert result.usage.prompt_tokens > 0
     assert result.worker_id == "openai-w1"
     assert result.model == MODEL
+
+
+async def test_a_streamed_job_arrives_in_pieces_from_the_real_server(llama_cpp_server: LlamaCppServer) -> None:
+    """llama_cpp.server ignores `stream_options.include_usage`: completion tokens are counted per chunk."""
+    backend = OpenAIBackend(base_url=llama_cpp_server.base_url, api_key=llama_cpp_server.api_key)
+    try:
+        await backend.load(MODEL)
+        job = _job(prompt="Once upon a time", max_tokens=8).model_copy(update={"stream": True})
+        items = [item async for item in backend.generate(job)]
+        chunks = [item for item in items if isinstance(item, TokenChunk)]
+        done = items[-1]
+        assert isinstance(done, GenerationDone)
+        assert len(chunks) > 2
+        assert done.completion_tokens == len(chunks) <= 8
+        assert done.finish_reason in {"stop", "length"}
+
+        chat = _job(messages=[ChatMessage(role="user", content="Say hi.")], max_tokens=6)
+        chat_items = [item async for item in backend.generate(chat.model_copy(update={"stream": True}))]
+        assert "".join(i.text for i in chat_items if isinstance(i, TokenChunk)).strip()
+    finally:
+        await backend.close()
+

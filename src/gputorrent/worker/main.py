@@ -83,13 +83,12 @@ class Worker:
                 self.jobs_in_flight -= 1
 
     async def _handle(self, job: Job) -> None:
-        try:
-            await queue.mark_running(self.redis, job.request_id)
-        except (RedisError, OSError) as e:  # only the status shown to clients; the job itself goes on
-            log.warning("request %s: could not mark it running (%s)", job.request_id, e)
         log.info("request %s started model=%s", job.request_id, job.model)
+        # The status shown to clients is written alongside the start of the generation, not before it.
+        marking = asyncio.create_task(self._mark_running(job.request_id))
         writer = StreamWriter(self.redis, job.request_id, self.settings.result_ttl_s) if job.stream else None
         result = await execute(self.backend, job, writer)
+        await marking
         if writer is not None:
             try:
                 await writer.close()
@@ -114,6 +113,12 @@ class Worker:
             result.usage.completion_tokens,
         )
         self.jobs_done += 1
+
+    async def _mark_running(self, request_id: str) -> None:
+        try:
+            await queue.mark_running(self.redis, request_id)
+        except (RedisError, OSError) as e:  # only the status shown to clients; the job itself goes on
+            log.warning("request %s: could not mark it running (%s)", request_id, e)
 
 
 def default_worker_id() -> str:
