@@ -14,8 +14,8 @@ run: $(VENV)/.run-deps
 test: $(VENV)/.dev-deps lint typecheck pytest
 
 lint: $(VENV)/.dev-deps
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
 
 typecheck: $(VENV)/.dev-deps
 	$(BIN)/mypy

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import aiohttp
+import httpx
 
 from gputorrent.embedded import EmbeddedRedis, free_port
 
@@ -46,13 +47,11 @@ async def stream_once(http: aiohttp.ClientSession, url: str, model: str, tokens:
                 if content:
                     arrivals.append((time.perf_counter() - started) * 1000)
                     text.append(content)
-    gaps = [b - a for a, b in zip(arrivals, arrivals[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(arrivals)]
     return arrivals[0], gaps, "".join(text)
 
 
 def _wait_http(url: str, timeout_s: float = 60) -> None:
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
@@ -62,6 +61,14 @@ def _wait_http(url: str, timeout_s: float = 60) -> None:
             pass
         time.sleep(0.1)
     raise RuntimeError(f"{url} did not answer")
+
+
+def _wait_for_model(coordinator: str, model: str, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while model not in httpx.get(f"{coordinator}/v1/models").text:
+        if time.monotonic() > deadline:
+            raise RuntimeError("the worker did not register")
+        time.sleep(0.1)
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -102,62 +109,26 @@ def main() -> int:
     args = parser.parse_args()
 
     children: list[subprocess.Popen[bytes]] = []
+    python = [sys.executable, "-m", "gputorrent", "--log-level", "warning"]
     with EmbeddedRedis() as redis:
         try:
             fast_port, coord_port = free_port(), free_port()
-            children.append(
-                subprocess.Popen(
-                    [
-                        sys.executable,
-                        str(HERE / "fast_openai_server.py"),
-                        "--port",
-                        str(fast_port),
-                        "--gap-ms",
-                        str(args.gap_ms),
-                    ]
-                )  # fmt: skip
-            )
-            _wait_http(f"http://127.0.0.1:{fast_port}/v1/models")
-            python = [sys.executable, "-m", "gputorrent", "--log-level", "warning"]
+            fast = f"http://127.0.0.1:{fast_port}/v1"
+            coordinator = f"http://127.0.0.1:{coord_port}"
+            server = [sys.executable, str(HERE / "fast_openai_server.py"), "--port", str(fast_port)]
+            children.append(subprocess.Popen([*server, "--gap-ms", str(args.gap_ms)]))
+            _wait_http(f"{fast}/models")
             children.append(
                 subprocess.Popen([*python, "coordinator", "--port", str(coord_port), "--redis-url", redis.url])
             )
-            _wait_http(f"http://127.0.0.1:{coord_port}/health")
+            _wait_http(f"{coordinator}/health")
+            worker = ["worker", "--backend", "openai", "--openai-base-url", fast, "--model", "fast"]
             children.append(
-                subprocess.Popen(
-                    [
-                        *python,
-                        "worker",
-                        "--backend",
-                        "openai",
-                        "--openai-base-url",
-                        f"http://127.0.0.1:{fast_port}/v1",
-                        "--model",
-                        "fast",
-                        "--coordinator",
-                        f"http://127.0.0.1:{coord_port}",
-                        "--redis-url",
-                        redis.url,
-                    ],
-                    env={**os.environ},
-                )  # fmt: skip
+                subprocess.Popen([*python, *worker, "--coordinator", coordinator, "--redis-url", redis.url])
             )
-            _wait_http(f"http://127.0.0.1:{coord_port}/v1/models")
-            deadline = time.monotonic() + 60
-            import httpx
-
-            while "fast" not in httpx.get(f"http://127.0.0.1:{coord_port}/v1/models").text:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the worker did not register")
-                time.sleep(0.1)
-            result = asyncio.run(
-                measure(
-                    f"http://127.0.0.1:{fast_port}/v1/chat/completions",
-                    f"http://127.0.0.1:{coord_port}/v1/chat/completions",
-                    args.requests,
-                    args.tokens,
-                )
-            )
+            _wait_for_model(coordinator, "fast")
+            direct_url, pool_url = f"{fast}/chat/completions", f"{coordinator}/v1/chat/completions"
+            result = asyncio.run(measure(direct_url, pool_url, args.requests, args.tokens))
         finally:
             for child in reversed(children):
                 child.terminate()
@@ -179,9 +150,8 @@ def _table(result: dict[str, object]) -> str:
         m = result[metric]
         assert isinstance(m, dict)
         d, p = m["direct"], m["pool"]
-        rows.append(
-            f"| {label} | {d['p50']:.2f} | {p['p50']:.2f} | {m['added_p50_ms']:+.2f} | {d['p99']:.2f} | {p['p99']:.2f} |"
-        )
+        added = m["added_p50_ms"]
+        rows.append(f"| {label} | {d['p50']:.2f} | {p['p50']:.2f} | {added:+.2f} | {d['p99']:.2f} | {p['p99']:.2f} |")
     rows.append(f"\nstreams whose text differed from the expected tokens: {result['wrong_text']}")
     return "\n".join(rows)
 
