@@ -14,7 +14,6 @@ import httpx
 import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gputorrent.config import CoordinatorSettings, WorkerSettings
 from gputorrent.coordinator.app import create_app
@@ -23,20 +22,22 @@ from gputorrent.protocol import Registered, WorkerRegistration
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.main import Worker
 
-# Tests use their own database so a developer's data in db 0 is never flushed.
+# A server named by GPUTORRENT_TEST_REDIS_URL may hold other data: tests keep to one database of it.
 TEST_DB = 13
 PROCESS_START_TIMEOUT_S = 60.0
 
 
 @pytest.fixture(scope="session")
 def redis_server_url() -> Iterator[str]:
-    """127.0.0.1:6379 when a server answers there (CI), else a private server for the session."""
-    try:
-        SyncRedis(host="127.0.0.1", port=6379, socket_connect_timeout=0.5).ping()
-        yield "redis://127.0.0.1:6379"
+    """`GPUTORRENT_TEST_REDIS_URL` when set, else a private server for the session.
+
+    Private by default: tests flush their database, and two runs sharing one server (two
+    checkouts on one machine) would flush each other's workers and jobs.
+    """
+    given = os.environ.get("GPUTORRENT_TEST_REDIS_URL")
+    if given:
+        yield given
         return
-    except RedisError:
-        pass
     with EmbeddedRedis() as server:
         yield server.url
 

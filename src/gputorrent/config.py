@@ -13,7 +13,7 @@ the names users already know from the backends (`OLLAMA_HOST`, `OPENAI_BASE_URL`
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
@@ -30,38 +30,40 @@ DEFAULT_MODEL_BY_BACKEND: dict[str, str | None] = {
 }
 
 
-def _env(*names: str) -> AliasChoices:
-    return AliasChoices(*names)
+def _env(name: str) -> AliasChoices:
+    """Read from the environment variable `name` only; keyword arguments (CLI flags) use the field name."""
+    return AliasChoices(name)
 
 
 class _Settings(BaseSettings):
-    model_config = SettingsConfigDict(populate_by_name=True, case_sensitive=False, extra="ignore", frozen=True)
+    # Not populate_by_name: pydantic-settings would then also read each bare field name from the
+    # environment (a stray `HOST=0.0.0.0` would expose the coordinator). Keyword arguments (CLI
+    # flags, tests) are mapped to the variable names in __init__ instead.
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    def __init__(self, **values: Any) -> None:
+        fields = type(self).model_fields
+        by_variable: dict[str, Any] = {}
+        for name, value in values.items():
+            alias = fields[name].validation_alias if name in fields else None
+            by_variable[str(alias.choices[0]) if isinstance(alias, AliasChoices) else name] = value
+        super().__init__(**by_variable)
 
 
 class CoordinatorSettings(_Settings):
     """What the coordinator needs. `REDIS_URL`, when set, wins over `REDIS_HOST`/`REDIS_PORT`."""
 
-    redis_host: str = Field(default="localhost", validation_alias=_env("redis_host", "REDIS_HOST"))
-    redis_port: int = Field(default=6379, ge=1, le=65535, validation_alias=_env("redis_port", "REDIS_PORT"))
-    redis_url_override: str | None = Field(default=None, validation_alias=_env("redis_url", "REDIS_URL"))
-    host: str = Field(default="127.0.0.1", validation_alias=_env("host", "GPUTORRENT_HOST"))
-    port: int = Field(default=8000, ge=0, le=65535, validation_alias=_env("port", "GPUTORRENT_PORT"))
-    heartbeat_interval_s: float = Field(
-        default=2.0, gt=0, validation_alias=_env("heartbeat_interval_s", "GPUTORRENT_HEARTBEAT_INTERVAL_S")
-    )
-    heartbeat_timeout_s: float = Field(
-        default=6.0, gt=0, validation_alias=_env("heartbeat_timeout_s", "GPUTORRENT_HEARTBEAT_TIMEOUT_S")
-    )
-    result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("result_ttl_s", "GPUTORRENT_RESULT_TTL_S"))
-    max_body_bytes: int = Field(
-        default=1024 * 1024, ge=1024, validation_alias=_env("max_body_bytes", "GPUTORRENT_MAX_BODY_BYTES")
-    )
-    max_result_wait_s: float = Field(
-        default=60.0, ge=0, validation_alias=_env("max_result_wait_s", "GPUTORRENT_MAX_RESULT_WAIT_S")
-    )
-    max_sync_wait_s: float = Field(
-        default=600.0, gt=0, validation_alias=_env("max_sync_wait_s", "GPUTORRENT_MAX_SYNC_WAIT_S")
-    )
+    redis_host: str = Field(default="localhost", validation_alias=_env("REDIS_HOST"))
+    redis_port: int = Field(default=6379, ge=1, le=65535, validation_alias=_env("REDIS_PORT"))
+    redis_url_override: str | None = Field(default=None, validation_alias=_env("REDIS_URL"))
+    host: str = Field(default="127.0.0.1", validation_alias=_env("GPUTORRENT_HOST"))
+    port: int = Field(default=8000, ge=0, le=65535, validation_alias=_env("GPUTORRENT_PORT"))
+    heartbeat_interval_s: float = Field(default=2.0, gt=0, validation_alias=_env("GPUTORRENT_HEARTBEAT_INTERVAL_S"))
+    heartbeat_timeout_s: float = Field(default=6.0, gt=0, validation_alias=_env("GPUTORRENT_HEARTBEAT_TIMEOUT_S"))
+    result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("GPUTORRENT_RESULT_TTL_S"))
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024, validation_alias=_env("GPUTORRENT_MAX_BODY_BYTES"))
+    max_result_wait_s: float = Field(default=60.0, ge=0, validation_alias=_env("GPUTORRENT_MAX_RESULT_WAIT_S"))
+    max_sync_wait_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_MAX_SYNC_WAIT_S"))
 
     @property
     def redis_url(self) -> str:
@@ -71,29 +73,23 @@ class CoordinatorSettings(_Settings):
 class WorkerSettings(_Settings):
     """What a worker needs. `MODEL_NAME` unset means the backend's default model."""
 
-    coordinator_url: str = Field(
-        default="http://localhost:8000", validation_alias=_env("coordinator_url", "COORDINATOR_URL")
-    )
-    redis_url: str = Field(default="redis://localhost:6379", validation_alias=_env("redis_url", "REDIS_URL"))
-    model_name: str | None = Field(default=None, validation_alias=_env("model_name", "MODEL_NAME"))
-    hf_token: SecretStr | None = Field(default=None, validation_alias=_env("hf_token", "HF_TOKEN"))
-    backend: BackendName = Field(default="ollama", validation_alias=_env("backend", "GPUTORRENT_BACKEND"))
-    worker_id: str | None = Field(default=None, validation_alias=_env("worker_id", "GPUTORRENT_WORKER_ID"))
-    slots: int = Field(default=1, ge=1, le=1024, validation_alias=_env("slots", "GPUTORRENT_SLOTS"))
-    result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("result_ttl_s", "GPUTORRENT_RESULT_TTL_S"))
-    ollama_host: str = Field(default="http://localhost:11434", validation_alias=_env("ollama_host", "OLLAMA_HOST"))
-    openai_base_url: str = Field(
-        default="http://localhost:8080/v1", validation_alias=_env("openai_base_url", "OPENAI_BASE_URL")
-    )
-    openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("openai_api_key", "OPENAI_API_KEY"))
-    n_ctx: int = Field(default=4096, ge=256, validation_alias=_env("n_ctx", "GPUTORRENT_N_CTX"))
-    n_gpu_layers: int = Field(default=-1, validation_alias=_env("n_gpu_layers", "GPUTORRENT_N_GPU_LAYERS"))
+    coordinator_url: str = Field(default="http://localhost:8000", validation_alias=_env("COORDINATOR_URL"))
+    redis_url: str = Field(default="redis://localhost:6379", validation_alias=_env("REDIS_URL"))
+    model_name: str | None = Field(default=None, validation_alias=_env("MODEL_NAME"))
+    hf_token: SecretStr | None = Field(default=None, validation_alias=_env("HF_TOKEN"))
+    backend: BackendName = Field(default="ollama", validation_alias=_env("GPUTORRENT_BACKEND"))
+    worker_id: str | None = Field(default=None, validation_alias=_env("GPUTORRENT_WORKER_ID"))
+    slots: int = Field(default=1, ge=1, le=1024, validation_alias=_env("GPUTORRENT_SLOTS"))
+    result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("GPUTORRENT_RESULT_TTL_S"))
+    ollama_host: str = Field(default="http://localhost:11434", validation_alias=_env("OLLAMA_HOST"))
+    openai_base_url: str = Field(default="http://localhost:8080/v1", validation_alias=_env("OPENAI_BASE_URL"))
+    openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("OPENAI_API_KEY"))
+    n_ctx: int = Field(default=4096, ge=256, validation_alias=_env("GPUTORRENT_N_CTX"))
+    n_gpu_layers: int = Field(default=-1, validation_alias=_env("GPUTORRENT_N_GPU_LAYERS"))
     fake_token_delay_s: float = Field(
-        default=0.0, ge=0, validation_alias=_env("fake_token_delay_s", "GPUTORRENT_FAKE_TOKEN_DELAY_S")
+        default=0.0, ge=0, validation_alias=_env("GPUTORRENT_FAKE_TOKEN_DELAY_S")
     )  # the `fake` test backend only: a pause before each token, to test streaming and cancellation
-    register_timeout_s: float = Field(
-        default=60.0, gt=0, validation_alias=_env("register_timeout_s", "GPUTORRENT_REGISTER_TIMEOUT_S")
-    )
+    register_timeout_s: float = Field(default=60.0, gt=0, validation_alias=_env("GPUTORRENT_REGISTER_TIMEOUT_S"))
 
     @field_validator("ollama_host")
     @classmethod

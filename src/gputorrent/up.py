@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
     embedded: EmbeddedRedis | None = None
     children: list[subprocess.Popen[bytes]] = []
     try:
+        _check_port_free(host, port)
         if "REDIS_URL" not in env and "REDIS_HOST" not in env:
             embedded = EmbeddedRedis().start(preexec_fn=_die_with_parent, start_new_session=True)
             env["REDIS_URL"] = embedded.url
@@ -82,6 +84,15 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
         if embedded is not None:
             embedded.stop()
         print("stopped", flush=True)
+
+
+def _check_port_free(host: str, port: int) -> None:
+    """Refuse a taken port up front: otherwise `up` would find whatever answers there and join it."""
+    with socket.socket() as probe:
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise RuntimeError(f"port {port} on {host} is in use ({e.strerror}); choose another with --port") from None
 
 
 def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:

@@ -201,4 +201,3 @@ async def test_a_streamed_job_arrives_in_pieces_from_the_real_server(llama_cpp_s
         assert "".join(i.text for i in chat_items if isinstance(i, TokenChunk)).strip()
     finally:
         await backend.close()
-

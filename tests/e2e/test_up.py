@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -17,8 +18,6 @@ import pytest
 from gputorrent.embedded import free_port
 from tests.conftest import wait_for
 
-pytestmark = pytest.mark.model
-
 UP_TIMEOUT_S = 180.0  # first run assembles the 253 MB model from its package
 
 
@@ -28,6 +27,7 @@ def _try_block(log: str) -> str:
     return textwrap.dedent(block)
 
 
+@pytest.mark.model
 def test_up_serves_a_real_completion_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT")}
@@ -71,3 +71,16 @@ def test_up_serves_a_real_completion_and_ctrl_c_leaves_no_process(tmp_path: Path
         if up.poll() is None:
             up.kill()
             up.wait()
+
+
+def test_up_refuses_a_port_in_use_instead_of_joining_whatever_listens_there() -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run(
+            [sys.executable, "-m", "gputorrent", "up", "--port", str(port)], capture_output=True, text=True, timeout=60
+        )
+    assert done.returncode == 1
+    assert f"port {port} on 127.0.0.1 is in use" in done.stderr
+    assert "GPU Torrent is up" not in done.stdout

@@ -242,3 +242,31 @@ async def test_unknown_routes_and_methods_answer_in_the_same_error_shape(api: ht
     assert (missing.status_code, missing.json()["error"]["code"]) == (404, "not_found")
     wrong_method = await api.delete("/inference")
     assert (wrong_method.status_code, wrong_method.json()["error"]["code"]) == (405, "method_not_allowed")
+
+
+async def test_a_stream_without_a_result_in_time_ends_with_an_error_event(
+    coordinator_settings: CoordinatorSettings, fake_worker: MakeWorker
+) -> None:
+    await fake_worker("w1")  # registered, never run: the job waits in its queue
+    app = create_app(coordinator_settings.model_copy(update={"max_sync_wait_s": 0.5}))
+    transport = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+        native = await client.post("/inference", json={"model": "fake", "prompt": "p", "stream": True})
+        assert native.text.startswith("event: queued")
+        assert "event: error" in native.text and "result_timeout" in native.text
+        chat = {"model": "fake", "messages": [{"role": "user", "content": "p"}], "stream": True}
+        openai = await client.post("/v1/chat/completions", json=chat)
+        last = [line for line in openai.text.splitlines() if line.startswith("data: ")][-1]
+        assert json.loads(last.removeprefix("data: "))["error"]["code"] == "result_timeout"
+
+
+async def test_an_over_large_body_on_the_openai_routes_is_413_in_openais_shape(
+    api: httpx.AsyncClient, coordinator_settings: CoordinatorSettings
+) -> None:
+    content = "x" * (coordinator_settings.max_body_bytes + 1)
+    response = await api.post(
+        "/v1/chat/completions", json={"model": "m", "messages": [{"role": "user", "content": content}]}
+    )
+    assert response.status_code == 413
+    assert response.json()["error"]["type"] == "invalid_request_error"
+    assert response.json()["error"]["code"] == "request_too_large"

@@ -203,6 +203,7 @@ def test_stream_events_have_anthropics_shapes() -> None:
         (409, "invalid_request_error"),
         (502, "api_error"),
         (503, "api_error"),
+        (504, "timeout_error"),
         (529, "overloaded_error"),
     ],
 )

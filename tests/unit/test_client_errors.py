@@ -4,6 +4,7 @@ import pytest
 from gputorrent.client._base import completed_or_raise, inference_body, raise_for_error
 from gputorrent.errors import (
     GPUTorrentError,
+    InvalidRequest,
     JobFailed,
     ModelNotFound,
     NotFound,
@@ -49,6 +50,8 @@ def test_a_failed_result_raises_job_failed_with_its_code() -> None:
 
 
 def test_bad_arguments_fail_before_any_request() -> None:
-    with pytest.raises(ValueError, match="exactly one of"):
+    with pytest.raises(InvalidRequest, match="exactly one of"):
         inference_body("m", None, None, None)
+    with pytest.raises(InvalidRequest, match=r"options\.max_tokens"):
+        inference_body("m", "p", None, {"max_tokens": 0})
     assert inference_body("m", "p", None, {"max_tokens": 3})["options"]["max_tokens"] == 3

@@ -56,3 +56,12 @@ def test_model_default_follows_the_backend() -> None:
 def test_ollama_host_accepts_ollamas_own_forms(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OLLAMA_HOST", "gpu-box")
     assert WorkerSettings().ollama_host == "http://gpu-box:11434"
+
+
+def test_bare_field_names_in_the_environment_are_not_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOST", "0.0.0.0")  # set by many shells and containers; must not expose the coordinator
+    monkeypatch.setenv("PORT", "1234")
+    monkeypatch.setenv("BACKEND", "fake")
+    coordinator = CoordinatorSettings()
+    assert (coordinator.host, coordinator.port) == ("127.0.0.1", 8000)
+    assert WorkerSettings().backend == "ollama"

@@ -9,8 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+from pydantic import ValidationError
 
-from gputorrent.errors import ERRORS_BY_CODE, GPUTorrentError, JobFailed, NotFound, ServiceUnavailable
+from gputorrent.errors import (
+    ERRORS_BY_CODE,
+    GPUTorrentError,
+    InvalidRequest,
+    JobFailed,
+    NotFound,
+    ServiceUnavailable,
+)
 from gputorrent.protocol import (
     Accepted,
     ChatMessage,
@@ -38,9 +46,13 @@ def inference_body(
     options: InferenceOptions | dict[str, Any] | None,
 ) -> dict[str, Any]:
     """Validate locally (a bad argument fails before any network call) and return the JSON body."""
-    request = InferenceRequest.model_validate(
-        {"model": model, "prompt": prompt, "messages": messages, "options": options or {}}
-    )
+    try:
+        request = InferenceRequest.model_validate(
+            {"model": model, "prompt": prompt, "messages": messages, "options": options or {}}
+        )
+    except ValidationError as e:  # the same error class the coordinator's 422 maps to
+        problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())
+        raise InvalidRequest(problems) from None
     return request.model_dump(mode="json", exclude_none=True)
 
 

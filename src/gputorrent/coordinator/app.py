@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -19,9 +19,7 @@ from starlette.exceptions import HTTPException
 
 from gputorrent import __version__
 from gputorrent.config import CoordinatorSettings
-from gputorrent.coordinator.adapters import anthropic as anthropic_wire
-from gputorrent.coordinator.adapters import ollama as ollama_wire
-from gputorrent.coordinator.adapters import openai as openai_wire
+from gputorrent.coordinator.error_shapes import error_body
 from gputorrent.coordinator.limits import BodySizeLimit
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.routes import anthropic, native, ollama, openai
@@ -75,29 +73,8 @@ def _error_response(
     details: dict[str, Any] | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> JSONResponse:
-    """The one place errors get their wire shape: each API family's own, ours on the native routes."""
-    details = details or {}
-    family = _error_family(request.url.path)
-    if family is not None:
-        status = 400 if status == 422 else status  # the other APIs report every invalid request as 400
-        body = family(status, message, code, details.get("param"))
-    else:
-        # `param` is OpenAI's name for the field at fault; our own shape lists `fields` instead.
-        body = {"error": {"code": code, "message": message, **{k: v for k, v in details.items() if k != "param"}}}
+    status, body = error_body(request.url.path, status, code, message, details)
     return JSONResponse(jsonable_encoder(body), status_code=status, headers=headers)
-
-
-ErrorBody = Callable[[int, str, str | None, str | None], dict[str, Any]]
-
-
-def _error_family(path: str) -> ErrorBody | None:
-    if path.startswith("/v1/messages"):
-        return anthropic_wire.error_body
-    if path.startswith("/v1/"):
-        return openai_wire.error_body
-    if path.startswith("/api/"):
-        return ollama_wire.error_body
-    return None
 
 
 async def _domain_error(request: Request, exc: GPUTorrentError) -> JSONResponse:

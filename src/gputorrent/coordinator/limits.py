@@ -6,6 +6,8 @@ import json
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gputorrent.coordinator.error_shapes import error_body
+
 
 class BodySizeLimit:
     """Answer 413 when the declared or actual request body exceeds `max_bytes`."""
@@ -20,7 +22,7 @@ class BodySizeLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
-            await self._refuse(send)
+            await self._refuse(scope, send)
             return
         received = 0
         refused = False
@@ -35,7 +37,7 @@ class BodySizeLimit:
                 if received > self.max_bytes:
                     # Answer now, and tell the app the client left, so it stops reading and its answer is dropped.
                     refused = True
-                    await self._refuse(send)
+                    await self._refuse(scope, send)
                     return {"type": "http.disconnect"}
             return message
 
@@ -45,14 +47,14 @@ class BodySizeLimit:
 
         await self.app(scope, limited_receive, guarded_send)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps(
-            {"error": {"code": "request_too_large", "message": f"the request body exceeds {self.max_bytes} bytes"}}
-        ).encode()
+    async def _refuse(self, scope: Scope, send: Send) -> None:
+        message = f"the request body exceeds {self.max_bytes} bytes"
+        status, shaped = error_body(scope["path"], 413, "request_too_large", message)
+        body = json.dumps(shaped).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
             }
         )

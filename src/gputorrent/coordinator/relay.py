@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from gputorrent import streams
 from gputorrent.coordinator.results import ResultWaiter
-from gputorrent.errors import JobFailed, ResultTimeout
+from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
 from gputorrent.protocol import JobResult, TokenChunk
 
 log = logging.getLogger(__name__)
@@ -29,7 +29,7 @@ async def completed_result(waiter: ResultWaiter, request_id: str, timeout_s: flo
     found = await waiter.wait(request_id, timeout_s)
     if not isinstance(found, JobResult):
         raise ResultTimeout(
-            f"no result within {timeout_s:.0f} s; poll GET /result/{request_id} for it", request_id=request_id
+            f"no result within {timeout_s:g} s; poll GET /result/{request_id} for it", request_id=request_id
         )
     return found
 
@@ -38,6 +38,10 @@ async def follow(
     redis: Redis, request_id: str, timeout_s: float, ttl_s: int, disconnected: Callable[[], Awaitable[bool]]
 ) -> AsyncIterator[TokenChunk | JobResult]:
     """The job's tokens as they are generated, then its result.
+
+    Raises:
+        ResultTimeout: no result within `timeout_s`.
+        RedisUnavailable: Redis failed on the way.
 
     A client that goes away before the result (`disconnected()` turns true, checked at least
     once a second, or the consumer stops iterating) cancels the job: its worker stops at its
@@ -52,7 +56,10 @@ async def follow(
             if not finished and await disconnected():
                 return
         if not finished:
-            raise ResultTimeout(f"the stream of {request_id} produced no result within {timeout_s:.0f} s")
+            raise ResultTimeout(f"the stream of {request_id} produced no result within {timeout_s:g} s")
+    except (RedisError, OSError) as e:  # one error type for every route to put in its stream
+        log.warning("request %s: Redis failed mid-stream (%s)", request_id, e)
+        raise RedisUnavailable("the coordinator lost Redis while streaming; retry shortly") from e
     finally:
         if not finished:
             log.info("request %s: client left the stream; cancelling", request_id)

@@ -160,6 +160,8 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
     backend = make_backend(settings)
     try:
         model = await backend.load(settings.model)
+        if stop.is_set():  # told to stop while the model loaded: never join the pool
+            return
         log.info("backend %s serves %s", backend.name, model)
         worker_id = settings.worker_id or default_worker_id()
         redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5)

@@ -8,14 +8,13 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from redis.exceptions import RedisError
 
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import anthropic as wire
 from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
-from gputorrent.errors import GPUTorrentError, RedisUnavailable
+from gputorrent.errors import GPUTorrentError
 from gputorrent.protocol import JobResult
 
 log = logging.getLogger(__name__)
@@ -69,13 +68,8 @@ async def _events(
                 result = item
             elif item.text:
                 yield _event(wire.text_delta(item.text))
-    except GPUTorrentError as e:  # the wait ran out: the response has begun, so the error goes in the stream
+    except GPUTorrentError as e:  # the response has begun, so the error goes in the stream
         yield _event(wire.error_body(e.http_status, e.message, e.code, None))
-        return
-    except RedisError as e:
-        log.warning("request %s: Redis failed mid-stream (%s)", request_id, e)
-        error = RedisUnavailable("the coordinator lost Redis while streaming; retry shortly")
-        yield _event(wire.error_body(error.http_status, error.message, error.code, None))
         return
     if result is None:  # the client left; relay.follow has cancelled the job
         return

@@ -18,7 +18,7 @@ from gputorrent.coordinator import relay
 from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
-from gputorrent.errors import RequestNotFound
+from gputorrent.errors import GPUTorrentError, RequestNotFound
 from gputorrent.protocol import (
     Accepted,
     InferenceRequest,
@@ -92,11 +92,14 @@ async def _events(redis: RedisDep, settings: SettingsDep, accepted: Accepted, re
     following = relay.follow(
         redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
     )
-    async for item in following:
-        if isinstance(item, JobResult):
-            yield sse(item.model_dump(mode="json"), event="result")
-        else:
-            yield sse({"text": item.text}, event="token")
+    try:
+        async for item in following:
+            if isinstance(item, JobResult):
+                yield sse(item.model_dump(mode="json"), event="result")
+            else:
+                yield sse({"text": item.text}, event="token")
+    except GPUTorrentError as e:  # the response has started: the error travels as the stream's last event
+        yield sse(e.to_body(), event="error")
 
 
 @router.get(
@@ -129,5 +132,7 @@ async def health(redis: RedisDep) -> JSONResponse:
     try:
         await asyncio.wait_for(redis.ping(), HEALTH_PING_TIMEOUT_S)
     except (RedisError, OSError, TimeoutError):
-        return JSONResponse({"status": "unhealthy", "redis": "disconnected"}, status_code=503)
+        return JSONResponse(
+            {"status": "unhealthy", "redis": "disconnected"}, status_code=503, headers={"Retry-After": "1"}
+        )
     return JSONResponse({"status": "healthy", "redis": "connected"})

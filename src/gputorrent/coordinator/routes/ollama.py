@@ -1,7 +1,176 @@
-"""The Ollama-compatible API under `/api/`."""
+"""The Ollama-compatible API under `/api/`: generate, chat, tags, ps, show, version and pull.
+
+Streaming is on unless a request says `"stream": false`: NDJSON, one object per line, the last
+with `"done": true` and the statistics; a failure after the stream has begun is a last line
+`{"error": "..."}`, as Ollama sends it. The wire mapping and its known differences from Ollama
+are in `coordinator/adapters/ollama.py`. `/api/embed` and `/api/embeddings` are not here yet.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import StreamingResponse
+
+from gputorrent import __version__, registry, routing
+from gputorrent.coordinator import relay
+from gputorrent.coordinator.adapters import ollama as wire
+from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.dispatch import admit
+from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
+from gputorrent.errors import GPUTorrentError, ModelNotFound
+from gputorrent.protocol import Accepted, InferenceRequest, JobResult, TokenChunk
 
 router = APIRouter(prefix="/api", tags=["ollama"])
+
+Chunk = Callable[[str], dict[str, Any]]
+Final = Callable[[JobResult, str], dict[str, Any]]
+
+
+def _now() -> str:
+    return wire.timestamp(time.time())
+
+
+@router.post("/generate", response_model=None)
+async def generate(
+    body: wire.GenerateRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+) -> dict[str, Any] | StreamingResponse:
+    """A completion of `prompt` (templated as a user turn unless `raw`), streamed by default."""
+    if wire.is_load(body):
+        await _require_served(redis, body.model)
+        return wire.load_reply(body, _now())
+    job_request = wire.generate_to_inference(body)
+    raw = bool(body.raw)
+
+    def chunk(text: str) -> dict[str, Any]:
+        return wire.generate_chunk(body.model, _now(), text)
+
+    def final(result: JobResult, text: str) -> dict[str, Any]:
+        return wire.generate_reply(body.model, _now(), result, text, raw)
+
+    return await _answer(job_request, chunk, final, request, redis, waiter, settings)
+
+
+@router.post("/chat", response_model=None)
+async def chat(
+    body: wire.ChatRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+) -> dict[str, Any] | StreamingResponse:
+    """The assistant's next message in a chat, streamed by default."""
+    if wire.is_load(body):
+        await _require_served(redis, body.model)
+        return wire.load_reply(body, _now())
+    job_request = wire.chat_to_inference(body)
+
+    def chunk(text: str) -> dict[str, Any]:
+        return wire.chat_chunk(body.model, _now(), text)
+
+    def final(result: JobResult, text: str) -> dict[str, Any]:
+        return wire.chat_reply(body.model, _now(), result, text)
+
+    return await _answer(job_request, chunk, final, request, redis, waiter, settings)
+
+
+@router.get("/tags")
+async def list_models(redis: RedisDep) -> dict[str, Any]:
+    """The models live workers serve."""
+    return wire.tags(await registry.snapshot(redis))
+
+
+@router.get("/ps")
+async def running_models(redis: RedisDep) -> dict[str, Any]:
+    """The models loaded on live workers, with the workers (non-standard `workers`) that hold each."""
+    return wire.ps(await registry.snapshot(redis))
+
+
+@router.post("/show")
+async def show_model(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any]:
+    """What the pool knows of a served model; 404 when no live worker serves it."""
+    workers = await registry.snapshot(redis)
+    name = wire.requested_model(body)
+    return wire.show(wire.resolve_model(name, routing.served_models(workers)) or name, workers)
+
+
+@router.get("/version")
+async def version() -> dict[str, str]:
+    """The coordinator's version (GPU Torrent's, not an Ollama version)."""
+    return {"version": __version__}
+
+
+@router.post("/pull", response_model=None)
+async def pull(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any] | StreamingResponse:
+    """Succeeds at once for a model a live worker serves; 404 with how to serve it otherwise.
+
+    Pulling a model onto running workers is not implemented yet: workers would need a control
+    channel. A worker started with `--model NAME` pulls (ollama backend) or loads its model itself.
+    """
+    name = wire.requested_model(body)
+    served = routing.served_models(await registry.snapshot(redis))
+    if wire.resolve_model(name, served) is None:
+        raise ModelNotFound(
+            f"model '{name}' is not served by any worker; start a worker with --model {name}",
+            available_models=served,
+        )
+    if not wire.streaming(body):
+        return {"status": "success"}
+
+    async def lines() -> AsyncIterator[bytes]:
+        yield ndjson({"status": "success"})
+
+    return StreamingResponse(lines(), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+async def _require_served(redis: RedisDep, name: str) -> None:
+    """404 unless a live worker serves the model `name` means (see `wire.resolve_model`)."""
+    served = routing.served_models(await registry.snapshot(redis))
+    if wire.resolve_model(name, served) is None:
+        raise wire.model_not_found(name, served)
+
+
+async def _admit(redis: RedisDep, job_request: InferenceRequest, settings: SettingsDep) -> Accepted:
+    """Admit the request; a name no live worker serves is tried with or without `:latest`, then 404."""
+    try:
+        return await admit(redis, job_request, settings.result_ttl_s)
+    except ModelNotFound as e:
+        served = list(e.details.get("available_models", []))
+        resolved = wire.resolve_model(job_request.model, served)
+        if resolved is None:
+            raise wire.model_not_found(job_request.model, served) from None
+    return await admit(redis, job_request.model_copy(update={"model": resolved}), settings.result_ttl_s)
+
+
+async def _answer(
+    job_request: InferenceRequest,
+    chunk: Chunk,
+    final: Final,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+) -> dict[str, Any] | StreamingResponse:
+    accepted = await _admit(redis, job_request, settings)
+    if not job_request.stream:
+        result = await relay.completed_result(waiter, accepted.request_id, settings.max_sync_wait_s)
+        if result.status == "failed":
+            raise relay.failure(result)
+        return final(result, result.output or "")
+    following = relay.follow(
+        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
+    )
+    return StreamingResponse(_lines(following, chunk, final), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+async def _lines(following: AsyncIterator[TokenChunk | JobResult], chunk: Chunk, final: Final) -> AsyncIterator[bytes]:
+    """One line per batch of text, then the final line; a failure on the way is an `error` line."""
+    try:
+        async for item in following:
+            if isinstance(item, TokenChunk):
+                yield ndjson(chunk(item.text))
+            elif item.status == "failed":
+                yield ndjson(wire.error_line(relay.failure(item).message))
+            else:
+                yield ndjson(final(item, ""))
+    except GPUTorrentError as e:  # no result in time, or Redis lost: the status line went out long ago
+        yield ndjson(wire.error_line(e.message))

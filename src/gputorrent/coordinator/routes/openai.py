@@ -15,6 +15,7 @@ from gputorrent.coordinator.adapters import openai as wire
 from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.errors import GPUTorrentError
 from gputorrent.protocol import JobResult
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -95,15 +96,18 @@ async def _events(
     """SSE chunks as tokens arrive; a failure mid-stream is an `error` event, as OpenAI sends it."""
     if first is not None:
         yield sse(first)
-    async for item in following:
-        if not isinstance(item, JobResult):
-            yield sse(chunk(item.text, None))
-            continue
-        if item.status == "failed":
-            error = relay.failure(item)
-            yield sse(wire.error_body(502, error.message, error.code, None))
-            return
-        yield sse(chunk("", item.finish_reason or "stop"))
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield sse(wire.usage_chunk(item, created, object_name))
-        yield SSE_DONE
+    try:
+        async for item in following:
+            if not isinstance(item, JobResult):
+                yield sse(chunk(item.text, None))
+                continue
+            if item.status == "failed":
+                error = relay.failure(item)
+                yield sse(wire.error_body(502, error.message, error.code, None))
+                return
+            yield sse(chunk("", item.finish_reason or "stop"))
+            if body.stream_options is not None and body.stream_options.include_usage:
+                yield sse(wire.usage_chunk(item, created, object_name))
+            yield SSE_DONE
+    except GPUTorrentError as e:  # the response has started: the error travels as the stream's last event
+        yield sse(wire.error_body(e.http_status, e.message, e.code, None))
