@@ -227,3 +227,22 @@ def test_real_model_through_the_ollama_client(
     text = client.generate(model="gemma3:270m", prompt="Name a fruit.", options={"num_predict": 8}, stream=False)
     assert text.response is not None and text.response.strip()
     assert text.prompt_eval_count is not None and text.prompt_eval_count > 3  # the chat template's turn markers
+    vectors = client.embed(model="gemma3:270m", input=["The cat sat.", "Stocks fell."])
+    assert [len(v) for v in vectors.embeddings] == [640, 640]  # pooled: one vector per text
+
+
+def test_embed_gives_one_vector_per_input_and_the_old_endpoint_one(
+    coordinator_url: str, start_worker: StartWorker, client: ollama.Client
+) -> None:
+    start_worker("w1")
+    reply = client.embed(model="fake", input=["alpha", "beta gamma"])
+    assert [len(v) for v in reply.embeddings] == [8, 8]
+    assert reply.embeddings[0] != reply.embeddings[1]
+    assert reply.prompt_eval_count == 3
+    single = client.embed(model="fake", input="alpha")
+    assert single.embeddings == reply.embeddings[:1]
+    legacy = httpx.post(f"{coordinator_url}/api/embeddings", json={"model": "fake", "prompt": "alpha"}, timeout=30)
+    assert legacy.json() == {"embedding": reply.embeddings[0]}
+    with pytest.raises(ollama.ResponseError) as unknown:
+        client.embed(model="nope", input="x")
+    assert unknown.value.status_code == 404

@@ -41,7 +41,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from gputorrent.errors import InvalidRequest, ModelNotFound
-from gputorrent.protocol import InferenceRequest, JobResult, Text, WorkerState
+from gputorrent.protocol import EmbeddingRequest, InferenceRequest, JobResult, Text, WorkerState
 
 MAX_TOKENS_CEILING = 32768  # InferenceOptions.max_tokens' upper bound; a unit test keeps them equal
 FOREVER = "2318-01-01T00:00:00Z"  # an `expires_at` Ollama's CLI shows as "Forever" (over 20 years away)
@@ -103,6 +103,42 @@ class ModelRequest(_Tolerant):
     model: Text | None = None
     name: Text | None = None
     stream: bool | None = None
+
+
+class EmbedRequest(_Tolerant):
+    """The body of `POST /api/embed`: one text or several."""
+
+    model: Text
+    input: Text | list[Text]
+
+
+class LegacyEmbeddingsRequest(_Tolerant):
+    """The body of the older `POST /api/embeddings`: one text, as `prompt`."""
+
+    model: Text
+    prompt: Text
+
+
+def embed_to_request(model: str, texts: str | list[str]) -> EmbeddingRequest:
+    try:
+        return EmbeddingRequest.model_validate({"model": model, "input": [texts] if isinstance(texts, str) else texts})
+    except ValidationError as e:
+        first = e.errors()[0]
+        field = ".".join(str(p) for p in first["loc"])
+        raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+
+
+def embed_reply(result: JobResult) -> dict[str, Any]:
+    """`/api/embed`'s answer: the vectors, the tokens read, durations in nanoseconds."""
+    queued = round(result.timings.queued_ms * _NANOS_PER_MS)
+    working = round(result.timings.inference_ms * _NANOS_PER_MS)
+    return {
+        "model": result.model,
+        "embeddings": result.embeddings or [],
+        "total_duration": queued + working,
+        "load_duration": queued,
+        "prompt_eval_count": result.usage.prompt_tokens,
+    }
 
 
 def streaming(body: _Generation | ModelRequest) -> bool:

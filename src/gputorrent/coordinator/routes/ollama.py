@@ -22,7 +22,7 @@ from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
 from gputorrent.errors import GPUTorrentError, ModelNotFound
-from gputorrent.protocol import Accepted, InferenceRequest, JobResult, TokenChunk
+from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, TokenChunk
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -122,6 +122,30 @@ async def pull(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any] | Str
     return StreamingResponse(lines(), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
+@router.post("/embed")
+async def embed(body: wire.EmbedRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep) -> dict[str, Any]:
+    """One vector per input text, computed on a worker that serves the model."""
+    accepted = await _admit(redis, wire.embed_to_request(body.model, body.input), settings)
+    return wire.embed_reply(await _completed(waiter, accepted.request_id, settings))
+
+
+@router.post("/embeddings")
+async def embeddings(
+    body: wire.LegacyEmbeddingsRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+) -> dict[str, Any]:
+    """The older single-text endpoint: `{"embedding": [...]}`."""
+    accepted = await _admit(redis, wire.embed_to_request(body.model, body.prompt), settings)
+    result = await _completed(waiter, accepted.request_id, settings)
+    return {"embedding": (result.embeddings or [[]])[0]}
+
+
+async def _completed(waiter: WaiterDep, request_id: str, settings: SettingsDep) -> JobResult:
+    result = await relay.completed_result(waiter, request_id, settings.max_sync_wait_s)
+    if result.status == "failed":
+        raise relay.failure(result)
+    return result
+
+
 async def _require_served(redis: RedisDep, name: str) -> None:
     """404 unless a live worker serves the model `name` means (see `wire.resolve_model`)."""
     served = routing.served_models(await registry.snapshot(redis))
@@ -129,7 +153,7 @@ async def _require_served(redis: RedisDep, name: str) -> None:
         raise wire.model_not_found(name, served)
 
 
-async def _admit(redis: RedisDep, job_request: InferenceRequest, settings: SettingsDep) -> Accepted:
+async def _admit(redis: RedisDep, job_request: InferenceRequest | EmbeddingRequest, settings: SettingsDep) -> Accepted:
     """Admit the request; a name no live worker serves is tried with or without `:latest`, then 404."""
     try:
         return await admit(redis, job_request, settings.result_ttl_s)
@@ -152,9 +176,7 @@ async def _answer(
 ) -> dict[str, Any] | StreamingResponse:
     accepted = await _admit(redis, job_request, settings)
     if not job_request.stream:
-        result = await relay.completed_result(waiter, accepted.request_id, settings.max_sync_wait_s)
-        if result.status == "failed":
-            raise relay.failure(result)
+        result = await _completed(waiter, accepted.request_id, settings)
         return final(result, result.output or "")
     following = relay.follow(
         redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
