@@ -63,6 +63,7 @@ class CoordinatorSettings(_Settings):
     result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("GPUTORRENT_RESULT_TTL_S"))
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, validation_alias=_env("GPUTORRENT_MAX_BODY_BYTES"))
     max_result_wait_s: float = Field(default=60.0, ge=0, validation_alias=_env("GPUTORRENT_MAX_RESULT_WAIT_S"))
+    max_attempts: int = Field(default=3, ge=1, validation_alias=_env("GPUTORRENT_MAX_ATTEMPTS"))
     max_sync_wait_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_MAX_SYNC_WAIT_S"))
 
     @property

@@ -5,7 +5,8 @@ The first four are the seed's contract (SPEC.md) and keep their names.
 | key                   | type      | holds                                       | TTL            | writer      |
 |-----------------------|-----------|---------------------------------------------|----------------|-------------|
 | `worker:{worker_id}`  | string    | the registration record (JSON)              | none           | coordinator |
-| `queue:{worker_id}`   | list      | jobs (JSON): LPUSH on admission, BRPOP'd    | none           | both        |
+| `queue:{worker_id}`   | list      | jobs (JSON): LPUSH on admission, BLMOVE'd   | none           | both        |
+| `processing:{id}`     | list      | the jobs a worker holds (its leases)        | none           | both        |
 | `result:{request_id}` | string    | the finished result (JSON)                  | `result_ttl_s` | worker      |
 | `worker_index`        | integer   | the round-robin counter                     | none           | coordinator |
 | `workers`             | set       | ids of every registered worker              | none           | coordinator |
@@ -59,3 +60,8 @@ def stream_key(request_id: str) -> str:
 def cancel_key(request_id: str) -> str:
     """Present once the client has given up on the request (it disconnected from its stream)."""
     return f"cancel:{request_id}"
+
+
+def processing_key(worker_id: str) -> str:
+    """The jobs a worker has taken and not finished: moved here from its queue in one step."""
+    return f"processing:{worker_id}"

@@ -92,6 +92,7 @@ class Job(WireModel):
     options: InferenceOptions = Field(default_factory=InferenceOptions)
     enqueued_at: float  # unix time, seconds
     stream: bool = False  # the worker writes tokens to `stream:{request_id}` as they come
+    attempt: int = 1  # 1 on admission; +1 each time a dead worker's job is handed to another
 
 
 class Usage(WireModel):

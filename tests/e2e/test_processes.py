@@ -145,3 +145,22 @@ def test_native_stream_sends_queued_then_tokens_then_the_result(
     assert "".join(str(data["text"]) for name, data in events if name == "token") == result["output"]
     stored = httpx.get(f"{coordinator_url}/result/{result['request_id']}").json()
     assert stored == result
+
+
+def test_a_job_survives_kill_9_of_its_worker_and_completes_on_another(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    doomed = start_worker("w1", env={"GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.5"})  # 20 tokens: 10 s
+    start_worker("w2")
+    with APIClient(coordinator_url) as client:
+        accepted = client.submit("fake", " ".join(["word"] * 19))
+        assert accepted.worker_id == "w1"  # round-robin's first pick, in id order
+        wait_for(
+            lambda: getattr(client.result(accepted.request_id), "status", "") == "running", 10, "w1 to start the job"
+        )
+        doomed.signal(signal.SIGKILL)
+        result = client.result(accepted.request_id, wait_s=30)  # heartbeat timeout (4 s) + a reaper round + work
+    assert isinstance(result, JobResult)
+    assert result.status == "completed"
+    assert result.worker_id == "w2"
+    assert result.output == "echo: " + " ".join(["word"] * 19)

@@ -21,6 +21,7 @@ from gputorrent import __version__
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.error_shapes import error_body
 from gputorrent.coordinator.limits import BodySizeLimit
+from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.routes import anthropic, native, ollama, openai
 from gputorrent.errors import GPUTorrentError, RedisUnavailable
@@ -39,14 +40,19 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10, max_connections=512
         )
         waiter = ResultWaiter(redis)
+        reaper = Reaper(redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s)
         app.state.redis, app.state.settings, app.state.waiter = redis, settings, waiter
-        listener = asyncio.create_task(waiter.run(), name="result-listener")
+        background = [
+            asyncio.create_task(waiter.run(), name="result-listener"),
+            asyncio.create_task(reaper.run(), name="reaper"),
+        ]
         try:
             yield
         finally:
             # Asked to stop rather than cancelled: redis-py's pub/sub can swallow a cancellation and wait on.
             waiter.stop()
-            _, pending = await asyncio.wait([listener], timeout=LISTENER_STOP_TIMEOUT_S)
+            reaper.stop()
+            _, pending = await asyncio.wait(background, timeout=LISTENER_STOP_TIMEOUT_S)
             for task in pending:
                 task.cancel()
             await redis.aclose()

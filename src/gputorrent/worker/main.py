@@ -14,7 +14,7 @@ from redis.exceptions import RedisError
 
 from gputorrent import __version__, queue, registry
 from gputorrent.config import WorkerSettings
-from gputorrent.protocol import Job, Registered, WorkerRegistration
+from gputorrent.protocol import Registered, WorkerRegistration
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, make_backend
@@ -51,6 +51,10 @@ class Worker:
         )
         heartbeat.start()
         try:
+            if recovered := await queue.recover(self.redis, self.worker_id):
+                log.info(
+                    "worker %s: %d unfinished jobs of its previous run are queued again", self.worker_id, recovered
+                )
             async with asyncio.TaskGroup() as tasks:
                 for _ in range(self.settings.slots):
                     tasks.create_task(self._consume(stop, burst))
@@ -66,23 +70,24 @@ class Worker:
         backoff = Backoff()
         while not stop.is_set():
             try:
-                job = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S)
+                lease = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S)
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff.delay_s)
                 await backoff.wait()
                 continue
             backoff.reset()
-            if job is None:
+            if lease is None:
                 if burst:
                     return
                 continue
             self.jobs_in_flight += 1
             try:
-                await self._handle(job)
+                await self._handle(lease)
             finally:
                 self.jobs_in_flight -= 1
 
-    async def _handle(self, job: Job) -> None:
+    async def _handle(self, lease: queue.Lease) -> None:
+        job = lease.job
         log.info("request %s started model=%s", job.request_id, job.model)
         # The status shown to clients is written alongside the start of the generation, not before it.
         marking = asyncio.create_task(self._mark_running(job.request_id))
@@ -99,12 +104,17 @@ class Worker:
         backoff = Backoff()
         while True:
             try:
-                store = queue.store_result(self.redis, result, self.settings.result_ttl_s, streamed=job.stream)
-                await asyncio.shield(store)
+                finishing = queue.finish(
+                    self.redis, self.worker_id, lease.raw, result, self.settings.result_ttl_s, streamed=job.stream
+                )
+                held = await asyncio.shield(finishing)
                 break
             except (RedisError, OSError) as e:
                 log.warning("request %s: result not stored yet (%s); retrying", job.request_id, e)
                 await backoff.wait()
+        if not held:
+            log.warning("request %s: this worker's lease was taken (judged dead); result discarded", job.request_id)
+            return
         log.info(
             "request %s %s in %.0f ms (%d tokens)",
             job.request_id,

@@ -1,0 +1,117 @@
+"""Nothing lost when a worker dies: leases in Redis, the reaper, attempts, stale results refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from redis.asyncio import Redis
+
+from gputorrent import keys, queue, registry
+from gputorrent.coordinator.reaper import Reaper
+from gputorrent.protocol import Hardware, InferenceOptions, Job, JobResult, WorkerRecord
+
+
+def _job(request_id: str, worker_id: str = "w1", attempt: int = 1) -> Job:
+    return Job(
+        request_id=request_id, worker_id=worker_id, model="m", prompt="p", options=InferenceOptions(),
+        enqueued_at=time.time(), attempt=attempt,
+    )  # fmt: skip
+
+
+async def _register(redis: Redis, worker_id: str, alive: bool = True) -> None:
+    record = WorkerRecord(
+        worker_id=worker_id, models=["m"], backend="fake", slots=1, hardware=Hardware(), registered_at=time.time()
+    )
+    await registry.register(redis, record, heartbeat_ttl_s=30)
+    if not alive:
+        await registry.mark_gone(redis, worker_id)
+
+
+def _result(request_id: str, worker_id: str = "w1") -> JobResult:
+    return JobResult(request_id=request_id, status="completed", model="m", worker_id=worker_id, output="ok")
+
+
+def _reaper(redis: Redis, max_attempts: int = 3) -> Reaper:
+    return Reaper(redis, interval_s=0.1, max_attempts=max_attempts, result_ttl_s=60)
+
+
+async def test_a_taken_job_stays_in_redis_until_finished(redis: Redis) -> None:
+    await queue.enqueue(redis, _job("r1"), ttl_s=60)
+    lease = await queue.pop(redis, "w1", timeout_s=1)
+    assert lease is not None and lease.job.request_id == "r1"
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [lease.raw]
+    assert await queue.finish(redis, "w1", lease.raw, _result("r1"), ttl_s=60, streamed=False)
+    assert await redis.llen(keys.processing_key("w1")) == 0
+    assert await redis.exists(keys.result_key("r1"))
+
+
+async def test_a_worker_that_lost_its_lease_cannot_write_a_result(redis: Redis) -> None:
+    await queue.enqueue(redis, _job("r1"), ttl_s=60)
+    lease = await queue.pop(redis, "w1", timeout_s=1)
+    assert lease is not None
+    await redis.delete(keys.processing_key("w1"))  # the reaper handed it on
+    assert not await queue.finish(redis, "w1", lease.raw, _result("r1"), ttl_s=60, streamed=False)
+    assert not await redis.exists(keys.result_key("r1"))
+
+
+async def test_the_jobs_of_a_dead_worker_go_to_a_live_one(redis: Redis) -> None:
+    await _register(redis, "w1")
+    await _register(redis, "w2")
+    for request_id in ("held", "waiting"):
+        await queue.enqueue(redis, _job(request_id), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1) is not None  # w1 holds "held", "waiting" is queued
+    await registry.mark_gone(redis, "w1")
+
+    assert await _reaper(redis).reap_once() == 2
+    moved = {job.request_id: job for job in (Job.model_validate_json(r) for r in await redis.lrange("queue:w2", 0, -1))}
+    assert set(moved) == {"held", "waiting"}
+    assert moved["held"].attempt == 2  # it had started
+    assert moved["waiting"].attempt == 1  # it had not
+    assert {j.worker_id for j in moved.values()} == {"w2"}
+    assert await redis.hget(keys.job_key("held"), "worker_id") == "w2"
+    assert await redis.llen(keys.processing_key("w1")) == await redis.llen(keys.queue_key("w1")) == 0
+
+
+async def test_reapers_on_several_coordinators_move_each_job_once(redis: Redis) -> None:
+    await _register(redis, "w1")
+    await _register(redis, "w2")
+    for i in range(50):
+        await queue.enqueue(redis, _job(f"r{i}"), ttl_s=60)
+    await registry.mark_gone(redis, "w1")
+    handled = await asyncio.gather(*(_reaper(redis).reap_once() for _ in range(4)))
+    assert sum(handled) == 50
+    assert sorted(Job.model_validate_json(r).request_id for r in await redis.lrange("queue:w2", 0, -1)) == sorted(
+        f"r{i}" for i in range(50)
+    )
+
+
+async def test_a_job_that_outlives_its_attempts_fails_with_worker_lost(redis: Redis) -> None:
+    await _register(redis, "w1")
+    await _register(redis, "w2")
+    await queue.enqueue(redis, _job("poison", attempt=3), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1) is not None
+    await registry.mark_gone(redis, "w1")
+    assert await _reaper(redis, max_attempts=3).reap_once() == 1
+    found = await queue.lookup(redis, "poison")
+    assert isinstance(found, JobResult)
+    assert found.status == "failed" and found.error is not None and found.error.code == "worker_lost"
+    assert await redis.llen(keys.queue_key("w2")) == 0
+
+
+async def test_jobs_wait_while_no_live_worker_serves_their_model(redis: Redis) -> None:
+    await _register(redis, "w1")
+    await queue.enqueue(redis, _job("r1"), ttl_s=60)
+    await registry.mark_gone(redis, "w1")
+    assert await _reaper(redis).reap_once() == 0
+    assert await redis.llen(keys.queue_key("w1")) == 1
+
+
+async def test_a_restarted_worker_takes_back_what_its_last_run_held(redis: Redis) -> None:
+    for request_id in ("first", "second"):
+        await queue.enqueue(redis, _job(request_id), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1) is not None
+    assert await queue.pop(redis, "w1", timeout_s=1) is not None
+    assert await queue.recover(redis, "w1") == 2
+    again = [await queue.pop(redis, "w1", timeout_s=1) for _ in range(2)]
+    assert [lease.job.request_id for lease in again if lease] == ["first", "second"]  # oldest first, as before
