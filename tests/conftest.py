@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import subprocess
@@ -25,6 +26,13 @@ from gputorrent.worker.main import Worker
 # A server named by GPUTORRENT_TEST_REDIS_URL may hold other data: tests keep to one database of it.
 TEST_DB = 13
 PROCESS_START_TIMEOUT_S = 60.0
+
+
+@pytest.fixture(autouse=True)
+def _collect_garbage_after_each_test() -> Iterator[None]:
+    """A socket or file a test leaks is reported (filterwarnings=error) in that test, not a random later one."""
+    yield
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

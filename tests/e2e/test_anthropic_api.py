@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import anthropic
@@ -20,8 +20,21 @@ PACED = {"GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.2"}
 HEADERS = {"x-api-key": "unused", "anthropic-version": "2023-06-01"}
 
 
+_opened: list[anthropic.Anthropic] = []
+
+
 def _client(coordinator_url: str) -> anthropic.Anthropic:
-    return anthropic.Anthropic(base_url=coordinator_url, api_key="unused", max_retries=0, timeout=60)
+    client = anthropic.Anthropic(base_url=coordinator_url, api_key="unused", max_retries=0, timeout=60)
+    _opened.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every client a test made is closed after it, so no pooled socket outlives the test."""
+    yield
+    while _opened:
+        _opened.pop().close()
 
 
 def _user(text: str) -> list[Any]:

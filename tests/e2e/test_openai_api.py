@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import httpx
 import openai
@@ -16,8 +16,21 @@ StartWorker = Callable[..., Process]
 PACED = {"GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.2"}
 
 
+_opened: list[openai.OpenAI] = []
+
+
 def _client(coordinator_url: str) -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{coordinator_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    client = openai.OpenAI(base_url=f"{coordinator_url}/v1", api_key="unused", max_retries=0, timeout=60)
+    _opened.append(client)
+    return client
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Every client a test made is closed after it, so no pooled socket outlives the test."""
+    yield
+    while _opened:
+        _opened.pop().close()
 
 
 def test_models_lists_what_live_workers_serve(coordinator_url: str, start_worker: StartWorker) -> None:

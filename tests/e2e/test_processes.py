@@ -57,8 +57,8 @@ def test_client_raises_the_api_errors_as_exceptions(coordinator_url: str, start_
         with pytest.raises(JobFailed) as failed:
             client.infer("fake", f"x {FAIL_TRIGGER}")
         assert failed.value.code == "backend_error"
-    with pytest.raises(ServiceUnavailable, match="cannot reach the coordinator"):
-        APIClient("http://127.0.0.1:1").workers()
+    with APIClient("http://127.0.0.1:1") as unreachable, pytest.raises(ServiceUnavailable, match="cannot reach"):
+        unreachable.workers()
 
 
 async def test_async_client_submits_and_waits(coordinator_url: str, start_worker: StartWorker) -> None:
