@@ -270,3 +270,16 @@ async def test_an_over_large_body_on_the_openai_routes_is_413_in_openais_shape(
     assert response.status_code == 413
     assert response.json()["error"]["type"] == "invalid_request_error"
     assert response.json()["error"]["code"] == "request_too_large"
+
+
+async def test_a_body_sent_as_a_form_or_without_content_type_is_read_as_json(
+    api: httpx.AsyncClient, fake_worker: MakeWorker
+) -> None:
+    """`curl -d` labels JSON as a form; Ollama's docs post that way and Ollama reads it as JSON."""
+    await fake_worker("w1")
+    body = b'{"model": "fake", "prompt": "p"}'
+    for content_type in ("application/x-www-form-urlencoded", "text/plain"):
+        response = await api.post("/inference", content=body, headers={"content-type": content_type})
+        assert response.status_code == 202, response.text
+    bare = await api.post("/inference", content=body)
+    assert bare.status_code == 202, bare.text

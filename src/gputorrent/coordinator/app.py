@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 from gputorrent import __version__
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.error_shapes import error_body
+from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.results import ResultWaiter
@@ -62,6 +63,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
+    app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
