@@ -55,7 +55,7 @@ async def _generate(backend: Backend, job: Job, writer: StreamWriter | None) -> 
                 if writer is not None:
                     writer.push(item.text)
                     if writer.cancelled:
-                        raise Cancelled("the client disconnected; generation stopped")
+                        raise Cancelled("the request was cancelled (its client left or its stream timed out); generation stopped")
             else:
                 done = item
     finally:

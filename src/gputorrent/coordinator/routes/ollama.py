@@ -3,7 +3,7 @@
 Streaming is on unless a request says `"stream": false`: NDJSON, one object per line, the last
 with `"done": true` and the statistics; a failure after the stream has begun is a last line
 `{"error": "..."}`, as Ollama sends it. The wire mapping and its known differences from Ollama
-are in `coordinator/adapters/ollama.py`. `/api/embed` and `/api/embeddings` are not here yet.
+are in `coordinator/adapters/ollama.py`.
 """
 
 from __future__ import annotations
