@@ -55,7 +55,10 @@ async def _generate(backend: Backend, job: Job, writer: StreamWriter | None) -> 
                 if writer is not None:
                     writer.push(item.text)
                     if writer.cancelled:
-                        raise Cancelled("the request was cancelled (its client left or its stream timed out); generation stopped")
+                        message = (
+                            "the request was cancelled (its client left or its stream timed out); generation stopped"
+                        )
+                    raise Cancelled(message)
             else:
                 done = item
     finally:
