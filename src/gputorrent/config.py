@@ -87,6 +87,7 @@ class WorkerSettings(_Settings):
     openai_api_key: SecretStr | None = Field(default=None, validation_alias=_env("OPENAI_API_KEY"))
     n_ctx: int = Field(default=4096, ge=256, validation_alias=_env("GPUTORRENT_N_CTX"))
     n_gpu_layers: int = Field(default=-1, validation_alias=_env("GPUTORRENT_N_GPU_LAYERS"))
+    max_attempts: int = Field(default=3, ge=1, validation_alias=_env("GPUTORRENT_MAX_ATTEMPTS"))
     fake_token_delay_s: float = Field(
         default=0.0, ge=0, validation_alias=_env("GPUTORRENT_FAKE_TOKEN_DELAY_S")
     )  # the `fake` test backend only: a pause before each token, to test streaming and cancellation

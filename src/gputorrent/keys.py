@@ -1,6 +1,6 @@
 """Every Redis key GPU Torrent uses, with its type, contents, TTL and writer.
 
-The first four are the seed's contract (SPEC.md) and keep their names.
+`worker:`, `queue:`, `result:` and `worker_index` are the seed's contract (SPEC.md) and keep their names.
 
 | key                   | type      | holds                                       | TTL            | writer      |
 |-----------------------|-----------|---------------------------------------------|----------------|-------------|

@@ -7,13 +7,16 @@ from one to the other is a single transaction.
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from gputorrent import keys
-from gputorrent.protocol import Job, JobResult, JobStatus
+from gputorrent.protocol import ErrorInfo, Job, JobResult, JobStatus
+
+log = logging.getLogger(__name__)
 
 
 async def next_round_robin(redis: Redis) -> int:
@@ -45,21 +48,35 @@ async def pop(redis: Redis, worker_id: str, timeout_s: float) -> Lease | None:
     """Move the oldest job of the worker's queue into its processing list (BLMOVE); None after `timeout_s`.
 
     The job is never only in the worker's memory: if the worker dies, the reaper finds it there.
+    An entry that is not a readable job is dropped with an error log rather than crash the worker.
     """
     source, target = keys.queue_key(worker_id), keys.processing_key(worker_id)
-    # Redis 6+ takes fractional seconds; redis-py's annotation says int.
-    raw = await redis.blmove(source, target, timeout_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
-    if raw is None:
-        return None
-    return Lease(job=Job.model_validate_json(raw), raw=str(raw))
+    while True:
+        # Redis 6+ takes fractional seconds; redis-py's annotation says int.
+        raw = await redis.blmove(source, target, timeout_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
+        if raw is None:
+            return None
+        try:
+            return Lease(job=Job.model_validate_json(raw), raw=str(raw))
+        except ValueError:
+            log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
+            await redis.lrem(target, 1, str(raw))
 
 
-async def recover(redis: Redis, worker_id: str) -> int:
-    """Put the jobs a previous run of this worker left in `processing:{worker_id}` back at the front of its queue."""
-    moved = 0
-    while await redis.lmove(keys.processing_key(worker_id), keys.queue_key(worker_id), "LEFT", "RIGHT"):
-        moved += 1
-    return moved
+async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:
+    """Give the jobs a previous run of this worker left in `processing:{worker_id}` another try here.
+
+    They count an attempt, as the reaper counts them: a job that crashes its worker every time
+    fails with `worker_lost` instead of looping through restarts.
+    """
+    held_in = keys.processing_key(worker_id)
+    handled = 0
+    # Newest first: each goes to the front of the queue, so the oldest ends up taken first again.
+    for raw in await redis.lrange(held_in, 0, -1):
+        handled += await retry_or_fail(
+            redis, held_in, str(raw), started=True, target=worker_id, max_attempts=max_attempts, ttl_s=ttl_s
+        )
+    return handled
 
 
 # HSET on a missing key would create a status record without its TTL; only update a live one.
@@ -76,66 +93,107 @@ async def mark_running(redis: Redis, request_id: str) -> None:
     await redis.eval(_MARK_RUNNING, 1, keys.job_key(request_id), str(time.time()))
 
 
-# Finishing is conditional on still holding the lease: a worker whose job was handed to
-# another (it was judged dead) must not write a second result.
-_FINISH = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('SET', KEYS[2], ARGV[2], 'EX', ARGV[3])
-redis.call('DEL', KEYS[3])
-if ARGV[4] == '1' then
-  redis.call('XADD', KEYS[4], '*', 'result', ARGV[2])
-  redis.call('EXPIRE', KEYS[4], ARGV[3])
-end
-redis.call('PUBLISH', ARGV[5], ARGV[6])
-return 1
+# Every script below first removes the job from the list that holds it and does nothing
+# if that fails: whoever removes it owns it, so a job is never finished or moved twice.
+# KEYS[1] is that list; with ARGV[1] = '1', KEYS[2] is a heartbeat key that must be absent
+# (the holder must still be dead when a reaper acts).
+_GUARD = """
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
 """
 
+_FINISH = (
+    _GUARD
+    + """
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
+redis.call('DEL', KEYS[4])
+if ARGV[5] == '1' then
+  redis.call('XADD', KEYS[5], '*', 'result', ARGV[3])
+  redis.call('EXPIRE', KEYS[5], ARGV[4])
+end
+redis.call('PUBLISH', ARGV[6], ARGV[7])
+return 1
+"""
+)
 
-async def finish(redis: Redis, holder: str, raw: str, result: JobResult, ttl_s: int, *, streamed: bool) -> bool:
-    """Release the lease and store the result, atomically; False (nothing written) if the lease was lost.
+_REQUEUE = (
+    _GUARD
+    + """
+redis.call('RPUSH', KEYS[3], ARGV[3])
+if redis.call('EXISTS', KEYS[4]) == 1 then
+  redis.call('HSET', KEYS[4], 'status', 'queued', 'worker_id', ARGV[4])
+end
+return 1
+"""
+)
 
-    `holder` is the worker whose processing list holds `raw`. Writes `result:{request_id}` with its
-    TTL, drops the status record, ends `stream:{request_id}` with the result for a streamed job,
-    and announces the id on the results channel.
+
+async def finish(
+    redis: Redis, held_in: str, raw: str, result: JobResult, ttl_s: int, *, streamed: bool, dead: str | None = None
+) -> bool:
+    """Remove `raw` from the list `held_in` and store the result, atomically; False (nothing written)
+    when `raw` is no longer there (the lease was lost) or when `dead`'s heartbeat is back.
+
+    Writes `result:{request_id}` with its TTL, drops the status record, ends `stream:{request_id}`
+    with the result for a streamed job, and announces the id on the results channel.
     """
     request_id = result.request_id
     finished = await redis.eval(
-        _FINISH,
-        4,
-        keys.processing_key(holder),
-        keys.result_key(request_id),
-        keys.job_key(request_id),
+        _FINISH, 5,
+        held_in, keys.heartbeat_key(dead or ""), keys.result_key(request_id), keys.job_key(request_id),
         keys.stream_key(request_id),
-        raw,
-        result.model_dump_json(),
-        str(ttl_s),
-        "1" if streamed else "0",
-        keys.RESULTS_CHANNEL,
-        request_id,
-    )
+        "1" if dead else "0", raw, result.model_dump_json(), str(ttl_s), "1" if streamed else "0",
+        keys.RESULTS_CHANNEL, request_id,
+    )  # fmt: skip
     return bool(finished)
 
 
-_REQUEUE = """
-if redis.call('LREM', KEYS[1], 1, ARGV[1]) == 0 then return 0 end
-redis.call('RPUSH', KEYS[2], ARGV[2])
-if redis.call('EXISTS', KEYS[3]) == 1 then
-  redis.call('HSET', KEYS[3], 'status', 'queued', 'worker_id', ARGV[3])
-end
-return 1
-"""
-
-
-async def requeue(redis: Redis, source_key: str, raw: str, job: Job) -> bool:
-    """Move a job from `source_key` (a dead worker's list) to the front of `job.worker_id`'s queue.
-
-    Atomic and exactly-once across coordinators: only the caller that removes `raw` re-queues it.
-    """
+async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: str | None = None) -> bool:
+    """Move `raw` from `source_key` to the front of `job.worker_id`'s queue as `job`; False when `raw`
+    is no longer there or when `dead`'s heartbeat is back (it re-registered meanwhile)."""
     moved = await redis.eval(
-        _REQUEUE, 3, source_key, keys.queue_key(job.worker_id), keys.job_key(job.request_id),
-        raw, job.model_dump_json(), job.worker_id,
+        _REQUEUE, 4,
+        source_key, keys.heartbeat_key(dead or ""), keys.queue_key(job.worker_id), keys.job_key(job.request_id),
+        "1" if dead else "0", raw, job.model_dump_json(), job.worker_id,
     )  # fmt: skip
     return bool(moved)
+
+
+async def retry_or_fail(
+    redis: Redis,
+    source_key: str,
+    raw: str,
+    *,
+    started: bool,
+    target: str | None,
+    max_attempts: int,
+    ttl_s: int,
+    dead: str | None = None,
+) -> bool:
+    """Give a job its holder never finished another try on `target`, or fail it with `worker_lost`.
+
+    A job that had started counts an attempt (one still queued does not); past `max_attempts` it
+    fails, so a job that kills every worker it touches cannot take the pool down. With no
+    `target` (nobody serves the model now) the job stays where it is. A job whose entry cannot
+    be read is dropped with an error log. Returns whether the job was moved or failed.
+    """
+    try:
+        job = Job.model_validate_json(raw)
+    except ValueError:
+        log.error("dropping an unreadable job from %s: %.200s", source_key, raw)
+        return bool(await redis.lrem(source_key, 1, raw))
+    attempt = job.attempt + 1 if started else job.attempt
+    if attempt > max_attempts:
+        message = f"the job's worker stopped before finishing it, {job.attempt} times; giving up"
+        failed = JobResult(
+            request_id=job.request_id, status="failed", model=job.model, worker_id=job.worker_id,
+            error=ErrorInfo(code="worker_lost", message=message),
+        )  # fmt: skip
+        return await finish(redis, source_key, raw, failed, ttl_s, streamed=job.stream, dead=dead)
+    if target is None:
+        return False
+    moved = job.model_copy(update={"worker_id": target, "attempt": attempt, "enqueued_at": time.time()})
+    return await requeue(redis, source_key, raw, moved, dead=dead)
 
 
 async def lookup(redis: Redis, request_id: str) -> JobResult | JobStatus | None:

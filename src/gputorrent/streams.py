@@ -1,7 +1,7 @@
 """Token streams in Redis: the worker appends text to `stream:{request_id}`, any coordinator follows it.
 
 A stream ends with one entry holding the whole `JobResult` (written with the result itself,
-see `queue.store_result`), so a follower always learns how the job ended.
+see `queue.finish`), so a follower always learns how the job ended.
 """
 
 from __future__ import annotations

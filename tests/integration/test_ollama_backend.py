@@ -205,8 +205,8 @@ async def make_backend() -> AsyncIterator[Callable[..., OllamaBackend]]:
     """Backends made here are closed at teardown, so no client session is left open."""
     made: list[OllamaBackend] = []
 
-    def make(host: str, hf_token: str | None = None) -> OllamaBackend:
-        backend = OllamaBackend(host=host, hf_token=hf_token)
+    def make(host: str) -> OllamaBackend:
+        backend = OllamaBackend(host=host)
         made.append(backend)
         return backend
 
@@ -257,30 +257,17 @@ async def test_load_of_a_missing_model_pulls_it_then_serves_it_documented_protoc
     assert isinstance(items[-1], GenerationDone) and items[-1].completion_tokens > 0
 
 
-async def test_hf_pull_sends_the_hf_token_and_other_pulls_never_do_documented_protocol(
+async def test_an_hf_pull_goes_through_ollama_and_no_token_is_sent_documented_protocol(
     ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
 ) -> None:
+    """Ollama authenticates to Hugging Face with its own ed25519 key, never with a bearer token it is
+    sent: a token on the request would only travel, in clear, to wherever OLLAMA_HOST points."""
     hf_model = "hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M"
-    backend = make_backend(ollama_protocol_standin.url, hf_token="hf_test_token")
-    await backend.load(hf_model)
-    await backend.load("qwen2.5:0.5b")
-
-    hf_pull, plain_pull = ollama_protocol_standin.requests_to("/api/pull")
-    assert hf_pull.body["model"] == hf_model
-    assert hf_pull.headers.get("Authorization") == "Bearer hf_test_token"
-    assert plain_pull.body["model"] == "qwen2.5:0.5b"
-    assert "Authorization" not in plain_pull.headers
-    # The token goes to pulls only, never to the other endpoints.
-    assert all("Authorization" not in r.headers for r in ollama_protocol_standin.received if r.path != "/api/pull")
-
-
-async def test_hf_pull_without_a_token_sends_no_authorization_documented_protocol(
-    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend]
-) -> None:
     backend = make_backend(ollama_protocol_standin.url)
-    await backend.load("hf.co/bartowski/Llama-3.2-1B-Instruct-GGUF:Q4_K_M")
+    await backend.load(hf_model)
     (pull,) = ollama_protocol_standin.requests_to("/api/pull")
-    assert "Authorization" not in pull.headers
+    assert pull.body["model"] == hf_model
+    assert all("Authorization" not in r.headers for r in ollama_protocol_standin.received)
 
 
 async def test_failing_pull_raises_model_unavailable_naming_the_model_documented_protocol(

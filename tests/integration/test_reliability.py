@@ -41,7 +41,7 @@ async def test_a_taken_job_stays_in_redis_until_finished(redis: Redis) -> None:
     lease = await queue.pop(redis, "w1", timeout_s=1)
     assert lease is not None and lease.job.request_id == "r1"
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [lease.raw]
-    assert await queue.finish(redis, "w1", lease.raw, _result("r1"), ttl_s=60, streamed=False)
+    assert await queue.finish(redis, keys.processing_key("w1"), lease.raw, _result("r1"), ttl_s=60, streamed=False)
     assert await redis.llen(keys.processing_key("w1")) == 0
     assert await redis.exists(keys.result_key("r1"))
 
@@ -51,7 +51,7 @@ async def test_a_worker_that_lost_its_lease_cannot_write_a_result(redis: Redis) 
     lease = await queue.pop(redis, "w1", timeout_s=1)
     assert lease is not None
     await redis.delete(keys.processing_key("w1"))  # the reaper handed it on
-    assert not await queue.finish(redis, "w1", lease.raw, _result("r1"), ttl_s=60, streamed=False)
+    assert not await queue.finish(redis, keys.processing_key("w1"), lease.raw, _result("r1"), ttl_s=60, streamed=False)
     assert not await redis.exists(keys.result_key("r1"))
 
 
@@ -112,6 +112,37 @@ async def test_a_restarted_worker_takes_back_what_its_last_run_held(redis: Redis
         await queue.enqueue(redis, _job(request_id), ttl_s=60)
     assert await queue.pop(redis, "w1", timeout_s=1) is not None
     assert await queue.pop(redis, "w1", timeout_s=1) is not None
-    assert await queue.recover(redis, "w1") == 2
+    assert await queue.recover(redis, "w1", max_attempts=3, ttl_s=60) == 2
     again = [await queue.pop(redis, "w1", timeout_s=1) for _ in range(2)]
     assert [lease.job.request_id for lease in again if lease] == ["first", "second"]  # oldest first, as before
+    assert [lease.job.attempt for lease in again if lease] == [2, 2]
+
+
+async def test_a_job_that_crashes_its_worker_on_every_restart_ends_worker_lost(redis: Redis) -> None:
+    await queue.enqueue(redis, _job("crasher", attempt=3), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1) is not None  # then the worker process dies
+    assert await queue.recover(redis, "w1", max_attempts=3, ttl_s=60) == 1
+    found = await queue.lookup(redis, "crasher")
+    assert isinstance(found, JobResult) and found.error is not None and found.error.code == "worker_lost"
+
+
+async def test_an_unreadable_entry_is_dropped_not_fatal(redis: Redis) -> None:
+    await redis.lpush(keys.queue_key("w1"), "not a job")
+    await queue.enqueue(redis, _job("good"), ttl_s=60)
+    lease = await queue.pop(redis, "w1", timeout_s=1)
+    assert lease is not None and lease.job.request_id == "good"
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [lease.raw]
+
+
+async def test_a_reaper_leaves_a_worker_that_came_back_alone(redis: Redis) -> None:
+    await _register(redis, "w1")
+    await _register(redis, "w2")
+    await queue.enqueue(redis, _job("r1"), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1) is not None
+    raw = (await redis.lrange(keys.processing_key("w1"), 0, -1))[0]
+    # The reaper read w1 as dead, then w1's heartbeat came back before the move ran.
+    handled = await queue.retry_or_fail(
+        redis, keys.processing_key("w1"), raw, started=True, target="w2", max_attempts=3, ttl_s=60, dead="w1"
+    )
+    assert not handled
+    assert await redis.llen(keys.processing_key("w1")) == 1

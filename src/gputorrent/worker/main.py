@@ -12,7 +12,7 @@ import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import __version__, queue, registry
+from gputorrent import __version__, keys, queue, registry
 from gputorrent.config import WorkerSettings
 from gputorrent.protocol import Registered, WorkerRegistration
 from gputorrent.retry import Backoff
@@ -24,7 +24,7 @@ from gputorrent.worker.heartbeat import HeartbeatThread
 
 log = logging.getLogger(__name__)
 
-POP_TIMEOUT_S = 1.0  # how long a BRPOP blocks; also how fast a stop request is noticed
+POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
 
 
 class Worker:
@@ -51,7 +51,10 @@ class Worker:
         )
         heartbeat.start()
         try:
-            if recovered := await queue.recover(self.redis, self.worker_id):
+            recovering = queue.recover(
+                self.redis, self.worker_id, self.settings.max_attempts, self.settings.result_ttl_s
+            )
+            if recovered := await recovering:
                 log.info(
                     "worker %s: %d unfinished jobs of its previous run are queued again", self.worker_id, recovered
                 )
@@ -104,8 +107,9 @@ class Worker:
         backoff = Backoff()
         while True:
             try:
+                held_in = keys.processing_key(self.worker_id)
                 finishing = queue.finish(
-                    self.redis, self.worker_id, lease.raw, result, self.settings.result_ttl_s, streamed=job.stream
+                    self.redis, held_in, lease.raw, result, self.settings.result_ttl_s, streamed=job.stream
                 )
                 held = await asyncio.shield(finishing)
                 break
@@ -174,7 +178,8 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
             return
         log.info("backend %s serves %s", backend.name, model)
         worker_id = settings.worker_id or default_worker_id()
-        redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5)
+        # socket_timeout above POP_TIMEOUT_S: a silently dropped connection fails instead of blocking forever.
+        redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
         try:
             registered = await register(settings, worker_id, model, backend.name)
             log.info("worker %s registered with %s", worker_id, settings.coordinator_url)

@@ -15,8 +15,7 @@ def make_backend(settings: WorkerSettings) -> Backend:
     if settings.backend == "ollama":
         from gputorrent.worker.backends.ollama import OllamaBackend
 
-        token = settings.hf_token.get_secret_value() if settings.hf_token else None
-        return OllamaBackend(host=settings.ollama_host, hf_token=token)
+        return OllamaBackend(host=settings.ollama_host)
     if settings.backend == "openai":
         from gputorrent.worker.backends.openai import OpenAIBackend
 

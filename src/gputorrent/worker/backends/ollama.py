@@ -28,9 +28,8 @@ def same_model(wanted: str, listed: str) -> bool:
 class OllamaBackend:
     name = "ollama"
 
-    def __init__(self, *, host: str, hf_token: str | None = None) -> None:
+    def __init__(self, *, host: str) -> None:
         self._host = host.rstrip("/")
-        self._hf_token = hf_token
         self._session: aiohttp.ClientSession | None = None
         self._model = ""
 
@@ -48,10 +47,9 @@ class OllamaBackend:
 
     async def _pull(self, model: str) -> None:
         log.info("pulling %s through Ollama at %s", model, self._host)
-        headers = {}
-        if self._hf_token and model.startswith(("hf.co/", "huggingface.co/")):
-            # Gated Hugging Face repositories: Ollama forwards this to the registry.
-            headers["Authorization"] = f"Bearer {self._hf_token}"
+        # No credentials travel with the pull: Ollama authenticates to registries (hf.co included)
+        # with its own ed25519 key, registered with the registry account.
+        headers: dict[str, str] = {}
         last_status = ""
         async for line in self._stream("POST", "/api/pull", {"model": model, "stream": True}, headers):
             if "error" in line:
