@@ -50,21 +50,16 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
             embedded = EmbeddedRedis().start(preexec_fn=_die_with_parent, start_new_session=True)
             env["REDIS_URL"] = embedded.url
             print(f"started a private Redis-compatible server at {embedded.url}", flush=True)
-        redis_url = env.get("REDIS_URL") or f"redis://{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}"
+        # Both children read REDIS_URL from the environment, not a flag: a password in it would be
+        # readable by every local user in the process list.
+        env["REDIS_URL"] = env.get("REDIS_URL") or f"redis://{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}"
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         url = f"http://{local_host}:{port}"
         python = [sys.executable, "-m", "gputorrent", "--log-level", log_level]
-        children.append(
-            _spawn([*python, "coordinator", "--host", host, "--port", str(port), "--redis-url", redis_url], env)
-        )
+        children.append(_spawn([*python, "coordinator", "--host", host, "--port", str(port)], env))
         _wait_until(lambda: _get(f"{url}/health") is not None, children, "the coordinator to answer /health")
-        children.append(
-            _spawn(
-                [*python, "worker", "--backend", "llamacpp", "--model", model, "--coordinator", url,
-                 "--redis-url", redis_url],
-                env,
-            )
-        )  # fmt: skip
+        worker = ["worker", "--backend", "llamacpp", "--model", model, "--coordinator", url]
+        children.append(_spawn([*python, *worker], env))
         _wait_until(lambda: _alive_worker(url), children, f"the worker to load {model} and register")
         print(_banner(url, model), flush=True)
         while all(child.poll() is None for child in children):

@@ -283,3 +283,17 @@ async def test_a_body_sent_as_a_form_or_without_content_type_is_read_as_json(
         assert response.status_code == 202, response.text
     bare = await api.post("/inference", content=body)
     assert bare.status_code == 202, bare.text
+
+
+async def test_redis_refusing_writes_is_503_not_500(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    """Redis runs with noeviction: when full it refuses writes (OOM), which clients see as 503."""
+    await fake_worker("w1")
+    await redis.config_set("maxmemory", "1")
+    try:
+        response = await _submit(api)
+    finally:
+        await redis.config_set("maxmemory", "0")
+    assert response.status_code == 503
+    assert response.json()["error"]["code"] == "redis_unavailable"

@@ -12,9 +12,8 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.asyncio import Redis
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from gputorrent import __version__
@@ -30,6 +29,7 @@ from gputorrent.errors import GPUTorrentError, RedisUnavailable
 log = logging.getLogger(__name__)
 
 LISTENER_STOP_TIMEOUT_S = 5.0
+REDIS_MAX_CONNECTIONS = 2048
 
 
 def create_app(settings: CoordinatorSettings) -> FastAPI:
@@ -37,9 +37,17 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        redis = Redis.from_url(
-            settings.redis_url, decode_responses=True, socket_connect_timeout=2, socket_timeout=10, max_connections=512
+        # A blocking pool: past its size (every open stream holds a connection) requests wait a
+        # little for a free one instead of failing at once.
+        pool = BlockingConnectionPool.from_url(
+            settings.redis_url,
+            decode_responses=True,
+            socket_connect_timeout=2,
+            socket_timeout=10,
+            max_connections=REDIS_MAX_CONNECTIONS,
+            timeout=5,
         )
+        redis = Redis.from_pool(pool)  # closing the client closes the pool
         waiter = ResultWaiter(redis)
         reaper = Reaper(redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s)
         app.state.redis, app.state.settings, app.state.waiter = redis, settings, waiter
@@ -68,8 +76,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RedisConnectionError, _redis_down)
-    app.add_exception_handler(RedisTimeoutError, _redis_down)
+    app.add_exception_handler(RedisError, _redis_down)
     return app
 
 
@@ -96,8 +103,9 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 
 
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
+    """Any Redis failure (unreachable, timed out, out of memory under noeviction) is a 503, never a 500."""
     log.warning("Redis unavailable: %s", exc)
-    error = RedisUnavailable("the coordinator cannot reach Redis; retry shortly")
+    error = RedisUnavailable("the coordinator cannot use Redis right now; retry shortly")
     return _error_response(request, error.http_status, error.code, error.message, headers={"Retry-After": "1"})
 
 

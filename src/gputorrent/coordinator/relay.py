@@ -62,7 +62,9 @@ async def follow(
         raise RedisUnavailable("the coordinator lost Redis while streaming; retry shortly") from e
     finally:
         if not finished:
-            log.info("request %s: client left the stream; cancelling", request_id)
+            log.info(
+                "request %s: the stream ended without a result (client left, timeout or Redis); cancelling", request_id
+            )
             # Shielded: the server cancels this task when the client goes, and that cancellation
             # (anyio's, level-triggered) would otherwise abort the write at its first await.
             with anyio.CancelScope(shield=True):

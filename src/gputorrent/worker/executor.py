@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Any
 
-from gputorrent.errors import Cancelled, GPUTorrentError
+from gputorrent.errors import BackendError, Cancelled, GPUTorrentError
 from gputorrent.protocol import ErrorInfo, GenerationDone, Job, JobResult, Timings, TokenChunk, Usage
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend
@@ -21,6 +22,8 @@ async def execute(backend: Backend, job: Job, writer: StreamWriter | None = None
     try:
         if job.kind == "embed":
             embeddings = await backend.embed(job)
+            if not all(math.isfinite(x) for vector in embeddings.vectors for x in vector):
+                raise BackendError("the backend returned an embedding with non-finite values")
             outcome: dict[str, Any] = {
                 "embeddings": embeddings.vectors,
                 "usage": Usage(prompt_tokens=embeddings.prompt_tokens),

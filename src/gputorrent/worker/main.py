@@ -161,7 +161,11 @@ async def register(settings: WorkerSettings, worker_id: str, model: str, backend
                 ) as resp:
                     if resp.status == 200:
                         return Registered.model_validate_json(await resp.read())
-                    raise RuntimeError(f"the coordinator refused registration ({resp.status}): {await resp.text()}")
+                    if resp.status < 500 and resp.status != 429:  # our request is wrong: retrying cannot help
+                        raise RuntimeError(f"the coordinator refused registration ({resp.status}): {await resp.text()}")
+                    raise aiohttp.ClientResponseError(
+                        resp.request_info, (), status=resp.status, message=resp.reason or ""
+                    )
             except (aiohttp.ClientError, TimeoutError) as e:
                 if time.monotonic() + backoff.delay_s > deadline:
                     raise RuntimeError(f"cannot reach the coordinator at {settings.coordinator_url}: {e}") from e

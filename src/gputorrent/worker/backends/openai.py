@@ -10,7 +10,7 @@ import aiohttp
 
 from gputorrent.errors import BackendError, ModelUnavailable
 from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
-from gputorrent.worker.backends._http import TIMEOUT, request_json
+from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
 
 
 class OpenAIBackend:
@@ -44,6 +44,7 @@ class OpenAIBackend:
 
         A streamed reply carries usage only where the server honours `stream_options.include_usage`;
         elsewhere the completion tokens are counted one per content chunk and the prompt's are 0.
+        A reply without usage (rare; some servers omit it) counts 0 tokens.
         """
         options = job.options
         body: dict[str, Any] = {
@@ -60,6 +61,8 @@ class OpenAIBackend:
             path, body["prompt"] = "/completions", job.prompt
         if not job.stream:
             reply = await self._call("POST", path, body)
+            if not reply.get("choices"):
+                raise BackendError(f"the OpenAI-compatible server answered without choices: {str(reply)[:200]}")
             choice = reply["choices"][0]
             yield TokenChunk(text=_choice_text(choice))
             yield _done(reply.get("usage"), choice.get("finish_reason"), chunks=0)
@@ -69,6 +72,8 @@ class OpenAIBackend:
         finish_reason: str | None = None
         chunks = 0
         async for event in self._events(path, body):
+            if "error" in event:  # vLLM and llama.cpp's server report a failure mid-stream this way
+                raise BackendError(f"the OpenAI-compatible server failed mid-stream: {error_text(event)}")
             usage = event.get("usage") or usage
             for choice in event.get("choices") or []:
                 if text := _choice_text(choice):
