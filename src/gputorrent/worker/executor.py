@@ -14,6 +14,8 @@ from gputorrent.worker.backends import Backend
 
 log = logging.getLogger(__name__)
 
+CANCELLED_MESSAGE = "the request was cancelled (its client left or its stream timed out); generation stopped"
+
 
 async def execute(backend: Backend, job: Job, writer: StreamWriter | None = None) -> JobResult:
     """Run the job, streaming generated text to `writer` if given; a failure becomes a failed result."""
@@ -58,10 +60,7 @@ async def _generate(backend: Backend, job: Job, writer: StreamWriter | None) -> 
                 if writer is not None:
                     writer.push(item.text)
                     if writer.cancelled:
-                        message = (
-                            "the request was cancelled (its client left or its stream timed out); generation stopped"
-                        )
-                    raise Cancelled(message)
+                        raise Cancelled(CANCELLED_MESSAGE)
             else:
                 done = item
     finally:

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from gputorrent.coordinator.adapters._common import Tolerant, validated
 from gputorrent.errors import InvalidRequest
 from gputorrent.protocol import InferenceRequest, JobResult
 
@@ -44,21 +45,17 @@ StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
 _STOP_REASONS: dict[str, StopReason] = {"length": "max_tokens", "stop": "end_turn", "stop_sequence": "stop_sequence"}
 
 
-class _Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class ContentBlock(_Tolerant):
+class ContentBlock(Tolerant):
     type: str
     text: str | None = None
 
 
-class Message(_Tolerant):
+class Message(Tolerant):
     role: str
     content: str | list[ContentBlock]
 
 
-class MessagesRequest(_Tolerant):
+class MessagesRequest(Tolerant):
     """The body of `POST /v1/messages`; `max_tokens` is required, as in Anthropic's API."""
 
     model: str
@@ -124,12 +121,7 @@ def to_inference(body: MessagesRequest) -> InferenceRequest:
     options["max_tokens"] = min(body.max_tokens, MAX_TOKENS_CEILING)
     options["stop"] = body.stop_sequences or []
     data = {"model": body.model, "messages": messages, "options": options, "stream": body.stream}
-    try:
-        return InferenceRequest.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = _field_name(tuple(first["loc"]), bool(system))
-        raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+    return validated(InferenceRequest, data, lambda loc: _field_name(loc, bool(system)))
 
 
 def stop_reason(finish_reason: str | None) -> StopReason:

@@ -38,8 +38,7 @@ import hashlib
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
-
+from gputorrent.coordinator.adapters._common import Tolerant, validated
 from gputorrent.errors import InvalidRequest, ModelNotFound
 from gputorrent.protocol import EmbeddingRequest, InferenceRequest, JobResult, Text, WorkerState
 
@@ -54,11 +53,7 @@ _ROLES: dict[str, Literal["system", "user", "assistant"]] = {
 }
 
 
-class _Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class Options(_Tolerant):
+class Options(Tolerant):
     """Ollama's `options`: the ones we map; the rest (`top_k`, `num_ctx`, ...) are accepted and ignored."""
 
     num_predict: int | None = None
@@ -68,13 +63,13 @@ class Options(_Tolerant):
     stop: str | list[str] | None = None
 
 
-class Message(_Tolerant):
+class Message(Tolerant):
     role: Text
     content: str | None = None
     images: list[Any] | None = None
 
 
-class _Generation(_Tolerant):
+class _Generation(Tolerant):
     model: Text  # echoed in replies and errors, so it must encode
     options: Options | None = None
     stream: bool | None = None  # absent or null means true: Ollama streams by default
@@ -97,7 +92,7 @@ class GenerateRequest(_Generation):
     raw: bool | None = None
 
 
-class ModelRequest(_Tolerant):
+class ModelRequest(Tolerant):
     """The body of `POST /api/show` and `POST /api/pull`; `name` is the deprecated spelling of `model`."""
 
     model: Text | None = None
@@ -105,14 +100,14 @@ class ModelRequest(_Tolerant):
     stream: bool | None = None
 
 
-class EmbedRequest(_Tolerant):
+class EmbedRequest(Tolerant):
     """The body of `POST /api/embed`: one text or several."""
 
     model: Text
     input: Text | list[Text]
 
 
-class LegacyEmbeddingsRequest(_Tolerant):
+class LegacyEmbeddingsRequest(Tolerant):
     """The body of the older `POST /api/embeddings`: one text, as `prompt`."""
 
     model: Text
@@ -120,12 +115,7 @@ class LegacyEmbeddingsRequest(_Tolerant):
 
 
 def embed_to_request(model: str, texts: str | list[str]) -> EmbeddingRequest:
-    try:
-        return EmbeddingRequest.model_validate({"model": model, "input": [texts] if isinstance(texts, str) else texts})
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+    return validated(EmbeddingRequest, {"model": model, "input": [texts] if isinstance(texts, str) else texts})
 
 
 def embed_reply(result: JobResult) -> dict[str, Any]:
@@ -165,12 +155,7 @@ def _options(options: Options | None) -> dict[str, Any]:
 
 
 def _validated(data: dict[str, Any]) -> InferenceRequest:
-    try:
-        return InferenceRequest.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+    return validated(InferenceRequest, data)
 
 
 def _refuse_images(images: list[Any] | None, where: str) -> None:

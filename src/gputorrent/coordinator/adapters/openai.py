@@ -10,33 +10,30 @@ import struct
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
+from gputorrent.coordinator.adapters._common import Tolerant, dotted, validated
 from gputorrent.errors import InvalidRequest
 from gputorrent.protocol import EmbeddingRequest, InferenceRequest, JobResult
 
 OWNED_BY = "gputorrent"
 
 
-class _Tolerant(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class StreamOptions(_Tolerant):
+class StreamOptions(Tolerant):
     include_usage: bool = False
 
 
-class ContentPart(_Tolerant):
+class ContentPart(Tolerant):
     type: str
     text: str | None = None
 
 
-class Message(_Tolerant):
+class Message(Tolerant):
     role: str
     content: str | list[ContentPart] | None = None
 
 
-class _Sampling(_Tolerant):
+class _Sampling(Tolerant):
     model: str
     max_tokens: int | None = None
     temperature: float | None = None
@@ -58,7 +55,7 @@ class CompletionRequest(_Sampling):
     max_tokens: int | None = 16  # OpenAI's default for the legacy completions endpoint
 
 
-class EmbeddingsRequest(_Tolerant):
+class EmbeddingsRequest(Tolerant):
     model: str
     input: str | list[str] | list[int] | list[list[int]]
     encoding_format: Literal["float", "base64"] = "float"
@@ -96,12 +93,8 @@ def _options(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
 
 
 def _validated(data: dict[str, Any]) -> InferenceRequest:
-    try:
-        return InferenceRequest.model_validate(data)
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{field}: {first['msg']}", param=field.removeprefix("options.")) from None
+    # OpenAI's sampling fields sit at the top level, where ours sit under `options`.
+    return validated(InferenceRequest, data, lambda loc: dotted(loc).removeprefix("options."))
 
 
 def chat_to_inference(body: ChatCompletionRequest) -> InferenceRequest:
@@ -133,12 +126,7 @@ def embeddings_to_request(body: EmbeddingsRequest) -> EmbeddingRequest:
         raise InvalidRequest(
             "input must be a string or a list of strings; token arrays are not supported", param="input"
         )
-    try:
-        return EmbeddingRequest.model_validate({"model": body.model, "input": texts})
-    except ValidationError as e:
-        first = e.errors()[0]
-        field = ".".join(str(p) for p in first["loc"])
-        raise InvalidRequest(f"{field}: {first['msg']}", param=field) from None
+    return validated(EmbeddingRequest, {"model": body.model, "input": texts})
 
 
 def embeddings(result: JobResult, encoding_format: str) -> dict[str, Any]:
