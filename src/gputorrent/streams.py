@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from typing import cast
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gputorrent import keys
 from gputorrent.protocol import JobResult, TokenChunk
@@ -75,21 +76,34 @@ class StreamWriter:
         self._pending: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self.cancelled = False
+        self.failure: Exception | None = None  # the first failed write; the stream stops there
 
     def push(self, text: str) -> None:
         """Queue text for the stream (never blocks the generation)."""
+        if self.failure is not None:
+            return
         self._pending.append(text)
         if self._flusher is None or self._flusher.done():
             self._flusher = asyncio.create_task(self._flush())
 
     async def _flush(self) -> None:
-        while self._pending:
-            text = "".join(self._pending)
+        try:
+            while self._pending:
+                text = "".join(self._pending)
+                self._pending.clear()
+                if not await append(self._redis, self._request_id, text, self._ttl_s):
+                    self.cancelled = True
+        except (RedisError, OSError) as e:  # kept for close(): a later push must not lose it
+            self.failure = e
             self._pending.clear()
-            if not await append(self._redis, self._request_id, text, self._ttl_s):
-                self.cancelled = True
 
     async def close(self) -> None:
-        """Wait until everything pushed is in Redis."""
+        """Wait until everything pushed is in Redis.
+
+        Raises:
+            RedisError | OSError: a write failed; the stream lacks text from that point.
+        """
         if self._flusher is not None:
             await self._flusher
+        if self.failure is not None:
+            raise self.failure

@@ -297,3 +297,8 @@ async def test_redis_refusing_writes_is_503_not_500(
         await redis.config_set("maxmemory", "0")
     assert response.status_code == 503
     assert response.json()["error"]["code"] == "redis_unavailable"
+
+
+async def test_the_root_answers_get_and_head_as_ollamas_does(api: httpx.AsyncClient) -> None:
+    assert (await api.get("/")).text == "GPU Torrent is running"
+    assert (await api.head("/")).status_code == 200

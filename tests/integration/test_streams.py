@@ -6,7 +6,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gputorrent import keys, queue, streams
 from gputorrent.protocol import InferenceOptions, Job, JobResult, TokenChunk
@@ -70,3 +72,15 @@ async def test_follow_gives_up_after_its_timeout_without_a_result(redis: Redis) 
     batches = [batch async for batch in streams.follow(redis, "never-queued", timeout_s=0.5)]
     assert all(batch == [] for batch in batches)
     assert time.monotonic() - started < 3
+
+
+async def test_a_failed_write_is_kept_for_close_not_lost_to_the_next_push(redis: Redis) -> None:
+    broken = Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.2)  # nothing listens there
+    writer = streams.StreamWriter(broken, "r1", ttl_s=60)
+    writer.push("first")
+    with pytest.raises((RedisError, OSError)):
+        await writer.close()
+    writer.push("after the failure")  # ignored: the stream already lacks text
+    with pytest.raises((RedisError, OSError)):
+        await writer.close()
+    await broken.aclose()

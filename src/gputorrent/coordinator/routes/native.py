@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from gputorrent import registry
@@ -124,6 +124,12 @@ async def get_result(
     if isinstance(found, JobStatus):
         response.status_code = 202
     return found
+
+
+@router.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse, tags=["operations"])
+async def root() -> str:
+    """A liveness answer at the root, as Ollama gives one (its CLI checks `HEAD /` before most commands)."""
+    return "GPU Torrent is running"
 
 
 @router.get("/health", tags=["operations"])
