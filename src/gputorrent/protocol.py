@@ -12,6 +12,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[^\s]{1,256}$"
+MAX_TOKENS = 32768  # the most tokens one request may ask for
 
 
 def _encodable(value: str) -> str:
@@ -34,7 +35,7 @@ class WireModel(BaseModel):
 class InferenceOptions(WireModel):
     """Sampling options; the names follow the OpenAI API."""
 
-    max_tokens: int = Field(default=256, ge=1, le=32768)
+    max_tokens: int = Field(default=256, ge=1, le=MAX_TOKENS)
     temperature: float = Field(default=0.8, ge=0.0, le=2.0)
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)

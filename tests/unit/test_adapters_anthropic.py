@@ -115,13 +115,13 @@ def test_max_tokens_is_required() -> None:
 
 
 def test_max_tokens_above_the_ceiling_is_lowered_to_it() -> None:
-    assert wire.to_inference(_request(max_tokens=64000)).options.max_tokens == wire.MAX_TOKENS_CEILING
+    assert wire.to_inference(_request(max_tokens=64000)).options.max_tokens == wire.MAX_TOKENS
 
 
 def test_the_ceiling_is_the_protocols_own() -> None:
-    assert InferenceOptions(max_tokens=wire.MAX_TOKENS_CEILING).max_tokens == wire.MAX_TOKENS_CEILING
+    assert InferenceOptions(max_tokens=wire.MAX_TOKENS).max_tokens == wire.MAX_TOKENS
     with pytest.raises(ValidationError):
-        InferenceOptions(max_tokens=wire.MAX_TOKENS_CEILING + 1)
+        InferenceOptions(max_tokens=wire.MAX_TOKENS + 1)
 
 
 @pytest.mark.parametrize(

@@ -37,7 +37,7 @@ def _worker(worker_id: str, *models: str, state: str = "alive", registered_at: f
 
 
 def test_the_num_predict_ceiling_is_the_protocols() -> None:
-    assert InferenceOptions.model_fields["max_tokens"].metadata[-1].le == wire.MAX_TOKENS_CEILING
+    assert InferenceOptions.model_fields["max_tokens"].metadata[-1].le == wire.MAX_TOKENS
 
 
 def test_streaming_is_on_unless_the_request_says_false() -> None:
@@ -60,7 +60,7 @@ def test_unlimited_num_predict_is_the_pools_default(num_predict: int | None) -> 
 
 
 def test_a_huge_num_predict_is_lowered_to_the_ceiling() -> None:
-    assert wire.chat_to_inference(_chat(options={"num_predict": 10**9})).options.max_tokens == wire.MAX_TOKENS_CEILING
+    assert wire.chat_to_inference(_chat(options={"num_predict": 10**9})).options.max_tokens == wire.MAX_TOKENS
 
 
 def test_an_option_out_of_our_range_is_refused_by_name() -> None:

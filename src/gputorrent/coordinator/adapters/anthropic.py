@@ -7,7 +7,7 @@ content blocks other than text (images, documents, tool results) and a non-empty
 client that offers tools expects `tool_use` blocks we cannot produce).
 
 Known differences from Anthropic's API:
-- `max_tokens` above `MAX_TOKENS_CEILING` is lowered to it (Anthropic clients routinely ask for
+- `max_tokens` above `MAX_TOKENS` is lowered to it (Anthropic clients routinely ask for
   32k or 64k; no model a worker serves writes that much in one answer).
 - `stop_sequence` is always null and a matched stop sequence reports `end_turn`: backends do not
   say which stop ended the generation.
@@ -24,9 +24,7 @@ from pydantic import Field
 
 from gputorrent.coordinator.adapters._common import Tolerant, validated
 from gputorrent.errors import InvalidRequest
-from gputorrent.protocol import InferenceRequest, JobResult
-
-MAX_TOKENS_CEILING = 32768  # InferenceOptions.max_tokens' upper bound; a unit test keeps them equal
+from gputorrent.protocol import MAX_TOKENS, InferenceRequest, JobResult
 
 _ERROR_TYPES = {
     400: "invalid_request_error",
@@ -118,7 +116,7 @@ def to_inference(body: MessagesRequest) -> InferenceRequest:
         messages.append({"role": message.role, "content": _text_of(message.content, f"messages.{i}.content")})
     given = {"temperature": body.temperature, "top_p": body.top_p}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
-    options["max_tokens"] = min(body.max_tokens, MAX_TOKENS_CEILING)
+    options["max_tokens"] = min(body.max_tokens, MAX_TOKENS)
     options["stop"] = body.stop_sequences or []
     data = {"model": body.model, "messages": messages, "options": options, "stream": body.stream}
     return validated(InferenceRequest, data, lambda loc: _field_name(loc, bool(system)))

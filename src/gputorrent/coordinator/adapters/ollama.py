@@ -11,7 +11,7 @@ How requests map to ours:
   become a system and a user message. With `"raw": true` the prompt goes to the model as it is
   (a plain completion) and `system` is ignored, as in Ollama.
 - options: `num_predict` → `max_tokens`. Absent or below 1 (Ollama's -1 "unlimited", -2 "fill the
-  context") it is the pool's default, `InferenceOptions.max_tokens`; above `MAX_TOKENS_CEILING` it
+  context") it is the pool's default, `InferenceOptions.max_tokens`; above `MAX_TOKENS` it
   is lowered to it. `temperature`, `top_p` and `stop` map as they are; a negative `seed` (Ollama's
   "random") is no seed.
 - An empty `prompt` and `system` (generate) or no messages (chat) is Ollama's "load the model":
@@ -40,9 +40,8 @@ from typing import Any, Literal
 
 from gputorrent.coordinator.adapters._common import Tolerant, validated
 from gputorrent.errors import InvalidRequest, ModelNotFound
-from gputorrent.protocol import EmbeddingRequest, InferenceRequest, JobResult, Text, WorkerState
+from gputorrent.protocol import MAX_TOKENS, EmbeddingRequest, InferenceRequest, JobResult, Text, WorkerState
 
-MAX_TOKENS_CEILING = 32768  # InferenceOptions.max_tokens' upper bound; a unit test keeps them equal
 FOREVER = "2318-01-01T00:00:00Z"  # an `expires_at` Ollama's CLI shows as "Forever" (over 20 years away)
 DEFAULT_TAG = ":latest"
 _NANOS_PER_MS = 1_000_000
@@ -148,7 +147,7 @@ def _options(options: Options | None) -> dict[str, Any]:
         return {}
     mapped: dict[str, Any] = {"temperature": options.temperature, "top_p": options.top_p, "stop": options.stop}
     if options.num_predict is not None and options.num_predict >= 1:
-        mapped["max_tokens"] = min(options.num_predict, MAX_TOKENS_CEILING)
+        mapped["max_tokens"] = min(options.num_predict, MAX_TOKENS)
     if options.seed is not None and options.seed >= 0:
         mapped["seed"] = options.seed
     return {k: v for k, v in mapped.items() if v is not None}
