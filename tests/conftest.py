@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import os
 import signal
@@ -85,16 +86,25 @@ async def api(coordinator_settings: CoordinatorSettings) -> AsyncIterator[httpx.
 
 @pytest.fixture
 def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callable[..., Awaitable[Worker]]:
-    """Register an in-process worker on the fake backend; run it with `await worker.run(stop, burst=True)`."""
+    """Register an in-process worker on the fake backend (or `backend`); run it with
+    `await worker.run(stop, burst=True)`. Other keyword arguments are `WorkerSettings` fields."""
 
-    async def make(worker_id: str, model: str = "fake", token_delay_s: float = 0.0) -> Worker:
+    async def make(
+        worker_id: str,
+        model: str = "fake",
+        token_delay_s: float = 0.0,
+        backend: FakeBackend | None = None,
+        **settings_values: object,
+    ) -> Worker:
         body = WorkerRegistration(worker_id=worker_id, models=[model], backend="fake")
         response = await api.post("/register", json=body.model_dump(mode="json"))
         assert response.status_code == 200, response.text
-        backend = FakeBackend(token_delay_s=token_delay_s)
+        backend = backend or FakeBackend(token_delay_s=token_delay_s)
         await backend.load(model)
-        settings = WorkerSettings(redis_url=redis_url, backend="fake", model_name=model, worker_id=worker_id)
-        return Worker(redis, backend, Registered.model_validate(response.json()), settings)
+        settings = WorkerSettings(
+            redis_url=redis_url, backend="fake", model_name=model, worker_id=worker_id, **settings_values
+        )
+        return Worker(redis, backend, Registered.model_validate(response.json()), settings, model)
 
     return make
 
@@ -107,6 +117,17 @@ def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None
             return
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+
+
+async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeout_s: float = 10.0) -> None:
+    """Poll the async `condition` until it holds (state in Redis has no event to wait on); fail with `what`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if await condition():
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        await asyncio.sleep(0.02)
 
 
 class Process:

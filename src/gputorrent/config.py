@@ -65,6 +65,8 @@ class CoordinatorSettings(_Settings):
     max_result_wait_s: float = Field(default=60.0, ge=0, validation_alias=_env("GPUTORRENT_MAX_RESULT_WAIT_S"))
     max_attempts: int = Field(default=3, ge=1, validation_alias=_env("GPUTORRENT_MAX_ATTEMPTS"))
     max_sync_wait_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_MAX_SYNC_WAIT_S"))
+    # A job still without a result this long after admission ends as failed with code `timeout`.
+    request_timeout_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_REQUEST_TIMEOUT_S"))
 
     @property
     def redis_url(self) -> str:
@@ -92,6 +94,11 @@ class WorkerSettings(_Settings):
         default=0.0, ge=0, validation_alias=_env("GPUTORRENT_FAKE_TOKEN_DELAY_S")
     )  # the `fake` test backend only: a pause before each token, to test streaming and cancellation
     register_timeout_s: float = Field(default=60.0, gt=0, validation_alias=_env("GPUTORRENT_REGISTER_TIMEOUT_S"))
+    # On SIGTERM the jobs in flight get this long to finish before they are handed to other workers.
+    drain_timeout_s: float = Field(default=30.0, ge=0, validation_alias=_env("GPUTORRENT_DRAIN_TIMEOUT_S"))
+    # An idle worker proves its backend generates (one token) this often; a probe fails past the timeout.
+    health_interval_s: float = Field(default=30.0, gt=0, validation_alias=_env("GPUTORRENT_HEALTH_INTERVAL_S"))
+    health_timeout_s: float = Field(default=30.0, gt=0, validation_alias=_env("GPUTORRENT_HEALTH_TIMEOUT_S"))
 
     @field_validator("ollama_host")
     @classmethod

@@ -81,6 +81,12 @@ class BackendError(GPUTorrentError):
     http_status = 502
 
 
+class BackendUnavailable(BackendError):
+    """The backend cannot serve at all right now (unreachable, or a server error): another worker may."""
+
+    code = "backend_unavailable"
+
+
 class ModelUnavailable(BackendError):
     code = "model_unavailable"
 
@@ -88,6 +94,13 @@ class ModelUnavailable(BackendError):
 class Cancelled(GPUTorrentError):
     code = "cancelled"
     http_status = 409
+
+
+class DeadlineExceeded(GPUTorrentError):
+    """The job ran past its deadline (the request's `timeout_s`, or the coordinator's default)."""
+
+    code = "timeout"
+    http_status = 504
 
 
 class JobFailed(GPUTorrentError):
@@ -119,8 +132,10 @@ ERRORS_BY_CODE: dict[str, type[GPUTorrentError]] = {
         NoWorkersAvailable,
         RedisUnavailable,
         BackendError,
+        BackendUnavailable,
         ModelUnavailable,
         Cancelled,
+        DeadlineExceeded,
         ResultTimeout,
     )
 }

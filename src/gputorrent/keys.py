@@ -14,7 +14,10 @@
 | `job:{request_id}`    | hash      | status (queued/running), worker, model      | `result_ttl_s` | both        |
 | `results:ready`       | channel   | ids of results just written (pub/sub)       | n/a            | worker      |
 | `stream:{request_id}` | stream    | text entries, then one entry with the result | `result_ttl_s` | worker      |
-| `cancel:{request_id}` | string    | present: the client gave up on the request  | `result_ttl_s` | coordinator |
+| `cancel:{request_id}` | string    | present: the job was ended (cancelled, timed out) | `result_ttl_s` | coordinator |
+| `deadlines`           | zset      | request ids by deadline (unix s)            | none: left with the result | both |
+| `idempotency:{key}`   | string    | the request id a client's key admitted      | `result_ttl_s` | coordinator |
+| `jobs:ended`          | channel   | ids of jobs ended before their worker finished | n/a         | coordinator |
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')
@@ -25,6 +28,8 @@ from __future__ import annotations
 WORKER_INDEX = "worker_index"
 WORKERS = "workers"
 RESULTS_CHANNEL = "results:ready"
+DEADLINES = "deadlines"
+ENDED_CHANNEL = "jobs:ended"
 
 
 def worker_key(worker_id: str) -> str:
@@ -65,3 +70,8 @@ def cancel_key(request_id: str) -> str:
 def processing_key(worker_id: str) -> str:
     """The jobs a worker has taken and not finished: moved here from its queue in one step."""
     return f"processing:{worker_id}"
+
+
+def idempotency_key(key: str) -> str:
+    """The request id that a client's idempotency key (or its own request id) was admitted as."""
+    return f"idempotency:{key}"

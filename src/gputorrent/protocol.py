@@ -12,7 +12,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[^\s]{1,256}$"
+REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$"
 MAX_TOKENS = 32768  # the most tokens one request may ask for
+MAX_TIMEOUT_S = 86400.0  # the longest deadline a request may ask for
 
 
 def _encodable(value: str) -> str:
@@ -65,6 +67,14 @@ class InferenceRequest(WireModel):
     messages: list[ChatMessage] | None = Field(default=None, min_length=1)
     options: InferenceOptions = Field(default_factory=InferenceOptions)
     stream: bool = False
+    request_id: str | None = Field(
+        default=None,
+        pattern=REQUEST_ID_PATTERN,
+        description="your own id for the request (8 to 128 characters): submitting it again returns the same job",
+    )
+    timeout_s: float | None = Field(
+        default=None, gt=0, le=MAX_TIMEOUT_S, description="end the job as failed (code `timeout`) after this long"
+    )
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> InferenceRequest:
@@ -78,6 +88,7 @@ class EmbeddingRequest(WireModel):
 
     model: Text = Field(pattern=MODEL_NAME_PATTERN)
     input: list[Text] = Field(min_length=1, max_length=2048)
+    timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
 
 
 class Job(WireModel):
@@ -94,6 +105,11 @@ class Job(WireModel):
     enqueued_at: float  # unix time, seconds
     stream: bool = False  # the worker writes tokens to `stream:{request_id}` as they come
     attempt: int = 1  # 1 on admission; +1 each time a dead worker's job is handed to another
+    deadline: float | None = None  # unix time, seconds: past it the job ends with code `timeout`
+    # Set by the worker that re-runs a streamed job whose earlier attempt already sent text: the
+    # backend continues after it, so the client's stream neither loses nor repeats a token.
+    continuation: str | None = None
+    continuation_tokens: int = 0
 
 
 class Usage(WireModel):
@@ -111,6 +127,14 @@ class ErrorInfo(WireModel):
     message: str
 
 
+class Resumed(WireModel):
+    """How a streamed job that lost its worker mid-stream was finished by another."""
+
+    after_tokens: int  # the tokens the client already had from the earlier attempt
+    exact: bool  # true at temperature 0: the text is what one uninterrupted run would give
+    note: str
+
+
 class JobResult(WireModel):
     """The finished job, stored at `result:{request_id}`."""
 
@@ -124,6 +148,7 @@ class JobResult(WireModel):
     usage: Usage = Field(default_factory=Usage)
     timings: Timings = Field(default_factory=Timings)
     error: ErrorInfo | None = None
+    resumed: Resumed | None = None  # set when another worker continued the stream after a failure
 
 
 class JobStatus(WireModel):
@@ -141,6 +166,7 @@ class Accepted(WireModel):
     request_id: str
     worker_id: str
     status: Literal["queued"] = "queued"
+    replayed: bool = False  # true when the request id or idempotency key was seen before: the same job
 
 
 class GPUInfo(WireModel):
@@ -193,11 +219,17 @@ class Registered(WireModel):
     heartbeat_timeout_s: float
 
 
+WorkerCondition = Literal["alive", "draining", "unhealthy"]
+"""What a live worker says of itself: taking jobs, finishing its jobs before it stops, or its backend failing."""
+
+
 class Heartbeat(WireModel):
     """What a worker writes at `heartbeat:{worker_id}` on every beat."""
 
     at: float
     jobs_in_flight: int = 0
+    condition: WorkerCondition = "alive"
+    reason: str | None = None  # why it is unhealthy
 
 
 class WorkerState(WireModel):
@@ -208,7 +240,8 @@ class WorkerState(WireModel):
     backend: str
     slots: int
     hardware: Hardware
-    state: Literal["alive", "dead"]
+    state: Literal["alive", "draining", "unhealthy", "dead"]  # only `alive` workers are given jobs
+    state_reason: str | None = None  # why a worker is unhealthy: its backend's last failure
     jobs_in_flight: int
     queue_length: int
     last_heartbeat_at: float | None

@@ -24,16 +24,38 @@ async def next_round_robin(redis: Redis) -> int:
     return int(await redis.incr(keys.WORKER_INDEX))
 
 
-async def enqueue(redis: Redis, job: Job, ttl_s: int) -> None:
-    """Record the job as queued and push it onto `queue:{worker_id}`, atomically."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.hset(
-            keys.job_key(job.request_id),
-            mapping={"status": "queued", "worker_id": job.worker_id, "model": job.model},
-        )
-        pipe.expire(keys.job_key(job.request_id), ttl_s)
-        pipe.lpush(keys.queue_key(job.worker_id), job.model_dump_json())
-        await pipe.execute()
+# With ARGV[1] = '1' the request carries an idempotency key (KEYS[4]): a key seen before
+# returns the request id it admitted and enqueues nothing.
+_ENQUEUE = """
+if ARGV[1] == '1' then
+  local existing = redis.call('GET', KEYS[4])
+  if existing then return existing end
+  redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3])
+end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'worker_id', ARGV[4], 'model', ARGV[5])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+redis.call('LPUSH', KEYS[2], ARGV[6])
+if ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2]) end
+return ARGV[2]
+"""
+
+
+async def enqueue(redis: Redis, job: Job, ttl_s: int, idempotency_key: str | None = None) -> str:
+    """Record the job as queued, note its deadline and push it onto `queue:{worker_id}`, atomically.
+
+    Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
+    before, the id it admitted then (and nothing is enqueued).
+    """
+    # The status record must outlive a long deadline, or a queued job would lose its status.
+    record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
+    admitted = await redis.eval(
+        _ENQUEUE, 4,
+        keys.job_key(job.request_id), keys.queue_key(job.worker_id), keys.DEADLINES,
+        keys.idempotency_key(idempotency_key or ""),
+        "1" if idempotency_key else "0", job.request_id, str(record_ttl_s), job.worker_id, job.model,
+        job.model_dump_json(), repr(job.deadline) if job.deadline is not None else "",
+    )  # fmt: skip
+    return str(admitted)
 
 
 @dataclass(frozen=True)
@@ -107,6 +129,7 @@ _FINISH = (
     + """
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
 redis.call('DEL', KEYS[4])
+redis.call('ZREM', KEYS[6], ARGV[7])
 if ARGV[5] == '1' then
   redis.call('XADD', KEYS[5], '*', 'result', ARGV[3])
   redis.call('EXPIRE', KEYS[5], ARGV[4])
@@ -134,14 +157,14 @@ async def finish(
     """Remove `raw` from the list `held_in` and store the result, atomically; False (nothing written)
     when `raw` is no longer there (the lease was lost) or when `dead`'s heartbeat is back.
 
-    Writes `result:{request_id}` with its TTL, drops the status record, ends `stream:{request_id}`
-    with the result for a streamed job, and announces the id on the results channel.
+    Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
+    `stream:{request_id}` with the result for a streamed job, and announces the id on the results channel.
     """
     request_id = result.request_id
     finished = await redis.eval(
-        _FINISH, 5,
+        _FINISH, 6,
         held_in, keys.heartbeat_key(dead or ""), keys.result_key(request_id), keys.job_key(request_id),
-        keys.stream_key(request_id),
+        keys.stream_key(request_id), keys.DEADLINES,
         "1" if dead else "0", raw, result.model_dump_json(), str(ttl_s), "1" if streamed else "0",
         keys.RESULTS_CHANNEL, request_id,
     )  # fmt: skip
@@ -194,6 +217,44 @@ async def retry_or_fail(
         return False
     moved = job.model_copy(update={"worker_id": target, "attempt": attempt, "enqueued_at": time.time()})
     return await requeue(redis, source_key, raw, moved, dead=dead)
+
+
+END_ATTEMPTS = 3
+
+
+async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> JobResult | None:
+    """End a job before its worker finishes it: the failed result with `error` is written at once.
+
+    A queued job never runs; a running one loses its lease, so its worker's result is refused,
+    and its worker is told (`cancel:{request_id}` and the `jobs:ended` channel) to stop at its
+    next token. Returns the result written, or None when the job already has a result or is unknown.
+    """
+    for _ in range(END_ATTEMPTS):  # a job moving between lists right now is found on the next look
+        status = await redis.hgetall(keys.job_key(request_id))
+        if not status:
+            return None
+        worker_id = str(status["worker_id"])
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(keys.cancel_key(request_id), error.code, ex=ttl_s)
+            pipe.publish(keys.ENDED_CHANNEL, request_id)
+            await pipe.execute()
+        for held_in in (keys.queue_key(worker_id), keys.processing_key(worker_id)):
+            for raw in await redis.lrange(held_in, 0, -1):
+                if request_id not in raw:  # cheap filter before parsing
+                    continue
+                try:
+                    job = Job.model_validate_json(raw)
+                except ValueError:
+                    continue
+                if job.request_id != request_id:
+                    continue
+                ended = JobResult(
+                    request_id=request_id, status="failed", model=job.model, worker_id=worker_id, error=error
+                )
+                if await finish(redis, held_in, str(raw), ended, ttl_s, streamed=job.stream):
+                    log.info("request %s ended: %s", request_id, error.code)
+                    return ended
+    return None
 
 
 async def lookup(redis: Redis, request_id: str) -> JobResult | JobStatus | None:

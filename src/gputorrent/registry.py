@@ -6,8 +6,6 @@ beat, so a worker that dies simply expires and every coordinator sees it at once
 
 from __future__ import annotations
 
-import time
-
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
@@ -29,15 +27,39 @@ async def register(redis: Redis, record: WorkerRecord, heartbeat_ttl_s: float) -
         await pipe.execute()
 
 
-def beat(client: SyncRedis, worker_id: str, jobs_in_flight: int, ttl_s: float) -> None:
-    """Refresh the worker's liveness key with its current load (blocking: it runs on its own thread)."""
-    heartbeat = Heartbeat(at=time.time(), jobs_in_flight=jobs_in_flight)
+def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> None:
+    """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own thread)."""
     client.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
 
 
 async def mark_gone(redis: Redis, worker_id: str) -> None:
     """Declare the worker dead now (it is shutting down) so no new job is routed to it."""
     await redis.delete(keys.heartbeat_key(worker_id))
+
+
+# Only a worker with nothing left in its lists leaves the registry: the reaper finds jobs
+# through the registry, so removing one that still holds jobs would lose them.
+_DEREGISTER = """
+if redis.call('LLEN', KEYS[1]) > 0 or redis.call('LLEN', KEYS[2]) > 0 then return 0 end
+redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('SREM', KEYS[5], ARGV[1])
+return 1
+"""
+
+
+async def deregister(redis: Redis, worker_id: str) -> bool:
+    """Remove the worker from the pool if its queue and processing list are empty, else only mark it gone.
+
+    Returns whether it left the registry.
+    """
+    left = await redis.eval(
+        _DEREGISTER, 5,
+        keys.queue_key(worker_id), keys.processing_key(worker_id), keys.worker_key(worker_id),
+        keys.heartbeat_key(worker_id), keys.WORKERS, worker_id,
+    )  # fmt: skip
+    if not left:
+        await mark_gone(redis, worker_id)
+    return bool(left)
 
 
 async def snapshot(redis: Redis) -> list[WorkerState]:
@@ -65,7 +87,8 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
                 backend=record.backend,
                 slots=record.slots,
                 hardware=record.hardware,
-                state="alive" if heartbeat else "dead",
+                state=heartbeat.condition if heartbeat else "dead",
+                state_reason=heartbeat.reason if heartbeat else None,
                 jobs_in_flight=heartbeat.jobs_in_flight if heartbeat else 0,
                 queue_length=queue_length,
                 last_heartbeat_at=heartbeat.at if heartbeat else None,

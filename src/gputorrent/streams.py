@@ -20,25 +20,28 @@ from gputorrent.protocol import JobResult, TokenChunk
 log = logging.getLogger(__name__)
 
 TEXT_FIELD = "text"
+TOKENS_FIELD = "tokens"  # how many tokens the entry's text holds, for a worker that resumes the stream
 RESULT_FIELD = "result"
 FOLLOW_BLOCK_MS = 1000
 
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 
-async def append(redis: Redis, request_id: str, text: str, ttl_s: int) -> bool:
-    """Append text to the stream; returns False when the client has cancelled the request."""
+async def append(redis: Redis, request_id: str, text: str, tokens: int, ttl_s: int) -> bool:
+    """Append text to the stream; returns False once the request was ended (see `queue.end`)."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(keys.stream_key(request_id), {TEXT_FIELD: text})
+        pipe.xadd(keys.stream_key(request_id), {TEXT_FIELD: text, TOKENS_FIELD: str(tokens)})
         pipe.expire(keys.stream_key(request_id), ttl_s)
         pipe.exists(keys.cancel_key(request_id))
         *_, cancelled = await pipe.execute()
     return not cancelled
 
 
-async def cancel(redis: Redis, request_id: str, ttl_s: int) -> None:
-    """Mark the request as abandoned by its client; its worker stops at the next flush."""
-    await redis.set(keys.cancel_key(request_id), "1", ex=ttl_s)
+async def sent_so_far(redis: Redis, request_id: str) -> tuple[str, int]:
+    """The text an earlier attempt of the job already streamed, and its token count."""
+    entries = cast(list[tuple[str, dict[str, str]]], await redis.xrange(keys.stream_key(request_id)))
+    texts = [fields for _, fields in entries if TEXT_FIELD in fields]
+    return "".join(f[TEXT_FIELD] for f in texts), sum(int(f.get(TOKENS_FIELD, 1)) for f in texts)
 
 
 async def follow(redis: Redis, request_id: str, timeout_s: float) -> AsyncIterator[list[TokenChunk | JobResult]]:
@@ -79,7 +82,7 @@ class StreamWriter:
         self.failure: Exception | None = None  # the first failed write; the stream stops there
 
     def push(self, text: str) -> None:
-        """Queue text for the stream (never blocks the generation)."""
+        """Queue one token's text for the stream (never blocks the generation)."""
         if self.failure is not None:
             return
         self._pending.append(text)
@@ -89,9 +92,9 @@ class StreamWriter:
     async def _flush(self) -> None:
         try:
             while self._pending:
-                text = "".join(self._pending)
+                text, tokens = "".join(self._pending), len(self._pending)
                 self._pending.clear()
-                if not await append(self._redis, self._request_id, text, self._ttl_s):
+                if not await append(self._redis, self._request_id, text, tokens, self._ttl_s):
                     self.cancelled = True
         except (RedisError, OSError) as e:  # kept for close(): a later push must not lose it
             self.failure = e

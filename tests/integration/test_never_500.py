@@ -52,7 +52,10 @@ register_bodies = st.fixed_dictionaries(
 def coordinator(coordinator_settings: CoordinatorSettings) -> Iterator[httpx.Client]:
     """The app under uvicorn in a thread (one server for every example), and a client for it."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(coordinator_settings), port=port, log_level="warning"))
+    # The registered worker must stay alive however long the examples take (a dead one makes every
+    # admission a legitimate 503).
+    settings = CoordinatorSettings(redis_url=coordinator_settings.redis_url, heartbeat_timeout_s=3600)
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for(lambda: server.started, 10, "uvicorn to start")

@@ -10,7 +10,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from gputorrent import keys, registry
-from gputorrent.protocol import Hardware, WorkerRecord
+from gputorrent.protocol import Hardware, Heartbeat, WorkerRecord
 
 
 async def test_register_answers_with_id_and_heartbeat_interval(api: httpx.AsyncClient, redis: Redis) -> None:
@@ -72,14 +72,16 @@ async def test_a_worker_is_dead_once_its_heartbeat_expires(redis: Redis) -> None
     assert state.state == "dead" and state.last_heartbeat_at is None
 
 
-async def test_heartbeats_report_jobs_in_flight(redis: Redis, redis_url: str) -> None:
+async def test_heartbeats_report_jobs_in_flight_and_condition(redis: Redis, redis_url: str) -> None:
     record = WorkerRecord(
         worker_id="w1", models=["m"], backend="fake", slots=4, hardware=Hardware(), registered_at=time.time()
     )
     await registry.register(redis, record, heartbeat_ttl_s=5)
     with SyncRedis.from_url(redis_url) as client:
-        registry.beat(client, "w1", jobs_in_flight=3, ttl_s=5)
+        heartbeat = Heartbeat(at=time.time(), jobs_in_flight=3, condition="unhealthy", reason="backend down")
+        registry.beat(client, "w1", heartbeat, ttl_s=5)
     [state] = await registry.snapshot(redis)
     assert state.jobs_in_flight == 3
+    assert (state.state, state.state_reason) == ("unhealthy", "backend down")
     await registry.mark_gone(redis, "w1")
     assert [w.state for w in await registry.snapshot(redis)] == ["dead"]

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gputorrent import keys, queue, streams
-from gputorrent.protocol import InferenceOptions, Job, JobResult, TokenChunk
+from gputorrent.protocol import ErrorInfo, InferenceOptions, Job, JobResult, TokenChunk
 from gputorrent.worker.main import Worker
 
 MakeWorker = Callable[..., Awaitable[Worker]]
@@ -55,16 +55,23 @@ async def test_a_job_that_is_not_streamed_writes_no_stream(fake_worker: MakeWork
     assert await redis.exists(keys.result_key(job.request_id))
 
 
-async def test_a_cancelled_stream_stops_the_job_with_code_cancelled(fake_worker: MakeWorker, redis: Redis) -> None:
-    worker = await fake_worker("w1", token_delay_s=0.01)
-    job = _job(" ".join(["word"] * 50))
-    await streams.cancel(redis, job.request_id, ttl_s=60)  # the client left before the first flush
+async def test_an_ended_stream_stops_its_job_at_the_next_token(fake_worker: MakeWorker, redis: Redis) -> None:
+    worker = await fake_worker("w1", token_delay_s=0.05)
+    job = _job(" ".join(["word"] * 200), max_tokens=500)
     await queue.enqueue(redis, job, ttl_s=60)
-    await worker.run(asyncio.Event(), burst=True)
-    *_, result = await _follow_all(redis, job.request_id)
+    running = asyncio.create_task(worker.run(asyncio.Event(), burst=True))
+    first = await redis.xread({keys.stream_key(job.request_id): "0-0"}, block=5000, count=1)
+    assert first, "no token was streamed"
+    ended = await queue.end(redis, job.request_id, ErrorInfo(code="cancelled", message="client left"), ttl_s=60)
+    assert ended is not None
+    await asyncio.wait_for(running, timeout=5)  # 200 tokens at 50 ms would take 10 s
+
+    *chunks, result = await _follow_all(redis, job.request_id)
     assert isinstance(result, JobResult)
     assert result.status == "failed"
     assert result.error is not None and result.error.code == "cancelled"
+    assert len("".join(c.text for c in chunks if isinstance(c, TokenChunk)).split()) < 100
+    assert worker.jobs_done == 0  # its own result was refused: the job already had one
 
 
 async def test_follow_gives_up_after_its_timeout_without_a_result(redis: Redis) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, Request
 from redis.asyncio import Redis
 
 from gputorrent.config import CoordinatorSettings
@@ -26,3 +26,12 @@ def _waiter(request: Request) -> ResultWaiter:
 RedisDep = Annotated[Redis, Depends(_redis)]
 SettingsDep = Annotated[CoordinatorSettings, Depends(_settings)]
 WaiterDep = Annotated[ResultWaiter, Depends(_waiter)]
+IdempotencyKeyDep = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=256,
+        description="the same key again (within the result TTL) returns the first request's job, never a second one",
+    ),
+]

@@ -1,4 +1,5 @@
-"""Hands the jobs of dead workers to live ones. Every coordinator runs one; they need no coordination.
+"""Hands the jobs of dead workers to live ones, and ends jobs past their deadline. Every coordinator
+runs one; they need no coordination.
 
 A worker is dead once its heartbeat key has expired. Its queued jobs move to a live worker
 serving the model; the jobs it held (its processing list) move too, with their attempt
@@ -12,14 +13,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import keys, queue, registry, routing
-from gputorrent.protocol import Job, WorkerState
+from gputorrent import handoff, keys, queue, registry
+from gputorrent.protocol import ErrorInfo
 
 log = logging.getLogger(__name__)
+
+OVERDUE_BATCH = 256  # deadlines handled per round; the rest wait for the next round
+DEADLINE_PASSED = ErrorInfo(code="timeout", message="the request passed its deadline (timeout_s) before it finished")
 
 
 class Reaper:
@@ -39,6 +44,7 @@ class Reaper:
         while not self._stopping.is_set():
             try:
                 await self.reap_once()
+                await self.end_overdue()
             except (RedisError, OSError) as e:
                 log.warning("reaper cannot reach Redis (%s)", e)
             except Exception:  # the outermost boundary of a background duty: log, keep going
@@ -55,25 +61,23 @@ class Reaper:
                 (True, keys.processing_key(dead.worker_id)),
                 (False, keys.queue_key(dead.worker_id)),
             ):
-                for raw in await self._redis.lrange(source, 0, -1):
-                    handled += await self._rehome(dead.worker_id, source, str(raw), started, workers)
+                handled += await handoff.hand_on(
+                    self._redis, dead.worker_id, source, workers, count_attempt=started,
+                    max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, only_if_dead=True,
+                )  # fmt: skip
         return handled
 
-    async def _rehome(self, dead_id: str, source: str, raw: str, started: bool, workers: list[WorkerState]) -> int:
-        model = _model_of(raw)
-        candidates = routing.candidates_for(model, workers) if model else []
-        target = routing.pick_round_robin(candidates, await queue.next_round_robin(self._redis)) if candidates else None
-        handled = await queue.retry_or_fail(
-            self._redis, source, raw, started=started, target=target,
-            max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, dead=dead_id,
-        )  # fmt: skip
-        if handled:
-            log.info("a job of dead worker %s was handed to %s", dead_id, target or "nobody: it failed")
-        return int(handled)
+    async def end_overdue(self) -> int:
+        """End every job past its deadline as failed with code `timeout`; returns how many were ended.
 
-
-def _model_of(raw: str) -> str | None:
-    try:
-        return Job.model_validate_json(raw).model
-    except ValueError:
-        return None  # retry_or_fail drops it
+        The worker of a running job also stops at its own deadline check; whichever acts first
+        writes the one result.
+        """
+        overdue = await self._redis.zrangebyscore(keys.DEADLINES, "-inf", time.time(), start=0, num=OVERDUE_BATCH)
+        ended = 0
+        for request_id in map(str, overdue):
+            if await queue.end(self._redis, request_id, DEADLINE_PASSED, self._result_ttl_s) is not None:
+                ended += 1
+            elif not await self._redis.exists(keys.job_key(request_id)):  # finished meanwhile, or expired
+                await self._redis.zrem(keys.DEADLINES, request_id)
+        return ended

@@ -12,12 +12,16 @@ import anyio
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import streams
+from gputorrent import queue, streams
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
-from gputorrent.protocol import JobResult, TokenChunk
+from gputorrent.protocol import ErrorInfo, JobResult, TokenChunk
 
 log = logging.getLogger(__name__)
+
+CLIENT_LEFT = ErrorInfo(
+    code="cancelled", message="the client left before the result (its stream closed); the job was ended"
+)
 
 
 async def completed_result(waiter: ResultWaiter, request_id: str, timeout_s: float) -> JobResult:
@@ -44,8 +48,8 @@ async def follow(
         RedisUnavailable: Redis failed on the way.
 
     A client that goes away before the result (`disconnected()` turns true, checked at least
-    once a second, or the consumer stops iterating) cancels the job: its worker stops at its
-    next flush.
+    once a second, or the consumer stops iterating) ends the job as cancelled: a queued job
+    never runs, a running one stops at its next token.
     """
     finished = False
     try:
@@ -69,7 +73,7 @@ async def follow(
             # (anyio's, level-triggered) would otherwise abort the write at its first await.
             with anyio.CancelScope(shield=True):
                 try:
-                    await streams.cancel(redis, request_id, ttl_s)
+                    await queue.end(redis, request_id, CLIENT_LEFT, ttl_s)
                 except (RedisError, OSError) as e:
                     log.warning("request %s: could not record the cancellation (%s)", request_id, e)
 

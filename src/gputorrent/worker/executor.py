@@ -2,36 +2,43 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import math
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
-from gputorrent.errors import BackendError, Cancelled, GPUTorrentError
-from gputorrent.protocol import ErrorInfo, GenerationDone, Job, JobResult, Timings, TokenChunk, Usage
+from gputorrent.errors import BackendError, Cancelled, DeadlineExceeded, GPUTorrentError
+from gputorrent.protocol import ErrorInfo, GenerationDone, Job, JobResult, Resumed, Timings, TokenChunk, Usage
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend
 
 log = logging.getLogger(__name__)
 
-CANCELLED_MESSAGE = "the request was cancelled (its client left or its stream timed out); generation stopped"
+CANCELLED_MESSAGE = "the request was ended while it ran (cancelled, timed out or its client left); generation stopped"
+DEADLINE_MESSAGE = "the request passed its deadline (timeout_s) before it finished"
+RESUMED_EXACT = "its worker failed mid-stream; another continued from the tokens already sent (greedy: exact)"
+RESUMED_SAMPLED = (
+    "its worker failed mid-stream; another continued from the tokens already sent. At temperature above 0 "
+    "the rest is a fresh sample, not what the first worker would have written"
+)
 
 
-async def execute(backend: Backend, job: Job, writer: StreamWriter | None = None) -> JobResult:
-    """Run the job, streaming generated text to `writer` if given; a failure becomes a failed result."""
+async def execute(
+    backend: Backend, job: Job, writer: StreamWriter | None = None, ended: asyncio.Event | None = None
+) -> JobResult:
+    """Run the job, streaming generated text to `writer` if given; a failure becomes a failed result.
+
+    It stops at the next token once `ended` is set (the job was ended elsewhere) or the stream's
+    reader went away, and at the job's deadline even between tokens (a backend that hangs).
+    """
     started = time.time()
     queued_ms = max(0.0, (started - job.enqueued_at) * 1000)
     try:
-        if job.kind == "embed":
-            embeddings = await backend.embed(job)
-            if not all(math.isfinite(x) for vector in embeddings.vectors for x in vector):
-                raise BackendError("the backend returned an embedding with non-finite values")
-            outcome: dict[str, Any] = {
-                "embeddings": embeddings.vectors,
-                "usage": Usage(prompt_tokens=embeddings.prompt_tokens),
-            }
-        else:
-            outcome = await _generate(backend, job, writer)
+        async with _deadline(job):
+            outcome = await _run(backend, job, writer, ended or asyncio.Event())
     except GPUTorrentError as e:
         log.warning("request %s failed: %s: %s", job.request_id, e.code, e.message)
         return _failed(job, e.code, e.message, queued_ms, started)
@@ -49,8 +56,60 @@ async def execute(backend: Backend, job: Job, writer: StreamWriter | None = None
     )
 
 
-async def _generate(backend: Backend, job: Job, writer: StreamWriter | None) -> dict[str, Any]:
-    pieces: list[str] = []
+@contextlib.asynccontextmanager
+async def _deadline(job: Job) -> AsyncIterator[None]:
+    """Turn the job's deadline into `DeadlineExceeded`, wherever the work is when it passes."""
+    if job.deadline is None:
+        yield
+        return
+    timeout = asyncio.timeout_at(asyncio.get_running_loop().time() + (job.deadline - time.time()))
+    try:
+        async with timeout:
+            yield
+    except TimeoutError:
+        if timeout.expired():  # ours, not a backend's own timeout passing through
+            raise DeadlineExceeded(DEADLINE_MESSAGE) from None
+        raise
+
+
+async def _run(backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event) -> dict[str, Any]:
+    if job.kind == "embed":
+        embeddings = await backend.embed(job)
+        if not all(math.isfinite(x) for vector in embeddings.vectors for x in vector):
+            raise BackendError("the backend returned an embedding with non-finite values")
+        return {"embeddings": embeddings.vectors, "usage": Usage(prompt_tokens=embeddings.prompt_tokens)}
+    return await _generate(backend, job, writer, ended)
+
+
+async def _generate(backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event) -> dict[str, Any]:
+    """Generate, pushing each token to `writer`; a job with a `continuation` pushes only the new text."""
+    pieces: list[str] = [job.continuation] if job.continuation else []
+    done: GenerationDone | None = None
+    if job.continuation and job.options.max_tokens <= job.continuation_tokens:  # the earlier attempt had it all
+        done = GenerationDone(prompt_tokens=0, completion_tokens=0, finish_reason="length")
+    else:
+        done = await _tokens(backend, _remaining(job), writer, ended, pieces)
+    outcome: dict[str, Any] = {
+        "output": "".join(pieces),
+        "finish_reason": done.finish_reason,
+        "usage": Usage(
+            prompt_tokens=max(0, done.prompt_tokens - job.continuation_tokens),
+            completion_tokens=done.completion_tokens + job.continuation_tokens,
+        ),
+    }
+    if job.continuation:
+        exact = job.options.temperature == 0
+        outcome["resumed"] = Resumed(
+            after_tokens=job.continuation_tokens,
+            exact=exact,
+            note=RESUMED_EXACT if exact else RESUMED_SAMPLED,
+        )
+    return outcome
+
+
+async def _tokens(
+    backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event, pieces: list[str]
+) -> GenerationDone:
     done: GenerationDone | None = None
     generation = backend.generate(job)
     try:
@@ -59,19 +118,23 @@ async def _generate(backend: Backend, job: Job, writer: StreamWriter | None) -> 
                 pieces.append(item.text)
                 if writer is not None:
                     writer.push(item.text)
-                    if writer.cancelled:
-                        raise Cancelled(CANCELLED_MESSAGE)
+                if ended.is_set() or (writer is not None and writer.cancelled):
+                    raise Cancelled(CANCELLED_MESSAGE)
             else:
                 done = item
     finally:
         await generation.aclose()  # stops the backend at once when we leave early
     if done is None:
         raise GPUTorrentError("the backend ended without reporting completion")
-    return {
-        "output": "".join(pieces),
-        "finish_reason": done.finish_reason,
-        "usage": Usage(prompt_tokens=done.prompt_tokens, completion_tokens=done.completion_tokens),
-    }
+    return done
+
+
+def _remaining(job: Job) -> Job:
+    """The job as the backend runs it: a continuation may only add the tokens the earlier attempt left."""
+    if not job.continuation:
+        return job
+    options = job.options.model_copy(update={"max_tokens": job.options.max_tokens - job.continuation_tokens})
+    return job.model_copy(update={"options": options})
 
 
 def _timings(queued_ms: float, started: float) -> Timings:

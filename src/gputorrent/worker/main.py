@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 import time
@@ -12,12 +13,22 @@ import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import __version__, keys, queue, registry
+from gputorrent import __version__, handoff, keys, queue, registry, routing, streams
 from gputorrent.config import WorkerSettings
-from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.errors import BackendUnavailable
+from gputorrent.protocol import (
+    Heartbeat,
+    InferenceOptions,
+    Job,
+    JobResult,
+    Registered,
+    WorkerCondition,
+    WorkerRegistration,
+)
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, make_backend
+from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
 from gputorrent.worker.heartbeat import HeartbeatThread
@@ -25,31 +36,48 @@ from gputorrent.worker.heartbeat import HeartbeatThread
 log = logging.getLogger(__name__)
 
 POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
+HEALTH_RETRY_S = 5.0  # how often an unhealthy worker probes its backend again
 
 
 class Worker:
-    """One registered worker: `slots` consumer loops on the event loop, and a heartbeat thread."""
+    """One registered worker: `slots` consumer loops on the event loop, a heartbeat thread, a
+    listener for jobs ended elsewhere, and a health probe of its backend."""
 
-    def __init__(self, redis: Redis, backend: Backend, registered: Registered, settings: WorkerSettings) -> None:
+    def __init__(
+        self, redis: Redis, backend: Backend, registered: Registered, settings: WorkerSettings, model: str
+    ) -> None:
         self.redis = redis
         self.backend = backend
         self.worker_id = registered.worker_id
         self.heartbeat_interval_s = registered.heartbeat_interval_s
         self.heartbeat_timeout_s = registered.heartbeat_timeout_s
         self.settings = settings
+        self.model = model
         self.jobs_in_flight = 0
         self.jobs_done = 0
+        self.condition: WorkerCondition = "alive"
+        self.condition_reason: str | None = None
+        self.ended = EndedJobs(redis)
+        self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
+        self._serving.set()
+        self._last_success = time.monotonic()
+        self._heartbeat: HeartbeatThread | None = None
+
+    def heartbeat(self) -> Heartbeat:
+        """What the heartbeat thread writes: load and condition."""
+        return Heartbeat(
+            at=time.time(), jobs_in_flight=self.jobs_in_flight, condition=self.condition, reason=self.condition_reason
+        )
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
-        """Consume until `stop` is set (or, in burst mode, until the queue is empty), then leave."""
-        heartbeat = HeartbeatThread(
-            self.settings.redis_url,
-            self.worker_id,
-            self.heartbeat_interval_s,
-            self.heartbeat_timeout_s,
-            lambda: self.jobs_in_flight,
+        """Consume until `stop` is set, then drain (see `_drain`) and leave the pool.
+
+        In burst mode it returns once the queue is empty instead.
+        """
+        self._heartbeat = HeartbeatThread(
+            self.settings.redis_url, self.worker_id, self.heartbeat_interval_s, self.heartbeat_timeout_s, self.heartbeat
         )
-        heartbeat.start()
+        self._heartbeat.start()
         try:
             recovering = queue.recover(
                 self.redis, self.worker_id, self.settings.max_attempts, self.settings.result_ttl_s
@@ -58,20 +86,131 @@ class Worker:
                 log.info(
                     "worker %s: %d unfinished jobs of its previous run are queued again", self.worker_id, recovered
                 )
+            helpers_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
-                for _ in range(self.settings.slots):
-                    tasks.create_task(self._consume(stop, burst))
+                tasks.create_task(self.ended.run(helpers_stop))
+                if not burst:
+                    tasks.create_task(self._watch_health(helpers_stop))
+                consumers = [tasks.create_task(self._consume(stop, burst)) for _ in range(self.settings.slots)]
+                await self._until_stopped(stop, consumers)
+                helpers_stop.set()
         finally:
-            await asyncio.to_thread(heartbeat.stop)
-            try:
-                await registry.mark_gone(self.redis, self.worker_id)
-            except (RedisError, OSError) as e:
-                log.warning("worker %s could not mark itself gone (%s); its heartbeat will expire", self.worker_id, e)
-            log.info("worker %s stopped after %d jobs", self.worker_id, self.jobs_done)
+            await asyncio.to_thread(self._heartbeat.stop)
+            await self._leave()
+
+    async def _until_stopped(self, stop: asyncio.Event, consumers: list[asyncio.Task[None]]) -> None:
+        stopping = asyncio.create_task(stop.wait())
+        try:
+            await asyncio.wait([stopping, *consumers], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopping.cancel()
+        if stop.is_set():
+            await self._drain(consumers)
+        else:  # burst mode: each consumer ends when it finds the queue empty
+            await asyncio.wait(consumers)
+
+    async def _drain(self, consumers: list[asyncio.Task[None]]) -> None:
+        """Take no new job, hand the queue to others, give the jobs in flight `drain_timeout_s` to
+        finish, then hand on those still running (they stop at their next token)."""
+        grace_s = self.settings.drain_timeout_s
+        log.info(
+            "worker %s draining: %d jobs in flight get %g s to finish", self.worker_id, self.jobs_in_flight, grace_s
+        )
+        self._set_condition("draining", None)
+        await self._hand_on(keys.queue_key(self.worker_id))
+        _, running = await asyncio.wait(consumers, timeout=grace_s)
+        if running:
+            log.warning("worker %s: %d jobs still running after %g s; handing them on", self.worker_id,
+                        self.jobs_in_flight, grace_s)  # fmt: skip
+            await self._hand_on(keys.processing_key(self.worker_id))
+            self.ended.end_all_here()
+            await asyncio.wait(running)
+        await self._hand_on(keys.queue_key(self.worker_id))  # routed here before the coordinators saw the drain
+
+    async def _hand_on(self, source: str) -> int:
+        """Give the jobs of one of this worker's lists to other live workers; 0 when Redis fails (the
+        reaper moves them once this worker is gone)."""
+        try:
+            workers = [w for w in await registry.snapshot(self.redis) if w.worker_id != self.worker_id]
+            handed = await handoff.hand_on(
+                self.redis, self.worker_id, source, workers, count_attempt=False,
+                max_attempts=self.settings.max_attempts, ttl_s=self.settings.result_ttl_s, only_if_dead=False,
+            )  # fmt: skip
+        except (RedisError, OSError) as e:
+            log.warning("worker %s could not hand on its jobs (%s); the reaper will", self.worker_id, e)
+            return 0
+        if handed:
+            log.info("worker %s handed %d jobs to other workers", self.worker_id, handed)
+        return handed
+
+    async def _leave(self) -> None:
+        try:
+            left = await registry.deregister(self.redis, self.worker_id)
+        except (RedisError, OSError) as e:
+            log.warning("worker %s could not mark itself gone (%s); its heartbeat will expire", self.worker_id, e)
+            return
+        how = "left the pool" if left else "stopped; jobs no other worker could take wait in its lists"
+        log.info("worker %s %s after %d jobs", self.worker_id, how, self.jobs_done)
+
+    def _set_condition(self, condition: WorkerCondition, reason: str | None) -> None:
+        self.condition, self.condition_reason = condition, reason
+        if self._heartbeat is not None:
+            self._heartbeat.beat_now()
+
+    async def _watch_health(self, stop: asyncio.Event) -> None:
+        """Probe the backend with a one-token generation whenever it has been idle for a health
+        interval: a backend that lists models but cannot generate makes the worker unhealthy."""
+        while not stop.is_set():
+            unhealthy = self.condition == "unhealthy"
+            wait_s = (
+                min(HEALTH_RETRY_S, self.settings.health_interval_s) if unhealthy else self.settings.health_interval_s
+            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), wait_s)
+            if stop.is_set() or self.condition == "draining":
+                return
+            recently_served = time.monotonic() - self._last_success < self.settings.health_interval_s
+            if self.jobs_in_flight or (recently_served and not unhealthy):
+                continue
+            failure = await self._probe()
+            if failure is None:
+                self._last_success = time.monotonic()
+                if unhealthy:
+                    log.info("worker %s: its backend generates again; taking jobs", self.worker_id)
+                    self._set_condition("alive", None)
+                    self._serving.set()
+            else:
+                await self._become_unhealthy(failure)
+
+    async def _probe(self) -> str | None:
+        """A one-token generation; None when it worked, else why not."""
+        probe = Job(
+            request_id=f"health-{uuid.uuid4().hex}", worker_id=self.worker_id, model=self.model, prompt="Hello",
+            options=InferenceOptions(max_tokens=1, temperature=0.0), enqueued_at=time.time(),
+            deadline=time.time() + self.settings.health_timeout_s,
+        )  # fmt: skip
+        result = await execute(self.backend, probe)
+        if result.status == "completed":
+            return None
+        return result.error.message if result.error else "the health probe failed"
+
+    async def _become_unhealthy(self, reason: str) -> None:
+        if self.condition == "draining":  # it takes no job anyway
+            return
+        if self.condition != "unhealthy":
+            log.warning("worker %s is unhealthy: %s; it takes no job until its backend generates again",
+                        self.worker_id, reason)  # fmt: skip
+        self._set_condition("unhealthy", reason)
+        self._serving.clear()
+        await self._hand_on(keys.queue_key(self.worker_id))
 
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
         backoff = Backoff()
         while not stop.is_set():
+            if not self._serving.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._serving.wait(), POP_TIMEOUT_S)
+                continue
             try:
                 lease = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S)
             except (RedisError, OSError) as e:
@@ -92,18 +231,75 @@ class Worker:
     async def _handle(self, lease: queue.Lease) -> None:
         job = lease.job
         log.info("request %s started model=%s", job.request_id, job.model)
+        if job.stream:
+            job = await self._continuing(job)
         # The status shown to clients is written alongside the start of the generation, not before it.
         marking = asyncio.create_task(self._mark_running(job.request_id))
         writer = StreamWriter(self.redis, job.request_id, self.settings.result_ttl_s) if job.stream else None
-        result = await execute(self.backend, job, writer)
+        ended = self.ended.watch(job.request_id)
+        try:
+            result = await execute(self.backend, job, writer, ended)
+        finally:
+            self.ended.unwatch(job.request_id)
         await marking
         if writer is not None:
             try:
                 await writer.close()
             except (RedisError, OSError) as e:  # the stream loses text; the result below still carries all of it
                 log.warning("request %s: stream write failed (%s)", job.request_id, e)
-        # The result is the job's only copy now: retry through a Redis outage, and never let a
-        # cancellation interrupt the write half-way.
+        if result.error is not None and result.error.code == BackendUnavailable.code:
+            await self._become_unhealthy(result.error.message)
+            if await self._fail_over(lease):
+                return
+        elif result.status == "completed":
+            self._last_success = time.monotonic()
+        await self._store(lease, result)
+
+    async def _continuing(self, job: Job) -> Job:
+        """The streamed job, continuing after the text an earlier attempt already sent (if any).
+
+        Retried through a Redis outage: starting afresh would repeat that text to the client.
+        """
+        backoff = Backoff()
+        while True:
+            try:
+                sent, tokens = await streams.sent_so_far(self.redis, job.request_id)
+                break
+            except (RedisError, OSError) as e:
+                log.warning("request %s: cannot read its stream yet (%s); retrying", job.request_id, e)
+                await backoff.wait()
+        if not sent:
+            return job
+        log.info("request %s: resuming its stream after %d tokens of an earlier attempt", job.request_id, tokens)
+        return job.model_copy(update={"continuation": sent, "continuation_tokens": tokens})
+
+    async def _fail_over(self, lease: queue.Lease) -> bool:
+        """Hand a job this worker's backend could not run to another worker (counting an attempt);
+        False when it had its last attempt or no other live worker serves its model."""
+        if lease.job.attempt >= self.settings.max_attempts:
+            return False
+        try:
+            workers = [w for w in await registry.snapshot(self.redis) if w.worker_id != self.worker_id]
+            candidates = routing.candidates_for(lease.job.model, workers)
+            if not candidates:
+                return False
+            target = routing.pick_round_robin(candidates, await queue.next_round_robin(self.redis))
+            moved = await queue.retry_or_fail(
+                self.redis, keys.processing_key(self.worker_id), lease.raw, started=True, target=target,
+                max_attempts=self.settings.max_attempts, ttl_s=self.settings.result_ttl_s,
+            )  # fmt: skip
+        except (RedisError, OSError) as e:
+            log.warning("request %s: could not hand it on (%s); storing the failure", lease.job.request_id, e)
+            return False
+        if moved:
+            log.info("request %s handed to worker %s: this worker's backend is unavailable", lease.job.request_id,
+                     target)  # fmt: skip
+        return True
+
+    async def _store(self, lease: queue.Lease, result: JobResult) -> None:
+        """Write the result while the lease holds. It is the job's only copy now: retry through a
+        Redis outage, and never let a cancellation interrupt the write half-way."""
+        job = lease.job
         backoff = Backoff()
         while True:
             try:
@@ -117,7 +313,11 @@ class Worker:
                 log.warning("request %s: result not stored yet (%s); retrying", job.request_id, e)
                 await backoff.wait()
         if not held:
-            log.warning("request %s: this worker's lease was taken (judged dead); result discarded", job.request_id)
+            log.warning(
+                "request %s: result discarded: the job was ended or handed on meanwhile (cancelled, timed out, "
+                "or this worker was judged dead)",
+                job.request_id,
+            )
             return
         log.info(
             "request %s %s in %.0f ms (%d tokens)",
@@ -187,7 +387,7 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
         try:
             registered = await register(settings, worker_id, model, backend.name)
             log.info("worker %s registered with %s", worker_id, settings.coordinator_url)
-            await Worker(redis, backend, registered, settings).run(stop, burst=burst)
+            await Worker(redis, backend, registered, settings, model).run(stop, burst=burst)
         finally:
             await redis.aclose()
     finally:

@@ -13,14 +13,15 @@ from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
-from gputorrent import registry
+from gputorrent import queue, registry
 from gputorrent.coordinator import relay
-from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
-from gputorrent.errors import GPUTorrentError, RequestNotFound
+from gputorrent.errors import GPUTorrentError, RequestNotFound, ServiceUnavailable
 from gputorrent.protocol import (
     Accepted,
+    ErrorInfo,
     InferenceRequest,
     JobResult,
     JobStatus,
@@ -72,14 +73,18 @@ async def list_workers(redis: RedisDep) -> list[WorkerState]:
     tags=["inference"],
 )
 async def submit_inference(
-    body: InferenceRequest, request: Request, redis: RedisDep, settings: SettingsDep
+    body: InferenceRequest,
+    request: Request,
+    redis: RedisDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> Accepted | StreamingResponse:
     """Queue a request on a live worker that serves its model; answers with its `request_id`.
 
     With `"stream": true` the answer is a stream of server-sent events instead: `queued` (the
     202 body), one `token` event per batch of text, then `result` (what `/result` would return).
     """
-    accepted = await admit(redis, body, settings.result_ttl_s)
+    accepted = await admit(redis, body, settings, idempotency_key)
     if not body.stream:
         return accepted
     return StreamingResponse(
@@ -100,6 +105,32 @@ async def _events(redis: RedisDep, settings: SettingsDep, accepted: Accepted, re
                 yield sse({"text": item.text}, event="token")
     except GPUTorrentError as e:  # the response has started: the error travels as the stream's last event
         yield sse(e.to_body(), event="error")
+
+
+CANCELLED_BY_CLIENT = ErrorInfo(code="cancelled", message="the request was cancelled by DELETE /inference/{id}")
+
+
+@router.delete(
+    "/inference/{request_id}",
+    response_model=JobResult,
+    responses={404: {"description": "unknown request id"}},
+    tags=["inference"],
+)
+async def cancel_inference(request_id: str, redis: RedisDep, settings: SettingsDep) -> JobResult:
+    """Cancel a request: a queued job never runs, a running one stops at its next token.
+
+    Answers with the job's result: the `cancelled` failure just written, or the result it
+    already had (a finished job stays as it was).
+    """
+    ended = await queue.end(redis, request_id, CANCELLED_BY_CLIENT, settings.result_ttl_s)
+    if ended is not None:
+        return ended
+    found = await queue.lookup(redis, request_id)
+    if isinstance(found, JobResult):
+        return found
+    if isinstance(found, JobStatus):  # it moved between lists on every look: rare, and worth a retry
+        raise ServiceUnavailable("the job is being handed between workers right now; retry the cancellation")
+    raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
 
 
 @router.get(

@@ -156,13 +156,13 @@ async def _require_served(redis: RedisDep, name: str) -> None:
 async def _admit(redis: RedisDep, job_request: InferenceRequest | EmbeddingRequest, settings: SettingsDep) -> Accepted:
     """Admit the request; a name no live worker serves is tried with or without `:latest`, then 404."""
     try:
-        return await admit(redis, job_request, settings.result_ttl_s)
+        return await admit(redis, job_request, settings)
     except ModelNotFound as e:
         served = list(e.details.get("available_models", []))
         resolved = wire.resolve_model(job_request.model, served)
         if resolved is None:
             raise wire.model_not_found(job_request.model, served) from None
-    return await admit(redis, job_request.model_copy(update={"model": resolved}), settings.result_ttl_s)
+    return await admit(redis, job_request.model_copy(update={"model": resolved}), settings)
 
 
 async def _answer(

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from gputorrent import registry, routing
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import openai as wire
-from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.errors import GPUTorrentError
@@ -29,10 +29,15 @@ async def list_models(redis: RedisDep) -> dict[str, Any]:
 
 @router.post("/chat/completions", response_model=None)
 async def chat_completions(
-    body: wire.ChatCompletionRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.ChatCompletionRequest,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any] | StreamingResponse:
     job_request = wire.chat_to_inference(body).model_copy(update={"stream": body.stream})
-    accepted = await admit(redis, job_request, settings.result_ttl_s)
+    accepted = await admit(redis, job_request, settings, idempotency_key)
     created = int(time.time())
     if not body.stream:
         return wire.chat_completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
@@ -48,10 +53,15 @@ async def chat_completions(
 
 @router.post("/completions", response_model=None)
 async def completions(
-    body: wire.CompletionRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.CompletionRequest,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any] | StreamingResponse:
     job_request = wire.completion_to_inference(body).model_copy(update={"stream": body.stream})
-    accepted = await admit(redis, job_request, settings.result_ttl_s)
+    accepted = await admit(redis, job_request, settings, idempotency_key)
     created = int(time.time())
     if not body.stream:
         return wire.completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
@@ -67,9 +77,13 @@ async def completions(
 
 @router.post("/embeddings")
 async def embeddings(
-    body: wire.EmbeddingsRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.EmbeddingsRequest,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any]:
-    accepted = await admit(redis, wire.embeddings_to_request(body), settings.result_ttl_s)
+    accepted = await admit(redis, wire.embeddings_to_request(body), settings, idempotency_key)
     result = await _completed(waiter, accepted.request_id, settings.max_sync_wait_s)
     return wire.embeddings(result, body.encoding_format)
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import aiohttp
 
-from gputorrent.errors import BackendError
+from gputorrent.errors import BackendError, BackendUnavailable
 
 # Connecting is bounded tightly; a reply may take minutes on a big model, but a server that
 # accepts and then goes silent must not hold a slot forever.
@@ -20,20 +20,22 @@ async def request_json(
     """Send `body` as JSON and return the JSON object answered.
 
     Raises:
-        BackendError: unreachable, an error status (with the server's own message), or a reply that is not JSON.
+        BackendUnavailable: unreachable, or a 5xx status (with the server's own message).
+        BackendError: a 4xx status, or a reply that is not JSON.
     """
     try:
         async with session.request(method, url, json=body) as resp:
             text = await resp.text()
             status = resp.status
     except (aiohttp.ClientError, TimeoutError) as e:
-        raise BackendError(f"cannot reach {server}: {e or type(e).__name__}") from e
+        raise BackendUnavailable(f"cannot reach {server}: {e or type(e).__name__}") from e
     try:
         payload = json.loads(text)
     except ValueError:
         payload = None
     if status >= 400:
-        raise BackendError(f"{server} answered {status}: {error_text(payload) if payload is not None else text[:200]}")
+        failure = BackendUnavailable if status >= 500 else BackendError  # 5xx: another worker may do
+        raise failure(f"{server} answered {status}: {error_text(payload) if payload is not None else text[:200]}")
     if not isinstance(payload, dict):
         raise BackendError(f"{server} answered something that is not a JSON object: {text[:200]!r}")
     return payload

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Protocol
+from typing import Any, Protocol
 
 from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 
@@ -23,6 +23,8 @@ class Backend(Protocol):
 
     def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
         """Run the job's prompt or chat; yield text, then exactly one `GenerationDone`.
+
+        A job with a `continuation` already has that much of its answer: yield only what follows it.
 
         Raises:
             BackendError: the engine failed; the message is safe to show the client.
@@ -44,3 +46,15 @@ class Backend(Protocol):
     async def close(self) -> None:
         """Release the engine's resources."""
         ...
+
+
+def continued_chat(job: Job) -> list[dict[str, Any]]:
+    """The job as chat messages for an HTTP backend; a continuation is a final assistant turn, which
+    Ollama and llama.cpp's server carry on from (a prompt job becomes one user turn)."""
+    if job.messages is not None:
+        messages = [m.model_dump() for m in job.messages]
+    else:
+        messages = [{"role": "user", "content": job.prompt or ""}]
+    if job.continuation:
+        messages.append({"role": "assistant", "content": job.continuation})
+    return messages

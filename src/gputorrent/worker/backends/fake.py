@@ -3,12 +3,20 @@
 The output is `echo: ` followed by the prompt (or the last message), cut to `max_tokens`
 words, one word per token, so tests can predict it exactly. `token_delay_s` paces the
 tokens so a test can watch a stream arrive or cancel it half-way; it is 0 unless a test sets it.
+
+Two test triggers, matched anywhere in the prompt (or the last message):
+
+- `FAIL_TRIGGER` (`__fail__`): the generation fails with a `BackendError`, to exercise the failure path.
+- `CRASH_TRIGGER` (`__crash__`): the whole worker process exits at once (`os._exit(1)`, no cleanup),
+  as a job that crashes its engine would. The fault suite (tests/faults) uses it for a poison job
+  that kills every worker it is handed to. Never put it in a prompt sent to a worker you want to keep.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import os
 from collections.abc import AsyncGenerator
 
 from gputorrent.errors import BackendError
@@ -16,6 +24,7 @@ from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 
 EMBEDDING_SIZE = 8
 FAIL_TRIGGER = "__fail__"  # a prompt containing this fails, to exercise the failure path
+CRASH_TRIGGER = "__crash__"  # a prompt containing this kills the worker process (fault suite's poison job)
 
 
 class FakeBackend:
@@ -33,13 +42,16 @@ class FakeBackend:
         text = job.prompt if job.prompt is not None else (job.messages or [])[-1].content
         if FAIL_TRIGGER in text:
             raise BackendError("the fake backend was asked to fail")
+        if CRASH_TRIGGER in text:
+            os._exit(1)  # no cleanup, no result: like a backend that takes its process down
         words = ["echo:", *text.split()]
-        emitted = words[: job.options.max_tokens]
-        for i, word in enumerate(emitted):
+        start = len(job.continuation.split()) if job.continuation else 0  # a continuation is the echo's first words
+        emitted = words[start : start + job.options.max_tokens]
+        for i, word in enumerate(emitted, start):
             if self._token_delay_s:
                 await asyncio.sleep(self._token_delay_s)  # a set pace, so tests can watch a stream arrive
             yield TokenChunk(text=word if i == 0 else f" {word}")
-        finish_reason = "length" if len(words) > len(emitted) else "stop"
+        finish_reason = "length" if len(words) > start + len(emitted) else "stop"
         yield GenerationDone(
             prompt_tokens=len(text.split()), completion_tokens=len(emitted), finish_reason=finish_reason
         )

@@ -127,6 +127,11 @@ class LlamaCppBackend:
         if job.messages is not None:
             prompt, chat_stop = self._chat_prompt(job.messages)
             stop += chat_stop
+        if job.continuation:  # the answer so far, from an earlier attempt: carry on after it
+            if isinstance(prompt, list):
+                prompt = prompt + self._llm.tokenize(job.continuation.encode(), add_bos=False, special=False)
+            else:
+                prompt = (prompt or "") + job.continuation
         finish_reason = "stop"
         for chunk in self._llm.create_completion(
             prompt=prompt,

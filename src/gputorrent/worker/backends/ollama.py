@@ -9,9 +9,10 @@ from typing import Any
 
 import aiohttp
 
-from gputorrent.errors import BackendError, ModelUnavailable
+from gputorrent.errors import BackendError, BackendUnavailable, ModelUnavailable
 from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
+from gputorrent.worker.backends.base import continued_chat
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,9 @@ class OllamaBackend:
                 **({"stop": options.stop} if options.stop else {}),
             },
         }
-        if job.messages is not None:
-            path, body["messages"] = "/api/chat", [m.model_dump() for m in job.messages]
+        if job.messages is not None or job.continuation:
+            # Ollama continues a final assistant message; /api/generate has no way to carry one.
+            path, body["messages"] = "/api/chat", continued_chat(job)
         else:
             path, body["prompt"] = "/api/generate", job.prompt
         if not job.stream:
@@ -132,12 +134,13 @@ class OllamaBackend:
                         message = error_text(json.loads(text))
                     except ValueError:
                         message = text[:200]
-                    raise error(f"Ollama answered {resp.status}: {message}")
+                    failure = BackendUnavailable if resp.status >= 500 else error  # 5xx: another worker may do
+                    raise failure(f"Ollama answered {resp.status}: {message}")
                 async for raw in resp.content:
                     if raw.strip():
                         yield json.loads(raw)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackendError(f"cannot reach Ollama at {self._host}: {e or type(e).__name__}") from e
+            raise BackendUnavailable(f"cannot reach Ollama at {self._host}: {e or type(e).__name__}") from e
         except ValueError as e:
             raise BackendError(f"Ollama at {self._host} streamed a line that is not JSON") from e
 

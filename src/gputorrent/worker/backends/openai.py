@@ -8,9 +8,10 @@ from typing import Any
 
 import aiohttp
 
-from gputorrent.errors import BackendError, ModelUnavailable
+from gputorrent.errors import BackendError, BackendUnavailable, ModelUnavailable
 from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
+from gputorrent.worker.backends.base import continued_chat
 
 
 class OpenAIBackend:
@@ -56,9 +57,9 @@ class OpenAIBackend:
             **({"stop": options.stop} if options.stop else {}),
         }
         if job.messages is not None:
-            path, body["messages"] = "/chat/completions", [m.model_dump() for m in job.messages]
+            path, body["messages"] = "/chat/completions", continued_chat(job)
         else:
-            path, body["prompt"] = "/completions", job.prompt
+            path, body["prompt"] = "/completions", (job.prompt or "") + (job.continuation or "")
         if not job.stream:
             reply = await self._call("POST", path, body)
             if not reply.get("choices"):
@@ -89,7 +90,8 @@ class OpenAIBackend:
             async with self._http().post(self._base_url + path, json=body) as resp:
                 if resp.status >= 400:
                     text = await resp.text()
-                    raise BackendError(f"{server} answered {resp.status}: {text[:300]}")
+                    failure = BackendUnavailable if resp.status >= 500 else BackendError  # 5xx: another worker may do
+                    raise failure(f"{server} answered {resp.status}: {text[:300]}")
                 async for raw in resp.content:
                     line = raw.strip()
                     if not line.startswith(b"data:"):
@@ -99,7 +101,7 @@ class OpenAIBackend:
                         return
                     yield json.loads(data)
         except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackendError(f"cannot reach {server}: {e or type(e).__name__}") from e
+            raise BackendUnavailable(f"cannot reach {server}: {e or type(e).__name__}") from e
         except ValueError as e:
             raise BackendError(f"{server} streamed an event that is not JSON") from e
 

@@ -1,0 +1,53 @@
+"""Handing a worker's jobs to live workers that serve their models: for the reaper (the worker
+died), and for a worker that drains or whose backend fails.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from redis.asyncio import Redis
+
+from gputorrent import queue, routing
+from gputorrent.protocol import Job, WorkerState
+
+log = logging.getLogger(__name__)
+
+
+async def hand_on(
+    redis: Redis,
+    worker_id: str,
+    source: str,
+    workers: list[WorkerState],
+    *,
+    count_attempt: bool,
+    max_attempts: int,
+    ttl_s: int,
+    only_if_dead: bool,
+) -> int:
+    """Move every job of the list `source` (of worker `worker_id`) to a live worker chosen round-robin.
+
+    `count_attempt` counts an attempt for each (past `max_attempts` it fails with `worker_lost`);
+    with `only_if_dead` nothing moves once the worker's heartbeat is back. A job no live worker
+    can take stays where it is. Returns how many jobs were moved or failed.
+    """
+    handled = 0
+    for raw in await redis.lrange(source, 0, -1):
+        model = _model_of(str(raw))
+        candidates = routing.candidates_for(model, workers) if model else []
+        target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis)) if candidates else None
+        moved = await queue.retry_or_fail(
+            redis, source, str(raw), started=count_attempt, target=target, max_attempts=max_attempts, ttl_s=ttl_s,
+            dead=worker_id if only_if_dead else None,
+        )  # fmt: skip
+        if moved:
+            log.info("a job of worker %s was handed to %s", worker_id, target or "nobody: it failed")
+            handled += 1
+    return handled
+
+
+def _model_of(raw: str) -> str | None:
+    try:
+        return Job.model_validate_json(raw).model
+    except ValueError:
+        return None  # retry_or_fail drops it

@@ -1,0 +1,71 @@
+"""Hears which running jobs were ended elsewhere (cancelled, timed out, client gone) so they stop.
+
+`queue.end` writes the job's result and announces its id on `jobs:ended`; this listener sets
+the job's event, and the executor checks it at every token. After each (re)subscription the
+`cancel:{request_id}` keys of the watched jobs are read, so an announcement missed while the
+connection was down is not lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gputorrent import keys
+from gputorrent.retry import Backoff
+
+log = logging.getLogger(__name__)
+
+POLL_S = 1.0  # how long one read of the channel waits; also how fast a stop is noticed
+
+
+class EndedJobs:
+    """One event per running job, set when the job is ended elsewhere."""
+
+    def __init__(self, redis: Redis) -> None:
+        self._redis = redis
+        self._watched: dict[str, asyncio.Event] = {}
+
+    def watch(self, request_id: str) -> asyncio.Event:
+        event = self._watched[request_id] = asyncio.Event()
+        return event
+
+    def unwatch(self, request_id: str) -> None:
+        self._watched.pop(request_id, None)
+
+    def end_all_here(self) -> None:
+        """Stop every running job at its next token (the worker handed them on)."""
+        for event in self._watched.values():
+            event.set()
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Listen until `stop` is set, resubscribing with backoff when Redis fails."""
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                    await pubsub.subscribe(keys.ENDED_CHANNEL)
+                    await self._catch_up()
+                    backoff.reset()
+                    while not stop.is_set():
+                        message = await pubsub.get_message(timeout=POLL_S)
+                        if message is not None and (event := self._watched.get(str(message["data"]))):
+                            event.set()
+            except (RedisError, OSError) as e:
+                log.warning("cannot hear ended jobs (%s); retrying in %.1f s", e, backoff.delay_s)
+                await backoff.wait()
+
+    async def _catch_up(self) -> None:
+        watched = list(self._watched.items())
+        if not watched:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for request_id, _ in watched:
+                pipe.exists(keys.cancel_key(request_id))
+            found = await pipe.execute()
+        for (_, event), ended in zip(watched, found, strict=True):
+            if ended:
+                event.set()

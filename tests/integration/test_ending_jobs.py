@@ -1,0 +1,162 @@
+"""Ending jobs on purpose and admitting them once: DELETE /inference/{id}, deadlines, idempotency."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+from redis.asyncio import Redis
+
+from gputorrent import keys
+from gputorrent.protocol import Job, JobResult
+from gputorrent.worker.backends.fake import FakeBackend
+from gputorrent.worker.executor import execute
+from gputorrent.worker.main import Worker
+from tests.conftest import eventually
+
+MakeWorker = Callable[..., Awaitable[Worker]]
+LONG_PROMPT = " ".join(["word"] * 200)  # 200 tokens: 10 s at 50 ms a token
+
+
+async def _submit(api: httpx.AsyncClient, headers: dict[str, str] | None = None, **body: object) -> httpx.Response:
+    payload = {"model": "fake", "prompt": "hello pool", **body}
+    return await api.post("/inference", json=payload, headers=headers)
+
+
+async def _wait_status(api: httpx.AsyncClient, request_id: str, status: str) -> None:
+    async def reached() -> bool:
+        return bool((await api.get(f"/result/{request_id}")).json()["status"] == status)
+
+    await eventually(reached, f"status {status}")
+
+
+async def test_delete_ends_a_queued_job_at_once_and_it_never_runs(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    worker = await fake_worker("w1")
+    request_id = (await _submit(api)).json()["request_id"]
+
+    cancelled = await api.delete(f"/inference/{request_id}")
+    assert cancelled.status_code == 200
+    assert cancelled.json()["status"] == "failed"
+    assert cancelled.json()["error"]["code"] == "cancelled"
+    assert await redis.llen(keys.queue_key("w1")) == 0
+    assert await redis.zcard(keys.DEADLINES) == 0
+
+    await worker.run(asyncio.Event(), burst=True)
+    assert worker.jobs_done == 0
+    assert (await api.get(f"/result/{request_id}")).json()["error"]["code"] == "cancelled"
+
+
+async def test_delete_stops_a_running_job_at_its_next_token(api: httpx.AsyncClient, fake_worker: MakeWorker) -> None:
+    worker = await fake_worker("w1", token_delay_s=0.05)
+    request_id = (await _submit(api, prompt=LONG_PROMPT, options={"max_tokens": 500})).json()["request_id"]
+    running = asyncio.create_task(worker.run(asyncio.Event(), burst=True))
+    await _wait_status(api, request_id, "running")
+
+    cancelled = await api.delete(f"/inference/{request_id}")
+    assert cancelled.json()["error"]["code"] == "cancelled"
+    await asyncio.wait_for(running, timeout=5)  # stopped long before its 10 s of tokens
+    assert worker.jobs_done == 0  # its own result was refused
+    result = (await api.get(f"/result/{request_id}")).json()
+    assert result["status"] == "failed" and result["error"]["code"] == "cancelled"
+
+
+async def test_delete_leaves_a_finished_job_as_it_was_and_an_unknown_id_is_404(
+    api: httpx.AsyncClient, fake_worker: MakeWorker
+) -> None:
+    worker = await fake_worker("w1")
+    request_id = (await _submit(api)).json()["request_id"]
+    await worker.run(asyncio.Event(), burst=True)
+
+    again = await api.delete(f"/inference/{request_id}")
+    assert again.status_code == 200 and again.json()["status"] == "completed"
+    unknown = await api.delete("/inference/no-such-request")
+    assert unknown.status_code == 404
+    assert unknown.json()["error"]["code"] == "request_not_found"
+
+
+async def test_a_queued_job_past_its_deadline_fails_with_code_timeout(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")  # registered but never running: the job stays queued
+    request_id = (await _submit(api, timeout_s=0.2)).json()["request_id"]
+
+    result = (await api.get(f"/result/{request_id}", params={"wait": 10})).json()
+    assert result["status"] == "failed"
+    assert result["error"]["code"] == "timeout"
+    assert await redis.llen(keys.queue_key("w1")) == 0
+    assert await redis.zcard(keys.DEADLINES) == 0
+
+
+async def test_a_running_job_past_its_deadline_fails_with_code_timeout(
+    api: httpx.AsyncClient, fake_worker: MakeWorker
+) -> None:
+    worker = await fake_worker("w1", token_delay_s=0.05)
+    request_id = (await _submit(api, prompt=LONG_PROMPT, options={"max_tokens": 500}, timeout_s=0.5)).json()
+    await asyncio.wait_for(worker.run(asyncio.Event(), burst=True), timeout=5)
+    result = (await api.get(f"/result/{request_id['request_id']}")).json()
+    assert result["status"] == "failed" and result["error"]["code"] == "timeout"
+
+
+async def test_the_worker_ends_a_hung_generation_at_the_deadline() -> None:
+    """No token ever comes: the deadline still ends the job (a backend that hangs cannot hold a slot)."""
+    backend = FakeBackend(token_delay_s=3600)
+    await backend.load("fake")
+    job = Job(request_id="r1", worker_id="w1", model="fake", prompt="hi", enqueued_at=time.time(),
+              deadline=time.time() + 0.2)  # fmt: skip
+    result = await asyncio.wait_for(execute(backend, job), timeout=5)
+    assert isinstance(result, JobResult)
+    assert result.error is not None and result.error.code == "timeout"
+
+
+async def test_the_same_request_id_twice_is_one_job(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    first = await _submit(api, request_id="client-chosen-0001")
+    second = await _submit(api, request_id="client-chosen-0001")
+    assert first.status_code == second.status_code == 202
+    assert first.json()["request_id"] == second.json()["request_id"] == "client-chosen-0001"
+    assert first.json()["replayed"] is False and second.json()["replayed"] is True
+    assert await redis.llen(keys.queue_key("w1")) == 1
+
+
+async def test_concurrent_submissions_with_one_idempotency_key_make_one_job(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    replies = await asyncio.gather(*(_submit(api, headers={"Idempotency-Key": "order-42"}) for _ in range(10)))
+    assert {r.status_code for r in replies} == {202}
+    assert len({r.json()["request_id"] for r in replies}) == 1
+    assert sum(not r.json()["replayed"] for r in replies) == 1
+    assert await redis.llen(keys.queue_key("w1")) == 1
+
+    other = await _submit(api, headers={"Idempotency-Key": "order-43"})
+    assert other.json()["request_id"] != replies[0].json()["request_id"]
+
+
+async def test_an_idempotency_key_on_the_openai_route_returns_the_first_answer(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    worker = await fake_worker("w1")
+    body = {"model": "fake", "messages": [{"role": "user", "content": "once only"}]}
+    first = asyncio.create_task(api.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "k1"}))
+
+    async def queued() -> bool:
+        return bool(await redis.llen(keys.queue_key("w1")))
+
+    await eventually(queued, "the request to be queued")
+    await worker.run(asyncio.Event(), burst=True)
+    second = await api.post("/v1/chat/completions", json=body, headers={"Idempotency-Key": "k1"})
+    assert (await first).json()["id"] == second.json()["id"]
+    assert worker.jobs_done == 1
+
+
+async def test_bad_timeouts_and_request_ids_are_400s_that_name_the_field(api: httpx.AsyncClient) -> None:
+    for body, field in (({"timeout_s": 0}, "timeout_s"), ({"request_id": "short"}, "request_id")):
+        response = await _submit(api, **body)
+        assert response.status_code == 422, response.text
+        assert response.json()["error"]["fields"][0]["field"] == field

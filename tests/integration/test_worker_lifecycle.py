@@ -1,0 +1,217 @@
+"""A worker's life beyond serving: draining on stop, unhealthy backends, resuming a stream elsewhere."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+from redis.asyncio import Redis
+
+from gputorrent import keys, queue, registry, streams
+from gputorrent.errors import BackendUnavailable
+from gputorrent.protocol import GenerationDone, InferenceOptions, Job, JobResult, TokenChunk
+from gputorrent.worker.backends.fake import FakeBackend
+from gputorrent.worker.main import Worker
+from tests.conftest import eventually
+
+MakeWorker = Callable[..., Awaitable[Worker]]
+WORDS = [f"w{i}" for i in range(60)]  # 61 tokens with "echo:": 3 s at 50 ms a token
+EXPECTED = "echo: " + " ".join(WORDS)
+
+
+async def _submit(api: httpx.AsyncClient, **body: Any) -> str:
+    payload = {"model": "fake", "prompt": " ".join(WORDS), "options": {"max_tokens": 100, "temperature": 0}}
+    response = await api.post("/inference", json=payload | body)
+    assert response.status_code == 202, response.text
+    return str(response.json()["request_id"])
+
+
+async def _enqueue_streamed(redis: Redis, worker_id: str, temperature: float = 0.0) -> str:
+    """A streamed job, queued directly (the in-process client would hold the stream until it ends)."""
+    job = Job(
+        request_id=f"r{time.monotonic_ns()}", worker_id=worker_id, model="fake", prompt=" ".join(WORDS),
+        options=InferenceOptions(max_tokens=100, temperature=temperature), enqueued_at=time.time(), stream=True,
+    )  # fmt: skip
+    await queue.enqueue(redis, job, ttl_s=60)
+    return job.request_id
+
+
+async def _state(api: httpx.AsyncClient, worker_id: str) -> str | None:
+    for worker in (await api.get("/workers")).json():
+        if worker["worker_id"] == worker_id:
+            return str(worker["state"])
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _serving(worker: Worker) -> AsyncIterator[None]:
+    """The worker runs (heartbeat and all) inside the block and is stopped after it."""
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    try:
+        yield
+    finally:
+        stop.set()
+        await asyncio.wait_for(running, timeout=10)
+
+
+async def _streamed_tokens(redis: Redis, request_id: str) -> int:
+    return (await streams.sent_so_far(redis, request_id))[1]
+
+
+async def _followed(redis: Redis, request_id: str) -> tuple[str, JobResult]:
+    text, result = "", None
+    async for batch in streams.follow(redis, request_id, timeout_s=20):
+        for item in batch:
+            if isinstance(item, TokenChunk):
+                text += item.text
+            else:
+                result = item
+    assert result is not None, "the stream ended without a result"
+    return text, result
+
+
+async def test_a_stopped_worker_hands_its_queue_on_finishes_its_job_and_leaves(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    w1 = await fake_worker("w1", token_delay_s=0.02, drain_timeout_s=10)
+    w2 = await fake_worker("w2")
+    # Round-robin: r1 and r3 go to w1, r2 to w2.
+    r1, r2, r3 = [await _submit(api) for _ in range(3)]
+    assert await redis.llen(keys.queue_key("w1")) == 2
+    stop = asyncio.Event()
+    running = asyncio.create_task(w1.run(stop))
+    await eventually(lambda: _is_running(api, r1), "w1 to start r1")
+    stop.set()
+
+    await eventually(lambda: _state_is(api, "w1", "draining"), "w1 to say it drains")
+    await asyncio.wait_for(running, timeout=10)
+    assert (await api.get(f"/result/{r1}")).json()["status"] == "completed"  # finished within its grace
+    assert await _state(api, "w1") is None  # left the registry
+    assert await redis.llen(keys.queue_key("w2")) == 2  # its own r2, and r3 from w1
+    await w2.run(asyncio.Event(), burst=True)
+    for request_id in (r2, r3):
+        assert (await api.get(f"/result/{request_id}")).json()["worker_id"] == "w2"
+
+
+async def _is_running(api: httpx.AsyncClient, request_id: str) -> bool:
+    return bool((await api.get(f"/result/{request_id}")).json()["status"] == "running")
+
+
+async def _state_is(api: httpx.AsyncClient, worker_id: str, state: str) -> bool:
+    return await _state(api, worker_id) == state
+
+
+async def test_a_job_still_running_after_the_drain_grace_resumes_on_another_worker_without_a_repeated_token(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    w1 = await fake_worker("w1", token_delay_s=0.05, drain_timeout_s=0.3)
+    request_id = await _enqueue_streamed(redis, "w1")
+    w2 = await fake_worker("w2")  # registered after: the job went to w1
+    stop = asyncio.Event()
+    running = asyncio.create_task(w1.run(stop))
+    await eventually(lambda: _has_tokens(redis, request_id, 3), "w1 to stream a few tokens")
+    stop.set()
+    await asyncio.wait_for(running, timeout=10)
+    sent_by_w1 = await _streamed_tokens(redis, request_id)
+    assert 3 <= sent_by_w1 < len(WORDS)
+    assert await redis.llen(keys.queue_key("w2")) == 1
+
+    async with _serving(w2):
+        text, result = await _followed(redis, request_id)
+    assert text == result.output == EXPECTED  # nothing lost, nothing repeated
+    assert result.worker_id == "w2"
+    assert result.resumed is not None and result.resumed.exact
+    assert result.resumed.after_tokens >= sent_by_w1
+    assert result.usage.completion_tokens == len(WORDS) + 1
+
+
+async def _has_tokens(redis: Redis, request_id: str, count: int) -> bool:
+    return await _streamed_tokens(redis, request_id) >= count
+
+
+async def test_a_stream_whose_worker_dies_is_resumed_by_another_from_the_tokens_sent(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    w1 = await fake_worker("w1", token_delay_s=0.05)
+    request_id = await _enqueue_streamed(redis, "w1", temperature=0.7)
+    w2 = await fake_worker("w2")
+    running = asyncio.create_task(w1.run(asyncio.Event()))
+    await eventually(lambda: _has_tokens(redis, request_id, 3), "w1 to stream a few tokens")
+    running.cancel()  # as good as dead: its lease stays in processing:w1, its heartbeat stops
+    await asyncio.gather(running, return_exceptions=True)
+    await registry.mark_gone(redis, "w1")  # its heartbeat expired
+    assert await redis.llen(keys.processing_key("w1")) == 1
+
+    async with _serving(w2):  # the reaper hands the job to w2, which resumes it
+        text, result = await _followed(redis, request_id)
+    assert text == result.output == EXPECTED
+    assert result.resumed is not None and not result.resumed.exact  # sampled: said so
+    assert "temperature" in result.resumed.note
+
+
+class _UnreachableBackend(FakeBackend):
+    """A backend whose server went away: every generation fails as unreachable until `restore()`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = True
+
+    def restore(self) -> None:
+        self.down = False
+
+    async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
+        if self.down:
+            raise BackendUnavailable("cannot reach the model server: connection refused")
+        async for item in super().generate(job):
+            yield item
+
+
+async def test_a_job_whose_backend_is_down_fails_over_and_the_worker_turns_unhealthy(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    backend = _UnreachableBackend()
+    w1 = await fake_worker("w1", backend=backend, health_interval_s=0.2, health_timeout_s=1)
+    request_id = await _submit(api)
+    w2 = await fake_worker("w2")
+    async with _serving(w1):
+        await eventually(lambda: _state_is(api, "w1", "unhealthy"), "w1 to report itself unhealthy")
+        row = next(w for w in (await api.get("/workers")).json() if w["worker_id"] == "w1")
+        assert "connection refused" in row["state_reason"]
+        assert await redis.llen(keys.queue_key("w2")) == 1  # handed on, not failed
+        # New work avoids the unhealthy worker.
+        assert (await api.post("/inference", json={"model": "fake", "prompt": "x"})).json()["worker_id"] == "w2"
+        await w2.run(asyncio.Event(), burst=True)
+        result = (await api.get(f"/result/{request_id}")).json()
+        assert result["status"] == "completed" and result["worker_id"] == "w2"
+        assert result["usage"]["completion_tokens"] == len(WORDS) + 1
+
+        backend.restore()  # once its backend generates again, it serves
+        await eventually(lambda: _state_is(api, "w1", "alive"), "w1 to be healthy again")
+
+
+class _HangingBackend(FakeBackend):
+    """Lists its model, but a generation never yields a token: what a wedged Ollama looks like."""
+
+    async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
+        await asyncio.Event().wait()
+        yield TokenChunk(text="never")  # pragma: no cover
+
+
+async def test_a_backend_that_lists_models_but_cannot_generate_is_unhealthy(
+    api: httpx.AsyncClient, fake_worker: MakeWorker
+) -> None:
+    w1 = await fake_worker("w1", backend=_HangingBackend(), health_interval_s=0.2, health_timeout_s=0.3)
+    assert await w1.backend.list_models() == ["fake"]
+    started = time.monotonic()
+    async with _serving(w1):
+        await eventually(lambda: _state_is(api, "w1", "unhealthy"), "the probe to find the hang")
+        assert time.monotonic() - started < 5
+        row = next(w for w in (await api.get("/workers")).json() if w["worker_id"] == "w1")
+        assert row["state_reason"] and "deadline" in row["state_reason"]
+        refused = await api.post("/inference", json={"model": "fake", "prompt": "x"})
+        assert refused.status_code == 503  # its only worker is unhealthy: no job goes to it
