@@ -94,3 +94,21 @@ async def test_a_system_message_is_kept_for_gemma(backend: LlamaCppBackend) -> N
     _, without = await _run(backend, _job(messages=[user], max_tokens=2, temperature=0))
     _, with_system = await _run(backend, _job(messages=[system, user], max_tokens=2, temperature=0))
     assert with_system.prompt_tokens > without.prompt_tokens + 5
+
+
+@pytest.mark.parametrize("chat", [False, True], ids=["prompt", "chat"])
+async def test_a_greedy_continuation_gives_the_text_of_one_uninterrupted_run(
+    backend: LlamaCppBackend, chat: bool
+) -> None:
+    """What mid-stream failover relies on: resuming after the tokens sent repeats none and changes none."""
+    messages = [ChatMessage(role="user", content="Count from one to twenty in words.")] if chat else None
+    prompt = None if chat else "The planets of the solar system, in order from the sun, are"
+    whole_job = _job(prompt, messages, max_tokens=24, temperature=0)
+    chunks = [item.text async for item in backend.generate(whole_job) if isinstance(item, TokenChunk)]
+    assert len(chunks) >= 12
+    sent = "".join(chunks[:8])
+
+    resumed_job = _job(prompt, messages, max_tokens=24 - 8, temperature=0)
+    resumed_job = resumed_job.model_copy(update={"continuation": sent, "continuation_tokens": 8})
+    rest, _ = await _run(backend, resumed_job)
+    assert sent + rest == "".join(chunks)
