@@ -158,6 +158,7 @@ class JobStatus(WireModel):
     status: Literal["queued", "running"]
     worker_id: str
     model: str
+    stream: bool = False  # its tokens can be followed at `GET /stream/{request_id}`
 
 
 class Accepted(WireModel):

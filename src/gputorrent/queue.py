@@ -32,7 +32,7 @@ if ARGV[1] == '1' then
   if existing then return existing end
   redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'worker_id', ARGV[4], 'model', ARGV[5])
+redis.call('HSET', KEYS[1], 'status', 'queued', 'worker_id', ARGV[4], 'model', ARGV[5], 'stream', ARGV[8])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2]) end
@@ -53,7 +53,7 @@ async def enqueue(redis: Redis, job: Job, ttl_s: int, idempotency_key: str | Non
         keys.job_key(job.request_id), keys.queue_key(job.worker_id), keys.DEADLINES,
         keys.idempotency_key(idempotency_key or ""),
         "1" if idempotency_key else "0", job.request_id, str(record_ttl_s), job.worker_id, job.model,
-        job.model_dump_json(), repr(job.deadline) if job.deadline is not None else "",
+        job.model_dump_json(), repr(job.deadline) if job.deadline is not None else "", "1" if job.stream else "0",
     )  # fmt: skip
     return str(admitted)
 
@@ -267,6 +267,7 @@ async def lookup(redis: Redis, request_id: str) -> JobResult | JobStatus | None:
         return JobResult.model_validate_json(result_json)
     if status:
         return JobStatus(
-            request_id=request_id, status=status["status"], worker_id=status["worker_id"], model=status["model"]
-        )
+            request_id=request_id, status=status["status"], worker_id=status["worker_id"], model=status["model"],
+            stream=status.get("stream") == "1",
+        )  # fmt: skip
     return None

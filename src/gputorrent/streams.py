@@ -44,24 +44,30 @@ async def sent_so_far(redis: Redis, request_id: str) -> tuple[str, int]:
     return "".join(f[TEXT_FIELD] for f in texts), sum(int(f.get(TOKENS_FIELD, 1)) for f in texts)
 
 
-async def follow(redis: Redis, request_id: str, timeout_s: float) -> AsyncIterator[list[TokenChunk | JobResult]]:
-    """Read the stream in rounds of at most `FOLLOW_BLOCK_MS`: each round's text (maybe none), the
-    `JobResult` last; stops after the result, or after `timeout_s` without one."""
+StreamEntry = tuple[str, TokenChunk | JobResult]
+"""An entry of a token stream: its Redis id (usable as `after`) and its text or the result."""
+
+
+async def follow(
+    redis: Redis, request_id: str, timeout_s: float, after: str = "0-0"
+) -> AsyncIterator[list[StreamEntry]]:
+    """Read the stream from after the entry id `after`, in rounds of at most `FOLLOW_BLOCK_MS`: each
+    round's text (maybe none), the `JobResult` last; stops after the result, or after `timeout_s` without one."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    last_id = "0-0"
+    last_id = after
     key = keys.stream_key(request_id)
     while loop.time() < deadline:
         reply = cast(StreamReply, await redis.xread({key: last_id}, block=FOLLOW_BLOCK_MS, count=512))
-        batch: list[TokenChunk | JobResult] = []
+        batch: list[StreamEntry] = []
         for _, entries in reply:
             for entry_id, fields in entries:
                 last_id = entry_id
                 if RESULT_FIELD in fields:
-                    batch.append(JobResult.model_validate_json(fields[RESULT_FIELD]))
+                    batch.append((entry_id, JobResult.model_validate_json(fields[RESULT_FIELD])))
                     yield batch
                     return
-                batch.append(TokenChunk(text=fields[TEXT_FIELD]))
+                batch.append((entry_id, TokenChunk(text=fields[TEXT_FIELD])))
         yield batch
 
 

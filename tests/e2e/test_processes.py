@@ -37,6 +37,26 @@ def test_client_infer_through_coordinator_and_worker_processes(coordinator_url: 
     assert result.worker_id == "w1"
 
 
+def test_client_retries_with_its_request_id_get_one_job_and_cancel_ends_it(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    start_worker("w1", env={"GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.05"})
+    words = " ".join(["word"] * 400)  # 20 s of tokens
+    with APIClient(coordinator_url) as client:
+        first = client.submit("fake", words, options={"max_tokens": 1000}, request_id="client-retry-0001")
+        again = client.submit("fake", words, options={"max_tokens": 1000}, request_id="client-retry-0001")
+        assert (first.request_id, first.replayed, again.replayed) == ("client-retry-0001", False, True)
+        wait_for(lambda: _status(client, first.request_id) == "running", 10, "the job to start")
+        ended = client.cancel(first.request_id)
+        assert ended.status == "failed" and ended.error is not None and ended.error.code == "cancelled"
+        follow_up = client.infer("fake", "next please", timeout_s=5)  # only if the cancelled job stopped
+        assert follow_up.output == "echo: next please"
+
+
+def _status(client: APIClient, request_id: str) -> str:
+    return client.result(request_id).status
+
+
 def test_jobs_alternate_between_two_worker_processes(coordinator_url: str, start_worker: StartWorker) -> None:
     start_worker("w1")
     start_worker("w2")

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Awaitable, Callable
 
+import httpx
 import pytest
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -25,7 +27,7 @@ def _job(prompt: str, **options: object) -> Job:
 
 
 async def _follow_all(redis: Redis, request_id: str) -> list[TokenChunk | JobResult]:
-    return [item async for batch in streams.follow(redis, request_id, timeout_s=10) for item in batch]
+    return [item async for batch in streams.follow(redis, request_id, timeout_s=10) for _, item in batch]
 
 
 async def test_a_fast_generation_is_written_in_a_few_batches_not_per_token(
@@ -91,3 +93,46 @@ async def test_a_failed_write_is_kept_for_close_not_lost_to_the_next_push(redis:
     with pytest.raises((RedisError, OSError)):
         await writer.close()
     await broken.aclose()
+
+
+def _sse_events(body: str) -> list[dict[str, str]]:
+    events = []
+    for block in body.strip().split("\n\n"):
+        fields = dict(line.split(": ", 1) for line in block.splitlines())
+        events.append(fields)
+    return events
+
+
+async def test_any_coordinator_can_follow_a_stream_and_resume_after_last_event_id(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    worker = await fake_worker("w1")
+    job = _job("one two three four")
+    await queue.enqueue(redis, job, ttl_s=60)
+    await worker.run(asyncio.Event(), burst=True)
+
+    response = await api.get(f"/stream/{job.request_id}")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(response.text)
+    assert [e["event"] for e in events][-1] == "result"
+    texts = "".join(json.loads(e["data"])["text"] for e in events if e["event"] == "token")
+    assert texts == "echo: one two three four"
+    assert all(e["id"] for e in events)
+
+    first = events[0]["id"]
+    rest = _sse_events((await api.get(f"/stream/{job.request_id}", headers={"Last-Event-ID": first})).text)
+    assert [e["id"] for e in rest] == [e["id"] for e in events[1:]]  # nothing repeated, nothing lost
+
+
+async def test_following_a_request_that_is_not_streamed_gives_its_result_event(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    worker = await fake_worker("w1")
+    request_id = (await api.post("/inference", json={"model": "fake", "prompt": "quiet"})).json()["request_id"]
+    await worker.run(asyncio.Event(), burst=True)
+    [event] = _sse_events((await api.get(f"/stream/{request_id}")).text)
+    assert event["event"] == "result" and json.loads(event["data"])["output"] == "echo: quiet"
+    assert (await api.get("/stream/no-such-request")).status_code == 404
+    bad = await api.get(f"/stream/{request_id}", headers={"Last-Event-ID": "not-an-id"})
+    assert bad.status_code == 422

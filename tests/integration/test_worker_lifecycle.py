@@ -66,7 +66,7 @@ async def _streamed_tokens(redis: Redis, request_id: str) -> int:
 async def _followed(redis: Redis, request_id: str) -> tuple[str, JobResult]:
     text, result = "", None
     async for batch in streams.follow(redis, request_id, timeout_s=20):
-        for item in batch:
+        for _, item in batch:
             if isinstance(item, TokenChunk):
                 text += item.text
             else:

@@ -44,11 +44,12 @@ def inference_body(
     prompt: str | None,
     messages: list[ChatMessage] | list[dict[str, str]] | None,
     options: InferenceOptions | dict[str, Any] | None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     """Validate locally (a bad argument fails before any network call) and return the JSON body."""
     try:
         request = InferenceRequest.model_validate(
-            {"model": model, "prompt": prompt, "messages": messages, "options": options or {}}
+            {"model": model, "prompt": prompt, "messages": messages, "options": options or {}, "request_id": request_id}
         )
     except ValidationError as e:  # the same error class the coordinator's 422 maps to
         problems = "; ".join(f"{'.'.join(map(str, err['loc'])) or 'request'}: {err['msg']}" for err in e.errors())

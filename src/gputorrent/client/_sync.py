@@ -37,9 +37,14 @@ class APIClient:
         *,
         messages: list[ChatMessage] | list[dict[str, str]] | None = None,
         options: InferenceOptions | dict[str, Any] | None = None,
+        request_id: str | None = None,
     ) -> Accepted:
-        """Queue a request; returns its `request_id` and the worker it went to."""
-        body = _base.inference_body(model, prompt, messages, options)
+        """Queue a request; returns its `request_id` and the worker it went to.
+
+        With your own `request_id`, submitting again (a retry after a lost answer) returns the
+        same job instead of running it twice.
+        """
+        body = _base.inference_body(model, prompt, messages, options, request_id)
         return _base.parse_accepted(self._request("POST", "/inference", json=body))
 
     def result(self, request_id: str, *, wait_s: float = 0.0) -> JobResult | JobStatus:
@@ -47,6 +52,15 @@ class APIClient:
         return _base.parse_result(
             self._request("GET", f"/result/{request_id}", params={"wait": wait_s}, timeout=wait_s + 30)
         )
+
+    def cancel(self, request_id: str) -> JobResult:
+        """End a request (a queued job never runs; a running one stops at its next token).
+
+        Returns its result: failed with code `cancelled`, or the result it already had.
+        """
+        response = self._request("DELETE", f"/inference/{request_id}")
+        _base.raise_for_error(response)
+        return JobResult.model_validate_json(response.content)
 
     def infer(
         self,

@@ -12,10 +12,10 @@ SSE_DONE = b"data: [DONE]\n\n"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def sse(data: Any, event: str | None = None) -> bytes:
+def sse(data: Any, event: str | None = None, event_id: str | None = None) -> bytes:
     """One server-sent event; `data` is JSON-encoded unless it is already a string."""
     payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    head = f"event: {event}\n" if event else ""
+    head = (f"id: {event_id}\n" if event_id else "") + (f"event: {event}\n" if event else "")
     return f"{head}data: {payload}\n\n".encode()
 
 

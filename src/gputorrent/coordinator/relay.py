@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 from gputorrent import queue, streams
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
-from gputorrent.protocol import ErrorInfo, JobResult, TokenChunk
+from gputorrent.protocol import ErrorInfo, JobResult
 
 log = logging.getLogger(__name__)
 
@@ -39,24 +39,33 @@ async def completed_result(waiter: ResultWaiter, request_id: str, timeout_s: flo
 
 
 async def follow(
-    redis: Redis, request_id: str, timeout_s: float, ttl_s: int, disconnected: Callable[[], Awaitable[bool]]
-) -> AsyncIterator[TokenChunk | JobResult]:
-    """The job's tokens as they are generated, then its result.
+    redis: Redis,
+    request_id: str,
+    timeout_s: float,
+    ttl_s: int,
+    disconnected: Callable[[], Awaitable[bool]],
+    *,
+    after: str = "0-0",
+    owner: bool = True,
+) -> AsyncIterator[streams.StreamEntry]:
+    """The job's tokens as they are generated (after the entry id `after`), then its result, each
+    with its stream entry id.
 
     Raises:
         ResultTimeout: no result within `timeout_s`.
         RedisUnavailable: Redis failed on the way.
 
-    A client that goes away before the result (`disconnected()` turns true, checked at least
-    once a second, or the consumer stops iterating) ends the job as cancelled: a queued job
-    never runs, a running one stops at its next token.
+    When the `owner` (the client that submitted the job) goes away before the result
+    (`disconnected()` turns true, checked at least once a second, or the consumer stops
+    iterating), the job is ended as cancelled: a queued job never runs, a running one stops at
+    its next token. Another follower leaving changes nothing.
     """
     finished = False
     try:
-        async for batch in streams.follow(redis, request_id, timeout_s):
-            for item in batch:
-                finished = isinstance(item, JobResult)
-                yield item
+        async for batch in streams.follow(redis, request_id, timeout_s, after):
+            for entry in batch:
+                finished = isinstance(entry[1], JobResult)
+                yield entry
             if not finished and await disconnected():
                 return
         if not finished:
@@ -65,7 +74,7 @@ async def follow(
         log.warning("request %s: Redis failed mid-stream (%s)", request_id, e)
         raise RedisUnavailable("the coordinator lost Redis while streaming; retry shortly") from e
     finally:
-        if not finished:
+        if not finished and owner:
             log.info(
                 "request %s: the stream ended without a result (client left, timeout or Redis); cancelling", request_id
             )

@@ -64,7 +64,7 @@ async def _events(
         redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
     )
     try:
-        async for item in following:
+        async for _, item in following:
             if isinstance(item, JobResult):
                 result = item
             elif item.text:

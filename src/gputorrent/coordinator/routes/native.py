@@ -9,11 +9,11 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request, Response
+from fastapi import APIRouter, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
-from gputorrent import queue, registry
+from gputorrent import keys, queue, registry
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
@@ -30,6 +30,7 @@ from gputorrent.protocol import (
     WorkerRegistration,
     WorkerState,
 )
+from gputorrent.streams import StreamEntry
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -97,14 +98,71 @@ async def _events(redis: RedisDep, settings: SettingsDep, accepted: Accepted, re
     following = relay.follow(
         redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
     )
+    async for event in _token_events(following):
+        yield event
+
+
+async def _token_events(following: AsyncIterator[StreamEntry]) -> AsyncIterator[bytes]:
+    """`token` events, then `result`, each with its stream entry id (a reconnecting client's `Last-Event-ID`)."""
     try:
-        async for item in following:
+        async for entry_id, item in following:
             if isinstance(item, JobResult):
-                yield sse(item.model_dump(mode="json"), event="result")
+                yield sse(item.model_dump(mode="json"), event="result", event_id=entry_id)
             else:
-                yield sse({"text": item.text}, event="token")
+                yield sse({"text": item.text}, event="token", event_id=entry_id)
     except GPUTorrentError as e:  # the response has started: the error travels as the stream's last event
         yield sse(e.to_body(), event="error")
+
+
+@router.get(
+    "/stream/{request_id}",
+    response_class=StreamingResponse,
+    responses={
+        200: {"description": "server-sent events: `token`..., then `result`", "content": {SSE_MEDIA_TYPE: {}}},
+        404: {"description": "unknown request id"},
+    },
+    tags=["inference"],
+)
+async def follow_stream(
+    request_id: str,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    last_event_id: Annotated[
+        str | None,
+        Header(alias="Last-Event-ID", pattern=r"^\d{1,20}-\d{1,20}$", description="continue after this event"),
+    ] = None,
+) -> StreamingResponse:
+    """Follow a request from any coordinator: its tokens as they come (a streamed request), then its result.
+
+    With `Last-Event-ID` (what a reconnecting EventSource sends) it continues after that event, so a
+    client whose coordinator died resumes on another without a lost or repeated token. Leaving this
+    stream does not cancel the request; `DELETE /inference/{request_id}` does.
+    """
+    found = await queue.lookup(redis, request_id)
+    if found is None:
+        raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
+    streamed = bool(await redis.exists(keys.stream_key(request_id))) or (isinstance(found, JobStatus) and found.stream)
+    if streamed:
+        following = relay.follow(
+            redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected,
+            after=last_event_id or "0-0", owner=False,
+        )  # fmt: skip
+        events = _token_events(following)
+    else:
+        events = _result_event(waiter, request_id, settings.max_sync_wait_s)
+    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+async def _result_event(waiter: WaiterDep, request_id: str, timeout_s: float) -> AsyncIterator[bytes]:
+    """A request that is not streamed has one event: its result."""
+    try:
+        result = await relay.completed_result(waiter, request_id, timeout_s)
+    except GPUTorrentError as e:
+        yield sse(e.to_body(), event="error")
+        return
+    yield sse(result.model_dump(mode="json"), event="result")
 
 
 CANCELLED_BY_CLIENT = ErrorInfo(code="cancelled", message="the request was cancelled by DELETE /inference/{id}")

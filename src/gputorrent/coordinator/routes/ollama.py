@@ -23,6 +23,7 @@ from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
 from gputorrent.errors import GPUTorrentError, ModelNotFound
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, TokenChunk
+from gputorrent.streams import StreamEntry
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -184,10 +185,10 @@ async def _answer(
     return StreamingResponse(_lines(following, chunk, final), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
-async def _lines(following: AsyncIterator[TokenChunk | JobResult], chunk: Chunk, final: Final) -> AsyncIterator[bytes]:
+async def _lines(following: AsyncIterator[StreamEntry], chunk: Chunk, final: Final) -> AsyncIterator[bytes]:
     """One line per batch of text, then the final line; a failure on the way is an `error` line."""
     try:
-        async for item in following:
+        async for _, item in following:
             if isinstance(item, TokenChunk):
                 yield ndjson(chunk(item.text))
             elif item.status == "failed":

@@ -17,6 +17,7 @@ from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.errors import GPUTorrentError
 from gputorrent.protocol import JobResult
+from gputorrent.streams import StreamEntry
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -95,12 +96,12 @@ async def _completed(waiter: WaiterDep, request_id: str, timeout_s: float) -> Jo
     return result
 
 
-def _follow(redis: RedisDep, settings: SettingsDep, request_id: str, request: Request) -> AsyncIterator[Any]:
+def _follow(redis: RedisDep, settings: SettingsDep, request_id: str, request: Request) -> AsyncIterator[StreamEntry]:
     return relay.follow(redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected)
 
 
 async def _events(
-    following: AsyncIterator[Any],
+    following: AsyncIterator[StreamEntry],
     first: dict[str, Any] | None,
     chunk: Callable[[str, str | None], dict[str, Any]],
     body: wire.ChatCompletionRequest | wire.CompletionRequest,
@@ -111,7 +112,7 @@ async def _events(
     if first is not None:
         yield sse(first)
     try:
-        async for item in following:
+        async for _, item in following:
             if not isinstance(item, JobResult):
                 yield sse(chunk(item.text, None))
                 continue
