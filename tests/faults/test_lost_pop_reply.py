@@ -1,0 +1,56 @@
+"""Scenario 4b: the connection between a worker and Redis drops just after Redis ran the worker's
+pop (BLMOVE), so the reply that carries the job never reaches the worker.
+
+Redis has moved the job into `processing:{worker}`; the worker reconnects without knowing it holds
+it, and its heartbeat keeps it alive, so no reaper touches it: the job is neither run nor handed
+on. A Redis restart under load can do this too (the server exits before writing the replies of
+its last round of commands; scenario 4 then finds such an entry now and then).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from tests.conftest import wait_for
+from tests.faults.conftest import PoolFactory
+from tests.faults.harness import HEARTBEAT_TIMEOUT_S, Pool, RedisProxy, Row
+
+pytestmark = pytest.mark.fault
+
+SCENARIO = "4b. worker's Redis connection cut after a pop, reply lost"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug: a worker does not take back jobs moved into its processing list by a pop whose reply "
+    "it never got (docs/reliability.md); remove this mark once fixed",
+)
+def test_a_job_whose_pop_reply_was_lost_still_completes(
+    pool_factory: PoolFactory, record: Callable[[Row], None]
+) -> None:
+    pool = pool_factory()
+    pool.coordinator("c1")
+    proxy = RedisProxy(pool.redis.port)
+    proxy.start()
+    try:
+        pool.start_workers("w1", redis_url=proxy.url)
+        # The worker is idle, blocked in BLMOVE on its empty queue.
+        wait_for(lambda: _blocked_pops(pool) >= 1, 10, "w1 to block in BLMOVE")
+        proxy.withholding.set()
+        job = pool.submit("lost reply", max_tokens=3)  # the coordinator talks to Redis directly: 202
+        assert job is not None and job.worker_id == "w1"
+        wait_for(lambda: pool.held_by("w1") == [job.request_id], 10, "Redis to serve w1's pop")
+        proxy.cut()  # the reply carrying the job is gone with the connection
+        outcome = pool.settle(timeout_s=3 * HEARTBEAT_TIMEOUT_S)
+        record(outcome.row(SCENARIO, None))
+        assert pool.workers["w1"].popen.poll() is None  # w1 lives on, reconnected
+        outcome.assert_invariant()
+    finally:
+        pool.workers["w1"].stop()  # before its way to Redis goes, so it stops as it normally would
+        proxy.close()
+
+
+def _blocked_pops(pool: Pool) -> int:
+    return sum(1 for client in pool.client.client_list() if client.get("cmd") == "blmove")
