@@ -62,8 +62,9 @@ def render(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def _scenario_order(name: str) -> tuple[int, str]:
-    number = re.match(r"(\d+)\.", name)
-    return (int(number.group(1)) if number else 1_000, name)
+    """By number: "4. ..." before "4b. ..." before "5. ..."; unnumbered ones last."""
+    number = re.match(r"(\d+)([a-z]?)\.", name)
+    return (int(number.group(1)), number.group(2)) if number else (1_000, name)
 
 
 def write_doc(table: str, command: str, summary: str, elapsed_s: float) -> None:
