@@ -17,6 +17,7 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
+from gputorrent import auth
 from gputorrent.config import CoordinatorSettings, WorkerSettings
 from gputorrent.coordinator.app import create_app
 from gputorrent.embedded import EmbeddedRedis, free_port
@@ -75,12 +76,20 @@ def coordinator_settings(redis_url: str) -> CoordinatorSettings:
 
 
 @pytest.fixture
-async def api(coordinator_settings: CoordinatorSettings) -> AsyncIterator[httpx.AsyncClient]:
-    """An HTTP client talking to the coordinator app in process, lifespan included."""
+async def admin_key(redis: Redis) -> str:
+    """An admin API key in the test database."""
+    _, key = await auth.create_key(redis, "tests", "admin")
+    return key
+
+
+@pytest.fixture
+async def api(coordinator_settings: CoordinatorSettings, admin_key: str) -> AsyncIterator[httpx.AsyncClient]:
+    """An HTTP client talking to the coordinator app in process, lifespan included, with an admin key."""
     app = create_app(coordinator_settings)
     async with app.router.lifespan_context(app):
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://coordinator") as client:
+        headers = {"Authorization": f"Bearer {admin_key}"}
+        async with httpx.AsyncClient(transport=transport, base_url="http://coordinator", headers=headers) as client:
             yield client
 
 
@@ -188,8 +197,10 @@ def _get_json(url: str) -> object | None:
 def coordinator_url(processes: Callable[..., Process], redis_url: str) -> str:
     """A coordinator process on a free port, answering /health."""
     port = free_port()
+    # Authentication off (loopback only): these tests are about the pool; tests/e2e/test_auth.py covers keys.
     proc = processes("coordinator", "--port", str(port), "--redis-url", redis_url, name="coordinator",
-                     env={"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "4"})  # fmt: skip
+                     env={"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "4",
+                          "GPUTORRENT_AUTH": "off"})  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_for(lambda: (proc.popen.poll() is None and _get_json(f"{url}/health") is not None) or _exited(proc),
              PROCESS_START_TIMEOUT_S, "the coordinator's /health")  # fmt: skip

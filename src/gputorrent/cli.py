@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable
 from typing import Any
 
-from gputorrent import __version__
+from gputorrent import __version__, logs
 from gputorrent.config import PACKAGED_MODEL, CoordinatorSettings, WorkerSettings
-
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +27,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=args.log_level.upper(), format=LOG_FORMAT)
+    log_format = args.log_format or os.environ.get(logs.FORMAT_VARIABLE, "text").lower()
+    if log_format not in ("text", "json"):
+        parser.error(f"{logs.FORMAT_VARIABLE} must be text or json, not {log_format!r}")
+    os.environ[logs.FORMAT_VARIABLE] = log_format  # the processes `up` starts log the same way
+    logs.configure(args.log_level, "json" if log_format == "json" else "text")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call drowns the pool's own events
     handler = {
         "up": _up,
@@ -35,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
         "worker": _worker,
         "infer": _infer,
         "workers": _workers,
+        "keys": _keys,
+        "status": _status,
     }[args.command]
     try:
         return handler(args)
@@ -52,10 +58,21 @@ def _coordinator(args: argparse.Namespace) -> int:
 
     from gputorrent.coordinator.app import create_app
 
-    settings = CoordinatorSettings(**_overrides(args, "host", "port", "redis_url"))
+    overrides = _overrides(args, "host", "port", "redis_url")
+    if args.no_auth:
+        overrides["auth"] = False
+    settings = CoordinatorSettings(**overrides)
+    if not settings.auth and not _is_loopback(settings.host):
+        print(
+            f"gputorrent coordinator: refusing to run without authentication on {settings.host}: anyone who can "
+            "reach it could use the pool. Bind to 127.0.0.1, or keep authentication on (see `gputorrent keys`).",
+            file=sys.stderr,
+        )
+        return 2
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False
-    )
+        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False,
+        log_config=None,  # uvicorn's lines go through our handler: same format, request ids, secrets masked
+    )  # fmt: skip
     return 0
 
 
@@ -65,7 +82,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         **_overrides(
             args, "coordinator_url", "redis_url", "backend", "model_name", "worker_id", "slots",
-            "ollama_host", "openai_base_url",
+            "ollama_host", "openai_base_url", "join_token",
         )
     )  # fmt: skip
 
@@ -85,6 +102,40 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _keys(args: argparse.Namespace) -> int:
+    """Manage API keys straight in Redis: the operator's side, and how the first admin key is made."""
+    from redis.asyncio import Redis
+
+    from gputorrent import auth
+
+    async def run() -> int:
+        redis = Redis.from_url(CoordinatorSettings(**_overrides(args, "redis_url")).redis_url, decode_responses=True)
+        try:
+            if args.keys_command == "create":
+                info, key = await auth.create_key(redis, args.name, args.scope)
+                print(key)
+                print(f"created {info.scope} key {info.key_id} ({info.name}); it is shown only now", file=sys.stderr)
+            elif args.keys_command == "list":
+                for info in await auth.list_keys(redis):
+                    created = time.strftime("%Y-%m-%d %H:%M", time.localtime(info.created_at))
+                    print(f"{info.key_id}  {info.scope:<6}  {created}  {info.name}")
+            elif not await auth.revoke_key(redis, args.key_id):
+                print(f"no key with id {args.key_id}", file=sys.stderr)
+                return 1
+            return 0
+        finally:
+            await redis.aclose()
+
+    return asyncio.run(run())
+
+
 def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     """uvloop where installed (it comes with uvicorn[standard]): less overhead per Redis and HTTP call."""
     try:
@@ -95,9 +146,12 @@ def _fast_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
 
 
 def _up(args: argparse.Namespace) -> int:
-    from gputorrent.up import run_up
+    from gputorrent.up import default_key_file, run_up
 
-    return run_up(host=args.host, port=args.port, model=args.model, log_level=args.log_level)
+    return run_up(
+        host=args.host, port=args.port, model=args.model, log_level=args.log_level, key_file=default_key_file(),
+        no_auth=args.no_auth,
+    )  # fmt: skip
 
 
 def _infer(args: argparse.Namespace) -> int:
@@ -113,6 +167,12 @@ def _infer(args: argparse.Namespace) -> int:
             return 1
     print(result.output)
     return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    from gputorrent.status import run
+
+    return run(args.url, os.environ.get("GPUTORRENT_API_KEY"), watch=args.watch, interval_s=args.interval)
 
 
 def _workers(args: argparse.Namespace) -> int:
@@ -143,6 +203,9 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gputorrent", description="Pool GPU machines behind one inference endpoint.")
     parser.add_argument("--version", action="version", version=f"gputorrent {__version__}")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    parser.add_argument(
+        "--log-format", choices=["text", "json"], help=f"text (default) or JSON lines ({logs.FORMAT_VARIABLE})"
+    )
     sub = parser.add_subparsers(dest="command")
     default_url = os.environ.get("COORDINATOR_URL", "http://localhost:8000")
 
@@ -150,11 +213,15 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument("--host", default="127.0.0.1", help="address the coordinator listens on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8000, help="coordinator port (default 8000)")
     up.add_argument("--model", default=PACKAGED_MODEL, help=f"GGUF path or {PACKAGED_MODEL} (default)")
+    up.add_argument("--no-auth", action="store_true", help="no API keys: only with a loopback --host")
 
     coordinator = sub.add_parser("coordinator", help="run the coordinator (env: REDIS_HOST, REDIS_PORT, REDIS_URL)")
     coordinator.add_argument("--host", help="listen address (GPUTORRENT_HOST, default 127.0.0.1)")
     coordinator.add_argument("--port", type=int, help="listen port (GPUTORRENT_PORT, default 8000)")
     coordinator.add_argument("--redis-url", help="Redis URL; overrides REDIS_HOST/REDIS_PORT")
+    coordinator.add_argument(
+        "--no-auth", action="store_true", help="no API keys (GPUTORRENT_AUTH=off): only when bound to loopback"
+    )
 
     worker = sub.add_parser("worker", help="run a worker that joins a coordinator")
     worker.add_argument("--coordinator", dest="coordinator_url", help="COORDINATOR_URL (default http://localhost:8000)")
@@ -163,6 +230,9 @@ def _parser() -> argparse.ArgumentParser:
         "--backend", choices=["llamacpp", "ollama", "openai", "fake"], help="GPUTORRENT_BACKEND (default ollama)"
     )
     worker.add_argument("--model", dest="model_name", help="MODEL_NAME (default: the backend's default model)")
+    worker.add_argument(
+        "--token", dest="join_token", help="a join key (GPUTORRENT_JOIN_TOKEN; the variable keeps it out of `ps`)"
+    )
     worker.add_argument("--worker-id", help="GPUTORRENT_WORKER_ID (default: host name plus a random suffix)")
     worker.add_argument("--slots", type=int, help="GPUTORRENT_SLOTS: jobs run at once (default 1)")
     worker.add_argument("--ollama-host", help="OLLAMA_HOST (default http://localhost:11434)")
@@ -176,6 +246,34 @@ def _parser() -> argparse.ArgumentParser:
     infer.add_argument("--temperature", type=float)
     infer.add_argument("--seed", type=int)
 
+    status = sub.add_parser("status", help="the pool: workers, queues, rates (key: GPUTORRENT_API_KEY)")
+    status.add_argument("--url", default=default_url, help="coordinator URL (COORDINATOR_URL)")
+    status.add_argument("--watch", action="store_true", help="refresh in place until Ctrl-C")
+    status.add_argument("--interval", type=_positive_seconds, default=2.0, help="seconds between refreshes (default 2)")
+
     workers = sub.add_parser("workers", help="list the pool's workers")
     workers.add_argument("--url", default=default_url, help="coordinator URL (COORDINATOR_URL)")
+
+    keys = sub.add_parser("keys", help="create, list or revoke API keys (talks to Redis: REDIS_URL or --redis-url)")
+    keys.add_argument("--redis-url", help="Redis URL; overrides REDIS_HOST/REDIS_PORT")
+    keys_sub = keys.add_subparsers(dest="keys_command", required=True)
+    create = keys_sub.add_parser("create", help="make a key and print it (shown only once)")
+    create.add_argument("--name", default="unnamed", help="what the key is for")
+    create.add_argument(
+        "--scope", default="client", choices=["client", "admin", "join"],
+        help="client: send requests; admin: everything; join: register workers (default client)",
+    )  # fmt: skip
+    keys_sub.add_parser("list", help="every key: id, scope, creation time, name (never the secret)")
+    revoke = keys_sub.add_parser("revoke", help="delete a key: it stops working at once")
+    revoke.add_argument("key_id")
     return parser
+
+
+def _positive_seconds(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {value!r}") from None
+    if not 0.1 <= seconds <= 3600:
+        raise argparse.ArgumentTypeError("must be between 0.1 and 3600 seconds")
+    return seconds

@@ -65,6 +65,15 @@ class CoordinatorSettings(_Settings):
     max_result_wait_s: float = Field(default=60.0, ge=0, validation_alias=_env("GPUTORRENT_MAX_RESULT_WAIT_S"))
     max_attempts: int = Field(default=3, ge=1, validation_alias=_env("GPUTORRENT_MAX_ATTEMPTS"))
     max_sync_wait_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_MAX_SYNC_WAIT_S"))
+    # Off only for a coordinator on loopback: every caller may then do everything.
+    auth: bool = Field(default=True, validation_alias=_env("GPUTORRENT_AUTH"))
+    # Per API key (admin keys are not limited; 0 turns a limit off). Tokens: prompt estimate + max_tokens.
+    rate_limit_rpm: int = Field(default=600, ge=0, validation_alias=_env("GPUTORRENT_RATE_LIMIT_RPM"))
+    rate_limit_tpm: int = Field(default=2_000_000, ge=0, validation_alias=_env("GPUTORRENT_RATE_LIMIT_TPM"))
+    max_streams: int = Field(default=64, ge=0, validation_alias=_env("GPUTORRENT_MAX_STREAMS"))
+    # What one request may ask for.
+    max_prompt_chars: int = Field(default=400_000, ge=1, validation_alias=_env("GPUTORRENT_MAX_PROMPT_CHARS"))
+    max_tokens: int = Field(default=32768, ge=1, validation_alias=_env("GPUTORRENT_MAX_TOKENS"))
     # A job still without a result this long after admission ends as failed with code `timeout`.
     request_timeout_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_REQUEST_TIMEOUT_S"))
 
@@ -77,6 +86,7 @@ class WorkerSettings(_Settings):
     """What a worker needs. `MODEL_NAME` unset means the backend's default model."""
 
     coordinator_url: str = Field(default="http://localhost:8000", validation_alias=_env("COORDINATOR_URL"))
+    join_token: SecretStr | None = Field(default=None, validation_alias=_env("GPUTORRENT_JOIN_TOKEN"))
     redis_url: str = Field(default="redis://localhost:6379", validation_alias=_env("REDIS_URL"))
     model_name: str | None = Field(default=None, validation_alias=_env("MODEL_NAME"))
     hf_token: SecretStr | None = Field(default=None, validation_alias=_env("HF_TOKEN"))

@@ -3,6 +3,10 @@
     GPUTorrentError                  500 internal_error
     ├── InvalidRequest               422 invalid_request
     ├── RequestTooLarge              413 request_too_large
+    ├── Unauthorized                 401 unauthorized         (no API key, or not a live one)
+    ├── Forbidden                    403 forbidden            (the key's scope does not allow it)
+    ├── Conflict                     409 conflict             (e.g. a request id another key uses)
+    ├── RateLimited                  429 rate_limited         (carries `retry_after_s`)
     ├── NotFound                     404 not_found
     │   ├── ModelNotFound            404 model_not_found      (carries the models live workers serve)
     │   └── RequestNotFound          404 request_not_found
@@ -48,6 +52,32 @@ class InvalidRequest(GPUTorrentError):
 class RequestTooLarge(GPUTorrentError):
     code = "request_too_large"
     http_status = 413
+
+
+class Unauthorized(GPUTorrentError):
+    code = "unauthorized"
+    http_status = 401
+
+
+class Forbidden(GPUTorrentError):
+    code = "forbidden"
+    http_status = 403
+
+
+class Conflict(GPUTorrentError):
+    code = "conflict"
+    http_status = 409
+
+
+class RateLimited(GPUTorrentError):
+    """A per-key limit is reached; `retry_after_s` says when to try again (the `Retry-After` header)."""
+
+    code = "rate_limited"
+    http_status = 429
+
+    def __init__(self, message: str, *, retry_after_s: int = 1, **details: Any) -> None:
+        super().__init__(message, retry_after_s=retry_after_s, **details)
+        self.retry_after_s = retry_after_s
 
 
 class NotFound(GPUTorrentError):
@@ -125,6 +155,10 @@ ERRORS_BY_CODE: dict[str, type[GPUTorrentError]] = {
         GPUTorrentError,
         InvalidRequest,
         RequestTooLarge,
+        Unauthorized,
+        Forbidden,
+        Conflict,
+        RateLimited,
         NotFound,
         ModelNotFound,
         RequestNotFound,

@@ -18,6 +18,15 @@
 | `deadlines`           | zset      | request ids by deadline (unix s)            | none: left with the result | both |
 | `idempotency:{key}`   | string    | the request id a client's key admitted      | `result_ttl_s` | coordinator |
 | `jobs:ended`          | channel   | ids of jobs ended before their worker finished | n/a         | coordinator |
+| `apikey:{key_id}`     | hash      | an API key: SHA-256 of its secret, name, scope | none        | admin       |
+| `apikeys`             | set       | ids of every API key                        | none           | admin       |
+| `owner:{request_id}`  | string    | the id of the API key that submitted it     | as the result  | coordinator |
+| `worker_secret:{id}`  | string    | SHA-256 of the secret a worker registered with | none        | coordinator |
+| `ratelimit:{key_id}:{minute}` | hash | requests and tokens admitted that minute | 120 s        | coordinator |
+| `streams:{key_id}`    | zset      | open streams of a key, by start time        | none: pruned   | coordinator |
+| `drain:{worker_id}`   | string    | present: an admin asked the worker to drain | 1 h            | coordinator |
+| `stats:{bucket_start}` | hash    | jobs, failures, tokens, latency sums of 5 s | 15 min         | both        |
+| `failures:recent`    | list      | the last 50 failed jobs (JSON), newest first | none: trimmed | both        |
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')
@@ -29,7 +38,9 @@ WORKER_INDEX = "worker_index"
 WORKERS = "workers"
 RESULTS_CHANNEL = "results:ready"
 DEADLINES = "deadlines"
+API_KEYS = "apikeys"
 ENDED_CHANNEL = "jobs:ended"
+RECENT_FAILURES = "failures:recent"
 
 
 def worker_key(worker_id: str) -> str:
@@ -75,3 +86,38 @@ def processing_key(worker_id: str) -> str:
 def idempotency_key(key: str) -> str:
     """The request id that a client's idempotency key (or its own request id) was admitted as."""
     return f"idempotency:{key}"
+
+
+def api_key_key(key_id: str) -> str:
+    """One API key's record (its secret only as a hash)."""
+    return f"apikey:{key_id}"
+
+
+def owner_key(request_id: str) -> str:
+    """The id of the API key that submitted a request: only it (or an admin key) reads the result."""
+    return f"owner:{request_id}"
+
+
+def worker_secret_key(worker_id: str) -> str:
+    """The hash of the secret a worker got at registration; re-registering its id must prove it."""
+    return f"worker_secret:{worker_id}"
+
+
+def rate_key(key_id: str, minute: int) -> str:
+    """Requests and tokens one API key was admitted for in one clock minute."""
+    return f"ratelimit:{key_id}:{minute}"
+
+
+def open_streams_key(key_id: str) -> str:
+    """The streams one API key has open now (request ids scored by start time)."""
+    return f"streams:{key_id}"
+
+
+def drain_key(worker_id: str) -> str:
+    """Present once an admin asked the worker to drain and stop; its heartbeat sees it."""
+    return f"drain:{worker_id}"
+
+
+def stats_key(bucket_start: int) -> str:
+    """The pool's job figures for the `pool_stats.BUCKET_S` seconds starting at `bucket_start` (unix s)."""
+    return f"stats:{bucket_start}"

@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from gputorrent.telemetry import Telemetry
+
 WORKER_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 MODEL_NAME_PATTERN = r"^[^\s]{1,256}$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$"
@@ -120,6 +122,7 @@ class Usage(WireModel):
 class Timings(WireModel):
     queued_ms: float = 0.0
     inference_ms: float = 0.0
+    first_token_ms: float | None = None  # from the start of inference to the first token (none for embeddings)
 
 
 class ErrorInfo(WireModel):
@@ -190,6 +193,8 @@ class WorkerRegistration(WireModel):
     slots: int = Field(default=1, ge=1, le=1024)
     hardware: Hardware = Field(default_factory=Hardware)
     version: Text | None = Field(default=None, max_length=64)
+    # Needed only to replace the registration of a live worker with this id: that worker's secret.
+    worker_secret: str | None = Field(default=None, max_length=256, repr=False)
 
     @field_validator("models")
     @classmethod
@@ -216,6 +221,8 @@ class Registered(WireModel):
     """The answer of `POST /register`."""
 
     worker_id: str
+    # Proves the worker is the one that registered the id: re-registering it must present this.
+    worker_secret: str = Field(default="", repr=False)
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
 
@@ -231,6 +238,7 @@ class Heartbeat(WireModel):
     jobs_in_flight: int = 0
     condition: WorkerCondition = "alive"
     reason: str | None = None  # why it is unhealthy
+    telemetry: Telemetry | None = None  # the machine and the jobs done so far
 
 
 class WorkerState(WireModel):
@@ -247,6 +255,7 @@ class WorkerState(WireModel):
     queue_length: int
     last_heartbeat_at: float | None
     registered_at: float
+    telemetry: Telemetry | None = None  # from the last heartbeat; none once the worker is dead
 
 
 class TokenChunk(WireModel):
@@ -268,3 +277,26 @@ class Embeddings(WireModel):
 
     vectors: list[list[float]]
     prompt_tokens: int
+
+
+class ApiKeyInfo(WireModel):
+    """An API key as listed: never its secret."""
+
+    key_id: str
+    name: str
+    scope: Literal["client", "admin", "join"]
+    created_at: float
+
+
+class ApiKeyRequest(WireModel):
+    """The body of `POST /admin/keys`."""
+
+    name: Text = Field(min_length=1, max_length=128)
+    scope: Literal["client", "admin", "join"] = "client"
+
+
+class CreatedApiKey(WireModel):
+    """The answer of `POST /admin/keys`: the only time the key itself is shown."""
+
+    key: str = Field(repr=False)
+    info: ApiKeyInfo

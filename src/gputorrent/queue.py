@@ -36,12 +36,16 @@ redis.call('HSET', KEYS[1], 'status', 'queued', 'worker_id', ARGV[4], 'model', A
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2]) end
+redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[10])
 return ARGV[2]
 """
 
 
-async def enqueue(redis: Redis, job: Job, ttl_s: int, idempotency_key: str | None = None) -> str:
-    """Record the job as queued, note its deadline and push it onto `queue:{worker_id}`, atomically.
+async def enqueue(
+    redis: Redis, job: Job, ttl_s: int, idempotency_key: str | None = None, owner: str = "anonymous"
+) -> str:
+    """Record the job as queued with its `owner` (an API key id), note its deadline and push it onto
+    `queue:{worker_id}`, atomically.
 
     Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
     before, the id it admitted then (and nothing is enqueued).
@@ -49,11 +53,12 @@ async def enqueue(redis: Redis, job: Job, ttl_s: int, idempotency_key: str | Non
     # The status record must outlive a long deadline, or a queued job would lose its status.
     record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
     admitted = await redis.eval(
-        _ENQUEUE, 4,
+        _ENQUEUE, 5,
         keys.job_key(job.request_id), keys.queue_key(job.worker_id), keys.DEADLINES,
-        keys.idempotency_key(idempotency_key or ""),
+        keys.idempotency_key(idempotency_key or ""), keys.owner_key(job.request_id),
         "1" if idempotency_key else "0", job.request_id, str(record_ttl_s), job.worker_id, job.model,
         job.model_dump_json(), repr(job.deadline) if job.deadline is not None else "", "1" if job.stream else "0",
+        owner, str(record_ttl_s + ttl_s),  # the owner outlives the result it guards
     )  # fmt: skip
     return str(admitted)
 

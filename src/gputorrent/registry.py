@@ -12,36 +12,67 @@ from redis.asyncio import Redis
 from gputorrent import keys
 from gputorrent.protocol import Heartbeat, WorkerRecord, WorkerState
 
+# A live worker's id is taken: only its own secret (or `force`) replaces its registration.
+_REGISTER = """
+if ARGV[7] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then
+  local current = redis.call('GET', KEYS[4])
+  if current and current ~= ARGV[6] then return 0 end
+end
+redis.call('SET', KEYS[1], ARGV[1])
+redis.call('SADD', KEYS[2], ARGV[2])
+redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
+redis.call('SET', KEYS[4], ARGV[5])
+return 1
+"""
 
-async def register(redis: Redis, record: WorkerRecord, heartbeat_ttl_s: float) -> None:
-    """Store the record, add the id to `workers` and mark the worker alive, in one transaction.
 
-    Registering the same id again replaces the record; concurrent registrations of one id
-    end with exactly one record, never a half-written one.
+async def register(
+    redis: Redis,
+    record: WorkerRecord,
+    heartbeat_ttl_s: float,
+    secret_hash: str,
+    presented_hash: str = "",
+    *,
+    force: bool = False,
+) -> bool:
+    """Store the record and the hash of the worker's new secret, add the id to `workers` and mark
+    the worker alive, atomically.
+
+    Registering the id of a live worker needs that worker's secret (`presented_hash`) unless
+    `force`: False, and nothing changes, when it is missing or wrong. A dead worker's id is free.
     """
     heartbeat = Heartbeat(at=record.registered_at)
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.set(keys.worker_key(record.worker_id), record.model_dump_json())
-        pipe.sadd(keys.WORKERS, record.worker_id)
-        pipe.set(keys.heartbeat_key(record.worker_id), heartbeat.model_dump_json(), px=int(heartbeat_ttl_s * 1000))
-        await pipe.execute()
+    stored = await redis.eval(
+        _REGISTER, 4,
+        keys.worker_key(record.worker_id), keys.WORKERS, keys.heartbeat_key(record.worker_id),
+        keys.worker_secret_key(record.worker_id),
+        record.model_dump_json(), record.worker_id, heartbeat.model_dump_json(), str(int(heartbeat_ttl_s * 1000)),
+        secret_hash, presented_hash, "1" if force else "0",
+    )  # fmt: skip
+    return bool(stored)
 
 
-def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> None:
-    """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own thread)."""
-    client.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
+def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> bool:
+    """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own
+    thread); returns whether an admin asked it to drain."""
+    with client.pipeline(transaction=False) as pipe:
+        pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.exists(keys.drain_key(worker_id))
+        _, drain = pipe.execute()
+    return bool(drain)
 
 
 async def mark_gone(redis: Redis, worker_id: str) -> None:
-    """Declare the worker dead now (it is shutting down) so no new job is routed to it."""
-    await redis.delete(keys.heartbeat_key(worker_id))
+    """Declare the worker dead now (it is shutting down) so no new job is routed to it; a drain asked
+    of it is done."""
+    await redis.delete(keys.heartbeat_key(worker_id), keys.drain_key(worker_id))
 
 
 # Only a worker with nothing left in its lists leaves the registry: the reaper finds jobs
 # through the registry, so removing one that still holds jobs would lose them.
 _DEREGISTER = """
 if redis.call('LLEN', KEYS[1]) > 0 or redis.call('LLEN', KEYS[2]) > 0 then return 0 end
-redis.call('DEL', KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[3], KEYS[4], KEYS[6])
 redis.call('SREM', KEYS[5], ARGV[1])
 return 1
 """
@@ -50,12 +81,13 @@ return 1
 async def deregister(redis: Redis, worker_id: str) -> bool:
     """Remove the worker from the pool if its queue and processing list are empty, else only mark it gone.
 
-    Returns whether it left the registry.
+    Returns whether it left the registry. The hash of its secret stays (a worker's Redis user need
+    not write it); it only matters while a worker with this id is alive.
     """
     left = await redis.eval(
-        _DEREGISTER, 5,
+        _DEREGISTER, 6,
         keys.queue_key(worker_id), keys.processing_key(worker_id), keys.worker_key(worker_id),
-        keys.heartbeat_key(worker_id), keys.WORKERS, worker_id,
+        keys.heartbeat_key(worker_id), keys.WORKERS, keys.drain_key(worker_id), worker_id,
     )  # fmt: skip
     if not left:
         await mark_gone(redis, worker_id)
@@ -93,6 +125,7 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
                 queue_length=queue_length,
                 last_heartbeat_at=heartbeat.at if heartbeat else None,
                 registered_at=record.registered_at,
+                telemetry=heartbeat.telemetry if heartbeat else None,
             )
         )
     return states

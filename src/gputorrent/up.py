@@ -7,6 +7,7 @@ SIGINT or SIGTERM, or when any of them dies: the worker first, Redis last.
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import os
 import signal
@@ -14,11 +15,18 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
 from types import FrameType
+from typing import TypeVar
 
 import httpx
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gputorrent.embedded import EmbeddedRedis
+
+T = TypeVar("T")
 
 START_TIMEOUT_S = 180.0  # the worker assembles and loads the model before it registers
 STOP_TIMEOUT_S = 10.0
@@ -35,7 +43,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
+def run_up(*, host: str, port: int, model: str, log_level: str, key_file: Path, no_auth: bool = False) -> int:
     def on_signal(signum: int, _: FrameType | None) -> None:
         raise _Stop
 
@@ -44,6 +52,7 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
     env = dict(os.environ)
     embedded: EmbeddedRedis | None = None
     children: list[subprocess.Popen[bytes]] = []
+    join_id: str | None = None
     try:
         _check_port_free(host, port)
         if "REDIS_URL" not in env and "REDIS_HOST" not in env:
@@ -53,6 +62,14 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
         # Both children read REDIS_URL from the environment, not a flag: a password in it would be
         # readable by every local user in the process list.
         env["REDIS_URL"] = env.get("REDIS_URL") or f"redis://{env['REDIS_HOST']}:{env.get('REDIS_PORT', '6379')}"
+        api_key = None
+        if no_auth:
+            env["GPUTORRENT_AUTH"] = "off"
+        else:
+            api_key, first_run = _admin_key(env["REDIS_URL"], key_file)
+            # The worker joins with a join key of its own, passed (like REDIS_URL) through the environment.
+            join_id, env["GPUTORRENT_JOIN_TOKEN"] = _join_key(env["REDIS_URL"])
+            print(_key_notice(api_key, key_file, first_run), flush=True)
         local_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
         url = f"http://{local_host}:{port}"
         python = [sys.executable, "-m", "gputorrent", "--log-level", log_level]
@@ -60,8 +77,8 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
         _wait_until(lambda: _get(f"{url}/health") is not None, children, "the coordinator to answer /health")
         worker = ["worker", "--backend", "llamacpp", "--model", model, "--coordinator", url]
         children.append(_spawn([*python, *worker], env))
-        _wait_until(lambda: _alive_worker(url), children, f"the worker to load {model} and register")
-        print(_banner(url, model), flush=True)
+        _wait_until(lambda: _alive_worker(url, api_key), children, f"the worker to load {model} and register")
+        print(_banner(url, model, authenticated=api_key is not None), flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         print("a process of the pool exited; stopping the rest", file=sys.stderr, flush=True)
@@ -76,6 +93,8 @@ def run_up(*, host: str, port: int, model: str, log_level: str) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in reversed(children):  # the worker first, so it leaves the pool cleanly
             _terminate(child)
+        if join_id is not None:  # the worker's join key dies with the pool
+            _revoke(env["REDIS_URL"], join_id)
         if embedded is not None:
             embedded.stop()
         print("stopped", flush=True)
@@ -116,25 +135,85 @@ def _wait_until(ready: object, children: list[subprocess.Popen[bytes]], what: st
     raise RuntimeError(f"timed out waiting for {what}")
 
 
-def _get(url: str) -> httpx.Response | None:
+def _get(url: str, api_key: str | None = None) -> httpx.Response | None:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
-        response = httpx.get(url, timeout=2)
+        response = httpx.get(url, timeout=2, headers=headers)
     except httpx.TransportError:
         return None
     return response if response.status_code == 200 else None
 
 
-def _alive_worker(url: str) -> bool:
-    response = _get(f"{url}/workers")
+def _alive_worker(url: str, api_key: str | None) -> bool:
+    response = _get(f"{url}/workers", api_key)
     return response is not None and any(w["state"] == "alive" for w in response.json())
 
 
-def _banner(url: str, model: str) -> str:
+def _banner(url: str, model: str, *, authenticated: bool) -> str:
     body = f'{{"model": "{model}", "prompt": "The capital of France is", "options": {{"max_tokens": 16}}}}'
+    auth = ' -H "Authorization: Bearer $GPUTORRENT_API_KEY"' if authenticated else ""
     return (
         f"\nGPU Torrent is up at {url} (Ctrl-C stops it)\n"
         "Try:\n"
-        f"  id=$(curl -s {url}/inference -H 'content-type: application/json' \\\n"
+        f"  id=$(curl -s {url}/inference{auth} -H 'content-type: application/json' \\\n"
         f"        -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"request_id\"])')\n"
-        f"  curl -s '{url}/result/'$id'?wait=30'\n"
+        f"  curl -s{auth} '{url}/result/'$id'?wait=30'\n"
     )
+
+
+def default_key_file() -> Path:
+    """Where `up` keeps the admin key it made: `GPUTORRENT_HOME`, else ~/.config/gputorrent."""
+    home = os.environ.get("GPUTORRENT_HOME") or os.path.join(os.path.expanduser("~"), ".config", "gputorrent")
+    return Path(home) / "api-key"
+
+
+def _admin_key(redis_url: str, key_file: Path) -> tuple[str, bool]:
+    """The admin key saved by an earlier run (stored again: a private Redis starts empty), or a new
+    one saved readable by this user only. Returns it and whether it is new."""
+    from gputorrent import auth
+
+    first_run = not key_file.exists()
+    if first_run:
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        _, key = auth.new_key()
+        fd = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as saved:
+            saved.write(key + "\n")
+    key = key_file.read_text().strip()
+    asyncio.run(_with_redis(redis_url, lambda redis: auth.store_key(redis, key, "gputorrent up", "admin")))
+    return key, first_run
+
+
+def _join_key(redis_url: str) -> tuple[str, str]:
+    from gputorrent import auth
+
+    info, key = asyncio.run(
+        _with_redis(redis_url, lambda redis: auth.create_key(redis, "gputorrent up worker", "join"))
+    )
+    return info.key_id, key
+
+
+def _revoke(redis_url: str, key_id: str) -> None:
+    from gputorrent import auth
+
+    try:
+        asyncio.run(_with_redis(redis_url, lambda redis: auth.revoke_key(redis, key_id)))
+    except (RedisError, OSError) as e:
+        print(f"could not revoke the worker's join key {key_id} ({e}); `gputorrent keys revoke {key_id}`", flush=True)
+
+
+async def _with_redis(redis_url: str, action: Callable[[Redis], Awaitable[T]]) -> T:
+    redis = Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+    try:
+        return await action(redis)
+    finally:
+        await redis.aclose()
+
+
+def _key_notice(api_key: str, key_file: Path, first_run: bool) -> str:
+    if first_run:
+        return (
+            f"created an admin API key, saved in {key_file} (readable by you only):\n  {api_key}\n"
+            f"send it as `Authorization: Bearer <key>`; e.g. export GPUTORRENT_API_KEY=$(cat {key_file})"
+        )
+    return f"the admin API key is in {key_file} (export GPUTORRENT_API_KEY=$(cat {key_file}))"

@@ -271,7 +271,7 @@ def test_an_answer_that_outlives_the_wait_is_a_timeout_error(processes: Callable
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "2",
-           "GPUTORRENT_MAX_SYNC_WAIT_S": "1"}  # fmt: skip
+           "GPUTORRENT_MAX_SYNC_WAIT_S": "1", "GPUTORRENT_AUTH": "off"}  # fmt: skip
     coordinator = processes("coordinator", "--port", str(port), "--redis-url", redis_url, env=env, name="impatient")
     wait_for(lambda: _answers(url) or coordinator.popen.poll() is not None, PROCESS_START_TIMEOUT_S, "the coordinator")
     assert coordinator.popen.poll() is None, coordinator.log

@@ -31,6 +31,7 @@ def _try_block(log: str) -> str:
 def test_up_serves_a_real_completion_and_ctrl_c_leaves_no_process(tmp_path: Path) -> None:
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "REDIS_HOST", "REDIS_PORT")}
+    env["GPUTORRENT_HOME"] = str(tmp_path / "home")  # where up keeps the admin key it makes
     log_path = tmp_path / "up.log"
     with log_path.open("wb") as log_file:
         up = subprocess.Popen(
@@ -46,19 +47,32 @@ def test_up_serves_a_real_completion_and_ctrl_c_leaves_no_process(tmp_path: Path
         pool = psutil.Process(up.pid).children(recursive=True)
         assert len(pool) >= 3  # Redis, coordinator, worker
 
-        # The seed's flow: POST /inference, then GET /result/{id}.
+        # The first run made an admin key, printed it once and kept it for this user only.
+        key_file = tmp_path / "home" / "api-key"
+        key = key_file.read_text().strip()
+        assert key in log and "created an admin API key" in log
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        auth = {"Authorization": f"Bearer {key}"}
+
+        # The seed's flow: POST /inference, then GET /result/{id}; with the key, as nothing answers without one.
         base = f"http://127.0.0.1:{port}"
         request = {"model": "gemma3:270m", "prompt": "The capital of France is", "options": {"max_tokens": 12}}
-        accepted = httpx.post(f"{base}/inference", json=request, timeout=10)
+        assert httpx.post(f"{base}/inference", json=request, timeout=10).status_code == 401
+        accepted = httpx.post(f"{base}/inference", json=request, timeout=10, headers=auth)
         assert accepted.status_code == 202
-        result = httpx.get(f"{base}/result/{accepted.json()['request_id']}", params={"wait": 60}, timeout=90).json()
+        result = httpx.get(
+            f"{base}/result/{accepted.json()['request_id']}", params={"wait": 60}, timeout=90, headers=auth
+        ).json()
         assert result["status"] == "completed", result
         assert result["output"].strip()
         assert result["usage"]["prompt_tokens"] > 0
         assert 0 < result["usage"]["completion_tokens"] <= 12
 
         # The curl line printed for the user works as printed.
-        shown = subprocess.run(["bash", "-c", _try_block(log)], capture_output=True, text=True, timeout=120)
+        shown = subprocess.run(
+            ["bash", "-c", _try_block(log)], capture_output=True, text=True, timeout=120,
+            env={**env, "GPUTORRENT_API_KEY": key},
+        )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         printed = json.loads(shown.stdout)
         assert printed["status"] == "completed" and printed["output"].strip()

@@ -9,7 +9,7 @@ import httpx
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gputorrent import keys, registry
+from gputorrent import auth, keys, registry
 from gputorrent.protocol import Hardware, Heartbeat, WorkerRecord
 
 
@@ -62,7 +62,7 @@ async def test_a_worker_is_dead_once_its_heartbeat_expires(redis: Redis) -> None
     record = WorkerRecord(
         worker_id="w1", models=["m"], backend="fake", slots=1, hardware=Hardware(), registered_at=time.time()
     )
-    await registry.register(redis, record, heartbeat_ttl_s=0.2)
+    await registry.register(redis, record, heartbeat_ttl_s=0.2, secret_hash=auth.hash_secret("s"))
     assert [w.state for w in await registry.snapshot(redis)] == ["alive"]
     deadline = time.monotonic() + 5
     while await redis.exists(keys.heartbeat_key("w1")):  # Redis expires the key; wait for that event
@@ -76,7 +76,7 @@ async def test_heartbeats_report_jobs_in_flight_and_condition(redis: Redis, redi
     record = WorkerRecord(
         worker_id="w1", models=["m"], backend="fake", slots=4, hardware=Hardware(), registered_at=time.time()
     )
-    await registry.register(redis, record, heartbeat_ttl_s=5)
+    await registry.register(redis, record, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("s"))
     with SyncRedis.from_url(redis_url) as client:
         heartbeat = Heartbeat(at=time.time(), jobs_in_flight=3, condition="unhealthy", reason="backend down")
         registry.beat(client, "w1", heartbeat, ttl_s=5)

@@ -7,7 +7,7 @@ import time
 
 from redis.asyncio import Redis
 
-from gputorrent import keys, queue, registry
+from gputorrent import auth, keys, queue, registry
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.protocol import Hardware, InferenceOptions, Job, JobResult, WorkerRecord
 
@@ -23,7 +23,7 @@ async def _register(redis: Redis, worker_id: str, alive: bool = True) -> None:
     record = WorkerRecord(
         worker_id=worker_id, models=["m"], backend="fake", slots=1, hardware=Hardware(), registered_at=time.time()
     )
-    await registry.register(redis, record, heartbeat_ttl_s=30)
+    await registry.register(redis, record, heartbeat_ttl_s=30, secret_hash=auth.hash_secret("s"))
     if not alive:
         await registry.mark_gone(redis, worker_id)
 

@@ -216,7 +216,10 @@ async def test_without_redis_health_is_503_and_inference_503_not_500() -> None:
         health = await api.get("/health")
         assert health.status_code == 503
         assert health.json() == {"status": "unhealthy", "redis": "disconnected"}
-        submit = await api.post("/inference", json={"model": "fake", "prompt": "p"})
+        key = "gt_0123456789ab_" + "k" * 43  # checking any key needs Redis too
+        submit = await api.post(
+            "/inference", json={"model": "fake", "prompt": "p"}, headers={"Authorization": f"Bearer {key}"}
+        )
         assert submit.status_code == 503
         assert submit.json()["error"]["code"] == "redis_unavailable"
         assert submit.headers["retry-after"] == "1"
@@ -245,12 +248,14 @@ async def test_unknown_routes_and_methods_answer_in_the_same_error_shape(api: ht
 
 
 async def test_a_stream_without_a_result_in_time_ends_with_an_error_event(
-    coordinator_settings: CoordinatorSettings, fake_worker: MakeWorker
+    coordinator_settings: CoordinatorSettings, fake_worker: MakeWorker, admin_key: str
 ) -> None:
     await fake_worker("w1")  # registered, never run: the job waits in its queue
     app = create_app(coordinator_settings.model_copy(update={"max_sync_wait_s": 0.5}))
     transport = httpx.ASGITransport(app=app)
-    async with app.router.lifespan_context(app), httpx.AsyncClient(transport=transport, base_url="http://c") as client:
+    headers = {"Authorization": f"Bearer {admin_key}"}
+    client = httpx.AsyncClient(transport=transport, base_url="http://c", headers=headers)
+    async with app.router.lifespan_context(app), client:
         native = await client.post("/inference", json={"model": "fake", "prompt": "p", "stream": True})
         assert native.text.startswith("event: queued")
         assert "event: error" in native.text and "result_timeout" in native.text

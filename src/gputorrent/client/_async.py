@@ -15,6 +15,8 @@ from gputorrent.protocol import Accepted, ChatMessage, InferenceOptions, JobResu
 class AsyncAPIClient:
     """Submit jobs to a coordinator and fetch their results.
 
+    `api_key` is sent as `Authorization: Bearer`; without it the client uses `GPUTORRENT_API_KEY`.
+
     Example:
         >>> client = AsyncAPIClient("http://localhost:8000")  # doctest: +SKIP
         >>> (await client.infer("gemma3:270m", prompt="The capital of France is")).output  # doctest: +SKIP
@@ -26,9 +28,12 @@ class AsyncAPIClient:
         *,
         timeout_s: float = 30.0,
         transport: httpx.AsyncBaseTransport | None = None,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = _base.normalize_base_url(base_url)
-        self._http = httpx.AsyncClient(base_url=self.base_url, timeout=timeout_s, transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, timeout=timeout_s, transport=transport, headers=_base.auth_headers(api_key)
+        )
 
     async def submit(
         self,

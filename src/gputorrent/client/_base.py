@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import httpx
@@ -30,7 +31,14 @@ from gputorrent.protocol import (
 )
 
 DEFAULT_BASE_URL = "http://localhost:8000"
+API_KEY_VARIABLE = "GPUTORRENT_API_KEY"  # where the clients and the CLI find a key when none is passed
 WAIT_SLICE_S = 30.0  # longest single `?wait=` the client asks for; it re-asks until its own deadline
+
+
+def auth_headers(api_key: str | None) -> dict[str, str]:
+    """`Authorization: Bearer` with `api_key`, else with `GPUTORRENT_API_KEY`, else nothing."""
+    key = api_key or os.environ.get(API_KEY_VARIABLE)
+    return {"Authorization": f"Bearer {key}"} if key else {}
 
 
 def normalize_base_url(url: str) -> str:

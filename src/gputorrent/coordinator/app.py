@@ -23,8 +23,8 @@ from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.results import ResultWaiter
-from gputorrent.coordinator.routes import anthropic, native, ollama, openai
-from gputorrent.errors import GPUTorrentError, RedisUnavailable
+from gputorrent.coordinator.routes import admin, anthropic, native, observability, ollama, openai
+from gputorrent.errors import GPUTorrentError, RateLimited, RedisUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
 
@@ -71,8 +71,10 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
+    app.include_router(admin.router)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    observability.install(app)  # last: its request metrics wrap every other middleware
     app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
@@ -93,7 +95,12 @@ def _error_response(
 
 
 async def _domain_error(request: Request, exc: GPUTorrentError) -> JSONResponse:
-    return _error_response(request, exc.http_status, exc.code, exc.message, exc.details)
+    headers = {}
+    if isinstance(exc, RateLimited):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    return _error_response(request, exc.http_status, exc.code, exc.message, exc.details, headers)
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:

@@ -9,9 +9,11 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gputorrent import keys, queue, registry, routing
+from gputorrent import keys, logs, queue, registry, routing
 from gputorrent.config import CoordinatorSettings
-from gputorrent.errors import ModelNotFound, NoWorkersAvailable
+from gputorrent.coordinator import metrics, quotas
+from gputorrent.coordinator.security import Caller, owns
+from gputorrent.errors import Conflict, ModelNotFound, NoWorkersAvailable
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Job, WorkerState
 
 log = logging.getLogger(__name__)
@@ -26,14 +28,18 @@ async def admit(
     redis: Redis,
     request: InferenceRequest | EmbeddingRequest,
     settings: CoordinatorSettings,
+    caller: Caller,
     idempotency_key: str | None = None,
 ) -> Accepted:
     """Route the request round-robin among live workers serving its model and enqueue it.
 
-    A request id the client chose, or an `Idempotency-Key`, seen before returns the job it
-    admitted then (`replayed`), never a second one.
+    The job belongs to `caller`'s key. A request id the client chose, or an `Idempotency-Key`,
+    seen before returns the job it admitted then (`replayed`), never a second one; keys are per
+    caller, request ids are global (another caller's id is a `Conflict`).
 
     Raises:
+        InvalidRequest: the prompt or `max_tokens` is larger than this coordinator takes.
+        RateLimited: the caller's key used up its minute, or has all its streams open.
         NoWorkersAvailable: no live worker at all, or none alive among those serving the model.
         ModelNotFound: live workers exist but none serves the model (nothing is enqueued).
     """
@@ -42,29 +48,40 @@ async def admit(
         # One namespace for both: a request id is the idempotency key of its own request.
         idempotency_key = f"request:{client_id}"
     elif idempotency_key is not None:
-        idempotency_key = f"key:{idempotency_key}"
-    if idempotency_key is not None and (replayed := await _replay(redis, idempotency_key)) is not None:
+        idempotency_key = f"key:{caller.key_id}:{idempotency_key}"
+    if idempotency_key is not None and (replayed := await _replay(redis, idempotency_key, caller)) is not None:
         return replayed
+    await quotas.admit(redis, caller, quotas.check_size(request, settings), settings)
     workers = await registry.snapshot(redis)
     candidates = routing.candidates_for(request.model, workers)
     if not candidates:
         raise _no_candidate_error(request.model, workers)
+    metrics.note_model(request.model)  # a served model: a bounded label
     worker_id = routing.pick_round_robin(candidates, await queue.next_round_robin(redis))
     timeout_s = request.timeout_s or settings.request_timeout_s
     job = _job(client_id or new_request_id(), worker_id, request, timeout_s)
-    admitted = await queue.enqueue(redis, job, settings.result_ttl_s, idempotency_key)
+    logs.request_id.set(job.request_id)  # every later line of this request carries it
+    if job.stream:
+        await quotas.open_stream(redis, caller, job.request_id, settings)
+    admitted = await queue.enqueue(redis, job, settings.result_ttl_s, idempotency_key, caller.key_id)
     if admitted != job.request_id:  # a concurrent twin got in first
-        return await _replay(redis, idempotency_key or "") or Accepted(request_id=admitted, worker_id=worker_id)
+        return await _replay(redis, idempotency_key or "", caller) or Accepted(request_id=admitted, worker_id=worker_id)
     log.info("request %s queued model=%s worker=%s kind=%s", job.request_id, job.model, worker_id, job.kind)
     return Accepted(request_id=job.request_id, worker_id=worker_id)
 
 
-async def _replay(redis: Redis, idempotency_key: str) -> Accepted | None:
-    """The job an idempotency key admitted before, or None when the key is new (or its job expired)."""
+async def _replay(redis: Redis, idempotency_key: str, caller: Caller) -> Accepted | None:
+    """The job an idempotency key admitted before, or None when the key is new (or its job expired).
+
+    Raises:
+        Conflict: the key is a request id that another caller's request has.
+    """
     found_id = await redis.get(keys.idempotency_key(idempotency_key))
     if found_id is None:
         return None
     request_id = str(found_id)
+    if not await owns(redis, caller, request_id):
+        raise Conflict(f"request_id {request_id!r} is taken by another client; choose another")
     found = await queue.lookup(redis, request_id)
     if found is None:
         return None

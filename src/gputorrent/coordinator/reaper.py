@@ -18,8 +18,9 @@ import time
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import handoff, keys, queue, registry
+from gputorrent import handoff, keys, pool_stats, queue, registry
 from gputorrent.protocol import ErrorInfo
+from gputorrent.telemetry import FailureRecord
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +77,12 @@ class Reaper:
         overdue = await self._redis.zrangebyscore(keys.DEADLINES, "-inf", time.time(), start=0, num=OVERDUE_BATCH)
         ended = 0
         for request_id in map(str, overdue):
-            if await queue.end(self._redis, request_id, DEADLINE_PASSED, self._result_ttl_s) is not None:
+            if (result := await queue.end(self._redis, request_id, DEADLINE_PASSED, self._result_ttl_s)) is not None:
                 ended += 1
+                await pool_stats.record_failure(self._redis, FailureRecord(
+                    at=time.time(), request_id=request_id, model=result.model, worker_id=result.worker_id,
+                    code=DEADLINE_PASSED.code, message=DEADLINE_PASSED.message,
+                ))  # fmt: skip
             elif not await self._redis.exists(keys.job_key(request_id)):  # finished meanwhile, or expired
                 await self._redis.zrem(keys.DEADLINES, request_id)
         return ended

@@ -13,7 +13,9 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gputorrent import queue, streams
+from gputorrent.coordinator import quotas
 from gputorrent.coordinator.results import ResultWaiter
+from gputorrent.coordinator.security import Caller
 from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
 from gputorrent.protocol import ErrorInfo, JobResult
 
@@ -45,8 +47,8 @@ async def follow(
     ttl_s: int,
     disconnected: Callable[[], Awaitable[bool]],
     *,
+    owner: Caller | None,
     after: str = "0-0",
-    owner: bool = True,
 ) -> AsyncIterator[streams.StreamEntry]:
     """The job's tokens as they are generated (after the entry id `after`), then its result, each
     with its stream entry id.
@@ -55,10 +57,10 @@ async def follow(
         ResultTimeout: no result within `timeout_s`.
         RedisUnavailable: Redis failed on the way.
 
-    When the `owner` (the client that submitted the job) goes away before the result
-    (`disconnected()` turns true, checked at least once a second, or the consumer stops
-    iterating), the job is ended as cancelled: a queued job never runs, a running one stops at
-    its next token. Another follower leaving changes nothing.
+    When the `owner` (the caller that submitted the job; None for another follower) goes away
+    before the result (`disconnected()` turns true, checked at least once a second, or the
+    consumer stops iterating), the job is ended as cancelled: a queued job never runs, a running
+    one stops at its next token. The owner's stream slot is given back either way.
     """
     finished = False
     try:
@@ -74,7 +76,13 @@ async def follow(
         log.warning("request %s: Redis failed mid-stream (%s)", request_id, e)
         raise RedisUnavailable("the coordinator lost Redis while streaming; retry shortly") from e
     finally:
-        if not finished and owner:
+        if owner is not None:
+            with anyio.CancelScope(shield=True):  # shielded: see below
+                try:
+                    await quotas.close_stream(redis, owner, request_id)
+                except (RedisError, OSError) as e:  # the slot lapses on its own
+                    log.warning("request %s: could not give back its stream slot (%s)", request_id, e)
+        if not finished and owner is not None:
             log.info(
                 "request %s: the stream ended without a result (client left, timeout or Redis); cancelling", request_id
             )

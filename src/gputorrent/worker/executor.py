@@ -39,6 +39,7 @@ async def execute(
     try:
         async with _deadline(job):
             outcome = await _run(backend, job, writer, ended or asyncio.Event())
+        first_token_at = outcome.pop("first_token_at", None)
     except GPUTorrentError as e:
         log.warning("request %s failed: %s: %s", job.request_id, e.code, e.message)
         return _failed(job, e.code, e.message, queued_ms, started)
@@ -51,7 +52,7 @@ async def execute(
         status="completed",
         model=job.model,
         worker_id=job.worker_id,
-        timings=_timings(queued_ms, started),
+        timings=_timings(queued_ms, started, first_token_at),
         **outcome,
     )
 
@@ -85,11 +86,13 @@ async def _generate(backend: Backend, job: Job, writer: StreamWriter | None, end
     """Generate, pushing each token to `writer`; a job with a `continuation` pushes only the new text."""
     pieces: list[str] = [job.continuation] if job.continuation else []
     done: GenerationDone | None = None
+    first_token_at: list[float] = []  # when the first token came (time.time()), once it has
     if job.continuation and job.options.max_tokens <= job.continuation_tokens:  # the earlier attempt had it all
         done = GenerationDone(prompt_tokens=0, completion_tokens=0, finish_reason="length")
     else:
-        done = await _tokens(backend, _remaining(job), writer, ended, pieces)
+        done = await _tokens(backend, _remaining(job), writer, ended, pieces, first_token_at)
     outcome: dict[str, Any] = {
+        "first_token_at": first_token_at[0] if first_token_at else None,
         "output": "".join(pieces),
         "finish_reason": done.finish_reason,
         "usage": Usage(
@@ -108,13 +111,20 @@ async def _generate(backend: Backend, job: Job, writer: StreamWriter | None, end
 
 
 async def _tokens(
-    backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event, pieces: list[str]
+    backend: Backend,
+    job: Job,
+    writer: StreamWriter | None,
+    ended: asyncio.Event,
+    pieces: list[str],
+    first_token_at: list[float],
 ) -> GenerationDone:
     done: GenerationDone | None = None
     generation = backend.generate(job)
     try:
         async for item in generation:
             if isinstance(item, TokenChunk):
+                if not first_token_at:
+                    first_token_at.append(time.time())
                 pieces.append(item.text)
                 if writer is not None:
                     writer.push(item.text)
@@ -137,8 +147,13 @@ def _remaining(job: Job) -> Job:
     return job.model_copy(update={"options": options})
 
 
-def _timings(queued_ms: float, started: float) -> Timings:
-    return Timings(queued_ms=round(queued_ms, 3), inference_ms=round((time.time() - started) * 1000, 3))
+def _timings(queued_ms: float, started: float, first_token_at: float | None = None) -> Timings:
+    first_token_ms = round((first_token_at - started) * 1000, 3) if first_token_at is not None else None
+    return Timings(
+        queued_ms=round(queued_ms, 3),
+        inference_ms=round((time.time() - started) * 1000, 3),
+        first_token_ms=first_token_ms,
+    )
 
 
 def _failed(job: Job, code: str, message: str, queued_ms: float, started: float) -> JobResult:

@@ -24,7 +24,13 @@ class HeartbeatThread(threading.Thread):
     after `beat_now()`), with a `ttl_s` expiry, until `stop()`."""
 
     def __init__(
-        self, redis_url: str, worker_id: str, interval_s: float, ttl_s: float, heartbeat: Callable[[], Heartbeat]
+        self,
+        redis_url: str,
+        worker_id: str,
+        interval_s: float,
+        ttl_s: float,
+        heartbeat: Callable[[], Heartbeat],
+        on_drain: Callable[[], None],
     ) -> None:
         super().__init__(name=f"heartbeat-{worker_id}", daemon=True)
         self._client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
@@ -32,6 +38,7 @@ class HeartbeatThread(threading.Thread):
         self._interval_s = interval_s
         self._ttl_s = ttl_s
         self._heartbeat = heartbeat
+        self._on_drain = on_drain  # called (from this thread) once an admin asks the worker to drain
         self._stopping = threading.Event()
         self._wake = threading.Event()
 
@@ -40,7 +47,8 @@ class HeartbeatThread(threading.Thread):
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
-                    registry.beat(self._client, self._worker_id, self._heartbeat(), self._ttl_s)
+                    if registry.beat(self._client, self._worker_id, self._heartbeat(), self._ttl_s):
+                        self._on_drain()
                 except (RedisError, OSError) as e:
                     log.warning("worker %s heartbeat failed: %s", self._worker_id, e)
                 self._wake.wait(self._interval_s)

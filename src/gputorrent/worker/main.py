@@ -13,7 +13,7 @@ import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import __version__, handoff, keys, queue, registry, routing, streams
+from gputorrent import __version__, handoff, keys, logs, queue, registry, routing, streams
 from gputorrent.config import WorkerSettings
 from gputorrent.errors import BackendUnavailable
 from gputorrent.protocol import (
@@ -32,6 +32,7 @@ from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
 from gputorrent.worker.heartbeat import HeartbeatThread
+from gputorrent.worker.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
@@ -62,21 +63,29 @@ class Worker:
         self._serving.set()
         self._last_success = time.monotonic()
         self._heartbeat: HeartbeatThread | None = None
+        self.telemetry = WorkerTelemetry(self.worker_id)
 
     def heartbeat(self) -> Heartbeat:
         """What the heartbeat thread writes: load and condition."""
         return Heartbeat(
-            at=time.time(), jobs_in_flight=self.jobs_in_flight, condition=self.condition, reason=self.condition_reason
-        )
+            at=time.time(), jobs_in_flight=self.jobs_in_flight, condition=self.condition, reason=self.condition_reason,
+            telemetry=self.telemetry.sample(),
+        )  # fmt: skip
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
         """Consume until `stop` is set, then drain (see `_drain`) and leave the pool.
 
         In burst mode it returns once the queue is empty instead.
         """
+        loop = asyncio.get_running_loop()
+
+        def drain_asked() -> None:  # on the heartbeat thread: an admin asked this worker to drain
+            loop.call_soon_threadsafe(stop.set)
+
         self._heartbeat = HeartbeatThread(
-            self.settings.redis_url, self.worker_id, self.heartbeat_interval_s, self.heartbeat_timeout_s, self.heartbeat
-        )
+            self.settings.redis_url, self.worker_id, self.heartbeat_interval_s, self.heartbeat_timeout_s,
+            self.heartbeat, on_drain=drain_asked,
+        )  # fmt: skip
         self._heartbeat.start()
         try:
             recovering = queue.recover(
@@ -89,6 +98,7 @@ class Worker:
             helpers_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
                 tasks.create_task(self.ended.run(helpers_stop))
+                tasks.create_task(self.telemetry.run(self.redis, self.heartbeat_interval_s, helpers_stop))
                 if not burst:
                     tasks.create_task(self._watch_health(helpers_stop))
                 consumers = [tasks.create_task(self._consume(stop, burst)) for _ in range(self.settings.slots)]
@@ -227,9 +237,11 @@ class Worker:
                 await self._handle(lease)
             finally:
                 self.jobs_in_flight -= 1
+                logs.request_id.set(None)
 
     async def _handle(self, lease: queue.Lease) -> None:
         job = lease.job
+        logs.request_id.set(job.request_id)  # every line logged for this job carries its id
         log.info("request %s started model=%s", job.request_id, job.model)
         if job.stream:
             job = await self._continuing(job)
@@ -326,6 +338,7 @@ class Worker:
             result.timings.inference_ms,
             result.usage.completion_tokens,
         )
+        self.telemetry.record(job, result)
         self.jobs_done += 1
 
     async def _mark_running(self, request_id: str) -> None:
@@ -351,17 +364,19 @@ async def register(settings: WorkerSettings, worker_id: str, model: str, backend
         version=__version__,
     )
     url = settings.coordinator_url.rstrip("/") + "/register"
+    headers = {"content-type": "application/json"}
+    if settings.join_token is not None:
+        headers["authorization"] = f"Bearer {settings.join_token.get_secret_value()}"
     deadline = time.monotonic() + settings.register_timeout_s
     backoff = Backoff(first_s=0.2, max_s=3.0)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as http:
         while True:
             try:
-                async with http.post(
-                    url, data=body.model_dump_json(), headers={"content-type": "application/json"}
-                ) as resp:
+                async with http.post(url, data=body.model_dump_json(), headers=headers) as resp:
                     if resp.status == 200:
                         return Registered.model_validate_json(await resp.read())
-                    if resp.status < 500 and resp.status != 429:  # our request is wrong: retrying cannot help
+                    # 409: an earlier run of this worker id still looks alive; its heartbeat expires soon.
+                    if resp.status < 500 and resp.status not in (409, 429):  # retrying cannot help
                         raise RuntimeError(f"the coordinator refused registration ({resp.status}): {await resp.text()}")
                     raise aiohttp.ClientResponseError(
                         resp.request_info, (), status=resp.status, message=resp.reason or ""

@@ -14,6 +14,7 @@ from gputorrent.coordinator.adapters import anthropic as wire
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.coordinator.security import Caller, ClientDep
 from gputorrent.errors import GPUTorrentError
 from gputorrent.protocol import JobResult
 
@@ -32,19 +33,20 @@ async def create_message(
     redis: RedisDep,
     waiter: WaiterDep,
     settings: SettingsDep,
+    caller: ClientDep,
     idempotency_key: IdempotencyKeyDep = None,
     x_api_key: Annotated[str | None, Header(description="accepted and ignored: there is no authentication yet")] = None,
     anthropic_version: Annotated[str | None, Header(description="accepted and ignored")] = None,
 ) -> JSONResponse | StreamingResponse:
     """Anthropic's Messages API: a `Message`, or with `stream: true` its event stream."""
-    accepted = await admit(redis, wire.to_inference(body), settings, idempotency_key)
+    accepted = await admit(redis, wire.to_inference(body), settings, caller, idempotency_key)
     headers = {"request-id": accepted.request_id}  # the header Anthropic's SDKs expose as `_request_id`
     if not body.stream:
         result = await relay.completed_result(waiter, accepted.request_id, settings.max_sync_wait_s)
         if result.status == "failed":
             raise relay.failure(result)
         return JSONResponse(wire.message(result), headers=headers)
-    events = _events(redis, settings, request, accepted.request_id, body.model)
+    events = _events(redis, settings, request, accepted.request_id, body.model, caller)
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers={**STREAM_HEADERS, **headers})
 
 
@@ -53,7 +55,7 @@ def _event(data: dict[str, Any]) -> bytes:
 
 
 async def _events(
-    redis: RedisDep, settings: SettingsDep, request: Request, request_id: str, model: str
+    redis: RedisDep, settings: SettingsDep, request: Request, request_id: str, model: str, caller: Caller
 ) -> AsyncIterator[bytes]:
     """Anthropic's event sequence as tokens arrive; a failure mid-stream is an `error` event, as Anthropic sends it."""
     yield _event(wire.message_start(request_id, model))
@@ -61,7 +63,7 @@ async def _events(
     yield _event(wire.ping())
     result: JobResult | None = None
     following = relay.follow(
-        redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
+        redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected, owner=caller
     )
     try:
         async for _, item in following:

@@ -9,16 +9,17 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
-from gputorrent import keys, queue, registry
+from gputorrent import auth, keys, queue, registry
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
-from gputorrent.errors import GPUTorrentError, RequestNotFound, ServiceUnavailable
+from gputorrent.coordinator.security import Caller, ClientDep, JoinDep, owns, require_client
+from gputorrent.errors import Conflict, GPUTorrentError, RequestNotFound, ServiceUnavailable
 from gputorrent.protocol import (
     Accepted,
     ErrorInfo,
@@ -38,9 +39,18 @@ router = APIRouter()
 HEALTH_PING_TIMEOUT_S = 2.0
 
 
-@router.post("/register", response_model=Registered, tags=["workers"])
-async def register_worker(body: WorkerRegistration, redis: RedisDep, settings: SettingsDep) -> Registered:
-    """A worker joins the pool (or re-joins: the same id replaces its record)."""
+@router.post(
+    "/register", response_model=Registered, responses={409: {"description": "a live worker has this id"}},
+    tags=["workers"],
+)  # fmt: skip
+async def register_worker(
+    body: WorkerRegistration, redis: RedisDep, settings: SettingsDep, caller: JoinDep
+) -> Registered:
+    """A worker joins the pool with a join key, and gets a secret of its own.
+
+    The id of a dead worker may be taken again; a live worker's id only with its secret (or an
+    admin key), so nobody can take over a working worker's queue.
+    """
     worker_id = body.worker_id or f"w-{uuid.uuid4().hex[:12]}"
     record = WorkerRecord(
         worker_id=worker_id,
@@ -51,16 +61,26 @@ async def register_worker(body: WorkerRegistration, redis: RedisDep, settings: S
         version=body.version,
         registered_at=time.time(),
     )
-    await registry.register(redis, record, settings.heartbeat_timeout_s)
+    secret = auth.new_worker_secret()
+    presented = auth.hash_secret(body.worker_secret) if body.worker_secret else ""
+    stored = await registry.register(
+        redis, record, settings.heartbeat_timeout_s, auth.hash_secret(secret), presented, force=caller.admin
+    )
+    if not stored:
+        raise Conflict(
+            f"a live worker is registered as {worker_id!r}; registering it again needs its worker_secret "
+            "(a restarted worker gets its id back once the old heartbeat expires)"
+        )
     log.info("worker %s registered backend=%s models=%s", worker_id, body.backend, ",".join(body.models))
     return Registered(
         worker_id=worker_id,
+        worker_secret=secret,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
     )
 
 
-@router.get("/workers", response_model=list[WorkerState], tags=["workers"])
+@router.get("/workers", response_model=list[WorkerState], dependencies=[Depends(require_client)], tags=["workers"])
 async def list_workers(redis: RedisDep) -> list[WorkerState]:
     """Every registered worker, alive or not, with its load and queue length."""
     return await registry.snapshot(redis)
@@ -78,6 +98,7 @@ async def submit_inference(
     request: Request,
     redis: RedisDep,
     settings: SettingsDep,
+    caller: ClientDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> Accepted | StreamingResponse:
     """Queue a request on a live worker that serves its model; answers with its `request_id`.
@@ -85,19 +106,25 @@ async def submit_inference(
     With `"stream": true` the answer is a stream of server-sent events instead: `queued` (the
     202 body), one `token` event per batch of text, then `result` (what `/result` would return).
     """
-    accepted = await admit(redis, body, settings, idempotency_key)
+    accepted = await admit(redis, body, settings, caller, idempotency_key)
     if not body.stream:
         return accepted
     return StreamingResponse(
-        _events(redis, settings, accepted, request), status_code=200, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS
+        _events(redis, settings, accepted, request, caller),
+        status_code=200,
+        media_type=SSE_MEDIA_TYPE,
+        headers=STREAM_HEADERS,
     )
 
 
-async def _events(redis: RedisDep, settings: SettingsDep, accepted: Accepted, request: Request) -> AsyncIterator[bytes]:
+async def _events(
+    redis: RedisDep, settings: SettingsDep, accepted: Accepted, request: Request, caller: Caller
+) -> AsyncIterator[bytes]:
     yield sse(accepted.model_dump(), event="queued")
     following = relay.follow(
-        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
-    )
+        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected,
+        owner=caller,
+    )  # fmt: skip
     async for event in _token_events(following):
         yield event
 
@@ -129,6 +156,7 @@ async def follow_stream(
     redis: RedisDep,
     waiter: WaiterDep,
     settings: SettingsDep,
+    caller: ClientDep,
     last_event_id: Annotated[
         str | None,
         Header(alias="Last-Event-ID", pattern=r"^\d{1,20}-\d{1,20}$", description="continue after this event"),
@@ -140,14 +168,14 @@ async def follow_stream(
     client whose coordinator died resumes on another without a lost or repeated token. Leaving this
     stream does not cancel the request; `DELETE /inference/{request_id}` does.
     """
-    found = await queue.lookup(redis, request_id)
+    found = await queue.lookup(redis, request_id) if await owns(redis, caller, request_id) else None
     if found is None:
         raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
     streamed = bool(await redis.exists(keys.stream_key(request_id))) or (isinstance(found, JobStatus) and found.stream)
     if streamed:
         following = relay.follow(
             redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected,
-            after=last_event_id or "0-0", owner=False,
+            owner=None, after=last_event_id or "0-0",
         )  # fmt: skip
         events = _token_events(following)
     else:
@@ -174,12 +202,14 @@ CANCELLED_BY_CLIENT = ErrorInfo(code="cancelled", message="the request was cance
     responses={404: {"description": "unknown request id"}},
     tags=["inference"],
 )
-async def cancel_inference(request_id: str, redis: RedisDep, settings: SettingsDep) -> JobResult:
+async def cancel_inference(request_id: str, redis: RedisDep, settings: SettingsDep, caller: ClientDep) -> JobResult:
     """Cancel a request: a queued job never runs, a running one stops at its next token.
 
     Answers with the job's result: the `cancelled` failure just written, or the result it
     already had (a finished job stays as it was).
     """
+    if not await owns(redis, caller, request_id):  # another key's request is as good as unknown
+        raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
     ended = await queue.end(redis, request_id, CANCELLED_BY_CLIENT, settings.result_ttl_s)
     if ended is not None:
         return ended
@@ -200,14 +230,18 @@ async def cancel_inference(request_id: str, redis: RedisDep, settings: SettingsD
 async def get_result(
     request_id: str,
     waiter: WaiterDep,
+    redis: RedisDep,
     settings: SettingsDep,
+    caller: ClientDep,
     response: Response,
     wait: Annotated[
         float, Query(ge=0, allow_inf_nan=False, description="seconds to hold the request until the result exists")
     ] = 0.0,
 ) -> JobResult | JobStatus:
     """The result when it exists (200), the job's status before that (202)."""
-    found = await waiter.wait(request_id, min(wait, settings.max_result_wait_s))
+    found = None  # another key's request is answered as unknown: a request id proves nothing alone
+    if await owns(redis, caller, request_id):
+        found = await waiter.wait(request_id, min(wait, settings.max_result_wait_s))
     if found is None:
         raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
     if isinstance(found, JobStatus):

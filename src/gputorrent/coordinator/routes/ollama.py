@@ -12,7 +12,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from gputorrent import __version__, registry, routing
@@ -21,6 +21,7 @@ from gputorrent.coordinator.adapters import ollama as wire
 from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
+from gputorrent.coordinator.security import Caller, ClientDep, require_client
 from gputorrent.errors import GPUTorrentError, ModelNotFound
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, TokenChunk
 from gputorrent.streams import StreamEntry
@@ -37,7 +38,12 @@ def _now() -> str:
 
 @router.post("/generate", response_model=None)
 async def generate(
-    body: wire.GenerateRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.GenerateRequest,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    caller: ClientDep,
 ) -> dict[str, Any] | StreamingResponse:
     """A completion of `prompt` (templated as a user turn unless `raw`), streamed by default."""
     if wire.is_load(body):
@@ -52,12 +58,17 @@ async def generate(
     def final(result: JobResult, text: str) -> dict[str, Any]:
         return wire.generate_reply(body.model, _now(), result, text, raw)
 
-    return await _answer(job_request, chunk, final, request, redis, waiter, settings)
+    return await _answer(job_request, chunk, final, request, redis, waiter, settings, caller)
 
 
 @router.post("/chat", response_model=None)
 async def chat(
-    body: wire.ChatRequest, request: Request, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.ChatRequest,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    caller: ClientDep,
 ) -> dict[str, Any] | StreamingResponse:
     """The assistant's next message in a chat, streamed by default."""
     if wire.is_load(body):
@@ -71,22 +82,22 @@ async def chat(
     def final(result: JobResult, text: str) -> dict[str, Any]:
         return wire.chat_reply(body.model, _now(), result, text)
 
-    return await _answer(job_request, chunk, final, request, redis, waiter, settings)
+    return await _answer(job_request, chunk, final, request, redis, waiter, settings, caller)
 
 
-@router.get("/tags")
+@router.get("/tags", dependencies=[Depends(require_client)])
 async def list_models(redis: RedisDep) -> dict[str, Any]:
     """The models live workers serve."""
     return wire.tags(await registry.snapshot(redis))
 
 
-@router.get("/ps")
+@router.get("/ps", dependencies=[Depends(require_client)])
 async def running_models(redis: RedisDep) -> dict[str, Any]:
     """The models loaded on live workers, with the workers (non-standard `workers`) that hold each."""
     return wire.ps(await registry.snapshot(redis))
 
 
-@router.post("/show")
+@router.post("/show", dependencies=[Depends(require_client)])
 async def show_model(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any]:
     """What the pool knows of a served model; 404 when no live worker serves it."""
     workers = await registry.snapshot(redis)
@@ -100,7 +111,7 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.post("/pull", response_model=None)
+@router.post("/pull", response_model=None, dependencies=[Depends(require_client)])
 async def pull(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any] | StreamingResponse:
     """Succeeds at once for a model a live worker serves; 404 with how to serve it otherwise.
 
@@ -124,18 +135,20 @@ async def pull(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any] | Str
 
 
 @router.post("/embed")
-async def embed(body: wire.EmbedRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep) -> dict[str, Any]:
+async def embed(
+    body: wire.EmbedRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep, caller: ClientDep
+) -> dict[str, Any]:
     """One vector per input text, computed on a worker that serves the model."""
-    accepted = await _admit(redis, wire.embed_to_request(body.model, body.input), settings)
+    accepted = await _admit(redis, wire.embed_to_request(body.model, body.input), settings, caller)
     return wire.embed_reply(await _completed(waiter, accepted.request_id, settings))
 
 
 @router.post("/embeddings")
 async def embeddings(
-    body: wire.LegacyEmbeddingsRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep
+    body: wire.LegacyEmbeddingsRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep, caller: ClientDep
 ) -> dict[str, Any]:
     """The older single-text endpoint: `{"embedding": [...]}`."""
-    accepted = await _admit(redis, wire.embed_to_request(body.model, body.prompt), settings)
+    accepted = await _admit(redis, wire.embed_to_request(body.model, body.prompt), settings, caller)
     result = await _completed(waiter, accepted.request_id, settings)
     return {"embedding": (result.embeddings or [[]])[0]}
 
@@ -154,16 +167,18 @@ async def _require_served(redis: RedisDep, name: str) -> None:
         raise wire.model_not_found(name, served)
 
 
-async def _admit(redis: RedisDep, job_request: InferenceRequest | EmbeddingRequest, settings: SettingsDep) -> Accepted:
+async def _admit(
+    redis: RedisDep, job_request: InferenceRequest | EmbeddingRequest, settings: SettingsDep, caller: Caller
+) -> Accepted:
     """Admit the request; a name no live worker serves is tried with or without `:latest`, then 404."""
     try:
-        return await admit(redis, job_request, settings)
+        return await admit(redis, job_request, settings, caller)
     except ModelNotFound as e:
         served = list(e.details.get("available_models", []))
         resolved = wire.resolve_model(job_request.model, served)
         if resolved is None:
             raise wire.model_not_found(job_request.model, served) from None
-    return await admit(redis, job_request.model_copy(update={"model": resolved}), settings)
+    return await admit(redis, job_request.model_copy(update={"model": resolved}), settings, caller)
 
 
 async def _answer(
@@ -174,14 +189,16 @@ async def _answer(
     redis: RedisDep,
     waiter: WaiterDep,
     settings: SettingsDep,
+    caller: Caller,
 ) -> dict[str, Any] | StreamingResponse:
-    accepted = await _admit(redis, job_request, settings)
+    accepted = await _admit(redis, job_request, settings, caller)
     if not job_request.stream:
         result = await _completed(waiter, accepted.request_id, settings)
         return final(result, result.output or "")
     following = relay.follow(
-        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected
-    )
+        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected,
+        owner=caller,
+    )  # fmt: skip
     return StreamingResponse(_lines(following, chunk, final), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 

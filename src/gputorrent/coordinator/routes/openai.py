@@ -6,7 +6,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from gputorrent import registry, routing
@@ -15,6 +15,7 @@ from gputorrent.coordinator.adapters import openai as wire
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.coordinator.security import Caller, ClientDep, require_client
 from gputorrent.errors import GPUTorrentError
 from gputorrent.protocol import JobResult
 from gputorrent.streams import StreamEntry
@@ -22,7 +23,7 @@ from gputorrent.streams import StreamEntry
 router = APIRouter(prefix="/v1", tags=["openai"])
 
 
-@router.get("/models")
+@router.get("/models", dependencies=[Depends(require_client)])
 async def list_models(redis: RedisDep) -> dict[str, Any]:
     """The models live workers serve."""
     return wire.models(routing.served_models(await registry.snapshot(redis)))
@@ -35,10 +36,11 @@ async def chat_completions(
     redis: RedisDep,
     waiter: WaiterDep,
     settings: SettingsDep,
+    caller: ClientDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any] | StreamingResponse:
     job_request = wire.chat_to_inference(body).model_copy(update={"stream": body.stream})
-    accepted = await admit(redis, job_request, settings, idempotency_key)
+    accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
         return wire.chat_completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
@@ -47,7 +49,7 @@ async def chat_completions(
         return wire.chat_chunk(accepted.request_id, body.model, created, {"content": text}, finish_reason)
 
     first = wire.chat_chunk(accepted.request_id, body.model, created, {"role": "assistant", "content": ""})
-    following = _follow(redis, settings, accepted.request_id, request)
+    following = _follow(redis, settings, accepted.request_id, request, caller)
     events = _events(following, first, chunk, body, "chat.completion.chunk", created)
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
@@ -59,10 +61,11 @@ async def completions(
     redis: RedisDep,
     waiter: WaiterDep,
     settings: SettingsDep,
+    caller: ClientDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any] | StreamingResponse:
     job_request = wire.completion_to_inference(body).model_copy(update={"stream": body.stream})
-    accepted = await admit(redis, job_request, settings, idempotency_key)
+    accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
         return wire.completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
@@ -71,7 +74,7 @@ async def completions(
         return wire.completion_chunk(accepted.request_id, body.model, created, text, finish_reason)
 
     events = _events(
-        _follow(redis, settings, accepted.request_id, request), None, chunk, body, "text_completion", created
+        _follow(redis, settings, accepted.request_id, request, caller), None, chunk, body, "text_completion", created
     )
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
@@ -82,9 +85,10 @@ async def embeddings(
     redis: RedisDep,
     waiter: WaiterDep,
     settings: SettingsDep,
+    caller: ClientDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any]:
-    accepted = await admit(redis, wire.embeddings_to_request(body), settings, idempotency_key)
+    accepted = await admit(redis, wire.embeddings_to_request(body), settings, caller, idempotency_key)
     result = await _completed(waiter, accepted.request_id, settings.max_sync_wait_s)
     return wire.embeddings(result, body.encoding_format)
 
@@ -96,8 +100,12 @@ async def _completed(waiter: WaiterDep, request_id: str, timeout_s: float) -> Jo
     return result
 
 
-def _follow(redis: RedisDep, settings: SettingsDep, request_id: str, request: Request) -> AsyncIterator[StreamEntry]:
-    return relay.follow(redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected)
+def _follow(
+    redis: RedisDep, settings: SettingsDep, request_id: str, request: Request, caller: Caller
+) -> AsyncIterator[StreamEntry]:
+    return relay.follow(
+        redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected, owner=caller
+    )
 
 
 async def _events(

@@ -1,0 +1,195 @@
+"""Prometheus metrics: this coordinator's HTTP requests, and the pool as Redis shows it at scrape time.
+
+`gputorrent_requests_total` counts the requests this process answered. Everything about the
+pool (workers, slots, queues, and the job counters and histograms each worker carries in its
+heartbeat) is read from Redis when scraped, by `PoolCollector`, so every coordinator of one pool
+exports the same pool series: scrape one, or keep one copy per `worker` label.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextvars import ContextVar
+
+from prometheus_client import CollectorRegistry, Counter, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gputorrent.protocol import WorkerState
+from gputorrent.telemetry import Histogram
+
+UNMATCHED_ROUTE = "unmatched"  # any path no route serves: one label value, not one per path a scanner tries
+
+
+class _Labels:
+    """What a request learns on its way through the app that its metric needs: its route and model."""
+
+    __slots__ = ("model", "route")
+
+    def __init__(self) -> None:
+        self.model = ""
+        self.route = UNMATCHED_ROUTE
+
+
+_labels: ContextVar[_Labels | None] = ContextVar("gputorrent_request_labels", default=None)
+
+
+def note_model(model: str) -> None:
+    """Label the current request with `model`. Called only for a model a live worker serves, so a client
+    cannot make the label take unbounded values by asking for made-up models."""
+    labels = _labels.get()
+    if labels is not None:
+        labels.model = model
+
+
+class RequestMetrics:
+    """ASGI middleware counting every HTTP request by route template, model and status."""
+
+    def __init__(self, app: ASGIApp, registry: CollectorRegistry) -> None:
+        self.app = app
+        self.requests = Counter(
+            "gputorrent_requests",
+            "HTTP requests this coordinator answered, by route, model (admitted requests only) and status",
+            ["route", "model", "status"],
+            registry=registry,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        labels = _Labels()
+        token = _labels.set(labels)
+        status = 500  # what the client gets if the app fails before it answers
+
+        async def sending(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, sending)
+        finally:
+            _labels.reset(token)
+            self.requests.labels(route=labels.route, model=labels.model, status=str(status)).inc()
+
+
+class RouteNote:
+    """ASGI middleware, innermost: notes the route template the router chose for `RequestMetrics`.
+
+    The router marks its choice in the scope it is given; a middleware that rewrites the scope
+    passes a copy down, so only a middleware below all of them sees the mark.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            labels = _labels.get()
+            route = getattr(scope.get("route"), "path", None)
+            if labels is not None and route:
+                labels.route = str(route)
+
+
+class PoolCollector(Collector):
+    """The pool as one snapshot of `registry.snapshot` shows it, as Prometheus metric families."""
+
+    def __init__(self, workers: list[WorkerState]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self._pool_gauges()
+        yield from self._machine_gauges()
+        yield from self._job_metrics()
+
+    def _pool_gauges(self) -> Iterator[Metric]:
+        by_state = GaugeMetricFamily("gputorrent_workers", "Registered workers by state", labels=["state"])
+        for state in ("alive", "draining", "unhealthy", "dead"):
+            by_state.add_metric([state], sum(1 for w in self.workers if w.state == state))
+        yield by_state
+        slots = GaugeMetricFamily("gputorrent_worker_slots", "Jobs a live worker runs at once", labels=["worker"])
+        busy = GaugeMetricFamily("gputorrent_worker_slots_busy", "Jobs a live worker is running", labels=["worker"])
+        queued = GaugeMetricFamily("gputorrent_worker_queue_length", "Jobs waiting in a worker's queue",
+                                   labels=["worker"])  # fmt: skip
+        for w in self.workers:
+            queued.add_metric([w.worker_id], w.queue_length)
+            if w.state != "dead":
+                slots.add_metric([w.worker_id], w.slots)
+                busy.add_metric([w.worker_id], w.jobs_in_flight)
+        yield from (slots, busy, queued)
+        model_queue = GaugeMetricFamily(
+            "gputorrent_model_queue_length", "Jobs waiting on the workers that serve a model", labels=["model"]
+        )
+        for model in sorted({m for w in self.workers for m in w.models}):
+            model_queue.add_metric([model], sum(w.queue_length for w in self.workers if model in w.models))
+        yield model_queue
+
+    def _machine_gauges(self) -> Iterator[Metric]:
+        gpu = ["worker", "gpu", "name"]
+        families = {
+            "memory_used": GaugeMetricFamily("gputorrent_gpu_memory_used_bytes", "GPU memory in use", labels=gpu),
+            "memory_total": GaugeMetricFamily("gputorrent_gpu_memory_total_bytes", "GPU memory", labels=gpu),
+            "utilization": GaugeMetricFamily("gputorrent_gpu_utilization_ratio", "GPU busy time (0-1)", labels=gpu),
+            "temperature": GaugeMetricFamily("gputorrent_gpu_temperature_celsius", "GPU temperature", labels=gpu),
+        }
+        cpu = GaugeMetricFamily("gputorrent_worker_cpu_utilization_ratio", "Worker machine CPU use (0-1)",
+                                labels=["worker"])  # fmt: skip
+        ram_used = GaugeMetricFamily("gputorrent_worker_ram_used_bytes", "Worker machine RAM in use", labels=["worker"])
+        ram_total = GaugeMetricFamily("gputorrent_worker_ram_total_bytes", "Worker machine RAM", labels=["worker"])
+        for w in self.workers:
+            if w.telemetry is None:
+                continue
+            machine = w.telemetry.machine
+            for g in machine.gpus:
+                labels = [w.worker_id, str(g.index), g.name]
+                readings = {
+                    "memory_used": g.memory_used_bytes, "memory_total": g.memory_total_bytes,
+                    "utilization": g.utilization_ratio, "temperature": g.temperature_celsius,
+                }  # fmt: skip
+                for key, value in readings.items():
+                    if value is not None:
+                        families[key].add_metric(labels, value)
+            for family, value in ((cpu, machine.cpu_utilization_ratio), (ram_used, machine.ram_used_bytes),
+                                  (ram_total, machine.ram_total_bytes)):  # fmt: skip
+                if value is not None:
+                    family.add_metric([w.worker_id], value)
+        yield from (*families.values(), cpu, ram_used, ram_total)
+
+    def _job_metrics(self) -> Iterator[Metric]:
+        labels = ["worker", "model"]
+        jobs = CounterMetricFamily("gputorrent_jobs", "Jobs a worker finished, by outcome", labels=[*labels, "status"])
+        generated = CounterMetricFamily("gputorrent_tokens_generated", "Tokens workers generated", labels=labels)
+        prompt = CounterMetricFamily("gputorrent_prompt_tokens", "Prompt tokens workers read", labels=labels)
+        histograms = {
+            "queue_wait": HistogramMetricFamily(
+                "gputorrent_queue_wait_seconds", "Admission to the start of the job", labels=labels
+            ),
+            "time_to_first_token": HistogramMetricFamily(
+                "gputorrent_time_to_first_token_seconds", "Admission to the first generated token", labels=labels
+            ),
+            "latency": HistogramMetricFamily(
+                "gputorrent_request_latency_seconds", "Admission to the stored result", labels=labels
+            ),
+        }
+        for w in self.workers:
+            for model, counters in sorted((w.telemetry.jobs if w.telemetry else {}).items()):
+                jobs.add_metric([w.worker_id, model, "completed"], counters.completed)
+                jobs.add_metric([w.worker_id, model, "failed"], counters.failed)
+                generated.add_metric([w.worker_id, model], counters.tokens_generated)
+                prompt.add_metric([w.worker_id, model], counters.prompt_tokens)
+                for name, family in histograms.items():
+                    histogram: Histogram = getattr(counters, name)
+                    family.add_metric([w.worker_id, model], histogram.cumulative(), histogram.sum_s)
+        yield from (jobs, generated, prompt, *histograms.values())
+
+
+def exposition(process: CollectorRegistry, workers: list[WorkerState]) -> bytes:
+    """The text exposition of this process's metrics followed by the pool's."""
+    pool = CollectorRegistry(auto_describe=False)
+    pool.register(PoolCollector(workers))
+    return generate_latest(process) + generate_latest(pool)

@@ -1,0 +1,135 @@
+"""The pool's recent history in Redis: per-bucket job figures and the last failures, shared by every coordinator.
+
+Workers add what they finished to the bucket of the current `BUCKET_S` seconds (one pipeline per
+heartbeat interval, not per job); a coordinator adds the failures it writes itself (deadlines).
+Buckets expire after `HISTORY_S`, so the history costs a few hundred small hashes at most.
+
+>>> bucket_of(1003.9)
+1000
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+
+from pydantic import BaseModel, ConfigDict
+from redis.asyncio import Redis
+
+from gputorrent import keys
+from gputorrent.telemetry import FailureRecord
+
+BUCKET_S = 5
+HISTORY_S = 15 * 60  # how far back the history goes
+FAILURES_KEPT = 50
+
+
+def bucket_of(at: float) -> int:
+    """The start (unix seconds) of the bucket holding the moment `at`."""
+    return int(at // BUCKET_S * BUCKET_S)
+
+
+@dataclass
+class StatsDelta:
+    """Job figures not yet added to Redis."""
+
+    jobs: int = 0  # finished: completed or failed
+    failed: int = 0
+    tokens: int = 0  # generated
+    ttft_sum_s: float = 0.0
+    ttft_count: int = 0
+    latency_sum_s: float = 0.0
+    queue_wait_sum_s: float = 0.0
+    failures: list[FailureRecord] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return self.jobs > 0
+
+    def add(self, other: StatsDelta) -> None:
+        """Fold `other` in (a write that failed goes back into the next one)."""
+        for f in fields(self):
+            if f.name != "failures":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self.failures = [*other.failures, *self.failures][-FAILURES_KEPT:]
+
+    def commands(self, at: float) -> list[tuple[str | int | float, ...]]:
+        """The Redis commands that add this delta to the bucket of `at` and push its failures."""
+        key = keys.stats_key(bucket_of(at))
+        commands: list[tuple[str | int | float, ...]] = []
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "failures" or not value:
+                continue
+            commands.append(("HINCRBYFLOAT" if isinstance(value, float) else "HINCRBY", key, f.name, value))
+        commands.append(("EXPIRE", key, HISTORY_S + 2 * BUCKET_S))
+        if self.failures:
+            commands.append(("LPUSH", keys.RECENT_FAILURES, *(r.model_dump_json() for r in self.failures)))
+            commands.append(("LTRIM", keys.RECENT_FAILURES, 0, FAILURES_KEPT - 1))
+        return commands
+
+
+async def add(redis: Redis, delta: StatsDelta, at: float | None = None) -> None:
+    """Add the delta to Redis in one round trip."""
+    if not delta:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for command in delta.commands(time.time() if at is None else at):
+            pipe.execute_command(*command)
+        await pipe.execute()
+
+
+async def record_failure(redis: Redis, failure: FailureRecord) -> None:
+    """Count one failed job that no worker reports (a coordinator ended it)."""
+    await add(redis, StatsDelta(jobs=1, failed=1, failures=[failure]), failure.at)
+
+
+class HistoryPoint(BaseModel):
+    """One bucket of the history: what finished in `[at, at + BUCKET_S)`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    at: int
+    jobs_per_s: float
+    failed_per_s: float
+    tokens_per_s: float
+    ttft_avg_s: float | None  # admission to first token, over the jobs that produced one
+    latency_avg_s: float | None  # admission to result
+    queue_wait_avg_s: float | None
+
+
+async def history(redis: Redis, span_s: int, now: float | None = None) -> list[HistoryPoint]:
+    """Every bucket of the last `span_s` seconds, oldest first, empty ones included; the bucket in
+    progress is left out (its figures are still arriving)."""
+    last = bucket_of(time.time() if now is None else now) - BUCKET_S
+    starts = list(range(last - (span_s // BUCKET_S - 1) * BUCKET_S, last + 1, BUCKET_S))
+    async with redis.pipeline(transaction=False) as pipe:
+        for start in starts:
+            pipe.hgetall(keys.stats_key(start))
+        buckets = await pipe.execute()
+    return [
+        _point(start, {str(k): float(v) for k, v in raw.items()}) for start, raw in zip(starts, buckets, strict=True)
+    ]
+
+
+def _point(at: int, raw: dict[str, float]) -> HistoryPoint:
+    jobs, ttft_count = raw.get("jobs", 0.0), raw.get("ttft_count", 0.0)
+    return HistoryPoint(
+        at=at,
+        jobs_per_s=jobs / BUCKET_S,
+        failed_per_s=raw.get("failed", 0.0) / BUCKET_S,
+        tokens_per_s=raw.get("tokens", 0.0) / BUCKET_S,
+        ttft_avg_s=raw.get("ttft_sum_s", 0.0) / ttft_count if ttft_count else None,
+        latency_avg_s=raw.get("latency_sum_s", 0.0) / jobs if jobs else None,
+        queue_wait_avg_s=raw.get("queue_wait_sum_s", 0.0) / jobs if jobs else None,
+    )
+
+
+async def recent_failures(redis: Redis, limit: int = FAILURES_KEPT) -> list[FailureRecord]:
+    """The last failures, newest first; an unreadable entry is skipped."""
+    found = []
+    for raw in await redis.lrange(keys.RECENT_FAILURES, 0, limit - 1):
+        try:
+            found.append(FailureRecord.model_validate_json(raw))
+        except ValueError:
+            continue
+    return found

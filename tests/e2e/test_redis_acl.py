@@ -1,0 +1,103 @@
+"""The pool runs under the Redis ACL users docs/security.md shows: coordinators and workers each with
+only the keys they need, on a server whose default user is off."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+from redis.exceptions import NoPermissionError
+
+from gputorrent.client import APIClient
+from gputorrent.embedded import free_port, server_binary
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, wait_for
+
+SECURITY_DOC = Path(__file__).parents[2] / "docs" / "security.md"
+
+
+def _acl_from_the_docs() -> str:
+    """The users.acl block of docs/security.md, with test passwords: the doc is what is tested."""
+    block = re.search(r"```\n# users\.acl.*?\n(.*?)```", SECURITY_DOC.read_text(), re.S)
+    assert block is not None, "docs/security.md has no users.acl block"
+    return block.group(1).replace("COORDINATOR_PASSWORD", "coordinator-pw").replace("WORKER_PASSWORD", "worker-pw")
+
+
+@pytest.fixture
+def acl_redis(tmp_path: Path) -> Iterator[str]:
+    """A private server with the documented ACL users; yields its host:port."""
+    (tmp_path / "users.acl").write_text(_acl_from_the_docs())
+    port = free_port()
+    server = subprocess.Popen(
+        [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "",
+         "--aclfile", str(tmp_path / "users.acl"), "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL,
+    )  # fmt: skip
+    admin = redis.Redis(port=port, username="coordinator", password="coordinator-pw")
+    try:
+        wait_for(lambda: _pings(admin) or server.poll() is not None, 10, "the ACL server")
+        assert server.poll() is None, "the server refused the documented ACL file"
+        yield f"127.0.0.1:{port}"
+    finally:
+        admin.close()
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
+
+
+def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_keys(
+    acl_redis: str, processes: Callable[..., Process]
+) -> None:
+    coordinator_url = f"redis://coordinator:coordinator-pw@{acl_redis}"
+    worker_url = f"redis://worker:worker-pw@{acl_redis}"
+    keys_cli = [sys.executable, "-m", "gputorrent", "keys", "--redis-url", coordinator_url, "create"]
+    client_key = subprocess.run(keys_cli, capture_output=True, text=True, check=True).stdout.strip()
+    join_key = subprocess.run([*keys_cli, "--scope", "join"], capture_output=True, text=True, check=True).stdout.strip()
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    timing = {"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "4"}
+    coordinator = processes(
+        "coordinator", "--port", str(port), name="coordinator", env={**timing, "REDIS_URL": coordinator_url}
+    )
+    wait_for(lambda: _health(url) or coordinator.popen.poll() is not None, PROCESS_START_TIMEOUT_S, "the coordinator")
+    worker = processes(
+        "worker", "--backend", "fake", "--coordinator", url, "--worker-id", "w1", name="worker",
+        env={"REDIS_URL": worker_url, "GPUTORRENT_JOIN_TOKEN": join_key, "GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.01"},
+    )  # fmt: skip
+    with APIClient(url, api_key=client_key) as client:
+        wait_for(lambda: worker.popen.poll() is not None or bool(client.workers()), PROCESS_START_TIMEOUT_S, "w1")
+        assert client.infer("fake", "under acl", options={"max_tokens": 3}).output == "echo: under acl"
+        accepted = client.submit("fake", " ".join(["word"] * 300), options={"max_tokens": 400})
+        assert client.cancel(accepted.request_id).error is not None
+        assert client.infer("fake", "still serving").output == "echo: still serving"
+
+    as_worker = redis.Redis.from_url(worker_url)
+    try:
+        with pytest.raises(NoPermissionError):
+            as_worker.keys("apikey:*")
+        with pytest.raises(NoPermissionError):
+            as_worker.hgetall(f"apikey:{client_key.split('_')[1]}")
+    finally:
+        as_worker.close()
+    for proc in (worker, coordinator):
+        proc.stop()
+        assert "NOPERM" not in proc.log and "Traceback" not in proc.log, proc.log
+
+
+def _health(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
