@@ -5,13 +5,15 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
+BROWSER_TESTS := tests/browser
+CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test lint typecheck pytest size clean
+.PHONY: run test lint typecheck pytest browser-deps size clean
 
 run: $(VENV)/.run-deps
 	$(BIN)/gputorrent up
 
-test: $(VENV)/.dev-deps lint typecheck pytest
+test: $(VENV)/.dev-deps browser-deps lint typecheck pytest
 
 lint: $(VENV)/.dev-deps
 	$(BIN)/ruff check src tests bench
@@ -22,6 +24,18 @@ typecheck: $(VENV)/.dev-deps
 
 pytest: $(VENV)/.dev-deps
 	$(BIN)/pytest
+
+# The dashboard tests drive Debian's Chromium through playwright-core from npm; no browser is
+# downloaded. Both steps are skipped on later runs (a stamp file, and the browser's own path).
+browser-deps: $(BROWSER_TESTS)/node_modules/.installed $(CHROMIUM)
+
+$(BROWSER_TESTS)/node_modules/.installed: $(BROWSER_TESTS)/package.json $(BROWSER_TESTS)/package-lock.json
+	npm ci --prefix $(BROWSER_TESTS) --no-audit --no-fund --loglevel=error
+	@touch $@
+
+$(CHROMIUM):
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
 size:
 	@find src -name '*.py' | xargs wc -l | sort -n
@@ -41,4 +55,4 @@ $(VENV)/.dev-deps: $(VENV)/.python pyproject.toml
 	@touch $@ $(VENV)/.run-deps
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache $(BROWSER_TESTS)/node_modules test-artifacts
