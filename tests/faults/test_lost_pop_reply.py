@@ -2,9 +2,9 @@
 pop (BLMOVE), so the reply that carries the job never reaches the worker.
 
 Redis has moved the job into `processing:{worker}`; the worker reconnects without knowing it holds
-it, and its heartbeat keeps it alive, so no reaper touches it: the job is neither run nor handed
-on. A Redis restart under load can do this too (the server exits before writing the replies of
-its last round of commands; scenario 4 then finds such an entry now and then).
+it, and its heartbeat keeps it alive, so no reaper touches it. The worker finds such entries
+itself (held by none of its consumers on two looks) and queues them again. A Redis restart under
+load can cause this too (the server exits before writing the replies of its last commands).
 """
 
 from __future__ import annotations
@@ -22,11 +22,6 @@ pytestmark = pytest.mark.fault
 SCENARIO = "4b. worker's Redis connection cut after a pop, reply lost"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: a worker does not take back jobs moved into its processing list by a pop whose reply "
-    "it never got (docs/reliability.md); remove this mark once fixed",
-)
 def test_a_job_whose_pop_reply_was_lost_still_completes(
     pool_factory: PoolFactory, record: Callable[[Row], None]
 ) -> None:

@@ -37,6 +37,7 @@ from gputorrent.worker.telemetry import WorkerTelemetry
 log = logging.getLogger(__name__)
 
 POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
+ORPHAN_CHECK_S = 2.0  # how often the processing list is checked for jobs no consumer holds
 HEALTH_RETRY_S = 5.0  # how often an unhealthy worker probes its backend again
 
 
@@ -61,6 +62,7 @@ class Worker:
         self.ended = EndedJobs(redis)
         self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
         self._serving.set()
+        self._held: set[str] = set()  # the raw entries of the jobs the consumers hold now
         self._last_success = time.monotonic()
         self._heartbeat: HeartbeatThread | None = None
         self.telemetry = WorkerTelemetry(self.worker_id)
@@ -101,6 +103,7 @@ class Worker:
                 tasks.create_task(self.telemetry.run(self.redis, self.heartbeat_interval_s, helpers_stop))
                 if not burst:
                     tasks.create_task(self._watch_health(helpers_stop))
+                    tasks.create_task(self._reclaim_orphans(helpers_stop))
                 consumers = [tasks.create_task(self._consume(stop, burst)) for _ in range(self.settings.slots)]
                 await self._until_stopped(stop, consumers)
                 helpers_stop.set()
@@ -214,6 +217,33 @@ class Worker:
         self._serving.clear()
         await self._hand_on(keys.queue_key(self.worker_id))
 
+    async def _reclaim_orphans(self, stop: asyncio.Event) -> None:
+        """Take back the jobs Redis moved into this worker's processing list by a pop whose reply never
+        arrived (the connection dropped just then): nobody would run them, and this worker's heartbeat
+        keeps the reaper away. An entry no consumer holds on two looks `ORPHAN_CHECK_S` apart is one;
+        it goes back to the front of this worker's queue."""
+        held_in = keys.processing_key(self.worker_id)
+        suspects: set[str] = set()
+        while not stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), ORPHAN_CHECK_S)
+            if stop.is_set():
+                return
+            try:
+                unheld = {str(raw) for raw in await self.redis.lrange(held_in, 0, -1)} - self._held
+                orphans, suspects = unheld & suspects, unheld - suspects
+                for raw in orphans:
+                    try:
+                        job = Job.model_validate_json(raw)
+                    except ValueError:
+                        log.error("worker %s: dropping an unreadable job: %.200s", self.worker_id, raw)
+                        await self.redis.lrem(held_in, 1, raw)
+                        continue
+                    if await queue.requeue(self.redis, held_in, raw, job):
+                        log.warning("request %s: its pop's reply was lost; queued here again", job.request_id)
+            except (RedisError, OSError) as e:
+                log.warning("worker %s cannot check its held jobs (%s)", self.worker_id, e)
+
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
         backoff = Backoff()
         while not stop.is_set():
@@ -233,9 +263,11 @@ class Worker:
                     return
                 continue
             self.jobs_in_flight += 1
+            self._held.add(lease.raw)
             try:
                 await self._handle(lease)
             finally:
+                self._held.discard(lease.raw)
                 self.jobs_in_flight -= 1
                 logs.request_id.set(None)
 
