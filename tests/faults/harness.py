@@ -467,7 +467,7 @@ class Pool:
         return [json.loads(raw)["request_id"] for raw in self.client.lrange(keys.queue_key(worker_id), 0, -1)]
 
     def status(self, request_id: str) -> dict[str, str]:
-        return dict(self.client.hgetall(keys.job_key(request_id)))
+        return {str(k): str(v) for k, v in self.client.hgetall(keys.job_key(request_id)).items()}
 
     def results_stored(self, request_ids: Iterable[str]) -> int:
         with self.client.pipeline(transaction=False) as pipe:
@@ -533,7 +533,7 @@ class Pool:
             and r.output != expected_output(job.prompt, job.max_tokens)
         ]
         stray = {
-            key: [_request_id(raw) for raw in entries]
+            key: [_request_id(str(raw)) for raw in entries]
             for worker_id in self.specs
             for key in (keys.queue_key(worker_id), keys.processing_key(worker_id))
             if (entries := self.client.lrange(key, 0, -1))

@@ -38,8 +38,11 @@ def test_no_accepted_job_is_lost_when_redis_restarts_under_load(
         pool.redis.halt()  # SIGTERM: the server writes out its append-only file and exits
         # Keep it down until every process has seen the outage, so each must reconnect by itself.
         wait_for(lambda: pool.health("c1") == 503, 15, "the coordinator to report Redis down")
-        for w in WORKERS:
-            wait_for(lambda w=w: _outage_lines(pool.log_of(w)) > noticed_before[w], 15, f"{w} to notice the outage")
+        wait_for(
+            lambda: all(_outage_lines(pool.log_of(w)) > noticed_before[w] for w in WORKERS),
+            15,
+            "every worker to notice the outage",
+        )
         pool.redis.start()
         back_at = time.time()
         wait_for(lambda: pool.health("c1") == 200, 15, "the coordinator to reach Redis again")
