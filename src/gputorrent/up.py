@@ -154,6 +154,7 @@ def _banner(url: str, model: str, *, authenticated: bool) -> str:
     auth = ' -H "Authorization: Bearer $GPUTORRENT_API_KEY"' if authenticated else ""
     return (
         f"\nGPU Torrent is up at {url} (Ctrl-C stops it)\n"
+        f"Dashboard and playground: {url}/dashboard\n"
         "Try:\n"
         f"  id=$(curl -s {url}/inference{auth} -H 'content-type: application/json' \\\n"
         f"        -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"request_id\"])')\n"

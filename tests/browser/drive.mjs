@@ -54,6 +54,8 @@ async function dashboard(page, report) {
     );
   }
   report.row = await row.locator("td").allTextContents();
+  report.states = await page.locator("#workers tbody tr").evaluateAll((rows) =>
+    rows.map((r) => [r.dataset.workerId, r.querySelector(".state").textContent]));
   report.tiles = await page.locator("#tiles .tile").allTextContents();
   report.models = await page.locator("#models tbody tr").allTextContents();
   report.failures = await page.locator("#failures tbody tr").allTextContents();

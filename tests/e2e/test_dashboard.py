@@ -11,18 +11,21 @@ import json
 import os
 import shutil
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gputorrent import auth
+from gputorrent import auth, keys
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
 from gputorrent.errors import JobFailed
+from gputorrent.protocol import Heartbeat
 from gputorrent.worker.backends.fake import FAIL_TRIGGER
 from tests.conftest import PROCESS_START_TIMEOUT_S, Process, wait_for
 
@@ -69,8 +72,8 @@ def drive() -> Callable[..., dict[str, Any]]:
     return run
 
 
-def test_the_dashboard_shows_the_live_worker_its_jobs_and_failures(
-    coordinator_url: str, start_worker: StartWorker, drive: Callable[..., dict[str, Any]]
+def test_the_dashboard_shows_the_workers_their_states_jobs_and_failures(
+    coordinator_url: str, redis_url: str, start_worker: StartWorker, drive: Callable[..., dict[str, Any]]
 ) -> None:
     start_worker("w1")
     with APIClient(coordinator_url) as client:
@@ -78,6 +81,14 @@ def test_the_dashboard_shows_the_live_worker_its_jobs_and_failures(
             assert client.infer("fake", f"job {i}").status == "completed"
         with pytest.raises(JobFailed):
             client.infer("fake", f"please {FAIL_TRIGGER}")
+    # Two more registrations, whose heartbeats say what a sick and a dead worker's would.
+    for worker_id in ("sick", "gone"):
+        body = {"worker_id": worker_id, "models": ["other"], "backend": "ollama"}
+        assert httpx.post(f"{coordinator_url}/register", json=body).status_code == 200
+    sick = Heartbeat(at=time.time(), condition="unhealthy", reason="the backend cannot generate: connection refused")
+    with SyncRedis.from_url(redis_url) as redis:
+        redis.set(keys.heartbeat_key("sick"), sick.model_dump_json(), px=60_000)
+        redis.delete(keys.heartbeat_key("gone"))
 
     report = drive("dashboard", coordinator_url, "dashboard.png", worker_id="w1", jobs_done=2)
 
@@ -85,7 +96,12 @@ def test_the_dashboard_shows_the_live_worker_its_jobs_and_failures(
     assert (worker_id, state, backend, models, slots, queued) == ("w1", "alive", "fake", "fake", "0 / 1", "0")
     assert "CPU" in hardware and "RAM" in hardware  # no GPU here: the CPU path of the telemetry
     assert jobs == "2 ok, 1 failed"
-    assert report["models"] == ["fake1 (1)00"]
+    assert report["states"] == [
+        ["gone", "dead"],
+        ["sick", "unhealthythe backend cannot generate: connection refused"],
+        ["w1", "alive"],
+    ]
+    assert report["models"] == ["fake1 (1)00", "other2 (0)00"]
     [failure] = report["failures"]
     assert "backend_error" in failure and "the fake backend was asked to fail" in failure
     assert report["connection"] == "live"
