@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -181,5 +182,13 @@ def test_with_authentication_the_dashboard_asks_for_a_key_and_keeps_it(
     assert "API key" in report["key_reason"]
     assert report["local_storage_key"] == admin_key
     assert report["row"][:3] == ["w1", "alive", "fake"]
+    status = [sys.executable, "-m", "gputorrent", "status", "--url", url]
+    refused = subprocess.run(
+        status, capture_output=True, text=True, timeout=30, env={**os.environ, "GPUTORRENT_API_KEY": ""}
+    )
+    assert refused.returncode == 1 and "GPUTORRENT_API_KEY" in refused.stderr
+    shown = subprocess.run(status, capture_output=True, text=True, timeout=30,
+                           env={**os.environ, "GPUTORRENT_API_KEY": admin_key})  # fmt: skip
+    assert shown.returncode == 0 and any(line.startswith("w1 ") for line in shown.stdout.splitlines()), shown.stderr
     assert admin_key not in coordinator.log and admin_key not in worker.log
     assert join_key not in coordinator.log and join_key not in worker.log
