@@ -22,6 +22,7 @@ from typing import Literal
 
 LogFormat = Literal["text", "json"]
 FORMAT_VARIABLE = "GPUTORRENT_LOG_FORMAT"  # the CLI's `--log-format` when the flag is not given
+_HANDLER_NAME = "gputorrent"
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s%(request_tag)s: %(message)s"
 
 request_id: ContextVar[str | None] = ContextVar("gputorrent_request_id", default=None)
@@ -82,10 +83,11 @@ class JsonFormatter(logging.Formatter):
 def configure(level: str = "info", log_format: LogFormat = "text") -> None:
     """Send every logger's records to stderr, in `log_format`, with request ids and secrets masked."""
     handler = logging.StreamHandler()
+    handler.set_name(_HANDLER_NAME)
     handler.addFilter(RequestIdFilter())
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if h.get_name() == _HANDLER_NAME]:  # ours from an earlier call only
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())

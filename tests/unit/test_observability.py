@@ -220,3 +220,19 @@ def test_text_lines_tag_the_request_only_inside_one() -> None:
         assert "gputorrent.test [req-9]: inside" in _format(logs.TextFormatter(), "inside")
     finally:
         logs.request_id.reset(token)
+
+
+def test_configure_replaces_only_its_own_handler() -> None:
+    root = logging.getLogger()
+    level, foreign = root.level, logging.NullHandler()
+    root.addHandler(foreign)
+    try:
+        logs.configure("warning", "json")
+        logs.configure("warning", "text")
+        ours = [h for h in root.handlers if h.get_name() == "gputorrent"]
+        assert len(ours) == 1 and isinstance(ours[0].formatter, logs.TextFormatter)
+        assert foreign in root.handlers
+    finally:
+        for handler in [h for h in root.handlers if h.get_name() == "gputorrent"] + [foreign]:
+            root.removeHandler(handler)
+        root.setLevel(level)
