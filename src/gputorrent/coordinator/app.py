@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 
 from gputorrent import __version__
 from gputorrent.config import CoordinatorSettings
+from gputorrent.coordinator import openapi
 from gputorrent.coordinator.error_shapes import error_body
 from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
@@ -72,6 +73,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
     app.include_router(admin.router)
+    openapi.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     observability.install(app)  # last: its request metrics wrap every other middleware

@@ -249,7 +249,8 @@ async def get_result(
     return found
 
 
-@router.api_route("/", methods=["GET", "HEAD"], response_class=PlainTextResponse, tags=["operations"])
+@router.head("/", response_class=PlainTextResponse, include_in_schema=False)  # one schema entry: GET
+@router.get("/", response_class=PlainTextResponse, tags=["operations"])
 async def root() -> str:
     """A liveness answer at the root, as Ollama gives one (its CLI checks `HEAD /` before most commands)."""
     return "GPU Torrent is running"
