@@ -122,10 +122,9 @@ class Outcome:
             recover_s=None if recover_s is None else round(recover_s, 2),
         )
 
-    def assert_invariant(self, allowed_failures: Iterable[str] = (), *, refused_strays_ok: bool = False) -> None:
+    def assert_invariant(self, allowed_failures: Iterable[str] = ()) -> None:
         """Nothing lost, nothing twice, right answers, nothing left in a list, and only the listed
-        failure codes. `refused_strays_ok` tolerates stray entries of jobs whose submission never got
-        its 202 (the known lost-reply bug of scenario 4b; the client was told to retry)."""
+        failure codes."""
         assert not self.lost, f"{len(self.lost)} accepted jobs have no result: {self.lost}"
         assert not self.duplicated, f"jobs with more than one result: {self.duplicated}"
         assert not self.wrong_output, f"results whose output is not their prompt's: {self.wrong_output}"
@@ -133,7 +132,6 @@ class Outcome:
         stray = {
             key: [f"{rid} ({'accepted' if rid in accepted else 'never got its 202'})" for rid in ids]
             for key, ids in self.stray.items()
-            if not refused_strays_ok or any(rid in accepted for rid in ids)
         }
         assert not stray, f"entries left in queue or processing lists of idle workers after settling: {stray}"
         unexpected = {code: n for code, n in self.failed.items() if code not in set(allowed_failures)}

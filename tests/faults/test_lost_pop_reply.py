@@ -9,6 +9,7 @@ load can cause this too (the server exits before writing the replies of its last
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 import pytest
@@ -37,11 +38,15 @@ def test_a_job_whose_pop_reply_was_lost_still_completes(
         job = pool.submit("lost reply", max_tokens=3)  # the coordinator talks to Redis directly: 202
         assert job is not None and job.worker_id == "w1"
         wait_for(lambda: pool.held_by("w1") == [job.request_id], 10, "Redis to serve w1's pop")
+        cut_at = time.time()
         proxy.cut()  # the reply carrying the job is gone with the connection
+        pool.recovery.add([job.request_id], since=cut_at)
         outcome = pool.settle(timeout_s=3 * HEARTBEAT_TIMEOUT_S)
-        record(outcome.row(SCENARIO, None))
+        recover_s = pool.recovery.worst()
+        record(outcome.row(SCENARIO, recover_s))
         assert pool.workers["w1"].popen.poll() is None  # w1 lives on, reconnected
         outcome.assert_invariant()
+        assert outcome.results[job.request_id].worker_id == "w1"  # taken back by w1 itself: it never died
     finally:
         pool.workers["w1"].stop()  # before its way to Redis goes, so it stops as it normally would
         proxy.close()
