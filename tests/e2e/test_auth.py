@@ -17,7 +17,8 @@ import pytest
 
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
-from gputorrent.errors import ResultTimeout, Unauthorized
+from gputorrent.errors import JobFailed, Unauthorized
+from gputorrent.worker.backends.fake import FAIL_TRIGGER
 from tests.conftest import PROCESS_START_TIMEOUT_S, Process, wait_for
 
 HF_TOKEN = "hf_test_token_that_must_never_be_logged"
@@ -127,8 +128,8 @@ def test_no_secret_reaches_any_log(pool: SecuredPool) -> None:
     """Keys, the join key and HF_TOKEN travel through every process of a full run; no log holds one."""
     with APIClient(pool.url, api_key=pool.client_key) as client:
         assert client.infer("fake", "a request", options={"max_tokens": 2}).output == "echo: a"
-        with pytest.raises(ResultTimeout):  # a request whose result never comes in time: its error is logged
-            client.infer("fake", "pending", timeout_s=0.01)
+        with pytest.raises(JobFailed):  # a failing job: its error travels through both logs
+            client.infer("fake", f"please {FAIL_TRIGGER}")
     with APIClient(pool.url, api_key="gt_000000000000_" + "y" * 43) as intruder, pytest.raises(Unauthorized):
         intruder.workers()
     for proc in pool.processes:
