@@ -103,6 +103,9 @@ class WorkerSettings(_Settings):
     fake_token_delay_s: float = Field(
         default=0.0, ge=0, validation_alias=_env("GPUTORRENT_FAKE_TOKEN_DELAY_S")
     )  # the `fake` test backend only: a pause before each token, to test streaming and cancellation
+    # The `fake` test backend only: while this file exists, it fails every generation as a backend
+    # that cannot be reached would (to test health checks and fail-over on real processes).
+    fake_down_file: str | None = Field(default=None, validation_alias=_env("GPUTORRENT_FAKE_DOWN_FILE"))
     register_timeout_s: float = Field(default=60.0, gt=0, validation_alias=_env("GPUTORRENT_REGISTER_TIMEOUT_S"))
     # On SIGTERM the jobs in flight get this long to finish before they are handed to other workers.
     drain_timeout_s: float = Field(default=30.0, ge=0, validation_alias=_env("GPUTORRENT_DRAIN_TIMEOUT_S"))

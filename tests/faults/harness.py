@@ -453,6 +453,11 @@ class Pool:
             self.submitted.append(job)
         return job
 
+    def track(self, job: Submitted) -> None:
+        """Count a job a scenario submitted itself (a streamed one, say) like those `submit` made."""
+        with self._lock:
+            self.submitted.append(job)
+
     def jobs(self) -> list[Submitted]:
         with self._lock:
             return list(self.submitted)

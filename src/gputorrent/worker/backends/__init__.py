@@ -23,7 +23,7 @@ def make_backend(settings: WorkerSettings) -> Backend:
         return OpenAIBackend(base_url=settings.openai_base_url, api_key=key)
     from gputorrent.worker.backends.fake import FakeBackend
 
-    return FakeBackend(token_delay_s=settings.fake_token_delay_s)
+    return FakeBackend(token_delay_s=settings.fake_token_delay_s, down_file=settings.fake_down_file)
 
 
 __all__ = ["Backend", "make_backend"]

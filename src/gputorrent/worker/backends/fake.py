@@ -4,9 +4,12 @@ The output is `echo: ` followed by the prompt (or the last message), cut to `max
 words, one word per token, so tests can predict it exactly. `token_delay_s` paces the
 tokens so a test can watch a stream arrive or cancel it half-way; it is 0 unless a test sets it.
 
-Two test triggers, matched anywhere in the prompt (or the last message):
+Test switches: two triggers matched anywhere in the prompt (or the last message), and a file.
 
 - `FAIL_TRIGGER` (`__fail__`): the generation fails with a `BackendError`, to exercise the failure path.
+- `down_file` (`GPUTORRENT_FAKE_DOWN_FILE`): while that file exists, every generation fails as an
+  unreachable backend would (`BackendUnavailable`), so health checks and fail-over can be tested on
+  real processes.
 - `CRASH_TRIGGER` (`__crash__`): the whole worker process exits at once (`os._exit(1)`, no cleanup),
   as a job that crashes its engine would. The fault suite (tests/faults) uses it for a poison job
   that kills every worker it is handed to. Never put it in a prompt sent to a worker you want to keep.
@@ -18,8 +21,9 @@ import asyncio
 import hashlib
 import os
 from collections.abc import AsyncGenerator
+from pathlib import Path
 
-from gputorrent.errors import BackendError
+from gputorrent.errors import BackendError, BackendUnavailable
 from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
 
 EMBEDDING_SIZE = 8
@@ -30,9 +34,10 @@ CRASH_TRIGGER = "__crash__"  # a prompt containing this kills the worker process
 class FakeBackend:
     name = "fake"
 
-    def __init__(self, token_delay_s: float = 0.0) -> None:
+    def __init__(self, token_delay_s: float = 0.0, down_file: str | None = None) -> None:
         self._model = "fake"
         self._token_delay_s = token_delay_s
+        self._down_file = Path(down_file) if down_file else None
 
     async def load(self, model: str | None) -> str:
         self._model = model or "fake"
@@ -42,6 +47,8 @@ class FakeBackend:
         text = job.prompt if job.prompt is not None else (job.messages or [])[-1].content
         if FAIL_TRIGGER in text:
             raise BackendError("the fake backend was asked to fail")
+        if self._down_file is not None and self._down_file.exists():
+            raise BackendUnavailable(f"the fake backend is down ({self._down_file} exists): connection refused")
         if CRASH_TRIGGER in text:
             os._exit(1)  # no cleanup, no result: like a backend that takes its process down
         words = ["echo:", *text.split()]
