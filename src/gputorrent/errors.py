@@ -14,10 +14,13 @@
     │   ├── NoWorkersAvailable       503 no_workers
     │   └── RedisUnavailable         503 redis_unavailable
     ├── BackendError                 502 backend_error        (a worker's backend failed a job)
+    │   ├── BackendUnavailable       502 backend_unavailable  (unreachable or 5xx: another worker may do)
     │   └── ModelUnavailable         502 model_unavailable    (the model cannot be found or pulled)
-    ├── Cancelled                    409 cancelled            (the client gave up; the job stopped)
-    ├── JobFailed                    502 per the job          (a result with status failed; the native API
-    │                                                          returns it as a 200 result, the others as 502)
+    ├── Cancelled                    409 cancelled            (the job was ended before its result)
+    ├── DeadlineExceeded             504 timeout              (the job passed its deadline)
+    ├── JobFailed                    per the job's code       (a result with status failed; the native API
+    │                                                          returns it as a 200 result, the others as an
+    │                                                          error with the code's status, else 502)
     └── ResultTimeout                504 result_timeout       (client side: no result within the wait)
 
 The coordinator turns these into `{"error": {"code", "message", ...}}` in one handler; the
@@ -134,7 +137,8 @@ class DeadlineExceeded(GPUTorrentError):
 
 
 class JobFailed(GPUTorrentError):
-    """A job ended with status `failed`; `code` is the job's own error code."""
+    """A job ended with status `failed`; `code` is the job's own error code, and the status is that
+    code's own where it has one (504 for `timeout`, 409 for `cancelled`), else 502."""
 
     http_status = 502
 
@@ -142,6 +146,9 @@ class JobFailed(GPUTorrentError):
         super().__init__(message, request_id=request_id)
         self.request_id = request_id
         self.code = code  # type: ignore[misc]
+        known = ERRORS_BY_CODE.get(code)
+        if known is not None and known.http_status != 500:
+            self.http_status = known.http_status  # type: ignore[misc]
 
 
 class ResultTimeout(GPUTorrentError):
