@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 BROWSER_TESTS := tests/browser
 CHROMIUM := /usr/bin/chromium
 
-.PHONY: run test lint typecheck pytest browser-deps size clean
+.PHONY: run test lint typecheck pytest browser-deps size clean bench
 
 run: $(VENV)/.run-deps
 	$(BIN)/gputorrent up
@@ -36,6 +36,21 @@ $(BROWSER_TESTS)/node_modules/.installed: $(BROWSER_TESTS)/package.json $(BROWSE
 $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
+
+# Every benchmark, in an environment of its own (bench/.venv): plotting and any peer compared
+# against are installed there, never as project dependencies. JSON and PNG go to bench/results/,
+# the tables to docs/benchmarks.md.
+BENCH_VENV := bench/.venv
+
+bench: $(BENCH_VENV)/.installed
+	$(BENCH_VENV)/bin/python bench/routing_quality.py
+	$(BENCH_VENV)/bin/python bench/stream_latency.py
+	$(BENCH_VENV)/bin/python bench/report.py
+
+$(BENCH_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet -e . matplotlib
+	@touch $@
 
 size:
 	@find src -name '*.py' | xargs wc -l | sort -n

@@ -71,8 +71,11 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 
 
 @pytest.fixture
-def coordinator_settings(redis_url: str) -> CoordinatorSettings:
-    return CoordinatorSettings(redis_url=redis_url, heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0)
+def coordinator_settings(redis_url: str, request: pytest.FixtureRequest) -> CoordinatorSettings:
+    """Fast heartbeats; a test may add settings with `@pytest.mark.parametrize("coordinator_settings",
+    [{...}], indirect=True)`."""
+    values = getattr(request, "param", {})
+    return CoordinatorSettings(redis_url=redis_url, heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0, **values)
 
 
 @pytest.fixture

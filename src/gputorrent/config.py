@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gputorrent.routing import Policy
+
 BackendName = Literal["llamacpp", "ollama", "openai", "fake"]
 
 PACKAGED_MODEL = "gemma3:270m"
@@ -76,6 +78,11 @@ class CoordinatorSettings(_Settings):
     max_tokens: int = Field(default=32768, ge=1, validation_alias=_env("GPUTORRENT_MAX_TOKENS"))
     # A job still without a result this long after admission ends as failed with code `timeout`.
     request_timeout_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_REQUEST_TIMEOUT_S"))
+    # Where a new job goes (routing.py): the default is the policy benchmark B4 measured best.
+    routing: Policy = Field(default="least_loaded", validation_alias=_env("GPUTORRENT_ROUTING"))
+    # Admission control: past these many queued jobs a request is refused with 429 and Retry-After.
+    max_queue_per_worker: int = Field(default=1000, ge=1, validation_alias=_env("GPUTORRENT_MAX_QUEUE_PER_WORKER"))
+    max_queue_per_model: int = Field(default=10000, ge=1, validation_alias=_env("GPUTORRENT_MAX_QUEUE_PER_MODEL"))
 
     @property
     def redis_url(self) -> str:

@@ -25,7 +25,8 @@ async def hand_on(
     ttl_s: int,
     only_if_dead: bool,
 ) -> int:
-    """Move every job of the list `source` (of worker `worker_id`) to a live worker chosen round-robin.
+    """Move every job of the list `source` (of worker `worker_id`) to a live worker chosen round-robin,
+    or, for a job that came from its model's shared queue, back to that queue.
 
     `count_attempt` counts an attempt for each (past `max_attempts` it fails with `worker_lost`);
     with `only_if_dead` nothing moves once the worker's heartbeat is back. A job no live worker
@@ -33,21 +34,24 @@ async def hand_on(
     """
     handled = 0
     for raw in await redis.lrange(source, 0, -1):
-        model = _model_of(str(raw))
-        candidates = routing.candidates_for(model, workers) if model else []
+        model, shared = _model_of(str(raw))
+        candidates = routing.candidates_for(model, workers) if model and not shared else []
         target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis)) if candidates else None
         moved = await queue.retry_or_fail(
             redis, source, str(raw), started=count_attempt, target=target, max_attempts=max_attempts, ttl_s=ttl_s,
             dead=worker_id if only_if_dead else None,
         )  # fmt: skip
         if moved:
-            log.info("a job of worker %s was handed to %s", worker_id, target or "nobody: it failed")
+            to = "its model's shared queue" if shared else target or "nobody: it failed"
+            log.info("a job of worker %s was handed to %s", worker_id, to)
             handled += 1
     return handled
 
 
-def _model_of(raw: str) -> str | None:
+def _model_of(raw: str) -> tuple[str | None, bool]:
+    """The job's model and whether it is a shared job (None for an unreadable one: retry_or_fail drops it)."""
     try:
-        return Job.model_validate_json(raw).model
+        job = Job.model_validate_json(raw)
     except ValueError:
-        return None  # retry_or_fail drops it
+        return None, False
+    return job.model, job.shared

@@ -5,7 +5,11 @@
 | key                   | type      | holds                                       | TTL            | writer      |
 |-----------------------|-----------|---------------------------------------------|----------------|-------------|
 | `worker:{worker_id}`  | string    | the registration record (JSON)              | none           | coordinator |
-| `queue:{worker_id}`   | list      | jobs (JSON): LPUSH on admission, BLMOVE'd   | none           | both        |
+| `queue:{worker_id}`   | list      | jobs (JSON) of priority 5 routed to this worker | none       | both        |
+| `queue:{worker_id}#p{n}` | list   | the same, priority n (0-9, not 5)           | none           | both        |
+| `modelqueue:{n}:{model}` | list   | jobs of priority n any worker serving the model takes | none | both       |
+| `doorbell:worker:{id}` | list     | a token per job queued for it: wakes a consumer | trimmed  | both        |
+| `doorbell:model:{model}` | list   | a token per job on the model's shared queue | trimmed    | both        |
 | `processing:{id}`     | list      | the jobs a worker holds (its leases)        | none           | both        |
 | `result:{request_id}` | string    | the finished result (JSON)                  | `result_ttl_s` | worker      |
 | `worker_index`        | integer   | the round-robin counter                     | none           | coordinator |
@@ -30,6 +34,14 @@
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')
+>>> queue_key("w1", priority=9), model_queue_key("gemma3:270m", priority=5)
+('queue:w1#p9', 'modelqueue:5:gemma3:270m')
+
+A job waits in one list per priority band, so a worker takes the highest band first. The
+default band of a worker is the seed's `queue:{worker_id}`; `#` cannot occur in a worker id
+(`protocol.WORKER_ID_PATTERN`) and the band of a model queue comes before the model name, so
+no two of these names can be the same key. The shared queues are not `queue:model:{model}`:
+`model:x` is a valid worker id, whose queue that would be.
 """
 
 from __future__ import annotations
@@ -48,9 +60,39 @@ def worker_key(worker_id: str) -> str:
     return f"worker:{worker_id}"
 
 
-def queue_key(worker_id: str) -> str:
-    """The job queue of one worker."""
-    return f"queue:{worker_id}"
+PRIORITY_DEFAULT = 5
+PRIORITY_BANDS: tuple[int, ...] = tuple(range(9, -1, -1))  # highest first: the order a worker takes them in
+DOORBELL_MAX = 1024  # tokens kept per doorbell: more than the consumers that can wait on it
+
+
+def queue_key(worker_id: str, priority: int = PRIORITY_DEFAULT) -> str:
+    """The job queue of one worker for one priority band (the seed's `queue:{worker_id}` is band 5)."""
+    return f"queue:{worker_id}" if priority == PRIORITY_DEFAULT else f"queue:{worker_id}#p{priority}"
+
+
+def worker_queue_keys(worker_id: str) -> list[str]:
+    """Every band of a worker's queue, highest priority first."""
+    return [queue_key(worker_id, band) for band in PRIORITY_BANDS]
+
+
+def model_queue_key(model: str, priority: int = PRIORITY_DEFAULT) -> str:
+    """The shared queue of one model for one priority band: any worker serving the model takes from it."""
+    return f"modelqueue:{priority}:{model}"
+
+
+def model_queue_keys(model: str) -> list[str]:
+    """Every band of a model's shared queue, highest priority first."""
+    return [model_queue_key(model, band) for band in PRIORITY_BANDS]
+
+
+def worker_doorbell_key(worker_id: str) -> str:
+    """Tokens that wake a consumer of the worker blocked waiting for work."""
+    return f"doorbell:worker:{worker_id}"
+
+
+def model_doorbell_key(model: str) -> str:
+    """Tokens that wake a consumer of any worker serving the model."""
+    return f"doorbell:model:{model}"
 
 
 def result_key(request_id: str) -> str:

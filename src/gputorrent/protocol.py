@@ -17,6 +17,8 @@ MODEL_NAME_PATTERN = r"^[^\s]{1,256}$"
 REQUEST_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{7,127}$"
 MAX_TOKENS = 32768  # the most tokens one request may ask for
 MAX_TIMEOUT_S = 86400.0  # the longest deadline a request may ask for
+PRIORITY_MIN, PRIORITY_DEFAULT, PRIORITY_MAX = 0, 5, 9
+SESSION_ID_PATTERN = r"^[^\s]{1,256}$"
 
 
 def _encodable(value: str) -> str:
@@ -77,6 +79,14 @@ class InferenceRequest(WireModel):
     timeout_s: float | None = Field(
         default=None, gt=0, le=MAX_TIMEOUT_S, description="end the job as failed (code `timeout`) after this long"
     )
+    priority: int = Field(
+        default=PRIORITY_DEFAULT, ge=PRIORITY_MIN, le=PRIORITY_MAX,
+        description="0 to 9: a queued job of higher priority is taken first",
+    )  # fmt: skip
+    session_id: Text | None = Field(
+        default=None, pattern=SESSION_ID_PATTERN,
+        description="requests with one session id go to one worker while it is not overloaded (its prompt cache)",
+    )  # fmt: skip
 
     @model_validator(mode="after")
     def _prompt_or_messages(self) -> InferenceRequest:
@@ -91,13 +101,15 @@ class EmbeddingRequest(WireModel):
     model: Text = Field(pattern=MODEL_NAME_PATTERN)
     input: list[Text] = Field(min_length=1, max_length=2048)
     timeout_s: float | None = Field(default=None, gt=0, le=MAX_TIMEOUT_S)
+    priority: int = Field(default=PRIORITY_DEFAULT, ge=PRIORITY_MIN, le=PRIORITY_MAX)
 
 
 class Job(WireModel):
-    """An admitted request as it travels through `queue:{worker_id}`: a generation or an embedding."""
+    """An admitted request as it travels through `queue:{worker_id}` (or a model's shared queue): a
+    generation or an embedding."""
 
     request_id: str
-    worker_id: str
+    worker_id: str  # empty while a shared job waits: the worker that takes it fills it in
     model: str
     kind: Literal["generate", "embed"] = "generate"
     prompt: str | None = None
@@ -112,6 +124,8 @@ class Job(WireModel):
     # backend continues after it, so the client's stream neither loses nor repeats a token.
     continuation: str | None = None
     continuation_tokens: int = 0
+    priority: int = PRIORITY_DEFAULT  # the band it waits in: higher is taken first
+    shared: bool = False  # queued on its model's shared queue (pull routing); handed back there, not to a worker
 
 
 class Usage(WireModel):
@@ -159,7 +173,7 @@ class JobStatus(WireModel):
 
     request_id: str
     status: Literal["queued", "running"]
-    worker_id: str
+    worker_id: str | None  # None while it waits on its model's shared queue (pull routing)
     model: str
     stream: bool = False  # its tokens can be followed at `GET /stream/{request_id}`
 
@@ -168,7 +182,7 @@ class Accepted(WireModel):
     """The 202 answer of `POST /inference`."""
 
     request_id: str
-    worker_id: str
+    worker_id: str | None  # None when queued on the model's shared queue (pull routing): any worker may take it
     status: Literal["queued"] = "queued"
     replayed: bool = False  # true when the request id or idempotency key was seen before: the same job
 
@@ -239,6 +253,7 @@ class Heartbeat(WireModel):
     condition: WorkerCondition = "alive"
     reason: str | None = None  # why it is unhealthy
     telemetry: Telemetry | None = None  # the machine and the jobs done so far
+    tokens_per_s: float | None = None  # measured generation speed (recent jobs, weighted); None before any
 
 
 class WorkerState(WireModel):
@@ -252,10 +267,12 @@ class WorkerState(WireModel):
     state: Literal["alive", "draining", "unhealthy", "dead"]  # only `alive` workers are given jobs
     state_reason: str | None = None  # why a worker is unhealthy: its backend's last failure
     jobs_in_flight: int
-    queue_length: int
+    queue_length: int  # jobs queued for this worker alone, every priority band
     last_heartbeat_at: float | None
     registered_at: float
     telemetry: Telemetry | None = None  # from the last heartbeat; none once the worker is dead
+    jobs_held: int = 0  # jobs in its processing list now: read live, unlike `jobs_in_flight` (last heartbeat)
+    tokens_per_s: float | None = None  # measured generation speed, from the last heartbeat
 
 
 class TokenChunk(WireModel):

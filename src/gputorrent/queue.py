@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -24,43 +25,101 @@ async def next_round_robin(redis: Redis) -> int:
     return int(await redis.incr(keys.WORKER_INDEX))
 
 
+def waiting_key(job: Job) -> str:
+    """The list a queued job waits in: its model's shared queue or its worker's, in its priority band."""
+    return keys.model_queue_key(job.model, job.priority) if job.shared else keys.queue_key(job.worker_id, job.priority)
+
+
+def waiting_keys(job: Job) -> list[str]:
+    """Every band of the queue a job waits in (what a bound on that queue counts)."""
+    return keys.model_queue_keys(job.model) if job.shared else keys.worker_queue_keys(job.worker_id)
+
+
+def doorbell_key(job: Job) -> str:
+    """The doorbell that wakes a consumer able to take the job."""
+    return keys.model_doorbell_key(job.model) if job.shared else keys.worker_doorbell_key(job.worker_id)
+
+
+# A job pushed onto a queue rings that queue's doorbell: one token per job, trimmed, so a consumer
+# blocked in BLPOP on it wakes and takes. Tokens are hints, never jobs: a lost one costs a wait of
+# at most the consumer's block timeout.
+_RING = """
+redis.call('LPUSH', KEYS[DOORBELL], '1')
+redis.call('LTRIM', KEYS[DOORBELL], 0, ARGV[DOORBELL_MAX] - 1)
+"""
+
 # With ARGV[1] = '1' the request carries an idempotency key (KEYS[4]): a key seen before
-# returns the request id it admitted and enqueues nothing.
-_ENQUEUE = """
+# returns the request id it admitted and enqueues nothing. With ARGV[11] > 0 the queue the job
+# goes to (its bands: KEYS[7..]) holds at most that many jobs: a full queue returns -1.
+_ENQUEUE = (
+    """
 if ARGV[1] == '1' then
   local existing = redis.call('GET', KEYS[4])
   if existing then return existing end
-  redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3])
 end
-redis.call('HSET', KEYS[1], 'status', 'queued', 'worker_id', ARGV[4], 'model', ARGV[5], 'stream', ARGV[8])
+local bound = tonumber(ARGV[11])
+if bound > 0 then
+  local queued = 0
+  for i = 7, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+  if queued >= bound then return -1 end
+end
+if ARGV[1] == '1' then redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3]) end
+redis.call('HSET', KEYS[1], 'status', 'queued', 'worker_id', ARGV[4], 'model', ARGV[5], 'stream', ARGV[8],
+  'priority', ARGV[13], 'enqueued_at', ARGV[14])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('LPUSH', KEYS[2], ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2]) end
 redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[10])
+"""
+    + _RING.replace("DOORBELL_MAX", "12").replace("DOORBELL", "6")
+    + """
 return ARGV[2]
 """
+)
 
 
 async def enqueue(
-    redis: Redis, job: Job, ttl_s: int, idempotency_key: str | None = None, owner: str = "anonymous"
-) -> str:
+    redis: Redis,
+    job: Job,
+    ttl_s: int,
+    idempotency_key: str | None = None,
+    owner: str = "anonymous",
+    max_queued: int = 0,
+) -> str | None:
     """Record the job as queued with its `owner` (an API key id), note its deadline and push it onto
-    `queue:{worker_id}`, atomically.
+    the list it waits in (`waiting_key`), ringing that queue's doorbell, atomically.
 
     Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
-    before, the id it admitted then (and nothing is enqueued).
+    before, the id it admitted then (and nothing is enqueued). With `max_queued` > 0, returns
+    None and writes nothing when the job's queue (every band) already holds that many jobs.
     """
     # The status record must outlive a long deadline, or a queued job would lose its status.
     record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
     admitted = await redis.eval(
-        _ENQUEUE, 5,
-        keys.job_key(job.request_id), keys.queue_key(job.worker_id), keys.DEADLINES,
-        keys.idempotency_key(idempotency_key or ""), keys.owner_key(job.request_id),
+        _ENQUEUE, 6 + len(keys.PRIORITY_BANDS),
+        keys.job_key(job.request_id), waiting_key(job), keys.DEADLINES,
+        keys.idempotency_key(idempotency_key or ""), keys.owner_key(job.request_id), doorbell_key(job),
+        *waiting_keys(job),
         "1" if idempotency_key else "0", job.request_id, str(record_ttl_s), job.worker_id, job.model,
         job.model_dump_json(), repr(job.deadline) if job.deadline is not None else "", "1" if job.stream else "0",
         owner, str(record_ttl_s + ttl_s),  # the owner outlives the result it guards
+        str(max_queued), str(keys.DOORBELL_MAX), str(job.priority), repr(job.enqueued_at),
     )  # fmt: skip
+    if admitted == -1:
+        return None
     return str(admitted)
+
+
+_QUEUED = """
+local queued = 0
+for i = 1, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+return queued
+"""
+
+
+async def queued_count(redis: Redis, list_keys: list[str]) -> int:
+    """How many jobs the lists hold together (the bands of one queue), in one round trip."""
+    return int(await redis.eval(_QUEUED, len(list_keys), *list_keys))
 
 
 @dataclass(frozen=True)
@@ -71,23 +130,59 @@ class Lease:
     raw: str
 
 
-async def pop(redis: Redis, worker_id: str, timeout_s: float) -> Lease | None:
-    """Move the oldest job of the worker's queue into its processing list (BLMOVE); None after `timeout_s`.
+# Takes the first job of the first non-empty source (KEYS[2 + ARGV[1]..], highest priority first)
+# into the processing list (KEYS[1]) and records the taker in the job's status, so `end` finds it
+# there. Finding nothing, it empties the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is
+# stale, and a job queued after this script rings again.
+_TAKE = """
+local bells = tonumber(ARGV[1])
+for i = 2 + bells, #KEYS do
+  local raw = redis.call('RPOPLPUSH', KEYS[i], KEYS[1])
+  if raw then
+    local request_id = string.match(raw, '"request_id":"([^"]*)"')
+    if request_id and redis.call('EXISTS', ARGV[3] .. request_id) == 1 then
+      redis.call('HSET', ARGV[3] .. request_id, 'worker_id', ARGV[2])
+    end
+    return raw
+  end
+end
+for i = 2, 1 + bells do redis.call('DEL', KEYS[i]) end
+return false
+"""
 
-    The job is never only in the worker's memory: if the worker dies, the reaper finds it there.
-    An entry that is not a readable job is dropped with an error log rather than crash the worker.
+
+async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[str] = ()) -> Lease | None:
+    """Move the oldest job of the highest priority band of the worker's queue, or of the shared
+    queues of `models`, into its processing list; None when there is none within about `timeout_s`.
+
+    The move is one script, so the job is never only in the worker's memory: if the worker dies,
+    the reaper finds it there. With nothing to take, the consumer blocks on the doorbells of those
+    queues (one token per job queued), then looks once more. An entry that is not a readable job
+    is dropped with an error log rather than crash the worker.
     """
-    source, target = keys.queue_key(worker_id), keys.processing_key(worker_id)
+    target = keys.processing_key(worker_id)
+    doorbells = [keys.worker_doorbell_key(worker_id), *(keys.model_doorbell_key(m) for m in models)]
+    sources = [
+        key
+        for band in keys.PRIORITY_BANDS
+        for key in (keys.queue_key(worker_id, band), *(keys.model_queue_key(m, band) for m in models))
+    ]
+    take_keys = [target, *doorbells, *sources]
+    waited = False
     while True:
-        # Redis 6+ takes fractional seconds; redis-py's annotation says int.
-        raw = await redis.blmove(source, target, timeout_s, "RIGHT", "LEFT")  # type: ignore[arg-type]
+        raw = await redis.eval(_TAKE, len(take_keys), *take_keys, str(len(doorbells)), worker_id, keys.job_key(""))
         if raw is None:
-            return None
+            if waited or await redis.blpop(doorbells, timeout_s) is None:  # Redis 6+ takes fractional seconds
+                return None
+            waited = True
+            continue
         try:
-            return Lease(job=Job.model_validate_json(raw), raw=str(raw))
+            job = Job.model_validate_json(raw)
         except ValueError:
             log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
             await redis.lrem(target, 1, str(raw))
+            continue
+        return Lease(job=job.model_copy(update={"worker_id": worker_id}) if job.shared else job, raw=str(raw))
 
 
 async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:
@@ -151,6 +246,9 @@ redis.call('RPUSH', KEYS[3], ARGV[3])
 if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('HSET', KEYS[4], 'status', 'queued', 'worker_id', ARGV[4])
 end
+"""
+    + _RING.replace("DOORBELL_MAX", "5").replace("DOORBELL", "5")
+    + """
 return 1
 """
 )
@@ -177,12 +275,13 @@ async def finish(
 
 
 async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: str | None = None) -> bool:
-    """Move `raw` from `source_key` to the front of `job.worker_id`'s queue as `job`; False when `raw`
-    is no longer there or when `dead`'s heartbeat is back (it re-registered meanwhile)."""
+    """Move `raw` from `source_key` to the front of the queue `job` waits in (its worker's, or for a
+    shared job its model's) as `job`; False when `raw` is no longer there or when `dead`'s heartbeat
+    is back (it re-registered meanwhile)."""
     moved = await redis.eval(
-        _REQUEUE, 4,
-        source_key, keys.heartbeat_key(dead or ""), keys.queue_key(job.worker_id), keys.job_key(job.request_id),
-        "1" if dead else "0", raw, job.model_dump_json(), job.worker_id,
+        _REQUEUE, 5,
+        source_key, keys.heartbeat_key(dead or ""), waiting_key(job), keys.job_key(job.request_id), doorbell_key(job),
+        "1" if dead else "0", raw, job.model_dump_json(), job.worker_id, str(keys.DOORBELL_MAX),
     )  # fmt: skip
     return bool(moved)
 
@@ -201,8 +300,9 @@ async def retry_or_fail(
     """Give a job its holder never finished another try on `target`, or fail it with `worker_lost`.
 
     A job that had started counts an attempt (one still queued does not); past `max_attempts` it
-    fails, so a job that kills every worker it touches cannot take the pool down. With no
-    `target` (nobody serves the model now) the job stays where it is. A job whose entry cannot
+    fails, so a job that kills every worker it touches cannot take the pool down. A shared job
+    goes back to its model's shared queue whatever `target` is. With no `target` (nobody serves
+    the model now) any other job stays where it is. A job whose entry cannot
     be read is dropped with an error log. Returns whether the job was moved or failed.
     """
     try:
@@ -218,9 +318,10 @@ async def retry_or_fail(
             error=ErrorInfo(code="worker_lost", message=message),
         )  # fmt: skip
         return await finish(redis, source_key, raw, failed, ttl_s, streamed=job.stream, dead=dead)
-    if target is None:
+    if target is None and not job.shared:
         return False
-    moved = job.model_copy(update={"worker_id": target, "attempt": attempt, "enqueued_at": time.time()})
+    worker_id = "" if job.shared else target
+    moved = job.model_copy(update={"worker_id": worker_id, "attempt": attempt, "enqueued_at": time.time()})
     return await requeue(redis, source_key, raw, moved, dead=dead)
 
 
@@ -239,12 +340,18 @@ async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> Jo
         if not status:
             return None
         worker_id = str(status["worker_id"])
+        # Where it can be: its worker's queue (any band) or processing list, or its model's shared queue.
+        lists = keys.model_queue_keys(str(status["model"]))
+        if worker_id:
+            lists = [*keys.worker_queue_keys(worker_id), keys.processing_key(worker_id), *lists]
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.cancel_key(request_id), error.code, ex=ttl_s)
             pipe.publish(keys.ENDED_CHANNEL, request_id)
-            await pipe.execute()
-        for held_in in (keys.queue_key(worker_id), keys.processing_key(worker_id)):
-            for raw in await redis.lrange(held_in, 0, -1):
+            for held_in in lists:
+                pipe.lrange(held_in, 0, -1)
+            _, _, *contents = await pipe.execute()
+        for held_in, entries in zip(lists, contents, strict=True):
+            for raw in entries:
                 if request_id not in raw:  # cheap filter before parsing
                     continue
                 try:
@@ -272,7 +379,7 @@ async def lookup(redis: Redis, request_id: str) -> JobResult | JobStatus | None:
         return JobResult.model_validate_json(result_json)
     if status:
         return JobStatus(
-            request_id=request_id, status=status["status"], worker_id=status["worker_id"], model=status["model"],
-            stream=status.get("stream") == "1",
+            request_id=request_id, status=status["status"], worker_id=status["worker_id"] or None,
+            model=status["model"], stream=status.get("stream") == "1",
         )  # fmt: skip
     return None

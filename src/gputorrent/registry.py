@@ -71,9 +71,11 @@ async def mark_gone(redis: Redis, worker_id: str) -> None:
 # Only a worker with nothing left in its lists leaves the registry: the reaper finds jobs
 # through the registry, so removing one that still holds jobs would lose them.
 _DEREGISTER = """
-if redis.call('LLEN', KEYS[1]) > 0 or redis.call('LLEN', KEYS[2]) > 0 then return 0 end
-redis.call('DEL', KEYS[3], KEYS[4], KEYS[6])
-redis.call('SREM', KEYS[5], ARGV[1])
+for i = 5, #KEYS do
+  if redis.call('LLEN', KEYS[i]) > 0 then return 0 end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
+redis.call('SREM', KEYS[3], ARGV[1])
 return 1
 """
 
@@ -84,14 +86,23 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
     Returns whether it left the registry. The hash of its secret stays (a worker's Redis user need
     not write it); it only matters while a worker with this id is alive.
     """
+    lists = [keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)]
     left = await redis.eval(
-        _DEREGISTER, 6,
-        keys.queue_key(worker_id), keys.processing_key(worker_id), keys.worker_key(worker_id),
-        keys.heartbeat_key(worker_id), keys.WORKERS, keys.drain_key(worker_id), worker_id,
+        _DEREGISTER, 4 + len(lists),
+        keys.worker_key(worker_id), keys.heartbeat_key(worker_id), keys.WORKERS, keys.drain_key(worker_id), *lists,
+        worker_id,
     )  # fmt: skip
     if not left:
         await mark_gone(redis, worker_id)
     return bool(left)
+
+
+# The jobs queued for one worker (every band, KEYS[2..]) and those it holds (KEYS[1]), in one call.
+_LOAD = """
+local queued = 0
+for i = 2, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+return {queued, redis.call('LLEN', KEYS[1])}
+"""
 
 
 async def snapshot(redis: Redis) -> list[WorkerState]:
@@ -103,11 +114,12 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
         for worker_id in worker_ids:
             pipe.get(keys.worker_key(worker_id))
             pipe.get(keys.heartbeat_key(worker_id))
-            pipe.llen(keys.queue_key(worker_id))
+            lists = [keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)]
+            pipe.eval(_LOAD, len(lists), *lists)
         replies = await pipe.execute()
     states = []
     for i, worker_id in enumerate(worker_ids):
-        record_json, heartbeat_json, queue_length = replies[3 * i : 3 * i + 3]
+        record_json, heartbeat_json, (queue_length, held) = replies[3 * i : 3 * i + 3]
         if record_json is None:
             continue
         record = WorkerRecord.model_validate_json(record_json)
@@ -126,6 +138,8 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
                 last_heartbeat_at=heartbeat.at if heartbeat else None,
                 registered_at=record.registered_at,
                 telemetry=heartbeat.telemetry if heartbeat else None,
+                jobs_held=held,
+                tokens_per_s=heartbeat.tokens_per_s if heartbeat else None,
             )
         )
     return states

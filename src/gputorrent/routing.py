@@ -1,14 +1,37 @@
 """Routing decisions: pure functions of a pool snapshot, no I/O.
 
+Every policy answers one question, `choose(policy, model, workers, ...)`: which worker's queue a
+new job goes to, or (`pull`) its model's shared queue, which every worker serving the model takes
+from as soon as it has a free slot. Model-aware routing is implicit: a worker serves the fixed
+list of models it registered with, already loaded, so the candidates are exactly the live workers
+listing the model.
+
 >>> pick_round_robin(["w1", "w2", "w3"], counter=5)
 'w2'
 """
 
 from __future__ import annotations
 
+import hashlib
+import math
+import statistics
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal, get_args
 
-from gputorrent.protocol import WorkerState
+from gputorrent.protocol import EmbeddingRequest, InferenceRequest, WorkerState
+
+Policy = Literal["round_robin", "least_loaded", "session_affinity", "pull"]
+POLICIES: tuple[str, ...] = get_args(Policy)
+AFFINITY_LOAD_FACTOR = 1.25  # a session's worker keeps it while its load is under this times its fair share
+AFFINITY_PREFIX_CHARS = 512  # without a session id, requests sharing this much of their prompt share a worker
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a job goes: a worker's own queue, or with `worker_id` None its model's shared queue."""
+
+    worker_id: str | None
 
 
 def candidates_for(model: str, workers: Sequence[WorkerState]) -> list[str]:
@@ -24,3 +47,86 @@ def served_models(workers: Sequence[WorkerState]) -> list[str]:
 def pick_round_robin(candidates: Sequence[str], counter: int) -> str:
     """The seed's policy: the counter (1-based, from INCR) walks the candidates in turn."""
     return candidates[(counter - 1) % len(candidates)]
+
+
+def needs_counter(policy: str) -> bool:
+    """Whether `choose` needs the shared round-robin counter (`worker_index`) for this policy."""
+    return policy == "round_robin"
+
+
+def choose(
+    policy: str, model: str, workers: Sequence[WorkerState], *, counter: int = 1, affinity_key: str | None = None
+) -> Route | None:
+    """Where a job for `model` goes under `policy`; None when no live worker serves the model."""
+    live = sorted((w for w in workers if w.state == "alive" and model in w.models), key=lambda w: w.worker_id)
+    if not live:
+        return None
+    if policy == "pull":
+        return Route(worker_id=None)
+    if policy == "least_loaded":
+        return Route(worker_id=pick_least_loaded(live))
+    if policy == "session_affinity" and affinity_key is not None:
+        return Route(worker_id=pick_affine(live, affinity_key))
+    if policy == "session_affinity":  # nothing to be affine to
+        return Route(worker_id=pick_least_loaded(live))
+    return Route(worker_id=pick_round_robin([w.worker_id for w in live], counter))
+
+
+def outstanding(worker: WorkerState) -> int:
+    """Jobs a worker has to get through: queued for it alone, and held (running)."""
+    return worker.queue_length + worker.jobs_held
+
+
+def expected_finish(worker: WorkerState, default_speed: float) -> float:
+    """How long a new job would take to finish on `worker`, in units of a job at unit speed.
+
+    With a free slot it starts at once; otherwise it waits for the jobs ahead of it, spread over
+    the worker's slots. A worker that has not measured its speed yet counts as `default_speed`.
+    """
+    waiting = max(0, outstanding(worker) - worker.slots + 1)
+    return (1 + waiting / worker.slots) / (worker.tokens_per_s or default_speed)
+
+
+def pick_least_loaded(live: Sequence[WorkerState]) -> str:
+    """The worker that would finish a new job first: jobs queued and in flight, weighted by speed."""
+    speed = pool_speed(live)
+    best = min(live, key=lambda w: (expected_finish(w, speed), outstanding(w), w.worker_id))
+    return best.worker_id
+
+
+def pool_speed(workers: Sequence[WorkerState]) -> float:
+    """The median measured speed (tokens/s), for workers that have none yet; 1.0 when nobody measured."""
+    known = [w.tokens_per_s for w in workers if w.tokens_per_s]
+    return statistics.median(known) if known else 1.0
+
+
+def pick_affine(live: Sequence[WorkerState], key: str) -> str:
+    """The worker `key` hashes to, while it is not overloaded (bounded-load rendezvous hashing).
+
+    Each worker ranks by a hash of key and worker id, so adding or losing a worker moves only the
+    keys that ranked it first. A worker keeps the key while its load (with the new job) stays
+    within `AFFINITY_LOAD_FACTOR` of its share of the pool's, by its slots; past that the next in
+    rank takes it, and past every bound the least loaded does.
+    """
+    total = sum(outstanding(w) for w in live) + 1
+    capacity = sum(w.slots for w in live)
+    ranked = sorted(live, key=lambda w: hashlib.sha256(f"{key}\0{w.worker_id}".encode()).digest(), reverse=True)
+    for worker in ranked:
+        bound = max(worker.slots, math.ceil(AFFINITY_LOAD_FACTOR * total * worker.slots / capacity))
+        if outstanding(worker) + 1 <= bound:
+            return worker.worker_id
+    return pick_least_loaded(live)
+
+
+def affinity_key(request: InferenceRequest | EmbeddingRequest) -> str | None:
+    """What session affinity keeps together: the session id, else the start of the prompt (for a
+    chat, the conversation before its last message), so a worker's prompt cache is reused."""
+    if isinstance(request, EmbeddingRequest):
+        return None
+    if request.session_id is not None:
+        return f"session:{request.session_id}"
+    if request.prompt is not None:
+        return f"prefix:{request.prompt[:AFFINITY_PREFIX_CHARS]}"
+    messages = request.messages or []
+    history = messages[:-1] or messages
+    return "prefix:" + "\0".join(f"{m.role}:{m.content}" for m in history)[:AFFINITY_PREFIX_CHARS]

@@ -7,6 +7,7 @@ import json
 from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from gputorrent import keys
@@ -55,6 +56,7 @@ async def test_chat_messages_are_served(api: httpx.AsyncClient, fake_worker: Mak
     assert (await api.get(f"/result/{accepted['request_id']}")).json()["output"] == "echo: hi there"
 
 
+@pytest.mark.parametrize("coordinator_settings", [{"routing": "round_robin"}], indirect=True)
 async def test_round_robin_alternates_between_workers_with_worker_index(
     api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
 ) -> None:

@@ -1,5 +1,8 @@
-from gputorrent.protocol import Hardware, WorkerState
-from gputorrent.routing import candidates_for, pick_round_robin, served_models
+from typing import get_args
+
+from gputorrent.config import CoordinatorSettings
+from gputorrent.protocol import Hardware, InferenceRequest, WorkerState
+from gputorrent.routing import POLICIES, Route, affinity_key, candidates_for, choose, pick_round_robin, served_models
 
 
 def _worker(worker_id: str, models: list[str], state: str = "alive") -> WorkerState:
@@ -23,3 +26,69 @@ def test_served_models_ignore_dead_workers() -> None:
 def test_round_robin_walks_every_candidate_in_turn() -> None:
     picks = [pick_round_robin(["a", "b", "c"], counter) for counter in range(1, 8)]
     assert picks == ["a", "b", "c", "a", "b", "c", "a"]
+
+
+def _loaded(
+    worker_id: str, queued: int = 0, held: int = 0, slots: int = 1, speed: float | None = None, state: str = "alive"
+) -> WorkerState:
+    return WorkerState(
+        worker_id=worker_id, models=["m"], backend="fake", slots=slots, hardware=Hardware(), state=state,  # type: ignore[arg-type]
+        jobs_in_flight=held, queue_length=queued, jobs_held=held, tokens_per_s=speed, last_heartbeat_at=None,
+        registered_at=0.0,
+    )  # fmt: skip
+
+
+def test_least_loaded_picks_the_worker_that_would_finish_a_new_job_first() -> None:
+    # The fast worker has more jobs but clears them four times as fast.
+    pool = [_loaded("slow", queued=1, held=1, speed=10.0), _loaded("fast", queued=3, held=1, speed=40.0)]
+    assert choose("least_loaded", "m", pool) == Route(worker_id="fast")
+    pool = [_loaded("slow", queued=0, held=0, speed=10.0), _loaded("fast", queued=8, held=1, speed=40.0)]
+    assert choose("least_loaded", "m", pool) == Route(worker_id="slow")
+
+
+def test_least_loaded_counts_free_slots_and_gives_unmeasured_workers_the_median_speed() -> None:
+    pool = [_loaded("a", held=3, slots=4, speed=20.0), _loaded("b", held=1, slots=1, speed=20.0)]
+    assert choose("least_loaded", "m", pool) == Route(worker_id="a")  # a still has a free slot
+    pool = [_loaded("new", held=0), _loaded("busy", held=1, speed=20.0), _loaded("idle", speed=20.0)]
+    assert choose("least_loaded", "m", pool) == Route(worker_id="idle")  # ties on speed: fewer jobs, then id
+
+
+def test_session_affinity_keeps_a_key_on_one_worker_until_it_is_overloaded() -> None:
+    pool = [_loaded(f"w{i}", speed=10.0) for i in range(4)]
+    home = choose("session_affinity", "m", pool, affinity_key="session:abc")
+    assert home is not None and home.worker_id is not None
+    assert all(choose("session_affinity", "m", pool, affinity_key="session:abc") == home for _ in range(3))
+    keys_homes = {choose("session_affinity", "m", pool, affinity_key=f"session:{i}") for i in range(64)}
+    assert len(keys_homes) == 4  # keys spread over the pool
+    overloaded = [w.model_copy(update={"queue_length": 10}) if w.worker_id == home.worker_id else w for w in pool]
+    moved = choose("session_affinity", "m", overloaded, affinity_key="session:abc")
+    assert moved is not None and moved != home
+
+
+def test_affinity_key_is_the_session_else_the_prompt_start_else_the_conversation_so_far() -> None:
+    assert affinity_key(InferenceRequest(model="m", prompt="p", session_id="s1")) == "session:s1"
+    long_prompt = "x" * 2000
+    assert affinity_key(InferenceRequest(model="m", prompt=long_prompt)) == affinity_key(
+        InferenceRequest(model="m", prompt=long_prompt + "different ending")
+    )
+    history = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    first = InferenceRequest.model_validate({"model": "m", "messages": [*history, {"role": "user", "content": "a"}]})
+    second = InferenceRequest.model_validate({"model": "m", "messages": [*history, {"role": "user", "content": "b"}]})
+    assert affinity_key(first) == affinity_key(second)
+
+
+def test_pull_routes_to_the_shared_queue_and_no_live_worker_routes_nowhere() -> None:
+    assert choose("pull", "m", [_loaded("a")]) == Route(worker_id=None)
+    assert choose("pull", "m", [_loaded("a", state="dead")]) is None
+    assert choose("round_robin", "other", [_loaded("a")]) is None
+
+
+def test_round_robin_policy_walks_the_live_candidates() -> None:
+    pool = [_loaded("b"), _loaded("a"), _loaded("c", state="draining")]
+    assert [choose("round_robin", "m", pool, counter=n) for n in (1, 2, 3)] == [
+        Route(worker_id="a"), Route(worker_id="b"), Route(worker_id="a"),
+    ]  # fmt: skip
+
+
+def test_every_policy_is_a_setting() -> None:
+    assert set(POLICIES) == set(get_args(CoordinatorSettings.model_fields["routing"].annotation))

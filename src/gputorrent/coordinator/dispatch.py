@@ -13,10 +13,12 @@ from gputorrent import keys, logs, queue, registry, routing
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import metrics, quotas
 from gputorrent.coordinator.security import Caller, owns
-from gputorrent.errors import Conflict, ModelNotFound, NoWorkersAvailable
+from gputorrent.errors import Conflict, ModelNotFound, NoWorkersAvailable, RateLimited
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Job, WorkerState
 
 log = logging.getLogger(__name__)
+
+QUEUE_FULL_RETRY_AFTER_S = 1  # a full queue drains by a job per slot per job time: try again soon
 
 
 def new_request_id() -> str:
@@ -31,7 +33,8 @@ async def admit(
     caller: Caller,
     idempotency_key: str | None = None,
 ) -> Accepted:
-    """Route the request round-robin among live workers serving its model and enqueue it.
+    """Route the request by the coordinator's policy (`GPUTORRENT_ROUTING`) among live workers serving
+    its model, or onto the model's shared queue, and enqueue it at its priority.
 
     The job belongs to `caller`'s key. A request id the client chose, or an `Idempotency-Key`,
     seen before returns the job it admitted then (`replayed`), never a second one; keys are per
@@ -39,7 +42,8 @@ async def admit(
 
     Raises:
         InvalidRequest: the prompt or `max_tokens` is larger than this coordinator takes.
-        RateLimited: the caller's key used up its minute, or has all its streams open.
+        RateLimited: the caller's key used up its minute, or has all its streams open, or the queue the
+            job would join (its worker's, or its model's across the pool) is full.
         NoWorkersAvailable: no live worker at all, or none alive among those serving the model.
         ModelNotFound: live workers exist but none serves the model (nothing is enqueued).
     """
@@ -53,21 +57,45 @@ async def admit(
         return replayed
     await quotas.admit(redis, caller, quotas.check_size(request, settings), settings)
     workers = await registry.snapshot(redis)
-    candidates = routing.candidates_for(request.model, workers)
-    if not candidates:
+    counter = await queue.next_round_robin(redis) if routing.needs_counter(settings.routing) else 1
+    route = routing.choose(
+        settings.routing, request.model, workers, counter=counter, affinity_key=routing.affinity_key(request)
+    )
+    if route is None:
         raise _no_candidate_error(request.model, workers)
     metrics.note_model(request.model)  # a served model: a bounded label
-    worker_id = routing.pick_round_robin(candidates, await queue.next_round_robin(redis))
+    model_queued = await _model_queued(redis, request.model, workers)
+    if model_queued >= settings.max_queue_per_model:
+        raise _queue_full(f"model {request.model!r} has {model_queued} jobs queued, its limit")
     timeout_s = request.timeout_s or settings.request_timeout_s
-    job = _job(client_id or new_request_id(), worker_id, request, timeout_s)
+    job = _job(client_id or new_request_id(), route.worker_id, request, timeout_s)
     logs.request_id.set(job.request_id)  # every later line of this request carries it
     if job.stream:
         await quotas.open_stream(redis, caller, job.request_id, settings)
-    admitted = await queue.enqueue(redis, job, settings.result_ttl_s, idempotency_key, caller.key_id)
+    bound = settings.max_queue_per_model if job.shared else settings.max_queue_per_worker
+    admitted = await queue.enqueue(redis, job, settings.result_ttl_s, idempotency_key, caller.key_id, bound)
+    if admitted is None:
+        if job.stream:
+            await quotas.close_stream(redis, caller, job.request_id)
+        where = f"model {job.model!r}'s shared queue" if job.shared else f"worker {job.worker_id}'s queue"
+        raise _queue_full(f"{where} holds {bound} jobs, its limit")
     if admitted != job.request_id:  # a concurrent twin got in first
-        return await _replay(redis, idempotency_key or "", caller) or Accepted(request_id=admitted, worker_id=worker_id)
-    log.info("request %s queued model=%s worker=%s kind=%s", job.request_id, job.model, worker_id, job.kind)
-    return Accepted(request_id=job.request_id, worker_id=worker_id)
+        return await _replay(redis, idempotency_key or "", caller) or Accepted(
+            request_id=admitted, worker_id=route.worker_id
+        )
+    log.info("request %s queued model=%s worker=%s kind=%s priority=%d", job.request_id, job.model,
+             route.worker_id or "(shared queue)", job.kind, job.priority)  # fmt: skip
+    return Accepted(request_id=job.request_id, worker_id=route.worker_id)
+
+
+async def _model_queued(redis: Redis, model: str, workers: list[WorkerState]) -> int:
+    """Jobs of `model` waiting anywhere: its shared queue, and the queues of the workers that serve it."""
+    shared = await queue.queued_count(redis, keys.model_queue_keys(model))
+    return shared + sum(w.queue_length for w in workers if model in w.models)
+
+
+def _queue_full(why: str) -> RateLimited:
+    return RateLimited(f"the queue is full: {why}; retry later", retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
 
 
 async def _replay(redis: Redis, idempotency_key: str, caller: Caller) -> Accepted | None:
@@ -85,14 +113,14 @@ async def _replay(redis: Redis, idempotency_key: str, caller: Caller) -> Accepte
     found = await queue.lookup(redis, request_id)
     if found is None:
         return None
-    return Accepted(request_id=request_id, worker_id=found.worker_id, replayed=True)
+    return Accepted(request_id=request_id, worker_id=found.worker_id or None, replayed=True)
 
 
-def _job(request_id: str, worker_id: str, request: InferenceRequest | EmbeddingRequest, timeout_s: float) -> Job:
+def _job(request_id: str, worker_id: str | None, request: InferenceRequest | EmbeddingRequest, timeout_s: float) -> Job:
     now = time.time()
     common: dict[str, Any] = {
-        "request_id": request_id, "worker_id": worker_id, "model": request.model, "enqueued_at": now,
-        "deadline": now + timeout_s,
+        "request_id": request_id, "worker_id": worker_id or "", "shared": worker_id is None, "model": request.model,
+        "enqueued_at": now, "deadline": now + timeout_s, "priority": request.priority,
     }  # fmt: skip
     if isinstance(request, EmbeddingRequest):
         return Job(kind="embed", input=request.input, **common)

@@ -58,10 +58,9 @@ class Reaper:
         workers = await registry.snapshot(self._redis)
         handled = 0
         for dead in (w for w in workers if w.state == "dead"):
-            for started, source in (
-                (True, keys.processing_key(dead.worker_id)),
-                (False, keys.queue_key(dead.worker_id)),
-            ):
+            lists = [(True, keys.processing_key(dead.worker_id))]
+            lists += [(False, queued_in) for queued_in in keys.worker_queue_keys(dead.worker_id)]
+            for started, source in lists:
                 handled += await handoff.hand_on(
                     self._redis, dead.worker_id, source, workers, count_attempt=started,
                     max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, only_if_dead=True,

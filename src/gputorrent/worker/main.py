@@ -15,7 +15,7 @@ from redis.exceptions import RedisError
 
 from gputorrent import __version__, handoff, keys, logs, queue, registry, routing, streams
 from gputorrent.config import WorkerSettings
-from gputorrent.errors import BackendUnavailable
+from gputorrent.errors import BackendUnavailable, DeadlineExceeded
 from gputorrent.protocol import (
     Heartbeat,
     InferenceOptions,
@@ -36,9 +36,11 @@ from gputorrent.worker.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
 
+ABANDON_TIMEOUT_S = 5.0  # how long a drain waits for stopped jobs before cancelling their tasks
 POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
 ORPHAN_CHECK_S = 2.0  # how often the processing list is checked for jobs no consumer holds
 HEALTH_RETRY_S = 5.0  # how often an unhealthy worker probes its backend again
+SPEED_WEIGHT = 0.2  # how much one job moves the measured speed (an exponentially weighted average)
 
 
 class Worker:
@@ -57,12 +59,14 @@ class Worker:
         self.model = model
         self.jobs_in_flight = 0
         self.jobs_done = 0
+        self.tokens_per_s: float | None = None  # generation speed, weighted towards recent jobs
         self.condition: WorkerCondition = "alive"
         self.condition_reason: str | None = None
         self.ended = EndedJobs(redis)
         self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
         self._serving.set()
         self._held: set[str] = set()  # the raw entries of the jobs the consumers hold now
+        self._abandoning = False  # set once a drain stops its jobs to hand them on
         self._last_success = time.monotonic()
         self._heartbeat: HeartbeatThread | None = None
         self.telemetry = WorkerTelemetry(self.worker_id)
@@ -71,7 +75,7 @@ class Worker:
         """What the heartbeat thread writes: load and condition."""
         return Heartbeat(
             at=time.time(), jobs_in_flight=self.jobs_in_flight, condition=self.condition, reason=self.condition_reason,
-            telemetry=self.telemetry.sample(),
+            telemetry=self.telemetry.sample(), tokens_per_s=self.tokens_per_s,
         )  # fmt: skip
 
     async def run(self, stop: asyncio.Event, *, burst: bool = False) -> None:
@@ -124,34 +128,54 @@ class Worker:
 
     async def _drain(self, consumers: list[asyncio.Task[None]]) -> None:
         """Take no new job, hand the queue to others, give the jobs in flight `drain_timeout_s` to
-        finish, then hand on those still running (they stop at their next token)."""
+        finish, then stop those still running at their next token, leave their leases unfinished and
+        hand them on: the next worker continues each stream after exactly the tokens sent."""
         grace_s = self.settings.drain_timeout_s
         log.info(
             "worker %s draining: %d jobs in flight get %g s to finish", self.worker_id, self.jobs_in_flight, grace_s
         )
         self._set_condition("draining", None)
-        await self._hand_on(keys.queue_key(self.worker_id))
+        await self._hand_on_queue()
         _, running = await asyncio.wait(consumers, timeout=grace_s)
         if running:
             log.warning("worker %s: %d jobs still running after %g s; handing them on", self.worker_id,
                         self.jobs_in_flight, grace_s)  # fmt: skip
-            await self._hand_on(keys.processing_key(self.worker_id))
+            self._abandoning = True  # stopped jobs keep their leases: no result is stored for them
             self.ended.end_all_here()
+            _, stuck = await asyncio.wait(running, timeout=ABANDON_TIMEOUT_S)
+            for consumer in stuck:  # a backend call that cannot be stopped between tokens
+                consumer.cancel()
             await asyncio.wait(running)
-        await self._hand_on(keys.queue_key(self.worker_id))  # routed here before the coordinators saw the drain
+            # Only now, with nothing more written to their streams, can another worker read where they stopped.
+            await self._hand_on(keys.processing_key(self.worker_id))
+        await self._hand_on_queue()  # routed here before the coordinators saw the drain
 
-    async def _hand_on(self, source: str) -> int:
-        """Give the jobs of one of this worker's lists to other live workers; 0 when Redis fails (the
+    async def _hand_on_queue(self) -> int:
+        """Give every band of this worker's own queue to other live workers (the shared queues need no
+        hand-on: other workers take from them anyway)."""
+        return await self._hand_on(*keys.worker_queue_keys(self.worker_id))
+
+    async def _hand_on(self, *sources: str) -> int:
+        """Give the jobs of these lists of this worker to other live workers; 0 when Redis fails (the
         reaper moves them once this worker is gone)."""
+        handed = 0
         try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for source in sources:
+                    pipe.llen(source)
+                lengths = await pipe.execute()
+            if not any(lengths):
+                return 0
             workers = [w for w in await registry.snapshot(self.redis) if w.worker_id != self.worker_id]
-            handed = await handoff.hand_on(
-                self.redis, self.worker_id, source, workers, count_attempt=False,
-                max_attempts=self.settings.max_attempts, ttl_s=self.settings.result_ttl_s, only_if_dead=False,
-            )  # fmt: skip
+            for source, length in zip(sources, lengths, strict=True):
+                if length:
+                    handed += await handoff.hand_on(
+                        self.redis, self.worker_id, source, workers, count_attempt=False,
+                        max_attempts=self.settings.max_attempts, ttl_s=self.settings.result_ttl_s, only_if_dead=False,
+                    )  # fmt: skip
         except (RedisError, OSError) as e:
             log.warning("worker %s could not hand on its jobs (%s); the reaper will", self.worker_id, e)
-            return 0
+            return handed
         if handed:
             log.info("worker %s handed %d jobs to other workers", self.worker_id, handed)
         return handed
@@ -203,9 +227,11 @@ class Worker:
             deadline=time.time() + self.settings.health_timeout_s,
         )  # fmt: skip
         result = await execute(self.backend, probe)
-        if result.status == "completed":
+        # A backend that answers with a refusal (a model that only embeds, say) is up; only no answer,
+        # a server error or a hang is a failure.
+        if result.error is None or result.error.code not in (BackendUnavailable.code, DeadlineExceeded.code):
             return None
-        return result.error.message if result.error else "the health probe failed"
+        return result.error.message
 
     async def _become_unhealthy(self, reason: str) -> None:
         if self.condition == "draining":  # it takes no job anyway
@@ -215,7 +241,7 @@ class Worker:
                         self.worker_id, reason)  # fmt: skip
         self._set_condition("unhealthy", reason)
         self._serving.clear()
-        await self._hand_on(keys.queue_key(self.worker_id))
+        await self._hand_on_queue()
 
     async def _reclaim_orphans(self, stop: asyncio.Event) -> None:
         """Take back the jobs Redis moved into this worker's processing list by a pop whose reply never
@@ -252,7 +278,7 @@ class Worker:
                     await asyncio.wait_for(self._serving.wait(), POP_TIMEOUT_S)
                 continue
             try:
-                lease = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S)
+                lease = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S, [self.model])
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff.delay_s)
                 await backoff.wait()
@@ -291,6 +317,9 @@ class Worker:
                 await writer.close()
             except (RedisError, OSError) as e:  # the stream loses text; the result below still carries all of it
                 log.warning("request %s: stream write failed (%s)", job.request_id, e)
+        if self._abandoning and ended.is_set():
+            log.info("request %s: stopped by the drain; left for another worker to finish", job.request_id)
+            return
         if result.error is not None and result.error.code == BackendUnavailable.code:
             await self._become_unhealthy(result.error.message)
             if await self._fail_over(lease):
@@ -372,6 +401,17 @@ class Worker:
         )
         self.telemetry.record(job, result)
         self.jobs_done += 1
+        self._note_speed(result)
+
+    def _note_speed(self, result: JobResult) -> None:
+        """Fold a completed generation's tokens per second into the speed the heartbeat reports (routing
+        weighs workers by it)."""
+        tokens, inference_ms = result.usage.completion_tokens, result.timings.inference_ms
+        if result.status != "completed" or tokens < 2 or inference_ms <= 0:
+            return  # one token measures the prompt, not the generation
+        measured = tokens / (inference_ms / 1000)
+        previous = self.tokens_per_s
+        self.tokens_per_s = measured if previous is None else previous + SPEED_WEIGHT * (measured - previous)
 
     async def _mark_running(self, request_id: str) -> None:
         try:

@@ -1,0 +1,211 @@
+"""Routing policies end to end: the shared model queue (pull) keeps every guarantee of a worker's
+queue, priorities go first, full queues are refused with 429, least-loaded avoids a busy worker."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from gputorrent import keys, queue, registry
+from gputorrent.config import CoordinatorSettings
+from gputorrent.coordinator.reaper import Reaper
+from gputorrent.protocol import Job, JobResult
+from gputorrent.worker.main import Worker
+from tests.conftest import eventually
+
+MakeWorker = Callable[..., Awaitable[Worker]]
+
+
+@pytest.fixture
+def coordinator_settings(redis_url: str, request: pytest.FixtureRequest) -> CoordinatorSettings:
+    """Pull routing unless a test asks for other settings (`with_settings`)."""
+    values = {"routing": "pull", **getattr(request, "param", {})}
+    return CoordinatorSettings(redis_url=redis_url, heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0, **values)
+
+
+def with_settings(**values: object) -> pytest.MarkDecorator:
+    return pytest.mark.parametrize("coordinator_settings", [values], indirect=True)
+
+
+async def _submit(api: httpx.AsyncClient, **body: object) -> httpx.Response:
+    return await api.post("/inference", json={"model": "fake", "prompt": "hello pool", **body})
+
+
+async def _shared_queue(redis: Redis, model: str = "fake") -> list[Job]:
+    return [
+        Job.model_validate_json(raw) for key in keys.model_queue_keys(model) for raw in await redis.lrange(key, 0, -1)
+    ]
+
+
+async def test_a_pulled_job_waits_on_the_model_queue_until_a_worker_takes_it(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    worker = await fake_worker("w1")
+    accepted = (await _submit(api)).json()
+    assert accepted["worker_id"] is None
+    assert [job.request_id for job in await _shared_queue(redis)] == [accepted["request_id"]]
+    assert await redis.llen(keys.queue_key("w1")) == 0
+    status = await api.get(f"/result/{accepted['request_id']}")
+    assert status.status_code == 202 and status.json()["worker_id"] is None
+
+    await worker.run(asyncio.Event(), burst=True)
+    result = (await api.get(f"/result/{accepted['request_id']}")).json()
+    assert result["status"] == "completed" and result["worker_id"] == "w1"
+    assert await _shared_queue(redis) == []
+    assert await redis.llen(keys.processing_key("w1")) == 0
+
+
+async def test_a_consumer_waiting_for_work_wakes_when_a_shared_job_arrives(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    taking = asyncio.create_task(queue.pop(redis, "w1", 20.0, ["fake"]))
+    await eventually(lambda: _blocked_clients(redis), "the consumer to block on its doorbells")
+    started = time.monotonic()
+    request_id = (await _submit(api)).json()["request_id"]
+    lease = await asyncio.wait_for(taking, 10)
+    assert lease is not None and lease.job.request_id == request_id and lease.job.worker_id == "w1"
+    assert time.monotonic() - started < 5  # woken by the doorbell, not at the end of its 20 s wait
+    assert await redis.hget(keys.job_key(request_id), "worker_id") == "w1"  # `end` looks for it there now
+
+
+async def _blocked_clients(redis: Redis) -> bool:
+    return int((await redis.info("clients"))["blocked_clients"]) > 0
+
+
+async def test_delete_and_deadlines_end_a_job_on_the_shared_queue(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    worker = await fake_worker("w1")
+    cancelled_id = (await _submit(api)).json()["request_id"]
+    overdue_id = (await _submit(api, timeout_s=0.05)).json()["request_id"]
+
+    cancelled = await api.delete(f"/inference/{cancelled_id}")
+    assert cancelled.status_code == 200 and cancelled.json()["error"]["code"] == "cancelled"
+    reaper = Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60)
+    await eventually(lambda: _ended_one(reaper), "the reaper to end the job past its deadline")
+    assert (await api.get(f"/result/{overdue_id}")).json()["error"]["code"] == "timeout"
+    assert await _shared_queue(redis) == []
+
+    await worker.run(asyncio.Event(), burst=True)
+    assert worker.jobs_done == 0
+
+
+async def _ended_one(reaper: Reaper) -> bool:
+    return await reaper.end_overdue() == 1
+
+
+async def test_a_dead_workers_pulled_job_goes_back_to_the_shared_queue_with_an_attempt_counted(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    survivor = await fake_worker("w2")
+    request_id = (await _submit(api)).json()["request_id"]
+    lease = await queue.pop(redis, "w1", 1.0, ["fake"])
+    assert lease is not None and lease.job.request_id == request_id
+    await registry.mark_gone(redis, "w1")  # w1 dies holding the job
+
+    assert await Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60).reap_once() == 1
+    [requeued] = await _shared_queue(redis)
+    assert requeued.request_id == request_id and requeued.attempt == 2 and requeued.worker_id == ""
+    assert await redis.hget(keys.job_key(request_id), "worker_id") == ""
+
+    await survivor.run(asyncio.Event(), burst=True)
+    assert (await api.get(f"/result/{request_id}")).json()["worker_id"] == "w2"
+    # The lost worker's late result is refused: its lease is gone.
+    assert not await queue.finish(
+        redis, keys.processing_key("w1"), lease.raw, _completed(request_id), ttl_s=60, streamed=False
+    )
+
+
+def _completed(request_id: str) -> JobResult:
+    return JobResult(request_id=request_id, status="completed", model="fake", worker_id="w1", output="late")
+
+
+async def test_a_restarted_worker_puts_pulled_jobs_it_held_back_on_the_shared_queue(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    request_id = (await _submit(api)).json()["request_id"]
+    assert await queue.pop(redis, "w1", 1.0, ["fake"]) is not None
+    assert await queue.recover(redis, "w1", max_attempts=3, ttl_s=60) == 1
+    assert [job.request_id for job in await _shared_queue(redis)] == [request_id]
+
+
+async def test_the_same_request_id_twice_is_one_pulled_job(api: httpx.AsyncClient, fake_worker: MakeWorker) -> None:
+    await fake_worker("w1")
+    first = await _submit(api, request_id="client-chosen-0002")
+    second = await _submit(api, request_id="client-chosen-0002")
+    assert first.json()["replayed"] is False and second.json()["replayed"] is True
+
+
+@pytest.mark.parametrize("routing", ["pull", "round_robin"])
+async def test_higher_priority_jobs_are_taken_first(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis, routing: str
+) -> None:
+    await fake_worker("w1")
+    shared = routing == "pull"
+    for i, priority in enumerate((1, 5, 9, 5, 0)):
+        job = Job(
+            request_id=f"job-{i}", worker_id="" if shared else "w1", shared=shared, model="fake", prompt="x",
+            enqueued_at=time.time(), priority=priority,
+        )  # fmt: skip
+        assert await queue.enqueue(redis, job, ttl_s=60) == job.request_id
+    taken = []
+    while (lease := await queue.pop(redis, "w1", 0.05, ["fake"])) is not None:
+        taken.append(lease.job.priority)
+    assert taken == [9, 5, 5, 1, 0]
+
+
+async def test_priority_is_checked_and_carried_to_the_job(
+    api: httpx.AsyncClient, redis: Redis, fake_worker: MakeWorker
+) -> None:
+    await fake_worker("w1")
+    bad = await _submit(api, priority=10)
+    assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "priority"
+    await _submit(api, priority=8)
+    assert [job.priority for job in await _shared_queue(redis)] == [8]
+    assert await redis.llen(keys.model_queue_key("fake", 8)) == 1
+
+
+@with_settings(max_queue_per_model=2)
+async def test_a_full_model_queue_is_refused_with_429_and_retry_after(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    assert [(await _submit(api)).status_code for _ in range(2)] == [202, 202]
+    refused = await _submit(api)
+    assert refused.status_code == 429 and refused.headers["retry-after"] == "1"
+    assert refused.json()["error"]["code"] == "rate_limited" and "queue is full" in refused.json()["error"]["message"]
+    openai_refused = await api.post(
+        "/v1/chat/completions", json={"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+    )
+    assert openai_refused.status_code == 429 and "retry-after" in openai_refused.headers
+    assert len(await _shared_queue(redis)) == 2
+
+
+@with_settings(routing="round_robin", max_queue_per_worker=1)
+async def test_a_full_worker_queue_is_refused_with_429(api: httpx.AsyncClient, fake_worker: MakeWorker) -> None:
+    await fake_worker("w1")
+    assert (await _submit(api)).status_code == 202
+    refused = await _submit(api)
+    assert refused.status_code == 429 and "w1" in refused.json()["error"]["message"]
+
+
+@with_settings(routing="least_loaded")
+async def test_least_loaded_sends_new_work_past_a_worker_with_a_backlog(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    await fake_worker("w2")
+    routed = [(await _submit(api)).json()["worker_id"] for _ in range(6)]
+    assert sorted(routed) == ["w1"] * 3 + ["w2"] * 3  # equal workers share the backlog evenly
+    for _ in range(4):
+        job = Job(request_id=f"backlog-{_}", worker_id="w1", model="fake", prompt="x", enqueued_at=time.time())
+        await queue.enqueue(redis, job, ttl_s=60)
+    assert [(await _submit(api)).json()["worker_id"] for _ in range(3)] == ["w2", "w2", "w2"]
