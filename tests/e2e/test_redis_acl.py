@@ -93,7 +93,9 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
         as_worker.close()
     for proc in (worker, coordinator):
         proc.stop()
-        assert "NOPERM" not in proc.log and "Traceback" not in proc.log, proc.log
+        # Every duty ran at least once (the worker's telemetry flush, the reaper): none was refused.
+        assert "NOPERM" not in proc.log and "no permissions" not in proc.log.lower(), proc.log
+        assert "Traceback" not in proc.log, proc.log
 
 
 def _health(url: str) -> bool:

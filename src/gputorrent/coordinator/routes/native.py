@@ -9,12 +9,13 @@ import uuid
 from collections.abc import AsyncIterator
 from typing import Annotated
 
+import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from gputorrent import auth, keys, queue, registry
-from gputorrent.coordinator import relay
+from gputorrent.coordinator import quotas, relay
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
@@ -171,6 +172,10 @@ async def follow_stream(
     found = await queue.lookup(redis, request_id) if await owns(redis, caller, request_id) else None
     if found is None:
         raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
+    # A follower costs a request and holds one of the key's stream slots (and a Redis connection) while open.
+    await quotas.admit(redis, caller, 0, settings)
+    slot = f"{request_id}:follower:{uuid.uuid4().hex[:12]}"
+    await quotas.open_stream(redis, caller, slot, settings)
     streamed = bool(await redis.exists(keys.stream_key(request_id))) or (isinstance(found, JobStatus) and found.stream)
     if streamed:
         following = relay.follow(
@@ -180,7 +185,20 @@ async def follow_stream(
         events = _token_events(following)
     else:
         events = _result_event(waiter, request_id, settings.max_sync_wait_s)
-    return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
+    return StreamingResponse(_releasing(events, redis, caller, slot), media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+async def _releasing(events: AsyncIterator[bytes], redis: RedisDep, caller: Caller, slot: str) -> AsyncIterator[bytes]:
+    """The events, then the follower's stream slot given back (however the stream ends)."""
+    try:
+        async for event in events:
+            yield event
+    finally:
+        with anyio.CancelScope(shield=True):  # the server cancels this task when the client goes
+            try:
+                await quotas.close_stream(redis, caller, slot)
+            except (RedisError, OSError) as e:  # the slot lapses on its own
+                log.warning("could not give back stream slot %s (%s)", slot, e)
 
 
 async def _result_event(waiter: WaiterDep, request_id: str, timeout_s: float) -> AsyncIterator[bytes]:
