@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from redis.asyncio import Redis
 
 from gputorrent import keys
+from gputorrent.errors import Conflict
 from gputorrent.protocol import ErrorInfo, Job, JobResult, JobStatus
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,19 @@ _ENQUEUE = (
     """
 if ARGV[1] == '1' then
   local existing = redis.call('GET', KEYS[4])
-  if existing then return existing end
+  -- A key whose job and result are both gone (expired) is free again. The names follow keys.py.
+  if existing then
+    local job_exists = redis.call('EXISTS', 'job:' .. existing) == 1
+    if job_exists or redis.call('EXISTS', 'result:' .. existing) == 1 then return existing end
+  end
 end
+local owner = redis.call('GET', KEYS[5])
+if owner and owner ~= ARGV[9] then return -3 end
+if ARGV[15] == '1' and redis.call('EXISTS', KEYS[7]) == 0 then return -2 end
 local bound = tonumber(ARGV[11])
 if bound > 0 then
   local queued = 0
-  for i = 7, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
+  for i = 8, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
   if queued >= bound then return -1 end
 end
 if ARGV[1] == '1' then redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3]) end
@@ -85,29 +93,45 @@ async def enqueue(
     idempotency_key: str | None = None,
     owner: str = "anonymous",
     max_queued: int = 0,
+    *,
+    require_alive: bool = False,
 ) -> str | None:
     """Record the job as queued with its `owner` (an API key id), note its deadline and push it onto
     the list it waits in (`waiting_key`), ringing that queue's doorbell, atomically.
 
     Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
-    before, the id it admitted then (and nothing is enqueued). With `max_queued` > 0, returns
-    None and writes nothing when the job's queue (every band) already holds that many jobs.
+    before (and its job or result still exists), the id it admitted then (and nothing is
+    enqueued). With `max_queued` > 0, returns None and writes nothing when the job's queue
+    (every band) already holds that many jobs.
+
+    Raises:
+        Conflict: another owner's request has this id.
+        WorkerGone: with `require_alive`, the job's worker is dead or left; route it again.
     """
     # The status record must outlive a long deadline, or a queued job would lose its status.
     record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
     admitted = await redis.eval(
-        _ENQUEUE, 6 + len(keys.PRIORITY_BANDS),
+        _ENQUEUE, 7 + len(keys.PRIORITY_BANDS),
         keys.job_key(job.request_id), waiting_key(job), keys.DEADLINES,
         keys.idempotency_key(idempotency_key or ""), keys.owner_key(job.request_id), doorbell_key(job),
-        *waiting_keys(job),
+        keys.heartbeat_key(job.worker_id or ""), *waiting_keys(job),
         "1" if idempotency_key else "0", job.request_id, str(record_ttl_s), job.worker_id, job.model,
         job.model_dump_json(), repr(job.deadline) if job.deadline is not None else "", "1" if job.stream else "0",
         owner, str(record_ttl_s + ttl_s),  # the owner outlives the result it guards
         str(max_queued), str(keys.DOORBELL_MAX), str(job.priority), repr(job.enqueued_at),
+        "1" if require_alive and not job.shared else "0",
     )  # fmt: skip
     if admitted == -1:
         return None
+    if admitted == -2:
+        raise WorkerGone(job.worker_id or "")
+    if admitted == -3:
+        raise Conflict(f"request_id {job.request_id!r} is taken by another client; choose another")
     return str(admitted)
+
+
+class WorkerGone(Exception):
+    """The worker a job was routed to left the pool (its heartbeat is gone) before the job was queued."""
 
 
 _QUEUED = """

@@ -260,3 +260,14 @@ def test_up_makes_its_admin_key_once_and_brings_it_back_into_a_fresh_redis(redis
     assert up._admin_key(redis_url, key_file) == (key, False)
     verified = asyncio.run(up._with_redis(redis_url, lambda redis: auth.verify(redis, key)))
     assert verified is not None and verified.scope == "admin"
+
+
+async def test_a_request_id_another_key_was_given_cannot_be_taken(
+    as_key: KeyedClient, redis: Redis, fake_worker: MakeWorker
+) -> None:
+    await fake_worker("w1")
+    alice, bob = as_key(await _key(redis, "client")), as_key(await _key(redis, "client"))
+    theirs = (await alice.post("/inference", json={"model": "fake", "prompt": "p"})).json()["request_id"]
+    taken = await bob.post("/inference", json={"model": "fake", "prompt": "p", "request_id": theirs})
+    assert taken.status_code == 409
+    assert (await alice.get(f"/result/{theirs}")).status_code == 202  # still alice's, untouched

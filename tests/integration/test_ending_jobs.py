@@ -7,9 +7,10 @@ import time
 from collections.abc import Awaitable, Callable
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
-from gputorrent import keys
+from gputorrent import keys, queue
 from gputorrent.protocol import Job, JobResult
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.executor import execute
@@ -160,3 +161,21 @@ async def test_bad_timeouts_and_request_ids_are_400s_that_name_the_field(api: ht
         response = await _submit(api, **body)
         assert response.status_code == 422, response.text
         assert response.json()["error"]["fields"][0]["field"] == field
+
+
+async def test_an_idempotency_key_whose_job_and_result_expired_admits_a_new_job(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")
+    first = (await _submit(api, headers={"Idempotency-Key": "late-retry"})).json()["request_id"]
+    await redis.delete(keys.job_key(first), keys.result_key(first))  # as after the result's TTL
+    again = await _submit(api, headers={"Idempotency-Key": "late-retry"})
+    assert again.status_code == 202 and again.json()["request_id"] != first and not again.json()["replayed"]
+    assert (await api.get(f"/result/{again.json()['request_id']}")).status_code == 202  # it exists
+
+
+async def test_a_job_is_never_queued_for_a_worker_that_left(redis: Redis) -> None:
+    job = Job(request_id="r-gone", worker_id="gone", model="fake", prompt="p", enqueued_at=time.time())
+    with pytest.raises(queue.WorkerGone):
+        await queue.enqueue(redis, job, ttl_s=60, require_alive=True)
+    assert not await redis.exists(keys.queue_key("gone"), keys.job_key("r-gone"))

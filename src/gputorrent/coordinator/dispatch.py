@@ -18,6 +18,8 @@ from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Jo
 
 log = logging.getLogger(__name__)
 
+ROUTE_ATTEMPTS = 3  # a job whose chosen worker left just then is routed again, this many times at most
+
 QUEUE_FULL_RETRY_AFTER_S = 1  # a full queue drains by a job per slot per job time: try again soon
 
 
@@ -56,6 +58,22 @@ async def admit(
     if idempotency_key is not None and (replayed := await _replay(redis, idempotency_key, caller)) is not None:
         return replayed
     await quotas.admit(redis, caller, quotas.check_size(request, settings), settings)
+    for _ in range(ROUTE_ATTEMPTS):
+        try:
+            return await _route_and_enqueue(redis, request, settings, caller, client_id, idempotency_key)
+        except queue.WorkerGone as gone:  # it left between the snapshot and the enqueue: route again
+            log.info("worker %s left before the job was queued; routing again", gone)
+    raise NoWorkersAvailable("the workers chosen for this request kept leaving the pool; retry shortly")
+
+
+async def _route_and_enqueue(
+    redis: Redis,
+    request: InferenceRequest | EmbeddingRequest,
+    settings: CoordinatorSettings,
+    caller: Caller,
+    client_id: str | None,
+    idempotency_key: str | None,
+) -> Accepted:
     workers = await registry.snapshot(redis)
     counter = await queue.next_round_robin(redis) if routing.needs_counter(settings.routing) else 1
     route = routing.choose(
@@ -73,10 +91,17 @@ async def admit(
     if job.stream:
         await quotas.open_stream(redis, caller, job.request_id, settings)
     bound = settings.max_queue_per_model if job.shared else settings.max_queue_per_worker
-    admitted = await queue.enqueue(redis, job, settings.result_ttl_s, idempotency_key, caller.key_id, bound)
-    if admitted is None:
+    try:
+        admitted = await queue.enqueue(
+            redis, job, settings.result_ttl_s, idempotency_key, caller.key_id, bound, require_alive=True
+        )
+    except (queue.WorkerGone, Conflict):
         if job.stream:
             await quotas.close_stream(redis, caller, job.request_id)
+        raise
+    if admitted != job.request_id and job.stream:  # nothing was queued: the slot is not this job's
+        await quotas.close_stream(redis, caller, job.request_id)
+    if admitted is None:
         where = f"model {job.model!r}'s shared queue" if job.shared else f"worker {job.worker_id}'s queue"
         raise _queue_full(f"{where} holds {bound} jobs, its limit")
     if admitted != job.request_id:  # a concurrent twin got in first
@@ -132,6 +157,9 @@ def _job(request_id: str, worker_id: str | None, request: InferenceRequest | Emb
 def _no_candidate_error(model: str, workers: list[WorkerState]) -> NoWorkersAvailable | ModelNotFound:
     served = routing.served_models(workers)
     if not served:
+        if workers:
+            states = ", ".join(sorted({w.state for w in workers}))
+            return NoWorkersAvailable(f"no worker is taking jobs now (the registered ones are {states}); retry shortly")
         return NoWorkersAvailable("no live worker is registered; start one with `gputorrent worker`")
     if any(model in w.models for w in workers):
         return NoWorkersAvailable(f"no live worker serves model {model!r}; the workers that serve it are down")
