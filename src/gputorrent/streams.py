@@ -27,14 +27,24 @@ FOLLOW_BLOCK_MS = 1000
 StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 
-async def append(redis: Redis, request_id: str, text: str, tokens: int, ttl_s: int) -> bool:
-    """Append text to the stream; returns False once the request was ended (see `queue.end`)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.xadd(keys.stream_key(request_id), {TEXT_FIELD: text, TOKENS_FIELD: str(tokens)})
-        pipe.expire(keys.stream_key(request_id), ttl_s)
-        pipe.exists(keys.cancel_key(request_id))
-        *_, cancelled = await pipe.execute()
-    return not cancelled
+# Only the job's holder writes: a worker whose lease was taken (it stalled and the job went on to
+# another, or the job was ended) must not interleave its tokens with the next worker's.
+_APPEND = """
+if redis.call('HGET', KEYS[3], 'worker_id') ~= ARGV[4] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+redis.call('XADD', KEYS[1], '*', 'text', ARGV[1], 'tokens', ARGV[2])
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"""
+
+
+async def append(redis: Redis, request_id: str, worker_id: str, text: str, tokens: int, ttl_s: int) -> bool:
+    """Append text to the stream if `worker_id` still holds the job; False (nothing written) once it
+    does not: the job was ended (see `queue.end`), finished or handed on."""
+    written = await redis.eval(
+        _APPEND, 3, keys.stream_key(request_id), keys.cancel_key(request_id), keys.job_key(request_id),
+        text, str(tokens), str(ttl_s), worker_id,
+    )  # fmt: skip
+    return bool(written)
 
 
 async def sent_so_far(redis: Redis, request_id: str) -> tuple[str, int]:
@@ -78,9 +88,10 @@ class StreamWriter:
     grows to whatever arrived during one round trip, so Redis sees one call per flush, not per token.
     """
 
-    def __init__(self, redis: Redis, request_id: str, ttl_s: int) -> None:
+    def __init__(self, redis: Redis, request_id: str, worker_id: str, ttl_s: int) -> None:
         self._redis = redis
         self._request_id = request_id
+        self._worker_id = worker_id
         self._ttl_s = ttl_s
         self._pending: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
@@ -100,7 +111,7 @@ class StreamWriter:
             while self._pending:
                 text, tokens = "".join(self._pending), len(self._pending)
                 self._pending.clear()
-                if not await append(self._redis, self._request_id, text, tokens, self._ttl_s):
+                if not await append(self._redis, self._request_id, self._worker_id, text, tokens, self._ttl_s):
                     self.cancelled = True
         except (RedisError, OSError) as e:  # kept for close(): a later push must not lose it
             self.failure = e

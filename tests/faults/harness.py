@@ -313,6 +313,9 @@ class Pool:
             "GPUTORRENT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
             "GPUTORRENT_MAX_ATTEMPTS": str(self.max_attempts),
             "GPUTORRENT_AUTH": "off",  # loopback only; the suite is about faults, tests/*/test_auth.py about keys
+            # Scenarios place jobs on chosen workers; the policies' own reliability is tested in
+            # tests/integration/test_routing_policies.py.
+            "GPUTORRENT_ROUTING": "round_robin",
         }
         proc = self._spawn(["coordinator", "--port", str(port), "--redis-url", self.redis_url], name, env)
         url = f"http://127.0.0.1:{port}"
@@ -775,6 +778,8 @@ class RedisProxy(threading.Thread):
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.port = int(self._listener.getsockname()[1])
         self.withholding = threading.Event()
+        # When set, the first reply that contains these bytes starts the withholding (it is withheld too).
+        self.withhold_from: bytes | None = None
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []  # the connections open now
         self._opened: list[socket.socket] = []  # every socket ever opened, closed by close()
@@ -800,6 +805,8 @@ class RedisProxy(threading.Thread):
     def _pump(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
+                if replies and self.withhold_from is not None and self.withhold_from in data:
+                    self.withholding.set()
                 if not (replies and self.withholding.is_set()):
                     sink.sendall(data)
         for sock in (source, sink):  # one side closed: close the other, as a dropped connection would
@@ -814,6 +821,7 @@ class RedisProxy(threading.Thread):
             with contextlib.suppress(OSError):
                 sock.shutdown(socket.SHUT_RDWR)
         self.withholding.clear()
+        self.withhold_from = None
 
     def close(self) -> None:
         self.cut()

@@ -305,7 +305,9 @@ class Worker:
             job = await self._continuing(job)
         # The status shown to clients is written alongside the start of the generation, not before it.
         marking = asyncio.create_task(self._mark_running(job.request_id))
-        writer = StreamWriter(self.redis, job.request_id, self.settings.result_ttl_s) if job.stream else None
+        writer = (
+            StreamWriter(self.redis, job.request_id, self.worker_id, self.settings.result_ttl_s) if job.stream else None
+        )
         ended = self.ended.watch(job.request_id)
         try:
             result = await execute(self.backend, job, writer, ended)
