@@ -136,3 +136,12 @@ async def test_following_a_request_that_is_not_streamed_gives_its_result_event(
     assert (await api.get("/stream/no-such-request")).status_code == 404
     bad = await api.get(f"/stream/{request_id}", headers={"Last-Event-ID": "not-an-id"})
     assert bad.status_code == 422
+
+
+async def test_a_worker_that_no_longer_holds_the_job_cannot_write_to_its_stream(redis: Redis) -> None:
+    job = _job("x")
+    await queue.enqueue(redis, job, ttl_s=60)  # queued for w1
+    assert await streams.append(redis, job.request_id, "w1", "a", 1, ttl_s=60)
+    await redis.hset(keys.job_key(job.request_id), "worker_id", "w2")  # it was handed on to w2
+    assert not await streams.append(redis, job.request_id, "w1", " late", 1, ttl_s=60)
+    assert await streams.sent_so_far(redis, job.request_id) == ("a", 1)

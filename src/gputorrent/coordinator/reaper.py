@@ -58,8 +58,10 @@ class Reaper:
         workers = await registry.snapshot(self._redis)
         handled = 0
         for dead in (w for w in workers if w.state == "dead"):
-            lists = [(True, keys.processing_key(dead.worker_id))]
-            lists += [(False, queued_in) for queued_in in keys.worker_queue_keys(dead.worker_id)]
+            # Queued jobs first, then the started ones: each move goes to the front of its new queue,
+            # so the jobs that were already running are the next to run again, not the last.
+            lists = [(False, queued_in) for queued_in in keys.worker_queue_keys(dead.worker_id)]
+            lists += [(True, keys.processing_key(dead.worker_id))]
             for started, source in lists:
                 handled += await handoff.hand_on(
                     self._redis, dead.worker_id, source, workers, count_attempt=started,
