@@ -176,6 +176,8 @@ class JobStatus(WireModel):
     worker_id: str | None  # None while it waits on its model's shared queue (pull routing)
     model: str
     stream: bool = False  # its tokens can be followed at `GET /stream/{request_id}`
+    position: int | None = None  # while queued: how many jobs will be taken before it
+    eta_s: float | None = None  # while queued: about when it starts, from recent job times (None: no data)
 
 
 class Accepted(WireModel):

@@ -10,7 +10,7 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gputorrent import keys, queue
+from gputorrent import keys, pool_stats, queue
 from gputorrent.protocol import Job, JobResult
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.executor import execute
@@ -179,3 +179,19 @@ async def test_a_job_is_never_queued_for_a_worker_that_left(redis: Redis) -> Non
     with pytest.raises(queue.WorkerGone):
         await queue.enqueue(redis, job, ttl_s=60, require_alive=True)
     assert not await redis.exists(keys.queue_key("gone"), keys.job_key("r-gone"))
+
+
+async def test_a_queued_job_shows_its_place_in_the_queue_and_when_it_should_start(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    await fake_worker("w1")  # registered, not running: everything waits in its queue
+    ids = [(await _submit(api)).json()["request_id"] for _ in range(3)]
+    urgent = (await _submit(api, priority=9)).json()["request_id"]
+    statuses = [(await api.get(f"/result/{request_id}")).json() for request_id in [*ids, urgent]]
+    assert [s["position"] for s in statuses] == [1, 2, 3, 0]  # the urgent one is taken first
+    assert statuses[0]["eta_s"] is None  # nothing has finished lately: no estimate yet
+
+    # Jobs that took 2.5 s each (3 s from admission, 0.5 s of it queued) finished just now.
+    await pool_stats.add(redis, pool_stats.StatsDelta(jobs=2, latency_sum_s=6.0, queue_wait_sum_s=1.0), time.time() - 6)
+    last = (await api.get(f"/result/{ids[2]}")).json()
+    assert last["eta_s"] == pytest.approx(3 * 2.5)  # three jobs ahead, one slot

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from gputorrent import auth, keys, queue, registry
-from gputorrent.coordinator import quotas, relay
+from gputorrent.coordinator import quotas, relay, waiting
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
@@ -256,7 +256,8 @@ async def get_result(
         float, Query(ge=0, allow_inf_nan=False, description="seconds to hold the request until the result exists")
     ] = 0.0,
 ) -> JobResult | JobStatus:
-    """The result when it exists (200), the job's status before that (202)."""
+    """The result when it exists (200), the job's status before that (202): while it is queued, with
+    its `position` and an estimate of its start (`eta_s`)."""
     found = None  # another key's request is answered as unknown: a request id proves nothing alone
     if await owns(redis, caller, request_id):
         found = await waiter.wait(request_id, min(wait, settings.max_result_wait_s))
@@ -264,6 +265,7 @@ async def get_result(
         raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
     if isinstance(found, JobStatus):
         response.status_code = 202
+        return await waiting.place_in_queue(redis, found)
     return found
 
 
