@@ -14,9 +14,10 @@ from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
-from gputorrent import keys
+from gputorrent import keys, pool_stats
 from gputorrent.errors import Conflict
 from gputorrent.protocol import ErrorInfo, Job, JobResult, JobStatus
+from gputorrent.telemetry import FailureRecord
 
 log = logging.getLogger(__name__)
 
@@ -341,7 +342,14 @@ async def retry_or_fail(
             request_id=job.request_id, status="failed", model=job.model, worker_id=job.worker_id,
             error=ErrorInfo(code="worker_lost", message=message),
         )  # fmt: skip
-        return await finish(redis, source_key, raw, failed, ttl_s, streamed=job.stream, dead=dead)
+        if not await finish(redis, source_key, raw, failed, ttl_s, streamed=job.stream, dead=dead):
+            return False
+        # No worker finished it, so no worker reports it: the pool's failure list hears it here.
+        await pool_stats.record_failure(redis, FailureRecord(
+            at=time.time(), request_id=job.request_id, model=job.model, worker_id=job.worker_id or "",
+            code="worker_lost", message=message,
+        ))  # fmt: skip
+        return True
     if target is None and not job.shared:
         return False
     worker_id = "" if job.shared else target

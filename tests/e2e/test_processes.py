@@ -57,13 +57,22 @@ def _status(client: APIClient, request_id: str) -> str:
     return client.result(request_id).status
 
 
-def test_jobs_alternate_between_two_worker_processes(coordinator_url: str, start_worker: StartWorker) -> None:
-    start_worker("w1")
-    start_worker("w2")
+def test_jobs_submitted_together_are_spread_over_two_worker_processes(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    paced = {"GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.05"}  # jobs last long enough to be queued side by side
+    start_worker("w1", env=paced)
+    start_worker("w2", env=paced)
     with APIClient(coordinator_url) as client:
-        served_by = [client.infer("fake", f"job {i}").worker_id for i in range(4)]
-    assert sorted(served_by) == ["w1", "w1", "w2", "w2"]
-    assert served_by[0] != served_by[1]
+        accepted = [client.submit("fake", f"job {i} " + "word " * 10) for i in range(4)]
+        served_by = [_completed(client, a.request_id).worker_id for a in accepted]
+    assert sorted(served_by) == ["w1", "w1", "w2", "w2"]  # the default policy (least loaded) balances them
+
+
+def _completed(client: APIClient, request_id: str) -> JobResult:
+    found = client.result(request_id, wait_s=30)
+    assert isinstance(found, JobResult), found
+    return found
 
 
 def test_client_raises_the_api_errors_as_exceptions(coordinator_url: str, start_worker: StartWorker) -> None:

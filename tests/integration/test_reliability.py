@@ -7,7 +7,7 @@ import time
 
 from redis.asyncio import Redis
 
-from gputorrent import auth, keys, queue, registry
+from gputorrent import auth, keys, pool_stats, queue, registry
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.protocol import Hardware, InferenceOptions, Job, JobResult, WorkerRecord
 
@@ -97,6 +97,8 @@ async def test_a_job_that_outlives_its_attempts_fails_with_worker_lost(redis: Re
     assert isinstance(found, JobResult)
     assert found.status == "failed" and found.error is not None and found.error.code == "worker_lost"
     assert await redis.llen(keys.queue_key("w2")) == 0
+    [listed] = await pool_stats.recent_failures(redis)  # the dashboard's recent failures show it
+    assert (listed.request_id, listed.code) == ("poison", "worker_lost")
 
 
 async def test_jobs_wait_while_no_live_worker_serves_their_model(redis: Redis) -> None:

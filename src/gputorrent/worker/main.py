@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 
 ABANDON_TIMEOUT_S = 5.0  # how long a drain waits for stopped jobs before cancelling their tasks
 POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
-ORPHAN_CHECK_S = 2.0  # how often the processing list is checked for jobs no consumer holds
+ORPHAN_CHECK_S = 1.0  # how often the processing list is checked for jobs no consumer holds
 HEALTH_RETRY_S = 5.0  # how often an unhealthy worker probes its backend again
 SPEED_WEIGHT = 0.2  # how much one job moves the measured speed (an exponentially weighted average)
 
