@@ -7,6 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 BROWSER_TESTS := tests/browser
 CHROMIUM := /usr/bin/chromium
+NPM := $(or $(shell command -v npm 2>/dev/null),/usr/bin/npm)
 
 .PHONY: run test lint typecheck pytest browser-deps size clean bench
 
@@ -26,12 +27,17 @@ pytest: $(VENV)/.dev-deps
 	$(BIN)/pytest
 
 # The dashboard tests drive Debian's Chromium through playwright-core from npm; no browser is
-# downloaded. Both steps are skipped on later runs (a stamp file, and the browser's own path).
+# downloaded. Every step is skipped on later runs (a stamp file, and the programs' own paths);
+# Node.js and Chromium come from Debian's packages where they are missing.
 browser-deps: $(BROWSER_TESTS)/node_modules/.installed $(CHROMIUM)
 
-$(BROWSER_TESTS)/node_modules/.installed: $(BROWSER_TESTS)/package.json $(BROWSER_TESTS)/package-lock.json
-	npm ci --prefix $(BROWSER_TESTS) --no-audit --no-fund --loglevel=error
+$(BROWSER_TESTS)/node_modules/.installed: $(BROWSER_TESTS)/package.json $(BROWSER_TESTS)/package-lock.json | $(NPM)
+	$(NPM) ci --prefix $(BROWSER_TESTS) --no-audit --no-fund --loglevel=error
 	@touch $@
+
+/usr/bin/npm:
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nodejs npm
 
 $(CHROMIUM):
 	apt-get update -qq
