@@ -188,6 +188,11 @@ def processes(tmp_path: Path) -> Iterator[Callable[..., Process]]:
         proc.stop()
 
 
+def healthy(coordinator_url: str) -> bool:
+    """Whether the coordinator answers `GET /health` with 200 now."""
+    return _get_json(f"{coordinator_url}/health") is not None
+
+
 def _get_json(url: str) -> object | None:
     try:
         response = httpx.get(url, timeout=2)

@@ -10,7 +10,6 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import anthropic
-import httpx
 import ollama
 import openai
 import pytest
@@ -19,7 +18,7 @@ from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
 from gputorrent.errors import JobFailed, Unauthorized
 from gputorrent.worker.backends.fake import FAIL_TRIGGER
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, wait_for
 
 HF_TOKEN = "hf_test_token_that_must_never_be_logged"
 
@@ -50,7 +49,7 @@ def pool(processes: Callable[..., Process], redis_url: str) -> Iterator[SecuredP
         "coordinator", "--port", str(port), "--redis-url", redis_url, name="coordinator", env=timing
     )
     url = f"http://127.0.0.1:{port}"
-    wait_for(lambda: _answers(f"{url}/health"), PROCESS_START_TIMEOUT_S, "the coordinator")
+    wait_for(lambda: healthy(url), PROCESS_START_TIMEOUT_S, "the coordinator")
     worker = processes(
         "worker", "--backend", "fake", "--coordinator", url, "--redis-url", redis_url, "--worker-id", "w1",
         name="worker", env={"GPUTORRENT_JOIN_TOKEN": join_key, "HF_TOKEN": HF_TOKEN},
@@ -59,13 +58,6 @@ def pool(processes: Callable[..., Process], redis_url: str) -> Iterator[SecuredP
         wait_for(lambda: worker.popen.poll() is not None or _alive(client), PROCESS_START_TIMEOUT_S, "the worker")
     assert worker.popen.poll() is None, worker.log
     yield SecuredPool(url=url, client_key=client_key, join_key=join_key, processes=[coordinator, worker])
-
-
-def _answers(url: str) -> bool:
-    try:
-        return httpx.get(url, timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
 
 
 def _alive(client: APIClient) -> bool:

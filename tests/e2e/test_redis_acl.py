@@ -9,14 +9,13 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 from redis.exceptions import NoPermissionError
 
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port, server_binary
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, wait_for
 
 SECURITY_DOC = Path(__file__).parents[2] / "docs" / "security.md"
 
@@ -71,7 +70,7 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
     coordinator = processes(
         "coordinator", "--port", str(port), name="coordinator", env={**timing, "REDIS_URL": coordinator_url}
     )
-    wait_for(lambda: _health(url) or coordinator.popen.poll() is not None, PROCESS_START_TIMEOUT_S, "the coordinator")
+    wait_for(lambda: healthy(url) or coordinator.popen.poll() is not None, PROCESS_START_TIMEOUT_S, "the coordinator")
     worker = processes(
         "worker", "--backend", "fake", "--coordinator", url, "--worker-id", "w1", name="worker",
         env={"REDIS_URL": worker_url, "GPUTORRENT_JOIN_TOKEN": join_key, "GPUTORRENT_FAKE_TOKEN_DELAY_S": "0.01"},
@@ -96,10 +95,3 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
         # Every duty ran at least once (the worker's telemetry flush, the reaper): none was refused.
         assert "NOPERM" not in proc.log and "no permissions" not in proc.log.lower(), proc.log
         assert "Traceback" not in proc.log, proc.log
-
-
-def _health(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False

@@ -8,13 +8,12 @@ import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 import redis
 
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, wait_for
 
 SERVER = shutil.which("redis-server")
 OPENSSL = shutil.which("openssl")
@@ -65,16 +64,9 @@ def test_a_pool_runs_over_tls_to_redis(tls_redis_url: str, processes: Callable[.
     url = f"http://127.0.0.1:{port}"
     env = {"REDIS_URL": tls_redis_url, "GPUTORRENT_AUTH": "off", "GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5"}
     coordinator = processes("coordinator", "--port", str(port), name="coordinator", env=env)
-    wait_for(lambda: _health(url) or coordinator.popen.poll() is not None, PROCESS_START_TIMEOUT_S, "the coordinator")
+    wait_for(lambda: healthy(url) or coordinator.popen.poll() is not None, PROCESS_START_TIMEOUT_S, "the coordinator")
     worker = processes("worker", "--backend", "fake", "--coordinator", url, "--worker-id", "w1", name="worker",
                        env={"REDIS_URL": tls_redis_url})  # fmt: skip
     with APIClient(url) as client:
         wait_for(lambda: worker.popen.poll() is not None or bool(client.workers()), PROCESS_START_TIMEOUT_S, "w1")
         assert client.infer("fake", "over tls").output == "echo: over tls"
-
-
-def _health(url: str) -> bool:
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False

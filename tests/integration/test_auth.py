@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
@@ -22,10 +23,10 @@ MakeWorker = Callable[..., Awaitable[Worker]]
 KeyedClient = Callable[[str | None], httpx.AsyncClient]
 
 
-@pytest.fixture
-async def as_key(coordinator_settings: CoordinatorSettings) -> AsyncIterator[KeyedClient]:
+@contextlib.asynccontextmanager
+async def _keyed_clients(settings: CoordinatorSettings) -> AsyncIterator[KeyedClient]:
     """Clients of one in-process coordinator, each sending the key it is given (or none)."""
-    app = create_app(coordinator_settings)
+    app = create_app(settings)
     clients: list[httpx.AsyncClient] = []
 
     def client(key: str | None) -> httpx.AsyncClient:
@@ -38,6 +39,12 @@ async def as_key(coordinator_settings: CoordinatorSettings) -> AsyncIterator[Key
         yield client
     for made in clients:
         await made.aclose()
+
+
+@pytest.fixture
+async def as_key(coordinator_settings: CoordinatorSettings) -> AsyncIterator[KeyedClient]:
+    async with _keyed_clients(coordinator_settings) as client:
+        yield client
 
 
 async def _key(redis: Redis, scope: auth.Scope) -> str:
@@ -176,19 +183,8 @@ async def limited(coordinator_settings: CoordinatorSettings) -> AsyncIterator[Ke
     settings = coordinator_settings.model_copy(
         update={"rate_limit_rpm": 3, "rate_limit_tpm": 0, "max_streams": 1, "max_prompt_chars": 50, "max_tokens": 300}
     )
-    app = create_app(settings)
-    clients: list[httpx.AsyncClient] = []
-
-    def client(key: str | None) -> httpx.AsyncClient:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        made = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://c", headers=headers)
-        clients.append(made)
-        return made
-
-    async with app.router.lifespan_context(app):
+    async with _keyed_clients(settings) as client:
         yield client
-    for made in clients:
-        await made.aclose()
 
 
 async def test_requests_past_the_minutes_limit_get_429_with_retry_after(
