@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import itertools
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -24,19 +25,23 @@ from pathlib import Path
 
 import aiohttp
 import httpx
+from redis.asyncio import Redis
 
+from gputorrent import auth
 from gputorrent.embedded import EmbeddedRedis, free_port
 
 HERE = Path(__file__).parent
 
 
-async def stream_once(http: aiohttp.ClientSession, url: str, model: str, tokens: int) -> tuple[float, list[float], str]:
+async def stream_once(
+    http: aiohttp.ClientSession, url: str, model: str, tokens: int, headers: dict[str, str]
+) -> tuple[float, list[float], str]:
     """(time to first token, gaps between tokens, text) of one streamed chat completion, in ms."""
     body = {"model": model, "messages": [{"role": "user", "content": "go"}], "max_tokens": tokens, "stream": True}
     started = time.perf_counter()
     arrivals: list[float] = []
     text = []
-    async with http.post(url, json=body) as resp:
+    async with http.post(url, json=body, headers=headers) as resp:
         resp.raise_for_status()
         async for raw in resp.content:
             line = raw.strip()
@@ -63,12 +68,23 @@ def _wait_http(url: str, timeout_s: float = 60) -> None:
     raise RuntimeError(f"{url} did not answer")
 
 
-def _wait_for_model(coordinator: str, model: str, timeout_s: float = 60) -> None:
+def _wait_for_model(coordinator: str, model: str, headers: dict[str, str], timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
-    while model not in httpx.get(f"{coordinator}/v1/models").text:
+    while model not in httpx.get(f"{coordinator}/v1/models", headers=headers).text:
         if time.monotonic() > deadline:
             raise RuntimeError("the worker did not register")
         time.sleep(0.1)
+
+
+async def _keys(redis_url: str) -> tuple[str, str]:
+    """A client key for the load and a join key for the worker, in the benchmark's private Redis."""
+    redis = Redis.from_url(redis_url, decode_responses=True)
+    try:
+        _, client_key = await auth.create_key(redis, "bench", "client")
+        _, join_key = await auth.create_key(redis, "bench worker", "join")
+    finally:
+        await redis.aclose()
+    return client_key, join_key
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -80,17 +96,19 @@ def _summary(values: list[float]) -> dict[str, float]:
     }
 
 
-async def measure(direct_url: str, pool_url: str, requests: int, tokens: int) -> dict[str, object]:
+async def measure(
+    direct_url: str, pool_url: str, requests: int, tokens: int, pool_headers: dict[str, str]
+) -> dict[str, object]:
     expected = "".join(f"t{i} " for i in range(tokens))
     samples: dict[str, dict[str, list[float]]] = {side: {"ttft": [], "gap": []} for side in ("direct", "pool")}
     wrong = {"direct": 0, "pool": 0}
     async with aiohttp.ClientSession() as http:
         for _ in range(5):  # warm both paths (connections, imports, JIT-free but cache-warm)
-            await stream_once(http, direct_url, "fast", tokens)
-            await stream_once(http, pool_url, "fast", tokens)
+            await stream_once(http, direct_url, "fast", tokens, {})
+            await stream_once(http, pool_url, "fast", tokens, pool_headers)
         for i in range(requests * 2):
-            side, url = ("direct", direct_url) if i % 2 == 0 else ("pool", pool_url)
-            ttft, gaps, text = await stream_once(http, url, "fast", tokens)
+            side, url, headers = ("direct", direct_url, {}) if i % 2 == 0 else ("pool", pool_url, pool_headers)
+            ttft, gaps, text = await stream_once(http, url, "fast", tokens, headers)
             samples[side]["ttft"].append(ttft)
             samples[side]["gap"].extend(gaps)
             wrong[side] += text != expected
@@ -118,17 +136,27 @@ def main() -> int:
             server = [sys.executable, str(HERE / "fast_openai_server.py"), "--port", str(fast_port)]
             children.append(subprocess.Popen([*server, "--gap-ms", str(args.gap_ms)]))
             _wait_http(f"{fast}/models")
+            # As users run it: authentication on, with a client key checked (and counted) on every request;
+            # the limit is raised only so the run is not refused.
+            client_key, join_key = asyncio.run(_keys(redis.url))
+            coordinator_env = {**os.environ, "GPUTORRENT_RATE_LIMIT_RPM": "1000000"}
             children.append(
-                subprocess.Popen([*python, "coordinator", "--port", str(coord_port), "--redis-url", redis.url])
+                subprocess.Popen(
+                    [*python, "coordinator", "--port", str(coord_port), "--redis-url", redis.url], env=coordinator_env
+                )
             )
             _wait_http(f"{coordinator}/health")
             worker = ["worker", "--backend", "openai", "--openai-base-url", fast, "--model", "fast"]
             children.append(
-                subprocess.Popen([*python, *worker, "--coordinator", coordinator, "--redis-url", redis.url])
+                subprocess.Popen(
+                    [*python, *worker, "--coordinator", coordinator, "--redis-url", redis.url],
+                    env={**os.environ, "GPUTORRENT_JOIN_TOKEN": join_key},
+                )
             )
-            _wait_for_model(coordinator, "fast")
+            headers = {"Authorization": f"Bearer {client_key}"}
+            _wait_for_model(coordinator, "fast", headers)
             direct_url, pool_url = f"{fast}/chat/completions", f"{coordinator}/v1/chat/completions"
-            result = asyncio.run(measure(direct_url, pool_url, args.requests, args.tokens))
+            result = asyncio.run(measure(direct_url, pool_url, args.requests, args.tokens, headers))
         finally:
             for child in reversed(children):
                 child.terminate()
