@@ -150,3 +150,28 @@ async def test_the_heartbeat_answer_names_running_jobs_ended_elsewhere(
     assert answer["ended"] == [job.request_id]
     assert (await api.post("/admin/workers/b/drain")).status_code == 202
     assert (await api.post("/worker/heartbeat", json=beat, headers=b)).json()["drain"] is True
+
+
+async def test_a_worker_hands_on_fails_over_and_reclaims_only_its_own_jobs(
+    api: httpx.AsyncClient, redis: Redis, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    a, b, job = two_workers
+    rid = job.request_id
+    # a has nothing to hand on, and b's held job is not among a's orphans.
+    assert (await api.post("/worker/hand-on", json={"held": True}, headers=a)).json() == {"jobs": 0}
+    checked = (await api.post("/worker/orphans", json={"held": [], "suspects": [rid]}, headers=a)).json()
+    assert checked == {"jobs": 0, "suspects": []}
+    assert await redis.llen(keys.processing_key("b")) == 1
+    # b's backend is down: its job goes to the other live worker, with an attempt counted.
+    assert (await api.post(f"/worker/jobs/{rid}/fail-over", headers=b)).json() == {"jobs": 1}
+    handed = await _take(api, a)
+    assert handed is not None and (handed.request_id, handed.attempt) == (rid, 2)
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=_result(job, "x", "b"), headers=b)).status_code == 409
+    # a's take never got its answer, say: unheld on two looks in a row, the job goes back to a's queue.
+    first = (await api.post("/worker/orphans", json={"held": [], "suspects": []}, headers=a)).json()
+    assert first == {"jobs": 0, "suspects": [rid]}
+    second = (await api.post("/worker/orphans", json={"held": [], "suspects": [rid]}, headers=a)).json()
+    assert second == {"jobs": 1, "suspects": []}
+    assert await redis.llen(keys.queue_key("a")) == 1
+    assert (await api.post("/worker/leave", headers=a)).json() == {"left": False}  # it still has a queued job
+    assert (await api.post("/worker/leave", headers=b)).json() == {"left": True}
