@@ -1,7 +1,8 @@
 """The pool's recent history in Redis: per-bucket job figures and the last failures, shared by every coordinator.
 
 Workers add what they finished to the bucket of the current `BUCKET_S` seconds (one pipeline per
-heartbeat interval, not per job); a coordinator adds the failures it writes itself (deadlines).
+heartbeat interval, not per job); a coordinator adds the failures it writes itself (deadlines),
+and each result it stores for a worker linked through it (`/worker` routes).
 Buckets expire after `HISTORY_S`, so the history costs a few hundred small hashes at most.
 
 >>> bucket_of(1003.9)
