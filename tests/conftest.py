@@ -23,6 +23,7 @@ from gputorrent.coordinator.app import create_app
 from gputorrent.embedded import EmbeddedRedis, free_port
 from gputorrent.protocol import Registered, WorkerRegistration
 from gputorrent.worker.backends.fake import FakeBackend
+from gputorrent.worker.link import RedisLink
 from gputorrent.worker.main import Worker
 
 # A server named by GPUTORRENT_TEST_REDIS_URL may hold other data: tests keep to one database of it.
@@ -74,8 +75,8 @@ async def redis(redis_url: str) -> AsyncIterator[Redis]:
 def coordinator_settings(redis_url: str, request: pytest.FixtureRequest) -> CoordinatorSettings:
     """Fast heartbeats; a test may add settings with `@pytest.mark.parametrize("coordinator_settings",
     [{...}], indirect=True)`."""
-    values = getattr(request, "param", {})
-    return CoordinatorSettings(redis_url=redis_url, heartbeat_interval_s=0.5, heartbeat_timeout_s=2.0, **values)
+    values = {"heartbeat_interval_s": 0.5, "heartbeat_timeout_s": 2.0, **getattr(request, "param", {})}
+    return CoordinatorSettings(redis_url=redis_url, **values)
 
 
 @pytest.fixture
@@ -116,7 +117,12 @@ def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callabl
         settings = WorkerSettings(
             redis_url=redis_url, backend="fake", model_name=model, worker_id=worker_id, **settings_values
         )
-        return Worker(redis, backend, Registered.model_validate(response.json()), settings, model)
+        registered = Registered.model_validate(response.json())
+        link = RedisLink(
+            redis, redis_url, worker_id, heartbeat_ttl_s=registered.heartbeat_timeout_s,
+            max_attempts=settings.max_attempts, result_ttl_s=settings.result_ttl_s,
+        )  # fmt: skip
+        return Worker(link, backend, registered, settings, model)
 
     return make
 

@@ -81,7 +81,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     settings = WorkerSettings(
         **_overrides(
-            args, "coordinator_url", "redis_url", "backend", "model_name", "worker_id", "slots",
+            args, "coordinator_url", "redis_url", "link", "backend", "model_name", "worker_id", "slots",
             "ollama_host", "openai_base_url", "join_token",
         )
     )  # fmt: skip
@@ -226,6 +226,11 @@ def _parser() -> argparse.ArgumentParser:
     worker = sub.add_parser("worker", help="run a worker that joins a coordinator")
     worker.add_argument("--coordinator", dest="coordinator_url", help="COORDINATOR_URL (default http://localhost:8000)")
     worker.add_argument("--redis-url", help="REDIS_URL (default redis://localhost:6379)")
+    worker.add_argument(
+        "--link", choices=["redis", "coordinator"],
+        help="GPUTORRENT_LINK: redis (default; needs Redis credentials) or coordinator (no Redis: every call goes "
+        "through the coordinator with the worker's secret, for machines you do not trust with Redis)",
+    )  # fmt: skip
     worker.add_argument(
         "--backend", choices=["llamacpp", "ollama", "openai", "fake"], help="GPUTORRENT_BACKEND (default ollama)"
     )

@@ -95,6 +95,9 @@ class WorkerSettings(_Settings):
     coordinator_url: str = Field(default="http://localhost:8000", validation_alias=_env("COORDINATOR_URL"))
     join_token: SecretStr | None = Field(default=None, validation_alias=_env("GPUTORRENT_JOIN_TOKEN"))
     redis_url: str = Field(default="redis://localhost:6379", validation_alias=_env("REDIS_URL"))
+    # How the worker reaches the pool's state after registering: `redis` (REDIS_URL, trusted machines)
+    # or `coordinator` (only the coordinator's HTTP endpoint, with the worker's secret; no Redis credentials).
+    link: Literal["redis", "coordinator"] = Field(default="redis", validation_alias=_env("GPUTORRENT_LINK"))
     model_name: str | None = Field(default=None, validation_alias=_env("MODEL_NAME"))
     hf_token: SecretStr | None = Field(default=None, validation_alias=_env("HF_TOKEN"))
     backend: BackendName = Field(default="ollama", validation_alias=_env("GPUTORRENT_BACKEND"))

@@ -6,6 +6,7 @@
     ├── Unauthorized                 401 unauthorized         (no API key, or not a live one)
     ├── Forbidden                    403 forbidden            (the key's scope does not allow it)
     ├── Conflict                     409 conflict             (e.g. a request id another key uses)
+    │   └── LeaseLost                409 lease_lost           (a worker wrote to a job it does not hold)
     ├── RateLimited                  429 rate_limited         (carries `retry_after_s`)
     ├── NotFound                     404 not_found
     │   ├── ModelNotFound            404 model_not_found      (carries the models live workers serve)
@@ -70,6 +71,12 @@ class Forbidden(GPUTorrentError):
 class Conflict(GPUTorrentError):
     code = "conflict"
     http_status = 409
+
+
+class LeaseLost(Conflict):
+    """A worker asked to write to a job that is not leased to it (ended, handed on, or never its own)."""
+
+    code = "lease_lost"
 
 
 class RateLimited(GPUTorrentError):

@@ -1,7 +1,8 @@
 """The pool's recent history in Redis: per-bucket job figures and the last failures, shared by every coordinator.
 
 Workers add what they finished to the bucket of the current `BUCKET_S` seconds (one pipeline per
-heartbeat interval, not per job); a coordinator adds the failures it writes itself (deadlines).
+heartbeat interval, not per job); a coordinator adds the failures it writes itself (deadlines),
+and each result it stores for a worker linked through it (`/worker` routes).
 Buckets expire after `HISTORY_S`, so the history costs a few hundred small hashes at most.
 
 >>> bucket_of(1003.9)
@@ -17,11 +18,13 @@ from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
 from gputorrent import keys
+from gputorrent.protocol import Job, JobResult
 from gputorrent.telemetry import FailureRecord
 
 BUCKET_S = 5
 HISTORY_S = 15 * 60  # how far back the history goes
 FAILURES_KEPT = 50
+FAILURE_MESSAGE_CHARS = 500  # a backend's message can be long; the dashboard needs its start
 
 
 def bucket_of(at: float) -> int:
@@ -45,12 +48,12 @@ class StatsDelta:
     def __bool__(self) -> bool:
         return self.jobs > 0
 
-    def add(self, other: StatsDelta) -> None:
-        """Fold `other` in (a write that failed goes back into the next one)."""
+    def add(self, later: StatsDelta) -> None:
+        """Fold in `later`, the figures of jobs that finished after these; failures stay oldest first."""
         for f in fields(self):
             if f.name != "failures":
-                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
-        self.failures = [*other.failures, *self.failures][-FAILURES_KEPT:]
+                setattr(self, f.name, getattr(self, f.name) + getattr(later, f.name))
+        self.failures = [*self.failures, *later.failures][-FAILURES_KEPT:]
 
     def commands(self, at: float) -> list[tuple[str | int | float, ...]]:
         """The Redis commands that add this delta to the bucket of `at` and push its failures."""
@@ -66,6 +69,26 @@ class StatsDelta:
             commands.append(("LPUSH", keys.RECENT_FAILURES, *(r.model_dump_json() for r in self.failures)))
             commands.append(("LTRIM", keys.RECENT_FAILURES, 0, FAILURES_KEPT - 1))
         return commands
+
+
+def job_delta(job: Job, result: JobResult, worker_id: str, finished_at: float) -> StatsDelta:
+    """The figures one finished job adds to the pool's history."""
+    queue_wait_s = result.timings.queued_ms / 1000
+    first_token_ms = result.timings.first_token_ms
+    ttft_s = (result.timings.queued_ms + first_token_ms) / 1000 if first_token_ms is not None else None
+    failed = result.status == "failed"
+    failures = []
+    if failed:
+        error = result.error
+        failures.append(FailureRecord(
+            at=finished_at, request_id=job.request_id, model=job.model, worker_id=worker_id,
+            code=error.code if error else "failed", message=(error.message if error else "")[:FAILURE_MESSAGE_CHARS],
+        ))  # fmt: skip
+    return StatsDelta(
+        jobs=1, failed=int(failed), tokens=result.usage.completion_tokens,
+        ttft_sum_s=ttft_s or 0.0, ttft_count=int(ttft_s is not None),
+        latency_sum_s=max(0.0, finished_at - job.enqueued_at), queue_wait_sum_s=queue_wait_s, failures=failures,
+    )  # fmt: skip
 
 
 async def add(redis: Redis, delta: StatsDelta, at: float | None = None) -> None:

@@ -319,3 +319,60 @@ class CreatedApiKey(WireModel):
 
     key: str = Field(repr=False)
     info: ApiKeyInfo
+
+
+class WorkerBeat(WireModel):
+    """The body of `POST /worker/heartbeat`: the beat, and the jobs the worker is running now."""
+
+    heartbeat: Heartbeat
+    running: list[str] = Field(default_factory=list, max_length=1024)  # request ids
+
+
+class BeatAnswer(WireModel):
+    """The answer to a beat: whether an admin asked the worker to drain, and which of its running
+    jobs were ended elsewhere (cancelled, timed out, handed on): it stops them at their next token."""
+
+    drain: bool = False
+    ended: list[str] = Field(default_factory=list)
+
+
+class StreamText(WireModel):
+    """Text for a job's token stream: appended by `POST /worker/jobs/{id}/stream`, or what an earlier
+    attempt of the job already sent (`GET`)."""
+
+    text: str = Field(max_length=1_000_000)
+    tokens: int = Field(ge=0, le=10_000_000)  # how many tokens `text` holds
+
+
+class HandOn(WireModel):
+    """The body of `POST /worker/hand-on`: which of the worker's lists go to other workers."""
+
+    held: bool = False  # also the jobs it holds (a drain that stopped them), not only its queue
+
+
+class Orphans(WireModel):
+    """The body of `POST /worker/orphans`: the jobs the worker's consumers hold, and those it found
+    unheld on the previous look (request ids)."""
+
+    held: list[str] = Field(default_factory=list, max_length=1024)
+    suspects: list[str] = Field(default_factory=list, max_length=4096)
+
+
+class Moved(WireModel):
+    """How many jobs a worker's request moved: handed on, failed or queued again."""
+
+    jobs: int = 0
+
+
+class OrphanCheck(WireModel):
+    """The answer of `POST /worker/orphans`: jobs queued again, and those unheld now (orphans if
+    they are still unheld on the next look)."""
+
+    jobs: int = 0
+    suspects: list[str] = Field(default_factory=list)
+
+
+class Left(WireModel):
+    """The answer of `POST /worker/leave`: whether the worker left the registry (its lists were empty)."""
+
+    left: bool

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import cast
 
 from redis.asyncio import Redis
@@ -82,17 +82,15 @@ async def follow(
 
 
 class StreamWriter:
-    """Batches a job's text into Redis: one write in flight at a time, the text meanwhile goes in the next.
+    """Batches a job's text into its stream through `append(text, tokens)` (which answers whether the
+    job is still the writer's): one write in flight at a time, the text meanwhile goes in the next.
 
     The first token goes out at once (time to first token); under a fast generator the batch
     grows to whatever arrived during one round trip, so Redis sees one call per flush, not per token.
     """
 
-    def __init__(self, redis: Redis, request_id: str, worker_id: str, ttl_s: int) -> None:
-        self._redis = redis
-        self._request_id = request_id
-        self._worker_id = worker_id
-        self._ttl_s = ttl_s
+    def __init__(self, append: Callable[[str, int], Awaitable[bool]]) -> None:
+        self._append = append
         self._pending: list[str] = []
         self._flusher: asyncio.Task[None] | None = None
         self.cancelled = False
@@ -111,7 +109,7 @@ class StreamWriter:
             while self._pending:
                 text, tokens = "".join(self._pending), len(self._pending)
                 self._pending.clear()
-                if not await append(self._redis, self._request_id, self._worker_id, text, tokens, self._ttl_s):
+                if not await self._append(text, tokens):
                     self.cancelled = True
         except (RedisError, OSError) as e:  # kept for close(): a later push must not lose it
             self.failure = e

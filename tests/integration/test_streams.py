@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import time
 from collections.abc import Awaitable, Callable
@@ -85,7 +86,7 @@ async def test_follow_gives_up_after_its_timeout_without_a_result(redis: Redis) 
 
 async def test_a_failed_write_is_kept_for_close_not_lost_to_the_next_push(redis: Redis) -> None:
     broken = Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.2)  # nothing listens there
-    writer = streams.StreamWriter(broken, "r1", "w1", ttl_s=60)
+    writer = streams.StreamWriter(functools.partial(streams.append, broken, "r1", "w1", ttl_s=60))
     writer.push("first")
     with pytest.raises((RedisError, OSError)):
         await writer.close()

@@ -24,7 +24,7 @@ from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.results import ResultWaiter
-from gputorrent.coordinator.routes import admin, anthropic, native, observability, ollama, openai
+from gputorrent.coordinator.routes import admin, anthropic, native, observability, ollama, openai, worker
 from gputorrent.errors import GPUTorrentError, RateLimited, RedisUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -73,6 +73,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     app.include_router(ollama.router)
     app.include_router(anthropic.router)
     app.include_router(admin.router)
+    app.include_router(worker.router)
     openapi.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

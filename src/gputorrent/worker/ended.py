@@ -1,9 +1,10 @@
 """Hears which running jobs were ended elsewhere (cancelled, timed out, client gone) so they stop.
 
-`queue.end` writes the job's result and announces its id on `jobs:ended`; this listener sets
-the job's event, and the executor checks it at every token. After each (re)subscription the
-`cancel:{request_id}` keys of the watched jobs are read, so an announcement missed while the
-connection was down is not lost.
+`queue.end` writes the job's result and announces its id on `jobs:ended`; a worker linked to Redis
+listens there (`run`) and sets the job's event, and the executor checks it at every token. After
+each (re)subscription the `cancel:{request_id}` keys of the watched jobs are read, so an
+announcement missed while the connection was down is not lost. A worker linked through the
+coordinator learns the same from each heartbeat's answer (`end`).
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ POLL_S = 1.0  # how long one read of the channel waits; also how fast a stop is 
 class EndedJobs:
     """One event per running job, set when the job is ended elsewhere."""
 
-    def __init__(self, redis: Redis) -> None:
-        self._redis = redis
+    def __init__(self) -> None:
         self._watched: dict[str, asyncio.Event] = {}
 
     def watch(self, request_id: str) -> asyncio.Event:
@@ -36,19 +36,29 @@ class EndedJobs:
     def unwatch(self, request_id: str) -> None:
         self._watched.pop(request_id, None)
 
+    def running(self) -> list[str]:
+        """The request ids watched now: the jobs running on this worker."""
+        return list(self._watched)
+
+    def end(self, request_ids: list[str]) -> None:
+        """Stop these jobs at their next token (they were ended elsewhere)."""
+        for request_id in request_ids:
+            if event := self._watched.get(request_id):
+                event.set()
+
     def end_all_here(self) -> None:
         """Stop every running job at its next token (the worker handed them on)."""
         for event in self._watched.values():
             event.set()
 
-    async def run(self, stop: asyncio.Event) -> None:
+    async def run(self, redis: Redis, stop: asyncio.Event) -> None:
         """Listen until `stop` is set, resubscribing with backoff when Redis fails."""
         backoff = Backoff()
         while not stop.is_set():
             try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+                async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(keys.ENDED_CHANNEL)
-                    await self._catch_up()
+                    await self._catch_up(redis)
                     backoff.reset()
                     while not stop.is_set():
                         message = await pubsub.get_message(timeout=POLL_S)
@@ -58,11 +68,11 @@ class EndedJobs:
                 log.warning("cannot hear ended jobs (%s); retrying in %.1f s", e, backoff.delay_s)
                 await backoff.wait()
 
-    async def _catch_up(self) -> None:
+    async def _catch_up(self, redis: Redis) -> None:
         watched = list(self._watched.items())
         if not watched:
             return
-        async with self._redis.pipeline(transaction=False) as pipe:
+        async with redis.pipeline(transaction=False) as pipe:
             for request_id, _ in watched:
                 pipe.exists(keys.cancel_key(request_id))
             found = await pipe.execute()

@@ -1,4 +1,4 @@
-"""The worker's heartbeat, on its own thread and Redis connection.
+"""The worker's heartbeat, on its own thread and connection (to Redis, or to the coordinator).
 
 A generation that keeps the event loop busy (or a long GIL hold) must not make a live worker
 look dead, so the beat does not share the loop that runs jobs.
@@ -9,36 +9,40 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
-import redis
 from redis.exceptions import RedisError
 
-from gputorrent import registry
 from gputorrent.protocol import Heartbeat
+
+if TYPE_CHECKING:
+    from gputorrent.worker.link import HeartbeatSender
 
 log = logging.getLogger(__name__)
 
 
 class HeartbeatThread(threading.Thread):
-    """Rewrites `heartbeat:{worker_id}` with what `heartbeat()` says every `interval_s` (or at once
-    after `beat_now()`), with a `ttl_s` expiry, until `stop()`."""
+    """Sends what `heartbeat()` says, with the jobs `running()` names, every `interval_s` (or at once
+    after `beat_now()`) through `sender` (which it closes), until `stop()`."""
 
     def __init__(
         self,
-        redis_url: str,
+        sender: HeartbeatSender,
         worker_id: str,
         interval_s: float,
-        ttl_s: float,
         heartbeat: Callable[[], Heartbeat],
+        running: Callable[[], list[str]],
         on_drain: Callable[[], None],
+        on_ended: Callable[[list[str]], None],
     ) -> None:
         super().__init__(name=f"heartbeat-{worker_id}", daemon=True)
-        self._client = redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+        self._sender = sender
         self._worker_id = worker_id
         self._interval_s = interval_s
-        self._ttl_s = ttl_s
         self._heartbeat = heartbeat
+        self._running = running
         self._on_drain = on_drain  # called (from this thread) once an admin asks the worker to drain
+        self._on_ended = on_ended  # called (from this thread) with running jobs that were ended elsewhere
         self._stopping = threading.Event()
         self._wake = threading.Event()
 
@@ -47,20 +51,24 @@ class HeartbeatThread(threading.Thread):
             while not self._stopping.is_set():
                 self._wake.clear()
                 try:
-                    if registry.beat(self._client, self._worker_id, self._heartbeat(), self._ttl_s):
-                        self._on_drain()
+                    answer = self._sender.send(self._heartbeat(), self._running())
                 except (RedisError, OSError) as e:
                     log.warning("worker %s heartbeat failed: %s", self._worker_id, e)
+                else:
+                    if answer.ended:
+                        self._on_ended(answer.ended)
+                    if answer.drain:
+                        self._on_drain()
                 self._wake.wait(self._interval_s)
         finally:
-            self._client.close()
+            self._sender.close()
 
     def beat_now(self) -> None:
         """Beat without waiting for the interval: the worker's condition just changed."""
         self._wake.set()
 
     def stop(self) -> None:
-        """End the loop and wait for the thread (at most one Redis call)."""
+        """End the loop and wait for the thread (at most one call in flight)."""
         self._stopping.set()
         self._wake.set()
         self.join(timeout=10)

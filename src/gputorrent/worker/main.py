@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import time
@@ -13,7 +14,7 @@ import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import __version__, handoff, keys, logs, queue, registry, routing, streams
+from gputorrent import __version__, leases, logs, queue
 from gputorrent.config import WorkerSettings
 from gputorrent.errors import BackendUnavailable, DeadlineExceeded
 from gputorrent.protocol import (
@@ -28,10 +29,12 @@ from gputorrent.protocol import (
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, make_backend
+from gputorrent.worker.coordinator_link import CoordinatorLink
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
 from gputorrent.worker.heartbeat import HeartbeatThread
+from gputorrent.worker.link import PoolLink, RedisLink
 from gputorrent.worker.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -48,9 +51,9 @@ class Worker:
     listener for jobs ended elsewhere, and a health probe of its backend."""
 
     def __init__(
-        self, redis: Redis, backend: Backend, registered: Registered, settings: WorkerSettings, model: str
+        self, link: PoolLink, backend: Backend, registered: Registered, settings: WorkerSettings, model: str
     ) -> None:
-        self.redis = redis
+        self.link = link
         self.backend = backend
         self.worker_id = registered.worker_id
         self.heartbeat_interval_s = registered.heartbeat_interval_s
@@ -62,7 +65,7 @@ class Worker:
         self.tokens_per_s: float | None = None  # generation speed, weighted towards recent jobs
         self.condition: WorkerCondition = "alive"
         self.condition_reason: str | None = None
-        self.ended = EndedJobs(redis)
+        self.ended = EndedJobs()
         self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
         self._serving.set()
         self._held: set[str] = set()  # the raw entries of the jobs the consumers hold now
@@ -88,23 +91,24 @@ class Worker:
         def drain_asked() -> None:  # on the heartbeat thread: an admin asked this worker to drain
             loop.call_soon_threadsafe(stop.set)
 
+        def ended_elsewhere(request_ids: list[str]) -> None:  # on the heartbeat thread
+            loop.call_soon_threadsafe(self.ended.end, request_ids)
+
         self._heartbeat = HeartbeatThread(
-            self.settings.redis_url, self.worker_id, self.heartbeat_interval_s, self.heartbeat_timeout_s,
-            self.heartbeat, on_drain=drain_asked,
+            self.link.heartbeat_sender(), self.worker_id, self.heartbeat_interval_s, self.heartbeat,
+            self.ended.running, on_drain=drain_asked, on_ended=ended_elsewhere,
         )  # fmt: skip
         self._heartbeat.start()
         try:
-            recovering = queue.recover(
-                self.redis, self.worker_id, self.settings.max_attempts, self.settings.result_ttl_s
-            )
-            if recovered := await recovering:
+            if recovered := await self.link.recover():
                 log.info(
                     "worker %s: %d unfinished jobs of its previous run are queued again", self.worker_id, recovered
                 )
             helpers_stop = asyncio.Event()
             async with asyncio.TaskGroup() as tasks:
-                tasks.create_task(self.ended.run(helpers_stop))
-                tasks.create_task(self.telemetry.run(self.redis, self.heartbeat_interval_s, helpers_stop))
+                tasks.create_task(
+                    self.link.run_listeners(self.ended, self.telemetry, self.heartbeat_interval_s, helpers_stop)
+                )
                 if not burst:
                     tasks.create_task(self._watch_health(helpers_stop))
                     tasks.create_task(self._reclaim_orphans(helpers_stop))
@@ -147,42 +151,29 @@ class Worker:
                 consumer.cancel()
             await asyncio.wait(running)
             # Only now, with nothing more written to their streams, can another worker read where they stopped.
-            await self._hand_on(keys.processing_key(self.worker_id))
+            await self._hand_on(held=True)
         await self._hand_on_queue()  # routed here before the coordinators saw the drain
 
     async def _hand_on_queue(self) -> int:
         """Give every band of this worker's own queue to other live workers (the shared queues need no
         hand-on: other workers take from them anyway)."""
-        return await self._hand_on(*keys.worker_queue_keys(self.worker_id))
+        return await self._hand_on(held=False)
 
-    async def _hand_on(self, *sources: str) -> int:
-        """Give the jobs of these lists of this worker to other live workers; 0 when Redis fails (the
-        reaper moves them once this worker is gone)."""
-        handed = 0
+    async def _hand_on(self, *, held: bool) -> int:
+        """Give this worker's queue (with `held`, the jobs it holds) to other live workers; 0 when that
+        fails (the reaper moves them once this worker is gone)."""
         try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for source in sources:
-                    pipe.llen(source)
-                lengths = await pipe.execute()
-            if not any(lengths):
-                return 0
-            workers = [w for w in await registry.snapshot(self.redis) if w.worker_id != self.worker_id]
-            for source, length in zip(sources, lengths, strict=True):
-                if length:
-                    handed += await handoff.hand_on(
-                        self.redis, self.worker_id, source, workers, count_attempt=False,
-                        max_attempts=self.settings.max_attempts, ttl_s=self.settings.result_ttl_s, only_if_dead=False,
-                    )  # fmt: skip
+            handed = await self.link.hand_on(held=held)
         except (RedisError, OSError) as e:
             log.warning("worker %s could not hand on its jobs (%s); the reaper will", self.worker_id, e)
-            return handed
+            return 0
         if handed:
             log.info("worker %s handed %d jobs to other workers", self.worker_id, handed)
         return handed
 
     async def _leave(self) -> None:
         try:
-            left = await registry.deregister(self.redis, self.worker_id)
+            left = await self.link.leave()
         except (RedisError, OSError) as e:
             log.warning("worker %s could not mark itself gone (%s); its heartbeat will expire", self.worker_id, e)
             return
@@ -248,7 +239,6 @@ class Worker:
         arrived (the connection dropped just then): nobody would run them, and this worker's heartbeat
         keeps the reaper away. An entry no consumer holds on two looks `ORPHAN_CHECK_S` apart is one;
         it goes back to the front of this worker's queue."""
-        held_in = keys.processing_key(self.worker_id)
         suspects: set[str] = set()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -256,17 +246,8 @@ class Worker:
             if stop.is_set():
                 return
             try:
-                unheld = {str(raw) for raw in await self.redis.lrange(held_in, 0, -1)} - self._held
-                orphans, suspects = unheld & suspects, unheld - suspects
-                for raw in orphans:
-                    try:
-                        job = Job.model_validate_json(raw)
-                    except ValueError:
-                        log.error("worker %s: dropping an unreadable job: %.200s", self.worker_id, raw)
-                        await self.redis.lrem(held_in, 1, raw)
-                        continue
-                    if await queue.requeue(self.redis, held_in, raw, job):
-                        log.warning("request %s: its pop's reply was lost; queued here again", job.request_id)
+                held = {leases.request_id_of(raw) or "" for raw in self._held}
+                _, suspects = await self.link.reclaim_orphans(held, suspects)
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot check its held jobs (%s)", self.worker_id, e)
 
@@ -278,7 +259,7 @@ class Worker:
                     await asyncio.wait_for(self._serving.wait(), POP_TIMEOUT_S)
                 continue
             try:
-                lease = await queue.pop(self.redis, self.worker_id, 0.05 if burst else POP_TIMEOUT_S, [self.model])
+                lease = await self.link.take(0.05 if burst else POP_TIMEOUT_S, [self.model])
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff.delay_s)
                 await backoff.wait()
@@ -305,9 +286,7 @@ class Worker:
             job = await self._continuing(job)
         # The status shown to clients is written alongside the start of the generation, not before it.
         marking = asyncio.create_task(self._mark_running(job.request_id))
-        writer = (
-            StreamWriter(self.redis, job.request_id, self.worker_id, self.settings.result_ttl_s) if job.stream else None
-        )
+        writer = StreamWriter(functools.partial(self.link.append, job.request_id)) if job.stream else None
         ended = self.ended.watch(job.request_id)
         try:
             result = await execute(self.backend, job, writer, ended)
@@ -338,7 +317,7 @@ class Worker:
         backoff = Backoff()
         while True:
             try:
-                sent, tokens = await streams.sent_so_far(self.redis, job.request_id)
+                sent, tokens = await self.link.sent_so_far(job.request_id)
                 break
             except (RedisError, OSError) as e:
                 log.warning("request %s: cannot read its stream yet (%s); retrying", job.request_id, e)
@@ -351,25 +330,11 @@ class Worker:
     async def _fail_over(self, lease: queue.Lease) -> bool:
         """Hand a job this worker's backend could not run to another worker (counting an attempt);
         False when it had its last attempt or no other live worker serves its model."""
-        if lease.job.attempt >= self.settings.max_attempts:
-            return False
         try:
-            workers = [w for w in await registry.snapshot(self.redis) if w.worker_id != self.worker_id]
-            candidates = routing.candidates_for(lease.job.model, workers)
-            if not candidates:
-                return False
-            target = routing.pick_round_robin(candidates, await queue.next_round_robin(self.redis))
-            moved = await queue.retry_or_fail(
-                self.redis, keys.processing_key(self.worker_id), lease.raw, started=True, target=target,
-                max_attempts=self.settings.max_attempts, ttl_s=self.settings.result_ttl_s,
-            )  # fmt: skip
+            return await self.link.fail_over(lease)
         except (RedisError, OSError) as e:
             log.warning("request %s: could not hand it on (%s); storing the failure", lease.job.request_id, e)
             return False
-        if moved:
-            log.info("request %s handed to worker %s: this worker's backend is unavailable", lease.job.request_id,
-                     target)  # fmt: skip
-        return True
 
     async def _store(self, lease: queue.Lease, result: JobResult) -> None:
         """Write the result while the lease holds. It is the job's only copy now: retry through a
@@ -378,11 +343,7 @@ class Worker:
         backoff = Backoff()
         while True:
             try:
-                held_in = keys.processing_key(self.worker_id)
-                finishing = queue.finish(
-                    self.redis, held_in, lease.raw, result, self.settings.result_ttl_s, streamed=job.stream
-                )
-                held = await asyncio.shield(finishing)
+                held = await asyncio.shield(self.link.finish(lease, result))
                 break
             except (RedisError, OSError) as e:
                 log.warning("request %s: result not stored yet (%s); retrying", job.request_id, e)
@@ -417,7 +378,7 @@ class Worker:
 
     async def _mark_running(self, request_id: str) -> None:
         try:
-            await queue.mark_running(self.redis, request_id)
+            await self.link.mark_running(request_id)
         except (RedisError, OSError) as e:  # only the status shown to clients; the job itself goes on
             log.warning("request %s: could not mark it running (%s)", request_id, e)
 
@@ -471,13 +432,24 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
             return
         log.info("backend %s serves %s", backend.name, model)
         worker_id = settings.worker_id or default_worker_id()
-        # socket_timeout above POP_TIMEOUT_S: a silently dropped connection fails instead of blocking forever.
-        redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
+        registered = await register(settings, worker_id, model, backend.name)
+        log.info("worker %s registered with %s (link: %s)", worker_id, settings.coordinator_url, settings.link)
+        link = open_link(settings, registered)
         try:
-            registered = await register(settings, worker_id, model, backend.name)
-            log.info("worker %s registered with %s", worker_id, settings.coordinator_url)
-            await Worker(redis, backend, registered, settings, model).run(stop, burst=burst)
+            await Worker(link, backend, registered, settings, model).run(stop, burst=burst)
         finally:
-            await redis.aclose()
+            await link.close()
     finally:
         await backend.close()
+
+
+def open_link(settings: WorkerSettings, registered: Registered) -> PoolLink:
+    """The worker's link to the pool: Redis itself, or the coordinator's `/worker` routes."""
+    if settings.link == "coordinator":
+        return CoordinatorLink(settings.coordinator_url, registered.worker_id, registered.worker_secret)
+    # socket_timeout above POP_TIMEOUT_S: a silently dropped connection fails instead of blocking forever.
+    redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
+    return RedisLink(
+        redis, settings.redis_url, registered.worker_id, heartbeat_ttl_s=registered.heartbeat_timeout_s,
+        max_attempts=settings.max_attempts, result_ttl_s=settings.result_ttl_s,
+    )  # fmt: skip

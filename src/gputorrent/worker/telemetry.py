@@ -24,12 +24,11 @@ from redis.exceptions import RedisError
 
 from gputorrent import pool_stats
 from gputorrent.protocol import Job, JobResult
-from gputorrent.telemetry import FailureRecord, GPUSample, MachineSample, ModelCounters, Telemetry
+from gputorrent.telemetry import GPUSample, MachineSample, ModelCounters, Telemetry
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-FAILURE_MESSAGE_CHARS = 500  # a backend's message can be long; the dashboard needs its start
 
 
 class WorkerTelemetry:
@@ -46,40 +45,21 @@ class WorkerTelemetry:
     def record(self, job: Job, result: JobResult, finished_at: float | None = None) -> None:
         """Count a job whose result this worker stored."""
         finished_at = time.time() if finished_at is None else finished_at
-        queue_wait_s = result.timings.queued_ms / 1000
-        latency_s = max(0.0, finished_at - job.enqueued_at)
-        first_token_ms = result.timings.first_token_ms
-        ttft_s = (result.timings.queued_ms + first_token_ms) / 1000 if first_token_ms is not None else None
-        failed = result.status == "failed"
+        delta = pool_stats.job_delta(job, result, self.worker_id, finished_at)
         with self._lock:
             counters = self._jobs.get(job.model, ModelCounters())
             update = {
-                "completed": counters.completed + (not failed),
-                "failed": counters.failed + failed,
+                "completed": counters.completed + (not delta.failed),
+                "failed": counters.failed + delta.failed,
                 "prompt_tokens": counters.prompt_tokens + result.usage.prompt_tokens,
                 "tokens_generated": counters.tokens_generated + result.usage.completion_tokens,
-                "queue_wait": counters.queue_wait.observe(queue_wait_s),
-                "latency": counters.latency.observe(latency_s),
+                "queue_wait": counters.queue_wait.observe(delta.queue_wait_sum_s),
+                "latency": counters.latency.observe(delta.latency_sum_s),
             }
-            if ttft_s is not None:
-                update["time_to_first_token"] = counters.time_to_first_token.observe(ttft_s)
+            if delta.ttft_count:
+                update["time_to_first_token"] = counters.time_to_first_token.observe(delta.ttft_sum_s)
             self._jobs[job.model] = counters.model_copy(update=update)
-            pending = self._pending
-            pending.jobs += 1
-            pending.failed += failed
-            pending.tokens += result.usage.completion_tokens
-            pending.latency_sum_s += latency_s
-            pending.queue_wait_sum_s += queue_wait_s
-            if ttft_s is not None:
-                pending.ttft_sum_s += ttft_s
-                pending.ttft_count += 1
-            if failed:
-                error = result.error
-                pending.failures = [*pending.failures, FailureRecord(
-                    at=finished_at, request_id=job.request_id, model=job.model, worker_id=self.worker_id,
-                    code=error.code if error else "failed",
-                    message=(error.message if error else "")[:FAILURE_MESSAGE_CHARS],
-                )][-pool_stats.FAILURES_KEPT :]  # fmt: skip
+            self._pending.add(delta)
 
     def sample(self) -> Telemetry:
         """The machine now and the job counters so far (for the heartbeat: milliseconds of work)."""
@@ -103,7 +83,7 @@ class WorkerTelemetry:
         except (RedisError, OSError) as e:
             log.warning("worker %s: job figures not written yet (%s)", self.worker_id, e)
             with self._lock:
-                pending.add(self._pending)
+                pending.add(self._pending)  # what finished meanwhile is later
                 self._pending = pending
 
     async def run(self, redis: Redis, interval_s: float, stop: asyncio.Event) -> None:

@@ -1,0 +1,212 @@
+"""`/worker/...`: the pool's state for workers that hold no Redis credentials (`GPUTORRENT_LINK=coordinator`).
+
+Every route needs the worker's own credential, `Authorization: Bearer <worker_id>:<worker_secret>`
+(the secret `POST /register` gave it), checked against the hash in `worker_secret:{worker_id}`.
+The worker id is taken from that credential, never from a body, and every write goes through
+the same lease-checked scripts a Redis-linked worker runs (`leases`, `queue`, `streams`), so a
+worker can take, stream to and finish only the jobs leased to it: anything else is 409 `lease_lost`.
+"""
+
+from __future__ import annotations
+
+import hmac
+import re
+import time
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Path, Query
+from fastapi.responses import Response
+
+from gputorrent import auth, keys, leases, pool_stats, queue, registry, streams
+from gputorrent.coordinator.deps import RedisDep, SettingsDep
+from gputorrent.errors import InvalidRequest, LeaseLost, Unauthorized
+from gputorrent.protocol import (
+    REQUEST_ID_PATTERN,
+    WORKER_ID_PATTERN,
+    BeatAnswer,
+    HandOn,
+    Job,
+    JobResult,
+    Left,
+    Moved,
+    OrphanCheck,
+    Orphans,
+    StreamText,
+    WorkerBeat,
+    WorkerRecord,
+)
+
+router = APIRouter(prefix="/worker", tags=["worker link"])
+
+TAKE_WAIT_MAX_S = 5.0  # a take's long poll holds one of the coordinator's Redis connections
+TAKE_WAIT_MIN_S = 0.01
+_WORKER_ID = re.compile(WORKER_ID_PATTERN)
+LEASE_LOST: dict[int | str, dict[str, Any]] = {
+    409: {"description": "`lease_lost`: the job is not leased to this worker (ended, handed on, another's)"}
+}
+
+
+async def _worker_id(
+    redis: RedisDep, authorization: Annotated[str | None, Header(include_in_schema=False)] = None
+) -> str:
+    """The id of the worker whose secret the request carries."""
+    scheme, _, value = (authorization or "").partition(" ")
+    worker_id, _, secret = value.strip().rpartition(":")
+    if scheme.lower() != "bearer" or not secret or not _WORKER_ID.match(worker_id):
+        raise Unauthorized("a worker credential is required: `Authorization: Bearer <worker_id>:<worker_secret>`")
+    stored = await redis.get(keys.worker_secret_key(worker_id))
+    if stored is None or not hmac.compare_digest(str(stored), auth.hash_secret(secret)):
+        raise Unauthorized("the worker credential is not valid (unknown worker, or not its secret)")
+    return worker_id
+
+
+WorkerDep = Annotated[str, Depends(_worker_id)]
+RequestIdPath = Annotated[str, Path(pattern=REQUEST_ID_PATTERN)]
+
+
+@dataclass(frozen=True)
+class Held:
+    """A job the calling worker holds: its entry in the worker's processing list, and the job."""
+
+    worker_id: str
+    raw: str
+    job: Job
+
+
+async def _held(request_id: RequestIdPath, worker_id: WorkerDep, redis: RedisDep) -> Held:
+    raw = await leases.held_entry(redis, worker_id, request_id)
+    if raw is None:
+        raise LeaseLost(f"job {request_id!r} is not leased to this worker")
+    return Held(worker_id=worker_id, raw=raw, job=Job.model_validate_json(raw))
+
+
+HeldDep = Annotated[Held, Depends(_held)]
+
+
+@router.post("/heartbeat", response_model=BeatAnswer)
+async def heartbeat(body: WorkerBeat, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) -> BeatAnswer:
+    """Keep the worker alive (and show its load, condition and telemetry); the answer says whether an
+    admin asked it to drain, and which of the jobs it says it runs were ended elsewhere."""
+    return await leases.beat(redis, worker_id, body.heartbeat, settings.heartbeat_timeout_s, body.running)
+
+
+@router.post("/recover", response_model=Moved)
+async def recover(worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) -> Moved:
+    """At start: queue again (counting an attempt) what a previous run of this worker id left unfinished."""
+    return Moved(jobs=await queue.recover(redis, worker_id, settings.max_attempts, settings.result_ttl_s))
+
+
+@router.post(
+    "/take",
+    response_model=Job,
+    responses={204: {"description": "no job came within `wait_s`"}, **LEASE_LOST},
+)
+async def take(
+    worker_id: WorkerDep,
+    redis: RedisDep,
+    settings: SettingsDep,
+    wait_s: Annotated[float, Query(ge=0, le=TAKE_WAIT_MAX_S, allow_inf_nan=False, description="long poll")] = 1.0,
+) -> Response:
+    """Lease the next job for this worker: its own queue, or the shared queues of the models it registered."""
+    record = await redis.get(keys.worker_key(worker_id))
+    if record is None:
+        raise LeaseLost("this worker left the pool (or was removed): register again")
+    models = WorkerRecord.model_validate_json(record).models
+    # Never 0: a BLPOP timeout of 0 blocks for ever.
+    wait_s = max(TAKE_WAIT_MIN_S, min(wait_s, settings.max_result_wait_s))
+    lease = await queue.pop(redis, worker_id, wait_s, models)
+    if lease is None:
+        return Response(status_code=204)
+    return Response(lease.job.model_dump_json(), media_type="application/json")
+
+
+@router.post("/jobs/{request_id}/running", status_code=204, response_class=Response, responses=LEASE_LOST)
+async def mark_running(held: HeldDep, redis: RedisDep) -> None:
+    """Show the held job as running."""
+    await queue.mark_running(redis, held.job.request_id)
+
+
+@router.get("/jobs/{request_id}/stream", response_model=StreamText, responses=LEASE_LOST)
+async def sent_so_far(held: HeldDep, redis: RedisDep) -> StreamText:
+    """The text an earlier attempt of the held job already streamed: the worker continues after it."""
+    text, tokens = await streams.sent_so_far(redis, held.job.request_id)
+    return StreamText(text=text, tokens=tokens)
+
+
+@router.post("/jobs/{request_id}/stream", status_code=204, response_class=Response, responses=LEASE_LOST)
+async def append(
+    request_id: RequestIdPath, body: StreamText, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep
+) -> None:
+    """Append text to the job's token stream, if the job is this worker's and was not ended (checked
+    in the append script itself, so this costs one round trip per batch)."""
+    if not await streams.append(redis, request_id, worker_id, body.text, body.tokens, settings.result_ttl_s):
+        raise LeaseLost(f"job {request_id!r} is not leased to this worker, or was ended")
+
+
+@router.post("/jobs/{request_id}/result", status_code=204, response_class=Response, responses=LEASE_LOST)
+async def finish(
+    request_id: RequestIdPath, body: JobResult, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep
+) -> None:
+    """Store the held job's result (and end its stream), atomically with giving up the lease.
+
+    The result is stored as this worker's, for the held job's model. A repeat of a call whose
+    answer was lost finds the same result stored by this worker and answers 204 again.
+    """
+    if body.request_id != request_id:
+        raise InvalidRequest("the result's request_id is not the job's")
+    raw = await leases.held_entry(redis, worker_id, request_id)
+    if raw is None:
+        if await _already_stored(redis, body, worker_id):
+            return
+        raise LeaseLost(f"job {request_id!r} is not leased to this worker")
+    job = Job.model_validate_json(raw)
+    result = body.model_copy(update={"worker_id": worker_id, "model": job.model})
+    held_in = keys.processing_key(worker_id)
+    if not await queue.finish(redis, held_in, raw, result, settings.result_ttl_s, streamed=job.stream):
+        raise LeaseLost(f"job {request_id!r} is not leased to this worker")
+    # The pool's history counts what was stored, not what a worker says it did.
+    await pool_stats.add(redis, pool_stats.job_delta(job, result, worker_id, time.time()))
+
+
+async def _already_stored(redis: RedisDep, result: JobResult, worker_id: str) -> bool:
+    stored = await redis.get(keys.result_key(result.request_id))
+    if stored is None:
+        return False
+    return JobResult.model_validate_json(stored) == result.model_copy(update={"worker_id": worker_id})
+
+
+@router.post("/jobs/{request_id}/fail-over", response_model=Moved, responses=LEASE_LOST)
+async def fail_over(held: HeldDep, redis: RedisDep, settings: SettingsDep) -> Moved:
+    """The worker's backend cannot run the held job: hand it to another live worker (counting an attempt).
+
+    `jobs` is 1 when the job is no longer this worker's to finish, 0 when it had its last attempt or
+    no other worker serves its model (the worker then stores its failure).
+    """
+    handed = await leases.fail_over(
+        redis, held.worker_id, held.raw, max_attempts=settings.max_attempts, ttl_s=settings.result_ttl_s
+    )
+    return Moved(jobs=int(handed))
+
+
+@router.post("/hand-on", response_model=Moved)
+async def hand_on(body: HandOn, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) -> Moved:
+    """Give this worker's queue (with `held`, the jobs it holds) to other live workers: it drains or is unhealthy."""
+    handed = await leases.hand_on_own(
+        redis, worker_id, held=body.held, max_attempts=settings.max_attempts, ttl_s=settings.result_ttl_s
+    )
+    return Moved(jobs=handed)
+
+
+@router.post("/orphans", response_model=OrphanCheck)
+async def orphans(body: Orphans, worker_id: WorkerDep, redis: RedisDep) -> OrphanCheck:
+    """Queue again the jobs this worker holds in Redis that none of its consumers has, two looks in a
+    row: a take whose answer never reached it."""
+    requeued, suspects = await leases.reclaim_orphans(redis, worker_id, set(body.held), set(body.suspects))
+    return OrphanCheck(jobs=requeued, suspects=sorted(suspects))
+
+
+@router.post("/leave", response_model=Left)
+async def leave(worker_id: WorkerDep, redis: RedisDep) -> Left:
+    """Leave the pool: out of the registry when the worker's lists are empty, else only marked gone."""
+    return Left(left=await registry.deregister(redis, worker_id))

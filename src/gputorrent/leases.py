@@ -1,0 +1,133 @@
+"""What a worker may do with its own jobs, named by its id: shared by the worker's direct Redis link
+and the coordinator's `/worker` routes (for workers without Redis credentials), so both run the
+same lease-checked scripts of `queue` and `streams`.
+
+Every function here acts only on the lists of `worker_id`: the coordinator passes the id of the
+worker that proved its secret, never one a request body names.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from redis.asyncio import Redis
+
+from gputorrent import handoff, keys, queue, registry, routing
+from gputorrent.protocol import BeatAnswer, Heartbeat, Job
+
+log = logging.getLogger(__name__)
+
+# A job's JSON starts with its request id (the model's first field); ids never hold a quote.
+_REQUEST_ID = re.compile(r'"request_id":"([^"]*)"')
+
+
+def request_id_of(raw: str) -> str | None:
+    """The request id of a job's JSON entry, without parsing the whole (maybe large) job.
+
+    >>> request_id_of('{"request_id":"r-12345678","worker_id":"w1"}')
+    'r-12345678'
+    """
+    match = _REQUEST_ID.search(raw, 0, 300)
+    return match.group(1) if match else None
+
+
+async def held_entry(redis: Redis, worker_id: str, request_id: str) -> str | None:
+    """The entry of `request_id` in the worker's processing list (its lease on the job); None when
+    the worker holds no such job."""
+    for raw in map(str, await redis.lrange(keys.processing_key(worker_id), 0, -1)):
+        if request_id_of(raw) == request_id:
+            try:
+                if Job.model_validate_json(raw).request_id == request_id:
+                    return raw
+            except ValueError:
+                continue
+    return None
+
+
+async def beat(redis: Redis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, running: list[str]) -> BeatAnswer:
+    """Refresh the worker's liveness key; answer whether it should drain, and which of its `running`
+    jobs it no longer holds or were ended (it stops them)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.exists(keys.drain_key(worker_id))
+        pipe.lrange(keys.processing_key(worker_id), 0, -1)
+        for request_id in running:
+            pipe.exists(keys.cancel_key(request_id))
+        _, drain, held, *cancelled = await pipe.execute()
+    held_ids = {request_id_of(str(raw)) for raw in held}
+    ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
+    return BeatAnswer(drain=bool(drain), ended=ended)
+
+
+async def fail_over(redis: Redis, worker_id: str, raw: str, *, max_attempts: int, ttl_s: int) -> bool:
+    """Hand a job the worker's backend could not run to another live worker serving its model (counting
+    an attempt). True when the job is no longer the worker's to finish (handed on, or its lease was
+    lost meanwhile); False when it had its last attempt or no other worker can take it: the worker
+    stores its failure."""
+    job = Job.model_validate_json(raw)
+    if job.attempt >= max_attempts:
+        return False
+    workers = [w for w in await registry.snapshot(redis) if w.worker_id != worker_id]
+    candidates = routing.candidates_for(job.model, workers)
+    if not candidates:
+        return False
+    target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis))
+    moved = await queue.retry_or_fail(
+        redis, keys.processing_key(worker_id), raw, started=True, target=target, max_attempts=max_attempts,
+        ttl_s=ttl_s,
+    )  # fmt: skip
+    if moved:
+        log.info("request %s handed to worker %s: worker %s's backend is unavailable", job.request_id, target,
+                 worker_id)  # fmt: skip
+    return True
+
+
+async def hand_on_own(redis: Redis, worker_id: str, *, held: bool, max_attempts: int, ttl_s: int) -> int:
+    """Give every band of the worker's own queue (with `held`, its processing list instead) to other live
+    workers, without counting an attempt; the shared queues need no hand-on. Returns how many moved."""
+    sources = [keys.processing_key(worker_id)] if held else keys.worker_queue_keys(worker_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        for source in sources:
+            pipe.llen(source)
+        lengths = await pipe.execute()
+    if not any(lengths):
+        return 0
+    workers = [w for w in await registry.snapshot(redis) if w.worker_id != worker_id]
+    handed = 0
+    for source, length in zip(sources, lengths, strict=True):
+        if length:
+            handed += await handoff.hand_on(
+                redis, worker_id, source, workers, count_attempt=False, max_attempts=max_attempts, ttl_s=ttl_s,
+                only_if_dead=False,
+            )  # fmt: skip
+    return handed
+
+
+async def reclaim_orphans(redis: Redis, worker_id: str, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
+    """Queue again (at the front of the worker's queue) the jobs of its processing list that no consumer
+    holds (`held`: request ids) and that were already unheld on the previous look (`suspects`): a take
+    whose reply never reached the worker. Returns how many were queued again, and the unheld ones
+    to look at next time."""
+    held_in = keys.processing_key(worker_id)
+    unheld: dict[str, str] = {}
+    for raw in map(str, await redis.lrange(held_in, 0, -1)):
+        request_id = request_id_of(raw)
+        if request_id is None:
+            log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
+            await redis.lrem(held_in, 1, raw)
+        elif request_id not in held:
+            unheld[request_id] = raw
+    requeued = 0
+    for request_id in unheld.keys() & suspects:
+        raw = unheld[request_id]
+        try:
+            job = Job.model_validate_json(raw)
+        except ValueError:
+            log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
+            await redis.lrem(held_in, 1, raw)
+            continue
+        if await queue.requeue(redis, held_in, raw, job):
+            log.warning("request %s: its take's reply was lost; queued for worker %s again", request_id, worker_id)
+            requeued += 1
+    return requeued, unheld.keys() - suspects

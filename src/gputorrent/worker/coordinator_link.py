@@ -1,0 +1,200 @@
+"""`CoordinatorLink`: a worker without Redis credentials, reaching the pool only through the
+coordinator's `/worker` routes (see `link.py` for the interface, `docs/security.md` for why).
+
+Every call carries `Authorization: Bearer <worker_id>:<worker_secret>`; the coordinator checks it
+and runs the same lease-checked functions a Redis-linked worker runs, as that worker only. A 409
+(`lease_lost`) means the job is not this worker's (any more): its write was refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+
+import aiohttp
+import httpx
+from pydantic import BaseModel
+
+from gputorrent import queue
+from gputorrent.protocol import (
+    BeatAnswer,
+    ErrorInfo,
+    HandOn,
+    Heartbeat,
+    Job,
+    JobResult,
+    Left,
+    Moved,
+    OrphanCheck,
+    Orphans,
+    StreamText,
+    WorkerBeat,
+)
+from gputorrent.worker.ended import EndedJobs
+from gputorrent.worker.telemetry import WorkerTelemetry
+
+log = logging.getLogger(__name__)
+
+CALL_TIMEOUT_S = 30.0
+TAKE_EXTRA_S = 10.0  # a take waits up to its long poll; the connection may take this much longer
+HEARTBEAT_TIMEOUT_S = 5.0
+
+
+class CoordinatorUnreachable(ConnectionError):
+    """The coordinator could not be reached, failed (5xx), or refused the worker's credentials; the
+    worker's loops retry it as they retry a Redis outage."""
+
+
+def credential(worker_id: str, worker_secret: str) -> str:
+    """What a worker sends as `Authorization: Bearer ...` (secrets hold no `:`; ids may)."""
+    return f"{worker_id}:{worker_secret}"
+
+
+def _message(body: bytes) -> str:
+    return body[:300].decode(errors="replace")
+
+
+class CoordinatorLink:
+    """The pool's state through the coordinator at `coordinator_url`, as worker `worker_id`."""
+
+    def __init__(self, coordinator_url: str, worker_id: str, worker_secret: str) -> None:
+        self.worker_id = worker_id
+        self._base = coordinator_url.rstrip("/") + "/worker"
+        self._headers = {"authorization": f"Bearer {credential(worker_id, worker_secret)}"}
+        self._http = aiohttp.ClientSession(
+            headers={**self._headers, "content-type": "application/json"},
+            timeout=aiohttp.ClientTimeout(total=CALL_TIMEOUT_S),
+        )
+
+    async def _call(
+        self, method: str, path: str, body: BaseModel | None = None, *, timeout_s: float = CALL_TIMEOUT_S,
+        params: dict[str, str] | None = None,
+    ) -> tuple[int, bytes]:  # fmt: skip
+        """The status and body of one call; a transport failure, a 5xx, 401, 403 or 429 raise
+        `CoordinatorUnreachable` (retried by the caller's loop)."""
+        data = body.model_dump_json() if body is not None else None
+        try:
+            async with self._http.request(
+                method, self._base + path, data=data, params=params, timeout=aiohttp.ClientTimeout(total=timeout_s)
+            ) as resp:
+                status, content = resp.status, await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e!r}") from None
+        if status >= 500 or status in (401, 403, 429):
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
+        return status, content
+
+    async def _expect(self, method: str, path: str, body: BaseModel | None = None) -> bytes:
+        """The body of a call that has no reason to fail but an outage."""
+        status, content = await self._call(method, path, body)
+        if status >= 300:
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
+        return content
+
+    async def recover(self) -> int:
+        return Moved.model_validate_json(await self._expect("POST", "/recover")).jobs
+
+    async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
+        # The models are those of the worker's registration, which the coordinator reads itself.
+        status, content = await self._call(
+            "POST", "/take", params={"wait_s": repr(timeout_s)}, timeout_s=timeout_s + TAKE_EXTRA_S
+        )
+        if status == 204:
+            return None
+        if status != 200:
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
+        raw = content.decode()
+        return queue.Lease(job=Job.model_validate_json(raw), raw=raw)
+
+    async def sent_so_far(self, request_id: str) -> tuple[str, int]:
+        status, content = await self._call("GET", f"/jobs/{request_id}/stream")
+        if status == 409:  # no longer this worker's: it runs it anyway, and its writes will be refused
+            return "", 0
+        if status != 200:
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
+        sent = StreamText.model_validate_json(content)
+        return sent.text, sent.tokens
+
+    async def mark_running(self, request_id: str) -> None:
+        await self._call("POST", f"/jobs/{request_id}/running")  # 409: lease lost; the status is cosmetic
+
+    async def append(self, request_id: str, text: str, tokens: int) -> bool:
+        status, content = await self._call("POST", f"/jobs/{request_id}/stream", StreamText(text=text, tokens=tokens))
+        if status >= 300 and status != 409:
+            log.error("request %s: the coordinator refused stream text (%d): %s", request_id, status, _message(content))
+        return status < 300
+
+    async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
+        path = f"/jobs/{lease.job.request_id}/result"
+        status, content = await self._call("POST", path, result)
+        if status < 300 or status == 409:
+            return status < 300
+        # The coordinator cannot take this result (too large for its body limit, say): its failure instead.
+        log.error("request %s: the coordinator refused the result (%d): %s", lease.job.request_id, status,
+                  _message(content))  # fmt: skip
+        failed = JobResult(
+            request_id=result.request_id, status="failed", model=result.model, worker_id=result.worker_id,
+            error=ErrorInfo(code="result_refused", message=f"the coordinator refused the worker's result ({status})"),
+            timings=result.timings,
+        )  # fmt: skip
+        status, _ = await self._call("POST", path, failed)
+        return status < 300
+
+    async def fail_over(self, lease: queue.Lease) -> bool:
+        status, content = await self._call("POST", f"/jobs/{lease.job.request_id}/fail-over")
+        if status == 409:
+            return True  # not this worker's any more: nothing to store
+        if status != 200:
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
+        return Moved.model_validate_json(content).jobs > 0
+
+    async def hand_on(self, *, held: bool) -> int:
+        return Moved.model_validate_json(await self._expect("POST", "/hand-on", HandOn(held=held))).jobs
+
+    async def reclaim_orphans(self, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
+        body = Orphans(held=sorted(held), suspects=sorted(suspects))
+        checked = OrphanCheck.model_validate_json(await self._expect("POST", "/orphans", body))
+        return checked.jobs, set(checked.suspects)
+
+    async def run_listeners(
+        self, ended: EndedJobs, telemetry: WorkerTelemetry, interval_s: float, stop: asyncio.Event
+    ) -> None:
+        # Nothing to run: each heartbeat's answer names the running jobs ended elsewhere, and the
+        # coordinator adds the figures of every result it stores to the pool's history itself.
+        await stop.wait()
+
+    def heartbeat_sender(self) -> _CoordinatorHeartbeat:
+        return _CoordinatorHeartbeat(self._base + "/heartbeat", self._headers, self.worker_id)
+
+    async def leave(self) -> bool:
+        return Left.model_validate_json(await self._expect("POST", "/leave")).left
+
+    async def close(self) -> None:
+        await self._http.close()
+
+
+class _CoordinatorHeartbeat:
+    """Beats with a blocking HTTP client of its own (the heartbeat thread is not on the event loop)."""
+
+    def __init__(self, url: str, headers: dict[str, str], worker_id: str) -> None:
+        self._url = url
+        self._worker_id = worker_id
+        self._client = httpx.Client(headers=headers, timeout=HEARTBEAT_TIMEOUT_S)
+
+    def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
+        body = WorkerBeat(heartbeat=heartbeat, running=running).model_dump_json()
+        try:
+            response = self._client.post(self._url, content=body, headers={"content-type": "application/json"})
+        except httpx.HTTPError as e:
+            raise CoordinatorUnreachable(f"cannot reach the coordinator: {e!r}") from None
+        if response.status_code == 401:
+            # The worker's secret is gone: an admin removed it. Nothing it does will be accepted: stop.
+            log.error("worker %s: the coordinator no longer accepts its secret (removed?); stopping", self._worker_id)
+            return BeatAnswer(drain=True)
+        if response.status_code != 200:
+            raise CoordinatorUnreachable(f"the coordinator answered {response.status_code}: {response.text[:300]}")
+        return BeatAnswer.model_validate_json(response.content)
+
+    def close(self) -> None:
+        self._client.close()

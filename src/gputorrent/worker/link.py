@@ -1,0 +1,167 @@
+"""The worker's link to the pool's state: every read and write a worker makes outside its backend.
+
+Two implementations, one interface, chosen by `GPUTORRENT_LINK`:
+
+- `RedisLink` (`redis`, the default): straight to Redis, for workers trusted with Redis
+  credentials (the pool's own machines on the LAN).
+- `CoordinatorLink` (`coordinator`, in `coordinator_link.py`): every call goes to the coordinator's
+  `/worker` routes with the worker's id and secret, and the coordinator runs the same functions on
+  Redis for that worker only. The worker holds no Redis credentials.
+
+A failed call raises `RedisError` or `OSError` (`CoordinatorUnreachable` is a `ConnectionError`),
+which the worker's loops retry with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Protocol
+
+import redis as sync_redis
+from redis.asyncio import Redis
+
+from gputorrent import keys, leases, queue, registry, streams
+from gputorrent.protocol import BeatAnswer, Heartbeat, JobResult
+from gputorrent.worker.ended import EndedJobs
+from gputorrent.worker.telemetry import WorkerTelemetry
+
+
+class HeartbeatSender(Protocol):
+    """Sends beats from the heartbeat thread, on a connection of its own (blocking calls)."""
+
+    def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer: ...
+
+    def close(self) -> None: ...
+
+
+class PoolLink(Protocol):
+    """What a worker does to the pool's state, always as its own id."""
+
+    async def recover(self) -> int:
+        """Queue again, counting an attempt, what a previous run of this worker id left unfinished."""
+        ...
+
+    async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
+        """Lease the next job for this worker (its queue, or the shared queues of `models`); None
+        when none came within about `timeout_s`."""
+        ...
+
+    async def sent_so_far(self, request_id: str) -> tuple[str, int]:
+        """The text (and its token count) an earlier attempt of a held job already streamed."""
+        ...
+
+    async def mark_running(self, request_id: str) -> None: ...
+
+    async def append(self, request_id: str, text: str, tokens: int) -> bool:
+        """Add text to a held job's stream; False once the job is no longer this worker's."""
+        ...
+
+    async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
+        """Store the result while the lease holds; False (nothing written) when it was lost."""
+        ...
+
+    async def fail_over(self, lease: queue.Lease) -> bool:
+        """Hand a job the backend could not run to another worker (see `leases.fail_over`)."""
+        ...
+
+    async def hand_on(self, *, held: bool) -> int:
+        """Give this worker's queue (with `held`, its held jobs) to other live workers."""
+        ...
+
+    async def reclaim_orphans(self, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
+        """See `leases.reclaim_orphans`; `held` and `suspects` are request ids."""
+        ...
+
+    async def run_listeners(
+        self, ended: EndedJobs, telemetry: WorkerTelemetry, interval_s: float, stop: asyncio.Event
+    ) -> None:
+        """Until `stop`: hear which running jobs were ended elsewhere, and add the finished jobs'
+        figures to the pool's history (where the link does that itself)."""
+        ...
+
+    def heartbeat_sender(self) -> HeartbeatSender: ...
+
+    async def leave(self) -> bool:
+        """Leave the registry (only with empty lists; else just mark this worker gone)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class RedisLink:
+    """Straight to Redis (`redis` is the worker's own client, `redis_url` opens the heartbeat's)."""
+
+    def __init__(
+        self, redis: Redis, redis_url: str, worker_id: str, *, heartbeat_ttl_s: float, max_attempts: int,
+        result_ttl_s: int,
+    ) -> None:  # fmt: skip
+        self.redis = redis
+        self._redis_url = redis_url
+        self.worker_id = worker_id
+        self._heartbeat_ttl_s = heartbeat_ttl_s
+        self._max_attempts = max_attempts
+        self._result_ttl_s = result_ttl_s
+
+    async def recover(self) -> int:
+        return await queue.recover(self.redis, self.worker_id, self._max_attempts, self._result_ttl_s)
+
+    async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
+        return await queue.pop(self.redis, self.worker_id, timeout_s, models)
+
+    async def sent_so_far(self, request_id: str) -> tuple[str, int]:
+        return await streams.sent_so_far(self.redis, request_id)
+
+    async def mark_running(self, request_id: str) -> None:
+        await queue.mark_running(self.redis, request_id)
+
+    async def append(self, request_id: str, text: str, tokens: int) -> bool:
+        return await streams.append(self.redis, request_id, self.worker_id, text, tokens, self._result_ttl_s)
+
+    async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
+        held_in = keys.processing_key(self.worker_id)
+        return await queue.finish(self.redis, held_in, lease.raw, result, self._result_ttl_s, streamed=lease.job.stream)
+
+    async def fail_over(self, lease: queue.Lease) -> bool:
+        return await leases.fail_over(
+            self.redis, self.worker_id, lease.raw, max_attempts=self._max_attempts, ttl_s=self._result_ttl_s
+        )
+
+    async def hand_on(self, *, held: bool) -> int:
+        return await leases.hand_on_own(
+            self.redis, self.worker_id, held=held, max_attempts=self._max_attempts, ttl_s=self._result_ttl_s
+        )
+
+    async def reclaim_orphans(self, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
+        return await leases.reclaim_orphans(self.redis, self.worker_id, held, suspects)
+
+    async def run_listeners(
+        self, ended: EndedJobs, telemetry: WorkerTelemetry, interval_s: float, stop: asyncio.Event
+    ) -> None:
+        async with asyncio.TaskGroup() as tasks:
+            tasks.create_task(ended.run(self.redis, stop))
+            tasks.create_task(telemetry.run(self.redis, interval_s, stop))
+
+    def heartbeat_sender(self) -> HeartbeatSender:
+        return _RedisHeartbeat(self._redis_url, self.worker_id, self._heartbeat_ttl_s)
+
+    async def leave(self) -> bool:
+        return await registry.deregister(self.redis, self.worker_id)
+
+    async def close(self) -> None:
+        await self.redis.aclose()
+
+
+class _RedisHeartbeat:
+    """Beats on a blocking client of its own: the `jobs:ended` listener already tells of ended jobs."""
+
+    def __init__(self, redis_url: str, worker_id: str, ttl_s: float) -> None:
+        self._client = sync_redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+        self._worker_id = worker_id
+        self._ttl_s = ttl_s
+
+    def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
+        return BeatAnswer(drain=registry.beat(self._client, self._worker_id, heartbeat, self._ttl_s))
+
+    def close(self) -> None:
+        self._client.close()

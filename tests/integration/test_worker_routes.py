@@ -1,0 +1,177 @@
+"""The `/worker` routes: a worker proves its id with its secret, and can write only to the jobs
+leased to it, whatever it sends (checked in Redis by the same scripts a Redis-linked worker runs)."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from gputorrent import keys
+from gputorrent.protocol import Heartbeat, Job, JobResult, WorkerBeat
+
+# Workers registered here never beat: they stay alive for the test, not the reaper's to hand on.
+pytestmark = pytest.mark.parametrize("coordinator_settings", [{"heartbeat_timeout_s": 600}], indirect=True)
+
+
+async def _register(api: httpx.AsyncClient, worker_id: str) -> dict[str, str]:
+    """Register a worker through the coordinator; its credential as request headers."""
+    response = await api.post("/register", json={"worker_id": worker_id, "models": ["fake"], "backend": "fake"})
+    assert response.status_code == 200, response.text
+    return {"Authorization": f"Bearer {worker_id}:{response.json()['worker_secret']}"}
+
+
+async def _submit(api: httpx.AsyncClient, prompt: str) -> str:
+    response = await api.post("/inference", json={"model": "fake", "prompt": prompt})
+    assert response.status_code == 202, response.text
+    return str(response.json()["request_id"])
+
+
+async def _take(api: httpx.AsyncClient, worker: dict[str, str]) -> Job | None:
+    response = await api.post("/worker/take", params={"wait_s": 0}, headers=worker)
+    if response.status_code == 204:
+        return None
+    assert response.status_code == 200, response.text
+    return Job.model_validate_json(response.content)
+
+
+def _result(job: Job, output: str, worker_id: str) -> dict[str, object]:
+    result = JobResult(
+        request_id=job.request_id, status="completed", model=job.model, worker_id=worker_id, output=output
+    )
+    return result.model_dump(mode="json")
+
+
+@pytest.fixture
+async def two_workers(api: httpx.AsyncClient) -> tuple[dict[str, str], dict[str, str], Job]:
+    """Worker B holding a job it took; worker A, registered after, holding nothing."""
+    b = await _register(api, "b")
+    await _submit(api, "the job of b")
+    job = await _take(api, b)
+    assert job is not None and job.worker_id == "b"
+    a = await _register(api, "a")
+    return a, b, job
+
+
+async def test_a_worker_cannot_write_the_result_or_stream_of_another_workers_job(
+    api: httpx.AsyncClient, redis: Redis, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    a, b, job = two_workers
+    rid = job.request_id
+    forged = _result(job, "forged by a", worker_id="b")  # even naming b as the author
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=forged, headers=a)).status_code == 409
+    stream_text = {"text": "forged", "tokens": 1}
+    assert (await api.post(f"/worker/jobs/{rid}/stream", json=stream_text, headers=a)).status_code == 409
+    assert (await api.get(f"/worker/jobs/{rid}/stream", headers=a)).status_code == 409  # nor read it
+    assert (await api.post(f"/worker/jobs/{rid}/running", headers=a)).status_code == 409
+    assert (await api.post(f"/worker/jobs/{rid}/fail-over", headers=a)).status_code == 409
+    assert await _take(api, a) is None  # and b's job is not a's to take
+    assert await redis.exists(keys.stream_key(rid), keys.result_key(rid)) == 0
+
+    assert (
+        await api.post(f"/worker/jobs/{rid}/stream", json={"text": "real", "tokens": 1}, headers=b)
+    ).status_code == 204
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=_result(job, "real", "b"), headers=b)).status_code == 204
+    # Once finished, nobody overwrites it: not a, and not b either.
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=forged, headers=a)).status_code == 409
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=_result(job, "again", "b"), headers=b)).status_code == 409
+    assert (await api.post(f"/worker/jobs/{rid}/stream", json=stream_text, headers=a)).status_code == 409
+    stored = (await api.get(f"/result/{rid}")).json()
+    assert (stored["output"], stored["worker_id"]) == ("real", "b")
+    assert [fields["text"] for _, fields in await redis.xrange(keys.stream_key(rid)) if "text" in fields] == ["real"]
+
+
+async def test_a_result_is_stored_as_the_credentials_worker_and_a_repeated_finish_is_answered_again(
+    api: httpx.AsyncClient, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    _, b, job = two_workers
+    rid = job.request_id
+    lying = _result(job, "done", worker_id="someone-else")
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=lying, headers=b)).status_code == 204
+    # The answer to the first call was lost, say: the same result again is answered as stored.
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=lying, headers=b)).status_code == 204
+    assert (await api.get(f"/result/{rid}")).json()["worker_id"] == "b"
+    other = _result(job, "done", "b") | {"request_id": "another-request-id"}
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=other, headers=b)).status_code == 422
+
+
+@pytest.mark.parametrize(
+    "authorization",
+    [
+        None,
+        "Bearer b",
+        "Bearer b:not-its-secret",
+        "Bearer nobody:whatever",
+        "Basic Yjpz",
+    ],
+)
+async def test_a_missing_or_wrong_worker_credential_is_401(
+    api: httpx.AsyncClient, two_workers: tuple[dict[str, str], dict[str, str], Job], authorization: str | None
+) -> None:
+    _, _, job = two_workers
+    headers = {"Authorization": authorization} if authorization else {}
+    for method, path in [
+        ("POST", "/worker/take"),
+        ("POST", f"/worker/jobs/{job.request_id}/result"),
+        ("POST", "/worker/leave"),
+    ]:
+        # A bare client without the fixture's admin key: an API key is no worker credential either.
+        async with httpx.AsyncClient(transport=api._transport, base_url=str(api.base_url)) as bare:
+            response = await bare.request(method, path, headers=headers, json={})
+        assert response.status_code == 401, (path, response.text)
+        assert response.json()["error"]["code"] == "unauthorized"
+        assert "secret" not in response.text.partition("not its secret")[2]
+
+
+async def test_an_api_key_is_not_a_worker_credential(api: httpx.AsyncClient) -> None:
+    assert (await api.post("/worker/take", params={"wait_s": 0})).status_code == 401  # the admin key
+
+
+async def test_another_workers_secret_does_not_open_its_id(
+    api: httpx.AsyncClient, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    a, _, job = two_workers
+    a_secret = a["Authorization"].rpartition(":")[2]
+    as_b = {"Authorization": f"Bearer b:{a_secret}"}
+    response = await api.post(f"/worker/jobs/{job.request_id}/result", json=_result(job, "x", "b"), headers=as_b)
+    assert response.status_code == 401
+
+
+async def test_the_heartbeat_answer_names_running_jobs_ended_elsewhere(
+    api: httpx.AsyncClient, redis: Redis, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    _, b, job = two_workers
+    beat = WorkerBeat(heartbeat=Heartbeat(at=0.0, jobs_in_flight=1), running=[job.request_id]).model_dump(mode="json")
+    answer = (await api.post("/worker/heartbeat", json=beat, headers=b)).json()
+    assert answer == {"drain": False, "ended": []}
+    assert await redis.exists(keys.heartbeat_key("b"))
+    assert (await api.delete(f"/inference/{job.request_id}")).status_code == 200  # the client cancels it
+    answer = (await api.post("/worker/heartbeat", json=beat, headers=b)).json()
+    assert answer["ended"] == [job.request_id]
+    assert (await api.post("/admin/workers/b/drain")).status_code == 202
+    assert (await api.post("/worker/heartbeat", json=beat, headers=b)).json()["drain"] is True
+
+
+async def test_a_worker_hands_on_fails_over_and_reclaims_only_its_own_jobs(
+    api: httpx.AsyncClient, redis: Redis, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    a, b, job = two_workers
+    rid = job.request_id
+    # a has nothing to hand on, and b's held job is not among a's orphans.
+    assert (await api.post("/worker/hand-on", json={"held": True}, headers=a)).json() == {"jobs": 0}
+    checked = (await api.post("/worker/orphans", json={"held": [], "suspects": [rid]}, headers=a)).json()
+    assert checked == {"jobs": 0, "suspects": []}
+    assert await redis.llen(keys.processing_key("b")) == 1
+    # b's backend is down: its job goes to the other live worker, with an attempt counted.
+    assert (await api.post(f"/worker/jobs/{rid}/fail-over", headers=b)).json() == {"jobs": 1}
+    handed = await _take(api, a)
+    assert handed is not None and (handed.request_id, handed.attempt) == (rid, 2)
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=_result(job, "x", "b"), headers=b)).status_code == 409
+    # a's take never got its answer, say: unheld on two looks in a row, the job goes back to a's queue.
+    first = (await api.post("/worker/orphans", json={"held": [], "suspects": []}, headers=a)).json()
+    assert first == {"jobs": 0, "suspects": [rid]}
+    second = (await api.post("/worker/orphans", json={"held": [], "suspects": [rid]}, headers=a)).json()
+    assert second == {"jobs": 1, "suspects": []}
+    assert await redis.llen(keys.queue_key("a")) == 1
+    assert (await api.post("/worker/leave", headers=a)).json() == {"left": False}  # it still has a queued job
+    assert (await api.post("/worker/leave", headers=b)).json() == {"left": True}
