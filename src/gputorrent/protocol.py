@@ -358,6 +358,13 @@ class Orphans(WireModel):
     suspects: list[str] = Field(default_factory=list, max_length=4096)
 
 
+class Taken(WireModel):
+    """A job leased to the worker that asked (`POST /worker/take`)."""
+
+    job: Job
+    streamed_before: bool  # its stream had entries already: read them (GET .../stream) to continue after them
+
+
 class Moved(WireModel):
     """How many jobs a worker's request moved: handed on, failed or queued again."""
 

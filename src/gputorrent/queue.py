@@ -149,26 +149,37 @@ async def queued_count(redis: Redis, list_keys: list[str]) -> int:
 
 @dataclass(frozen=True)
 class Lease:
-    """A job a worker has taken: it stays in `processing:{worker_id}` as `raw` until finished."""
+    """A job a worker has taken: it stays in `processing:{worker_id}` as `raw` until finished.
+
+    `streamed_before`: its stream already had entries when it was taken (an earlier attempt
+    streamed part of it), so the worker reads them to continue after them; a fresh job skips that read.
+    """
 
     job: Job
     raw: str
+    streamed_before: bool = False
 
 
 # Takes the first job of the first non-empty source (KEYS[2 + ARGV[1]..], highest priority first)
-# into the processing list (KEYS[1]) and records the taker in the job's status, so `end` finds it
-# there. Finding nothing, it empties the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is
-# stale, and a job queued after this script rings again.
+# into the processing list (KEYS[1]), marks it running with its taker in the job's status (so
+# `end` finds it there), and answers {raw, whether its stream exists}. Finding nothing, it empties
+# the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is stale, and a job queued after this
+# script rings again. The key names follow keys.py.
 _TAKE = """
 local bells = tonumber(ARGV[1])
 for i = 2 + bells, #KEYS do
   local raw = redis.call('RPOPLPUSH', KEYS[i], KEYS[1])
   if raw then
     local request_id = string.match(raw, '"request_id":"([^"]*)"')
-    if request_id and redis.call('EXISTS', ARGV[3] .. request_id) == 1 then
-      redis.call('HSET', ARGV[3] .. request_id, 'worker_id', ARGV[2])
+    local streamed = 0
+    if request_id then
+      local status = 'job:' .. request_id
+      if redis.call('EXISTS', status) == 1 then
+        redis.call('HSET', status, 'status', 'running', 'worker_id', ARGV[2], 'started_at', ARGV[3])
+      end
+      streamed = redis.call('EXISTS', 'stream:' .. request_id)
     end
-    return raw
+    return {raw, streamed}
   end
 end
 for i = 2, 1 + bells do redis.call('DEL', KEYS[i]) end
@@ -195,19 +206,21 @@ async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[s
     take_keys = [target, *doorbells, *sources]
     waited = False
     while True:
-        raw = await redis.eval(_TAKE, len(take_keys), *take_keys, str(len(doorbells)), worker_id, keys.job_key(""))
-        if raw is None:
+        taken = await redis.eval(_TAKE, len(take_keys), *take_keys, str(len(doorbells)), worker_id, repr(time.time()))
+        if taken is None:
             if waited or await redis.blpop(doorbells, timeout_s) is None:  # Redis 6+ takes fractional seconds
                 return None
             waited = True
             continue
+        raw, streamed_before = str(taken[0]), bool(taken[1])
         try:
             job = Job.model_validate_json(raw)
         except ValueError:
             log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
-            await redis.lrem(target, 1, str(raw))
+            await redis.lrem(target, 1, raw)
             continue
-        return Lease(job=job.model_copy(update={"worker_id": worker_id}) if job.shared else job, raw=str(raw))
+        job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
+        return Lease(job=job, raw=raw, streamed_before=streamed_before)
 
 
 async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:
@@ -224,20 +237,6 @@ async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -
             redis, held_in, str(raw), started=True, target=worker_id, max_attempts=max_attempts, ttl_s=ttl_s
         )
     return handled
-
-
-# HSET on a missing key would create a status record without its TTL; only update a live one.
-_MARK_RUNNING = """
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
-end
-return -1
-"""
-
-
-async def mark_running(redis: Redis, request_id: str) -> None:
-    """Note that a worker started the job, if its status record still exists."""
-    await redis.eval(_MARK_RUNNING, 1, keys.job_key(request_id), str(time.time()))
 
 
 # Every script below first removes the job from the list that holds it and does nothing

@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gputorrent import keys
-from gputorrent.protocol import Heartbeat, Job, JobResult, WorkerBeat
+from gputorrent.protocol import Heartbeat, Job, JobResult, Taken, WorkerBeat
 
 # Workers registered here never beat: they stay alive for the test, not the reaper's to hand on.
 pytestmark = pytest.mark.parametrize("coordinator_settings", [{"heartbeat_timeout_s": 600}], indirect=True)
@@ -32,7 +32,7 @@ async def _take(api: httpx.AsyncClient, worker: dict[str, str]) -> Job | None:
     if response.status_code == 204:
         return None
     assert response.status_code == 200, response.text
-    return Job.model_validate_json(response.content)
+    return Taken.model_validate_json(response.content).job
 
 
 def _result(job: Job, output: str, worker_id: str) -> dict[str, object]:
@@ -63,7 +63,6 @@ async def test_a_worker_cannot_write_the_result_or_stream_of_another_workers_job
     stream_text = {"text": "forged", "tokens": 1}
     assert (await api.post(f"/worker/jobs/{rid}/stream", json=stream_text, headers=a)).status_code == 409
     assert (await api.get(f"/worker/jobs/{rid}/stream", headers=a)).status_code == 409  # nor read it
-    assert (await api.post(f"/worker/jobs/{rid}/running", headers=a)).status_code == 409
     assert (await api.post(f"/worker/jobs/{rid}/fail-over", headers=a)).status_code == 409
     assert await _take(api, a) is None  # and b's job is not a's to take
     assert await redis.exists(keys.stream_key(rid), keys.result_key(rid)) == 0

@@ -1,4 +1,8 @@
-"""FastAPI dependencies: what routes get from the app's state."""
+"""FastAPI dependencies: what routes get from the app's state.
+
+Async on purpose: FastAPI runs a plain `def` dependency in its thread pool, a thread hop per
+request and dependency on the hot path.
+"""
 
 from __future__ import annotations
 
@@ -11,15 +15,15 @@ from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.results import ResultWaiter
 
 
-def _redis(request: Request) -> Redis:
+async def _redis(request: Request) -> Redis:
     return request.app.state.redis  # type: ignore[no-any-return]
 
 
-def _settings(request: Request) -> CoordinatorSettings:
+async def _settings(request: Request) -> CoordinatorSettings:
     return request.app.state.settings  # type: ignore[no-any-return]
 
 
-def _waiter(request: Request) -> ResultWaiter:
+async def _waiter(request: Request) -> ResultWaiter:
     return request.app.state.waiter  # type: ignore[no-any-return]
 
 

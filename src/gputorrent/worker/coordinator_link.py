@@ -22,13 +22,13 @@ from gputorrent.protocol import (
     ErrorInfo,
     HandOn,
     Heartbeat,
-    Job,
     JobResult,
     Left,
     Moved,
     OrphanCheck,
     Orphans,
     StreamText,
+    Taken,
     WorkerBeat,
 )
 from gputorrent.worker.ended import EndedJobs
@@ -104,8 +104,9 @@ class CoordinatorLink:
             return None
         if status != 200:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
-        raw = content.decode()
-        return queue.Lease(job=Job.model_validate_json(raw), raw=raw)
+        taken = Taken.model_validate_json(content)
+        # `raw` is not this list entry's exact text; the coordinator finds the entry itself by request id.
+        return queue.Lease(job=taken.job, raw=taken.job.model_dump_json(), streamed_before=taken.streamed_before)
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         status, content = await self._call("GET", f"/jobs/{request_id}/stream")
@@ -115,9 +116,6 @@ class CoordinatorLink:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
         sent = StreamText.model_validate_json(content)
         return sent.text, sent.tokens
-
-    async def mark_running(self, request_id: str) -> None:
-        await self._call("POST", f"/jobs/{request_id}/running")  # 409: lease lost; the status is cosmetic
 
     async def append(self, request_id: str, text: str, tokens: int) -> bool:
         status, content = await self._call("POST", f"/jobs/{request_id}/stream", StreamText(text=text, tokens=tokens))

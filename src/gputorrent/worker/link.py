@@ -51,8 +51,6 @@ class PoolLink(Protocol):
         """The text (and its token count) an earlier attempt of a held job already streamed."""
         ...
 
-    async def mark_running(self, request_id: str) -> None: ...
-
     async def append(self, request_id: str, text: str, tokens: int) -> bool:
         """Add text to a held job's stream; False once the job is no longer this worker's."""
         ...
@@ -111,9 +109,6 @@ class RedisLink:
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         return await streams.sent_so_far(self.redis, request_id)
-
-    async def mark_running(self, request_id: str) -> None:
-        await queue.mark_running(self.redis, request_id)
 
     async def append(self, request_id: str, text: str, tokens: int) -> bool:
         return await streams.append(self.redis, request_id, self.worker_id, text, tokens, self._result_ttl_s)

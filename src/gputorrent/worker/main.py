@@ -282,17 +282,14 @@ class Worker:
         job = lease.job
         logs.request_id.set(job.request_id)  # every line logged for this job carries its id
         log.info("request %s started model=%s", job.request_id, job.model)
-        if job.stream:
+        if job.stream and lease.streamed_before:
             job = await self._continuing(job)
-        # The status shown to clients is written alongside the start of the generation, not before it.
-        marking = asyncio.create_task(self._mark_running(job.request_id))
         writer = StreamWriter(functools.partial(self.link.append, job.request_id)) if job.stream else None
         ended = self.ended.watch(job.request_id)
         try:
             result = await execute(self.backend, job, writer, ended)
         finally:
             self.ended.unwatch(job.request_id)
-        await marking
         if writer is not None:
             try:
                 await writer.close()
@@ -375,12 +372,6 @@ class Worker:
         measured = tokens / (inference_ms / 1000)
         previous = self.tokens_per_s
         self.tokens_per_s = measured if previous is None else previous + SPEED_WEIGHT * (measured - previous)
-
-    async def _mark_running(self, request_id: str) -> None:
-        try:
-            await self.link.mark_running(request_id)
-        except (RedisError, OSError) as e:  # only the status shown to clients; the job itself goes on
-            log.warning("request %s: could not mark it running (%s)", request_id, e)
 
 
 def default_worker_id() -> str:

@@ -33,6 +33,7 @@ from gputorrent.protocol import (
     OrphanCheck,
     Orphans,
     StreamText,
+    Taken,
     WorkerBeat,
     WorkerRecord,
 )
@@ -99,7 +100,7 @@ async def recover(worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) 
 
 @router.post(
     "/take",
-    response_model=Job,
+    response_model=Taken,
     responses={204: {"description": "no job came within `wait_s`"}, **LEASE_LOST},
 )
 async def take(
@@ -118,13 +119,8 @@ async def take(
     lease = await queue.pop(redis, worker_id, wait_s, models)
     if lease is None:
         return Response(status_code=204)
-    return Response(lease.job.model_dump_json(), media_type="application/json")
-
-
-@router.post("/jobs/{request_id}/running", status_code=204, response_class=Response, responses=LEASE_LOST)
-async def mark_running(held: HeldDep, redis: RedisDep) -> None:
-    """Show the held job as running."""
-    await queue.mark_running(redis, held.job.request_id)
+    taken = Taken(job=lease.job, streamed_before=lease.streamed_before)
+    return Response(taken.model_dump_json(), media_type="application/json")
 
 
 @router.get("/jobs/{request_id}/stream", response_model=StreamText, responses=LEASE_LOST)
