@@ -11,6 +11,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from string import Template
+from typing import Literal
 
 from redis.asyncio import Redis
 
@@ -50,9 +52,49 @@ redis.call('LPUSH', KEYS[DOORBELL], '1')
 redis.call('LTRIM', KEYS[DOORBELL], 0, ARGV[DOORBELL_MAX] - 1)
 """
 
-# With ARGV[1] = '1' the request carries an idempotency key (KEYS[4]): a key seen before
-# returns the request id it admitted and enqueues nothing. With ARGV[11] > 0 the queue the job
-# goes to (its bands: KEYS[7..]) holds at most that many jobs: a full queue returns -1.
+# Per-key limits, in the enqueue script and in the admission of a stream's follower
+# (coordinator/quotas.py); `$name` marks the KEYS and ARGV positions each script gives them.
+# A refusal returns before anything is written (the rate count takes itself back).
+STREAM_SLOT_FREE = """
+if tonumber(ARGV[$max_streams]) > 0 then
+  redis.call('ZREMRANGEBYSCORE', KEYS[$streams], '-inf', ARGV[$stale_before])
+  if redis.call('ZCARD', KEYS[$streams]) >= tonumber(ARGV[$max_streams]) then return -6 end
+end
+"""
+RATE_COUNT = """
+local rpm, tpm = tonumber(ARGV[$rpm]), tonumber(ARGV[$tpm])
+if rpm > 0 or tpm > 0 then
+  local requests = redis.call('HINCRBY', KEYS[$rate], 'requests', 1)
+  local tokens = redis.call('HINCRBY', KEYS[$rate], 'tokens', ARGV[$tokens])
+  redis.call('EXPIRE', KEYS[$rate], ARGV[$rate_ttl])
+  if (rpm > 0 and requests > rpm) or (tpm > 0 and tokens > tpm) then
+    redis.call('HINCRBY', KEYS[$rate], 'requests', -1)
+    redis.call('HINCRBY', KEYS[$rate], 'tokens', -tonumber(ARGV[$tokens]))
+    return -5
+  end
+end
+"""
+STREAM_SLOT_TAKE = """
+if tonumber(ARGV[$max_streams]) > 0 then redis.call('ZADD', KEYS[$streams], ARGV[$now], ARGV[$slot]) end
+"""
+Refusal = Literal["queue", "model_queue", "rate", "streams"]
+REFUSALS: dict[int, Refusal] = {-1: "queue", -4: "model_queue", -5: "rate", -6: "streams"}  # the scripts' answers
+
+_LIMIT_POSITIONS = {
+    "rate": 8, "streams": 9,  # KEYS
+    "tokens": 17, "rpm": 18, "tpm": 19, "rate_ttl": 20, "max_streams": 21, "stale_before": 22, "now": 23, "slot": 2,
+}  # fmt: skip
+
+# The whole admission of a job in one script, so a request costs one round trip here:
+# - ARGV[1] = '1': the request carries an idempotency key (KEYS[4]); one seen before returns the
+#   request id it admitted and enqueues nothing;
+# - another owner's request id (KEYS[5]) returns -3; with ARGV[15] = '1', a dead worker (no
+#   heartbeat, KEYS[7]) returns -2;
+# - the bounds: the job's own queue (ARGV[16] bands from KEYS[10]) holds at most ARGV[11] jobs
+#   (-1); its model, across its shared queue (the KEYS after those) and the queues of the
+#   workers serving it (ARGV[25], counted by the caller), at most ARGV[24] (-4);
+# - the caller's key: a free stream slot (-6), then its rate (-5), then the slot is taken.
+# A zero limit is no limit.
 _ENQUEUE = (
     """
 if ARGV[1] == '1' then
@@ -66,12 +108,18 @@ end
 local owner = redis.call('GET', KEYS[5])
 if owner and owner ~= ARGV[9] then return -3 end
 if ARGV[15] == '1' and redis.call('EXISTS', KEYS[7]) == 0 then return -2 end
-local bound = tonumber(ARGV[11])
-if bound > 0 then
-  local queued = 0
-  for i = 8, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
-  if queued >= bound then return -1 end
+local function queued(first, last)
+  local n = 0
+  for i = first, last do n = n + redis.call('LLEN', KEYS[i]) end
+  return n
 end
+local own_last = 9 + tonumber(ARGV[16])
+local bound, model_bound = tonumber(ARGV[11]), tonumber(ARGV[24])
+if bound > 0 and queued(10, own_last) >= bound then return -1 end
+if model_bound > 0 and queued(own_last + 1, #KEYS) + tonumber(ARGV[25]) >= model_bound then return -4 end
+"""
+    + Template(STREAM_SLOT_FREE + RATE_COUNT + STREAM_SLOT_TAKE).substitute(_LIMIT_POSITIONS)
+    + """
 if ARGV[1] == '1' then redis.call('SET', KEYS[4], ARGV[2], 'EX', ARGV[3]) end
 redis.call('HSET', KEYS[1], 'status', 'queued', 'worker_id', ARGV[4], 'model', ARGV[5], 'stream', ARGV[8],
   'priority', ARGV[13], 'enqueued_at', ARGV[14])
@@ -87,43 +135,77 @@ return ARGV[2]
 )
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What admitting a job must respect, checked (and counted) in the script that enqueues it.
+    Every limit is off at 0."""
+
+    max_queued: int = 0  # jobs in the queue the job joins (every band)
+    max_model_queued: int = 0  # jobs of its model anywhere: its shared queue and its workers' queues
+    queued_at_model_workers: int = 0  # of those, the ones in the workers' queues (from the pool snapshot)
+    rate_key: str = ""  # the caller's counters for this minute
+    tokens: int = 0  # this request's token estimate
+    rpm: int = 0
+    tpm: int = 0
+    rate_ttl_s: int = 0
+    streams_key: str = ""  # the caller's open streams; a streamed job takes a slot
+    max_streams: int = 0
+    stale_before: float = 0.0  # slots opened before this time are dropped first (their coordinator died)
+
+
+class Refused(Exception):
+    """A limit turned the job away: nothing was written."""
+
+    def __init__(self, limit: Refusal) -> None:
+        super().__init__(limit)
+        self.limit: Refusal = limit
+
+
 async def enqueue(
     redis: Redis,
     job: Job,
     ttl_s: int,
     idempotency_key: str | None = None,
     owner: str = "anonymous",
-    max_queued: int = 0,
+    limits: Limits = Limits(),
     *,
     require_alive: bool = False,
-) -> str | None:
+) -> str:
     """Record the job as queued with its `owner` (an API key id), note its deadline and push it onto
-    the list it waits in (`waiting_key`), ringing that queue's doorbell, atomically.
+    the list it waits in (`waiting_key`), ringing that queue's doorbell, atomically, once `limits`
+    allow it (a streamed job then holds one of the owner's stream slots).
 
     Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
     before (and its job or result still exists), the id it admitted then (and nothing is
-    enqueued). With `max_queued` > 0, returns None and writes nothing when the job's queue
-    (every band) already holds that many jobs.
+    enqueued, nothing counted).
 
     Raises:
+        Refused: a limit of `limits` turned it away (which one: `limit`); nothing was written.
         Conflict: another owner's request has this id.
         WorkerGone: with `require_alive`, the job's worker is dead or left; route it again.
     """
     # The status record must outlive a long deadline, or a queued job would lose its status.
     record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
+    own_bands = waiting_keys(job)
+    model_bands = keys.model_queue_keys(job.model) if limits.max_model_queued else []
+    stream_slot = limits.max_streams if job.stream and limits.streams_key else 0
     admitted = await redis.eval(
-        _ENQUEUE, 7 + len(keys.PRIORITY_BANDS),
+        _ENQUEUE, 9 + len(own_bands) + len(model_bands),
         keys.job_key(job.request_id), waiting_key(job), keys.DEADLINES,
         keys.idempotency_key(idempotency_key or ""), keys.owner_key(job.request_id), doorbell_key(job),
-        keys.heartbeat_key(job.worker_id or ""), *waiting_keys(job),
+        keys.heartbeat_key(job.worker_id or ""), limits.rate_key or "-", limits.streams_key or "-",
+        *own_bands, *model_bands,
         "1" if idempotency_key else "0", job.request_id, str(record_ttl_s), job.worker_id, job.model,
         job.model_dump_json(), repr(job.deadline) if job.deadline is not None else "", "1" if job.stream else "0",
         owner, str(record_ttl_s + ttl_s),  # the owner outlives the result it guards
-        str(max_queued), str(keys.DOORBELL_MAX), str(job.priority), repr(job.enqueued_at),
-        "1" if require_alive and not job.shared else "0",
+        str(limits.max_queued), str(keys.DOORBELL_MAX), str(job.priority), repr(job.enqueued_at),
+        "1" if require_alive and not job.shared else "0", str(len(own_bands)),
+        str(limits.tokens), str(limits.rpm if limits.rate_key else 0), str(limits.tpm if limits.rate_key else 0),
+        str(limits.rate_ttl_s), str(stream_slot), repr(limits.stale_before), repr(time.time()),
+        str(limits.max_model_queued), str(limits.queued_at_model_workers),
     )  # fmt: skip
-    if admitted == -1:
-        return None
+    if isinstance(admitted, int) and admitted in REFUSALS:
+        raise Refused(REFUSALS[admitted])
     if admitted == -2:
         raise WorkerGone(job.worker_id or "")
     if admitted == -3:

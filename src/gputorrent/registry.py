@@ -97,30 +97,40 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
     return bool(left)
 
 
-# The jobs queued for one worker (every band, KEYS[2..]) and those it holds (KEYS[1]), in one call.
-_LOAD = """
-local queued = 0
-for i = 2, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
-return {queued, redis.call('LLEN', KEYS[1])}
+def _key_parts(key_of_id: str) -> list[str]:
+    """A worker key's text before and after the worker id (the script rebuilds it for each id)."""
+    before, _, after = key_of_id.partition(_ID_MARK)
+    return [before, after]
+
+
+_ID_MARK = "\x00"
+# Pairs of (before, after) around a worker id: record, heartbeat, processing list, then every queue band.
+_SNAPSHOT_KEYS = [keys.worker_key(_ID_MARK), keys.heartbeat_key(_ID_MARK), keys.processing_key(_ID_MARK)]
+_SNAPSHOT_KEY_PARTS = [part for key in [*_SNAPSHOT_KEYS, *keys.worker_queue_keys(_ID_MARK)] for part in _key_parts(key)]
+
+# Every registered worker: {id, record, heartbeat, jobs queued (every band), jobs held}; the key
+# names come from keys.py as ARGV pairs (see `_SNAPSHOT_KEY_PARTS`).
+_SNAPSHOT = """
+local function key(pair, id) return ARGV[2 * pair - 1] .. id .. ARGV[2 * pair] end
+local workers = {}
+for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+  local queued = 0
+  for pair = 4, #ARGV / 2 do queued = queued + redis.call('LLEN', key(pair, id)) end
+  workers[#workers + 1] = {
+    id, redis.call('GET', key(1, id)), redis.call('GET', key(2, id)), queued, redis.call('LLEN', key(3, id)),
+  }
+end
+return workers
 """
 
 
 async def snapshot(redis: Redis) -> list[WorkerState]:
-    """Every registered worker with its state, load and queue length, sorted by id."""
-    worker_ids = sorted(str(worker_id) for worker_id in await redis.smembers(keys.WORKERS))
-    if not worker_ids:
-        return []
-    async with redis.pipeline(transaction=False) as pipe:
-        for worker_id in worker_ids:
-            pipe.get(keys.worker_key(worker_id))
-            pipe.get(keys.heartbeat_key(worker_id))
-            lists = [keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)]
-            pipe.eval(_LOAD, len(lists), *lists)
-        replies = await pipe.execute()
+    """Every registered worker with its state, load and queue length, sorted by id (one round trip:
+    admission reads this for every request)."""
+    replies = await redis.eval(_SNAPSHOT, 1, keys.WORKERS, *_SNAPSHOT_KEY_PARTS)
     states = []
-    for i, worker_id in enumerate(worker_ids):
-        record_json, heartbeat_json, (queue_length, held) = replies[3 * i : 3 * i + 3]
-        if record_json is None:
+    for worker_id, record_json, heartbeat_json, queue_length, held in sorted(replies):
+        if not record_json:
             continue
         record = WorkerRecord.model_validate_json(record_json)
         heartbeat = Heartbeat.model_validate_json(heartbeat_json) if heartbeat_json else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 import uuid
@@ -57,10 +58,10 @@ async def admit(
         idempotency_key = f"key:{caller.key_id}:{idempotency_key}"
     if idempotency_key is not None and (replayed := await _replay(redis, idempotency_key, caller)) is not None:
         return replayed
-    await quotas.admit(redis, caller, quotas.check_size(request, settings), settings)
+    limits = quotas.limits(caller, quotas.check_size(request, settings), settings)
     for _ in range(ROUTE_ATTEMPTS):
         try:
-            return await _route_and_enqueue(redis, request, settings, caller, client_id, idempotency_key)
+            return await _route_and_enqueue(redis, request, settings, caller, limits, client_id, idempotency_key)
         except queue.WorkerGone as gone:  # it left between the snapshot and the enqueue: route again
             log.info("worker %s left before the job was queued; routing again", gone)
     raise NoWorkersAvailable("the workers chosen for this request kept leaving the pool; retry shortly")
@@ -71,6 +72,7 @@ async def _route_and_enqueue(
     request: InferenceRequest | EmbeddingRequest,
     settings: CoordinatorSettings,
     caller: Caller,
+    limits: queue.Limits,
     client_id: str | None,
     idempotency_key: str | None,
 ) -> Accepted:
@@ -82,28 +84,21 @@ async def _route_and_enqueue(
     if route is None:
         raise _no_candidate_error(request.model, workers)
     metrics.note_model(request.model)  # a served model: a bounded label
-    model_queued = await _model_queued(redis, request.model, workers)
-    if model_queued >= settings.max_queue_per_model:
-        raise _queue_full(f"model {request.model!r} has {model_queued} jobs queued, its limit")
     timeout_s = request.timeout_s or settings.request_timeout_s
     job = _job(client_id or new_request_id(), route.worker_id, request, timeout_s)
     logs.request_id.set(job.request_id)  # every later line of this request carries it
-    if job.stream:
-        await quotas.open_stream(redis, caller, job.request_id, settings)
-    bound = settings.max_queue_per_model if job.shared else settings.max_queue_per_worker
+    limits = dataclasses.replace(
+        limits,
+        max_queued=0 if job.shared else settings.max_queue_per_worker,  # a shared queue is bounded as its model's
+        max_model_queued=settings.max_queue_per_model,
+        queued_at_model_workers=sum(w.queue_length for w in workers if request.model in w.models),
+    )
     try:
         admitted = await queue.enqueue(
-            redis, job, settings.result_ttl_s, idempotency_key, caller.key_id, bound, require_alive=True
+            redis, job, settings.result_ttl_s, idempotency_key, caller.key_id, limits, require_alive=True
         )
-    except (queue.WorkerGone, Conflict):
-        if job.stream:
-            await quotas.close_stream(redis, caller, job.request_id)
-        raise
-    if admitted != job.request_id and job.stream:  # nothing was queued: the slot is not this job's
-        await quotas.close_stream(redis, caller, job.request_id)
-    if admitted is None:
-        where = f"model {job.model!r}'s shared queue" if job.shared else f"worker {job.worker_id}'s queue"
-        raise _queue_full(f"{where} holds {bound} jobs, its limit")
+    except queue.Refused as refused:
+        raise _refused(refused.limit, job, settings) from None
     if admitted != job.request_id:  # a concurrent twin got in first
         return await _replay(redis, idempotency_key or "", caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
@@ -113,10 +108,12 @@ async def _route_and_enqueue(
     return Accepted(request_id=job.request_id, worker_id=route.worker_id)
 
 
-async def _model_queued(redis: Redis, model: str, workers: list[WorkerState]) -> int:
-    """Jobs of `model` waiting anywhere: its shared queue, and the queues of the workers that serve it."""
-    shared = await queue.queued_count(redis, keys.model_queue_keys(model))
-    return shared + sum(w.queue_length for w in workers if model in w.models)
+def _refused(limit: queue.Refusal, job: Job, settings: CoordinatorSettings) -> RateLimited:
+    if limit == "queue":
+        return _queue_full(f"worker {job.worker_id}'s queue holds {settings.max_queue_per_worker} jobs, its limit")
+    if limit == "model_queue":
+        return _queue_full(f"model {job.model!r} has {settings.max_queue_per_model} jobs queued, its limit")
+    return quotas.refused(limit, settings)
 
 
 def _queue_full(why: str) -> RateLimited:

@@ -9,10 +9,11 @@ minute, whatever the requests turn out to use.
 from __future__ import annotations
 
 import time
+from string import Template
 
 from redis.asyncio import Redis
 
-from gputorrent import keys
+from gputorrent import keys, queue
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import InvalidRequest, RateLimited
@@ -21,28 +22,11 @@ from gputorrent.protocol import EmbeddingRequest, InferenceRequest
 CHARS_PER_TOKEN = 4  # a rough, model-independent estimate of prompt tokens
 RATE_WINDOW_TTL_S = 120  # a minute's counters outlive the minute
 
-# Count the request; if either limit is passed, take it back and refuse (0).
-_COUNT = """
-local requests = redis.call('HINCRBY', KEYS[1], 'requests', 1)
-local tokens = redis.call('HINCRBY', KEYS[1], 'tokens', ARGV[1])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
-local rpm, tpm = tonumber(ARGV[2]), tonumber(ARGV[3])
-if (rpm > 0 and requests > rpm) or (tpm > 0 and tokens > tpm) then
-  redis.call('HINCRBY', KEYS[1], 'requests', -1)
-  redis.call('HINCRBY', KEYS[1], 'tokens', -tonumber(ARGV[1]))
-  return 0
-end
-return 1
-"""
-
-# Drop streams older than the longest a stream may last (a coordinator that died left them), then
-# take a slot if one is free.
-_OPEN_STREAM = """
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
-if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[2]) then return 0 end
-redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
-return 1
-"""
+# A stream's follower, admitted alone: a free stream slot, a request counted, the slot taken
+# (the same checks the enqueue script makes for a streamed job; see `queue.enqueue`).
+_FOLLOWER = Template(queue.STREAM_SLOT_FREE + queue.RATE_COUNT + queue.STREAM_SLOT_TAKE + "return 1").substitute(
+    rate=1, streams=2, tokens=1, rpm=2, tpm=3, rate_ttl=4, max_streams=5, stale_before=6, now=7, slot=8
+)
 
 
 def check_size(request: InferenceRequest | EmbeddingRequest, settings: CoordinatorSettings) -> int:
@@ -67,43 +51,47 @@ def check_size(request: InferenceRequest | EmbeddingRequest, settings: Coordinat
     return chars // CHARS_PER_TOKEN + generated
 
 
-async def admit(redis: Redis, caller: Caller, tokens: int, settings: CoordinatorSettings) -> None:
-    """Count one request of `tokens` against the caller's minute (admin keys are not limited).
+def limits(caller: Caller, tokens: int, settings: CoordinatorSettings) -> queue.Limits:
+    """The caller's per-key limits for a request of `tokens` (admin keys have none)."""
+    if caller.admin:
+        return queue.Limits()
+    now = time.time()
+    return queue.Limits(
+        rate_key=keys.rate_key(caller.key_id, int(now // 60)), tokens=tokens, rpm=settings.rate_limit_rpm,
+        tpm=settings.rate_limit_tpm, rate_ttl_s=RATE_WINDOW_TTL_S,
+        streams_key=keys.open_streams_key(caller.key_id), max_streams=settings.max_streams,
+        stale_before=now - settings.max_sync_wait_s - 60,
+    )  # fmt: skip
+
+
+def refused(limit: queue.Refusal, settings: CoordinatorSettings) -> RateLimited:
+    """The 429 for a per-key limit (`rate` or `streams`) that turned a request away."""
+    if limit == "streams":
+        return RateLimited(f"this key has {settings.max_streams} streams open already; close one", retry_after_s=1)
+    return RateLimited(
+        f"this key's limit of {settings.rate_limit_rpm} requests or {settings.rate_limit_tpm} tokens a minute "
+        "is reached",
+        retry_after_s=max(1, int(60 - time.time() % 60)),
+    )
+
+
+async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: CoordinatorSettings) -> None:
+    """Count a stream's follower as a request and give it one of the caller's stream slots (`slot`;
+    `close_stream` gives it back).
 
     Raises:
-        RateLimited: the key used up its requests or tokens for this minute.
+        RateLimited: the key used up its requests for this minute, or has all its streams open.
     """
-    if caller.admin or not (settings.rate_limit_rpm or settings.rate_limit_tpm):
+    if caller.admin:
         return
-    now = time.time()
-    minute = int(now // 60)
-    counted = await redis.eval(
-        _COUNT, 1, keys.rate_key(caller.key_id, minute),
-        str(tokens), str(settings.rate_limit_rpm), str(settings.rate_limit_tpm), str(RATE_WINDOW_TTL_S),
+    found = limits(caller, 0, settings)
+    answer = await redis.eval(
+        _FOLLOWER, 2, found.rate_key, found.streams_key,
+        "0", str(found.rpm), str(found.tpm), str(found.rate_ttl_s), str(found.max_streams), repr(found.stale_before),
+        repr(time.time()), slot,
     )  # fmt: skip
-    if not counted:
-        raise RateLimited(
-            f"this key's limit of {settings.rate_limit_rpm} requests or {settings.rate_limit_tpm} tokens a minute "
-            "is reached",
-            retry_after_s=max(1, int(60 - now % 60)),
-        )
-
-
-async def open_stream(redis: Redis, caller: Caller, request_id: str, settings: CoordinatorSettings) -> None:
-    """Take one of the caller's stream slots for `request_id`; `close_stream` gives it back.
-
-    Raises:
-        RateLimited: the key has `max_streams` streams open already.
-    """
-    if caller.admin or not settings.max_streams:
-        return
-    now = time.time()
-    opened = await redis.eval(
-        _OPEN_STREAM, 1, keys.open_streams_key(caller.key_id),
-        str(now - settings.max_sync_wait_s - 60), str(settings.max_streams), repr(now), request_id,
-    )  # fmt: skip
-    if not opened:
-        raise RateLimited(f"this key has {settings.max_streams} streams open already; close one", retry_after_s=1)
+    if answer in queue.REFUSALS:
+        raise refused(queue.REFUSALS[answer], settings)
 
 
 async def close_stream(redis: Redis, caller: Caller, request_id: str) -> None:

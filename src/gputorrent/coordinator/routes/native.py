@@ -173,9 +173,8 @@ async def follow_stream(
     if found is None:
         raise RequestNotFound(f"no request with id {request_id!r} (unknown, or its result expired)")
     # A follower costs a request and holds one of the key's stream slots (and a Redis connection) while open.
-    await quotas.admit(redis, caller, 0, settings)
     slot = f"{request_id}:follower:{uuid.uuid4().hex[:12]}"
-    await quotas.open_stream(redis, caller, slot, settings)
+    await quotas.admit_follower(redis, caller, slot, settings)
     streamed = bool(await redis.exists(keys.stream_key(request_id))) or (isinstance(found, JobStatus) and found.stream)
     if streamed:
         following = relay.follow(
