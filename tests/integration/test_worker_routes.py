@@ -174,3 +174,49 @@ async def test_a_worker_hands_on_fails_over_and_reclaims_only_its_own_jobs(
     assert await redis.llen(keys.queue_key("a")) == 1
     assert (await api.post("/worker/leave", headers=a)).json() == {"left": False}  # it still has a queued job
     assert (await api.post("/worker/leave", headers=b)).json() == {"left": True}
+
+
+@pytest.mark.parametrize(
+    "beat",
+    [
+        '{"heartbeat": {"at": NaN}}',
+        '{"heartbeat": {"at": 1.0, "tokens_per_s": Infinity}}',
+        '{"heartbeat": {"at": 1.0, "tokens_per_s": 1e300}}',
+        '{"heartbeat": {"at": 1.0, "jobs_in_flight": -5}}',
+        '{"heartbeat": {"at": -1.0}}',
+        '{"heartbeat": {"at": 1.0, "telemetry": {"sampled_at": NaN}}}',
+    ],
+)
+async def test_a_heartbeat_with_a_figure_json_cannot_hold_or_out_of_range_is_422_and_the_pool_still_reads(
+    api: httpx.AsyncClient, redis: Redis, two_workers: tuple[dict[str, str], dict[str, str], Job], beat: str
+) -> None:
+    _, b, _ = two_workers
+    headers = b | {"content-type": "application/json"}
+    before = await redis.get(keys.heartbeat_key("b"))
+    assert (await api.post("/worker/heartbeat", content=beat, headers=headers)).status_code == 422
+    assert await redis.get(keys.heartbeat_key("b")) == before
+    assert (await api.get("/workers")).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "figures",
+    [
+        '"timings": {"queued_ms": NaN}',
+        '"timings": {"inference_ms": -Infinity}',
+        '"timings": {"first_token_ms": -1}',
+        '"usage": {"completion_tokens": -100}',
+        '"usage": {"prompt_tokens": 1e300}',
+    ],
+)
+async def test_a_result_with_a_figure_json_cannot_hold_or_out_of_range_is_422_and_the_lease_holds(
+    api: httpx.AsyncClient, redis: Redis, two_workers: tuple[dict[str, str], dict[str, str], Job], figures: str
+) -> None:
+    _, b, job = two_workers
+    rid = job.request_id
+    body = f'{{"request_id": "{rid}", "status": "completed", "model": "fake", "worker_id": "b", {figures}}}'
+    headers = b | {"content-type": "application/json"}
+    assert (await api.post(f"/worker/jobs/{rid}/result", content=body, headers=headers)).status_code == 422
+    assert await redis.exists(keys.result_key(rid)) == 0
+    assert (await api.get(f"/result/{rid}")).status_code == 202  # still running, still b's to finish
+    assert (await api.post(f"/worker/jobs/{rid}/result", json=_result(job, "ok", "b"), headers=b)).status_code == 204
+    assert (await api.get(f"/result/{rid}")).json()["output"] == "ok"

@@ -18,6 +18,7 @@ from gputorrent import __version__, leases, logs, queue
 from gputorrent.config import WorkerSettings
 from gputorrent.errors import BackendUnavailable, DeadlineExceeded
 from gputorrent.protocol import (
+    MAX_TOKENS_PER_S,
     Heartbeat,
     InferenceOptions,
     Job,
@@ -369,7 +370,8 @@ class Worker:
         tokens, inference_ms = result.usage.completion_tokens, result.timings.inference_ms
         if result.status != "completed" or tokens < 2 or inference_ms <= 0:
             return  # one token measures the prompt, not the generation
-        measured = tokens / (inference_ms / 1000)
+        # A job timed to a few microseconds (a test backend) would measure more than a heartbeat may carry.
+        measured = min(tokens / (inference_ms / 1000), MAX_TOKENS_PER_S)
         previous = self.tokens_per_s
         self.tokens_per_s = measured if previous is None else previous + SPEED_WEIGHT * (measured - previous)
 
