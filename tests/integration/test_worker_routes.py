@@ -7,7 +7,8 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gputorrent import keys
+from gputorrent import keys, leases
+from gputorrent.coordinator.reaper import Reaper
 from gputorrent.protocol import Heartbeat, Job, JobResult, Taken, WorkerBeat
 
 # Workers registered here never beat: they stay alive for the test, not the reaper's to hand on.
@@ -220,3 +221,50 @@ async def test_a_result_with_a_figure_json_cannot_hold_or_out_of_range_is_422_an
     assert (await api.get(f"/result/{rid}")).status_code == 202  # still running, still b's to finish
     assert (await api.post(f"/worker/jobs/{rid}/result", json=_result(job, "ok", "b"), headers=b)).status_code == 204
     assert (await api.get(f"/result/{rid}")).json()["output"] == "ok"
+
+
+async def test_an_admin_revokes_a_live_worker_every_later_call_is_401_and_its_jobs_go_to_others(
+    api: httpx.AsyncClient, redis: Redis, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    a, b, job = two_workers
+    rid = job.request_id
+    beat = WorkerBeat(heartbeat=Heartbeat(at=1.0, jobs_in_flight=1), running=[rid]).model_dump(mode="json")
+    assert (await api.post("/worker/heartbeat", json=beat, headers=b)).status_code == 200
+    assert (await api.delete("/admin/workers/b")).status_code == 409  # alive: removal needs it dead
+    assert (await api.post("/admin/workers/b/revoke")).status_code == 204
+
+    for method, path, body in [
+        ("POST", "/worker/heartbeat", beat),
+        ("POST", "/worker/take", None),
+        ("POST", f"/worker/jobs/{rid}/stream", {"text": "late", "tokens": 1}),
+        ("POST", f"/worker/jobs/{rid}/result", _result(job, "late", "b")),
+        ("POST", "/worker/leave", None),
+    ]:
+        response = await api.request(method, path, json=body, headers=b)
+        assert response.status_code == 401, (path, response.text)
+    assert not await redis.exists(keys.heartbeat_key("b"))  # the refused beat did not bring it back
+    assert {w["worker_id"]: w["state"] for w in (await api.get("/workers")).json()} == {"a": "alive", "b": "dead"}
+    # The job b held goes to the other live worker, with an attempt counted.
+    await Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60).reap_once()
+    handed = await _take(api, a)
+    assert handed is not None and (handed.request_id, handed.attempt) == (rid, 2)
+    assert (await api.delete("/admin/workers/b")).status_code == 204
+    assert (await api.post("/admin/workers/nobody/revoke")).status_code == 404
+
+
+async def test_a_beat_whose_credential_was_checked_before_the_secret_went_writes_nothing(
+    redis: Redis, api: httpx.AsyncClient
+) -> None:
+    await _register(api, "b")
+    await redis.delete(keys.worker_secret_key("b"), keys.heartbeat_key("b"))  # revoked between check and write
+    assert await leases.beat(redis, "b", Heartbeat(at=1.0), 60.0, []) is None
+    assert not await redis.exists(keys.heartbeat_key("b"))
+
+
+async def test_a_worker_that_left_the_registry_has_no_credential_left(api: httpx.AsyncClient, redis: Redis) -> None:
+    b = await _register(api, "b")
+    assert (await api.post("/worker/leave", headers=b)).json() == {"left": True}
+    beat = WorkerBeat(heartbeat=Heartbeat(at=1.0)).model_dump(mode="json")
+    assert (await api.post("/worker/heartbeat", json=beat, headers=b)).status_code == 401
+    assert not await redis.exists(keys.heartbeat_key("b"), keys.worker_secret_key("b"))
+    assert (await api.get("/workers")).json() == []

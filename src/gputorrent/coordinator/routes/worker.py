@@ -89,7 +89,10 @@ HeldDep = Annotated[Held, Depends(_held)]
 async def heartbeat(body: WorkerBeat, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) -> BeatAnswer:
     """Keep the worker alive (and show its load, condition and telemetry); the answer says whether an
     admin asked it to drain, and which of the jobs it says it runs were ended elsewhere."""
-    return await leases.beat(redis, worker_id, body.heartbeat, settings.heartbeat_timeout_s, body.running)
+    answer = await leases.beat(redis, worker_id, body.heartbeat, settings.heartbeat_timeout_s, body.running)
+    if answer is None:  # revoked (or left) after its credential was checked
+        raise Unauthorized("the worker credential is not valid (unknown worker, or not its secret)")
+    return answer
 
 
 @router.post("/recover", response_model=Moved)
@@ -204,5 +207,10 @@ async def orphans(body: Orphans, worker_id: WorkerDep, redis: RedisDep) -> Orpha
 
 @router.post("/leave", response_model=Left)
 async def leave(worker_id: WorkerDep, redis: RedisDep) -> Left:
-    """Leave the pool: out of the registry when the worker's lists are empty, else only marked gone."""
-    return Left(left=await registry.deregister(redis, worker_id))
+    """Leave the pool: out of the registry when the worker's lists are empty, else only marked gone.
+
+    Once out of the registry its secret goes too: the id is free, and the old credential opens nothing."""
+    left = await registry.deregister(redis, worker_id)
+    if left:
+        await redis.delete(keys.worker_secret_key(worker_id))
+    return Left(left=left)
