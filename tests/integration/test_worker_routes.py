@@ -268,3 +268,14 @@ async def test_a_worker_that_left_the_registry_has_no_credential_left(api: httpx
     assert (await api.post("/worker/heartbeat", json=beat, headers=b)).status_code == 401
     assert not await redis.exists(keys.heartbeat_key("b"), keys.worker_secret_key("b"))
     assert (await api.get("/workers")).json() == []
+
+
+async def test_a_worker_linked_through_the_coordinator_is_believed_a_plausible_speed_only(
+    api: httpx.AsyncClient, two_workers: tuple[dict[str, str], dict[str, str], Job]
+) -> None:
+    a, b, _ = two_workers
+    for headers, speed in [(a, 50.0), (b, 1e6)]:
+        beat = WorkerBeat(heartbeat=Heartbeat(at=1.0, tokens_per_s=speed)).model_dump(mode="json")
+        assert (await api.post("/worker/heartbeat", json=beat, headers=headers)).status_code == 200
+    speeds = {w["worker_id"]: w["tokens_per_s"] for w in (await api.get("/workers")).json()}
+    assert speeds == {"a": 50.0, "b": 2000.0}  # GPUTORRENT_MAX_WORKER_TOKENS_PER_S

@@ -88,8 +88,13 @@ HeldDep = Annotated[Held, Depends(_held)]
 @router.post("/heartbeat", response_model=BeatAnswer)
 async def heartbeat(body: WorkerBeat, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) -> BeatAnswer:
     """Keep the worker alive (and show its load, condition and telemetry); the answer says whether an
-    admin asked it to drain, and which of the jobs it says it runs were ended elsewhere."""
-    answer = await leases.beat(redis, worker_id, body.heartbeat, settings.heartbeat_timeout_s, body.running)
+    admin asked it to drain, and which of the jobs it says it runs were ended elsewhere.
+
+    Its speed is believed up to `GPUTORRENT_MAX_WORKER_TOKENS_PER_S` only."""
+    heartbeat = body.heartbeat
+    if heartbeat.tokens_per_s is not None and heartbeat.tokens_per_s > settings.max_worker_tokens_per_s:
+        heartbeat = heartbeat.model_copy(update={"tokens_per_s": settings.max_worker_tokens_per_s})
+    answer = await leases.beat(redis, worker_id, heartbeat, settings.heartbeat_timeout_s, body.running)
     if answer is None:  # revoked (or left) after its credential was checked
         raise Unauthorized("the worker credential is not valid (unknown worker, or not its secret)")
     return answer
