@@ -3,13 +3,17 @@ leased to it, whatever it sends (checked in Redis by the same scripts a Redis-li
 
 from __future__ import annotations
 
+import asyncio
+
 import httpx
 import pytest
 from redis.asyncio import Redis
 
 from gputorrent import keys, leases
 from gputorrent.coordinator.reaper import Reaper
+from gputorrent.coordinator.routes.worker import TakesInFlight
 from gputorrent.protocol import Heartbeat, Job, JobResult, Taken, WorkerBeat
+from tests.conftest import eventually
 
 # Workers registered here never beat: they stay alive for the test, not the reaper's to hand on.
 pytestmark = pytest.mark.parametrize("coordinator_settings", [{"heartbeat_timeout_s": 600}], indirect=True)
@@ -279,3 +283,42 @@ async def test_a_worker_linked_through_the_coordinator_is_believed_a_plausible_s
         assert (await api.post("/worker/heartbeat", json=beat, headers=headers)).status_code == 200
     speeds = {w["worker_id"]: w["tokens_per_s"] for w in (await api.get("/workers")).json()}
     assert speeds == {"a": 50.0, "b": 2000.0}  # GPUTORRENT_MAX_WORKER_TOKENS_PER_S
+
+
+async def test_a_worker_cannot_take_more_jobs_than_its_slots(api: httpx.AsyncClient, redis: Redis) -> None:
+    c = await _register(api, "c")  # one slot
+    first, second = await _submit(api, "one"), await _submit(api, "two")
+    job = await _take(api, c)
+    assert job is not None and job.request_id == first
+    refused = await api.post("/worker/take", params={"wait_s": 0}, headers=c)
+    assert refused.status_code == 429, refused.text
+    assert refused.json()["error"]["code"] == "slots_full" and refused.headers["retry-after"] == "1"
+    assert await redis.llen(keys.processing_key("c")) == 1  # the second job still waits in the queue
+    assert (await api.post(f"/worker/jobs/{first}/result", json=_result(job, "ok", "c"), headers=c)).status_code == 204
+    taken = await _take(api, c)
+    assert taken is not None and taken.request_id == second
+
+
+async def test_a_worker_has_no_more_long_polls_in_flight_than_its_slots(api: httpx.AsyncClient) -> None:
+    c = await _register(api, "c")  # one slot
+    state = api._transport.app.state  # type: ignore[attr-defined]
+    polling = asyncio.create_task(api.post("/worker/take", params={"wait_s": 5}, headers=c))
+
+    async def in_flight() -> bool:
+        takes: TakesInFlight | None = getattr(state, "worker_takes", None)
+        return takes is not None and takes.count("c") == 1
+
+    await eventually(in_flight, "the first take to wait")
+    second = await api.post("/worker/take", params={"wait_s": 5}, headers=c)
+    assert second.status_code == 429 and second.json()["error"]["code"] == "slots_full"
+    rid = await _submit(api, "ends the first long poll")
+    first = await polling
+    assert first.status_code == 200 and Taken.model_validate_json(first.content).job.request_id == rid
+    assert state.worker_takes.count("c") == 0
+
+
+async def test_a_take_by_a_worker_no_longer_registered_is_410_worker_gone(api: httpx.AsyncClient, redis: Redis) -> None:
+    c = await _register(api, "c")
+    await redis.delete(keys.worker_key("c"))  # removed by hand (operations.md), its secret left behind
+    response = await api.post("/worker/take", params={"wait_s": 0}, headers=c)
+    assert response.status_code == 410 and response.json()["error"]["code"] == "worker_gone"
