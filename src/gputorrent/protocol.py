@@ -117,6 +117,7 @@ class Job(WireModel):
     input: list[str] | None = None  # the texts of an embedding job
     options: InferenceOptions = Field(default_factory=InferenceOptions)
     enqueued_at: float  # unix time, seconds
+    admission_ms: float = Field(default=0.0, ge=0)  # the coordinator's time on it before it was queued
     stream: bool = False  # the worker writes tokens to `stream:{request_id}` as they come
     attempt: int = 1  # 1 on admission; +1 each time a dead worker's job is handed to another
     deadline: float | None = None  # unix time, seconds: past it the job ends with code `timeout`
@@ -134,9 +135,15 @@ class Usage(WireModel):
 
 
 class Timings(WireModel):
-    queued_ms: float = 0.0
+    """Where a job's time went, in ms: admitted, queued, dispatched, run. `overhead_ms` is set by the
+    coordinator that answers (see coordinator/overhead.py): everything but inference."""
+
+    admission_ms: float = 0.0  # the coordinator: the key check, routing, the enqueue
+    queued_ms: float = 0.0  # from the enqueue until a worker took it
+    dispatch_ms: float = 0.0  # the worker: from taking it until the backend started
     inference_ms: float = 0.0
     first_token_ms: float | None = None  # from the start of inference to the first token (none for embeddings)
+    overhead_ms: float | None = None  # queued, dispatching and relaying: all of the request's time but inference
 
 
 class ErrorInfo(WireModel):

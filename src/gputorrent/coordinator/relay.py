@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gputorrent import queue, streams
-from gputorrent.coordinator import quotas
+from gputorrent.coordinator import overhead, quotas
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
@@ -37,7 +37,7 @@ async def completed_result(waiter: ResultWaiter, request_id: str, timeout_s: flo
         raise ResultTimeout(
             f"no result within {timeout_s:g} s; poll GET /result/{request_id} for it", request_id=request_id
         )
-    return found
+    return overhead.account(found)
 
 
 async def follow(
@@ -65,9 +65,10 @@ async def follow(
     finished = False
     try:
         async for batch in streams.follow(redis, request_id, timeout_s, after):
-            for entry in batch:
-                finished = isinstance(entry[1], JobResult)
-                yield entry
+            for entry_id, item in batch:
+                if isinstance(item, JobResult):
+                    finished, item = True, overhead.account(item)
+                yield entry_id, item
             if not finished and await disconnected():
                 return
         if not finished:

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from gputorrent import auth, keys, queue, registry
-from gputorrent.coordinator import quotas, relay, waiting
+from gputorrent.coordinator import overhead, quotas, relay, waiting
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
@@ -265,7 +265,7 @@ async def get_result(
     if isinstance(found, JobStatus):
         response.status_code = 202
         return await waiting.place_in_queue(redis, found)
-    return found
+    return overhead.account(found)
 
 
 @router.head("/", response_class=PlainTextResponse, include_in_schema=False)  # one schema entry: GET
