@@ -43,19 +43,24 @@ $(CHROMIUM):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium
 
-# Every benchmark, in an environment of its own (bench/.venv): plotting and any peer compared
-# against are installed there, never as project dependencies. JSON and PNG go to bench/results/,
-# the tables to docs/benchmarks.md.
+# Every benchmark, in an environment of its own (bench/.venv): plotting and the peers compared
+# against (bench/requirements.txt: LiteLLM's proxy, Celery) are installed there, never as project
+# dependencies. JSON goes to bench/results/, plots to docs/images/, tables to docs/benchmarks.md.
 BENCH_VENV := bench/.venv
+BENCH_PYTHON := $(BENCH_VENV)/bin/python
 
 bench: $(BENCH_VENV)/.installed
-	$(BENCH_VENV)/bin/python bench/routing_quality.py
-	$(BENCH_VENV)/bin/python bench/stream_latency.py
-	$(BENCH_VENV)/bin/python bench/report.py
+	$(BENCH_PYTHON) bench/added_latency.py
+	$(BENCH_PYTHON) bench/throughput.py
+	$(BENCH_PYTHON) bench/dispatch.py
+	$(BENCH_PYTHON) bench/routing_quality.py
+	$(BENCH_PYTHON) bench/stream_latency.py
+	$(BENCH_PYTHON) bench/real_model.py
+	$(BENCH_PYTHON) bench/report.py
 
-$(BENCH_VENV)/.installed: pyproject.toml
+$(BENCH_VENV)/.installed: pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install --quiet -e . matplotlib
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[llamacpp]' -r bench/requirements.txt
 	@touch $@
 
 size:

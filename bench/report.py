@@ -2,12 +2,14 @@
 
 Run by `make bench` in the benchmark environment (bench/.venv, which has matplotlib; the
 project's own environment does not). A table goes between the markers
-`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` of docs/benchmarks.md; the prose around
-them is written by hand.
+`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` of docs/benchmarks.md, its plot to
+docs/images/bench-NAME.png; the prose around them is written by hand. A benchmark without
+results (not run) keeps the table and plot it had.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import re
 import sys
@@ -16,33 +18,9 @@ from pathlib import Path
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
 DOC = HERE.parent / "docs" / "benchmarks.md"
-sys.path.insert(0, str(HERE))
-
-import routing_quality  # noqa: E402  (a sibling script, importable once bench/ is on the path)
-
-
-def plot_routing_quality(results: dict[str, object], out: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    policies = results["policies"]
-    assert isinstance(policies, dict)
-    names = list(policies)
-    fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.38
-    xs = range(len(names))
-    ax.bar([x - width / 2 for x in xs], [policies[n]["p50_ms"] for n in names], width, label="p50")
-    ax.bar([x + width / 2 for x in xs], [policies[n]["p99_ms"] for n in names], width, label="p99")
-    ax.set_yscale("log")
-    ax.set_xticks(list(xs), names)
-    ax.set_ylabel("latency, submit to result (ms, log scale)")
-    ax.set_title(f"B4 routing quality: workers of 4 speeds at {results['load']:.0%} load")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
+IMAGES = HERE.parent / "docs" / "images"
+# Each is a sibling script with `table(results)` and `plot(results, out)`.
+BENCHMARKS = ("added_latency", "throughput", "dispatch", "routing_quality", "stream_latency", "real_model")
 
 
 def replace_section(doc: str, name: str, body: str) -> str:
@@ -53,14 +31,23 @@ def replace_section(doc: str, name: str, body: str) -> str:
 
 
 def main() -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, no display
+    sys.path.insert(0, str(HERE))
+    IMAGES.mkdir(exist_ok=True)
     doc = DOC.read_text()
-    source = RESULTS / "routing_quality.json"
-    if source.exists():
+    for name in BENCHMARKS:
+        source = RESULTS / f"{name}.json"
+        if not source.exists():
+            print(f"{name}: no results, section left as it was")
+            continue
         results = json.loads(source.read_text())
-        plot_routing_quality(results, RESULTS / "routing_quality.png")
-        doc = replace_section(doc, "routing_quality", routing_quality.table(results))
+        module = importlib.import_module(name)
+        module.plot(results, IMAGES / f"bench-{name}.png")
+        doc = replace_section(doc, name, module.table(results))
     DOC.write_text(doc)
-    print(f"plots in {RESULTS}, tables in {DOC}")
+    print(f"plots in {IMAGES}, tables in {DOC}")
     return 0
 
 

@@ -17,52 +17,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
 import random
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-import httpx
+from pool import Processes, start_pool, summary, write_result
 
-from gputorrent.embedded import EmbeddedRedis, free_port
+from gputorrent.embedded import EmbeddedRedis
 
-HERE = Path(__file__).parent
 POLICIES = ("round_robin", "least_loaded", "session_affinity", "pull")
 TOKEN_DELAYS_S = (0.005, 0.005, 0.020, 0.040)  # per worker: two fast, one 4x slower, one 8x slower
 LOAD = 0.8
 SESSIONS = 64  # distinct session ids the requests carry (what session affinity keeps together)
 
 
-def _wait(condition: object, what: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if callable(condition) and condition():
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"timed out waiting for {what}")
-
-
-def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
-    command = [sys.executable, "-m", "gputorrent", "--log-level", "warning", *args]
-    return subprocess.Popen(command, env={**os.environ, **env})
-
-
 def _summary(latencies_ms: list[float]) -> dict[str, float]:
-    ordered = sorted(latencies_ms)
-    return {
-        "p50_ms": statistics.median(ordered),
-        "p99_ms": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        "mean_ms": statistics.fmean(ordered),
-        "max_ms": ordered[-1],
-    }
+    s = summary(latencies_ms)
+    return {"p50_ms": s["p50"], "p99_ms": s["p99"], "mean_ms": s["mean"], "max_ms": s["max"]}
 
 
 async def _one(http: aiohttp.ClientSession, url: str, body: dict[str, object], at: float) -> float:
@@ -80,9 +53,12 @@ async def _one(http: aiohttp.ClientSession, url: str, body: dict[str, object], a
             assert resp.status == 202, await resp.text()
 
 
-async def _run_schedule(url: str, schedule: list[tuple[float, dict[str, object]]]) -> list[float]:
+async def _run_schedule(
+    url: str, schedule: list[tuple[float, dict[str, object]]], headers: dict[str, str]
+) -> list[float]:
     connector = aiohttp.TCPConnector(limit=0)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=600)) as http:
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as http:
         start = time.perf_counter() + 0.2
         return list(await asyncio.gather(*(_one(http, url, body, start + at) for at, body in schedule)))
 
@@ -113,72 +89,67 @@ def main() -> int:
     rate_per_s = LOAD * capacity_per_s
     schedule = _schedule(args.seconds, rate_per_s, args.tokens, args.seed)
     warmup = _schedule(2.0, rate_per_s / 2, args.tokens, args.seed + 1)
-    base_env = {"GPUTORRENT_AUTH": "off"}
-    results: dict[str, object] = {
+    results: dict[str, Any] = {
         "token_delays_s": TOKEN_DELAYS_S, "tokens_per_request": args.tokens, "load": LOAD,
         "capacity_jobs_per_s": capacity_per_s, "arrival_rate_per_s": rate_per_s, "requests": len(schedule),
         "policies": {},
     }  # fmt: skip
-    workers: list[subprocess.Popen[bytes]] = []
-    with EmbeddedRedis() as redis:
-        try:
-            port = free_port()
-            url = f"http://127.0.0.1:{port}"
-            first = _spawn(["coordinator", "--port", str(port), "--redis-url", redis.url], base_env)
-            _wait(lambda: httpx.get(f"{url}/health").status_code == 200, "the coordinator")
-            for i, delay_s in enumerate(TOKEN_DELAYS_S):
-                env = {**base_env, "GPUTORRENT_FAKE_TOKEN_DELAY_S": str(delay_s), "GPUTORRENT_WORKER_ID": f"w{i}"}
-                args_ = ["worker", "--backend", "fake", "--coordinator", url, "--redis-url", redis.url]
-                workers.append(_spawn(args_, env))
-            _wait(lambda: sum(w["state"] == "alive" for w in httpx.get(f"{url}/workers").json()) == 4, "4 workers")
-            first.terminate()
-            first.wait(timeout=15)
-            for policy in args.policies.split(","):
-                port = free_port()
-                url = f"http://127.0.0.1:{port}"
-                env = {**base_env, "GPUTORRENT_ROUTING": policy}
-                coordinator = _spawn(["coordinator", "--port", str(port), "--redis-url", redis.url], env)
-                try:
-                    _wait(lambda: httpx.get(f"{url}/health").status_code == 200, "the coordinator")  # noqa: B023
-                    asyncio.run(_run_schedule(url, warmup))
-                    latencies = asyncio.run(_run_schedule(url, schedule))
-                finally:
-                    coordinator.terminate()
-                    coordinator.wait(timeout=15)
-                summary = _summary(latencies)
-                results["policies"][policy] = summary  # type: ignore[index]
-                print(f"{policy}: p50 {summary['p50_ms']:.0f} ms, p99 {summary['p99_ms']:.0f} ms", flush=True)
-        finally:
-            for worker in workers:
-                worker.terminate()
-            for worker in workers:
-                worker.wait(timeout=30)
+    with EmbeddedRedis() as redis, Processes() as procs:
+        pool = start_pool(procs, redis.url)
+        for i, delay_s in enumerate(TOKEN_DELAYS_S):
+            env = {"GPUTORRENT_FAKE_TOKEN_DELAY_S": str(delay_s), "GPUTORRENT_WORKER_ID": f"w{i}"}
+            pool.add_worker(["--backend", "fake"], env)
+        pool.wait_for_workers(len(TOKEN_DELAYS_S))
+        for policy in args.policies.split(","):
+            # One coordinator per policy, against the same workers (they stay registered in Redis).
+            pool.restart_coordinator({"GPUTORRENT_ROUTING": policy})
+            asyncio.run(_run_schedule(pool.url, warmup, pool.headers))
+            latencies = asyncio.run(_run_schedule(pool.url, schedule, pool.headers))
+            figures = _summary(latencies)
+            results["policies"][policy] = figures
+            print(f"{policy}: p50 {figures['p50_ms']:.0f} ms, p99 {figures['p99_ms']:.0f} ms", flush=True)
     policies = results["policies"]
-    assert isinstance(policies, dict)
     if "round_robin" in policies:
         base = policies["round_robin"]
-        for summary in policies.values():
-            summary["p50_vs_round_robin"] = base["p50_ms"] / summary["p50_ms"]
-            summary["p99_vs_round_robin"] = base["p99_ms"] / summary["p99_ms"]
-    out = HERE / "results" / "routing_quality.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+        for figures in policies.values():
+            figures["p50_vs_round_robin"] = base["p50_ms"] / figures["p50_ms"]
+            figures["p99_vs_round_robin"] = base["p99_ms"] / figures["p99_ms"]
+    write_result("routing_quality", results)
     print(table(results))
     return 0
 
 
-def table(results: dict[str, object]) -> str:
+def table(results: dict[str, Any]) -> str:
     """The Markdown table of docs/benchmarks.md for these results."""
     rows = [
         "| policy | p50 (ms) | p99 (ms) | p50: round-robin ÷ policy | p99: round-robin ÷ policy |",
         "|---|---|---|---|---|",
     ]
     policies = results["policies"]
-    assert isinstance(policies, dict)
     for policy, s in policies.items():
         ratios = f"{s.get('p50_vs_round_robin', 0):.2f} | {s.get('p99_vs_round_robin', 0):.2f}"
         rows.append(f"| `{policy}` | {s['p50_ms']:.0f} | {s['p99_ms']:.0f} | {ratios} |")
     return "\n".join(rows)
+
+
+def plot(results: dict[str, Any], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    policies = results["policies"]
+    names = list(policies)
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.38
+    xs = range(len(names))
+    ax.bar([x - width / 2 for x in xs], [policies[n]["p50_ms"] for n in names], width, label="p50")
+    ax.bar([x + width / 2 for x in xs], [policies[n]["p99_ms"] for n in names], width, label="p99")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), names)
+    ax.set_ylabel("submit to result (ms, log)")
+    ax.set_title(f"B4 routing quality: workers of 4 speeds at {results['load']:.0%} load")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -16,21 +16,14 @@ import argparse
 import asyncio
 import itertools
 import json
-import os
-import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import aiohttp
-import httpx
-from redis.asyncio import Redis
+from pool import Processes, start_fast_server, start_pool, summary, write_result
 
-from gputorrent import auth
-from gputorrent.embedded import EmbeddedRedis, free_port
-
-HERE = Path(__file__).parent
+from gputorrent.embedded import EmbeddedRedis
 
 
 async def stream_once(
@@ -56,46 +49,6 @@ async def stream_once(
     return arrivals[0], gaps, "".join(text)
 
 
-def _wait_http(url: str, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.1)
-    raise RuntimeError(f"{url} did not answer")
-
-
-def _wait_for_model(coordinator: str, model: str, headers: dict[str, str], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while model not in httpx.get(f"{coordinator}/v1/models", headers=headers).text:
-        if time.monotonic() > deadline:
-            raise RuntimeError("the worker did not register")
-        time.sleep(0.1)
-
-
-async def _keys(redis_url: str) -> tuple[str, str]:
-    """A client key for the load and a join key for the worker, in the benchmark's private Redis."""
-    redis = Redis.from_url(redis_url, decode_responses=True)
-    try:
-        _, client_key = await auth.create_key(redis, "bench", "client")
-        _, join_key = await auth.create_key(redis, "bench worker", "join")
-    finally:
-        await redis.aclose()
-    return client_key, join_key
-
-
-def _summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "p50": statistics.median(ordered),
-        "p99": ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))],
-        "mean": statistics.fmean(ordered),
-    }
-
-
 async def measure(
     direct_url: str, pool_url: str, requests: int, tokens: int, pool_headers: dict[str, str]
 ) -> dict[str, object]:
@@ -114,7 +67,7 @@ async def measure(
             wrong[side] += text != expected
     result: dict[str, object] = {"requests_per_side": requests, "tokens_per_request": tokens, "wrong_text": wrong}
     for metric in ("ttft", "gap"):
-        direct, pool = _summary(samples["direct"][metric]), _summary(samples["pool"][metric])
+        direct, pool = summary(samples["direct"][metric]), summary(samples["pool"][metric])
         result[metric] = {"direct": direct, "pool": pool, "added_p50_ms": pool["p50"] - direct["p50"]}
     return result
 
@@ -126,62 +79,55 @@ def main() -> int:
     parser.add_argument("--gap-ms", type=float, default=5.0, help="the fast server's pause between tokens")
     args = parser.parse_args()
 
-    children: list[subprocess.Popen[bytes]] = []
-    python = [sys.executable, "-m", "gputorrent", "--log-level", "warning"]
-    with EmbeddedRedis() as redis:
-        try:
-            fast_port, coord_port = free_port(), free_port()
-            fast = f"http://127.0.0.1:{fast_port}/v1"
-            coordinator = f"http://127.0.0.1:{coord_port}"
-            server = [sys.executable, str(HERE / "fast_openai_server.py"), "--port", str(fast_port)]
-            children.append(subprocess.Popen([*server, "--gap-ms", str(args.gap_ms)]))
-            _wait_http(f"{fast}/models")
-            # As users run it: authentication on, with a client key checked (and counted) on every request;
-            # the limit is raised only so the run is not refused.
-            client_key, join_key = asyncio.run(_keys(redis.url))
-            coordinator_env = {**os.environ, "GPUTORRENT_RATE_LIMIT_RPM": "1000000"}
-            children.append(
-                subprocess.Popen(
-                    [*python, "coordinator", "--port", str(coord_port), "--redis-url", redis.url], env=coordinator_env
-                )
-            )
-            _wait_http(f"{coordinator}/health")
-            worker = ["worker", "--backend", "openai", "--openai-base-url", fast, "--model", "fast"]
-            children.append(
-                subprocess.Popen(
-                    [*python, *worker, "--coordinator", coordinator, "--redis-url", redis.url],
-                    env={**os.environ, "GPUTORRENT_JOIN_TOKEN": join_key},
-                )
-            )
-            headers = {"Authorization": f"Bearer {client_key}"}
-            _wait_for_model(coordinator, "fast", headers)
-            direct_url, pool_url = f"{fast}/chat/completions", f"{coordinator}/v1/chat/completions"
-            result = asyncio.run(measure(direct_url, pool_url, args.requests, args.tokens, headers))
-        finally:
-            for child in reversed(children):
-                child.terminate()
-                child.wait(timeout=10)
+    with EmbeddedRedis() as redis, Processes() as procs:
+        fast = start_fast_server(procs, args.gap_ms)
+        pool = start_pool(procs, redis.url)
+        pool.add_worker(["--backend", "openai", "--openai-base-url", fast, "--model", "fast"])
+        pool.wait_for_model("fast")
+        direct_url, pool_url = f"{fast}/chat/completions", f"{pool.url}/v1/chat/completions"
+        result = asyncio.run(measure(direct_url, pool_url, args.requests, args.tokens, pool.headers))
     result["gap_ms_configured"] = args.gap_ms
-    out = HERE / "results" / "stream_latency.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(_table(result))
+    write_result("stream_latency", result)
+    print(table(result))
     return 0
 
 
-def _table(result: dict[str, object]) -> str:
+def table(result: dict[str, Any]) -> str:
+    """The Markdown table of docs/benchmarks.md for these results."""
     rows = [
         "| metric | direct p50 | through GPU Torrent p50 | added p50 | direct p99 | through p99 |",
         "|---|---|---|---|---|---|",
     ]
     for metric, label in (("ttft", "time to first token (ms)"), ("gap", "gap between tokens (ms)")):
         m = result[metric]
-        assert isinstance(m, dict)
         d, p = m["direct"], m["pool"]
         added = m["added_p50_ms"]
         rows.append(f"| {label} | {d['p50']:.2f} | {p['p50']:.2f} | {added:+.2f} | {d['p99']:.2f} | {p['p99']:.2f} |")
-    rows.append(f"\nstreams whose text differed from the expected tokens: {result['wrong_text']}")
+    wrong, n = result["wrong_text"], result["requests_per_side"]
+    rows.append(
+        f"\nStreams whose text differed from the expected tokens: {wrong['direct']} of {n} direct, "
+        f"{wrong['pool']} of {n} through GPU Torrent."
+    )
     return "\n".join(rows)
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    labels = ["first token p50", "first token p99", "gap p50", "gap p99"]
+    keys = [("ttft", "p50"), ("ttft", "p99"), ("gap", "p50"), ("gap", "p99")]
+    xs = range(len(labels))
+    width = 0.38
+    ax.bar([x - width / 2 for x in xs], [result[m]["direct"][q] for m, q in keys], width, label="direct")
+    ax.bar([x + width / 2 for x in xs], [result[m]["pool"][q] for m, q in keys], width, label="through GPU Torrent")
+    ax.set_xticks(list(xs), labels)
+    ax.set_ylabel("ms")
+    ax.set_title("Streaming: time to first token and gap between tokens")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

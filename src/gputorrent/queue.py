@@ -240,6 +240,7 @@ class Lease:
     job: Job
     raw: str
     streamed_before: bool = False
+    taken_at: float = 0.0  # unix time, seconds: when this worker took it (the end of its time queued)
 
 
 # Takes the first job of the first non-empty source (KEYS[2 + ARGV[1]..], highest priority first)
@@ -302,7 +303,7 @@ async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[s
             await redis.lrem(target, 1, raw)
             continue
         job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
-        return Lease(job=job, raw=raw, streamed_before=streamed_before)
+        return Lease(job=job, raw=raw, streamed_before=streamed_before, taken_at=time.time())
 
 
 async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:

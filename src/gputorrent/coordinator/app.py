@@ -22,6 +22,7 @@ from gputorrent.coordinator import openapi
 from gputorrent.coordinator.error_shapes import error_body
 from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
+from gputorrent.coordinator.overhead import OverheadHeader
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.routes import admin, anthropic, native, observability, ollama, openai, worker
@@ -77,6 +78,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     openapi.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(OverheadHeader)
     observability.install(app)  # last: its request metrics wrap every other middleware
     app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]

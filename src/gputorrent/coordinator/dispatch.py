@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from gputorrent import keys, logs, queue, registry, routing
 from gputorrent.config import CoordinatorSettings
-from gputorrent.coordinator import metrics, quotas
+from gputorrent.coordinator import metrics, overhead, quotas
 from gputorrent.coordinator.security import Caller, owns
 from gputorrent.errors import Conflict, ModelNotFound, NoWorkersAvailable, RateLimited
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Job, WorkerState
@@ -103,6 +103,7 @@ async def _route_and_enqueue(
         return await _replay(redis, idempotency_key or "", caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
         )
+    overhead.note_admitted(job.request_id)
     log.info("request %s queued model=%s worker=%s kind=%s priority=%d", job.request_id, job.model,
              route.worker_id or "(shared queue)", job.kind, job.priority)  # fmt: skip
     return Accepted(request_id=job.request_id, worker_id=route.worker_id)
@@ -143,6 +144,7 @@ def _job(request_id: str, worker_id: str | None, request: InferenceRequest | Emb
     common: dict[str, Any] = {
         "request_id": request_id, "worker_id": worker_id or "", "shared": worker_id is None, "model": request.model,
         "enqueued_at": now, "deadline": now + timeout_s, "priority": request.priority,
+        "admission_ms": overhead.admission_ms(),
     }  # fmt: skip
     if isinstance(request, EmbeddingRequest):
         return Job(kind="embed", input=request.input, **common)

@@ -13,13 +13,17 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gputorrent import queue, streams
-from gputorrent.coordinator import quotas
+from gputorrent.coordinator import overhead, quotas, waiting
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
-from gputorrent.protocol import ErrorInfo, JobResult
+from gputorrent.protocol import ErrorInfo, JobResult, JobStatus, TokenChunk
 
 log = logging.getLogger(__name__)
+
+Relayed = tuple[str, TokenChunk | JobResult | JobStatus]
+"""What `follow` gives: a stream entry (its id and its text or the result), or the job's place in its
+queue while it waits (id "")."""
 
 CLIENT_LEFT = ErrorInfo(
     code="cancelled", message="the client left before the result (its stream closed); the job was ended"
@@ -37,7 +41,7 @@ async def completed_result(waiter: ResultWaiter, request_id: str, timeout_s: flo
         raise ResultTimeout(
             f"no result within {timeout_s:g} s; poll GET /result/{request_id} for it", request_id=request_id
         )
-    return found
+    return overhead.account(found)
 
 
 async def follow(
@@ -49,9 +53,10 @@ async def follow(
     *,
     owner: Caller | None,
     after: str = "0-0",
-) -> AsyncIterator[streams.StreamEntry]:
+) -> AsyncIterator[Relayed]:
     """The job's tokens as they are generated (after the entry id `after`), then its result, each
-    with its stream entry id.
+    with its stream entry id. While the job waits in a queue, its place (a `JobStatus` with
+    `position` and `eta_s`, entry id "") after each second without a token.
 
     Raises:
         ResultTimeout: no result within `timeout_s`.
@@ -62,12 +67,18 @@ async def follow(
     consumer stops iterating), the job is ended as cancelled: a queued job never runs, a running
     one stops at its next token. The owner's stream slot is given back either way.
     """
-    finished = False
+    finished, queued = False, True
     try:
         async for batch in streams.follow(redis, request_id, timeout_s, after):
-            for entry in batch:
-                finished = isinstance(entry[1], JobResult)
-                yield entry
+            # Only a round that brought nothing looks up the queue: the first token's path stays as short.
+            if queued and not batch and (place := await _place_in_queue(redis, request_id)) is not None:
+                yield "", place
+            else:
+                queued = False
+            for entry_id, item in batch:
+                if isinstance(item, JobResult):
+                    finished, item = True, overhead.account(item)
+                yield entry_id, item
             if not finished and await disconnected():
                 return
         if not finished:
@@ -93,6 +104,14 @@ async def follow(
                     await queue.end(redis, request_id, CLIENT_LEFT, ttl_s)
                 except (RedisError, OSError) as e:
                     log.warning("request %s: could not record the cancellation (%s)", request_id, e)
+
+
+async def _place_in_queue(redis: Redis, request_id: str) -> JobStatus | None:
+    """The job's status with its place in its queue while it is queued; None once it is not."""
+    found = await queue.lookup(redis, request_id)
+    if not isinstance(found, JobStatus) or found.status != "queued":
+        return None
+    return await waiting.place_in_queue(redis, found)
 
 
 def failure(result: JobResult) -> JobFailed:

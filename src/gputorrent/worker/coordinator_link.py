@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -129,7 +130,9 @@ class CoordinatorLink:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
         taken = _parse(Taken, content)
         # `raw` is not this list entry's exact text; the coordinator finds the entry itself by request id.
-        return queue.Lease(job=taken.job, raw=taken.job.model_dump_json(), streamed_before=taken.streamed_before)
+        return queue.Lease(
+            job=taken.job, raw=taken.job.model_dump_json(), streamed_before=taken.streamed_before, taken_at=time.time()
+        )
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         status, content = await self._call("GET", f"/jobs/{request_id}/stream")

@@ -8,6 +8,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from gputorrent.errors import BackendError, Cancelled, DeadlineExceeded, GPUTorrentError
@@ -27,32 +28,38 @@ RESUMED_SAMPLED = (
 
 
 async def execute(
-    backend: Backend, job: Job, writer: StreamWriter | None = None, ended: asyncio.Event | None = None
+    backend: Backend,
+    job: Job,
+    writer: StreamWriter | None = None,
+    ended: asyncio.Event | None = None,
+    *,
+    taken_at: float | None = None,
 ) -> JobResult:
     """Run the job, streaming generated text to `writer` if given; a failure becomes a failed result.
 
     It stops at the next token once `ended` is set (the job was ended elsewhere) or the stream's
     reader went away, and at the job's deadline even between tokens (a backend that hangs).
+    `taken_at` (unix time) is when the worker took the job: its time queued ends there.
     """
     started = time.time()
-    queued_ms = max(0.0, (started - job.enqueued_at) * 1000)
+    waited = _Waited(job, taken_at or started, started)
     try:
         async with _deadline(job):
             outcome = await _run(backend, job, writer, ended or asyncio.Event())
         first_token_at = outcome.pop("first_token_at", None)
     except GPUTorrentError as e:
         log.warning("request %s failed: %s: %s", job.request_id, e.code, e.message)
-        return _failed(job, e.code, e.message, queued_ms, started)
+        return _failed(job, e.code, e.message, waited)
     except Exception:
         log.exception("request %s failed inside the worker", job.request_id)
         message = "the worker failed to run the job; its log has the cause"
-        return _failed(job, "internal_error", message, queued_ms, started)
+        return _failed(job, "internal_error", message, waited)
     return JobResult(
         request_id=job.request_id,
         status="completed",
         model=job.model,
         worker_id=job.worker_id,
-        timings=_timings(queued_ms, started, first_token_at),
+        timings=_timings(waited, first_token_at),
         **outcome,
     )
 
@@ -147,21 +154,34 @@ def _remaining(job: Job) -> Job:
     return job.model_copy(update={"options": options})
 
 
-def _timings(queued_ms: float, started: float, first_token_at: float | None = None) -> Timings:
+@dataclass(frozen=True)
+class _Waited:
+    """A job's time before inference: queued until `taken`, then dispatched until `started` (unix times)."""
+
+    job: Job
+    taken: float
+    started: float
+
+
+def _timings(waited: _Waited, first_token_at: float | None = None) -> Timings:
+    started = waited.started
     first_token_ms = round((first_token_at - started) * 1000, 3) if first_token_at is not None else None
     return Timings(
-        queued_ms=round(queued_ms, 3),
+        admission_ms=waited.job.admission_ms,
+        # Coordinator and worker clocks: a skew between machines shows here (never below 0).
+        queued_ms=round(max(0.0, (waited.taken - waited.job.enqueued_at) * 1000), 3),
+        dispatch_ms=round(max(0.0, (started - waited.taken) * 1000), 3),
         inference_ms=round((time.time() - started) * 1000, 3),
         first_token_ms=first_token_ms,
     )
 
 
-def _failed(job: Job, code: str, message: str, queued_ms: float, started: float) -> JobResult:
+def _failed(job: Job, code: str, message: str, waited: _Waited) -> JobResult:
     return JobResult(
         request_id=job.request_id,
         status="failed",
         model=job.model,
         worker_id=job.worker_id,
         error=ErrorInfo(code=code, message=message),
-        timings=_timings(queued_ms, started),
+        timings=_timings(waited),
     )

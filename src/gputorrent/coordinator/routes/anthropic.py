@@ -16,7 +16,7 @@ from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep
 from gputorrent.errors import GPUTorrentError
-from gputorrent.protocol import JobResult
+from gputorrent.protocol import JobResult, JobStatus
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["anthropic"])
@@ -69,6 +69,8 @@ async def _events(
         async for _, item in following:
             if isinstance(item, JobResult):
                 result = item
+            elif isinstance(item, JobStatus):  # still queued: Anthropic's keep-alive event
+                yield _event(wire.ping())
             elif item.text:
                 yield _event(wire.text_delta(item.text))
     except GPUTorrentError as e:  # the response has begun, so the error goes in the stream

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from gputorrent import auth, keys, queue, registry
-from gputorrent.coordinator import quotas, relay, waiting
+from gputorrent.coordinator import overhead, quotas, relay, waiting
 from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
@@ -32,7 +32,6 @@ from gputorrent.protocol import (
     WorkerRegistration,
     WorkerState,
 )
-from gputorrent.streams import StreamEntry
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -105,7 +104,8 @@ async def submit_inference(
     """Queue a request on a live worker that serves its model; answers with its `request_id`.
 
     With `"stream": true` the answer is a stream of server-sent events instead: `queued` (the
-    202 body), one `token` event per batch of text, then `result` (what `/result` would return).
+    202 body), `progress` each second it still waits in its queue (its place and an estimate of its
+    start), one `token` event per batch of text, then `result` (what `/result` would return).
     """
     accepted = await admit(redis, body, settings, caller, idempotency_key)
     if not body.stream:
@@ -130,12 +130,14 @@ async def _events(
         yield event
 
 
-async def _token_events(following: AsyncIterator[StreamEntry]) -> AsyncIterator[bytes]:
+async def _token_events(following: AsyncIterator[relay.Relayed]) -> AsyncIterator[bytes]:
     """`token` events, then `result`, each with its stream entry id (a reconnecting client's `Last-Event-ID`)."""
     try:
         async for entry_id, item in following:
             if isinstance(item, JobResult):
                 yield sse(item.model_dump(mode="json"), event="result", event_id=entry_id)
+            elif isinstance(item, JobStatus):
+                yield sse(item.model_dump(mode="json"), event="progress")
             else:
                 yield sse({"text": item.text}, event="token", event_id=entry_id)
     except GPUTorrentError as e:  # the response has started: the error travels as the stream's last event
@@ -265,7 +267,7 @@ async def get_result(
     if isinstance(found, JobStatus):
         response.status_code = 202
         return await waiting.place_in_queue(redis, found)
-    return found
+    return overhead.account(found)
 
 
 @router.head("/", response_class=PlainTextResponse, include_in_schema=False)  # one schema entry: GET

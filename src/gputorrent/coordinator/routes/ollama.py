@@ -23,8 +23,7 @@ from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
 from gputorrent.coordinator.security import Caller, ClientDep, require_client
 from gputorrent.errors import GPUTorrentError, ModelNotFound
-from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, TokenChunk
-from gputorrent.streams import StreamEntry
+from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, JobStatus, TokenChunk
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
@@ -202,10 +201,12 @@ async def _answer(
     return StreamingResponse(_lines(following, chunk, final), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
-async def _lines(following: AsyncIterator[StreamEntry], chunk: Chunk, final: Final) -> AsyncIterator[bytes]:
+async def _lines(following: AsyncIterator[relay.Relayed], chunk: Chunk, final: Final) -> AsyncIterator[bytes]:
     """One line per batch of text, then the final line; a failure on the way is an `error` line."""
     try:
         async for _, item in following:
+            if isinstance(item, JobStatus):  # Ollama's stream has no place for it
+                continue
             if isinstance(item, TokenChunk):
                 yield ndjson(chunk(item.text))
             elif item.status == "failed":

@@ -17,8 +17,7 @@ from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep, require_client
 from gputorrent.errors import GPUTorrentError
-from gputorrent.protocol import JobResult
-from gputorrent.streams import StreamEntry
+from gputorrent.protocol import JobResult, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -102,14 +101,14 @@ async def _completed(waiter: WaiterDep, request_id: str, timeout_s: float) -> Jo
 
 def _follow(
     redis: RedisDep, settings: SettingsDep, request_id: str, request: Request, caller: Caller
-) -> AsyncIterator[StreamEntry]:
+) -> AsyncIterator[relay.Relayed]:
     return relay.follow(
         redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected, owner=caller
     )
 
 
 async def _events(
-    following: AsyncIterator[StreamEntry],
+    following: AsyncIterator[relay.Relayed],
     first: dict[str, Any] | None,
     chunk: Callable[[str, str | None], dict[str, Any]],
     body: wire.ChatCompletionRequest | wire.CompletionRequest,
@@ -121,6 +120,9 @@ async def _events(
         yield sse(first)
     try:
         async for _, item in following:
+            if isinstance(item, JobStatus):  # a comment line: clients skip it, a person watching with curl sees it
+                yield f": queued, position {item.position}, starts in about {item.eta_s} s\n\n".encode()
+                continue
             if not isinstance(item, JobResult):
                 yield sse(chunk(item.text, None))
                 continue

@@ -1,0 +1,154 @@
+"""B1, added latency: a non-streamed chat completion at concurrency 1, direct, through GPU Torrent and through LiteLLM.
+
+One run starts the fast OpenAI-compatible server (bench/fast_openai_server.py, which answers at
+once), a private Redis-compatible server, a coordinator with authentication on and one
+`openai`-backend worker in front of the fast server, and LiteLLM's proxy (with a master key) in
+front of the same server. It then sends the same chat completion to the three in turn, request by
+request (direct, GPU Torrent, LiteLLM, direct, ...), one at a time on one kept-alive connection
+each, so every side sees the same machine noise. The added latency of a path is its percentile
+minus the direct percentile.
+
+    bench/.venv/bin/python bench/added_latency.py --requests 1000
+
+Prints a Markdown table and writes bench/results/added_latency.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pool import (
+    LITELLM_MASTER_KEY,
+    Processes,
+    litellm_missing,
+    start_fast_server,
+    start_litellm,
+    start_pool,
+    summary,
+    version,
+    write_result,
+)
+
+from gputorrent.embedded import EmbeddedRedis
+
+TOKENS = 16
+EXPECTED = "".join(f"t{i} " for i in range(TOKENS))
+BODY = {"model": "fast", "messages": [{"role": "user", "content": "go"}], "max_tokens": TOKENS}
+LABELS = {"direct": "direct", "gputorrent": "GPU Torrent", "litellm": "LiteLLM proxy"}
+
+
+async def complete(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
+    """Milliseconds for one chat completion; raises unless the reply is the expected text."""
+    started = time.perf_counter()
+    async with http.post(url, json=BODY, headers=headers) as resp:
+        reply = await resp.json()
+    elapsed = (time.perf_counter() - started) * 1000
+    if resp.status != 200 or reply["choices"][0]["message"]["content"] != EXPECTED:
+        raise RuntimeError(f"{url} answered {resp.status}: {str(reply)[:300]}")
+    return elapsed
+
+
+async def measure(sides: dict[str, tuple[str, dict[str, str]]], requests: int) -> dict[str, list[float]]:
+    samples: dict[str, list[float]] = {side: [] for side in sides}
+    # One connection per side, kept alive, as a client library holds one.
+    sessions = {side: aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=1)) for side in sides}
+    try:
+        for _ in range(50):  # warm every path: connections, caches, lazy imports
+            for side, (url, headers) in sides.items():
+                await complete(sessions[side], url, headers)
+        for _ in range(requests):
+            for side, (url, headers) in sides.items():
+                samples[side].append(await complete(sessions[side], url, headers))
+    finally:
+        for session in sessions.values():
+            await session.close()
+    return samples
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--requests", type=int, default=1000, help="requests per side")
+    parser.add_argument("--no-litellm", action="store_true", help="measure GPU Torrent against direct only")
+    args = parser.parse_args()
+
+    litellm_skipped = "--no-litellm" if args.no_litellm else litellm_missing()
+    with EmbeddedRedis() as redis, Processes() as procs:
+        fast = start_fast_server(procs)
+        pool = start_pool(procs, redis.url)
+        pool.add_worker(["--backend", "openai", "--openai-base-url", fast, "--model", "fast"])
+        sides = {
+            "direct": (f"{fast}/chat/completions", {}),
+            "gputorrent": (f"{pool.url}/v1/chat/completions", pool.headers),
+        }
+        if not litellm_skipped:
+            litellm = start_litellm(procs, fast)
+            sides["litellm"] = (f"{litellm}/v1/chat/completions", {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"})
+        pool.wait_for_model("fast")
+        samples = asyncio.run(measure(sides, args.requests))
+    result = analyse(samples)
+    result |= {"requests_per_side": args.requests, "tokens": TOKENS, "litellm_version": version("litellm")}
+    if litellm_skipped:
+        result["litellm_skipped"] = litellm_skipped
+    write_result("added_latency", result)
+    print(table(result))
+    return 0
+
+
+def analyse(samples: dict[str, list[float]]) -> dict[str, Any]:
+    sides = {side: summary(values) for side, values in samples.items()}
+    direct = sides["direct"]
+    for figures in sides.values():
+        figures["added_p50"] = figures["p50"] - direct["p50"]
+        figures["added_p99"] = figures["p99"] - direct["p99"]
+    result: dict[str, Any] = {"sides": sides}
+    if "litellm" in sides:
+        ours, theirs = sides["gputorrent"], sides["litellm"]
+        result["ours_over_litellm_added_p50"] = ours["added_p50"] / theirs["added_p50"]
+        result["ours_over_litellm_added_p99"] = ours["added_p99"] / theirs["added_p99"]
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The Markdown table of docs/benchmarks.md for these results."""
+    rows = ["| path | p50 (ms) | p99 (ms) | added p50 (ms) | added p99 (ms) |", "|---|---|---|---|---|"]
+    for side, f in result["sides"].items():
+        added = "— | —" if side == "direct" else f"{f['added_p50']:+.2f} | {f['added_p99']:+.2f}"
+        rows.append(f"| {LABELS[side]} | {f['p50']:.2f} | {f['p99']:.2f} | {added} |")
+    if "ours_over_litellm_added_p50" in result:
+        rows.append(
+            f"\nGPU Torrent's added latency ÷ LiteLLM's: {result['ours_over_litellm_added_p50']:.2f} at p50, "
+            f"{result['ours_over_litellm_added_p99']:.2f} at p99 ({result['requests_per_side']} requests a side, "
+            f"LiteLLM {result['litellm_version']})."
+        )
+    else:
+        rows.append(f"\nLiteLLM not measured: {result.get('litellm_skipped')}.")
+    return "\n".join(rows)
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    sides = [s for s in result["sides"] if s != "direct"]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    width = 0.38
+    xs = range(len(sides))
+    ax.bar([x - width / 2 for x in xs], [result["sides"][s]["added_p50"] for s in sides], width, label="added p50")
+    ax.bar([x + width / 2 for x in xs], [result["sides"][s]["added_p99"] for s in sides], width, label="added p99")
+    ax.axhline(1.5, color="C0", linestyle=":", linewidth=1)
+    ax.axhline(3.0, color="C1", linestyle=":", linewidth=1)
+    ax.set_xticks(list(xs), [LABELS[s] for s in sides])
+    ax.set_ylabel("ms added to a direct call")
+    ax.set_title("B1 added latency at concurrency 1 (dotted: targets)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
