@@ -312,6 +312,10 @@ class GenerationDone(WireModel):
 class Embeddings(WireModel):
     """What a backend returns for an embedding job."""
 
+    # Taken as the backend gives it: the executor fails a job with non-finite values as the
+    # backend's error (`backend_error`), and the result it stores admits none.
+    model_config = ConfigDict(allow_inf_nan=True)
+
     vectors: list[list[float]]
     prompt_tokens: int
 
