@@ -209,3 +209,43 @@ async def test_least_loaded_sends_new_work_past_a_worker_with_a_backlog(
         job = Job(request_id=f"backlog-{_}", worker_id="w1", model="fake", prompt="x", enqueued_at=time.time())
         await queue.enqueue(redis, job, ttl_s=60)
     assert [(await _submit(api)).json()["worker_id"] for _ in range(3)] == ["w2", "w2", "w2"]
+
+
+async def test_compatible_apis_take_a_priority_header(
+    api: httpx.AsyncClient, redis: Redis, fake_worker: MakeWorker
+) -> None:
+    worker = await fake_worker("w1")
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+    bad = await api.post("/v1/chat/completions", json=chat, headers={"x-gputorrent-priority": "10"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "x-gputorrent-priority"
+    answer = asyncio.create_task(api.post("/v1/chat/completions", json=chat, headers={"x-gputorrent-priority": "8"}))
+
+    async def queued_at_8() -> bool:
+        return [job.priority for job in await _shared_queue(redis)] == [8]
+
+    await eventually(queued_at_8, "the OpenAI request to wait in priority band 8")
+    await worker.run(asyncio.Event(), burst=True)
+    assert (await answer).status_code == 200
+
+
+@with_settings(routing="session_affinity")
+async def test_compatible_apis_take_a_session_header(api: httpx.AsyncClient, fake_worker: MakeWorker) -> None:
+    workers = [await fake_worker(worker_id) for worker_id in ("w1", "w2", "w3")]
+    stop = asyncio.Event()
+    running = [asyncio.create_task(worker.run(stop)) for worker in workers]
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "x"}]}
+
+    async def served_by(session: str) -> str:
+        """The worker that ran an OpenAI chat completion sent with `session`."""
+        answer = await api.post("/v1/chat/completions", json=chat, headers={"x-gputorrent-session-id": session})
+        assert answer.status_code == 200, answer.text
+        request_id = answer.json()["id"].removeprefix("chatcmpl-")
+        return str((await api.get(f"/result/{request_id}")).json()["worker_id"])
+
+    try:
+        placed = {session: [await served_by(session) for _ in range(2)] for session in ("s1", "s2", "s3", "s4")}
+    finally:
+        stop.set()
+        await asyncio.wait_for(asyncio.gather(*running), 10)
+    assert all(first == again for first, again in placed.values()), placed  # each session keeps its worker
+    assert len({first for first, _ in placed.values()}) > 1, placed  # and sessions spread over the pool

@@ -128,7 +128,7 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         if err.get("type") == "json_invalid":
             fields.append({"field": "body", "message": "the body is not valid JSON"})
             continue
-        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path")]
+        loc = [str(part) for part in err.get("loc", ()) if part not in ("body", "query", "path", "header")]
         fields.append({"field": ".".join(loc) or "body", "message": err.get("msg", "invalid")})
     message = "; ".join(f"{f['field']}: {f['message']}" for f in fields) or "invalid request"
     details = {"fields": fields, "param": fields[0]["field"] if fields else None}

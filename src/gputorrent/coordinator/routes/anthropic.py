@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import anthropic as wire
-from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.deps import IdempotencyKeyDep, PlacementDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep
@@ -34,12 +34,12 @@ async def create_message(
     waiter: WaiterDep,
     settings: SettingsDep,
     caller: ClientDep,
+    placement: PlacementDep,
     idempotency_key: IdempotencyKeyDep = None,
-    x_api_key: Annotated[str | None, Header(description="accepted and ignored: there is no authentication yet")] = None,
     anthropic_version: Annotated[str | None, Header(description="accepted and ignored")] = None,
 ) -> JSONResponse | StreamingResponse:
     """Anthropic's Messages API: a `Message`, or with `stream: true` its event stream."""
-    accepted = await admit(redis, wire.to_inference(body), settings, caller, idempotency_key)
+    accepted = await admit(redis, placement.apply(wire.to_inference(body)), settings, caller, idempotency_key)
     headers = {"request-id": accepted.request_id}  # the header Anthropic's SDKs expose as `_request_id`
     if not body.stream:
         result = await relay.completed_result(waiter, accepted.request_id, settings.max_sync_wait_s)

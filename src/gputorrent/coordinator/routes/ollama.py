@@ -18,7 +18,7 @@ from fastapi.responses import StreamingResponse
 from gputorrent import __version__, registry, routing
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import ollama as wire
-from gputorrent.coordinator.deps import RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.deps import PlacementDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
 from gputorrent.coordinator.security import Caller, ClientDep, require_client
@@ -43,12 +43,13 @@ async def generate(
     waiter: WaiterDep,
     settings: SettingsDep,
     caller: ClientDep,
+    placement: PlacementDep,
 ) -> dict[str, Any] | StreamingResponse:
     """A completion of `prompt` (templated as a user turn unless `raw`), streamed by default."""
     if wire.is_load(body):
         await _require_served(redis, body.model)
         return wire.load_reply(body, _now())
-    job_request = wire.generate_to_inference(body)
+    job_request = placement.apply(wire.generate_to_inference(body))
     raw = bool(body.raw)
 
     def chunk(text: str) -> dict[str, Any]:
@@ -68,12 +69,13 @@ async def chat(
     waiter: WaiterDep,
     settings: SettingsDep,
     caller: ClientDep,
+    placement: PlacementDep,
 ) -> dict[str, Any] | StreamingResponse:
     """The assistant's next message in a chat, streamed by default."""
     if wire.is_load(body):
         await _require_served(redis, body.model)
         return wire.load_reply(body, _now())
-    job_request = wire.chat_to_inference(body)
+    job_request = placement.apply(wire.chat_to_inference(body))
 
     def chunk(text: str) -> dict[str, Any]:
         return wire.chat_chunk(body.model, _now(), text)
@@ -135,19 +137,29 @@ async def pull(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any] | Str
 
 @router.post("/embed")
 async def embed(
-    body: wire.EmbedRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep, caller: ClientDep
+    body: wire.EmbedRequest,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    caller: ClientDep,
+    placement: PlacementDep,
 ) -> dict[str, Any]:
     """One vector per input text, computed on a worker that serves the model."""
-    accepted = await _admit(redis, wire.embed_to_request(body.model, body.input), settings, caller)
+    accepted = await _admit(redis, placement.apply(wire.embed_to_request(body.model, body.input)), settings, caller)
     return wire.embed_reply(await _completed(waiter, accepted.request_id, settings))
 
 
 @router.post("/embeddings")
 async def embeddings(
-    body: wire.LegacyEmbeddingsRequest, redis: RedisDep, waiter: WaiterDep, settings: SettingsDep, caller: ClientDep
+    body: wire.LegacyEmbeddingsRequest,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    caller: ClientDep,
+    placement: PlacementDep,
 ) -> dict[str, Any]:
     """The older single-text endpoint: `{"embedding": [...]}`."""
-    accepted = await _admit(redis, wire.embed_to_request(body.model, body.prompt), settings, caller)
+    accepted = await _admit(redis, placement.apply(wire.embed_to_request(body.model, body.prompt)), settings, caller)
     result = await _completed(waiter, accepted.request_id, settings)
     return {"embedding": (result.embeddings or [[]])[0]}
 

@@ -12,7 +12,7 @@ from fastapi.responses import StreamingResponse
 from gputorrent import registry, routing
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import openai as wire
-from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.deps import IdempotencyKeyDep, PlacementDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep, require_client
@@ -36,9 +36,10 @@ async def chat_completions(
     waiter: WaiterDep,
     settings: SettingsDep,
     caller: ClientDep,
+    placement: PlacementDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any] | StreamingResponse:
-    job_request = wire.chat_to_inference(body).model_copy(update={"stream": body.stream})
+    job_request = placement.apply(wire.chat_to_inference(body).model_copy(update={"stream": body.stream}))
     accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
@@ -61,9 +62,10 @@ async def completions(
     waiter: WaiterDep,
     settings: SettingsDep,
     caller: ClientDep,
+    placement: PlacementDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any] | StreamingResponse:
-    job_request = wire.completion_to_inference(body).model_copy(update={"stream": body.stream})
+    job_request = placement.apply(wire.completion_to_inference(body).model_copy(update={"stream": body.stream}))
     accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
@@ -85,9 +87,10 @@ async def embeddings(
     waiter: WaiterDep,
     settings: SettingsDep,
     caller: ClientDep,
+    placement: PlacementDep,
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any]:
-    accepted = await admit(redis, wire.embeddings_to_request(body), settings, caller, idempotency_key)
+    accepted = await admit(redis, placement.apply(wire.embeddings_to_request(body)), settings, caller, idempotency_key)
     result = await _completed(waiter, accepted.request_id, settings.max_sync_wait_s)
     return wire.embeddings(result, body.encoding_format)
 
