@@ -83,6 +83,11 @@ class CoordinatorSettings(_Settings):
     # Admission control: past these many queued jobs a request is refused with 429 and Retry-After.
     max_queue_per_worker: int = Field(default=1000, ge=1, validation_alias=_env("GPUTORRENT_MAX_QUEUE_PER_WORKER"))
     max_queue_per_model: int = Field(default=10000, ge=1, validation_alias=_env("GPUTORRENT_MAX_QUEUE_PER_MODEL"))
+    # The most generation speed (tokens/s, one job's) a worker linked through the coordinator is
+    # believed: routing divides by it, so an inflated figure would draw every job to one worker.
+    max_worker_tokens_per_s: float = Field(
+        default=2000.0, gt=0, le=1e7, validation_alias=_env("GPUTORRENT_MAX_WORKER_TOKENS_PER_S")
+    )
 
     @property
     def redis_url(self) -> str:

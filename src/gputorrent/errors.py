@@ -8,6 +8,8 @@
     ├── Conflict                     409 conflict             (e.g. a request id another key uses)
     │   └── LeaseLost                409 lease_lost           (a worker wrote to a job it does not hold)
     ├── RateLimited                  429 rate_limited         (carries `retry_after_s`)
+    │   └── SlotsFull                429 slots_full           (a worker's takes would pass its registered slots)
+    ├── WorkerGone                   410 worker_gone          (a worker's credential is valid, its registration gone)
     ├── NotFound                     404 not_found
     │   ├── ModelNotFound            404 model_not_found      (carries the models live workers serve)
     │   └── RequestNotFound          404 request_not_found
@@ -88,6 +90,20 @@ class RateLimited(GPUTorrentError):
     def __init__(self, message: str, *, retry_after_s: int = 1, **details: Any) -> None:
         super().__init__(message, retry_after_s=retry_after_s, **details)
         self.retry_after_s = retry_after_s
+
+
+class SlotsFull(RateLimited):
+    """A worker asked for more jobs than the slots it registered: it holds (or is taking) that many."""
+
+    code = "slots_full"
+
+
+class WorkerGone(GPUTorrentError):
+    """The worker's credential is valid but it is no longer registered (removed, or it left): it
+    registers again, or stops."""
+
+    code = "worker_gone"
+    http_status = 410
 
 
 class NotFound(GPUTorrentError):
@@ -173,6 +189,8 @@ ERRORS_BY_CODE: dict[str, type[GPUTorrentError]] = {
         Forbidden,
         Conflict,
         RateLimited,
+        SlotsFull,
+        WorkerGone,
         NotFound,
         ModelNotFound,
         RequestNotFound,

@@ -45,16 +45,33 @@ async def held_entry(redis: Redis, worker_id: str, request_id: str) -> str | Non
     return None
 
 
-async def beat(redis: Redis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, running: list[str]) -> BeatAnswer:
-    """Refresh the worker's liveness key; answer whether it should drain, and which of its `running`
-    jobs it no longer holds or were ended (it stops them)."""
+# A beat checked against a secret that is deleted meanwhile (revoked, or the worker left) must not
+# bring the worker back to life: the heartbeat is written only while the secret is there.
+_BEAT = """
+if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+
+async def beat(
+    redis: Redis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, running: list[str]
+) -> BeatAnswer | None:
+    """Refresh the worker's liveness key while its secret exists; answer whether it should drain,
+    and which of its `running` jobs it no longer holds or were ended (it stops them). None, and
+    nothing written, when its secret is gone."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
+        pipe.eval(
+            _BEAT, 2, keys.heartbeat_key(worker_id), keys.worker_secret_key(worker_id),
+            heartbeat.model_dump_json(), str(int(ttl_s * 1000)),
+        )  # fmt: skip
         pipe.exists(keys.drain_key(worker_id))
         pipe.lrange(keys.processing_key(worker_id), 0, -1)
         for request_id in running:
             pipe.exists(keys.cancel_key(request_id))
-        _, drain, held, *cancelled = await pipe.execute()
+        written, drain, held, *cancelled = await pipe.execute()
+    if not written:
+        return None
     held_ids = {request_id_of(str(raw)) for raw in held}
     ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
     return BeatAnswer(drain=bool(drain), ended=ended)

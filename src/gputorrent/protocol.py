@@ -19,6 +19,11 @@ MAX_TOKENS = 32768  # the most tokens one request may ask for
 MAX_TIMEOUT_S = 86400.0  # the longest deadline a request may ask for
 PRIORITY_MIN, PRIORITY_DEFAULT, PRIORITY_MAX = 0, 5, 9
 SESSION_ID_PATTERN = r"^[^\s]{1,256}$"
+MAX_SLOTS = 1024  # the most jobs one worker may run at once
+MAX_JOB_TOKENS = 10**9  # beyond any prompt or generation one job can hold
+MAX_DURATION_MS = 1e10  # about 115 days: longer than any job waits or runs
+MAX_UNIX_TIME_S = 1e10  # the year 2286
+MAX_TOKENS_PER_S = 1e7  # what a heartbeat may say at all; the coordinator trusts far less (see routes/worker.py)
 
 
 def _encodable(value: str) -> str:
@@ -35,7 +40,8 @@ Text = Annotated[str, AfterValidator(_encodable)]
 
 
 class WireModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity: JSON has neither, so one would be stored as null and fail every later read.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InferenceOptions(WireModel):
@@ -130,20 +136,24 @@ class Job(WireModel):
 
 
 class Usage(WireModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
+    prompt_tokens: int = Field(default=0, ge=0, le=MAX_JOB_TOKENS)
+    completion_tokens: int = Field(default=0, ge=0, le=MAX_JOB_TOKENS)
 
 
 class Timings(WireModel):
     """Where a job's time went, in ms: admitted, queued, dispatched, run. `overhead_ms` is set by the
     coordinator that answers (see coordinator/overhead.py): everything but inference."""
 
-    admission_ms: float = 0.0  # the coordinator: the key check, routing, the enqueue
-    queued_ms: float = 0.0  # from the enqueue until a worker took it
-    dispatch_ms: float = 0.0  # the worker: from taking it until the backend started
-    inference_ms: float = 0.0
-    first_token_ms: float | None = None  # from the start of inference to the first token (none for embeddings)
-    overhead_ms: float | None = None  # queued, dispatching and relaying: all of the request's time but inference
+    # the coordinator: the key check, routing, the enqueue
+    admission_ms: float = Field(default=0.0, ge=0, le=MAX_DURATION_MS)
+    queued_ms: float = Field(default=0.0, ge=0, le=MAX_DURATION_MS)  # from the enqueue until a worker took it
+    # the worker: from taking it until the backend started
+    dispatch_ms: float = Field(default=0.0, ge=0, le=MAX_DURATION_MS)
+    inference_ms: float = Field(default=0.0, ge=0, le=MAX_DURATION_MS)
+    # from the start of inference to the first token (none for embeddings)
+    first_token_ms: float | None = Field(default=None, ge=0, le=MAX_DURATION_MS)
+    # queued, dispatching and relaying: all of the request's time but inference
+    overhead_ms: float | None = Field(default=None, ge=0, le=MAX_DURATION_MS)
 
 
 class ErrorInfo(WireModel):
@@ -213,7 +223,7 @@ class WorkerRegistration(WireModel):
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
     models: list[Text] = Field(min_length=1, max_length=256)
     backend: Text = Field(min_length=1, max_length=64)
-    slots: int = Field(default=1, ge=1, le=1024)
+    slots: int = Field(default=1, ge=1, le=MAX_SLOTS)
     hardware: Hardware = Field(default_factory=Hardware)
     version: Text | None = Field(default=None, max_length=64)
     # Needed only to replace the registration of a live worker with this id: that worker's secret.
@@ -257,12 +267,13 @@ WorkerCondition = Literal["alive", "draining", "unhealthy"]
 class Heartbeat(WireModel):
     """What a worker writes at `heartbeat:{worker_id}` on every beat."""
 
-    at: float
-    jobs_in_flight: int = 0
+    at: float = Field(ge=0, le=MAX_UNIX_TIME_S)
+    jobs_in_flight: int = Field(default=0, ge=0, le=MAX_SLOTS)
     condition: WorkerCondition = "alive"
     reason: str | None = None  # why it is unhealthy
     telemetry: Telemetry | None = None  # the machine and the jobs done so far
-    tokens_per_s: float | None = None  # measured generation speed (recent jobs, weighted); None before any
+    # measured generation speed (recent jobs, weighted); None before any
+    tokens_per_s: float | None = Field(default=None, ge=0, le=MAX_TOKENS_PER_S)
 
 
 class WorkerState(WireModel):
@@ -300,6 +311,10 @@ class GenerationDone(WireModel):
 
 class Embeddings(WireModel):
     """What a backend returns for an embedding job."""
+
+    # Taken as the backend gives it: the executor fails a job with non-finite values as the
+    # backend's error (`backend_error`), and the result it stores admits none.
+    model_config = ConfigDict(allow_inf_nan=True)
 
     vectors: list[list[float]]
     prompt_tokens: int

@@ -6,11 +6,18 @@ beat, so a worker that dies simply expires and every coordinator sees it at once
 
 from __future__ import annotations
 
+import logging
+from typing import TypeVar
+
+from pydantic import ValidationError
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from gputorrent import keys
-from gputorrent.protocol import Heartbeat, WorkerRecord, WorkerState
+from gputorrent.protocol import Hardware, Heartbeat, WorkerRecord, WorkerState
+
+log = logging.getLogger(__name__)
+M = TypeVar("M", WorkerRecord, Heartbeat)
 
 # A live worker's id is taken: only its own secret (or `force`) replaces its registration.
 _REGISTER = """
@@ -132,8 +139,12 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
     for worker_id, record_json, heartbeat_json, queue_length, held in sorted(replies):
         if not record_json:
             continue
-        record = WorkerRecord.model_validate_json(record_json)
-        heartbeat = Heartbeat.model_validate_json(heartbeat_json) if heartbeat_json else None
+        record = _read(WorkerRecord, worker_id, record_json)
+        if record is None:  # still listed, dead: the reaper hands on whatever its lists hold
+            record = WorkerRecord(worker_id=worker_id, models=[], backend="", slots=1, hardware=Hardware(),
+                                  registered_at=0.0)  # fmt: skip
+            heartbeat_json = None
+        heartbeat = _read(Heartbeat, worker_id, heartbeat_json) if heartbeat_json else None
         states.append(
             WorkerState(
                 worker_id=worker_id,
@@ -153,3 +164,13 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
             )
         )
     return states
+
+
+def _read(model: type[M], worker_id: str, raw: str) -> M | None:
+    """The stored record or heartbeat; None (the worker counts as dead) when it cannot be read, so
+    one bad entry never breaks every reader of the pool."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as e:
+        log.warning("worker %s: unreadable %s, taken as dead: %s", worker_id, model.__name__, e.errors()[:1])
+        return None

@@ -13,6 +13,7 @@ Prometheus reads as a counter reset.
 from __future__ import annotations
 
 import bisect
+from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -35,35 +36,42 @@ HISTOGRAM_BOUNDS_S: tuple[float, ...] = (
 )
 
 
+MAX_COUNT = 2**53  # the largest integer a JSON reader keeps exact
+MAX_BYTES = 2**60
+MAX_SECONDS = 1e10  # a sum of durations, or a unix time (the year 2286)
+Count = Annotated[int, Field(ge=0, le=MAX_COUNT)]
+
+
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No NaN or infinity: JSON has neither, so one would be stored as null and fail every later read.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class GPUSample(_Model):
     """One GPU as NVML sees it; a figure NVML cannot read is None."""
 
-    index: int = Field(ge=0)
-    name: str
-    memory_used_bytes: int | None = Field(default=None, ge=0)
-    memory_total_bytes: int | None = Field(default=None, ge=0)
+    index: int = Field(ge=0, le=1024)
+    name: str = Field(max_length=256)
+    memory_used_bytes: int | None = Field(default=None, ge=0, le=MAX_BYTES)
+    memory_total_bytes: int | None = Field(default=None, ge=0, le=MAX_BYTES)
     utilization_ratio: float | None = Field(default=None, ge=0, le=1)
-    temperature_celsius: float | None = None
+    temperature_celsius: float | None = Field(default=None, ge=-273.15, le=1000)
 
 
 class MachineSample(_Model):
     """The worker's machine now: its GPUs where NVML answers, and always CPU and RAM."""
 
-    gpus: list[GPUSample] = Field(default_factory=list)
+    gpus: list[GPUSample] = Field(default_factory=list, max_length=64)
     cpu_utilization_ratio: float | None = Field(default=None, ge=0, le=1)  # the whole machine, since the last sample
-    ram_used_bytes: int | None = Field(default=None, ge=0)
-    ram_total_bytes: int | None = Field(default=None, ge=0)
+    ram_used_bytes: int | None = Field(default=None, ge=0, le=MAX_BYTES)
+    ram_total_bytes: int | None = Field(default=None, ge=0, le=MAX_BYTES)
 
 
 class Histogram(_Model):
     """Observations per bucket of `HISTOGRAM_BOUNDS_S` (not cumulative), plus one above the last bound."""
 
-    counts: list[int] = Field(min_length=len(HISTOGRAM_BOUNDS_S) + 1, max_length=len(HISTOGRAM_BOUNDS_S) + 1)
-    sum_s: float = 0.0
+    counts: list[Count] = Field(min_length=len(HISTOGRAM_BOUNDS_S) + 1, max_length=len(HISTOGRAM_BOUNDS_S) + 1)
+    sum_s: float = Field(default=0.0, ge=0, le=MAX_SECONDS * MAX_COUNT)
 
     @classmethod
     def empty(cls) -> Histogram:
@@ -92,10 +100,10 @@ class Histogram(_Model):
 class ModelCounters(_Model):
     """What one worker has done for one model since it started."""
 
-    completed: int = Field(default=0, ge=0)
-    failed: int = Field(default=0, ge=0)
-    prompt_tokens: int = Field(default=0, ge=0)
-    tokens_generated: int = Field(default=0, ge=0)
+    completed: Count = 0
+    failed: Count = 0
+    prompt_tokens: Count = 0
+    tokens_generated: Count = 0
     queue_wait: Histogram = Field(default_factory=Histogram.empty)  # admission to start
     time_to_first_token: Histogram = Field(default_factory=Histogram.empty)  # admission to first token
     latency: Histogram = Field(default_factory=Histogram.empty)  # admission to result
@@ -104,9 +112,9 @@ class ModelCounters(_Model):
 class Telemetry(_Model):
     """The sample a heartbeat carries."""
 
-    sampled_at: float  # unix time, seconds
+    sampled_at: float = Field(ge=0, le=MAX_SECONDS)  # unix time, seconds
     machine: MachineSample = Field(default_factory=MachineSample)
-    jobs: dict[str, ModelCounters] = Field(default_factory=dict)  # by model
+    jobs: dict[str, ModelCounters] = Field(default_factory=dict, max_length=256)  # by model (256 at most registered)
 
 
 class FailureRecord(_Model):

@@ -131,6 +131,8 @@ async def test_scopes_limit_what_a_key_may_do(as_key: KeyedClient, redis: Redis,
     registered = await client.post("/register", json={"worker_id": "w2", "models": ["fake"], "backend": "fake"})
     assert registered.status_code == 403
     assert (await client.get("/admin/keys")).status_code == 403
+    assert (await client.post("/admin/workers/w1/revoke")).status_code == 403
+    assert (await join.post("/admin/workers/w1/revoke")).status_code == 403
 
 
 async def test_a_live_workers_id_cannot_be_taken_without_its_secret(as_key: KeyedClient, redis: Redis) -> None:

@@ -6,6 +6,7 @@ import asyncio
 import time
 
 import httpx
+import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
@@ -85,3 +86,20 @@ async def test_heartbeats_report_jobs_in_flight_and_condition(redis: Redis, redi
     assert (state.state, state.state_reason) == ("unhealthy", "backend down")
     await registry.mark_gone(redis, "w1")
     assert [w.state for w in await registry.snapshot(redis)] == ["dead"]
+
+
+@pytest.mark.parametrize("coordinator_settings", [{"heartbeat_timeout_s": 600}], indirect=True)  # w3 stays alive
+async def test_an_unreadable_heartbeat_or_record_is_a_dead_worker_not_a_broken_pool(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    for worker_id in ("w1", "w2", "w3"):
+        body = {"worker_id": worker_id, "models": ["m"], "backend": "fake"}
+        assert (await api.post("/register", json=body)).is_success
+    # What a NaN used to leave behind (JSON has no NaN: it was stored as null), and a record no longer readable.
+    await redis.set(keys.heartbeat_key("w1"), '{"at": null, "jobs_in_flight": 0}')
+    await redis.set(keys.worker_key("w2"), '{"worker_id": "w2"}')
+    states = {w.worker_id: w.state for w in await registry.snapshot(redis)}
+    assert states == {"w1": "dead", "w2": "dead", "w3": "alive"}
+    response = await api.get("/workers")
+    assert response.status_code == 200
+    assert [w["state"] for w in response.json()] == ["dead", "dead", "alive"]

@@ -18,6 +18,7 @@ from gputorrent.protocol import (
     InferenceRequest,
     Job,
     JobResult,
+    WorkerBeat,
     WorkerRegistration,
 )
 
@@ -53,14 +54,42 @@ inference_bodies = st.fixed_dictionaries(
         "surprise": json_values,
     },
 )
+numbers = st.integers() | st.floats()  # NaN and infinities included: JSON has neither
+usage = st.fixed_dictionaries({}, optional={"prompt_tokens": numbers, "completion_tokens": numbers})
+timings = st.fixed_dictionaries(
+    {}, optional={"queued_ms": numbers, "inference_ms": numbers, "first_token_ms": numbers | st.none()}
+)
+histogram = st.fixed_dictionaries({"counts": st.lists(numbers, min_size=15, max_size=15), "sum_s": numbers})
+telemetry = st.fixed_dictionaries(
+    {"sampled_at": numbers},
+    optional={
+        "machine": st.fixed_dictionaries({}, optional={"cpu_utilization_ratio": numbers, "ram_used_bytes": numbers}),
+        "jobs": st.dictionaries(
+            texts, st.fixed_dictionaries({}, optional={"completed": numbers, "latency": histogram})
+        ),
+    },
+)
+heartbeat_bodies = st.fixed_dictionaries(
+    {"at": numbers},
+    optional={"jobs_in_flight": numbers, "tokens_per_s": numbers | st.none(), "telemetry": telemetry},
+)
+# What a worker linked through the coordinator sends: its beats and its results.
+worker_bodies = (
+    heartbeat_bodies
+    | st.fixed_dictionaries({"heartbeat": heartbeat_bodies})
+    | st.fixed_dictionaries(
+        {"request_id": st.just("r-12345678"), "status": st.just("completed"), "model": texts, "worker_id": texts},
+        optional={"usage": usage, "timings": timings},
+    )
+)
 MODELS_FROM_OUTSIDE: list[type[BaseModel]] = [
-    InferenceRequest, EmbeddingRequest, WorkerRegistration, ApiKeyRequest, Heartbeat,
+    InferenceRequest, EmbeddingRequest, WorkerRegistration, ApiKeyRequest, Heartbeat, WorkerBeat, JobResult,
 ]  # fmt: skip
 
 
 @pytest.mark.parametrize("model", MODELS_FROM_OUTSIDE, ids=lambda m: m.__name__)
 @settings(max_examples=300, deadline=None)
-@given(body=json_values | inference_bodies)
+@given(body=json_values | inference_bodies | worker_bodies)
 def test_any_input_is_a_valid_model_or_a_validation_error(model: type[BaseModel], body: Any) -> None:
     try:
         parsed = model.model_validate(body)
@@ -79,6 +108,26 @@ def test_a_valid_request_is_one_the_coordinator_can_write_back_as_utf8_json(body
     assert (request.prompt is None) != (request.messages is None)
     json.loads(request.model_dump_json().encode("utf-8"))  # no lone surrogate slipped through
     assert 1 <= request.options.max_tokens <= 32768
+
+
+@settings(max_examples=300, deadline=None)
+@given(body=worker_bodies)
+def test_a_workers_figures_are_finite_and_not_negative(body: dict[str, Any]) -> None:
+    for model in (Heartbeat, WorkerBeat, JobResult):
+        try:
+            parsed = model.model_validate(body)
+        except ValidationError:
+            continue
+        figures = json.loads(parsed.model_dump_json())
+        assert all(0 <= n < 1e30 for n in _numbers(figures)), figures
+
+
+def _numbers(value: Any) -> list[float]:
+    if isinstance(value, dict):
+        return [n for item in value.values() for n in _numbers(item)]
+    if isinstance(value, list):
+        return [n for item in value for n in _numbers(item)]
+    return [value] if isinstance(value, int | float) and not isinstance(value, bool) else []
 
 
 jobs = st.builds(

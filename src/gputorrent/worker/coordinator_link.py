@@ -3,7 +3,8 @@ coordinator's `/worker` routes (see `link.py` for the interface, `docs/security.
 
 Every call carries `Authorization: Bearer <worker_id>:<worker_secret>`; the coordinator checks it
 and runs the same lease-checked functions a Redis-linked worker runs, as that worker only. A 409
-(`lease_lost`) means the job is not this worker's (any more): its write was refused.
+(`lease_lost`) means the job is not this worker's (any more): its write was refused. A 410
+(`worker_gone`) to a take means the worker is no longer registered: it stops (`WorkerGone`).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Sequence
+from typing import TypeVar
 
 import aiohttp
 import httpx
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from gputorrent import queue
+from gputorrent.errors import WorkerGone
 from gputorrent.protocol import (
     BeatAnswer,
     ErrorInfo,
@@ -39,7 +42,9 @@ log = logging.getLogger(__name__)
 
 CALL_TIMEOUT_S = 30.0
 TAKE_EXTRA_S = 10.0  # a take waits up to its long poll; the connection may take this much longer
+LONGEST_TAKE_S = 5.0  # the longest long poll the coordinator grants (its TAKE_WAIT_MAX_S)
 HEARTBEAT_TIMEOUT_S = 5.0
+M = TypeVar("M", bound=BaseModel)
 
 
 class CoordinatorUnreachable(ConnectionError):
@@ -56,8 +61,23 @@ def _message(body: bytes) -> str:
     return body[:300].decode(errors="replace")
 
 
+def _parse(model: type[M], body: bytes) -> M:
+    """A 2xx answer's body; one that is not ours (a proxy's HTML page, a cut connection) counts as
+    an outage, retried like one, not as a crash of the loop that asked."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        raise CoordinatorUnreachable(
+            f"unreadable answer from the coordinator ({e.error_count()} errors): {_message(body)}"
+        ) from None
+
+
 class CoordinatorLink:
     """The pool's state through the coordinator at `coordinator_url`, as worker `worker_id`."""
+
+    # A take's reply arrives (or the take gives up) within its long poll plus TAKE_EXTRA_S: a job
+    # unheld on two looks this far apart is an orphan, not a reply still on its way.
+    orphan_check_s = LONGEST_TAKE_S + TAKE_EXTRA_S
 
     def __init__(self, coordinator_url: str, worker_id: str, worker_secret: str) -> None:
         self.worker_id = worker_id
@@ -94,18 +114,21 @@ class CoordinatorLink:
         return content
 
     async def recover(self) -> int:
-        return Moved.model_validate_json(await self._expect("POST", "/recover")).jobs
+        return _parse(Moved, await self._expect("POST", "/recover")).jobs
 
     async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
         # The models are those of the worker's registration, which the coordinator reads itself.
+        timeout_s = min(timeout_s, LONGEST_TAKE_S)
         status, content = await self._call(
             "POST", "/take", params={"wait_s": repr(timeout_s)}, timeout_s=timeout_s + TAKE_EXTRA_S
         )
         if status == 204:
             return None
+        if status == 410:  # its registration is gone: retrying cannot help
+            raise WorkerGone(f"the coordinator no longer knows worker {self.worker_id}: {_message(content)}")
         if status != 200:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
-        taken = Taken.model_validate_json(content)
+        taken = _parse(Taken, content)
         # `raw` is not this list entry's exact text; the coordinator finds the entry itself by request id.
         return queue.Lease(
             job=taken.job, raw=taken.job.model_dump_json(), streamed_before=taken.streamed_before, taken_at=time.time()
@@ -117,7 +140,7 @@ class CoordinatorLink:
             return "", 0
         if status != 200:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
-        sent = StreamText.model_validate_json(content)
+        sent = _parse(StreamText, content)
         return sent.text, sent.tokens
 
     async def append(self, request_id: str, text: str, tokens: int) -> bool:
@@ -148,14 +171,14 @@ class CoordinatorLink:
             return True  # not this worker's any more: nothing to store
         if status != 200:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
-        return Moved.model_validate_json(content).jobs > 0
+        return _parse(Moved, content).jobs > 0
 
     async def hand_on(self, *, held: bool) -> int:
-        return Moved.model_validate_json(await self._expect("POST", "/hand-on", HandOn(held=held))).jobs
+        return _parse(Moved, await self._expect("POST", "/hand-on", HandOn(held=held))).jobs
 
     async def reclaim_orphans(self, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
         body = Orphans(held=sorted(held), suspects=sorted(suspects))
-        checked = OrphanCheck.model_validate_json(await self._expect("POST", "/orphans", body))
+        checked = _parse(OrphanCheck, await self._expect("POST", "/orphans", body))
         return checked.jobs, set(checked.suspects)
 
     async def run_listeners(
@@ -169,7 +192,7 @@ class CoordinatorLink:
         return _CoordinatorHeartbeat(self._base + "/heartbeat", self._headers, self.worker_id)
 
     async def leave(self) -> bool:
-        return Left.model_validate_json(await self._expect("POST", "/leave")).left
+        return _parse(Left, await self._expect("POST", "/leave")).left
 
     async def close(self) -> None:
         await self._http.close()
@@ -195,7 +218,7 @@ class _CoordinatorHeartbeat:
             return BeatAnswer(drain=True)
         if response.status_code != 200:
             raise CoordinatorUnreachable(f"the coordinator answered {response.status_code}: {response.text[:300]}")
-        return BeatAnswer.model_validate_json(response.content)
+        return _parse(BeatAnswer, response.content)
 
     def close(self) -> None:
         self._client.close()

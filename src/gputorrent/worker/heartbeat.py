@@ -54,6 +54,8 @@ class HeartbeatThread(threading.Thread):
                     answer = self._sender.send(self._heartbeat(), self._running())
                 except (RedisError, OSError) as e:
                     log.warning("worker %s heartbeat failed: %s", self._worker_id, e)
+                except Exception:  # the outermost boundary of the beat: a thread that dies makes the worker look dead
+                    log.exception("worker %s heartbeat failed", self._worker_id)
                 else:
                     if answer.ended:
                         self._on_ended(answer.ended)

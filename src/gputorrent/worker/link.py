@@ -38,13 +38,18 @@ class HeartbeatSender(Protocol):
 class PoolLink(Protocol):
     """What a worker does to the pool's state, always as its own id."""
 
+    # Seconds between two looks for orphaned jobs (`reclaim_orphans`): longer than a take's reply can
+    # be on its way, or a job whose reply is merely late would be queued again while it runs.
+    orphan_check_s: float
+
     async def recover(self) -> int:
         """Queue again, counting an attempt, what a previous run of this worker id left unfinished."""
         ...
 
     async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
         """Lease the next job for this worker (its queue, or the shared queues of `models`); None
-        when none came within about `timeout_s`."""
+        when none came within about `timeout_s`. Raises `WorkerGone` when the pool no longer knows
+        this worker: it stops."""
         ...
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
@@ -89,6 +94,8 @@ class PoolLink(Protocol):
 
 class RedisLink:
     """Straight to Redis (`redis` is the worker's own client, `redis_url` opens the heartbeat's)."""
+
+    orphan_check_s = 1.0  # a pop's reply is lost with its connection, never late by seconds
 
     def __init__(
         self, redis: Redis, redis_url: str, worker_id: str, *, heartbeat_ttl_s: float, max_attempts: int,

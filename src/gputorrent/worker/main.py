@@ -16,8 +16,9 @@ from redis.exceptions import RedisError
 
 from gputorrent import __version__, leases, logs, queue
 from gputorrent.config import WorkerSettings
-from gputorrent.errors import BackendUnavailable, DeadlineExceeded
+from gputorrent.errors import BackendUnavailable, DeadlineExceeded, WorkerGone
 from gputorrent.protocol import (
+    MAX_TOKENS_PER_S,
     Heartbeat,
     InferenceOptions,
     Job,
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 ABANDON_TIMEOUT_S = 5.0  # how long a drain waits for stopped jobs before cancelling their tasks
 POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
-ORPHAN_CHECK_S = 1.0  # how often the processing list is checked for jobs no consumer holds
 HEALTH_RETRY_S = 5.0  # how often an unhealthy worker probes its backend again
 SPEED_WEIGHT = 0.2  # how much one job moves the measured speed (an exponentially weighted average)
 
@@ -237,12 +237,13 @@ class Worker:
     async def _reclaim_orphans(self, stop: asyncio.Event) -> None:
         """Take back the jobs Redis moved into this worker's processing list by a pop whose reply never
         arrived (the connection dropped just then): nobody would run them, and this worker's heartbeat
-        keeps the reaper away. An entry no consumer holds on two looks `ORPHAN_CHECK_S` apart is one;
+        keeps the reaper away. An entry no consumer holds on two looks `link.orphan_check_s` apart is
+        one (longer than any take's reply can take, or a job a consumer is about to run looks lost);
         it goes back to the front of this worker's queue."""
         suspects: set[str] = set()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), ORPHAN_CHECK_S)
+                await asyncio.wait_for(stop.wait(), self.link.orphan_check_s)
             if stop.is_set():
                 return
             try:
@@ -260,6 +261,10 @@ class Worker:
                 continue
             try:
                 lease = await self.link.take(0.05 if burst else POP_TIMEOUT_S, [self.model])
+            except WorkerGone as e:  # removed from the pool: no take will ever succeed again
+                log.error("worker %s: %s; stopping", self.worker_id, e)
+                stop.set()
+                return
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff.delay_s)
                 await backoff.wait()
@@ -369,7 +374,8 @@ class Worker:
         tokens, inference_ms = result.usage.completion_tokens, result.timings.inference_ms
         if result.status != "completed" or tokens < 2 or inference_ms <= 0:
             return  # one token measures the prompt, not the generation
-        measured = tokens / (inference_ms / 1000)
+        # A job timed to a few microseconds (a test backend) would measure more than a heartbeat may carry.
+        measured = min(tokens / (inference_ms / 1000), MAX_TOKENS_PER_S)
         previous = self.tokens_per_s
         self.tokens_per_s = measured if previous is None else previous + SPEED_WEIGHT * (measured - previous)
 

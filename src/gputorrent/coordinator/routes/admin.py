@@ -59,15 +59,34 @@ async def drain_worker(worker_id: str, redis: RedisDep, caller: AdminDep) -> Wor
     responses={404: {"description": "no such worker"}, 409: {"description": "it is alive, or still holds jobs"}},
 )  # fmt: skip
 async def remove_worker(worker_id: str, redis: RedisDep, caller: AdminDep) -> Response:
-    """Remove a dead worker from the registry (a live one is drained first: it then leaves by itself)."""
+    """Remove a dead worker from the registry (a live one is drained or revoked first)."""
     worker = await _worker(redis, worker_id)
     if worker.state != "dead":
-        raise Conflict(f"worker {worker_id!r} is {worker.state}; drain it first (POST /admin/workers/{{id}}/drain)")
+        raise Conflict(
+            f"worker {worker_id!r} is {worker.state}; drain it first (POST /admin/workers/{{id}}/drain), "
+            "or revoke it (POST /admin/workers/{id}/revoke)"
+        )
     if not await registry.deregister(redis, worker_id):
         raise Conflict(f"worker {worker_id!r} still holds jobs; the reaper is handing them on, try again shortly")
     await redis.delete(keys.worker_secret_key(worker_id))
     log.info("worker %s removed by key %s", worker_id, caller.key_id)
     return Response(status_code=204)
+
+
+@router.post(
+    "/workers/{worker_id}/revoke", status_code=204, response_class=Response,
+    responses={404: {"description": "no such worker"}},
+)  # fmt: skip
+async def revoke_worker(worker_id: str, redis: RedisDep, caller: AdminDep) -> None:
+    """Revoke a worker whatever its state, without its cooperation (unlike a drain): its secret is
+    deleted, so every later call it makes to `/worker` is a 401, and it is dead from now on, so the
+    reaper hands its queued and held jobs to other workers. It stays listed (dead) until removed
+    with `DELETE /admin/workers/{id}`. A worker linked to Redis keeps its Redis credentials: change them."""
+    await _worker(redis, worker_id)
+    # The secret first: a beat that passed its check before this is then not written (leases.beat).
+    await redis.delete(keys.worker_secret_key(worker_id))
+    await registry.mark_gone(redis, worker_id)
+    log.warning("worker %s revoked by key %s", worker_id, caller.key_id)
 
 
 async def _worker(redis: RedisDep, worker_id: str) -> WorkerState:

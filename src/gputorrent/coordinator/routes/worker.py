@@ -9,18 +9,20 @@ worker can take, stream to and finish only the jobs leased to it: anything else 
 
 from __future__ import annotations
 
+import contextlib
 import hmac
 import re
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header, Path, Query
+from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 
 from gputorrent import auth, keys, leases, pool_stats, queue, registry, streams
 from gputorrent.coordinator.deps import RedisDep, SettingsDep
-from gputorrent.errors import InvalidRequest, LeaseLost, Unauthorized
+from gputorrent.errors import InvalidRequest, LeaseLost, SlotsFull, Unauthorized, WorkerGone
 from gputorrent.protocol import (
     REQUEST_ID_PATTERN,
     WORKER_ID_PATTERN,
@@ -88,8 +90,16 @@ HeldDep = Annotated[Held, Depends(_held)]
 @router.post("/heartbeat", response_model=BeatAnswer)
 async def heartbeat(body: WorkerBeat, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) -> BeatAnswer:
     """Keep the worker alive (and show its load, condition and telemetry); the answer says whether an
-    admin asked it to drain, and which of the jobs it says it runs were ended elsewhere."""
-    return await leases.beat(redis, worker_id, body.heartbeat, settings.heartbeat_timeout_s, body.running)
+    admin asked it to drain, and which of the jobs it says it runs were ended elsewhere.
+
+    Its speed is believed up to `GPUTORRENT_MAX_WORKER_TOKENS_PER_S` only."""
+    heartbeat = body.heartbeat
+    if heartbeat.tokens_per_s is not None and heartbeat.tokens_per_s > settings.max_worker_tokens_per_s:
+        heartbeat = heartbeat.model_copy(update={"tokens_per_s": settings.max_worker_tokens_per_s})
+    answer = await leases.beat(redis, worker_id, heartbeat, settings.heartbeat_timeout_s, body.running)
+    if answer is None:  # revoked (or left) after its credential was checked
+        raise Unauthorized("the worker credential is not valid (unknown worker, or not its secret)")
+    return answer
 
 
 @router.post("/recover", response_model=Moved)
@@ -98,25 +108,77 @@ async def recover(worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) 
     return Moved(jobs=await queue.recover(redis, worker_id, settings.max_attempts, settings.result_ttl_s))
 
 
+class TakesInFlight:
+    """The takes each worker has in flight on this coordinator: each long poll holds one of its
+    Redis connections, so a worker gets at most as many as its registered slots."""
+
+    def __init__(self) -> None:
+        self._count: dict[str, int] = {}
+
+    def count(self, worker_id: str) -> int:
+        return self._count.get(worker_id, 0)
+
+    @contextlib.contextmanager
+    def hold(self, worker_id: str) -> Iterator[int]:
+        """Count one more take of the worker while the block runs; yields how many others it has."""
+        others = self.count(worker_id)
+        self._count[worker_id] = others + 1
+        try:
+            yield others
+        finally:
+            if self._count[worker_id] == 1:
+                del self._count[worker_id]
+            else:
+                self._count[worker_id] -= 1
+
+
+def _takes_in_flight(request: Request) -> TakesInFlight:
+    takes: TakesInFlight | None = getattr(request.app.state, "worker_takes", None)
+    if takes is None:  # one per app, made on first use (no await in between: no race on the loop)
+        takes = request.app.state.worker_takes = TakesInFlight()
+    return takes
+
+
 @router.post(
     "/take",
     response_model=Taken,
-    responses={204: {"description": "no job came within `wait_s`"}, **LEASE_LOST},
+    responses={
+        204: {"description": "no job came within `wait_s`"},
+        410: {"description": "`worker_gone`: this worker is no longer registered (register again)"},
+        429: {"description": "`slots_full`: the jobs it holds and the takes it has in flight fill its slots"},
+    },
 )
 async def take(
     worker_id: WorkerDep,
     redis: RedisDep,
     settings: SettingsDep,
+    takes: Annotated[TakesInFlight, Depends(_takes_in_flight)],
     wait_s: Annotated[float, Query(ge=0, le=TAKE_WAIT_MAX_S, allow_inf_nan=False, description="long poll")] = 1.0,
 ) -> Response:
-    """Lease the next job for this worker: its own queue, or the shared queues of the models it registered."""
-    record = await redis.get(keys.worker_key(worker_id))
-    if record is None:
-        raise LeaseLost("this worker left the pool (or was removed): register again")
-    models = WorkerRecord.model_validate_json(record).models
-    # Never 0: a BLPOP timeout of 0 blocks for ever.
-    wait_s = max(TAKE_WAIT_MIN_S, min(wait_s, settings.max_result_wait_s))
-    lease = await queue.pop(redis, worker_id, wait_s, models)
+    """Lease the next job for this worker: its own queue, or the shared queues of the models it registered.
+
+    A worker holds at most its registered `slots` jobs, counting the takes it has in flight here: one
+    credential can neither hoard a model's shared queue (and read its prompts) nor pin the
+    coordinator's Redis connections with long polls.
+    """
+    # Counted before the reads below, so two concurrent takes each see the other.
+    with takes.hold(worker_id) as others:
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.get(keys.worker_key(worker_id))
+            pipe.llen(keys.processing_key(worker_id))
+            record, held = await pipe.execute()
+        if record is None:
+            raise WorkerGone("this worker is no longer registered (it left, or was removed): register again")
+        registered = WorkerRecord.model_validate_json(record)
+        if held + others >= registered.slots:
+            raise SlotsFull(
+                f"this worker holds {held} jobs and has {others} takes in flight: its {registered.slots} slots "
+                "are full; finish a job first",
+                retry_after_s=1,
+            )
+        # Never 0: a BLPOP timeout of 0 blocks for ever.
+        wait_s = max(TAKE_WAIT_MIN_S, min(wait_s, settings.max_result_wait_s))
+        lease = await queue.pop(redis, worker_id, wait_s, registered.models)
     if lease is None:
         return Response(status_code=204)
     taken = Taken(job=lease.job, streamed_before=lease.streamed_before)
@@ -204,5 +266,10 @@ async def orphans(body: Orphans, worker_id: WorkerDep, redis: RedisDep) -> Orpha
 
 @router.post("/leave", response_model=Left)
 async def leave(worker_id: WorkerDep, redis: RedisDep) -> Left:
-    """Leave the pool: out of the registry when the worker's lists are empty, else only marked gone."""
-    return Left(left=await registry.deregister(redis, worker_id))
+    """Leave the pool: out of the registry when the worker's lists are empty, else only marked gone.
+
+    Once out of the registry its secret goes too: the id is free, and the old credential opens nothing."""
+    left = await registry.deregister(redis, worker_id)
+    if left:
+        await redis.delete(keys.worker_secret_key(worker_id))
+    return Left(left=left)
