@@ -42,7 +42,7 @@ async def execute(
     `taken_at` (unix time) is when the worker took the job: its time queued ends there.
     """
     started = time.time()
-    waited = _Waited(job, taken_at or started, started)
+    waited = _Waited(job, taken_at or started, started, time.monotonic())
     try:
         async with _deadline(job):
             outcome = await _run(backend, job, writer, ended or asyncio.Event())
@@ -93,7 +93,7 @@ async def _generate(backend: Backend, job: Job, writer: StreamWriter | None, end
     """Generate, pushing each token to `writer`; a job with a `continuation` pushes only the new text."""
     pieces: list[str] = [job.continuation] if job.continuation else []
     done: GenerationDone | None = None
-    first_token_at: list[float] = []  # when the first token came (time.time()), once it has
+    first_token_at: list[float] = []  # when the first token came (time.monotonic()), once it has
     if job.continuation and job.options.max_tokens <= job.continuation_tokens:  # the earlier attempt had it all
         done = GenerationDone(prompt_tokens=0, completion_tokens=0, finish_reason="length")
     else:
@@ -131,7 +131,7 @@ async def _tokens(
         async for item in generation:
             if isinstance(item, TokenChunk):
                 if not first_token_at:
-                    first_token_at.append(time.time())
+                    first_token_at.append(time.monotonic())
                 pieces.append(item.text)
                 if writer is not None:
                     writer.push(item.text)
@@ -156,22 +156,24 @@ def _remaining(job: Job) -> Job:
 
 @dataclass(frozen=True)
 class _Waited:
-    """A job's time before inference: queued until `taken`, then dispatched until `started` (unix times)."""
+    """A job's time before inference: queued until `taken`, then dispatched until `started` (unix times,
+    comparable with the coordinator's); inference from `started_monotonic`, immune to clock steps."""
 
     job: Job
     taken: float
     started: float
+    started_monotonic: float
 
 
 def _timings(waited: _Waited, first_token_at: float | None = None) -> Timings:
-    started = waited.started
+    started = waited.started_monotonic
     first_token_ms = round((first_token_at - started) * 1000, 3) if first_token_at is not None else None
     return Timings(
         admission_ms=waited.job.admission_ms,
         # Coordinator and worker clocks: a skew between machines shows here (never below 0).
         queued_ms=round(max(0.0, (waited.taken - waited.job.enqueued_at) * 1000), 3),
-        dispatch_ms=round(max(0.0, (started - waited.taken) * 1000), 3),
-        inference_ms=round((time.time() - started) * 1000, 3),
+        dispatch_ms=round(max(0.0, (waited.started - waited.taken) * 1000), 3),
+        inference_ms=round((time.monotonic() - started) * 1000, 3),
         first_token_ms=first_token_ms,
     )
 
