@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from gputorrent import keys, pool_stats
 from gputorrent.errors import Conflict
 from gputorrent.protocol import ErrorInfo, Job, JobResult, JobStatus
+from gputorrent.scripts import Script
 from gputorrent.telemetry import FailureRecord
 
 log = logging.getLogger(__name__)
@@ -95,7 +96,7 @@ _LIMIT_POSITIONS = {
 #   workers serving it (ARGV[25], counted by the caller), at most ARGV[24] (-4);
 # - the caller's key: a free stream slot (-6), then its rate (-5), then the slot is taken.
 # A zero limit is no limit.
-_ENQUEUE = (
+_ENQUEUE = Script(
     """
 if ARGV[1] == '1' then
   local existing = redis.call('GET', KEYS[4])
@@ -189,8 +190,8 @@ async def enqueue(
     own_bands = waiting_keys(job)
     model_bands = keys.model_queue_keys(job.model) if limits.max_model_queued else []
     stream_slot = limits.max_streams if job.stream and limits.streams_key else 0
-    admitted = await redis.eval(
-        _ENQUEUE, 9 + len(own_bands) + len(model_bands),
+    admitted = await _ENQUEUE.run(
+        redis, 9 + len(own_bands) + len(model_bands),
         keys.job_key(job.request_id), waiting_key(job), keys.DEADLINES,
         keys.idempotency_key(idempotency_key or ""), keys.owner_key(job.request_id), doorbell_key(job),
         keys.heartbeat_key(job.worker_id or ""), limits.rate_key or "-", limits.streams_key or "-",
@@ -217,16 +218,16 @@ class WorkerGone(Exception):
     """The worker a job was routed to left the pool (its heartbeat is gone) before the job was queued."""
 
 
-_QUEUED = """
+_QUEUED = Script("""
 local queued = 0
 for i = 1, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
 return queued
-"""
+""")
 
 
 async def queued_count(redis: Redis, list_keys: list[str]) -> int:
     """How many jobs the lists hold together (the bands of one queue), in one round trip."""
-    return int(await redis.eval(_QUEUED, len(list_keys), *list_keys))
+    return int(await _QUEUED.run(redis, len(list_keys), *list_keys))
 
 
 @dataclass(frozen=True)
@@ -248,7 +249,7 @@ class Lease:
 # `end` finds it there), and answers {raw, whether its stream exists}. Finding nothing, it empties
 # the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is stale, and a job queued after this
 # script rings again. The key names follow keys.py.
-_TAKE = """
+_TAKE = Script("""
 local bells = tonumber(ARGV[1])
 for i = 2 + bells, #KEYS do
   local raw = redis.call('RPOPLPUSH', KEYS[i], KEYS[1])
@@ -267,7 +268,7 @@ for i = 2 + bells, #KEYS do
 end
 for i = 2, 1 + bells do redis.call('DEL', KEYS[i]) end
 return false
-"""
+""")
 
 
 async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[str] = ()) -> Lease | None:
@@ -289,7 +290,7 @@ async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[s
     take_keys = [target, *doorbells, *sources]
     waited = False
     while True:
-        taken = await redis.eval(_TAKE, len(take_keys), *take_keys, str(len(doorbells)), worker_id, repr(time.time()))
+        taken = await _TAKE.run(redis, len(take_keys), *take_keys, str(len(doorbells)), worker_id, repr(time.time()))
         if taken is None:
             if waited or await redis.blpop(doorbells, timeout_s) is None:  # Redis 6+ takes fractional seconds
                 return None
@@ -331,7 +332,7 @@ if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
 """
 
-_FINISH = (
+_FINISH = Script(
     _GUARD
     + """
 redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
@@ -346,7 +347,7 @@ return 1
 """
 )
 
-_REQUEUE = (
+_REQUEUE = Script(
     _GUARD
     + """
 redis.call('RPUSH', KEYS[3], ARGV[3])
@@ -371,8 +372,8 @@ async def finish(
     `stream:{request_id}` with the result for a streamed job, and announces the id on the results channel.
     """
     request_id = result.request_id
-    finished = await redis.eval(
-        _FINISH, 6,
+    finished = await _FINISH.run(
+        redis, 6,
         held_in, keys.heartbeat_key(dead or ""), keys.result_key(request_id), keys.job_key(request_id),
         keys.stream_key(request_id), keys.DEADLINES,
         "1" if dead else "0", raw, result.model_dump_json(), str(ttl_s), "1" if streamed else "0",
@@ -385,8 +386,8 @@ async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: st
     """Move `raw` from `source_key` to the front of the queue `job` waits in (its worker's, or for a
     shared job its model's) as `job`; False when `raw` is no longer there or when `dead`'s heartbeat
     is back (it re-registered meanwhile)."""
-    moved = await redis.eval(
-        _REQUEUE, 5,
+    moved = await _REQUEUE.run(
+        redis, 5,
         source_key, keys.heartbeat_key(dead or ""), waiting_key(job), keys.job_key(job.request_id), doorbell_key(job),
         "1" if dead else "0", raw, job.model_dump_json(), job.worker_id, str(keys.DOORBELL_MAX),
     )  # fmt: skip

@@ -15,12 +15,13 @@ from redis.asyncio import Redis
 
 from gputorrent import keys
 from gputorrent.protocol import Hardware, Heartbeat, WorkerRecord, WorkerState
+from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", WorkerRecord, Heartbeat)
 
 # A live worker's id is taken: only its own secret (or `force`) replaces its registration.
-_REGISTER = """
+_REGISTER = Script("""
 if ARGV[7] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then
   local current = redis.call('GET', KEYS[4])
   if current and current ~= ARGV[6] then return 0 end
@@ -30,7 +31,7 @@ redis.call('SADD', KEYS[2], ARGV[2])
 redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
 redis.call('SET', KEYS[4], ARGV[5])
 return 1
-"""
+""")
 
 
 async def register(
@@ -49,8 +50,8 @@ async def register(
     `force`: False, and nothing changes, when it is missing or wrong. A dead worker's id is free.
     """
     heartbeat = Heartbeat(at=record.registered_at)
-    stored = await redis.eval(
-        _REGISTER, 4,
+    stored = await _REGISTER.run(
+        redis, 4,
         keys.worker_key(record.worker_id), keys.WORKERS, keys.heartbeat_key(record.worker_id),
         keys.worker_secret_key(record.worker_id),
         record.model_dump_json(), record.worker_id, heartbeat.model_dump_json(), str(int(heartbeat_ttl_s * 1000)),
@@ -77,14 +78,14 @@ async def mark_gone(redis: Redis, worker_id: str) -> None:
 
 # Only a worker with nothing left in its lists leaves the registry: the reaper finds jobs
 # through the registry, so removing one that still holds jobs would lose them.
-_DEREGISTER = """
+_DEREGISTER = Script("""
 for i = 5, #KEYS do
   if redis.call('LLEN', KEYS[i]) > 0 then return 0 end
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
 redis.call('SREM', KEYS[3], ARGV[1])
 return 1
-"""
+""")
 
 
 async def deregister(redis: Redis, worker_id: str) -> bool:
@@ -94,8 +95,8 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
     not write it); it only matters while a worker with this id is alive.
     """
     lists = [keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)]
-    left = await redis.eval(
-        _DEREGISTER, 4 + len(lists),
+    left = await _DEREGISTER.run(
+        redis, 4 + len(lists),
         keys.worker_key(worker_id), keys.heartbeat_key(worker_id), keys.WORKERS, keys.drain_key(worker_id), *lists,
         worker_id,
     )  # fmt: skip
@@ -117,7 +118,7 @@ _SNAPSHOT_KEY_PARTS = [part for key in [*_SNAPSHOT_KEYS, *keys.worker_queue_keys
 
 # Every registered worker: {id, record, heartbeat, jobs queued (every band), jobs held}; the key
 # names come from keys.py as ARGV pairs (see `_SNAPSHOT_KEY_PARTS`).
-_SNAPSHOT = """
+_SNAPSHOT = Script("""
 local function key(pair, id) return ARGV[2 * pair - 1] .. id .. ARGV[2 * pair] end
 local workers = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
@@ -128,13 +129,13 @@ for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   }
 end
 return workers
-"""
+""")
 
 
 async def snapshot(redis: Redis) -> list[WorkerState]:
     """Every registered worker with its state, load and queue length, sorted by id (one round trip:
     admission reads this for every request)."""
-    replies = await redis.eval(_SNAPSHOT, 1, keys.WORKERS, *_SNAPSHOT_KEY_PARTS)
+    replies = await _SNAPSHOT.run(redis, 1, keys.WORKERS, *_SNAPSHOT_KEY_PARTS)
     states = []
     for worker_id, record_json, heartbeat_json, queue_length, held in sorted(replies):
         if not record_json:

@@ -16,6 +16,7 @@ from redis.exceptions import RedisError
 
 from gputorrent import keys
 from gputorrent.protocol import JobResult, TokenChunk
+from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -29,19 +30,19 @@ StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 # Only the job's holder writes: a worker whose lease was taken (it stalled and the job went on to
 # another, or the job was ended) must not interleave its tokens with the next worker's.
-_APPEND = """
+_APPEND = Script("""
 if redis.call('HGET', KEYS[3], 'worker_id') ~= ARGV[4] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
 redis.call('XADD', KEYS[1], '*', 'text', ARGV[1], 'tokens', ARGV[2])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return 1
-"""
+""")
 
 
 async def append(redis: Redis, request_id: str, worker_id: str, text: str, tokens: int, ttl_s: int) -> bool:
     """Append text to the stream if `worker_id` still holds the job; False (nothing written) once it
     does not: the job was ended (see `queue.end`), finished or handed on."""
-    written = await redis.eval(
-        _APPEND, 3, keys.stream_key(request_id), keys.cancel_key(request_id), keys.job_key(request_id),
+    written = await _APPEND.run(
+        redis, 3, keys.stream_key(request_id), keys.cancel_key(request_id), keys.job_key(request_id),
         text, str(tokens), str(ttl_s), worker_id,
     )  # fmt: skip
     return bool(written)

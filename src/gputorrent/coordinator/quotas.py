@@ -18,14 +18,17 @@ from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import InvalidRequest, RateLimited
 from gputorrent.protocol import EmbeddingRequest, InferenceRequest
+from gputorrent.scripts import Script
 
 CHARS_PER_TOKEN = 4  # a rough, model-independent estimate of prompt tokens
 RATE_WINDOW_TTL_S = 120  # a minute's counters outlive the minute
 
 # A stream's follower, admitted alone: a free stream slot, a request counted, the slot taken
 # (the same checks the enqueue script makes for a streamed job; see `queue.enqueue`).
-_FOLLOWER = Template(queue.STREAM_SLOT_FREE + queue.RATE_COUNT + queue.STREAM_SLOT_TAKE + "return 1").substitute(
-    rate=1, streams=2, tokens=1, rpm=2, tpm=3, rate_ttl=4, max_streams=5, stale_before=6, now=7, slot=8
+_FOLLOWER = Script(
+    Template(queue.STREAM_SLOT_FREE + queue.RATE_COUNT + queue.STREAM_SLOT_TAKE + "return 1").substitute(
+        rate=1, streams=2, tokens=1, rpm=2, tpm=3, rate_ttl=4, max_streams=5, stale_before=6, now=7, slot=8
+    )
 )
 
 
@@ -85,8 +88,8 @@ async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: Coor
     if caller.admin:
         return
     found = limits(caller, 0, settings)
-    answer = await redis.eval(
-        _FOLLOWER, 2, found.rate_key, found.streams_key,
+    answer = await _FOLLOWER.run(
+        redis, 2, found.rate_key, found.streams_key,
         "0", str(found.rpm), str(found.tpm), str(found.rate_ttl_s), str(found.max_streams), repr(found.stale_before),
         repr(time.time()), slot,
     )  # fmt: skip
