@@ -218,18 +218,6 @@ class WorkerGone(Exception):
     """The worker a job was routed to left the pool (its heartbeat is gone) before the job was queued."""
 
 
-_QUEUED = Script("""
-local queued = 0
-for i = 1, #KEYS do queued = queued + redis.call('LLEN', KEYS[i]) end
-return queued
-""")
-
-
-async def queued_count(redis: Redis, list_keys: list[str]) -> int:
-    """How many jobs the lists hold together (the bands of one queue), in one round trip."""
-    return int(await _QUEUED.run(redis, len(list_keys), *list_keys))
-
-
 @dataclass(frozen=True)
 class Lease:
     """A job a worker has taken: it stays in `processing:{worker_id}` as `raw` until finished.
