@@ -24,6 +24,7 @@ from typing import Any
 import aiohttp
 from pool import (
     LITELLM_MASTER_KEY,
+    PeerFailed,
     Processes,
     litellm_missing,
     start_fast_server,
@@ -86,8 +87,13 @@ def main() -> int:
             "gputorrent": (f"{pool.url}/v1/chat/completions", pool.headers),
         }
         if not litellm_skipped:
-            litellm = start_litellm(procs, fast)
-            sides["litellm"] = (f"{litellm}/v1/chat/completions", {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"})
+            try:
+                litellm = start_litellm(procs, fast)
+            except PeerFailed as e:
+                litellm_skipped = str(e)
+            else:
+                litellm_headers = {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"}
+                sides["litellm"] = (f"{litellm}/v1/chat/completions", litellm_headers)
         pool.wait_for_model("fast")
         samples = asyncio.run(measure(sides, args.requests))
     result = analyse(samples)
@@ -126,7 +132,7 @@ def table(result: dict[str, Any]) -> str:
             f"LiteLLM {result['litellm_version']})."
         )
     else:
-        rows.append(f"\nLiteLLM not measured: {result.get('litellm_skipped')}.")
+        rows.append(f"\nLiteLLM not measured: {' '.join(str(result.get('litellm_skipped')).split())[:400]}.")
     return "\n".join(rows)
 
 

@@ -185,12 +185,17 @@ def _litellm_executable() -> str | None:
     return shutil.which("litellm", path=str(Path(sys.executable).parent))
 
 
-def start_litellm(procs: Processes, backend_base: str, *, workers: int = 1, timeout_s: float = 180) -> str:
+class PeerFailed(RuntimeError):
+    """A peer compared against did not start; the message says why."""
+
+
+def start_litellm(procs: Processes, backend_base: str, *, workers: int = 1, timeout_s: float = 300) -> str:
     """LiteLLM's proxy on a free port in front of an OpenAI-compatible backend, with a master key; its URL.
 
     One model entry routes `fast` to the backend; no database, telemetry off, and its model price
     list read from the package (the machines have no network but the package registries).
-    `workers` is its `--num_workers` (uvicorn processes; its default is 1).
+    `workers` is its `--num_workers` (uvicorn processes; its default is 1). Raises PeerFailed, with
+    the end of its log, when it exits or does not answer within `timeout_s`.
     """
     model = "fast"
     config = {
@@ -210,9 +215,23 @@ def start_litellm(procs: Processes, backend_base: str, *, workers: int = 1, time
     env = {"LITELLM_LOCAL_MODEL_COST_MAP": "True", "LITELLM_LOG": "ERROR", "LITELLM_TELEMETRY": "False"}
     command = [executable, "--config", str(folder / "config.yaml"), "--host", "127.0.0.1", "--port", str(port)]
     command += ["--num_workers", str(workers)]
-    procs.start(command, env, cwd=folder, stdout=subprocess.DEVNULL)
+    log = folder / "litellm.log"
+    with log.open("wb") as out:
+        child = procs.start(command, env, cwd=folder, stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/health/liveliness", timeout_s=timeout_s)
+
+    def answers() -> bool:
+        if child.poll() is not None:
+            raise PeerFailed(f"LiteLLM's proxy exited ({child.returncode}): {log.read_text()[-1500:]}")
+        return httpx.get(f"{url}/health/liveliness", timeout=2).status_code == 200
+
+    try:
+        wait_until(answers, "LiteLLM's proxy", timeout_s)
+    except RuntimeError as e:
+        if isinstance(e, PeerFailed):
+            raise
+        procs.stop(child)
+        raise PeerFailed(f"LiteLLM's proxy did not answer in {timeout_s:.0f} s: {log.read_text()[-1500:]}") from e
     return url
 
 

@@ -5,7 +5,7 @@ once), a private Redis-compatible server, a coordinator with authentication on a
 `openai`-backend worker in front of the fast server, and LiteLLM's proxy (with a master key) in
 front of the same server, all on this machine's cores together with the load generator. It then
 offers open-loop (Poisson) load at rising rates; at each rate it runs the direct path, GPU Torrent
-and LiteLLM one after another for a few seconds each (at least 200 requests), so every step has
+and LiteLLM one after another for a few seconds each (at least 100 requests), so every step has
 its own direct baseline. A path keeps up at a rate when no request failed and it served at least
 90% of the offered rate; its added p99 there is its p99 minus the direct p99 at that rate. Its
 figure is the most requests per second served in a step that kept up with an added p99 under
@@ -29,6 +29,7 @@ from typing import Any
 import aiohttp
 from pool import (
     LITELLM_MASTER_KEY,
+    PeerFailed,
     Processes,
     litellm_missing,
     start_fast_server,
@@ -41,8 +42,8 @@ from pool import (
 
 from gputorrent.embedded import EmbeddedRedis
 
-RATES = (25, 50, 100, 150, 200, 300, 400, 600, 800, 1200)
-MIN_REQUESTS = 200  # per step, so its p99 is not just its slowest request
+RATES = (10, 25, 50, 100, 150, 200, 300, 400, 600, 800, 1200)
+MIN_REQUESTS = 100  # per step, so its p99 is not just its slowest request
 ADDED_P99_LIMIT_MS = 10.0
 SERVED_FRACTION = 0.9
 WORKER_SLOTS = 64  # jobs the worker runs at once: the fast server, like vLLM, serves any number together
@@ -145,8 +146,13 @@ def main() -> int:
             "gputorrent": (f"{pool.url}/v1/chat/completions", pool.headers),
         }
         if not litellm_skipped:
-            litellm = start_litellm(procs, fast, workers=LITELLM_WORKERS)
-            sides["litellm"] = (f"{litellm}/v1/chat/completions", {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"})
+            try:
+                litellm = start_litellm(procs, fast, workers=LITELLM_WORKERS)
+            except PeerFailed as e:
+                litellm_skipped = str(e)
+            else:
+                litellm_headers = {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"}
+                sides["litellm"] = (f"{litellm}/v1/chat/completions", litellm_headers)
         pool.wait_for_model("fast")
         steps = asyncio.run(measure(sides, rates, args.step_seconds))
     result: dict[str, Any] = {
@@ -200,7 +206,7 @@ def table(result: dict[str, Any]) -> str:
             f"{result['litellm_workers']} processes; at least {result['step_seconds']:.0f} s a step)."
         )
     if "litellm_skipped" in result:
-        rows.append(f"\nLiteLLM not measured: {result['litellm_skipped']}.")
+        rows.append(f"\nLiteLLM not measured: {' '.join(result['litellm_skipped'].split())[:400]}.")
     return "\n".join(rows)
 
 
