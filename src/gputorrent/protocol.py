@@ -123,7 +123,7 @@ class Job(WireModel):
     input: list[str] | None = None  # the texts of an embedding job
     options: InferenceOptions = Field(default_factory=InferenceOptions)
     enqueued_at: float  # unix time, seconds
-    admission_ms: float = Field(default=0.0, ge=0)  # the coordinator's time on it before it was queued
+    admission_ms: float = Field(default=0.0, ge=0)  # the coordinator's time on it before the enqueue
     stream: bool = False  # the worker writes tokens to `stream:{request_id}` as they come
     attempt: int = 1  # 1 on admission; +1 each time a dead worker's job is handed to another
     deadline: float | None = None  # unix time, seconds: past it the job ends with code `timeout`
@@ -144,7 +144,7 @@ class Timings(WireModel):
     """Where a job's time went, in ms: admitted, queued, dispatched, run. `overhead_ms` is set by the
     coordinator that answers (see coordinator/overhead.py): everything but inference."""
 
-    # the coordinator: the key check, routing, the enqueue
+    # the coordinator until it built the job: the key check, the pool snapshot, routing
     admission_ms: float = Field(default=0.0, ge=0, le=MAX_DURATION_MS)
     queued_ms: float = Field(default=0.0, ge=0, le=MAX_DURATION_MS)  # from the enqueue until a worker took it
     # the worker: from taking it until the backend started

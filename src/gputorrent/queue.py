@@ -55,7 +55,7 @@ redis.call('LTRIM', KEYS[DOORBELL], 0, ARGV[DOORBELL_MAX] - 1)
 
 # Per-key limits, in the enqueue script and in the admission of a stream's follower
 # (coordinator/quotas.py); `$name` marks the KEYS and ARGV positions each script gives them.
-# A refusal returns before anything is written (the rate count takes itself back).
+# A refusal writes nothing but the dropping of stale stream slots (the rate count takes itself back).
 STREAM_SLOT_FREE = """
 if tonumber(ARGV[$max_streams]) > 0 then
   redis.call('ZREMRANGEBYSCORE', KEYS[$streams], '-inf', ARGV[$stale_before])
@@ -236,7 +236,7 @@ class Lease:
 # into the processing list (KEYS[1]), marks it running with its taker in the job's status (so
 # `end` finds it there), and answers {raw, whether its stream exists}. Finding nothing, it empties
 # the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is stale, and a job queued after this
-# script rings again. The key names follow keys.py.
+# script rings again. ARGV[4] and ARGV[5] are the prefixes of a job's status and stream keys.
 _TAKE = Script("""
 local bells = tonumber(ARGV[1])
 for i = 2 + bells, #KEYS do
@@ -245,11 +245,11 @@ for i = 2 + bells, #KEYS do
     local request_id = string.match(raw, '"request_id":"([^"]*)"')
     local streamed = 0
     if request_id then
-      local status = 'job:' .. request_id
+      local status = ARGV[4] .. request_id
       if redis.call('EXISTS', status) == 1 then
         redis.call('HSET', status, 'status', 'running', 'worker_id', ARGV[2], 'started_at', ARGV[3])
       end
-      streamed = redis.call('EXISTS', 'stream:' .. request_id)
+      streamed = redis.call('EXISTS', ARGV[5] .. request_id)
     end
     return {raw, streamed}
   end
@@ -257,6 +257,9 @@ end
 for i = 2, 1 + bells do redis.call('DEL', KEYS[i]) end
 return false
 """)
+
+
+_TAKE_PREFIXES = (keys.job_key(""), keys.stream_key(""))
 
 
 async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[str] = ()) -> Lease | None:
@@ -278,7 +281,9 @@ async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[s
     take_keys = [target, *doorbells, *sources]
     waited = False
     while True:
-        taken = await _TAKE.run(redis, len(take_keys), *take_keys, str(len(doorbells)), worker_id, repr(time.time()))
+        taken = await _TAKE.run(
+            redis, len(take_keys), *take_keys, str(len(doorbells)), worker_id, repr(time.time()), *_TAKE_PREFIXES
+        )
         if taken is None:
             if waited or await redis.blpop(doorbells, timeout_s) is None:  # Redis 6+ takes fractional seconds
                 return None

@@ -87,11 +87,11 @@ async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: Coor
     """
     if caller.admin:
         return
-    found = limits(caller, 0, settings)
+    key_limits = limits(caller, 0, settings)
     answer = await _FOLLOWER.run(
-        redis, 2, found.rate_key, found.streams_key,
-        "0", str(found.rpm), str(found.tpm), str(found.rate_ttl_s), str(found.max_streams), repr(found.stale_before),
-        repr(time.time()), slot,
+        redis, 2, key_limits.rate_key, key_limits.streams_key,
+        "0", str(key_limits.rpm), str(key_limits.tpm), str(key_limits.rate_ttl_s), str(key_limits.max_streams),
+        repr(key_limits.stale_before), repr(time.time()), slot,
     )  # fmt: skip
     if answer in queue.REFUSALS:
         raise refused(queue.REFUSALS[answer], settings)

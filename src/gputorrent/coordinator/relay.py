@@ -111,7 +111,8 @@ async def _place_in_queue(redis: Redis, request_id: str) -> JobStatus | None:
     found = await queue.lookup(redis, request_id)
     if not isinstance(found, JobStatus) or found.status != "queued":
         return None
-    return await waiting.place_in_queue(redis, found)
+    placed = await waiting.place_in_queue(redis, found)
+    return placed if placed.position is not None else None  # taken just now
 
 
 def failure(result: JobResult) -> JobFailed:

@@ -6,8 +6,24 @@ from redis.asyncio import Redis
 
 from gputorrent import keys, pool_stats, registry
 from gputorrent.protocol import JobStatus
+from gputorrent.scripts import Script
 
 HISTORY_S = 60  # the span of recent jobs the start estimate learns from
+
+
+# How many jobs will be taken before one: every job in the higher bands (KEYS[1..ARGV[1] - 1]),
+# and those to its right in its own band (KEYS[ARGV[1]]: pushed on the left, taken from the right);
+# -1 when it is not there (taken or moved just now). Counted in Redis, so no job's body travels.
+_AHEAD = Script("""
+local band = tonumber(ARGV[1])
+local ahead = 0
+for i = 1, band - 1 do ahead = ahead + redis.call('LLEN', KEYS[i]) end
+local entries = redis.call('LRANGE', KEYS[band], 0, -1)
+for i = 1, #entries do
+  if string.find(entries[i], ARGV[2], 1, true) then return ahead + #entries - i end
+end
+return -1
+""")
 
 
 async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
@@ -15,22 +31,13 @@ async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
     starts, from the pool's recent job times and the slots that serve it), when it is queued."""
     if status.status != "queued":
         return status
-    record = await redis.hgetall(keys.job_key(status.request_id))
-    priority = int(record.get("priority", keys.PRIORITY_DEFAULT))
+    priority = int(await redis.hget(keys.job_key(status.request_id), "priority") or keys.PRIORITY_DEFAULT)
     worker_id = status.worker_id
     bands = keys.worker_queue_keys(worker_id) if worker_id else keys.model_queue_keys(status.model)
-    ahead = 0
-    for band, key in zip(keys.PRIORITY_BANDS, bands, strict=True):
-        if band > priority:
-            ahead += int(await redis.llen(key))
-        elif band == priority:
-            # Jobs are pushed on the left and taken from the right: those to its right go first.
-            entries = [str(raw) for raw in await redis.lrange(key, 0, -1)]
-            marker = f'"request_id":"{status.request_id}"'
-            index = next((i for i, raw in enumerate(entries) if marker in raw), None)
-            if index is None:
-                return status  # taken or moved just now
-            ahead += len(entries) - 1 - index
+    band = keys.PRIORITY_BANDS.index(priority) + 1
+    ahead = int(await _AHEAD.run(redis, len(bands), *bands, str(band), f'"request_id":"{status.request_id}"'))
+    if ahead < 0:
+        return status  # taken or moved just now
     return status.model_copy(update={"position": ahead, "eta_s": await _eta(redis, status, ahead)})
 
 

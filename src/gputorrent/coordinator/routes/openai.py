@@ -124,7 +124,8 @@ async def _events(
     try:
         async for _, item in following:
             if isinstance(item, JobStatus):  # a comment line: clients skip it, a person watching with curl sees it
-                yield f": queued, position {item.position}, starts in about {item.eta_s} s\n\n".encode()
+                starts = f"starts in about {item.eta_s} s" if item.eta_s is not None else "start time unknown"
+                yield f": queued, position {item.position}, {starts}\n\n".encode()
                 continue
             if not isinstance(item, JobResult):
                 yield sse(chunk(item.text, None))
