@@ -138,11 +138,7 @@ async def reclaim_orphans(redis: Redis, worker_id: str, held: set[str], suspects
     requeued = 0
     for request_id in unheld.keys() & suspects:
         raw = unheld[request_id]
-        try:
-            job = Job.model_validate_json(raw)
-        except ValueError:
-            log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
-            await redis.lrem(held_in, 1, raw)
+        if (job := await queue.held_job(redis, worker_id, raw)) is None:
             continue
         if await queue.requeue(redis, held_in, raw, job):
             log.warning("request %s: its take's reply was lost; queued for worker %s again", request_id, worker_id)

@@ -48,10 +48,10 @@ def doorbell_key(job: Job) -> str:
 # A job pushed onto a queue rings that queue's doorbell: one token per job, trimmed, so a consumer
 # blocked in BLPOP on it wakes and takes. Tokens are hints, never jobs: a lost one costs a wait of
 # at most the consumer's block timeout.
-_RING = """
-redis.call('LPUSH', KEYS[DOORBELL], '1')
-redis.call('LTRIM', KEYS[DOORBELL], 0, ARGV[DOORBELL_MAX] - 1)
-"""
+_RING = Template("""
+redis.call('LPUSH', KEYS[$doorbell], '1')
+redis.call('LTRIM', KEYS[$doorbell], 0, ARGV[$doorbell_max] - 1)
+""")
 
 # Per-key limits, in the enqueue script and in the admission of a stream's follower
 # (coordinator/quotas.py); `$name` marks the KEYS and ARGV positions each script gives them.
@@ -129,7 +129,7 @@ redis.call('LPUSH', KEYS[2], ARGV[6])
 if ARGV[7] ~= '' then redis.call('ZADD', KEYS[3], ARGV[7], ARGV[2]) end
 redis.call('SET', KEYS[5], ARGV[9], 'EX', ARGV[10])
 """
-    + _RING.replace("DOORBELL_MAX", "12").replace("DOORBELL", "6")
+    + _RING.substitute(doorbell=6, doorbell_max=12)
     + """
 return ARGV[2]
 """
@@ -290,14 +290,21 @@ async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[s
             waited = True
             continue
         raw, streamed_before = str(taken[0]), bool(taken[1])
-        try:
-            job = Job.model_validate_json(raw)
-        except ValueError:
-            log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
-            await redis.lrem(target, 1, raw)
+        if (job := await held_job(redis, worker_id, raw)) is None:
             continue
         job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
         return Lease(job=job, raw=raw, streamed_before=streamed_before, taken_at=time.time())
+
+
+async def held_job(redis: Redis, worker_id: str, raw: str) -> Job | None:
+    """The job of `raw`, an entry of the worker's processing list; None for an entry that is not a
+    readable job, which is dropped with an error log rather than crash the worker."""
+    try:
+        return Job.model_validate_json(raw)
+    except ValueError:
+        log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
+        await redis.lrem(keys.processing_key(worker_id), 1, raw)
+        return None
 
 
 async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:
@@ -348,7 +355,7 @@ if redis.call('EXISTS', KEYS[4]) == 1 then
   redis.call('HSET', KEYS[4], 'status', 'queued', 'worker_id', ARGV[4])
 end
 """
-    + _RING.replace("DOORBELL_MAX", "5").replace("DOORBELL", "5")
+    + _RING.substitute(doorbell=5, doorbell_max=5)
     + """
 return 1
 """
