@@ -31,6 +31,7 @@ from redis.asyncio import Redis
 
 from gputorrent import auth
 from gputorrent.embedded import free_port
+from gputorrent.up import terminate
 
 HERE = Path(__file__).parent
 RESULTS = HERE / "results"
@@ -52,13 +53,7 @@ class Processes:
         return child
 
     def stop(self, child: subprocess.Popen[bytes], timeout_s: float = 15) -> None:
-        if child.poll() is None:
-            child.terminate()
-            try:
-                child.wait(timeout=timeout_s)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
+        terminate(child, timeout_s)
         if child in self.children:
             self.children.remove(child)
 

@@ -92,7 +92,7 @@ def run_up(*, host: str, port: int, model: str, log_level: str, key_file: Path, 
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         for child in reversed(children):  # the worker first, so it leaves the pool cleanly
-            _terminate(child)
+            terminate(child)
         if join_id is not None:  # the worker's join key dies with the pool
             _revoke(env["REDIS_URL"], join_id)
         if embedded is not None:
@@ -114,11 +114,12 @@ def _spawn(args: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
     return subprocess.Popen(args, env=env, preexec_fn=_die_with_parent, start_new_session=True)
 
 
-def _terminate(child: subprocess.Popen[bytes]) -> None:
+def terminate(child: subprocess.Popen[bytes], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """Stop a child process: SIGTERM (its clean shutdown), then SIGKILL past `timeout_s`."""
     if child.poll() is None:
         child.terminate()
     try:
-        child.wait(timeout=STOP_TIMEOUT_S)
+        child.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         child.kill()
         child.wait()
