@@ -5,9 +5,10 @@ reply for a lost one."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import aiohttp
 import httpx
@@ -83,6 +84,21 @@ async def test_a_take_by_a_worker_no_longer_registered_stops_the_worker(
     assert stop.is_set()
 
 
+@contextlib.asynccontextmanager
+async def _serving(handler: Callable[[web.Request], Awaitable[web.Response]]) -> AsyncIterator[str]:
+    """An HTTP server on a free local port answering every path with `handler`; yields its URL."""
+    app = web.Application()
+    app.router.add_route("*", "/{path:.*}", handler)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def not_the_coordinator() -> AsyncIterator[str]:
     """A proxy's error page, answered with status 200 to every call."""
@@ -90,14 +106,8 @@ async def not_the_coordinator() -> AsyncIterator[str]:
     async def page(request: web.Request) -> web.Response:
         return web.Response(text="<html><body>Welcome to our proxy</body></html>", content_type="text/html")
 
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", page)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}"
-    await runner.cleanup()
+    async with _serving(page) as url:
+        yield url
 
 
 async def test_an_answer_that_is_not_the_coordinators_is_an_outage_to_retry(not_the_coordinator: str) -> None:
@@ -139,14 +149,8 @@ async def slow_takes(coordinator_url: str) -> AsyncIterator[tuple[str, Counter[s
             await asyncio.sleep(TAKE_REPLY_DELAY_S)  # part of the scenario (a slow link), not a wait for state
         return web.Response(body=body, status=status, content_type=content_type)
 
-    app = web.Application()
-    app.router.add_route("*", "/{path:.*}", forward)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    yield f"http://127.0.0.1:{port}", taken
-    await runner.cleanup()
+    async with _serving(forward) as url:
+        yield url, taken
     await http.close()
 
 
