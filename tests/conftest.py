@@ -25,6 +25,7 @@ from gputorrent.protocol import Registered, WorkerRegistration
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.link import RedisLink
 from gputorrent.worker.main import Worker
+from tests.ollama_standin import OllamaProtocolStandin
 
 # A server named by GPUTORRENT_TEST_REDIS_URL may hold other data: tests keep to one database of it.
 TEST_DB = 13
@@ -98,6 +99,15 @@ async def api(coordinator_settings: CoordinatorSettings, admin_key: str) -> Asyn
 
 
 @pytest.fixture
+async def ollama_protocol_standin() -> AsyncIterator[OllamaProtocolStandin]:
+    """A stand-in for Ollama's documented protocol (NOT Ollama; see tests/ollama_standin.py) on this test's loop."""
+    standin = OllamaProtocolStandin()
+    await standin.start()
+    yield standin
+    await standin.stop()
+
+
+@pytest.fixture
 def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callable[..., Awaitable[Worker]]:
     """Register an in-process worker on the fake backend (or `backend`); run it with
     `await worker.run(stop, burst=True)`. Other keyword arguments are `WorkerSettings` fields."""
@@ -146,6 +156,19 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeou
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def keys_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`gputorrent keys ARGS` against `redis_url`, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gputorrent", "keys", "--redis-url", redis_url, *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+
+
+def new_key(redis_url: str, scope: str, name: str = "tests") -> str:
+    """A new API key of `scope`, made with `gputorrent keys create`."""
+    return keys_cli(redis_url, "create", "--name", name, "--scope", scope).stdout.strip()
 
 
 class Process:
