@@ -22,6 +22,7 @@ from gputorrent.config import CoordinatorSettings, WorkerSettings
 from gputorrent.coordinator.app import create_app
 from gputorrent.embedded import EmbeddedRedis, free_port
 from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.worker.backends import Backend, Puller
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.link import RedisLink
 from gputorrent.worker.main import Worker
@@ -109,20 +110,22 @@ async def ollama_protocol_standin() -> AsyncIterator[OllamaProtocolStandin]:
 
 @pytest.fixture
 def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callable[..., Awaitable[Worker]]:
-    """Register an in-process worker on the fake backend (or `backend`); run it with
+    """Register an in-process worker on the fake backend (or `backend`, loaded with `model`); run it with
     `await worker.run(stop, burst=True)`. Other keyword arguments are `WorkerSettings` fields."""
 
     async def make(
         worker_id: str,
         model: str = "fake",
         token_delay_s: float = 0.0,
-        backend: FakeBackend | None = None,
+        backend: Backend | None = None,
         **settings_values: object,
     ) -> Worker:
-        body = WorkerRegistration(worker_id=worker_id, models=[model], backend="fake")
+        backend = backend or FakeBackend(token_delay_s=token_delay_s)
+        body = WorkerRegistration(
+            worker_id=worker_id, models=[model], backend=backend.name, can_pull=isinstance(backend, Puller)
+        )
         response = await api.post("/register", json=body.model_dump(mode="json"))
         assert response.status_code == 200, response.text
-        backend = backend or FakeBackend(token_delay_s=token_delay_s)
         await backend.load(model)
         settings = WorkerSettings(
             redis_url=redis_url, backend="fake", model_name=model, worker_id=worker_id, **settings_values
