@@ -81,24 +81,85 @@ async def list_keys(redis: Redis) -> list[ApiKeyInfo]:
 
 
 async def revoke_key(redis: Redis, key_id: str) -> bool:
-    """Delete the key; False when there was none. It stops working at once on every coordinator."""
+    """Delete the key; False when there was none. It stops working at once on every coordinator
+    (each drops it from its key cache on the announcement)."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.api_key_key(key_id))
         pipe.srem(keys.API_KEYS, key_id)
-        deleted, _ = await pipe.execute()
+        pipe.publish(keys.KEYS_REVOKED_CHANNEL, key_id)
+        deleted, _, _ = await pipe.execute()
     return bool(deleted)
 
 
-async def verify(redis: Redis, presented: str) -> ApiKeyInfo | None:
-    """The key's record if `presented` is a live key, else None (unknown, revoked or malformed)."""
+async def verify(redis: Redis, presented: str, cache: KeyCache | None = None) -> ApiKeyInfo | None:
+    """The key's record if `presented` is a live key, else None (unknown, revoked or malformed).
+
+    With a `cache`, a key verified there lately is not read from Redis again (see `KeyCache`).
+    """
     parsed = parse_key(presented)
     if parsed is None:
         return None
     key_id, secret = parsed
+    hashed = hash_secret(secret)
+    if cache is not None and (cached := cache.get(key_id, hashed)) is not None:
+        return cached
+    generation = cache.generation if cache is not None else 0
     record = {str(k): str(v) for k, v in (await redis.hgetall(keys.api_key_key(key_id))).items()}
-    if not record or not hmac.compare_digest(record["hash"], hash_secret(secret)):
+    if not record or not hmac.compare_digest(record["hash"], hashed):
         return None
-    return _info(key_id, record)
+    info = _info(key_id, record)
+    if cache is not None:
+        cache.put(info, hashed, generation)
+    return info
+
+
+class KeyCache:
+    """Keys verified lately, so a busy client's requests skip reading its key from Redis.
+
+    Held only while the coordinator hears `keys:revoked` (its `Listener` calls `subscribed` and
+    `lost`): a revoked key is dropped on the announcement, and everything is dropped whenever
+    announcements may have been missed. A record read from Redis is kept only if no revocation
+    was heard while it was being read (`generation`): the read and the announcement come on
+    different connections, in either order. `MAX_AGE_S` bounds an entry's life even so.
+    """
+
+    MAX_AGE_S = 10.0
+    MAX_KEYS = 10_000
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[ApiKeyInfo, str, float]] = {}  # key id -> (record, hash, verified at)
+        self._live = False
+        self.generation = 0  # counts revocations and losses heard
+
+    def get(self, key_id: str, hashed: str) -> ApiKeyInfo | None:
+        entry = self._entries.get(key_id)
+        if entry is None:
+            return None
+        info, stored_hash, verified_at = entry
+        if time.monotonic() - verified_at > self.MAX_AGE_S or not hmac.compare_digest(stored_hash, hashed):
+            del self._entries[key_id]
+            return None
+        return info
+
+    def put(self, info: ApiKeyInfo, hashed: str, generation: int) -> None:
+        """Keep a record read from Redis while the cache stood at `generation`."""
+        if not self._live or generation != self.generation:
+            return
+        if len(self._entries) >= self.MAX_KEYS:
+            self._entries.clear()  # a flood of distinct keys: start over rather than track ages
+        self._entries[info.key_id] = (info, hashed, time.monotonic())
+
+    def revoked(self, key_id: str) -> None:
+        self.generation += 1
+        self._entries.pop(key_id, None)
+
+    def subscribed(self) -> None:
+        self._live = True
+
+    def lost(self) -> None:
+        self.generation += 1
+        self._live = False
+        self._entries.clear()
 
 
 def _info(key_id: str, record: dict[str, str]) -> ApiKeyInfo:

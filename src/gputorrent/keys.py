@@ -52,6 +52,7 @@ RESULTS_CHANNEL = "results:ready"
 DEADLINES = "deadlines"
 API_KEYS = "apikeys"
 ENDED_CHANNEL = "jobs:ended"
+KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
 RECENT_FAILURES = "failures:recent"
 
 

@@ -12,9 +12,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from string import Template
-from typing import Literal
+from typing import Any, Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import NoScriptError
 
 from gputorrent import keys, pool_stats
 from gputorrent.errors import Conflict
@@ -236,7 +237,8 @@ class Lease:
 # into the processing list (KEYS[1]), marks it running with its taker in the job's status (so
 # `end` finds it there), and answers {raw, whether its stream exists}. Finding nothing, it empties
 # the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is stale, and a job queued after this
-# script rings again. ARGV[4] and ARGV[5] are the prefixes of a job's status and stream keys.
+# script rings again. ARGV[3] and ARGV[4] are the prefixes of a job's status and stream keys. The
+# time it was taken is Redis's own: the script may run long after its caller sent it (see `pop`).
 _TAKE = Script("""
 local bells = tonumber(ARGV[1])
 for i = 2 + bells, #KEYS do
@@ -245,11 +247,13 @@ for i = 2 + bells, #KEYS do
     local request_id = string.match(raw, '"request_id":"([^"]*)"')
     local streamed = 0
     if request_id then
-      local status = ARGV[4] .. request_id
+      local status = ARGV[3] .. request_id
       if redis.call('EXISTS', status) == 1 then
-        redis.call('HSET', status, 'status', 'running', 'worker_id', ARGV[2], 'started_at', ARGV[3])
+        local now = redis.call('TIME')
+        local started_at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+        redis.call('HSET', status, 'status', 'running', 'worker_id', ARGV[2], 'started_at', started_at)
       end
-      streamed = redis.call('EXISTS', ARGV[5] .. request_id)
+      streamed = redis.call('EXISTS', ARGV[4] .. request_id)
     end
     return {raw, streamed}
   end
@@ -279,21 +283,33 @@ async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[s
         for key in (keys.queue_key(worker_id, band), *(keys.model_queue_key(m, band) for m in models))
     ]
     take_keys = [target, *doorbells, *sources]
-    waited = False
+    take_args = [*take_keys, str(len(doorbells)), worker_id, *_TAKE_PREFIXES]
+    taken = await _TAKE.run(redis, len(take_keys), *take_args)
     while True:
-        taken = await _TAKE.run(
-            redis, len(take_keys), *take_keys, str(len(doorbells)), worker_id, repr(time.time()), *_TAKE_PREFIXES
-        )
         if taken is None:
-            if waited or await redis.blpop(doorbells, timeout_s) is None:  # Redis 6+ takes fractional seconds
+            taken = await _wait_and_take(redis, doorbells, timeout_s, len(take_keys), take_args)
+            if taken is None:
                 return None
-            waited = True
-            continue
         raw, streamed_before = str(taken[0]), bool(taken[1])
         if (job := await held_job(redis, worker_id, raw)) is None:
+            taken = await _TAKE.run(redis, len(take_keys), *take_args)
             continue
         job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
         return Lease(job=job, raw=raw, streamed_before=streamed_before, taken_at=time.time())
+
+
+async def _wait_and_take(redis: Redis, doorbells: list[str], timeout_s: float, numkeys: int, take: list[str]) -> Any:
+    """Block on the doorbells for up to `timeout_s`, then run the take script, in one send: Redis runs
+    the take on this connection as soon as the pop returns, with no round trip to the worker between
+    them (a job's wake costs one reply, not two)."""
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.blpop(doorbells, timeout_s)  # Redis 6+ takes fractional seconds
+        pipe.evalsha(_TAKE.sha, numkeys, *take)
+        try:
+            _, taken = await pipe.execute()
+        except NoScriptError:  # a new or restarted Redis: the pop ran, the take did not
+            taken = await _TAKE.run(redis, numkeys, *take)
+    return taken
 
 
 async def held_job(redis: Redis, worker_id: str, raw: str) -> Job | None:
@@ -342,7 +358,7 @@ if ARGV[5] == '1' then
   redis.call('XADD', KEYS[5], '*', 'result', ARGV[3])
   redis.call('EXPIRE', KEYS[5], ARGV[4])
 end
-redis.call('PUBLISH', ARGV[6], ARGV[7])
+redis.call('PUBLISH', ARGV[6], ARGV[8])
 return 1
 """
 )
@@ -369,17 +385,40 @@ async def finish(
     when `raw` is no longer there (the lease was lost) or when `dead`'s heartbeat is back.
 
     Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
-    `stream:{request_id}` with the result for a streamed job, and announces the id on the results channel.
+    `stream:{request_id}` with the result for a streamed job, and announces it on the results channel
+    (`result_announcement`).
     """
     request_id = result.request_id
+    result_json = result.model_dump_json()
     finished = await _FINISH.run(
         redis, 6,
         held_in, keys.heartbeat_key(dead or ""), keys.result_key(request_id), keys.job_key(request_id),
         keys.stream_key(request_id), keys.DEADLINES,
-        "1" if dead else "0", raw, result.model_dump_json(), str(ttl_s), "1" if streamed else "0",
-        keys.RESULTS_CHANNEL, request_id,
+        "1" if dead else "0", raw, result_json, str(ttl_s), "1" if streamed else "0",
+        keys.RESULTS_CHANNEL, request_id, result_announcement(request_id, result_json, streamed=streamed),
     )  # fmt: skip
     return bool(finished)
+
+
+# A result up to this size travels in its announcement, so a waiting request needs no read of Redis;
+# a larger one (an embedding batch) is announced by its id alone, and read by whoever waits for it.
+ANNOUNCED_RESULT_MAX_BYTES = 64 * 1024
+
+
+def result_announcement(request_id: str, result_json: str, *, streamed: bool) -> str:
+    """What `results:ready` carries for a result: `{request_id}` or `{request_id}\\n{result JSON}`.
+
+    A streamed job's followers read its result from its stream, so its announcement is the id alone.
+    """
+    if streamed or len(result_json) > ANNOUNCED_RESULT_MAX_BYTES:
+        return request_id
+    return f"{request_id}\n{result_json}"
+
+
+def read_announcement(message: str) -> tuple[str, str | None]:
+    """A `results:ready` message as (request id, the result's JSON or None when not carried)."""
+    request_id, _, result_json = message.partition("\n")
+    return request_id, result_json or None
 
 
 async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: str | None = None) -> bool:

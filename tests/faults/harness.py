@@ -35,7 +35,7 @@ import httpx
 from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
-from gputorrent import keys
+from gputorrent import keys, queue
 from gputorrent.embedded import EmbeddedRedis, free_port
 from gputorrent.protocol import JobResult, JobStatus
 from tests.conftest import PROCESS_START_TIMEOUT_S, Process, alive_workers, wait_for
@@ -173,7 +173,7 @@ class Announcements(threading.Thread):
                     while not self._stopping.is_set():
                         message = pubsub.get_message(timeout=0.1)
                         if message is not None and message["type"] == "message":
-                            self._note(message["data"].decode())
+                            self._note(queue.read_announcement(message["data"].decode())[0])
             except (RedisError, OSError):
                 self.subscribed.clear()
                 self._stopping.wait(0.02)  # Redis is restarting: try again soon, it is back within seconds

@@ -16,16 +16,17 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from gputorrent import __version__
+from gputorrent import __version__, auth, keys
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import openapi
 from gputorrent.coordinator.error_shapes import error_body
 from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
+from gputorrent.coordinator.listener import Listener
 from gputorrent.coordinator.overhead import OverheadHeader
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.results import ResultWaiter
-from gputorrent.coordinator.routes import admin, anthropic, native, observability, ollama, openai, worker
+from gputorrent.coordinator.routes import add_routes, admin, anthropic, native, observability, ollama, openai, worker
 from gputorrent.errors import GPUTorrentError, RateLimited, RedisUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -51,17 +52,24 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         )
         redis = Redis.from_pool(pool)  # closing the client closes the pool
         waiter = ResultWaiter(redis)
+        key_cache = auth.KeyCache()
+        listener = Listener(
+            redis,
+            {keys.RESULTS_CHANNEL: waiter.announced, keys.KEYS_REVOKED_CHANNEL: key_cache.revoked},
+            subscribers=(waiter, key_cache),
+        )
         reaper = Reaper(redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s)
         app.state.redis, app.state.settings, app.state.waiter = redis, settings, waiter
+        app.state.key_cache = key_cache
         background = [
-            asyncio.create_task(waiter.run(), name="result-listener"),
+            asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(reaper.run(), name="reaper"),
         ]
         try:
             yield
         finally:
             # Asked to stop rather than cancelled: redis-py's pub/sub can swallow a cancellation and wait on.
-            waiter.stop()
+            listener.stop()
             reaper.stop()
             _, pending = await asyncio.wait(background, timeout=LISTENER_STOP_TIMEOUT_S)
             for task in pending:
@@ -69,12 +77,8 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             await redis.aclose()
 
     app = FastAPI(title="GPU Torrent coordinator", version=__version__, lifespan=lifespan)
-    app.include_router(native.router)
-    app.include_router(openai.router)
-    app.include_router(ollama.router)
-    app.include_router(anthropic.router)
-    app.include_router(admin.router)
-    app.include_router(worker.router)
+    for router in (native.router, openai.router, ollama.router, anthropic.router, admin.router, worker.router):
+        add_routes(app, router)
     openapi.install(app)
     app.add_middleware(JsonBodies)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
+import math
 import time
 import uuid
+import weakref
 from typing import Any
 
 from redis.asyncio import Redis
@@ -22,6 +25,36 @@ log = logging.getLogger(__name__)
 ROUTE_ATTEMPTS = 3  # a job whose chosen worker left just then is routed again, this many times at most
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a full queue drains by a job per slot per job time: try again soon
+
+# Admission routes on a snapshot of the pool at most this old: one read of Redis serves every
+# request of that time instead of each reading it. Liveness is checked again when the job is
+# queued, and a request with no live candidate reads the pool afresh before it is refused.
+SNAPSHOT_MAX_AGE_S = 0.1
+
+
+class PoolSnapshot:
+    """The pool as admission last read it, with the jobs this coordinator queued since added to
+    the queues they went to (so a burst of requests spreads as if each had read the pool)."""
+
+    def __init__(self) -> None:
+        self._workers: list[WorkerState] = []
+        self._read_at = -math.inf
+
+    async def workers(self, redis: Redis, *, fresh: bool = False) -> list[WorkerState]:
+        now = asyncio.get_running_loop().time()
+        if fresh or now - self._read_at > SNAPSHOT_MAX_AGE_S:
+            self._workers, self._read_at = await registry.snapshot(redis), now
+        return self._workers
+
+    def queued(self, worker_id: str) -> None:
+        self._workers = [
+            w.model_copy(update={"queue_length": w.queue_length + 1}) if w.worker_id == worker_id else w
+            for w in self._workers
+        ]
+
+
+# One per Redis client, which is one per coordinator app (a test's app does not see another's pool).
+_snapshots: weakref.WeakKeyDictionary[Redis, PoolSnapshot] = weakref.WeakKeyDictionary()
 
 
 def new_request_id() -> str:
@@ -59,16 +92,23 @@ async def admit(
     if idempotency_key is not None and (replayed := await _replay(redis, idempotency_key, caller)) is not None:
         return replayed
     limits = quotas.limits(caller, quotas.check_size(request, settings), settings)
+    snapshot = _snapshots.setdefault(redis, PoolSnapshot())
+    fresh = False
     for _ in range(ROUTE_ATTEMPTS):
         try:
-            return await _route_and_enqueue(redis, request, settings, caller, limits, client_id, idempotency_key)
-        except queue.WorkerGone as gone:  # it left between the snapshot and the enqueue: route again
+            return await _route_and_enqueue(
+                redis, snapshot, fresh, request, settings, caller, limits, client_id, idempotency_key
+            )
+        except queue.WorkerGone as gone:  # it left after the snapshot was read: read it again and route again
             log.info("worker %s left before the job was queued; routing again", gone)
+            fresh = True
     raise NoWorkersAvailable("the workers chosen for this request kept leaving the pool; retry shortly")
 
 
 async def _route_and_enqueue(
     redis: Redis,
+    snapshot: PoolSnapshot,
+    fresh: bool,
     request: InferenceRequest | EmbeddingRequest,
     settings: CoordinatorSettings,
     caller: Caller,
@@ -76,11 +116,13 @@ async def _route_and_enqueue(
     client_id: str | None,
     idempotency_key: str | None,
 ) -> Accepted:
-    workers = await registry.snapshot(redis)
+    workers = await snapshot.workers(redis, fresh=fresh)
     counter = await queue.next_round_robin(redis) if routing.needs_counter(settings.routing) else 1
-    route = routing.choose(
-        settings.routing, request.model, workers, counter=counter, affinity_key=routing.affinity_key(request)
-    )
+    affinity_key = routing.affinity_key(request)
+    route = routing.choose(settings.routing, request.model, workers, counter=counter, affinity_key=affinity_key)
+    if route is None and not fresh:  # a worker may have joined since the snapshot: look again before refusing
+        workers = await snapshot.workers(redis, fresh=True)
+        route = routing.choose(settings.routing, request.model, workers, counter=counter, affinity_key=affinity_key)
     if route is None:
         raise _no_candidate_error(request.model, workers)
     metrics.note_model(request.model)  # a served model: a bounded label
@@ -103,6 +145,8 @@ async def _route_and_enqueue(
         return await _replay(redis, idempotency_key or "", caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
         )
+    if route.worker_id is not None:
+        snapshot.queued(route.worker_id)
     overhead.note_admitted(job.request_id)
     log.info("request %s queued model=%s worker=%s kind=%s priority=%d", job.request_id, job.model,
              route.worker_id or "(shared queue)", job.kind, job.priority)  # fmt: skip

@@ -30,13 +30,15 @@ CLIENT_LEFT = ErrorInfo(
 )
 
 
-async def completed_result(waiter: ResultWaiter, request_id: str, timeout_s: float) -> JobResult:
-    """The job's result once it exists.
+async def completed_result(
+    waiter: ResultWaiter, request_id: str, timeout_s: float, *, admitted: bool = False
+) -> JobResult:
+    """The job's result once it exists (`admitted`: see `ResultWaiter.wait`).
 
     Raises:
         ResultTimeout: no result within `timeout_s` (the job goes on; its id still answers on /result).
     """
-    found = await waiter.wait(request_id, timeout_s)
+    found = await waiter.wait(request_id, timeout_s, admitted=admitted)
     if not isinstance(found, JobResult):
         raise ResultTimeout(
             f"no result within {timeout_s:g} s; poll GET /result/{request_id} for it", request_id=request_id

@@ -1,69 +1,86 @@
-"""Waiting for results without polling: one pub/sub listener per coordinator wakes the waiters."""
+"""Waiting for results without polling: the coordinator's listener (`listener.py`) wakes the waiters.
+
+A result's announcement usually carries the result itself (see `queue.result_announcement`), and
+the listener keeps the latest ones for a while: a request waiting for a job it has just admitted
+gets its answer without reading Redis at all.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
-from collections import defaultdict
+from collections import OrderedDict, defaultdict
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from gputorrent import keys, queue
+from gputorrent import queue
 from gputorrent.protocol import JobResult, JobStatus
-from gputorrent.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 # A waiter re-reads Redis at least this often, so a missed notification (listener
 # reconnecting) delays an answer by at most this much instead of losing it.
 RECHECK_INTERVAL_S = 1.0
-LISTEN_SLICE_S = 0.25  # how long one read of the channel blocks; bounds how long `stop()` takes
+# The announced results kept, newest last, for requests that start waiting just after theirs came:
+# every coordinator hears every result, so this is bounded by size, not by the results it serves.
+RECENT_RESULTS_MAX_BYTES = 16 * 1024 * 1024
 
 
 class ResultWaiter:
-    """Lets requests wait for `result:{request_id}`; `run()` is the listener task."""
+    """Lets requests wait for `result:{request_id}`; the coordinator's `Listener` hands it the
+    announcements of `results:ready`."""
 
     def __init__(self, redis: Redis) -> None:
         self._redis = redis
         self._events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
-        self._stopping = False
+        # request id -> its result's JSON, or None when the announcement did not carry it (read Redis)
+        self._recent: OrderedDict[str, str | None] = OrderedDict()
+        self._recent_bytes = 0
 
-    def stop(self) -> None:
-        """Make `run()` return within `LISTEN_SLICE_S`."""
-        self._stopping = True
+    def announced(self, message: str) -> None:
+        """A `results:ready` message: keep the result and wake whoever waits for it."""
+        request_id, result_json = queue.read_announcement(message)
+        if request_id in self._recent:  # not expected (a job is finished once), but then the newest counts
+            self._forget(request_id)
+        self._recent[request_id] = result_json
+        self._recent_bytes += len(message)
+        while self._recent_bytes > RECENT_RESULTS_MAX_BYTES:
+            self._forget(next(iter(self._recent)))
+        for event in self._events.get(request_id, ()):
+            event.set()
 
-    async def run(self) -> None:
-        """Listen on the results channel until `stop()`, reconnecting with backoff."""
-        backoff = Backoff()
-        while not self._stopping:
-            try:
-                async with self._redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(keys.RESULTS_CHANNEL)
-                    backoff.reset()
-                    while not self._stopping:
-                        message = await pubsub.get_message(timeout=LISTEN_SLICE_S)
-                        if message is not None and message["type"] == "message":
-                            self._wake(message["data"])
-            except (RedisError, OSError) as e:
-                log.warning("result listener lost Redis (%s); retrying in %.1f s", e, backoff.delay_s)
-                self._wake_all()
-                await backoff.wait()
+    def subscribed(self) -> None:
+        pass  # waiters already re-read Redis after every wake and every `RECHECK_INTERVAL_S`
 
-    async def wait(self, request_id: str, timeout_s: float) -> JobResult | JobStatus | None:
-        """The result once it exists, or the latest status after `timeout_s`; None for an unknown id."""
+    def lost(self) -> None:
+        """Announcements may be missed: wake every waiter to read Redis."""
+        for waiting in self._events.values():
+            for event in waiting:
+                event.set()
+
+    async def wait(self, request_id: str, timeout_s: float, *, admitted: bool = False) -> JobResult | JobStatus | None:
+        """The result once it exists, or the latest status after `timeout_s`; None for an unknown id.
+
+        `admitted`: the caller has just queued this job, so it has no result that was announced
+        before this listener heard it, and the first read of Redis is skipped.
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
         event = asyncio.Event()
         self._events[request_id].add(event)
+        read_redis = not admitted
         try:
             while True:
-                event.clear()  # cleared before the read, so a result written after it still wakes us
-                found = await queue.lookup(self._redis, request_id)
+                event.clear()  # cleared before the look, so a result announced after it still wakes us
+                if (announced := self._recent.get(request_id)) is not None:
+                    return JobResult.model_validate_json(announced)
                 remaining_s = deadline - loop.time()
-                if not isinstance(found, JobStatus) or remaining_s <= 0:
-                    return found
+                if read_redis or request_id in self._recent or remaining_s <= 0:
+                    found = await queue.lookup(self._redis, request_id)
+                    if not isinstance(found, JobStatus) or remaining_s <= 0:
+                        return found
+                read_redis = True  # from now on a wake without the result in hand reads Redis
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(event.wait(), min(remaining_s, RECHECK_INTERVAL_S))
         finally:
@@ -72,11 +89,6 @@ class ResultWaiter:
             if not waiting:
                 del self._events[request_id]
 
-    def _wake(self, request_id: str) -> None:
-        for event in self._events.get(request_id, ()):
-            event.set()
-
-    def _wake_all(self) -> None:
-        for waiting in self._events.values():
-            for event in waiting:
-                event.set()
+    def _forget(self, request_id: str) -> None:
+        result_json = self._recent.pop(request_id)
+        self._recent_bytes -= len(request_id) + (len(result_json) + 1 if result_json is not None else 0)

@@ -44,7 +44,7 @@ async def _authenticate(
         presented = value.strip() if scheme.lower() == "bearer" else None
     if not presented:
         raise Unauthorized("an API key is required: send `Authorization: Bearer <key>` (see `gputorrent keys`)")
-    info = await auth.verify(request.app.state.redis, presented)
+    info = await auth.verify(request.app.state.redis, presented, request.app.state.key_cache)
     if info is None:
         raise Unauthorized("the API key is not valid (unknown, revoked or malformed)")
     return Caller(key_id=info.key_id, scope=info.scope)

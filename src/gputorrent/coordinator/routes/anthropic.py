@@ -42,7 +42,9 @@ async def create_message(
     accepted = await admit(redis, placement.apply(wire.to_inference(body)), settings, caller, idempotency_key)
     headers = {"request-id": accepted.request_id}  # the header Anthropic's SDKs expose as `_request_id`
     if not body.stream:
-        result = await relay.completed_result(waiter, accepted.request_id, settings.max_sync_wait_s)
+        result = await relay.completed_result(
+            waiter, accepted.request_id, settings.max_sync_wait_s, admitted=not accepted.replayed
+        )
         if result.status == "failed":
             raise relay.failure(result)
         return JSONResponse(wire.message(result), headers=headers)

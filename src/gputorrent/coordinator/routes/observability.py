@@ -25,6 +25,7 @@ from gputorrent import pool_stats, registry
 from gputorrent.coordinator import metrics, pool_view
 from gputorrent.coordinator.deps import RedisDep
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.coordinator.routes import add_routes
 from gputorrent.coordinator.security import ClientDep, require_client
 from gputorrent.errors import RedisUnavailable
 
@@ -52,7 +53,7 @@ def install(app: FastAPI) -> None:
     ProcessCollector(registry=registry_)
     GCCollector(registry=registry_)
     app.state.metrics_registry = registry_
-    app.include_router(router)
+    add_routes(app, router)
     app.mount("/dashboard/assets", StaticFiles(directory=STATIC_DIR), name="dashboard-assets")
     app.add_middleware(metrics.RequestMetrics, registry=registry_)
     app.user_middleware.append(Middleware(metrics.RouteNote))  # appended: the innermost of all

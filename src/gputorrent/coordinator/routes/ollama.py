@@ -198,7 +198,7 @@ async def embed(
 ) -> dict[str, Any]:
     """One vector per input text, computed on a worker that serves the model."""
     accepted = await _admit(redis, placement.apply(wire.embed_to_request(body.model, body.input)), settings, caller)
-    return wire.embed_reply(await _completed(waiter, accepted.request_id, settings))
+    return wire.embed_reply(await _completed(waiter, accepted, settings))
 
 
 @router.post("/embeddings")
@@ -212,12 +212,14 @@ async def embeddings(
 ) -> dict[str, Any]:
     """The older single-text endpoint: `{"embedding": [...]}`."""
     accepted = await _admit(redis, placement.apply(wire.embed_to_request(body.model, body.prompt)), settings, caller)
-    result = await _completed(waiter, accepted.request_id, settings)
+    result = await _completed(waiter, accepted, settings)
     return {"embedding": (result.embeddings or [[]])[0]}
 
 
-async def _completed(waiter: WaiterDep, request_id: str, settings: SettingsDep) -> JobResult:
-    result = await relay.completed_result(waiter, request_id, settings.max_sync_wait_s)
+async def _completed(waiter: WaiterDep, accepted: Accepted, settings: SettingsDep) -> JobResult:
+    result = await relay.completed_result(
+        waiter, accepted.request_id, settings.max_sync_wait_s, admitted=not accepted.replayed
+    )
     if result.status == "failed":
         raise relay.failure(result)
     return result
@@ -256,7 +258,7 @@ async def _answer(
 ) -> dict[str, Any] | StreamingResponse:
     accepted = await _admit(redis, job_request, settings, caller)
     if not job_request.stream:
-        result = await _completed(waiter, accepted.request_id, settings)
+        result = await _completed(waiter, accepted, settings)
         return final(result, result.output or "")
     following = relay.follow(
         redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected,

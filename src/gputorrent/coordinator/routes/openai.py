@@ -17,7 +17,7 @@ from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep, require_client
 from gputorrent.errors import GPUTorrentError
-from gputorrent.protocol import JobResult, JobStatus
+from gputorrent.protocol import Accepted, JobResult, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -43,7 +43,7 @@ async def chat_completions(
     accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
-        return wire.chat_completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
+        return wire.chat_completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created)
 
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return wire.chat_chunk(accepted.request_id, body.model, created, {"content": text}, finish_reason)
@@ -69,7 +69,7 @@ async def completions(
     accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
-        return wire.completion(await _completed(waiter, accepted.request_id, settings.max_sync_wait_s), created)
+        return wire.completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created)
 
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return wire.completion_chunk(accepted.request_id, body.model, created, text, finish_reason)
@@ -91,12 +91,12 @@ async def embeddings(
     idempotency_key: IdempotencyKeyDep = None,
 ) -> dict[str, Any]:
     accepted = await admit(redis, placement.apply(wire.embeddings_to_request(body)), settings, caller, idempotency_key)
-    result = await _completed(waiter, accepted.request_id, settings.max_sync_wait_s)
+    result = await _completed(waiter, accepted, settings.max_sync_wait_s)
     return wire.embeddings(result, body.encoding_format)
 
 
-async def _completed(waiter: WaiterDep, request_id: str, timeout_s: float) -> JobResult:
-    result = await relay.completed_result(waiter, request_id, timeout_s)
+async def _completed(waiter: WaiterDep, accepted: Accepted, timeout_s: float) -> JobResult:
+    result = await relay.completed_result(waiter, accepted.request_id, timeout_s, admitted=not accepted.replayed)
     if result.status == "failed":
         raise relay.failure(result)
     return result
