@@ -193,7 +193,7 @@ async def wait(waiter: ResultWaiter, started: Started, timeout_s: float) -> list
     counts as failed with `result_timeout`; it goes on)."""
 
     async def one(request_id: str, worker_id: str) -> Finished:
-        found = await waiter.wait(request_id, timeout_s)
+        found = await waiter.wait(request_id, timeout_s, admitted=True)  # queued just now by `start`
         if isinstance(found, JobResult):
             return Finished(worker_id, request_id, found.error if found.status == "failed" else None)
         message = f"no result within {timeout_s:g} s; poll GET /result/{request_id} for it"
