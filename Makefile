@@ -4,6 +4,16 @@
 
 PYTHON ?= python3
 VENV := .venv
+
+# llama.cpp builds for this machine's CPU (-march=native), AMX included where the CPU lists it; some
+# virtual machines list AMX yet trap its instructions (SIGILL at the first generation), so the build
+# leaves AMX out on x86-64. On bare metal with AMX, `make LLAMA_CPU_FLAGS= ...` keeps it. The wheel pip
+# caches is reused whatever the flags: `pip cache remove llama_cpp_python` before building it anew.
+ifeq ($(shell uname -m),x86_64)
+LLAMA_CPU_FLAGS ?= -mno-amx-tile -mno-amx-int8 -mno-amx-bf16
+endif
+export CFLAGS := $(strip $(CFLAGS) $(LLAMA_CPU_FLAGS))
+export CXXFLAGS := $(strip $(CXXFLAGS) $(LLAMA_CPU_FLAGS))
 BIN := $(VENV)/bin
 BROWSER_TESTS := tests/browser
 CHROMIUM := /usr/bin/chromium

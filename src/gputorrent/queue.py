@@ -7,6 +7,7 @@ from one to the other is a single transaction.
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from collections.abc import Sequence
@@ -225,17 +226,21 @@ class Lease:
 
     `streamed_before`: its stream already had entries when it was taken (an earlier attempt
     streamed part of it), so the worker reads them to continue after them; a fresh job skips that read.
+    `more_queued`: jobs were left in the queues it was taken from, so the next take looks at once
+    rather than waiting for a doorbell first (see `pop`).
     """
 
     job: Job
     raw: str
     streamed_before: bool = False
     taken_at: float = 0.0  # unix time, seconds: when this worker took it (the end of its time queued)
+    more_queued: bool = True
 
 
 # Takes the first job of the first non-empty source (KEYS[2 + ARGV[1]..], highest priority first)
 # into the processing list (KEYS[1]), marks it running with its taker in the job's status (so
-# `end` finds it there), and answers {raw, whether its stream exists}. Finding nothing, it empties
+# `end` finds it there), and answers {raw, whether its stream exists, whether any source still holds
+# a job}. Finding nothing, it empties
 # the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is stale, and a job queued after this
 # script rings again. ARGV[3] and ARGV[4] are the prefixes of a job's status and stream keys. The
 # time it was taken is Redis's own: the script may run long after its caller sent it (see `pop`).
@@ -255,7 +260,11 @@ for i = 2 + bells, #KEYS do
       end
       streamed = redis.call('EXISTS', ARGV[4] .. request_id)
     end
-    return {raw, streamed}
+    local more = 0
+    for j = i, #KEYS do
+      if redis.call('LLEN', KEYS[j]) > 0 then more = 1 break end
+    end
+    return {raw, streamed, more}
   end
 end
 for i = 2, 1 + bells do redis.call('DEL', KEYS[i]) end
@@ -266,39 +275,52 @@ return false
 _TAKE_PREFIXES = (keys.job_key(""), keys.stream_key(""))
 
 
-async def pop(redis: Redis, worker_id: str, timeout_s: float, models: Sequence[str] = ()) -> Lease | None:
+async def pop(
+    redis: Redis, worker_id: str, timeout_s: float, models: Sequence[str] = (), *, wait_first: bool = False
+) -> Lease | None:
     """Move the oldest job of the highest priority band of the worker's queue, or of the shared
     queues of `models`, into its processing list; None when there is none within about `timeout_s`.
 
     The move is one script, so the job is never only in the worker's memory: if the worker dies,
     the reaper finds it there. With nothing to take, the consumer blocks on the doorbells of those
-    queues (one token per job queued), then looks once more. An entry that is not a readable job
-    is dropped with an error log rather than crash the worker.
+    queues (one token per job queued), then looks once more. `wait_first`: the caller's last take
+    left the queues empty (or found nothing), so any job queued since has rung a doorbell, and the
+    first look is skipped. An entry that is not a readable job is dropped with an error log rather
+    than crash the worker.
     """
-    target = keys.processing_key(worker_id)
+    doorbells, numkeys, take_args = _take_arguments(worker_id, tuple(models))
+    taken = None if wait_first else await _TAKE.run(redis, numkeys, *take_args)
+    while True:
+        if taken is None:
+            taken = await _wait_and_take(redis, doorbells, timeout_s, numkeys, take_args)
+            if taken is None:
+                return None
+        raw, streamed_before, more_queued = str(taken[0]), bool(taken[1]), bool(taken[2])
+        if (job := await held_job(redis, worker_id, raw)) is None:
+            taken = await _TAKE.run(redis, numkeys, *take_args)
+            continue
+        job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
+        return Lease(job=job, raw=raw, streamed_before=streamed_before, taken_at=time.time(), more_queued=more_queued)
+
+
+@functools.lru_cache(maxsize=256)
+def _take_arguments(worker_id: str, models: tuple[str, ...]) -> tuple[list[str], int, tuple[bytes, ...]]:
+    """The doorbells, and the key count and arguments of `_TAKE`, for a worker serving `models`
+    (the same on every take: built and encoded once)."""
     doorbells = [keys.worker_doorbell_key(worker_id), *(keys.model_doorbell_key(m) for m in models)]
     sources = [
         key
         for band in keys.PRIORITY_BANDS
         for key in (keys.queue_key(worker_id, band), *(keys.model_queue_key(m, band) for m in models))
     ]
-    take_keys = [target, *doorbells, *sources]
-    take_args = [*take_keys, str(len(doorbells)), worker_id, *_TAKE_PREFIXES]
-    taken = await _TAKE.run(redis, len(take_keys), *take_args)
-    while True:
-        if taken is None:
-            taken = await _wait_and_take(redis, doorbells, timeout_s, len(take_keys), take_args)
-            if taken is None:
-                return None
-        raw, streamed_before = str(taken[0]), bool(taken[1])
-        if (job := await held_job(redis, worker_id, raw)) is None:
-            taken = await _TAKE.run(redis, len(take_keys), *take_args)
-            continue
-        job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
-        return Lease(job=job, raw=raw, streamed_before=streamed_before, taken_at=time.time())
+    take_keys = [keys.processing_key(worker_id), *doorbells, *sources]
+    arguments = (*take_keys, str(len(doorbells)), worker_id, *_TAKE_PREFIXES)
+    return doorbells, len(take_keys), tuple(argument.encode() for argument in arguments)
 
 
-async def _wait_and_take(redis: Redis, doorbells: list[str], timeout_s: float, numkeys: int, take: list[str]) -> Any:
+async def _wait_and_take(
+    redis: Redis, doorbells: list[str], timeout_s: float, numkeys: int, take: tuple[bytes, ...]
+) -> Any:
     """Block on the doorbells for up to `timeout_s`, then run the take script, in one send: Redis runs
     the take on this connection as soon as the pop returns, with no round trip to the worker between
     them (a job's wake costs one reply, not two)."""
@@ -358,7 +380,11 @@ if ARGV[5] == '1' then
   redis.call('XADD', KEYS[5], '*', 'result', ARGV[3])
   redis.call('EXPIRE', KEYS[5], ARGV[4])
 end
-redis.call('PUBLISH', ARGV[6], ARGV[8])
+if ARGV[8] == '1' then
+  redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. ARGV[3])
+else
+  redis.call('PUBLISH', ARGV[6], ARGV[7])
+end
 return 1
 """
 )
@@ -386,7 +412,7 @@ async def finish(
 
     Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
     `stream:{request_id}` with the result for a streamed job, and announces it on the results channel
-    (`result_announcement`).
+    (with the result itself where `announces_result`).
     """
     request_id = result.request_id
     result_json = result.model_dump_json()
@@ -395,7 +421,7 @@ async def finish(
         held_in, keys.heartbeat_key(dead or ""), keys.result_key(request_id), keys.job_key(request_id),
         keys.stream_key(request_id), keys.DEADLINES,
         "1" if dead else "0", raw, result_json, str(ttl_s), "1" if streamed else "0",
-        keys.RESULTS_CHANNEL, request_id, result_announcement(request_id, result_json, streamed=streamed),
+        keys.RESULTS_CHANNEL, request_id, "1" if announces_result(result_json, streamed=streamed) else "0",
     )  # fmt: skip
     return bool(finished)
 
@@ -405,14 +431,12 @@ async def finish(
 ANNOUNCED_RESULT_MAX_BYTES = 64 * 1024
 
 
-def result_announcement(request_id: str, result_json: str, *, streamed: bool) -> str:
-    """What `results:ready` carries for a result: `{request_id}` or `{request_id}\\n{result JSON}`.
+def announces_result(result_json: str, *, streamed: bool) -> bool:
+    """Whether `results:ready` carries the result itself (`{request_id}\\n{result JSON}`) or only its id.
 
     A streamed job's followers read its result from its stream, so its announcement is the id alone.
     """
-    if streamed or len(result_json) > ANNOUNCED_RESULT_MAX_BYTES:
-        return request_id
-    return f"{request_id}\n{result_json}"
+    return not streamed and len(result_json) <= ANNOUNCED_RESULT_MAX_BYTES
 
 
 def read_announcement(message: str) -> tuple[str, str | None]:

@@ -19,7 +19,7 @@ class Script:
         self.source = source
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
-    async def run(self, redis: Redis, numkeys: int, *keys_and_args: str) -> Any:
+    async def run(self, redis: Redis, numkeys: int, *keys_and_args: str | bytes) -> Any:
         try:
             return await redis.evalsha(self.sha, numkeys, *keys_and_args)
         except NoScriptError:

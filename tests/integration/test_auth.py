@@ -269,3 +269,32 @@ async def test_a_request_id_another_key_was_given_cannot_be_taken(
     taken = await bob.post("/inference", json={"model": "fake", "prompt": "p", "request_id": theirs})
     assert taken.status_code == 409
     assert (await alice.get(f"/result/{theirs}")).status_code == 202  # still alice's, untouched
+
+
+async def test_a_key_revoked_elsewhere_stops_working_here_though_this_coordinator_cached_it(
+    coordinator_settings: CoordinatorSettings, redis: Redis
+) -> None:
+    key = await _key(redis, "client")
+    parsed = auth.parse_key(key)
+    assert parsed is not None
+    app = create_app(coordinator_settings)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://c", headers={"Authorization": f"Bearer {key}"}
+        ) as client,
+    ):
+
+        async def kept() -> bool:  # the listener subscribes as the app starts: until then nothing is kept
+            answered = (await client.get("/v1/models")).status_code == 200
+            return answered and app.state.key_cache.get(parsed[0], auth.hash_secret(parsed[1])) is not None
+
+        await eventually(kept, "the key to be kept in the key cache", timeout_s=2)
+        await redis.delete(keys.api_key_key(parsed[0]))  # by hand, unannounced: the kept key still answers
+        assert (await client.get("/v1/models")).status_code == 200
+        await auth.revoke_key(redis, parsed[0])  # as `gputorrent keys revoke` or another coordinator does
+
+        async def refused() -> bool:
+            return (await client.get("/v1/models")).status_code == 401
+
+        await eventually(refused, "the revocation to reach the coordinator", timeout_s=2)

@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 
 from gputorrent import keys, queue, registry
 from gputorrent.config import CoordinatorSettings
+from gputorrent.coordinator import dispatch
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.protocol import Job, JobResult
 from gputorrent.worker.main import Worker
@@ -199,16 +200,30 @@ async def test_a_full_worker_queue_is_refused_with_429(api: httpx.AsyncClient, f
 
 @with_settings(routing="least_loaded")
 async def test_least_loaded_sends_new_work_past_a_worker_with_a_backlog(
-    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     await fake_worker("w1")
     await fake_worker("w2")
+    # Within one snapshot's life, the coordinator counts the jobs it queued itself.
     routed = [(await _submit(api)).json()["worker_id"] for _ in range(6)]
     assert sorted(routed) == ["w1"] * 3 + ["w2"] * 3  # equal workers share the backlog evenly
+    # A backlog queued elsewhere (another coordinator) shows in the next snapshot read: read every time here.
+    monkeypatch.setattr(dispatch, "SNAPSHOT_MAX_AGE_S", 0.0)
     for _ in range(4):
         job = Job(request_id=f"backlog-{_}", worker_id="w1", model="fake", prompt="x", enqueued_at=time.time())
         await queue.enqueue(redis, job, ttl_s=60)
     assert [(await _submit(api)).json()["worker_id"] for _ in range(3)] == ["w2", "w2", "w2"]
+
+
+@with_settings(routing="least_loaded")
+async def test_admission_reads_the_pool_afresh_before_refusing_for_want_of_a_worker(
+    api: httpx.AsyncClient, fake_worker: MakeWorker
+) -> None:
+    await fake_worker("w1")
+    assert (await _submit(api)).status_code == 202  # the pool is read, and kept for a while
+    await fake_worker("w2", model="other")
+    reply = await api.post("/inference", json={"model": "other", "prompt": "x"})
+    assert reply.status_code == 202 and reply.json()["worker_id"] == "w2"
 
 
 async def test_compatible_apis_take_a_priority_header(

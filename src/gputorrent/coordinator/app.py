@@ -18,7 +18,7 @@ from starlette.exceptions import HTTPException
 
 from gputorrent import __version__, auth, keys
 from gputorrent.config import CoordinatorSettings
-from gputorrent.coordinator import openapi
+from gputorrent.coordinator import dispatch, openapi
 from gputorrent.coordinator.error_shapes import error_body
 from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
@@ -53,9 +53,15 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         redis = Redis.from_pool(pool)  # closing the client closes the pool
         waiter = ResultWaiter(redis)
         key_cache = auth.KeyCache()
+        snapshot = dispatch.pool_snapshot(redis)
+
+        def result_announced(message: str) -> None:
+            waiter.announced(message)
+            snapshot.announced(message)
+
         listener = Listener(
             redis,
-            {keys.RESULTS_CHANNEL: waiter.announced, keys.KEYS_REVOKED_CHANNEL: key_cache.revoked},
+            {keys.RESULTS_CHANNEL: result_announced, keys.KEYS_REVOKED_CHANNEL: key_cache.revoked},
             subscribers=(waiter, key_cache),
         )
         reaper = Reaper(redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s)

@@ -9,6 +9,7 @@ import math
 import time
 import uuid
 import weakref
+from collections import Counter
 from typing import Any
 
 from redis.asyncio import Redis
@@ -34,27 +35,51 @@ SNAPSHOT_MAX_AGE_S = 0.1
 
 class PoolSnapshot:
     """The pool as admission last read it, with the jobs this coordinator queued since added to
-    the queues they went to (so a burst of requests spreads as if each had read the pool)."""
+    the queues they went to until their results are announced (so a burst of requests spreads as
+    if each had read the pool, and a session's next request finds its worker as free as it is)."""
 
     def __init__(self) -> None:
-        self._workers: list[WorkerState] = []
+        self._read: list[WorkerState] = []
         self._read_at = -math.inf
+        self._pending: dict[str, str] = {}  # request id -> worker id: queued since the read, no result heard yet
+        self._view: list[WorkerState] | None = None  # the read with the pending jobs added, built when asked
 
     async def workers(self, redis: Redis, *, fresh: bool = False) -> list[WorkerState]:
         now = asyncio.get_running_loop().time()
         if fresh or now - self._read_at > SNAPSHOT_MAX_AGE_S:
-            self._workers, self._read_at = await registry.snapshot(redis), now
-        return self._workers
+            counted = set(self._pending)  # jobs queued while the read is on its way may be missing from it
+            self._read, self._read_at = await registry.snapshot(redis), now
+            for request_id in counted:
+                self._pending.pop(request_id, None)
+            self._view = None
+        if self._view is None:
+            pending = Counter(self._pending.values())
+            self._view = [
+                w.model_copy(update={"queue_length": w.queue_length + pending[w.worker_id]})
+                if pending[w.worker_id]
+                else w
+                for w in self._read
+            ]
+        return self._view
 
-    def queued(self, worker_id: str) -> None:
-        self._workers = [
-            w.model_copy(update={"queue_length": w.queue_length + 1}) if w.worker_id == worker_id else w
-            for w in self._workers
-        ]
+    def queued(self, request_id: str, worker_id: str) -> None:
+        self._pending[request_id] = worker_id
+        self._view = None
+
+    def announced(self, message: str) -> None:
+        """A `results:ready` message: a job of this coordinator's no longer weighs on its worker."""
+        request_id, _ = queue.read_announcement(message)
+        if self._pending.pop(request_id, None) is not None:
+            self._view = None
 
 
 # One per Redis client, which is one per coordinator app (a test's app does not see another's pool).
 _snapshots: weakref.WeakKeyDictionary[Redis, PoolSnapshot] = weakref.WeakKeyDictionary()
+
+
+def pool_snapshot(redis: Redis) -> PoolSnapshot:
+    """The snapshot admission keeps for the app whose Redis client this is."""
+    return _snapshots.setdefault(redis, PoolSnapshot())
 
 
 def new_request_id() -> str:
@@ -92,7 +117,7 @@ async def admit(
     if idempotency_key is not None and (replayed := await _replay(redis, idempotency_key, caller)) is not None:
         return replayed
     limits = quotas.limits(caller, quotas.check_size(request, settings), settings)
-    snapshot = _snapshots.setdefault(redis, PoolSnapshot())
+    snapshot = pool_snapshot(redis)
     fresh = False
     for _ in range(ROUTE_ATTEMPTS):
         try:
@@ -146,7 +171,7 @@ async def _route_and_enqueue(
             request_id=admitted, worker_id=route.worker_id
         )
     if route.worker_id is not None:
-        snapshot.queued(route.worker_id)
+        snapshot.queued(job.request_id, route.worker_id)
     overhead.note_admitted(job.request_id)
     log.info("request %s queued model=%s worker=%s kind=%s priority=%d", job.request_id, job.model,
              route.worker_id or "(shared queue)", job.kind, job.priority)  # fmt: skip

@@ -116,8 +116,9 @@ class CoordinatorLink:
     async def recover(self) -> int:
         return _parse(Moved, await self._expect("POST", "/recover")).jobs
 
-    async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
-        # The models are those of the worker's registration, which the coordinator reads itself.
+    async def take(self, timeout_s: float, models: Sequence[str], *, wait_first: bool = False) -> queue.Lease | None:
+        # The models are those of the worker's registration, which the coordinator reads itself; it
+        # looks before it waits whatever `wait_first` says (one request either way).
         timeout_s = min(timeout_s, LONGEST_TAKE_S)
         status, content = await self._call(
             "POST", "/take", params={"wait_s": repr(timeout_s)}, timeout_s=timeout_s + TAKE_EXTRA_S

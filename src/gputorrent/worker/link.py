@@ -46,10 +46,10 @@ class PoolLink(Protocol):
         """Queue again, counting an attempt, what a previous run of this worker id left unfinished."""
         ...
 
-    async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
+    async def take(self, timeout_s: float, models: Sequence[str], *, wait_first: bool = False) -> queue.Lease | None:
         """Lease the next job for this worker (its queue, or the shared queues of `models`); None
-        when none came within about `timeout_s`. Raises `WorkerGone` when the pool no longer knows
-        this worker: it stops."""
+        when none came within about `timeout_s`. `wait_first`: the last take left nothing queued (see
+        `queue.pop`). Raises `WorkerGone` when the pool no longer knows this worker: it stops."""
         ...
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
@@ -117,8 +117,8 @@ class RedisLink:
     async def recover(self) -> int:
         return await queue.recover(self.redis, self.worker_id, self._max_attempts, self._result_ttl_s)
 
-    async def take(self, timeout_s: float, models: Sequence[str]) -> queue.Lease | None:
-        return await queue.pop(self.redis, self.worker_id, timeout_s, models)
+    async def take(self, timeout_s: float, models: Sequence[str], *, wait_first: bool = False) -> queue.Lease | None:
+        return await queue.pop(self.redis, self.worker_id, timeout_s, models, wait_first=wait_first)
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         return await streams.sent_so_far(self.redis, request_id)

@@ -257,13 +257,15 @@ class Worker:
 
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
         backoff = Backoff()
+        queued_after_take = True  # whether the last take left jobs queued: then look before waiting
         while not stop.is_set():
             if not self._serving.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._serving.wait(), POP_TIMEOUT_S)
                 continue
             try:
-                lease = await self.link.take(0.05 if burst else POP_TIMEOUT_S, self.models)
+                timeout_s = 0.05 if burst else POP_TIMEOUT_S
+                lease = await self.link.take(timeout_s, self.models, wait_first=not queued_after_take)
             except WorkerGone as e:  # removed from the pool: no take will ever succeed again
                 log.error("worker %s: %s; stopping", self.worker_id, e)
                 stop.set()
@@ -273,6 +275,7 @@ class Worker:
                 await backoff.wait()
                 continue
             backoff.reset()
+            queued_after_take = lease is not None and lease.more_queued
             if lease is None:
                 if burst:
                     return
