@@ -112,7 +112,11 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.post("/pull", response_model=None)
+@router.post(
+    "/pull",
+    response_model=None,
+    responses={200: {"description": "streamed unless `stream` is false: NDJSON", "content": {NDJSON_MEDIA_TYPE: {}}}},
+)
 async def pull(
     body: wire.PullRequest,
     request: Request,
