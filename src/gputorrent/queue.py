@@ -239,11 +239,11 @@ class Lease:
 
 # Takes the first job of the first non-empty source (KEYS[2 + ARGV[1]..], highest priority first)
 # into the processing list (KEYS[1]), marks it running with its taker in the job's status (so
-# `end` finds it there), and answers {raw, whether its stream exists, whether any source still holds
-# a job}. Finding nothing, it empties
-# the doorbells (KEYS[2..1 + ARGV[1]]): every token in them is stale, and a job queued after this
-# script rings again. ARGV[3] and ARGV[4] are the prefixes of a job's status and stream keys. The
-# time it was taken is Redis's own: the script may run long after its caller sent it (see `pop`).
+# `end` finds it there), and answers {raw, whether its stream exists, whether any source still
+# holds a job}. Finding nothing, it empties the doorbells (KEYS[2..1 + ARGV[1]]): every token in
+# them is stale, and a job queued after this script rings again. ARGV[3] and ARGV[4] are the
+# prefixes of a job's status and stream keys. The time it was taken is Redis's own: the script may
+# run long after its caller sent it (see `pop`).
 _TAKE = Script("""
 local bells = tonumber(ARGV[1])
 for i = 2 + bells, #KEYS do

@@ -94,9 +94,9 @@ async def test_an_announcement_without_the_result_makes_the_waiter_read_it(redis
 async def test_the_waiters_memory_of_results_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     from gputorrent.coordinator import results
 
-    monkeypatch.setattr(results, "RECENT_RESULTS_MAX_BYTES", 4096)
+    monkeypatch.setattr(results, "RECENT_RESULTS_MAX_CHARS", 4096)
     waiter = ResultWaiter(Redis(host="127.0.0.1", port=1))
     for n in range(100):
         waiter.announced(f"job-{n:04d}\n" + "x" * 100)
-    assert 0 < waiter._recent_bytes <= 4096
+    assert 0 < waiter._recent_chars <= 4096
     assert "job-0099" in waiter._recent and "job-0000" not in waiter._recent

@@ -9,9 +9,11 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
+import pytest
 from redis.asyncio import Redis
 
 from gputorrent import keys, queue, registry, streams
+from gputorrent.coordinator import dispatch
 from gputorrent.errors import BackendUnavailable
 from gputorrent.protocol import GenerationDone, InferenceOptions, Job, JobResult, TokenChunk
 from gputorrent.worker.backends.fake import FakeBackend
@@ -169,8 +171,10 @@ class _UnreachableBackend(FakeBackend):
 
 
 async def test_a_job_whose_backend_is_down_fails_over_and_the_worker_turns_unhealthy(
-    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # Admission would see the change of state up to one snapshot's life later: read the pool every time.
+    monkeypatch.setattr(dispatch, "SNAPSHOT_MAX_AGE_S", 0.0)
     backend = _UnreachableBackend()
     w1 = await fake_worker("w1", backend=backend, health_interval_s=0.2, health_timeout_s=1)
     request_id = await _submit(api)

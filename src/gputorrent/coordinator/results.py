@@ -1,6 +1,6 @@
 """Waiting for results without polling: the coordinator's listener (`listener.py`) wakes the waiters.
 
-A result's announcement usually carries the result itself (see `queue.result_announcement`), and
+A result's announcement usually carries the result itself (see `queue.announces_result`), and
 the listener keeps the latest ones for a while: a request waiting for a job it has just admitted
 gets its answer without reading Redis at all.
 """
@@ -23,8 +23,9 @@ log = logging.getLogger(__name__)
 # reconnecting) delays an answer by at most this much instead of losing it.
 RECHECK_INTERVAL_S = 1.0
 # The announced results kept, newest last, for requests that start waiting just after theirs came:
-# every coordinator hears every result, so this is bounded by size, not by the results it serves.
-RECENT_RESULTS_MAX_BYTES = 16 * 1024 * 1024
+# every coordinator hears every result, so this is bounded by size (in characters of the messages),
+# not by the results it serves.
+RECENT_RESULTS_MAX_CHARS = 16 * 1024 * 1024
 
 
 class ResultWaiter:
@@ -36,7 +37,7 @@ class ResultWaiter:
         self._events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         # request id -> its result's JSON, or None when the announcement did not carry it (read Redis)
         self._recent: OrderedDict[str, str | None] = OrderedDict()
-        self._recent_bytes = 0
+        self._recent_chars = 0
 
     def announced(self, message: str) -> None:
         """A `results:ready` message: keep the result and wake whoever waits for it."""
@@ -44,8 +45,8 @@ class ResultWaiter:
         if request_id in self._recent:  # not expected (a job is finished once), but then the newest counts
             self._forget(request_id)
         self._recent[request_id] = result_json
-        self._recent_bytes += len(message)
-        while self._recent_bytes > RECENT_RESULTS_MAX_BYTES:
+        self._recent_chars += len(message)
+        while self._recent_chars > RECENT_RESULTS_MAX_CHARS:
             self._forget(next(iter(self._recent)))
         for event in self._events.get(request_id, ()):
             event.set()
@@ -62,8 +63,9 @@ class ResultWaiter:
     async def wait(self, request_id: str, timeout_s: float, *, admitted: bool = False) -> JobResult | JobStatus | None:
         """The result once it exists, or the latest status after `timeout_s`; None for an unknown id.
 
-        `admitted`: the caller has just queued this job, so it has no result that was announced
-        before this listener heard it, and the first read of Redis is skipped.
+        `admitted`: the caller has just queued this job, so its result is announced after this
+        listener subscribed (or the listener is down, and the wait reads Redis every
+        `RECHECK_INTERVAL_S`): the first read of Redis is skipped.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
@@ -91,4 +93,4 @@ class ResultWaiter:
 
     def _forget(self, request_id: str) -> None:
         result_json = self._recent.pop(request_id)
-        self._recent_bytes -= len(request_id) + (len(result_json) + 1 if result_json is not None else 0)
+        self._recent_chars -= len(request_id) + (len(result_json) + 1 if result_json is not None else 0)

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from gputorrent import registry, routing
 from gputorrent.coordinator import relay
@@ -38,12 +38,13 @@ async def chat_completions(
     caller: ClientDep,
     placement: PlacementDep,
     idempotency_key: IdempotencyKeyDep = None,
-) -> dict[str, Any] | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     job_request = placement.apply(wire.chat_to_inference(body).model_copy(update={"stream": body.stream}))
     accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
-        return wire.chat_completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created)
+        # A response of our own: FastAPI would walk the dict through its encoder first, on every request.
+        return JSONResponse(wire.chat_completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created))
 
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return wire.chat_chunk(accepted.request_id, body.model, created, {"content": text}, finish_reason)
@@ -64,12 +65,12 @@ async def completions(
     caller: ClientDep,
     placement: PlacementDep,
     idempotency_key: IdempotencyKeyDep = None,
-) -> dict[str, Any] | StreamingResponse:
+) -> JSONResponse | StreamingResponse:
     job_request = placement.apply(wire.completion_to_inference(body).model_copy(update={"stream": body.stream}))
     accepted = await admit(redis, job_request, settings, caller, idempotency_key)
     created = int(time.time())
     if not body.stream:
-        return wire.completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created)
+        return JSONResponse(wire.completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created))
 
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return wire.completion_chunk(accepted.request_id, body.model, created, text, finish_reason)
