@@ -22,9 +22,11 @@ from gputorrent.config import CoordinatorSettings, WorkerSettings
 from gputorrent.coordinator.app import create_app
 from gputorrent.embedded import EmbeddedRedis, free_port
 from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.worker.backends import Backend, Puller
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.link import RedisLink
 from gputorrent.worker.main import Worker
+from tests.ollama_standin import OllamaProtocolStandin
 
 # A server named by GPUTORRENT_TEST_REDIS_URL may hold other data: tests keep to one database of it.
 TEST_DB = 13
@@ -98,21 +100,32 @@ async def api(coordinator_settings: CoordinatorSettings, admin_key: str) -> Asyn
 
 
 @pytest.fixture
+async def ollama_protocol_standin() -> AsyncIterator[OllamaProtocolStandin]:
+    """A stand-in for Ollama's documented protocol (NOT Ollama; see tests/ollama_standin.py) on this test's loop."""
+    standin = OllamaProtocolStandin()
+    await standin.start()
+    yield standin
+    await standin.stop()
+
+
+@pytest.fixture
 def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callable[..., Awaitable[Worker]]:
-    """Register an in-process worker on the fake backend (or `backend`); run it with
+    """Register an in-process worker on the fake backend (or `backend`, loaded with `model`); run it with
     `await worker.run(stop, burst=True)`. Other keyword arguments are `WorkerSettings` fields."""
 
     async def make(
         worker_id: str,
         model: str = "fake",
         token_delay_s: float = 0.0,
-        backend: FakeBackend | None = None,
+        backend: Backend | None = None,
         **settings_values: object,
     ) -> Worker:
-        body = WorkerRegistration(worker_id=worker_id, models=[model], backend="fake")
+        backend = backend or FakeBackend(token_delay_s=token_delay_s)
+        body = WorkerRegistration(
+            worker_id=worker_id, models=[model], backend=backend.name, can_pull=isinstance(backend, Puller)
+        )
         response = await api.post("/register", json=body.model_dump(mode="json"))
         assert response.status_code == 200, response.text
-        backend = backend or FakeBackend(token_delay_s=token_delay_s)
         await backend.load(model)
         settings = WorkerSettings(
             redis_url=redis_url, backend="fake", model_name=model, worker_id=worker_id, **settings_values
@@ -146,6 +159,19 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeou
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+def keys_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    """`gputorrent keys ARGS` against `redis_url`, as an operator runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", "gputorrent", "keys", "--redis-url", redis_url, *args],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+
+
+def new_key(redis_url: str, scope: str, name: str = "tests") -> str:
+    """A new API key of `scope`, made with `gputorrent keys create`."""
+    return keys_cli(redis_url, "create", "--name", name, "--scope", scope).stdout.strip()
 
 
 class Process:

@@ -78,6 +78,9 @@ class CoordinatorSettings(_Settings):
     max_tokens: int = Field(default=32768, ge=1, validation_alias=_env("GPUTORRENT_MAX_TOKENS"))
     # A job still without a result this long after admission ends as failed with code `timeout`.
     request_timeout_s: float = Field(default=600.0, gt=0, validation_alias=_env("GPUTORRENT_REQUEST_TIMEOUT_S"))
+    # A pull job (`POST /api/pull`: a download onto workers) still without a result this long after admission
+    # ends as failed with code `timeout`; a streamed pull is followed this long, an unstreamed one awaited.
+    pull_timeout_s: float = Field(default=3600.0, gt=0, validation_alias=_env("GPUTORRENT_PULL_TIMEOUT_S"))
     # Where a new job goes (routing.py): the default is the policy benchmark B4 measured best.
     routing: Policy = Field(default="least_loaded", validation_alias=_env("GPUTORRENT_ROUTING"))
     # Admission control: past these many queued jobs a request is refused with 429 and Retry-After.

@@ -26,7 +26,8 @@ async def hand_on(
     only_if_dead: bool,
 ) -> int:
     """Move every job of the list `source` (of worker `worker_id`) to a live worker chosen round-robin,
-    or, for a job that came from its model's shared queue, back to that queue.
+    or, for a job that came from its model's shared queue, back to that queue. A pull job stays: it
+    is its worker's alone, and waits for that worker to come back (until its deadline).
 
     `count_attempt` counts an attempt for each (past `max_attempts` it fails with `worker_lost`);
     with `only_if_dead` nothing moves once the worker's heartbeat is back. A job no live worker
@@ -34,8 +35,10 @@ async def hand_on(
     """
     handled = 0
     for raw in await redis.lrange(source, 0, -1):
-        model, shared = _model_of(str(raw))
-        candidates = routing.candidates_for(model, workers) if model and not shared else []
+        job = _job_of(str(raw))
+        shared = job is not None and job.shared
+        movable = job is not None and not shared and job.kind != "pull"
+        candidates = routing.candidates_for(job.model, workers) if job is not None and movable else []
         target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis)) if candidates else None
         moved = await queue.retry_or_fail(
             redis, source, str(raw), started=count_attempt, target=target, max_attempts=max_attempts, ttl_s=ttl_s,
@@ -48,10 +51,9 @@ async def hand_on(
     return handled
 
 
-def _model_of(raw: str) -> tuple[str | None, bool]:
-    """The job's model and whether it is a shared job (None for an unreadable one: retry_or_fail drops it)."""
+def _job_of(raw: str) -> Job | None:
+    """The job (None for an unreadable one: retry_or_fail drops it)."""
     try:
-        job = Job.model_validate_json(raw)
+        return Job.model_validate_json(raw)
     except ValueError:
-        return None, False
-    return job.model, job.shared
+        return None

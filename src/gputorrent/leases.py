@@ -77,13 +77,23 @@ async def beat(
     return BeatAnswer(drain=bool(drain), ended=ended)
 
 
+async def add_pulled_model(redis: Redis, worker_id: str, raw: str) -> bool:
+    """Add the model of the pull job `raw` to the worker's registration while the worker holds that job:
+    a worker lists a model this way only when it was asked to pull it. False when `raw` is not a pull
+    job the worker holds, or the registration cannot take the model (see `registry.add_model`)."""
+    job = Job.model_validate_json(raw)
+    if job.kind != "pull" or await redis.lpos(keys.processing_key(worker_id), raw) is None:
+        return False
+    return await registry.add_model(redis, worker_id, job.model)
+
+
 async def fail_over(redis: Redis, worker_id: str, raw: str, *, max_attempts: int, ttl_s: int) -> bool:
     """Hand a job the worker's backend could not run to another live worker serving its model (counting
     an attempt). True when the job is no longer the worker's to finish (handed on, or its lease was
-    lost meanwhile); False when it had its last attempt or no other worker can take it: the worker
-    stores its failure."""
+    lost meanwhile); False when it had its last attempt or no other worker can take it (a pull job is
+    its worker's alone): the worker stores its failure."""
     job = Job.model_validate_json(raw)
-    if job.attempt >= max_attempts:
+    if job.attempt >= max_attempts or job.kind == "pull":
         return False
     workers = [w for w in await registry.snapshot(redis) if w.worker_id != worker_id]
     candidates = routing.candidates_for(job.model, workers)

@@ -72,7 +72,10 @@ class StatsDelta:
 
 
 def job_delta(job: Job, result: JobResult, worker_id: str, finished_at: float) -> StatsDelta:
-    """The figures one finished job adds to the pool's history."""
+    """The figures one finished job adds to the pool's history: none for a pull, which is no inference
+    (and whose minutes of download would swamp the latency figures)."""
+    if job.kind == "pull":
+        return StatsDelta()
     queue_wait_s = result.timings.queued_ms / 1000
     first_token_ms = result.timings.first_token_ms
     ttft_s = (result.timings.queued_ms + first_token_ms) / 1000 if first_token_ms is not None else None

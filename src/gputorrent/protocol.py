@@ -20,6 +20,7 @@ MAX_TIMEOUT_S = 86400.0  # the longest deadline a request may ask for
 PRIORITY_MIN, PRIORITY_DEFAULT, PRIORITY_MAX = 0, 5, 9
 SESSION_ID_PATTERN = r"^[^\s]{1,256}$"
 MAX_SLOTS = 1024  # the most jobs one worker may run at once
+MAX_MODELS = 256  # the most models one worker may list
 MAX_JOB_TOKENS = 10**9  # beyond any prompt or generation one job can hold
 MAX_DURATION_MS = 1e10  # about 115 days: longer than any job waits or runs
 MAX_UNIX_TIME_S = 1e10  # the year 2286
@@ -112,12 +113,13 @@ class EmbeddingRequest(WireModel):
 
 class Job(WireModel):
     """An admitted request as it travels through `queue:{worker_id}` (or a model's shared queue): a
-    generation or an embedding."""
+    generation, an embedding, or a model pull."""
 
     request_id: str
     worker_id: str  # empty while a shared job waits: the worker that takes it fills it in
     model: str
-    kind: Literal["generate", "embed"] = "generate"
+    # `pull`: fetch `model` onto this worker's backend (see coordinator/pulls.py); bound to its worker
+    kind: Literal["generate", "embed", "pull"] = "generate"
     prompt: str | None = None
     messages: list[ChatMessage] | None = None
     input: list[str] | None = None  # the texts of an embedding job
@@ -133,6 +135,7 @@ class Job(WireModel):
     continuation_tokens: int = 0
     priority: int = PRIORITY_DEFAULT  # the band it waits in: higher is taken first
     shared: bool = False  # queued on its model's shared queue (pull routing); handed back there, not to a worker
+    insecure: bool = False  # a pull job: the registry may be reached without TLS checks (Ollama's `insecure`)
 
 
 class Usage(WireModel):
@@ -221,11 +224,12 @@ class WorkerRegistration(WireModel):
     """The body of `POST /register`. A worker that gives no id is given one."""
 
     worker_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
-    models: list[Text] = Field(min_length=1, max_length=256)
+    models: list[Text] = Field(min_length=1, max_length=MAX_MODELS)
     backend: Text = Field(min_length=1, max_length=64)
     slots: int = Field(default=1, ge=1, le=MAX_SLOTS)
     hardware: Hardware = Field(default_factory=Hardware)
     version: Text | None = Field(default=None, max_length=64)
+    can_pull: bool = False  # its backend can fetch models it is asked to (`POST /api/pull`)
     # Needed only to replace the registration of a live worker with this id: that worker's secret.
     worker_secret: str | None = Field(default=None, max_length=256, repr=False)
 
@@ -248,6 +252,7 @@ class WorkerRecord(WireModel):
     hardware: Hardware
     version: str | None = None
     registered_at: float
+    can_pull: bool = False
 
 
 class Registered(WireModel):
@@ -293,6 +298,7 @@ class WorkerState(WireModel):
     telemetry: Telemetry | None = None  # from the last heartbeat; none once the worker is dead
     jobs_held: int = 0  # jobs in its processing list now: read live, unlike `jobs_in_flight` (last heartbeat)
     tokens_per_s: float | None = None  # measured generation speed, from the last heartbeat
+    can_pull: bool = False  # its backend can fetch models (`POST /api/pull` sends it pull jobs)
 
 
 class TokenChunk(WireModel):
@@ -307,6 +313,19 @@ class GenerationDone(WireModel):
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str = "stop"
+
+
+class PullProgress(WireModel):
+    """One progress line of a model pull, as Ollama's `/api/pull` streams it (its `success` and
+    `error` lines end the pull instead)."""
+
+    # Ollama may add fields; only these travel on.
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+    status: str = Field(max_length=1000)
+    digest: str | None = Field(default=None, max_length=200)
+    total: int | None = Field(default=None, ge=0)
+    completed: int | None = Field(default=None, ge=0)
 
 
 class Embeddings(WireModel):

@@ -12,9 +12,10 @@ from typing import TypeVar
 from pydantic import ValidationError
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from gputorrent import keys
-from gputorrent.protocol import Hardware, Heartbeat, WorkerRecord, WorkerState
+from gputorrent.protocol import MAX_MODELS, Hardware, Heartbeat, WorkerRecord, WorkerState
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,36 @@ def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) 
         pipe.exists(keys.drain_key(worker_id))
         _, drain = pipe.execute()
     return bool(drain)
+
+
+async def add_model(redis: Redis, worker_id: str, model: str) -> bool:
+    """Add `model` to the models the worker's registration lists (a pull made it serve one more),
+    so routing and the model listings see it; a model already listed is left as it is.
+
+    A transaction on the record (WATCH, then MULTI): a registration written meanwhile is read again,
+    never overwritten. False, and nothing written, when the worker is not registered (it left or was
+    removed) or already lists `MAX_MODELS` models.
+    """
+    key = keys.worker_key(worker_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        while True:
+            try:
+                await pipe.watch(key)
+                raw = await pipe.get(key)
+                if raw is None:
+                    return False
+                record = WorkerRecord.model_validate_json(raw)
+                if model in record.models:
+                    return True
+                if len(record.models) >= MAX_MODELS:
+                    log.warning("worker %s lists %d models already; %s not added", worker_id, MAX_MODELS, model)
+                    return False
+                pipe.multi()  # type: ignore[no-untyped-call]
+                pipe.set(key, record.model_copy(update={"models": [*record.models, model]}).model_dump_json())
+                await pipe.execute()
+                return True
+            except WatchError:  # the record changed under us: read it again
+                continue
 
 
 async def mark_gone(redis: Redis, worker_id: str) -> None:
@@ -162,6 +193,7 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
                 telemetry=heartbeat.telemetry if heartbeat else None,
                 jobs_held=held,
                 tokens_per_s=heartbeat.tokens_per_s if heartbeat else None,
+                can_pull=record.can_pull,
             )
         )
     return states

@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
+from redis.typing import KeyT, StreamIdT
 
 from gputorrent import keys
 from gputorrent.protocol import JobResult, TokenChunk
@@ -74,12 +75,41 @@ async def follow(
         for _, entries in reply:
             for entry_id, fields in entries:
                 last_id = entry_id
-                if RESULT_FIELD in fields:
-                    batch.append((entry_id, JobResult.model_validate_json(fields[RESULT_FIELD])))
+                batch.append((entry_id, item := _item(fields)))
+                if isinstance(item, JobResult):
                     yield batch
                     return
-                batch.append((entry_id, TokenChunk(text=fields[TEXT_FIELD])))
         yield batch
+
+
+async def follow_many(
+    redis: Redis, request_ids: Sequence[str], timeout_s: float
+) -> AsyncIterator[list[tuple[str, StreamEntry]]]:
+    """Read several streams from their start with one XREAD per round (at most `FOLLOW_BLOCK_MS`):
+    each round's entries with their request ids (maybe none), each stream's `JobResult` last of it;
+    stops once every stream gave its result, or after `timeout_s`."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    request_id_of = {keys.stream_key(request_id): request_id for request_id in request_ids}
+    after: dict[KeyT, StreamIdT] = dict.fromkeys(request_id_of, "0-0")  # the streams without their result yet
+    while after and loop.time() < deadline:
+        reply = cast(StreamReply, await redis.xread(dict(after), block=FOLLOW_BLOCK_MS, count=512))
+        batch: list[tuple[str, StreamEntry]] = []
+        for key, entries in reply:
+            for entry_id, fields in entries:
+                after[key] = entry_id
+                batch.append((request_id_of[key], (entry_id, item := _item(fields))))
+                if isinstance(item, JobResult):
+                    del after[key]
+                    break
+        yield batch
+
+
+def _item(fields: dict[str, str]) -> TokenChunk | JobResult:
+    """A stream entry's text, or the result that ends the stream."""
+    if RESULT_FIELD in fields:
+        return JobResult.model_validate_json(fields[RESULT_FIELD])
+    return TokenChunk(text=fields[TEXT_FIELD])
 
 
 class StreamWriter:

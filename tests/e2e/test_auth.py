@@ -18,7 +18,7 @@ from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
 from gputorrent.errors import JobFailed, Unauthorized
 from gputorrent.worker.backends.fake import FAIL_TRIGGER
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, keys_cli, new_key, wait_for
 
 HF_TOKEN = "hf_test_token_that_must_never_be_logged"
 
@@ -31,18 +31,10 @@ class SecuredPool:
     processes: list[Process]
 
 
-def _keys_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gputorrent", "keys", "--redis-url", redis_url, *args],
-        capture_output=True, text=True, timeout=60, check=True,
-    )  # fmt: skip
-
-
 @pytest.fixture
 def pool(processes: Callable[..., Process], redis_url: str) -> Iterator[SecuredPool]:
     """A coordinator with authentication on (the default) and one fake worker that joined with a join key."""
-    client_key = _keys_cli(redis_url, "create", "--name", "tests", "--scope", "client").stdout.strip()
-    join_key = _keys_cli(redis_url, "create", "--name", "workers", "--scope", "join").stdout.strip()
+    client_key, join_key = new_key(redis_url, "client"), new_key(redis_url, "join", name="workers")
     port = free_port()
     timing = {"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "4"}
     coordinator = processes(
@@ -104,10 +96,10 @@ def test_the_cli_reads_its_key_from_the_environment_and_revoking_it_locks_it_out
         )  # fmt: skip
 
     assert infer().stdout.strip() == "echo: one two"
-    listed = _keys_cli(redis_url, "list").stdout
+    listed = keys_cli(redis_url, "list").stdout
     key_id = pool.client_key.split("_")[1]
     assert key_id in listed and pool.client_key not in listed
-    _keys_cli(redis_url, "revoke", key_id)
+    keys_cli(redis_url, "revoke", key_id)
     refused = infer()
     assert refused.returncode == 1 and "unauthorized" in refused.stderr
 

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -17,7 +15,7 @@ import pytest
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
 from gputorrent.protocol import JobResult
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, new_key, wait_for
 
 NO_REDIS = "redis://127.0.0.1:1"  # nothing listens there: a worker that used Redis would fail
 
@@ -29,17 +27,10 @@ class Pool:
     start_worker: Callable[..., Process]
 
 
-def _key(redis_url: str, scope: str) -> str:
-    return subprocess.run(
-        [sys.executable, "-m", "gputorrent", "keys", "--redis-url", redis_url, "create", "--scope", scope],
-        capture_output=True, text=True, timeout=60, check=True,
-    ).stdout.strip()  # fmt: skip
-
-
 @pytest.fixture
 def pool(processes: Callable[..., Process], redis_url: str) -> Iterator[Pool]:
     """A coordinator with authentication on; workers join it with a join key and no Redis URL."""
-    client_key, join_key = _key(redis_url, "client"), _key(redis_url, "join")
+    client_key, join_key = new_key(redis_url, "client"), new_key(redis_url, "join")
     port = free_port()
     timing = {"GPUTORRENT_HEARTBEAT_INTERVAL_S": "0.5", "GPUTORRENT_HEARTBEAT_TIMEOUT_S": "3"}
     processes("coordinator", "--port", str(port), "--redis-url", redis_url, name="coordinator", env=timing)

@@ -140,16 +140,17 @@ def test_an_empty_request_loads_the_model(
     assert missing.value.status_code == 404
 
 
-def test_pull_succeeds_for_a_served_model_and_says_how_to_serve_another(
+def test_pull_succeeds_at_once_for_a_served_model_and_says_how_to_serve_another(
     coordinator_url: str, start_worker: StartWorker, client: ollama.Client
 ) -> None:
+    """Pulls onto workers that can pull are in test_ollama_pull.py; a fake worker cannot."""
     start_worker("w1")
     assert client.pull("fake").status == "success"
     assert [p.status for p in client.pull("fake", stream=True)] == ["success"]
     with pytest.raises(ollama.ResponseError) as unknown:
         client.pull("nope")
-    assert unknown.value.status_code == 404
-    assert "start a worker with --model nope" in unknown.value.error
+    assert unknown.value.status_code == 503
+    assert "start a worker with --backend ollama, or one with --model nope" in unknown.value.error
 
 
 def test_version_is_the_coordinators(coordinator_url: str) -> None:

@@ -44,8 +44,9 @@ def coordinator(redis_url: str) -> Iterator[tuple[str, str, str]]:
     """A live coordinator (uvicorn in a thread) with one registered fake worker that never runs, an
     admin key and that worker's credential; yields (base URL, key, credential). Waits are short so a
     generated request never holds the run up."""
+    # A generated /register may say can_pull: a pull onto such a worker (which never runs) ends at its deadline.
     settings = CoordinatorSettings(
-        redis_url=redis_url, heartbeat_timeout_s=3600, max_sync_wait_s=0.3, max_result_wait_s=0.3
+        redis_url=redis_url, heartbeat_timeout_s=3600, max_sync_wait_s=0.3, max_result_wait_s=0.3, pull_timeout_s=0.3
     )
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), port=port, log_level="warning"))

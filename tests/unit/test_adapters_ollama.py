@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
+import ollama
 import pytest
 
 from gputorrent.coordinator.adapters import ollama as wire
 from gputorrent.errors import InvalidRequest, ModelNotFound
-from gputorrent.protocol import InferenceOptions, JobResult, Timings, Usage, WorkerState
+from gputorrent.protocol import ErrorInfo, InferenceOptions, JobResult, PullProgress, Timings, Usage, WorkerState
 
 
 def _chat(**fields: Any) -> wire.ChatRequest:
@@ -189,6 +190,35 @@ def test_show_and_pull_take_model_or_its_deprecated_name() -> None:
     assert wire.requested_model(wire.ModelRequest(model="b", name="a")) == "b"
     with pytest.raises(InvalidRequest, match="model is required"):
         wire.requested_model(wire.ModelRequest())
+
+
+def test_a_pull_names_a_model_a_worker_could_register() -> None:
+    assert wire.pulled_model(wire.PullRequest(name="qwen2.5:0.5b", insecure=True)) == "qwen2.5:0.5b"
+    with pytest.raises(InvalidRequest, match="without whitespace") as caught:
+        wire.pulled_model(wire.PullRequest(model="two words"))
+    assert caught.value.details["param"] == "model"
+
+
+def test_pull_lines_are_ollamas_with_the_worker_and_the_official_client_reads_them() -> None:
+    """The `worker` field is ours; Ollama's `ProgressResponse` ignores fields it does not know."""
+    progress = PullProgress(status="pulling 8934d96d3f08", digest="sha256:8934", total=10, completed=4)
+    lines = [
+        wire.pull_queued("w1"),
+        wire.pull_progress("w1", progress),
+        wire.pull_progress("w1", PullProgress(status="pulling manifest")),
+        wire.pull_ended("w1", None),
+        wire.pull_ended("w2", ErrorInfo(code="model_unavailable", message="file does not exist")),
+    ]
+    assert lines == [
+        {"status": "queued on worker w1", "worker": "w1"},
+        {"status": "pulling 8934d96d3f08", "digest": "sha256:8934", "total": 10, "completed": 4, "worker": "w1"},
+        {"status": "pulling manifest", "worker": "w1"},
+        {"status": "pulled onto worker w1", "worker": "w1"},
+        {"status": "pull failed on worker w2: file does not exist", "worker": "w2"},
+    ]
+    read = [ollama.ProgressResponse(**line) for line in lines]
+    assert (read[1].status, read[1].digest, read[1].total, read[1].completed) == (progress.status, "sha256:8934", 10, 4)
+    assert "success" not in [r.status for r in read]  # clients take `success` for the end of the whole pull
 
 
 def test_errors_are_a_bare_message() -> None:

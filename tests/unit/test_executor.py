@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncGenerator
 
-from gputorrent.protocol import Embeddings, GenerationDone, InferenceOptions, Job, TokenChunk
+from gputorrent.protocol import Embeddings, GenerationDone, InferenceOptions, Job, PullProgress, TokenChunk
+from gputorrent.streams import StreamWriter
 from gputorrent.worker.executor import execute
 
 
@@ -37,3 +39,54 @@ async def test_an_embedding_with_non_finite_values_fails_the_job() -> None:
     assert result.status == "failed"
     assert result.error is not None and result.error.code == "backend_error"
     assert result.embeddings is None
+
+
+class _Puller(_NonFiniteEmbedder):
+    """Pulls by yielding `lines` progress lines; records how far the consumer read."""
+
+    name = "puller"
+
+    def __init__(self, lines: int) -> None:
+        self.lines = lines
+        self.read = 0
+        self.closed = False
+
+    async def pull(self, model: str, *, insecure: bool = False) -> AsyncGenerator[PullProgress]:
+        try:
+            for i in range(self.lines):
+                self.read = i + 1
+                yield PullProgress(status=f"pulling {model}", digest="sha256:ab", total=self.lines, completed=i)
+        finally:
+            self.closed = True
+
+
+def _pull_job(**fields: object) -> Job:
+    return Job(request_id="r", worker_id="w", model="m", kind="pull", enqueued_at=time.time(), **fields)  # type: ignore[arg-type]
+
+
+async def test_a_pull_job_on_a_backend_that_cannot_pull_fails_naming_the_backend() -> None:
+    result = await execute(_NonFiniteEmbedder(), _pull_job())
+    assert result.status == "failed" and result.error is not None
+    assert (result.error.code, result.error.message) == ("backend_error", "the non-finite backend cannot pull models")
+
+
+async def test_a_pull_writes_each_progress_line_and_stops_at_the_next_once_ended() -> None:
+    written: list[str] = []
+
+    async def append(text: str, tokens: int) -> bool:
+        written.append(text)
+        return True
+
+    writer = StreamWriter(append)
+    result = await execute(_Puller(lines=3), _pull_job(stream=True), writer)
+    await writer.close()  # as the worker does before it stores the result
+    assert result.status == "completed" and result.output is None
+    lines = [PullProgress.model_validate_json(line) for line in "".join(written).splitlines()]
+    assert [line.completed for line in lines] == [0, 1, 2]
+
+    ended = asyncio.Event()
+    ended.set()
+    stopped = _Puller(lines=100)
+    result = await execute(stopped, _pull_job(stream=True), StreamWriter(append), ended)
+    assert result.status == "failed" and result.error is not None and result.error.code == "cancelled"
+    assert stopped.read == 1 and stopped.closed  # the backend's pull was closed at once

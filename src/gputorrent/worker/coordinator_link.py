@@ -166,6 +166,14 @@ class CoordinatorLink:
         status, _ = await self._call("POST", path, failed)
         return status < 300
 
+    async def add_model(self, lease: queue.Lease) -> bool:
+        status, content = await self._call("POST", f"/jobs/{lease.job.request_id}/pulled")
+        if status == 409:  # not this worker's pull any more, or its registration cannot take the model
+            return False
+        if status >= 300:
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
+        return True
+
     async def fail_over(self, lease: queue.Lease) -> bool:
         status, content = await self._call("POST", f"/jobs/{lease.job.request_id}/fail-over")
         if status == 409:

@@ -14,11 +14,15 @@ from typing import Any
 from gputorrent.errors import BackendError, Cancelled, DeadlineExceeded, GPUTorrentError
 from gputorrent.protocol import ErrorInfo, GenerationDone, Job, JobResult, Resumed, Timings, TokenChunk, Usage
 from gputorrent.streams import StreamWriter
-from gputorrent.worker.backends import Backend
+from gputorrent.worker.backends import Backend, Puller
 
 log = logging.getLogger(__name__)
 
 CANCELLED_MESSAGE = "the request was ended while it ran (cancelled, timed out or its client left); generation stopped"
+PULL_CANCELLED_MESSAGE = (
+    "the pull was ended while it ran (cancelled, timed out or its client left); the download stopped "
+    "(pulling again resumes it)"
+)
 DEADLINE_MESSAGE = "the request passed its deadline (timeout_s) before it finished"
 RESUMED_EXACT = "its worker failed mid-stream; another continued from the tokens already sent (greedy: exact)"
 RESUMED_SAMPLED = (
@@ -86,7 +90,26 @@ async def _run(backend: Backend, job: Job, writer: StreamWriter | None, ended: a
         if not all(math.isfinite(x) for vector in embeddings.vectors for x in vector):
             raise BackendError("the backend returned an embedding with non-finite values")
         return {"embeddings": embeddings.vectors, "usage": Usage(prompt_tokens=embeddings.prompt_tokens)}
+    if job.kind == "pull":
+        await _pull(backend, job, writer, ended)
+        return {}
     return await _generate(backend, job, writer, ended)
+
+
+async def _pull(backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event) -> None:
+    """Fetch the job's model onto the backend, writing each progress line to `writer` as one line of
+    JSON (the coordinator relays them, tagged with this worker)."""
+    if not isinstance(backend, Puller):
+        raise BackendError(f"the {backend.name} backend cannot pull models")
+    progress = backend.pull(job.model, insecure=job.insecure)
+    try:
+        async for line in progress:
+            if writer is not None:
+                writer.push(line.model_dump_json(exclude_none=True) + "\n")
+            if ended.is_set() or (writer is not None and writer.cancelled):
+                raise Cancelled(PULL_CANCELLED_MESSAGE)
+    finally:
+        await progress.aclose()  # closes the connection to the backend at once when we leave early
 
 
 async def _generate(backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event) -> dict[str, Any]:

@@ -64,6 +64,12 @@ class PoolLink(Protocol):
         """Store the result while the lease holds; False (nothing written) when it was lost."""
         ...
 
+    async def add_model(self, lease: queue.Lease) -> bool:
+        """Add the model of a held pull job (which succeeded) to this worker's registration, so routing
+        and the model listings see it; False when the job is no longer this worker's, or the
+        registration cannot take it (see `registry.add_model`)."""
+        ...
+
     async def fail_over(self, lease: queue.Lease) -> bool:
         """Hand a job the backend could not run to another worker (see `leases.fail_over`)."""
         ...
@@ -123,6 +129,9 @@ class RedisLink:
     async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
         held_in = keys.processing_key(self.worker_id)
         return await queue.finish(self.redis, held_in, lease.raw, result, self._result_ttl_s, streamed=lease.job.stream)
+
+    async def add_model(self, lease: queue.Lease) -> bool:
+        return await leases.add_pulled_model(self.redis, self.worker_id, lease.raw)
 
     async def fail_over(self, lease: queue.Lease) -> bool:
         return await leases.fail_over(

@@ -16,9 +16,11 @@ from redis.exceptions import RedisError
 
 from gputorrent import __version__, leases, logs, queue
 from gputorrent.config import WorkerSettings
-from gputorrent.errors import BackendUnavailable, DeadlineExceeded, WorkerGone
+from gputorrent.errors import BackendUnavailable, DeadlineExceeded, ModelUnavailable, WorkerGone
 from gputorrent.protocol import (
+    MAX_MODELS,
     MAX_TOKENS_PER_S,
+    ErrorInfo,
     Heartbeat,
     InferenceOptions,
     Job,
@@ -29,7 +31,7 @@ from gputorrent.protocol import (
 )
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
-from gputorrent.worker.backends import Backend, make_backend
+from gputorrent.worker.backends import Backend, Puller, make_backend
 from gputorrent.worker.coordinator_link import CoordinatorLink
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.executor import execute
@@ -60,6 +62,7 @@ class Worker:
         self.heartbeat_timeout_s = registered.heartbeat_timeout_s
         self.settings = settings
         self.model = model
+        self.models = [model]  # what it serves: `model`, and those pull jobs fetched since it started
         self.jobs_in_flight = 0
         self.jobs_done = 0
         self.tokens_per_s: float | None = None  # generation speed, weighted towards recent jobs
@@ -262,7 +265,7 @@ class Worker:
                 continue
             try:
                 timeout_s = 0.05 if burst else POP_TIMEOUT_S
-                lease = await self.link.take(timeout_s, [self.model], wait_first=not queued_after_take)
+                lease = await self.link.take(timeout_s, self.models, wait_first=not queued_after_take)
             except WorkerGone as e:  # removed from the pool: no take will ever succeed again
                 log.error("worker %s: %s; stopping", self.worker_id, e)
                 stop.set()
@@ -312,7 +315,34 @@ class Worker:
                 return
         elif result.status == "completed":
             self._last_success = time.monotonic()
+        if job.kind == "pull" and result.status == "completed":
+            result = await self._serve_pulled(lease, result)
         await self._store(lease, result)
+
+    async def _serve_pulled(self, lease: queue.Lease, result: JobResult) -> JobResult:
+        """Add the model a pull job fetched to this worker's registration (routing and the model
+        listings see it) and to the queues it takes from, before the pull's result tells the client
+        it succeeded; the result as failed when the registration cannot take it."""
+        job = lease.job
+        backoff = Backoff()
+        while True:
+            try:
+                listed = await self.link.add_model(lease)
+                break
+            except (RedisError, OSError) as e:
+                log.warning("request %s: model %s pulled, not listed yet (%s); retrying", job.request_id, job.model, e)
+                await backoff.wait()
+        if listed:
+            if job.model not in self.models:
+                self.models.append(job.model)
+            log.info("worker %s serves %s now", self.worker_id, job.model)
+            return result
+        message = (
+            f"worker {self.worker_id} pulled {job.model!r} but cannot list it: it lists {MAX_MODELS} models "
+            "already, or the pull is no longer its own"
+        )
+        error = ErrorInfo(code=ModelUnavailable.code, message=message)
+        return result.model_copy(update={"status": "failed", "error": error})
 
     async def _continuing(self, job: Job) -> Job:
         """The streamed job, continuing after the text an earlier attempt already sent (if any).
@@ -388,15 +418,16 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-async def register(settings: WorkerSettings, worker_id: str, model: str, backend_name: str) -> Registered:
+async def register(settings: WorkerSettings, worker_id: str, model: str, backend: Backend) -> Registered:
     """`POST /register` to the coordinator, retrying with backoff until `register_timeout_s`."""
     body = WorkerRegistration(
         worker_id=worker_id,
         models=[model],
-        backend=backend_name,
+        backend=backend.name,
         slots=settings.slots,
         hardware=detect_hardware(),
         version=__version__,
+        can_pull=isinstance(backend, Puller),
     )
     url = settings.coordinator_url.rstrip("/") + "/register"
     headers = {"content-type": "application/json"}
@@ -432,7 +463,7 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
             return
         log.info("backend %s serves %s", backend.name, model)
         worker_id = settings.worker_id or default_worker_id()
-        registered = await register(settings, worker_id, model, backend.name)
+        registered = await register(settings, worker_id, model, backend)
         log.info("worker %s registered with %s (link: %s)", worker_id, settings.coordinator_url, settings.link)
         link = open_link(settings, registered)
         try:

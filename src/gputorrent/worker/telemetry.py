@@ -46,6 +46,8 @@ class WorkerTelemetry:
         """Count a job whose result this worker stored."""
         finished_at = time.time() if finished_at is None else finished_at
         delta = pool_stats.job_delta(job, result, self.worker_id, finished_at)
+        if not delta:  # a job the history does not count (a pull)
+            return
         with self._lock:
             counters = self._jobs.get(job.model, ModelCounters())
             update = {

@@ -30,17 +30,31 @@ How our results map to Ollama's (durations in nanoseconds, from the job's timing
   stable id, 64 hex digits like Ollama's: its CLI prints the first 12). `modified_at` is when the
   earliest live worker serving the model registered; `expires_at` is far in the future (Ollama's
   "Forever"). `/api/ps` and `/api/show` add a non-standard `workers`: the live workers serving it.
+- `/api/pull` pulls onto the workers that can (see coordinator/pulls.py): each worker's progress
+  lines, as its Ollama writes them, carry a non-standard `worker`; the lines about one worker's
+  pull as a whole are never `success`, which clients take for the end of the whole pull.
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
 from gputorrent.coordinator.adapters._common import Tolerant, validated
 from gputorrent.errors import InvalidRequest, ModelNotFound
-from gputorrent.protocol import MAX_TOKENS, EmbeddingRequest, InferenceRequest, JobResult, Text, WorkerState
+from gputorrent.protocol import (
+    MAX_TOKENS,
+    MODEL_NAME_PATTERN,
+    EmbeddingRequest,
+    ErrorInfo,
+    InferenceRequest,
+    JobResult,
+    PullProgress,
+    Text,
+    WorkerState,
+)
 
 FOREVER = "2318-01-01T00:00:00Z"  # an `expires_at` Ollama's CLI shows as "Forever" (over 20 years away)
 DEFAULT_TAG = ":latest"
@@ -99,6 +113,13 @@ class ModelRequest(Tolerant):
     stream: bool | None = None
 
 
+class PullRequest(ModelRequest):
+    """The body of `POST /api/pull`: `insecure` lets the workers' backends reach the registry without
+    TLS checks, as Ollama's does."""
+
+    insecure: bool | None = None
+
+
 class EmbedRequest(Tolerant):
     """The body of `POST /api/embed`: one text or several."""
 
@@ -140,6 +161,32 @@ def requested_model(body: ModelRequest) -> str:
     if not name:
         raise InvalidRequest("model is required", param="model")
     return name
+
+
+def pulled_model(body: PullRequest) -> str:
+    """The name a pull asks for: a model name as a worker could register it."""
+    name = requested_model(body)
+    if not re.fullmatch(MODEL_NAME_PATTERN, name):
+        raise InvalidRequest("model: a model name is 1 to 256 characters, without whitespace", param="model")
+    return name
+
+
+def pull_progress(worker_id: str, progress: PullProgress) -> dict[str, Any]:
+    """A progress line of one worker's pull as Ollama writes it, with the worker (`worker`, a field
+    Ollama's clients ignore)."""
+    return {**progress.model_dump(exclude_none=True), "worker": worker_id}
+
+
+def pull_queued(worker_id: str) -> dict[str, Any]:
+    """The first line of each worker's pull. Lines about a worker's pull as a whole are never
+    `success`, which clients take for the end of the whole pull."""
+    return {"status": f"queued on worker {worker_id}", "worker": worker_id}
+
+
+def pull_ended(worker_id: str, error: ErrorInfo | None) -> dict[str, Any]:
+    """The line that says how one worker's pull ended: it has the model now, or why not."""
+    status = f"pull failed on worker {worker_id}: {error.message}" if error else f"pulled onto worker {worker_id}"
+    return {"status": status, "worker": worker_id}
 
 
 def _options(options: Options | None) -> dict[str, Any]:

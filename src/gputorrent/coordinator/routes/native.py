@@ -60,6 +60,7 @@ async def register_worker(
         hardware=body.hardware,
         version=body.version,
         registered_at=time.time(),
+        can_pull=body.can_pull,
     )
     secret = auth.new_worker_secret()
     presented = auth.hash_secret(body.worker_secret) if body.worker_secret else ""

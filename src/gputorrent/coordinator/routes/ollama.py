@@ -1,4 +1,4 @@
-"""The Ollama-compatible API under `/api/`: generate, chat, tags, ps, show, version and pull.
+"""The Ollama-compatible API under `/api/`: generate, chat, embed, tags, ps, show, version and pull.
 
 Streaming is on unless a request says `"stream": false`: NDJSON, one object per line, the last
 with `"done": true` and the statistics; a failure after the stream has begun is a last line
@@ -16,13 +16,13 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
 from gputorrent import __version__, registry, routing
-from gputorrent.coordinator import relay
+from gputorrent.coordinator import pulls, relay
 from gputorrent.coordinator.adapters import ollama as wire
 from gputorrent.coordinator.deps import PlacementDep, RedisDep, SettingsDep, WaiterDep
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
 from gputorrent.coordinator.security import Caller, ClientDep, require_client
-from gputorrent.errors import GPUTorrentError, ModelNotFound
+from gputorrent.errors import Forbidden, GPUTorrentError, ModelNotFound
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, JobStatus, TokenChunk
 
 router = APIRouter(prefix="/api", tags=["ollama"])
@@ -112,20 +112,52 @@ async def version() -> dict[str, str]:
     return {"version": __version__}
 
 
-@router.post("/pull", response_model=None, dependencies=[Depends(require_client)])
-async def pull(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any] | StreamingResponse:
-    """Succeeds at once for a model a live worker serves; 404 with how to serve it otherwise.
+@router.post(
+    "/pull",
+    response_model=None,
+    responses={200: {"description": "streamed unless `stream` is false: NDJSON", "content": {NDJSON_MEDIA_TYPE: {}}}},
+)
+async def pull(
+    body: wire.PullRequest,
+    request: Request,
+    redis: RedisDep,
+    waiter: WaiterDep,
+    settings: SettingsDep,
+    caller: ClientDep,
+) -> dict[str, Any] | StreamingResponse:
+    """Pull the model onto every live worker whose backend can pull and that lacks it, with each one's
+    progress (streamed by default); success at once when none lacks it and a live worker serves it.
 
-    Pulling a model onto running workers is not implemented yet: workers would need a control
-    channel. A worker started with `--model NAME` pulls (ollama backend) or loads its model itself.
+    Starting a download needs an admin key (403 otherwise): it fills other machines' disks and links.
     """
-    name = wire.requested_model(body)
-    served = routing.served_models(await registry.snapshot(redis))
-    if wire.resolve_model(name, served) is None:
-        raise ModelNotFound(
-            f"model '{name}' is not served by any worker; start a worker with --model {name}",
-            available_models=served,
+    name = wire.pulled_model(body)
+    workers = await registry.snapshot(redis)
+    plan = pulls.plan(name, workers, wire.resolve_model)
+    if not plan.targets:
+        if not plan.served:
+            raise pulls.cannot_pull(name, workers)
+        return _pulled_at_once(body)
+    if not caller.admin:
+        raise Forbidden(
+            f"pulling {name!r} would download it onto {len(plan.targets)} worker(s) ({', '.join(plan.targets)}): "
+            "that needs an admin key"
         )
+    stream = wire.streaming(body)
+    started = await pulls.start(
+        redis, name, plan.targets, settings, caller, stream=stream, insecure=bool(body.insecure)
+    )
+    if not stream:
+        failed = pulls.failure(name, [*started.failed, *await pulls.wait(waiter, started, pulls.wait_s(settings))])
+        if failed is not None:
+            raise failed
+        return {"status": "success"}
+    following = pulls.follow(redis, started, pulls.wait_s(settings), settings.result_ttl_s, request.is_disconnected)
+    return StreamingResponse(
+        _pull_lines(name, started, following), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS
+    )
+
+
+def _pulled_at_once(body: wire.PullRequest) -> dict[str, Any] | StreamingResponse:
     if not wire.streaming(body):
         return {"status": "success"}
 
@@ -133,6 +165,30 @@ async def pull(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any] | Str
         yield ndjson({"status": "success"})
 
     return StreamingResponse(lines(), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
+
+
+async def _pull_lines(
+    name: str, started: pulls.Started, following: AsyncIterator[pulls.Progress | pulls.Finished]
+) -> AsyncIterator[bytes]:
+    """Each worker's progress as Ollama's lines, tagged with the worker; then one `success` when every
+    worker has the model, or one `error` line naming those whose pull failed."""
+    finished = list(started.failed)
+    for worker_id in started.jobs.values():
+        yield ndjson(wire.pull_queued(worker_id))
+    for gone in started.failed:
+        yield ndjson(wire.pull_ended(gone.worker_id, gone.error))
+    try:
+        async for event in following:
+            if isinstance(event, pulls.Progress):
+                yield ndjson(wire.pull_progress(event.worker_id, event.line))
+            else:
+                finished.append(event)
+                yield ndjson(wire.pull_ended(event.worker_id, event.error))
+    except GPUTorrentError as e:  # no result in time, or Redis lost: the status line went out long ago
+        yield ndjson(wire.error_line(e.message))
+        return
+    failed = pulls.failure(name, finished)
+    yield ndjson(wire.error_line(failed.message) if failed is not None else {"status": "success"})
 
 
 @router.post("/embed")

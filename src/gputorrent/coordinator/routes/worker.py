@@ -22,7 +22,7 @@ from fastapi.responses import Response
 
 from gputorrent import auth, keys, leases, pool_stats, queue, registry, streams
 from gputorrent.coordinator.deps import RedisDep, SettingsDep
-from gputorrent.errors import InvalidRequest, LeaseLost, SlotsFull, Unauthorized, WorkerGone
+from gputorrent.errors import Conflict, InvalidRequest, LeaseLost, SlotsFull, Unauthorized, WorkerGone
 from gputorrent.protocol import (
     REQUEST_ID_PATTERN,
     WORKER_ID_PATTERN,
@@ -232,6 +232,20 @@ async def _already_stored(redis: RedisDep, result: JobResult, worker_id: str) ->
     if stored is None:
         return False
     return JobResult.model_validate_json(stored) == result.model_copy(update={"worker_id": worker_id})
+
+
+@router.post("/jobs/{request_id}/pulled", status_code=204, response_class=Response, responses=LEASE_LOST)
+async def pulled(held: HeldDep, redis: RedisDep) -> None:
+    """The held pull job fetched its model: add it to this worker's registered models (routing and the
+    model listings see it), before the worker stores the pull's result.
+
+    Only the model of a pull job leased to this worker: a worker cannot list a model nobody asked
+    it to pull. 409 (`conflict`) when the job is not a pull, or the registration cannot take the model.
+    """
+    if held.job.kind != "pull":
+        raise Conflict(f"job {held.job.request_id!r} is not a pull")
+    if not await leases.add_pulled_model(redis, held.worker_id, held.raw):
+        raise Conflict(f"model {held.job.model!r} cannot be listed: this worker's registration is gone or full")
 
 
 @router.post("/jobs/{request_id}/fail-over", response_model=Moved, responses=LEASE_LOST)

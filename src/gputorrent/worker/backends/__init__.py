@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gputorrent.config import WorkerSettings
-from gputorrent.worker.backends.base import Backend
+from gputorrent.worker.backends.base import Backend, Puller
 
 
 def make_backend(settings: WorkerSettings) -> Backend:
@@ -26,4 +26,4 @@ def make_backend(settings: WorkerSettings) -> Backend:
     return FakeBackend(token_delay_s=settings.fake_token_delay_s, down_file=settings.fake_down_file)
 
 
-__all__ = ["Backend", "make_backend"]
+__all__ = ["Backend", "Puller", "make_backend"]

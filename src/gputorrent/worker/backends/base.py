@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
-from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
+from gputorrent.protocol import Embeddings, GenerationDone, Job, PullProgress, TokenChunk
 
 
 class Backend(Protocol):
@@ -45,6 +45,21 @@ class Backend(Protocol):
 
     async def close(self) -> None:
         """Release the engine's resources."""
+        ...
+
+
+@runtime_checkable
+class Puller(Protocol):
+    """A backend that can fetch a model it does not have yet, while it runs (Ollama's can; a worker
+    whose backend is one registers with `can_pull`)."""
+
+    def pull(self, model: str, *, insecure: bool = False) -> AsyncGenerator[PullProgress]:
+        """Fetch `model`, yielding the engine's progress as it goes; returns once the model is ready.
+
+        Raises:
+            ModelUnavailable: the model cannot be found or fetched.
+            BackendUnavailable: the engine cannot be reached.
+        """
         ...
 
 

@@ -1,4 +1,4 @@
-"""Ollama over its REST API (`/api/tags`, `/api/pull`, `/api/generate`, `/api/chat`)."""
+"""Ollama over its REST API (`/api/tags`, `/api/pull`, `/api/generate`, `/api/chat`, `/api/embed`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Any
 import aiohttp
 
 from gputorrent.errors import BackendError, BackendUnavailable, ModelUnavailable
-from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
+from gputorrent.protocol import Embeddings, GenerationDone, Job, PullProgress, TokenChunk
 from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
 from gputorrent.worker.backends.base import continued_chat
 
@@ -42,22 +42,31 @@ class OllamaBackend:
     async def load(self, model: str | None) -> str:
         name = model or "llama3.2"
         if not any(same_model(name, listed) for listed in await self.list_models()):
-            await self._pull(name)
+            async for _ in self.pull(name):  # pull() logs its progress
+                pass
         self._model = name
         return name
 
-    async def _pull(self, model: str) -> None:
+    async def pull(self, model: str, *, insecure: bool = False) -> AsyncGenerator[PullProgress]:
+        """Ollama's `/api/pull`: its progress lines as they come; returns at its `success` line."""
         log.info("pulling %s through Ollama at %s", model, self._host)
         # No credentials travel with the pull: Ollama authenticates to registries (hf.co included)
         # with its own ed25519 key, registered with the registry account.
         headers: dict[str, str] = {}
+        body = {"model": model, "stream": True, **({"insecure": True} if insecure else {})}
         last_status = ""
-        async for line in self._stream("POST", "/api/pull", {"model": model, "stream": True}, headers):
+        async for line in self._stream("POST", "/api/pull", body, headers):
             if "error" in line:
                 raise ModelUnavailable(f"Ollama could not pull {model!r}: {line['error']}")
             status = str(line.get("status", ""))
             if status == "success":
                 return
+            try:
+                progress = PullProgress.model_validate(line)
+            except ValueError:  # a line a newer Ollama shapes otherwise: its progress is lost, not the pull
+                log.debug("pull %s: unreadable progress line %.200s", model, line)
+            else:
+                yield progress
             if line.get("total") and line.get("completed") is not None:
                 status = f"{status} {100 * line['completed'] // line['total']}%"
             if status != last_status:
