@@ -18,6 +18,7 @@ from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from gputorrent import auth
+from gputorrent.client import APIClient
 from gputorrent.config import CoordinatorSettings, WorkerSettings
 from gputorrent.coordinator.app import create_app
 from gputorrent.embedded import EmbeddedRedis, free_port
@@ -204,6 +205,17 @@ class Process:
             code = self.popen.wait()
         self._log.close()
         return code
+
+
+def wait_until_alive(worker: Process, worker_id: str, url: str, api_key: str) -> None:
+    """Wait until the coordinator at `url` lists the worker alive; fail with its log if its process exits first."""
+    with APIClient(url, api_key=api_key) as client:
+        wait_for(
+            lambda: worker.popen.poll() is not None
+            or any(w.worker_id == worker_id and w.state == "alive" for w in client.workers()),
+            PROCESS_START_TIMEOUT_S, f"worker {worker_id}",
+        )  # fmt: skip
+    assert worker.popen.poll() is None, worker.log
 
 
 @pytest.fixture

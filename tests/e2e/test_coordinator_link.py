@@ -15,7 +15,7 @@ import pytest
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
 from gputorrent.protocol import JobResult
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, new_key, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, new_key, wait_for, wait_until_alive
 
 NO_REDIS = "redis://127.0.0.1:1"  # nothing listens there: a worker that used Redis would fail
 
@@ -42,13 +42,7 @@ def pool(processes: Callable[..., Process], redis_url: str) -> Iterator[Pool]:
             "worker", "--link", "coordinator", "--backend", "fake", "--coordinator", url, "--worker-id", worker_id,
             name=f"worker-{worker_id}", env={"GPUTORRENT_JOIN_TOKEN": join_key, "REDIS_URL": NO_REDIS, **(env or {})},
         )  # fmt: skip
-        with APIClient(url, api_key=client_key) as client:
-            wait_for(
-                lambda: worker.popen.poll() is not None
-                or any(w.worker_id == worker_id and w.state == "alive" for w in client.workers()),
-                PROCESS_START_TIMEOUT_S, f"worker {worker_id}",
-            )  # fmt: skip
-        assert worker.popen.poll() is None, worker.log
+        wait_until_alive(worker, worker_id, url, client_key)
         return worker
 
     yield Pool(url=url, client_key=client_key, start_worker=start_worker)

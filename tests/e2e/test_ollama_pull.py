@@ -16,7 +16,7 @@ import pytest
 
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, new_key, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, new_key, wait_for, wait_until_alive
 from tests.ollama_standin import CHAT_REPLY, PULL_NOT_FOUND, OllamaProtocolStandin, standin_in_thread
 
 NO_REDIS = "redis://127.0.0.1:1"  # nothing listens there: a worker that used Redis would fail
@@ -43,13 +43,7 @@ class Pool:
             "worker", "--coordinator", self.url, "--worker-id", worker_id, *args, name=f"worker-{worker_id}",
             env={"GPUTORRENT_JOIN_TOKEN": self.join_key, **(env or {})},
         )  # fmt: skip
-        with APIClient(self.url, api_key=self.client_key) as client:
-            wait_for(
-                lambda: worker.popen.poll() is not None
-                or any(w.worker_id == worker_id and w.state == "alive" for w in client.workers()),
-                PROCESS_START_TIMEOUT_S, f"worker {worker_id}",
-            )  # fmt: skip
-        assert worker.popen.poll() is None, worker.log
+        wait_until_alive(worker, worker_id, self.url, self.client_key)
         return worker
 
     def ollama_worker(self, worker_id: str, standin: OllamaProtocolStandin, *, redis: bool = True) -> Process:
