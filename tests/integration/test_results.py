@@ -68,7 +68,7 @@ async def test_a_just_admitted_request_gets_its_announced_result_without_reading
     unreachable = Redis(host="127.0.0.1", port=1, socket_connect_timeout=0.2)
     waiter = ResultWaiter(unreachable)
     result = JobResult(request_id="fast-job", status="completed", model="m", worker_id="w1", output="done")
-    waiter.announced(f"fast-job\n{result.model_dump_json()}")  # announced before the request waits
+    waiter.announced("fast-job", result.model_dump_json())  # announced before the request waits
     assert await waiter.wait("fast-job", timeout_s=5, admitted=True) == result
 
     waiting = asyncio.create_task(waiter.wait("later-job", timeout_s=5, admitted=True))
@@ -78,7 +78,7 @@ async def test_a_just_admitted_request_gets_its_announced_result_without_reading
 
     await eventually(parked, "the waiter to park", timeout_s=5)
     later = result.model_copy(update={"request_id": "later-job"})
-    waiter.announced(f"later-job\n{later.model_dump_json()}")
+    waiter.announced("later-job", later.model_dump_json())
     assert await asyncio.wait_for(waiting, 5) == later
     await unreachable.aclose()
 
@@ -87,7 +87,7 @@ async def test_an_announcement_without_the_result_makes_the_waiter_read_it(redis
     waiter = ResultWaiter(redis)
     result = JobResult(request_id="big-job", status="completed", model="m", worker_id="w1", output="x")
     await redis.set(keys.result_key("big-job"), result.model_dump_json())
-    waiter.announced("big-job")
+    waiter.announced("big-job", None)
     assert await waiter.wait("big-job", timeout_s=5, admitted=True) == result
 
 
@@ -97,6 +97,6 @@ async def test_the_waiters_memory_of_results_is_bounded(monkeypatch: pytest.Monk
     monkeypatch.setattr(results, "RECENT_RESULTS_MAX_CHARS", 4096)
     waiter = ResultWaiter(Redis(host="127.0.0.1", port=1))
     for n in range(100):
-        waiter.announced(f"job-{n:04d}\n" + "x" * 100)
+        waiter.announced(f"job-{n:04d}", "x" * 100)
     assert 0 < waiter._recent_chars <= 4096
     assert "job-0099" in waiter._recent and "job-0000" not in waiter._recent

@@ -16,7 +16,7 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from gputorrent import __version__, auth, keys
+from gputorrent import __version__, auth, keys, queue
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import dispatch, openapi
 from gputorrent.coordinator.error_shapes import error_body
@@ -56,8 +56,9 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         snapshot = dispatch.pool_snapshot(redis)
 
         def result_announced(message: str) -> None:
-            waiter.announced(message)
-            snapshot.announced(message)
+            request_id, result_json = queue.read_announcement(message)
+            waiter.announced(request_id, result_json)
+            snapshot.announced(request_id)
 
         listener = Listener(
             redis,

@@ -66,9 +66,8 @@ class PoolSnapshot:
         self._pending[request_id] = worker_id
         self._view = None
 
-    def announced(self, message: str) -> None:
-        """A `results:ready` message: a job of this coordinator's no longer weighs on its worker."""
-        request_id, _ = queue.read_announcement(message)
+    def announced(self, request_id: str) -> None:
+        """The job's result was announced: if it was this coordinator's, it no longer weighs on its worker."""
         if self._pending.pop(request_id, None) is not None:
             self._view = None
 

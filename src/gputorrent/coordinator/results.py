@@ -39,13 +39,13 @@ class ResultWaiter:
         self._recent: OrderedDict[str, str | None] = OrderedDict()
         self._recent_chars = 0
 
-    def announced(self, message: str) -> None:
-        """A `results:ready` message: keep the result and wake whoever waits for it."""
-        request_id, result_json = queue.read_announcement(message)
+    def announced(self, request_id: str, result_json: str | None) -> None:
+        """A result announced on `results:ready` (with its JSON, or None when the announcement did not
+        carry it): keep it and wake whoever waits for it."""
         if request_id in self._recent:  # not expected (a job is finished once), but then the newest counts
             self._forget(request_id)
         self._recent[request_id] = result_json
-        self._recent_chars += len(message)
+        self._recent_chars += len(request_id) + (len(result_json) + 1 if result_json is not None else 0)
         while self._recent_chars > RECENT_RESULTS_MAX_CHARS:
             self._forget(next(iter(self._recent)))
         for event in self._events.get(request_id, ()):
