@@ -327,7 +327,7 @@ async def test_a_reply_that_stalls_longer_than_the_read_timeout_fails_and_its_co
 
     server = await serve(answer)
     client = make_client(server.url, read_timeout_s=0.2)
-    with pytest.raises(BackendUnavailable, match=r"cannot reach the test server: no reply for 0.2 s"):
+    with pytest.raises(BackendUnavailable, match=r"cannot reach the test server: nothing received for 0.2 s"):
         if stall == "mid-stream":
             async with client.stream_lines("POST", "/s", {}) as lines:
                 assert await anext(lines) == b'{"a": 1}\n'

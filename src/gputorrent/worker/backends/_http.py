@@ -1,8 +1,8 @@
 """The HTTP/1.1 client both HTTP backends call their server with, every failure turned into a `BackendError`.
 
-It is small on purpose: one call per job sits on the job's critical path, and aiohttp's general
-client costs about 130 µs more per call than this one (docs/architecture.md). It speaks only what
-the backends need: JSON requests over keep-alive connections (http or https), replies framed by
+It is small on purpose: a call to the backend sits on every job's critical path, where aiohttp's
+general-purpose client took half as long again as this one (docs/benchmarks.md, "Backend calls").
+It speaks only what the backends need: JSON requests over keep-alive connections (http or https), replies framed by
 Content-Length, chunked or the connection's close, read whole or line by line (SSE, NDJSON).
 
 A connection returns to the pool only once its reply was read to the end; one left early (a
@@ -142,7 +142,7 @@ class _Connection(asyncio.Protocol):
 
 def _expire(waiter: asyncio.Future[None], timeout_s: float) -> None:
     if not waiter.done():
-        waiter.set_exception(TimeoutError(f"no reply for {timeout_s:g} s"))
+        waiter.set_exception(TimeoutError(f"nothing received for {timeout_s:g} s"))
 
 
 class HTTPClient:
@@ -312,9 +312,8 @@ class HTTPClient:
 
     def _status_error(self, status: int, text: bytes, payload: Any, client_error: type[BackendError]) -> BackendError:
         failure = BackendUnavailable if status >= 500 else client_error  # 5xx: another worker may do
-        return failure(
-            f"{self.server} answered {status}: {error_text(payload) if payload is not None else _head(text)}"
-        )
+        message = error_text(payload) if payload is not None else _head(text)
+        return failure(f"{self.server} answered {status}: {message}")
 
 
 class _Lines:
