@@ -19,6 +19,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -89,6 +90,7 @@ def main() -> int:
 
 
 def table(result: dict[str, Any]) -> str:
+    """The Markdown table of docs/benchmarks.md for these results."""
     rows = ["| client | p50 (µs) | p99 (µs) |", "|---|---|---|"]
     for side, label in (("aiohttp", "aiohttp"), ("own", "the worker's own client")):
         rows.append(f"| {label} | {result[side]['p50'] * 1000:.0f} | {result[side]['p99'] * 1000:.0f} |")
@@ -98,6 +100,25 @@ def table(result: dict[str, Any]) -> str:
         f"({result['calls_per_side']} calls a side, uvloop {'on' if result['uvloop'] else 'off'})."
     )
     return "\n".join(rows)
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    xs = range(2)
+    width = 0.38
+    for offset, (side, label) in zip(
+        (-width / 2, width / 2), (("aiohttp", "aiohttp"), ("own", "own client")), strict=True
+    ):
+        ax.bar([x + offset for x in xs], [result[side][q] * 1000 for q in ("p50", "p99")], width, label=label)
+    ax.set_xticks(list(xs), ["p50", "p99"])
+    ax.set_ylabel("µs per call")
+    ax.set_title("The worker's call to its backend")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
