@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Awaitable, Callable
+from unittest.mock import ANY
 
 import httpx
 import pytest
@@ -264,3 +265,27 @@ async def test_compatible_apis_take_a_session_header(api: httpx.AsyncClient, fak
         await asyncio.wait_for(asyncio.gather(*running), 10)
     assert all(first == again for first, again in placed.values()), placed  # each session keeps its worker
     assert len({first for first, _ in placed.values()}) > 1, placed  # and sessions spread over the pool
+
+
+@pytest.mark.parametrize(
+    ("path", "header", "value"),
+    [
+        ("/v1/chat/completions", "x-gputorrent-session-id", "has a space"),
+        ("/api/chat", "x-gputorrent-priority", "high"),
+        ("/v1/messages", "Idempotency-Key", "k" * 257),
+    ],
+)
+async def test_a_bad_placement_or_idempotency_header_is_a_400_naming_it(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, path: str, header: str, value: str
+) -> None:
+    await fake_worker("w1")
+    chat = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "stream": False}
+    bad = await api.post(path, json=chat, headers={header: value})
+    assert bad.status_code == 400, bad.text
+    assert header in bad.text
+
+
+async def test_a_bad_idempotency_key_on_the_native_api_is_a_422_naming_the_header(api: httpx.AsyncClient) -> None:
+    bad = await api.post("/inference", json={"model": "fake", "prompt": "x"}, headers={"Idempotency-Key": ""})
+    assert bad.status_code == 422, bad.text
+    assert bad.json()["error"]["fields"] == [{"field": "Idempotency-Key", "message": ANY}]

@@ -17,7 +17,7 @@ from gputorrent.coordinator import overhead, quotas, waiting
 from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
-from gputorrent.protocol import ErrorInfo, JobResult, JobStatus, TokenChunk
+from gputorrent.protocol import Accepted, ErrorInfo, JobResult, JobStatus, TokenChunk
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,15 @@ async def completed_result(
             f"no result within {timeout_s:g} s; poll GET /result/{request_id} for it", request_id=request_id
         )
     return overhead.account(found)
+
+
+async def succeeded(waiter: ResultWaiter, accepted: Accepted, timeout_s: float) -> JobResult:
+    """The result of a job this request admitted (or replayed), for an API that answers once it is
+    done and has no place for a failed result: a failure raises its error (`failure`)."""
+    result = await completed_result(waiter, accepted.request_id, timeout_s, admitted=not accepted.replayed)
+    if result.status == "failed":
+        raise failure(result)
+    return result
 
 
 async def follow(

@@ -4,51 +4,43 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Header, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import TypeAdapter
 
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import anthropic as wire
-from gputorrent.coordinator.deps import IdempotencyKeyDep, PlacementDep, RedisDep, SettingsDep, WaiterDep
-from gputorrent.coordinator.dispatch import admit
+from gputorrent.coordinator.deps import (
+    IDEMPOTENCY_HEADER,
+    PLACEMENT_HEADERS,
+    OptionalHeader,
+    SubmissionDep,
+    headers_schema,
+)
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
-from gputorrent.coordinator.security import Caller, ClientDep
 from gputorrent.errors import GPUTorrentError
 from gputorrent.protocol import JobResult, JobStatus
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["anthropic"])
+ANTHROPIC_VERSION_HEADER = OptionalHeader("anthropic-version", TypeAdapter(str), "accepted and ignored")
 
 
 @router.post(
     "/messages",
     response_model=None,
     responses={200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}},
+    openapi_extra=headers_schema(*PLACEMENT_HEADERS, IDEMPOTENCY_HEADER, ANTHROPIC_VERSION_HEADER),
 )
-async def create_message(
-    body: wire.MessagesRequest,
-    request: Request,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-    idempotency_key: IdempotencyKeyDep = None,
-    anthropic_version: Annotated[str | None, Header(description="accepted and ignored")] = None,
-) -> JSONResponse | StreamingResponse:
+async def create_message(body: wire.MessagesRequest, submission: SubmissionDep) -> JSONResponse | StreamingResponse:
     """Anthropic's Messages API: a `Message`, or with `stream: true` its event stream."""
-    accepted = await admit(redis, placement.apply(wire.to_inference(body)), settings, caller, idempotency_key)
+    accepted = await submission.admit(wire.to_inference(body))
     headers = {"request-id": accepted.request_id}  # the header Anthropic's SDKs expose as `_request_id`
     if not body.stream:
-        result = await relay.completed_result(
-            waiter, accepted.request_id, settings.max_sync_wait_s, admitted=not accepted.replayed
-        )
-        if result.status == "failed":
-            raise relay.failure(result)
-        return JSONResponse(wire.message(result), headers=headers)
-    events = _events(redis, settings, request, accepted.request_id, body.model, caller)
+        return JSONResponse(wire.message(await submission.succeeded(accepted)), headers=headers)
+    events = _events(submission.follow(accepted), accepted.request_id, body.model)
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers={**STREAM_HEADERS, **headers})
 
 
@@ -56,17 +48,12 @@ def _event(data: dict[str, Any]) -> bytes:
     return sse(data, event=data["type"])
 
 
-async def _events(
-    redis: RedisDep, settings: SettingsDep, request: Request, request_id: str, model: str, caller: Caller
-) -> AsyncIterator[bytes]:
+async def _events(following: AsyncIterator[relay.Relayed], request_id: str, model: str) -> AsyncIterator[bytes]:
     """Anthropic's event sequence as tokens arrive; a failure mid-stream is an `error` event, as Anthropic sends it."""
     yield _event(wire.message_start(request_id, model))
     yield _event(wire.content_block_start())
     yield _event(wire.ping())
     result: JobResult | None = None
-    following = relay.follow(
-        redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected, owner=caller
-    )
     try:
         async for _, item in following:
             if isinstance(item, JobResult):

@@ -16,7 +16,14 @@ from redis.exceptions import RedisError
 
 from gputorrent import auth, keys, queue, registry
 from gputorrent.coordinator import overhead, quotas, relay, waiting
-from gputorrent.coordinator.deps import IdempotencyKeyDep, RedisDep, SettingsDep, WaiterDep
+from gputorrent.coordinator.deps import (
+    IDEMPOTENCY_HEADER,
+    RedisDep,
+    SettingsDep,
+    SubmissionDep,
+    WaiterDep,
+    headers_schema,
+)
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep, JoinDep, owns, require_client
@@ -93,40 +100,27 @@ async def list_workers(redis: RedisDep) -> list[WorkerState]:
     response_model=Accepted,
     responses={200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}},
     tags=["inference"],
+    openapi_extra=headers_schema(IDEMPOTENCY_HEADER),
 )
-async def submit_inference(
-    body: InferenceRequest,
-    request: Request,
-    redis: RedisDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    idempotency_key: IdempotencyKeyDep = None,
-) -> Accepted | StreamingResponse:
+async def submit_inference(body: InferenceRequest, submission: SubmissionDep) -> Accepted | StreamingResponse:
     """Queue a request on a live worker that serves its model; answers with its `request_id`.
 
     With `"stream": true` the answer is a stream of server-sent events instead: `queued` (the
     202 body), `progress` each second it still waits in its queue (its place and an estimate of its
     start), one `token` event per batch of text, then `result` (what `/result` would return).
     """
-    accepted = await admit(redis, body, settings, caller, idempotency_key)
+    # Its priority and session are body fields here, so no placement headers.
+    accepted = await admit(submission.redis, body, submission.settings, submission.caller, submission.idempotency_key())
     if not body.stream:
         return accepted
     return StreamingResponse(
-        _events(redis, settings, accepted, request, caller),
-        status_code=200,
-        media_type=SSE_MEDIA_TYPE,
+        _events(accepted, submission.follow(accepted)), status_code=200, media_type=SSE_MEDIA_TYPE,
         headers=STREAM_HEADERS,
-    )
-
-
-async def _events(
-    redis: RedisDep, settings: SettingsDep, accepted: Accepted, request: Request, caller: Caller
-) -> AsyncIterator[bytes]:
-    yield sse(accepted.model_dump(), event="queued")
-    following = relay.follow(
-        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected,
-        owner=caller,
     )  # fmt: skip
+
+
+async def _events(accepted: Accepted, following: AsyncIterator[relay.Relayed]) -> AsyncIterator[bytes]:
+    yield sse(accepted.model_dump(), event="queued")
     async for event in _token_events(following):
         yield event
 

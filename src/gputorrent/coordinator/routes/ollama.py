@@ -18,15 +18,24 @@ from fastapi.responses import StreamingResponse
 from gputorrent import __version__, registry, routing
 from gputorrent.coordinator import pulls, relay
 from gputorrent.coordinator.adapters import ollama as wire
-from gputorrent.coordinator.deps import PlacementDep, RedisDep, SettingsDep, WaiterDep
-from gputorrent.coordinator.dispatch import admit
+from gputorrent.coordinator.deps import (
+    IDEMPOTENCY_HEADER,
+    PLACEMENT_HEADERS,
+    RedisDep,
+    SettingsDep,
+    Submission,
+    SubmissionDep,
+    WaiterDep,
+    headers_schema,
+)
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
-from gputorrent.coordinator.security import Caller, ClientDep, require_client
+from gputorrent.coordinator.security import ClientDep, require_client
 from gputorrent.errors import Forbidden, GPUTorrentError, ModelNotFound
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, JobStatus, TokenChunk
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
+SUBMISSION_HEADERS = headers_schema(*PLACEMENT_HEADERS, IDEMPOTENCY_HEADER)
 Chunk = Callable[[str], dict[str, Any]]
 Final = Callable[[JobResult, str], dict[str, Any]]
 
@@ -35,21 +44,13 @@ def _now() -> str:
     return wire.timestamp(time.time())
 
 
-@router.post("/generate", response_model=None)
-async def generate(
-    body: wire.GenerateRequest,
-    request: Request,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-) -> dict[str, Any] | StreamingResponse:
+@router.post("/generate", response_model=None, openapi_extra=SUBMISSION_HEADERS)
+async def generate(body: wire.GenerateRequest, submission: SubmissionDep) -> dict[str, Any] | StreamingResponse:
     """A completion of `prompt` (templated as a user turn unless `raw`), streamed by default."""
     if wire.is_load(body):
-        await _require_served(redis, body.model)
+        await _require_served(submission.redis, body.model)
         return wire.load_reply(body, _now())
-    job_request = placement.apply(wire.generate_to_inference(body))
+    job_request = wire.generate_to_inference(body)
     raw = bool(body.raw)
 
     def chunk(text: str) -> dict[str, Any]:
@@ -58,24 +59,16 @@ async def generate(
     def final(result: JobResult, text: str) -> dict[str, Any]:
         return wire.generate_reply(body.model, _now(), result, text, raw)
 
-    return await _answer(job_request, chunk, final, request, redis, waiter, settings, caller)
+    return await _answer(submission, job_request, chunk, final)
 
 
-@router.post("/chat", response_model=None)
-async def chat(
-    body: wire.ChatRequest,
-    request: Request,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-) -> dict[str, Any] | StreamingResponse:
+@router.post("/chat", response_model=None, openapi_extra=SUBMISSION_HEADERS)
+async def chat(body: wire.ChatRequest, submission: SubmissionDep) -> dict[str, Any] | StreamingResponse:
     """The assistant's next message in a chat, streamed by default."""
     if wire.is_load(body):
-        await _require_served(redis, body.model)
+        await _require_served(submission.redis, body.model)
         return wire.load_reply(body, _now())
-    job_request = placement.apply(wire.chat_to_inference(body))
+    job_request = wire.chat_to_inference(body)
 
     def chunk(text: str) -> dict[str, Any]:
         return wire.chat_chunk(body.model, _now(), text)
@@ -83,7 +76,7 @@ async def chat(
     def final(result: JobResult, text: str) -> dict[str, Any]:
         return wire.chat_reply(body.model, _now(), result, text)
 
-    return await _answer(job_request, chunk, final, request, redis, waiter, settings, caller)
+    return await _answer(submission, job_request, chunk, final)
 
 
 @router.get("/tags", dependencies=[Depends(require_client)])
@@ -191,42 +184,18 @@ async def _pull_lines(
     yield ndjson(wire.error_line(failed.message) if failed is not None else {"status": "success"})
 
 
-@router.post("/embed")
-async def embed(
-    body: wire.EmbedRequest,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-) -> dict[str, Any]:
+@router.post("/embed", openapi_extra=SUBMISSION_HEADERS)
+async def embed(body: wire.EmbedRequest, submission: SubmissionDep) -> dict[str, Any]:
     """One vector per input text, computed on a worker that serves the model."""
-    accepted = await _admit(redis, placement.apply(wire.embed_to_request(body.model, body.input)), settings, caller)
-    return wire.embed_reply(await _completed(waiter, accepted, settings))
+    accepted = await _admit(submission, wire.embed_to_request(body.model, body.input))
+    return wire.embed_reply(await submission.succeeded(accepted))
 
 
-@router.post("/embeddings")
-async def embeddings(
-    body: wire.LegacyEmbeddingsRequest,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-) -> dict[str, Any]:
+@router.post("/embeddings", openapi_extra=SUBMISSION_HEADERS)
+async def embeddings(body: wire.LegacyEmbeddingsRequest, submission: SubmissionDep) -> dict[str, Any]:
     """The older single-text endpoint: `{"embedding": [...]}`."""
-    accepted = await _admit(redis, placement.apply(wire.embed_to_request(body.model, body.prompt)), settings, caller)
-    result = await _completed(waiter, accepted, settings)
+    result = await submission.succeeded(await _admit(submission, wire.embed_to_request(body.model, body.prompt)))
     return {"embedding": (result.embeddings or [[]])[0]}
-
-
-async def _completed(waiter: WaiterDep, accepted: Accepted, settings: SettingsDep) -> JobResult:
-    result = await relay.completed_result(
-        waiter, accepted.request_id, settings.max_sync_wait_s, admitted=not accepted.replayed
-    )
-    if result.status == "failed":
-        raise relay.failure(result)
-    return result
 
 
 async def _require_served(redis: RedisDep, name: str) -> None:
@@ -236,39 +205,28 @@ async def _require_served(redis: RedisDep, name: str) -> None:
         raise wire.model_not_found(name, served)
 
 
-async def _admit(
-    redis: RedisDep, job_request: InferenceRequest | EmbeddingRequest, settings: SettingsDep, caller: Caller
-) -> Accepted:
+async def _admit(submission: Submission, job_request: InferenceRequest | EmbeddingRequest) -> Accepted:
     """Admit the request; a name no live worker serves is tried with or without `:latest`, then 404."""
     try:
-        return await admit(redis, job_request, settings, caller)
+        return await submission.admit(job_request)
     except ModelNotFound as e:
         served = list(e.details.get("available_models", []))
         resolved = wire.resolve_model(job_request.model, served)
         if resolved is None:
             raise wire.model_not_found(job_request.model, served) from None
-    return await admit(redis, job_request.model_copy(update={"model": resolved}), settings, caller)
+    return await submission.admit(job_request.model_copy(update={"model": resolved}))
 
 
 async def _answer(
-    job_request: InferenceRequest,
-    chunk: Chunk,
-    final: Final,
-    request: Request,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: Caller,
+    submission: Submission, job_request: InferenceRequest, chunk: Chunk, final: Final
 ) -> dict[str, Any] | StreamingResponse:
-    accepted = await _admit(redis, job_request, settings, caller)
+    accepted = await _admit(submission, job_request)
     if not job_request.stream:
-        result = await _completed(waiter, accepted, settings)
+        result = await submission.succeeded(accepted)
         return final(result, result.output or "")
-    following = relay.follow(
-        redis, accepted.request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected,
-        owner=caller,
-    )  # fmt: skip
-    return StreamingResponse(_lines(following, chunk, final), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS)
+    return StreamingResponse(
+        _lines(submission.follow(accepted), chunk, final), media_type=NDJSON_MEDIA_TYPE, headers=STREAM_HEADERS
+    )
 
 
 async def _lines(following: AsyncIterator[relay.Relayed], chunk: Chunk, final: Final) -> AsyncIterator[bytes]:

@@ -6,18 +6,23 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from gputorrent import registry, routing
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import openai as wire
-from gputorrent.coordinator.deps import IdempotencyKeyDep, PlacementDep, RedisDep, SettingsDep, WaiterDep
-from gputorrent.coordinator.dispatch import admit
+from gputorrent.coordinator.deps import (
+    IDEMPOTENCY_HEADER,
+    PLACEMENT_HEADERS,
+    RedisDep,
+    SubmissionDep,
+    headers_schema,
+)
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
-from gputorrent.coordinator.security import Caller, ClientDep, require_client
+from gputorrent.coordinator.security import require_client
 from gputorrent.errors import GPUTorrentError
-from gputorrent.protocol import Accepted, JobResult, JobStatus
+from gputorrent.protocol import JobResult, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -28,87 +33,45 @@ async def list_models(redis: RedisDep) -> dict[str, Any]:
     return wire.models(routing.served_models(await registry.snapshot(redis)))
 
 
-@router.post("/chat/completions", response_model=None)
+SUBMISSION_HEADERS = headers_schema(*PLACEMENT_HEADERS, IDEMPOTENCY_HEADER)
+
+
+@router.post("/chat/completions", response_model=None, openapi_extra=SUBMISSION_HEADERS)
 async def chat_completions(
-    body: wire.ChatCompletionRequest,
-    request: Request,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-    idempotency_key: IdempotencyKeyDep = None,
+    body: wire.ChatCompletionRequest, submission: SubmissionDep
 ) -> JSONResponse | StreamingResponse:
-    job_request = placement.apply(wire.chat_to_inference(body).model_copy(update={"stream": body.stream}))
-    accepted = await admit(redis, job_request, settings, caller, idempotency_key)
+    accepted = await submission.admit(wire.chat_to_inference(body).model_copy(update={"stream": body.stream}))
     created = int(time.time())
     if not body.stream:
         # A response of our own: FastAPI would walk the dict through its encoder first, on every request.
-        return JSONResponse(wire.chat_completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created))
+        return JSONResponse(wire.chat_completion(await submission.succeeded(accepted), created))
 
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return wire.chat_chunk(accepted.request_id, body.model, created, {"content": text}, finish_reason)
 
     first = wire.chat_chunk(accepted.request_id, body.model, created, {"role": "assistant", "content": ""})
-    following = _follow(redis, settings, accepted.request_id, request, caller)
-    events = _events(following, first, chunk, body, "chat.completion.chunk", created)
+    events = _events(submission.follow(accepted), first, chunk, body, "chat.completion.chunk", created)
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
-@router.post("/completions", response_model=None)
-async def completions(
-    body: wire.CompletionRequest,
-    request: Request,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-    idempotency_key: IdempotencyKeyDep = None,
-) -> JSONResponse | StreamingResponse:
-    job_request = placement.apply(wire.completion_to_inference(body).model_copy(update={"stream": body.stream}))
-    accepted = await admit(redis, job_request, settings, caller, idempotency_key)
+@router.post("/completions", response_model=None, openapi_extra=SUBMISSION_HEADERS)
+async def completions(body: wire.CompletionRequest, submission: SubmissionDep) -> JSONResponse | StreamingResponse:
+    accepted = await submission.admit(wire.completion_to_inference(body).model_copy(update={"stream": body.stream}))
     created = int(time.time())
     if not body.stream:
-        return JSONResponse(wire.completion(await _completed(waiter, accepted, settings.max_sync_wait_s), created))
+        return JSONResponse(wire.completion(await submission.succeeded(accepted), created))
 
     def chunk(text: str, finish_reason: str | None) -> dict[str, Any]:
         return wire.completion_chunk(accepted.request_id, body.model, created, text, finish_reason)
 
-    events = _events(
-        _follow(redis, settings, accepted.request_id, request, caller), None, chunk, body, "text_completion", created
-    )
+    events = _events(submission.follow(accepted), None, chunk, body, "text_completion", created)
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
-@router.post("/embeddings")
-async def embeddings(
-    body: wire.EmbeddingsRequest,
-    redis: RedisDep,
-    waiter: WaiterDep,
-    settings: SettingsDep,
-    caller: ClientDep,
-    placement: PlacementDep,
-    idempotency_key: IdempotencyKeyDep = None,
-) -> dict[str, Any]:
-    accepted = await admit(redis, placement.apply(wire.embeddings_to_request(body)), settings, caller, idempotency_key)
-    result = await _completed(waiter, accepted, settings.max_sync_wait_s)
-    return wire.embeddings(result, body.encoding_format)
-
-
-async def _completed(waiter: WaiterDep, accepted: Accepted, timeout_s: float) -> JobResult:
-    result = await relay.completed_result(waiter, accepted.request_id, timeout_s, admitted=not accepted.replayed)
-    if result.status == "failed":
-        raise relay.failure(result)
-    return result
-
-
-def _follow(
-    redis: RedisDep, settings: SettingsDep, request_id: str, request: Request, caller: Caller
-) -> AsyncIterator[relay.Relayed]:
-    return relay.follow(
-        redis, request_id, settings.max_sync_wait_s, settings.result_ttl_s, request.is_disconnected, owner=caller
-    )
+@router.post("/embeddings", openapi_extra=SUBMISSION_HEADERS)
+async def embeddings(body: wire.EmbeddingsRequest, submission: SubmissionDep) -> dict[str, Any]:
+    accepted = await submission.admit(wire.embeddings_to_request(body))
+    return wire.embeddings(await submission.succeeded(accepted), body.encoding_format)
 
 
 async def _events(
