@@ -9,6 +9,8 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from gputorrent.pipelined import pipelined
+
 
 class Script:
     """A Lua script: `await script.run(redis, numkeys, *keys_and_args)` (the arguments of `EVAL`)
@@ -20,7 +22,8 @@ class Script:
         self.sha = hashlib.sha1(source.encode()).hexdigest()
 
     async def run(self, redis: Redis, numkeys: int, *keys_and_args: str | bytes) -> Any:
+        connection = pipelined(redis)  # the hot path's connection: see pipelined.py
         try:
-            return await redis.evalsha(self.sha, numkeys, *keys_and_args)
+            return await connection.execute("EVALSHA", self.sha, numkeys, *keys_and_args)
         except NoScriptError:
-            return await redis.eval(self.source, numkeys, *keys_and_args)
+            return await connection.execute("EVAL", self.source, numkeys, *keys_and_args)

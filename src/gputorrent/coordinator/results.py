@@ -83,8 +83,10 @@ class ResultWaiter:
                     if not isinstance(found, JobStatus) or remaining_s <= 0:
                         return found
                 read_redis = True  # from now on a wake without the result in hand reads Redis
+                # `timeout` rather than `wait_for`: no task of its own, so a wake reaches us one loop turn sooner.
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(event.wait(), min(remaining_s, RECHECK_INTERVAL_S))
+                    async with asyncio.timeout(min(remaining_s, RECHECK_INTERVAL_S)):
+                        await event.wait()
         finally:
             waiting = self._events[request_id]
             waiting.discard(event)

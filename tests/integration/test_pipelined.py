@@ -1,0 +1,65 @@
+"""The hot path's shared connection (`pipelined.py`): concurrent callers each get their own reply,
+and no failure can hand one caller another's reply."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from redis.asyncio import Redis
+from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
+
+from gputorrent.pipelined import PipelinedConnection, pipelined
+
+
+async def test_concurrent_callers_each_get_their_own_reply(redis: Redis) -> None:
+    connection = pipelined(redis)
+    replies = await asyncio.gather(*(connection.execute("ECHO", f"caller-{i}") for i in range(300)))
+    assert replies == [f"caller-{i}" for i in range(300)]
+    assert pipelined(redis) is connection  # one per client
+
+
+async def test_error_replies_raise_as_redis_py_raises_them(redis: Redis) -> None:
+    connection = pipelined(redis)
+    await redis.set("text", "not a number")
+    with pytest.raises(ResponseError, match="not an integer"):
+        await connection.execute("INCR", "text")
+    with pytest.raises(NoScriptError):
+        await connection.execute("EVALSHA", "0" * 40, 0)
+    assert await connection.execute("INCRBY", "count", 2) == 2  # and the connection goes on
+
+
+async def test_a_cancelled_callers_reply_goes_to_nobody(redis: Redis) -> None:
+    connection = pipelined(redis)
+    slow = asyncio.create_task(connection.execute("BLPOP", "nothing-here", "0.3"))  # its reply comes late
+    await asyncio.sleep(0)  # it has sent its command
+    slow.cancel()
+    assert await connection.execute("ECHO", "mine") == "mine"  # not the BLPOP's nil
+
+
+async def test_a_lost_reply_fails_the_waiting_commands_and_the_next_one_reconnects(redis_url: str) -> None:
+    client = Redis.from_url(redis_url, decode_responses=True, socket_timeout=0.2)
+    connection = PipelinedConnection(client)
+    try:
+        stalled = asyncio.create_task(connection.execute("BLPOP", "nothing-here", "1"))  # no reply within 0.2 s
+        queued_behind = asyncio.create_task(connection.execute("ECHO", "behind"))
+        with pytest.raises(TimeoutError):
+            await stalled
+        with pytest.raises(TimeoutError):
+            await queued_behind  # its reply would have been the BLPOP's: it fails instead
+        assert await connection.execute("ECHO", "after") == "after"
+    finally:
+        await client.aclose()
+
+
+async def test_a_connection_closed_by_redis_fails_once_then_reconnects(redis: Redis) -> None:
+    connection = pipelined(redis)
+    await connection.execute("CLIENT", "SETNAME", "pipelined-under-test")
+    assert await redis.client_kill_filter(_type="normal", skipme=True) >= 1
+    outcomes = []
+    for _ in range(2):
+        try:
+            outcomes.append(await connection.execute("ECHO", "again"))
+        except ConnectionError:
+            outcomes.append("failed")
+    assert outcomes[-1] == "again" and outcomes.count("failed") <= 1, outcomes
