@@ -20,7 +20,15 @@ RESULTS = HERE / "results"
 DOC = HERE.parent / "docs" / "benchmarks.md"
 IMAGES = HERE.parent / "docs" / "images"
 # Each is a sibling script with `table(results)` and `plot(results, out)`.
-BENCHMARKS = ("added_latency", "throughput", "dispatch", "routing_quality", "stream_latency", "real_model")
+BENCHMARKS = (
+    "added_latency",
+    "throughput",
+    "dispatch",
+    "routing_quality",
+    "stream_latency",
+    "real_model",
+    "backend_http",
+)
 
 
 def replace_section(doc: str, name: str, body: str) -> str:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
-import aiohttp
-
-from gputorrent.errors import BackendError, BackendUnavailable, ModelUnavailable
+from gputorrent.errors import BackendError, ModelUnavailable
 from gputorrent.protocol import Embeddings, GenerationDone, Job, PullProgress, TokenChunk
-from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
+from gputorrent.worker.backends._http import HTTPClient
 from gputorrent.worker.backends.base import continued_chat
 
 log = logging.getLogger(__name__)
@@ -31,13 +30,8 @@ class OllamaBackend:
 
     def __init__(self, *, host: str) -> None:
         self._host = host.rstrip("/")
-        self._session: aiohttp.ClientSession | None = None
+        self._http = HTTPClient(self._host, server=f"Ollama at {self._host}")
         self._model = ""
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=TIMEOUT)
-        return self._session
 
     async def load(self, model: str | None) -> str:
         name = model or "llama3.2"
@@ -52,26 +46,26 @@ class OllamaBackend:
         log.info("pulling %s through Ollama at %s", model, self._host)
         # No credentials travel with the pull: Ollama authenticates to registries (hf.co included)
         # with its own ed25519 key, registered with the registry account.
-        headers: dict[str, str] = {}
         body = {"model": model, "stream": True, **({"insecure": True} if insecure else {})}
         last_status = ""
-        async for line in self._stream("POST", "/api/pull", body, headers):
-            if "error" in line:
-                raise ModelUnavailable(f"Ollama could not pull {model!r}: {line['error']}")
-            status = str(line.get("status", ""))
-            if status == "success":
-                return
-            try:
-                progress = PullProgress.model_validate(line)
-            except ValueError:  # a line a newer Ollama shapes otherwise: its progress is lost, not the pull
-                log.debug("pull %s: unreadable progress line %.200s", model, line)
-            else:
-                yield progress
-            if line.get("total") and line.get("completed") is not None:
-                status = f"{status} {100 * line['completed'] // line['total']}%"
-            if status != last_status:
-                log.info("pull %s: %s", model, status)
-                last_status = status
+        async with aclosing(self._stream("/api/pull", body, ModelUnavailable)) as lines:
+            async for line in lines:
+                if "error" in line:
+                    raise ModelUnavailable(f"Ollama could not pull {model!r}: {line['error']}")
+                status = str(line.get("status", ""))
+                if status == "success":
+                    return
+                try:
+                    progress = PullProgress.model_validate(line)
+                except ValueError:  # a line a newer Ollama shapes otherwise: its progress is lost, not the pull
+                    log.debug("pull %s: unreadable progress line %.200s", model, line)
+                else:
+                    yield progress
+                if line.get("total") and line.get("completed") is not None:
+                    status = f"{status} {100 * line['completed'] // line['total']}%"
+                if status != last_status:
+                    log.info("pull %s: %s", model, status)
+                    last_status = status
         raise ModelUnavailable(
             f"Ollama's pull of {model!r} ended without success (last status: {last_status or 'none'})"
         )
@@ -100,14 +94,15 @@ class OllamaBackend:
             yield TokenChunk(text=_text(reply))
             yield _done(reply)
             return
-        async for line in self._stream("POST", path, body, {}, BackendError):
-            if "error" in line:
-                raise BackendError(f"Ollama failed mid-generation: {line['error']}")
-            if text := _text(line):
-                yield TokenChunk(text=text)
-            if line.get("done"):
-                yield _done(line)
-                return
+        async with aclosing(self._stream(path, body, BackendError)) as lines:
+            async for line in lines:
+                if "error" in line:
+                    raise BackendError(f"Ollama failed mid-generation: {line['error']}")
+                if text := _text(line):
+                    yield TokenChunk(text=text)
+                if line.get("done"):
+                    yield _done(line)
+                    return
         raise BackendError("Ollama's stream ended before its final line")
 
     async def embed(self, job: Job) -> Embeddings:
@@ -120,38 +115,24 @@ class OllamaBackend:
         return [str(m["name"]) for m in reply.get("models", [])]
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        return await request_json(self._http(), method, self._host + path, body, f"Ollama at {self._host}")
+        return await self._http.request_json(method, path, body)
 
     async def _stream(
-        self,
-        method: str,
-        path: str,
-        body: dict[str, Any],
-        headers: dict[str, str],
-        error: type[BackendError] = ModelUnavailable,
-    ) -> AsyncIterator[dict[str, Any]]:
-        try:
-            async with self._http().request(method, self._host + path, json=body, headers=headers) as resp:
-                if resp.status >= 400:
-                    text = await resp.text()
-                    try:
-                        message = error_text(json.loads(text))
-                    except ValueError:
-                        message = text[:200]
-                    failure = BackendUnavailable if resp.status >= 500 else error  # 5xx: another worker may do
-                    raise failure(f"Ollama answered {resp.status}: {message}")
-                async for raw in resp.content:
-                    if raw.strip():
-                        yield json.loads(raw)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackendUnavailable(f"cannot reach Ollama at {self._host}: {e or type(e).__name__}") from e
-        except ValueError as e:
-            raise BackendError(f"Ollama at {self._host} streamed a line that is not JSON") from e
+        self, path: str, body: dict[str, Any], client_error: type[BackendError]
+    ) -> AsyncGenerator[dict[str, Any]]:
+        """The JSON objects of an NDJSON reply; a 4xx status is `client_error`, with Ollama's message."""
+        async with self._http.stream_lines("POST", path, body, client_error) as lines:
+            async for raw in lines:
+                if not raw.strip():
+                    continue
+                try:
+                    line = json.loads(raw)
+                except ValueError as e:
+                    raise BackendError(f"Ollama at {self._host} streamed a line that is not JSON") from e
+                yield line
 
 
 def _text(line: dict[str, Any]) -> str:

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from typing import Any
 
-import aiohttp
-
-from gputorrent.errors import BackendError, BackendUnavailable, ModelUnavailable
+from gputorrent.errors import BackendError, ModelUnavailable
 from gputorrent.protocol import Embeddings, GenerationDone, Job, TokenChunk
-from gputorrent.worker.backends._http import TIMEOUT, error_text, request_json
+from gputorrent.worker.backends._http import HTTPClient, error_text
 from gputorrent.worker.backends.base import continued_chat
 
 
@@ -19,14 +18,10 @@ class OpenAIBackend:
 
     def __init__(self, *, base_url: str, api_key: str | None = None) -> None:
         self._base_url = base_url.rstrip("/")
-        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-        self._session: aiohttp.ClientSession | None = None
+        headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        server = f"the OpenAI-compatible server at {self._base_url}"
+        self._http = HTTPClient(self._base_url, server=server, headers=headers)
         self._model = ""
-
-    def _http(self) -> aiohttp.ClientSession:
-        if self._session is None:
-            self._session = aiohttp.ClientSession(timeout=TIMEOUT, headers=self._headers)
-        return self._session
 
     async def load(self, model: str | None) -> str:
         available = await self.list_models()
@@ -72,38 +67,33 @@ class OpenAIBackend:
         usage: dict[str, Any] | None = None
         finish_reason: str | None = None
         chunks = 0
-        async for event in self._events(path, body):
-            if "error" in event:  # vLLM and llama.cpp's server report a failure mid-stream this way
-                raise BackendError(f"the OpenAI-compatible server failed mid-stream: {error_text(event)}")
-            usage = event.get("usage") or usage
-            for choice in event.get("choices") or []:
-                if text := _choice_text(choice):
-                    chunks += 1
-                    yield TokenChunk(text=text)
-                finish_reason = choice.get("finish_reason") or finish_reason
+        async with aclosing(self._events(path, body)) as events:
+            async for event in events:
+                if "error" in event:  # vLLM and llama.cpp's server report a failure mid-stream this way
+                    raise BackendError(f"the OpenAI-compatible server failed mid-stream: {error_text(event)}")
+                usage = event.get("usage") or usage
+                for choice in event.get("choices") or []:
+                    if text := _choice_text(choice):
+                        chunks += 1
+                        yield TokenChunk(text=text)
+                    finish_reason = choice.get("finish_reason") or finish_reason
         yield _done(usage, finish_reason, chunks)
 
     async def _events(self, path: str, body: dict[str, Any]) -> AsyncGenerator[dict[str, Any]]:
         """The JSON events of a server-sent-events reply, up to `[DONE]`."""
-        server = f"the OpenAI-compatible server at {self._base_url}"
-        try:
-            async with self._http().post(self._base_url + path, json=body) as resp:
-                if resp.status >= 400:
-                    text = await resp.text()
-                    failure = BackendUnavailable if resp.status >= 500 else BackendError  # 5xx: another worker may do
-                    raise failure(f"{server} answered {resp.status}: {text[:300]}")
-                async for raw in resp.content:
-                    line = raw.strip()
-                    if not line.startswith(b"data:"):
-                        continue
-                    data = line[5:].strip()
-                    if data == b"[DONE]":
-                        return
-                    yield json.loads(data)
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise BackendUnavailable(f"cannot reach {server}: {e or type(e).__name__}") from e
-        except ValueError as e:
-            raise BackendError(f"{server} streamed an event that is not JSON") from e
+        async with self._http.stream_lines("POST", path, body) as lines:
+            async for raw in lines:
+                line = raw.strip()
+                if not line.startswith(b"data:"):
+                    continue
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    return
+                try:
+                    event = json.loads(data)
+                except ValueError as e:
+                    raise BackendError(f"{self._http.server} streamed an event that is not JSON") from e
+                yield event
 
     async def embed(self, job: Job) -> Embeddings:
         """`/embeddings`, as floats."""
@@ -120,13 +110,10 @@ class OpenAIBackend:
         return [str(m["id"]) for m in reply.get("data", [])]
 
     async def close(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        await self._http.close()
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        server = f"the OpenAI-compatible server at {self._base_url}"
-        return await request_json(self._http(), method, self._base_url + path, body, server)
+        return await self._http.request_json(method, path, body)
 
 
 def _choice_text(choice: dict[str, Any]) -> str:
