@@ -9,14 +9,17 @@ whichever caller reads first. Concurrent callers therefore pipeline on one conne
 
 The connection is made and authenticated by the client's own pool (TLS, ACL users, the database,
 its timeouts: all as configured there), taken out of it for good; closing the client closes it.
-Only for commands Redis answers at once: nothing blocking, no pub/sub.
+The shared connection (`pipelined`) is only for commands Redis answers at once; a blocking one (the
+worker's doorbell) takes a connection of its own (`borrowed`). Pub/sub stays on redis-py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import weakref
 from collections import deque
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 import hiredis
@@ -25,6 +28,7 @@ from redis.asyncio.connection import AbstractConnection
 from redis.exceptions import ConnectionError, DataError, NoPermissionError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+Argument = str | bytes | int
 READ_SIZE = 64 * 1024
 DEFAULT_TIMEOUT_S = 30.0  # when the client sets no socket timeout: a lost reply must not hang its callers
 
@@ -40,26 +44,39 @@ class PipelinedConnection:
         self._link: _Link | None = None
         self._connecting = asyncio.Lock()
 
-    async def execute(self, *args: str | bytes | int) -> Any:
+    async def execute(self, *args: Argument) -> Any:
         """The reply of one command; a Redis error reply raises as redis-py raises it.
 
         Raises:
             ConnectionError | TimeoutError: (redis-py's) the connection failed or no reply came in
                 the client's socket timeout; every command waiting on it fails, the next reconnects.
         """
+        (reply,) = await self.execute_all(args)
+        return reply
+
+    async def execute_all(self, *commands: Sequence[Argument], blocks_s: float = 0.0) -> list[Any]:
+        """The replies of several commands sent in one write; the first error reply raises (after
+        every command ran). `blocks_s`: how long a blocking command among them may wait in Redis,
+        on a connection of the caller's own (`borrowed`), added to the timeout for the replies."""
         link = self._link
         if link is None or link.broken:
             link = await self._connect()
         try:
-            packed = hiredis.pack_command(args)  # type: ignore[arg-type]  # its stub types a 1-tuple
+            packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
         except TypeError as e:
             raise DataError(str(e)) from e
-        reply = link.send(packed)
-        await link.read_until(reply, self._timeout_s)
-        result = reply.result()
-        if isinstance(result, ResponseError):
-            raise _typed(result)
-        return result
+        replies = link.send(packed, len(commands))
+        await link.read_until(replies[-1], self._timeout_s + blocks_s)
+        results = [reply.result() for reply in replies]
+        for result in results:
+            if isinstance(result, ResponseError):
+                raise _typed(result)
+        return results
+
+    def close(self) -> None:
+        """Drop the connection now (commands still waiting on it fail); the next command makes a new one."""
+        if self._link is not None:
+            self._link.close()
 
     async def _connect(self) -> _Link:
         async with self._connecting:
@@ -82,15 +99,19 @@ class _Link:
         self._reading = asyncio.Lock()
         self.broken = False
 
-    def send(self, packed: bytes) -> asyncio.Future[Any]:
-        reply: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._waiting.append(reply)
+    def send(self, packed: bytes, commands: int) -> list[asyncio.Future[Any]]:
+        loop = asyncio.get_running_loop()
+        replies: list[asyncio.Future[Any]] = [loop.create_future() for _ in range(commands)]
+        self._waiting.extend(replies)
         writer = self._connection._writer  # the pool made and authenticated the connection; we only write
         if self.broken or writer is None:
             self._break(ConnectionError("the connection to Redis is closed"))
         else:
             writer.write(packed)
-        return reply
+        return replies
+
+    def close(self) -> None:
+        self._break(ConnectionError("the connection to Redis was closed by its owner"))
 
     async def read_until(self, reply: asyncio.Future[Any], timeout_s: float) -> None:
         """Read replies, handing each to its caller, until `reply` has its own."""
@@ -145,6 +166,7 @@ def _typed(error: ResponseError) -> ResponseError:
 
 
 _shared: weakref.WeakKeyDictionary[Redis, PipelinedConnection] = weakref.WeakKeyDictionary()
+_idle: weakref.WeakKeyDictionary[Redis, list[PipelinedConnection]] = weakref.WeakKeyDictionary()
 
 
 def pipelined(redis: Redis) -> PipelinedConnection:
@@ -153,3 +175,20 @@ def pipelined(redis: Redis) -> PipelinedConnection:
     if connection is None:
         connection = _shared[redis] = PipelinedConnection(redis)
     return connection
+
+
+@contextlib.asynccontextmanager
+async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
+    """A connection of the caller's own while the block runs, for a blocking command (the worker's
+    doorbell); idle ones are kept for the next borrower. A block left by an exception (a cancelled
+    worker, say) closes it: Redis then drops the blocked command and whatever was sent after it,
+    rather than run them for nobody."""
+    idle = _idle.setdefault(redis, [])
+    connection = idle.pop() if idle else PipelinedConnection(redis)
+    try:
+        yield connection
+    except BaseException:
+        connection.close()
+        raise
+    finally:
+        idle.append(connection)

@@ -18,7 +18,7 @@ from typing import Any, Literal
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from gputorrent import keys, pool_stats
+from gputorrent import keys, pipelined, pool_stats
 from gputorrent.errors import Conflict
 from gputorrent.protocol import ErrorInfo, Job, JobResult, JobStatus
 from gputorrent.scripts import Script
@@ -324,11 +324,13 @@ async def _wait_and_take(
     """Block on the doorbells for up to `timeout_s`, then run the take script, in one send: Redis runs
     the take on this connection as soon as the pop returns, with no round trip to the worker between
     them (a job's wake costs one reply, not two)."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.blpop(doorbells, timeout_s)  # Redis 6+ takes fractional seconds
-        pipe.evalsha(_TAKE.sha, numkeys, *take)
+    async with pipelined.borrowed(redis) as connection:
         try:
-            _, taken = await pipe.execute()
+            _, taken = await connection.execute_all(
+                ("BLPOP", *doorbells, repr(timeout_s)),  # Redis 6+ takes fractional seconds
+                ("EVALSHA", _TAKE.sha, numkeys, *take),
+                blocks_s=timeout_s,
+            )
         except NoScriptError:  # a new or restarted Redis: the pop ran, the take did not
             taken = await _TAKE.run(redis, numkeys, *take)
     return taken

@@ -9,7 +9,8 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-from gputorrent.pipelined import PipelinedConnection, pipelined
+from gputorrent.pipelined import PipelinedConnection, borrowed, pipelined
+from tests.conftest import eventually
 
 
 async def test_concurrent_callers_each_get_their_own_reply(redis: Redis) -> None:
@@ -63,3 +64,36 @@ async def test_a_connection_closed_by_redis_fails_once_then_reconnects(redis: Re
         except ConnectionError:
             outcomes.append("failed")
     assert outcomes[-1] == "again" and outcomes.count("failed") <= 1, outcomes
+
+
+async def _blocked_clients(redis: Redis) -> int:
+    return sum(1 for client in await redis.client_list() if client.get("cmd") == "blpop")
+
+
+async def test_a_cancelled_blocking_borrower_leaves_nothing_to_run_for_nobody(redis: Redis) -> None:
+    async def wait_then_take() -> None:
+        async with borrowed(redis) as connection:  # as the worker waits on its doorbell, then takes
+            await connection.execute_all(("BLPOP", "bell", "5"), ("LPUSH", "taken", "job"), blocks_s=5)
+
+    waiting = asyncio.create_task(wait_then_take())
+
+    async def blocked() -> bool:
+        return await _blocked_clients(redis) == 1
+
+    await eventually(blocked, "the borrower to block on the doorbell")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+
+    async def gone() -> bool:
+        return await _blocked_clients(redis) == 0
+
+    await eventually(gone, "its connection to close")
+    await redis.lpush("bell", "ring")
+    assert await redis.llen("bell") == 1  # nobody popped it
+    assert await redis.llen("taken") == 0  # and what was sent after the pop never ran
+    async with borrowed(redis) as connection:  # the next borrower gets a working connection
+        assert await connection.execute_all(("BLPOP", "bell", "1"), ("ECHO", "x"), blocks_s=1) == [
+            ["bell", "ring"],
+            "x",
+        ]
