@@ -539,3 +539,28 @@ def _job(*, stream: bool = False, input: list[str] | None = None, max_tokens: in
         messages=None if input else [{"role": "user", "content": "hi"}],  # type: ignore[list-item]
         options=InferenceOptions(max_tokens=max_tokens), enqueued_at=time.time(), stream=stream,
     )  # fmt: skip
+
+
+async def test_a_stream_read_to_its_last_line_keeps_its_connection_for_the_next_job(
+    serve: Callable[[Answer], Awaitable[ScriptedServer]],
+) -> None:
+    """A server writes the chunked reply's end after `[DONE]`, often in a packet of its own: the
+    backend waits that moment rather than close the connection, so the next job need not connect."""
+
+    async def answer(request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(chunk(b'data: {"choices": [{"index": 0, "delta": {"content": "Hi"}}]}\n\n'))
+        writer.write(chunk(b"data: [DONE]\n\n"))
+        await writer.drain()
+        await asyncio.sleep(0.005)  # the end of the reply, a little later (a server's last write)
+        writer.write(b"0\r\n\r\n")
+
+    server = await serve(answer)
+    backend = OpenAIBackend(base_url=f"{server.url}/v1")
+    try:
+        for _ in range(2):
+            items = [item async for item in backend.generate(_job(stream=True))]
+            assert items[0] == TokenChunk(text="Hi")
+    finally:
+        await backend.close()
+    assert server.connections == 1

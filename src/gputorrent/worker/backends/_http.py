@@ -29,6 +29,7 @@ from gputorrent.errors import BackendError, BackendUnavailable
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest silence while a reply is awaited or read
 MAX_IDLE_CONNECTIONS = 32
+END_GRACE_S = 0.05  # how long a stream read to its last line waits for its reply's end
 PAUSE_READING_AT_BYTES = 1 << 20  # a reply read this far ahead of its caller stops reading the socket
 
 
@@ -211,7 +212,7 @@ class HTTPClient:
     @contextlib.asynccontextmanager
     async def stream_lines(
         self, method: str, path: str, body: dict[str, Any], client_error: type[BackendError] = BackendError
-    ) -> AsyncIterator[AsyncIterator[bytes]]:
+    ) -> AsyncIterator[Lines]:
         """Send `body` as JSON and iterate over the reply's lines as they arrive (SSE, NDJSON).
 
         Leaving the block before the reply's end closes the connection, so the server stops.
@@ -237,7 +238,7 @@ class HTTPClient:
                 except ValueError:
                     payload = None
                 raise self._status_error(conn.status, text, payload, client_error)
-            yield _Lines(conn, self._read_timeout_s, self._unreachable)
+            yield Lines(conn, self._read_timeout_s, self._unreachable)
         finally:
             self._release(conn)
 
@@ -316,7 +317,7 @@ class HTTPClient:
         return failure(f"{self.server} answered {status}: {message}")
 
 
-class _Lines:
+class Lines:
     """The lines of a reply being read, each with its `\\n` (the last one may lack it)."""
 
     def __init__(
@@ -327,8 +328,17 @@ class _Lines:
         self._unreachable = unreachable
         self._scanned = 0  # bytes of conn.body already searched for a newline
 
-    def __aiter__(self) -> _Lines:
+    def __aiter__(self) -> Lines:
         return self
+
+    async def finish(self) -> None:
+        """The caller has the last line it reads (`[DONE]`, Ollama's final line): wait a moment for
+        the reply's framing to end (it is usually in flight), so the connection is kept for the next
+        call rather than closed, which would make that call connect anew."""
+        with contextlib.suppress(TimeoutError, OSError):
+            async with asyncio.timeout(END_GRACE_S):
+                while not self._conn.done:
+                    await self._conn.receive(self._read_timeout_s)
 
     async def __anext__(self) -> bytes:
         conn = self._conn

@@ -132,6 +132,8 @@ class OllamaBackend:
                     line = json.loads(raw)
                 except ValueError as e:
                     raise BackendError(f"Ollama at {self._host} streamed a line that is not JSON") from e
+                if line.get("done") or line.get("status") == "success":  # its last line: generation, pull
+                    await lines.finish()
                 yield line
 
 

@@ -88,6 +88,7 @@ class OpenAIBackend:
                     continue
                 data = line[5:].strip()
                 if data == b"[DONE]":
+                    await lines.finish()
                     return
                 try:
                     event = json.loads(data)
