@@ -209,7 +209,7 @@ async def test_least_loaded_sends_new_work_past_a_worker_with_a_backlog(
     routed = [(await _submit(api)).json()["worker_id"] for _ in range(6)]
     assert sorted(routed) == ["w1"] * 3 + ["w2"] * 3  # equal workers share the backlog evenly
     # A backlog queued elsewhere (another coordinator) shows in the next snapshot read: read every time here.
-    monkeypatch.setattr(dispatch, "SNAPSHOT_MAX_AGE_S", 0.0)
+    monkeypatch.setattr(dispatch, "SNAPSHOT_STALE_MAX_S", 0.0)
     for _ in range(4):
         job = Job(request_id=f"backlog-{_}", worker_id="w1", model="fake", prompt="x", enqueued_at=time.time())
         await queue.enqueue(redis, job, ttl_s=60)
@@ -289,3 +289,25 @@ async def test_a_bad_idempotency_key_on_the_native_api_is_a_422_naming_the_heade
     bad = await api.post("/inference", json={"model": "fake", "prompt": "x"}, headers={"Idempotency-Key": ""})
     assert bad.status_code == 422, bad.text
     assert bad.json()["error"]["fields"] == [{"field": "Idempotency-Key", "message": ANY}]
+
+
+async def test_a_snapshot_past_its_age_is_read_again_behind_the_next_admission(
+    redis: Redis, fake_worker: MakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Requests that come less often than the snapshot's age route on the view they have (within
+    `SNAPSHOT_STALE_MAX_S`), and the pool is read after each is queued, so the next finds it fresh."""
+    monkeypatch.setattr(dispatch, "SNAPSHOT_MAX_AGE_S", 0.0)  # every admission finds it past its age
+    monkeypatch.setattr(dispatch, "SNAPSHOT_STALE_MAX_S", 60.0)  # and no look reads it before routing
+    await fake_worker("w1")
+    snapshot = dispatch.PoolSnapshot()
+    assert [w.queue_length for w in await snapshot.workers(redis)] == [0]  # the first look reads the pool
+    job = Job(request_id="elsewhere", worker_id="w1", model="fake", prompt="x", enqueued_at=time.time())
+    await queue.enqueue(redis, job, ttl_s=60)  # as another coordinator would
+    assert [w.queue_length for w in await snapshot.workers(redis)] == [0]  # routed on the view it has
+    snapshot.queued(redis, "admitted-here", None)  # an admission (onto a shared queue): the pool is read behind it
+
+    async def read_again() -> bool:
+        return [w.queue_length for w in await snapshot.workers(redis)] == [1]
+
+    await eventually(read_again, "the snapshot read behind the admission to show the other job")
+    await snapshot.close()

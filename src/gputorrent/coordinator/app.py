@@ -78,6 +78,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             # Asked to stop rather than cancelled: redis-py's pub/sub can swallow a cancellation and wait on.
             listener.stop()
             reaper.stop()
+            await snapshot.close()
             _, pending = await asyncio.wait(background, timeout=LISTENER_STOP_TIMEOUT_S)
             for task in pending:
                 task.cancel()

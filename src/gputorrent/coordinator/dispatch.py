@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import math
@@ -13,6 +14,7 @@ from collections import Counter
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gputorrent import keys, logs, queue, registry, routing
 from gputorrent.config import CoordinatorSettings
@@ -27,10 +29,14 @@ ROUTE_ATTEMPTS = 3  # a job whose chosen worker left just then is routed again, 
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a full queue drains by a job per slot per job time: try again soon
 
-# Admission routes on a snapshot of the pool at most this old: one read of Redis serves every
-# request of that time instead of each reading it. Liveness is checked again when the job is
-# queued, and a request with no live candidate reads the pool afresh before it is refused.
+# Admission routes on a snapshot of the pool: one read of Redis serves every request of a moment
+# instead of each reading it. A snapshot older than SNAPSHOT_MAX_AGE_S is read again after the next
+# admission, behind it, so requests coming less often than that do not each wait for the read;
+# one older than SNAPSHOT_STALE_MAX_S (after a quiet spell) is read before routing. Liveness is
+# checked again when the job is queued, and a request with no live candidate reads the pool
+# afresh before it is refused.
 SNAPSHOT_MAX_AGE_S = 0.1
+SNAPSHOT_STALE_MAX_S = 1.0
 
 
 class PoolSnapshot:
@@ -43,15 +49,11 @@ class PoolSnapshot:
         self._read_at = -math.inf
         self._pending: dict[str, str] = {}  # request id -> worker id: queued since the read, no result heard yet
         self._view: list[WorkerState] | None = None  # the read with the pending jobs added, built when asked
+        self._rereading: asyncio.Task[None] | None = None
 
     async def workers(self, redis: Redis, *, fresh: bool = False) -> list[WorkerState]:
-        now = asyncio.get_running_loop().time()
-        if fresh or now - self._read_at > SNAPSHOT_MAX_AGE_S:
-            counted = set(self._pending)  # jobs queued while the read is on its way may be missing from it
-            self._read, self._read_at = await registry.snapshot(redis), now
-            for request_id in counted:
-                self._pending.pop(request_id, None)
-            self._view = None
+        if fresh or asyncio.get_running_loop().time() - self._read_at > SNAPSHOT_STALE_MAX_S:
+            await self._reread(redis)
         if self._view is None:
             pending = Counter(self._pending.values())
             self._view = [
@@ -62,9 +64,36 @@ class PoolSnapshot:
             ]
         return self._view
 
-    def queued(self, request_id: str, worker_id: str) -> None:
-        self._pending[request_id] = worker_id
+    def queued(self, redis: Redis, request_id: str, worker_id: str | None) -> None:
+        """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
+        `SNAPSHOT_MAX_AGE_S` is read again now, off the admitted request's way, for the next one."""
+        if worker_id is not None:
+            self._pending[request_id] = worker_id
+            self._view = None
+        stale = asyncio.get_running_loop().time() - self._read_at > SNAPSHOT_MAX_AGE_S
+        if stale and (self._rereading is None or self._rereading.done()):
+            self._rereading = asyncio.create_task(self._reread_behind(redis), name="pool snapshot")
+
+    async def close(self) -> None:
+        """Stop a read in progress (the app is stopping)."""
+        if self._rereading is not None and not self._rereading.done():
+            self._rereading.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._rereading
+
+    async def _reread(self, redis: Redis) -> None:
+        counted = set(self._pending)  # jobs queued while the read is on its way may be missing from it
+        read_at = asyncio.get_running_loop().time()
+        self._read, self._read_at = await registry.snapshot(redis), read_at
+        for request_id in counted:
+            self._pending.pop(request_id, None)
         self._view = None
+
+    async def _reread_behind(self, redis: Redis) -> None:
+        try:
+            await self._reread(redis)
+        except (RedisError, OSError) as e:  # the next admission reads it (and reports the outage)
+            log.debug("the pool snapshot could not be read behind an admission: %s", e)
 
     def announced(self, request_id: str) -> None:
         """The job's result was announced: if it was this coordinator's, it no longer weighs on its worker."""
@@ -169,8 +198,7 @@ async def _route_and_enqueue(
         return await _replay(redis, idempotency_key or "", caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
         )
-    if route.worker_id is not None:
-        snapshot.queued(job.request_id, route.worker_id)
+    snapshot.queued(redis, job.request_id, route.worker_id)
     overhead.note_admitted(job.request_id)
     log.info("request %s queued model=%s worker=%s kind=%s priority=%d", job.request_id, job.model,
              route.worker_id or "(shared queue)", job.kind, job.priority)  # fmt: skip
