@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from typing import cast
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from typing import Any, cast
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from redis.typing import KeyT, StreamIdT
 
-from gputorrent import keys
+from gputorrent import keys, pipelined
 from gputorrent.protocol import JobResult, TokenChunk
 from gputorrent.scripts import Script
 
@@ -69,17 +69,21 @@ async def follow(
     deadline = loop.time() + timeout_s
     last_id = after
     key = keys.stream_key(request_id)
-    while loop.time() < deadline:
-        reply = cast(StreamReply, await redis.xread({key: last_id}, block=FOLLOW_BLOCK_MS, count=512))
-        batch: list[StreamEntry] = []
-        for _, entries in reply:
-            for entry_id, fields in entries:
-                last_id = entry_id
-                batch.append((entry_id, item := _item(fields)))
-                if isinstance(item, JobResult):
-                    yield batch
-                    return
-        yield batch
+    read = ("XREAD", "COUNT", "512", "BLOCK", str(FOLLOW_BLOCK_MS), "STREAMS", key)
+    # A connection of its own while it blocks, on the lean path (pipelined.py): a round per batch of text.
+    async with pipelined.borrowed(redis) as connection:
+        while loop.time() < deadline:
+            (reply,) = await connection.execute_all((*read, last_id), blocks_s=FOLLOW_BLOCK_MS / 1000)
+            batch: list[StreamEntry] = []
+            for _, entries in _streams_of(reply):
+                for entry_id, flat_fields in entries:
+                    last_id = entry_id
+                    fields = dict(zip(flat_fields[::2], flat_fields[1::2], strict=True))
+                    batch.append((entry_id, item := _item(fields)))
+                    if isinstance(item, JobResult):
+                        yield batch
+                        return
+            yield batch
 
 
 async def follow_many(
@@ -103,6 +107,14 @@ async def follow_many(
                     del after[key]
                     break
         yield batch
+
+
+def _streams_of(reply: Any) -> Iterable[tuple[str, list[list[Any]]]]:
+    """(stream, entries) of an XREAD reply: a map under RESP3 (what redis-py's connections speak
+    by default now), a list of pairs under RESP2, None when nothing came."""
+    if isinstance(reply, dict):
+        return reply.items()
+    return reply or ()
 
 
 def _item(fields: dict[str, str]) -> TokenChunk | JobResult:
