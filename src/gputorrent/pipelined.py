@@ -146,9 +146,12 @@ class _Link:
             waiting = self._waiting.popleft()
             if not waiting.done():
                 waiting.set_exception(error)
+                waiting.exception()  # a cancelled caller's is never looked at: not worth a log line
         if not self.broken:
             self.broken = True
-            asyncio.get_running_loop().create_task(self._close())
+            closing = asyncio.get_running_loop().create_task(self._close())
+            _closing.add(closing)  # the loop keeps only a weak reference to a task
+            closing.add_done_callback(_closing.discard)
 
     async def _close(self) -> None:
         await self._connection.disconnect(nowait=True)
@@ -166,6 +169,7 @@ def _typed(error: ResponseError) -> ResponseError:
 
 
 _shared: weakref.WeakKeyDictionary[Redis, PipelinedConnection] = weakref.WeakKeyDictionary()
+_closing: set[asyncio.Task[None]] = set()
 _idle: weakref.WeakKeyDictionary[Redis, list[PipelinedConnection]] = weakref.WeakKeyDictionary()
 
 
