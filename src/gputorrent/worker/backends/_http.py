@@ -84,6 +84,11 @@ class _Connection(asyncio.Protocol):
             expiry.cancel()
             self._waiter = None
 
+    async def read_to_end(self, timeout_s: float) -> None:
+        """Wait until the whole reply is read (each silence bounded by `timeout_s`)."""
+        while not self.done:
+            await self.receive(timeout_s)
+
     def close(self) -> None:
         if self._transport is not None:
             self._transport.abort()
@@ -192,17 +197,13 @@ class HTTPClient:
         try:
             conn = await self._exchange(method, path, body)
             try:
-                while not conn.done:
-                    await conn.receive(self._read_timeout_s)
+                await conn.read_to_end(self._read_timeout_s)
                 status, text = conn.status, bytes(conn.body)
             finally:
                 self._release(conn)
         except OSError as e:
             raise self._unreachable(e) from e
-        try:
-            payload = json.loads(text)
-        except ValueError:
-            payload = None
+        payload = _json_or_none(text)
         if status >= 400:
             raise self._status_error(status, text, payload, BackendError)
         if not isinstance(payload, dict):
@@ -228,16 +229,11 @@ class HTTPClient:
         try:
             if conn.status >= 400:
                 try:
-                    while not conn.done:
-                        await conn.receive(self._read_timeout_s)
+                    await conn.read_to_end(self._read_timeout_s)
                 except OSError as e:
                     raise self._unreachable(e) from e
                 text = bytes(conn.body)
-                try:
-                    payload = json.loads(text)
-                except ValueError:
-                    payload = None
-                raise self._status_error(conn.status, text, payload, client_error)
+                raise self._status_error(conn.status, text, _json_or_none(text), client_error)
             yield Lines(conn, self._read_timeout_s, self._unreachable)
         finally:
             self._release(conn)
@@ -337,8 +333,7 @@ class Lines:
         call rather than closed, which would make that call connect anew."""
         with contextlib.suppress(TimeoutError, OSError):
             async with asyncio.timeout(END_GRACE_S):
-                while not self._conn.done:
-                    await self._conn.receive(self._read_timeout_s)
+                await self._conn.read_to_end(self._read_timeout_s)
 
     async def __anext__(self) -> bytes:
         conn = self._conn
@@ -360,6 +355,13 @@ class Lines:
                 await conn.receive(self._read_timeout_s)
             except OSError as e:
                 raise self._unreachable(e) from e
+
+
+def _json_or_none(text: bytes) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None
 
 
 def _head(text: bytes) -> str:
