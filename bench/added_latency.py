@@ -27,6 +27,7 @@ from pool import (
     PeerFailed,
     Processes,
     litellm_missing,
+    save_plot,
     start_fast_server,
     start_litellm,
     start_pool,
@@ -151,9 +152,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("ms added to a direct call")
     ax.set_title("B1 added latency at concurrency 1 (dotted: targets)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pool import Processes, start_fast_server, summary, write_result
+from pool import Processes, save_plot, start_fast_server, summary, write_result
 
 from gputorrent.worker.backends._http import CONNECT_TIMEOUT_S, READ_TIMEOUT_S, HTTPClient
 
@@ -116,9 +116,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("µs per call")
     ax.set_title("The worker's call to its backend")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 if __name__ == "__main__":

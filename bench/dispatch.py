@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import redis as sync_redis
-from pool import HERE, Processes, start_pool, version, write_result
+from pool import HERE, Processes, save_plot, start_pool, version, write_result
 from redis.asyncio import Redis
 
 from gputorrent import keys, queue
@@ -157,9 +157,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
         ax.plot([x] * len(result["samples"][side]), result["samples"][side], "k.", label=None)
     ax.set_ylabel("no-op jobs per second")
     ax.set_title("B3 dispatch: one worker, the same Redis (dots: rounds)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 if __name__ == "__main__":

@@ -241,6 +241,15 @@ def summary(values: Sequence[float]) -> dict[str, float]:
     }
 
 
+def save_plot(fig: Any, out: Path) -> None:
+    """Write a benchmark's matplotlib figure to `out` at the size docs/ shows, and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(out, dpi=80)
+    plt.close(fig)
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
     """bench/results/NAME.json, with the machine it ran on."""
     result = {**result, "machine": machine()}

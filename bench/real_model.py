@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from pool import Processes, start_pool, summary, version, write_result
+from pool import Processes, save_plot, start_pool, summary, version, write_result
 
 from gputorrent.config import PACKAGED_MODEL
 from gputorrent.embedded import EmbeddedRedis
@@ -145,9 +145,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.bar(labels, values, color=["C1", "C0"])
     ax.set_ylabel("requests per second")
     ax.set_title(f"B5 real model ({result['model']}, {result['max_tokens']} tokens at most)")
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 if __name__ == "__main__":

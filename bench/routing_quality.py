@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pool import Processes, start_pool, summary, write_result
+from pool import Processes, save_plot, start_pool, summary, write_result
 
 from gputorrent.embedded import EmbeddedRedis
 
@@ -147,9 +147,7 @@ def plot(results: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("submit to result (ms, log)")
     ax.set_title(f"B4 routing quality: workers of 4 speeds at {results['load']:.0%} load")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 if __name__ == "__main__":

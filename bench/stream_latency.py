@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pool import Processes, start_fast_server, start_pool, summary, write_result
+from pool import Processes, save_plot, start_fast_server, start_pool, summary, write_result
 
 from gputorrent.embedded import EmbeddedRedis
 
@@ -125,9 +125,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("ms")
     ax.set_title("Streaming: time to first token and gap between tokens")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 if __name__ == "__main__":

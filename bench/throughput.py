@@ -32,6 +32,7 @@ from pool import (
     PeerFailed,
     Processes,
     litellm_missing,
+    save_plot,
     start_fast_server,
     start_litellm,
     start_pool,
@@ -234,9 +235,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     ax.set_ylabel("p99 added over direct (ms, log)")
     ax.set_title("B2 throughput: added p99 as load rises (dotted: 10 ms)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out, dpi=80)
-    plt.close(fig)
+    save_plot(fig, out)
 
 
 if __name__ == "__main__":
