@@ -157,4 +157,5 @@ async def _submission(request: Request) -> Submission:
 
 
 SubmissionDep = Annotated[Submission, Depends(_submission)]
-PLACEMENT_HEADERS = (PRIORITY_HEADER, SESSION_HEADER)
+ADMIT_HEADERS = (PRIORITY_HEADER, SESSION_HEADER, IDEMPOTENCY_HEADER)  # those `Submission.admit` reads
+ADMIT_HEADERS_SCHEMA = headers_schema(*ADMIT_HEADERS)  # for a route that admits through `Submission.admit`

@@ -13,8 +13,7 @@ from pydantic import TypeAdapter
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import anthropic as wire
 from gputorrent.coordinator.deps import (
-    IDEMPOTENCY_HEADER,
-    PLACEMENT_HEADERS,
+    ADMIT_HEADERS,
     OptionalHeader,
     SubmissionDep,
     headers_schema,
@@ -32,7 +31,7 @@ ANTHROPIC_VERSION_HEADER = OptionalHeader("anthropic-version", TypeAdapter(str),
     "/messages",
     response_model=None,
     responses={200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}},
-    openapi_extra=headers_schema(*PLACEMENT_HEADERS, IDEMPOTENCY_HEADER, ANTHROPIC_VERSION_HEADER),
+    openapi_extra=headers_schema(*ADMIT_HEADERS, ANTHROPIC_VERSION_HEADER),
 )
 async def create_message(body: wire.MessagesRequest, submission: SubmissionDep) -> JSONResponse | StreamingResponse:
     """Anthropic's Messages API: a `Message`, or with `stream: true` its event stream."""

@@ -19,14 +19,12 @@ from gputorrent import __version__, registry, routing
 from gputorrent.coordinator import pulls, relay
 from gputorrent.coordinator.adapters import ollama as wire
 from gputorrent.coordinator.deps import (
-    IDEMPOTENCY_HEADER,
-    PLACEMENT_HEADERS,
+    ADMIT_HEADERS_SCHEMA,
     RedisDep,
     SettingsDep,
     Submission,
     SubmissionDep,
     WaiterDep,
-    headers_schema,
 )
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
 from gputorrent.coordinator.security import ClientDep, require_client
@@ -35,7 +33,6 @@ from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Jo
 
 router = APIRouter(prefix="/api", tags=["ollama"])
 
-SUBMISSION_HEADERS = headers_schema(*PLACEMENT_HEADERS, IDEMPOTENCY_HEADER)
 Chunk = Callable[[str], dict[str, Any]]
 Final = Callable[[JobResult, str], dict[str, Any]]
 
@@ -44,7 +41,7 @@ def _now() -> str:
     return wire.timestamp(time.time())
 
 
-@router.post("/generate", response_model=None, openapi_extra=SUBMISSION_HEADERS)
+@router.post("/generate", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def generate(body: wire.GenerateRequest, submission: SubmissionDep) -> dict[str, Any] | StreamingResponse:
     """A completion of `prompt` (templated as a user turn unless `raw`), streamed by default."""
     if wire.is_load(body):
@@ -62,7 +59,7 @@ async def generate(body: wire.GenerateRequest, submission: SubmissionDep) -> dic
     return await _answer(submission, job_request, chunk, final)
 
 
-@router.post("/chat", response_model=None, openapi_extra=SUBMISSION_HEADERS)
+@router.post("/chat", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def chat(body: wire.ChatRequest, submission: SubmissionDep) -> dict[str, Any] | StreamingResponse:
     """The assistant's next message in a chat, streamed by default."""
     if wire.is_load(body):
@@ -184,14 +181,14 @@ async def _pull_lines(
     yield ndjson(wire.error_line(failed.message) if failed is not None else {"status": "success"})
 
 
-@router.post("/embed", openapi_extra=SUBMISSION_HEADERS)
+@router.post("/embed", openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def embed(body: wire.EmbedRequest, submission: SubmissionDep) -> dict[str, Any]:
     """One vector per input text, computed on a worker that serves the model."""
     accepted = await _admit(submission, wire.embed_to_request(body.model, body.input))
     return wire.embed_reply(await submission.succeeded(accepted))
 
 
-@router.post("/embeddings", openapi_extra=SUBMISSION_HEADERS)
+@router.post("/embeddings", openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def embeddings(body: wire.LegacyEmbeddingsRequest, submission: SubmissionDep) -> dict[str, Any]:
     """The older single-text endpoint: `{"embedding": [...]}`."""
     result = await submission.succeeded(await _admit(submission, wire.embed_to_request(body.model, body.prompt)))

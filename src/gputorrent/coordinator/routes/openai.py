@@ -13,11 +13,9 @@ from gputorrent import registry, routing
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import openai as wire
 from gputorrent.coordinator.deps import (
-    IDEMPOTENCY_HEADER,
-    PLACEMENT_HEADERS,
+    ADMIT_HEADERS_SCHEMA,
     RedisDep,
     SubmissionDep,
-    headers_schema,
 )
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import require_client
@@ -33,10 +31,7 @@ async def list_models(redis: RedisDep) -> dict[str, Any]:
     return wire.models(routing.served_models(await registry.snapshot(redis)))
 
 
-SUBMISSION_HEADERS = headers_schema(*PLACEMENT_HEADERS, IDEMPOTENCY_HEADER)
-
-
-@router.post("/chat/completions", response_model=None, openapi_extra=SUBMISSION_HEADERS)
+@router.post("/chat/completions", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def chat_completions(
     body: wire.ChatCompletionRequest, submission: SubmissionDep
 ) -> JSONResponse | StreamingResponse:
@@ -54,7 +49,7 @@ async def chat_completions(
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
-@router.post("/completions", response_model=None, openapi_extra=SUBMISSION_HEADERS)
+@router.post("/completions", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def completions(body: wire.CompletionRequest, submission: SubmissionDep) -> JSONResponse | StreamingResponse:
     accepted = await submission.admit(wire.completion_to_inference(body).model_copy(update={"stream": body.stream}))
     created = int(time.time())
@@ -68,7 +63,7 @@ async def completions(body: wire.CompletionRequest, submission: SubmissionDep) -
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
-@router.post("/embeddings", openapi_extra=SUBMISSION_HEADERS)
+@router.post("/embeddings", openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def embeddings(body: wire.EmbeddingsRequest, submission: SubmissionDep) -> dict[str, Any]:
     accepted = await submission.admit(wire.embeddings_to_request(body))
     return wire.embeddings(await submission.succeeded(accepted), body.encoding_format)
