@@ -6,9 +6,10 @@ is a 422 that names the field, not a silently ignored option.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+import json
+from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from gputorrent.telemetry import Telemetry
 
@@ -40,6 +41,22 @@ Text = Annotated[str, AfterValidator(_encodable)]
 """A string that can be written back out as UTF-8: every client-supplied string is one."""
 
 
+def _output_format(value: object) -> object:
+    if value is None or value == "json":
+        return value
+    if not isinstance(value, dict):
+        raise ValueError('expected "json" or a JSON schema (an object)')
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ValueError("must be valid Unicode text throughout (a lone surrogate escape is not)") from None
+    return value
+
+
+OutputFormat = Annotated[Literal["json"] | dict[str, Any] | None, BeforeValidator(_output_format)]
+"""`InferenceOptions.format`, checked whole so an error names the field alone (see `Text` for the encoding)."""
+
+
 class WireModel(BaseModel):
     # No NaN or infinity: JSON has neither, so one would be stored as null and fail every later read.
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
@@ -53,6 +70,9 @@ class InferenceOptions(WireModel):
     top_p: float = Field(default=0.95, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[Text] = Field(default_factory=list, max_length=16)
+    # Structured output: "json" for a JSON object, or a JSON Schema the output must match (Ollama's
+    # `format`, OpenAI's `response_format`); the backend constrains generation to it. None: free text.
+    format: OutputFormat = None
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import AsyncIterator
 
 import pytest
 
-from gputorrent.errors import ModelUnavailable
+from gputorrent.errors import InvalidRequest, ModelUnavailable
 from gputorrent.protocol import ChatMessage, GenerationDone, InferenceOptions, Job, TokenChunk
 from gputorrent.worker.backends.llamacpp import LlamaCppBackend
 
@@ -112,3 +113,23 @@ async def test_a_greedy_continuation_gives_the_text_of_one_uninterrupted_run(
     resumed_job = resumed_job.model_copy(update={"continuation": sent, "continuation_tokens": 8})
     rest, _ = await _run(backend, resumed_job)
     assert sent + rest == "".join(chunks)
+
+
+PERSON = {
+    "type": "object",
+    "properties": {"name": {"type": "string", "maxLength": 20}, "age": {"type": "integer"}},
+    "required": ["name", "age"],
+}
+
+
+async def test_a_json_schema_format_constrains_the_output_to_it(backend: LlamaCppBackend) -> None:
+    messages = [ChatMessage(role="user", content="Ann is 30 years old. Reply with her name and age.")]
+    text, done = await _run(backend, _job(messages=messages, max_tokens=60, temperature=0, format=PERSON))
+    person = json.loads(text)
+    assert set(person) == {"name", "age"} and isinstance(person["name"], str) and isinstance(person["age"], int)
+    assert done.finish_reason == "stop"
+
+
+async def test_a_schema_llama_cpp_cannot_use_is_an_invalid_request(backend: LlamaCppBackend) -> None:
+    with pytest.raises(InvalidRequest, match=r"llama\.cpp cannot use this JSON schema"):
+        await _run(backend, _job("Hi", max_tokens=8, format={"type": "no-such-type"}))

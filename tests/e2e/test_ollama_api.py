@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import httpx
 import ollama
 import pytest
+from pydantic import BaseModel
 
 from gputorrent import __version__
 from gputorrent.worker.backends.fake import FAIL_TRIGGER
@@ -180,6 +181,8 @@ def test_errors_are_ollama_shaped(coordinator_url: str, start_worker: StartWorke
     with pytest.raises(ollama.ResponseError) as temperature:
         client.chat(model="fake", messages=hello, options={"temperature": 5})
     assert temperature.value.status_code == 400 and "temperature" in temperature.value.error
+    yaml = httpx.post(f"{coordinator_url}/api/chat", json={"model": "fake", "messages": hello, "format": "yaml"})
+    assert yaml.status_code == 400 and "invalid format 'yaml'" in yaml.json()["error"]
 
 
 def test_a_failed_job_is_an_error_whole_or_mid_stream(
@@ -230,6 +233,30 @@ def test_real_model_through_the_ollama_client(
     assert text.prompt_eval_count is not None and text.prompt_eval_count > 3  # the chat template's turn markers
     vectors = client.embed(model="gemma3:270m", input=["The cat sat.", "Stocks fell."])
     assert [len(v) for v in vectors.embeddings] == [640, 640]  # pooled: one vector per text
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+@pytest.mark.model
+def test_real_model_answers_in_the_json_schema_of_format(
+    coordinator_url: str, start_worker: StartWorker, client: ollama.Client
+) -> None:
+    """`format` as a JSON schema (what LangChain's structured output sends): the worker's llama.cpp
+    constrains sampling to it, on chat and generate, whole and streamed."""
+    start_worker("w-llama", "--model", "gemma3:270m", backend="llamacpp")
+    prompt = "Ann is 30 years old. Reply with her name and age."
+    options = {"num_predict": 60, "temperature": 0}
+    schema = Person.model_json_schema()
+    chat = client.chat(
+        model="gemma3:270m", messages=[{"role": "user", "content": prompt}], format=schema, options=options
+    )
+    assert Person.model_validate_json(chat.message.content or "").name
+    parts = list(client.generate(model="gemma3:270m", prompt=prompt, format=schema, options=options, stream=True))
+    assert len([p for p in parts if p.response]) > 2
+    assert Person.model_validate_json("".join(p.response or "" for p in parts)).name
 
 
 def test_embed_gives_one_vector_per_input_and_the_old_endpoint_one(

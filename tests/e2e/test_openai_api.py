@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import httpx
 import openai
 import pytest
+from pydantic import BaseModel
 
 from gputorrent.worker.backends.fake import FAIL_TRIGGER
 from tests.conftest import Process
@@ -165,6 +168,44 @@ def test_real_model_through_the_openai_client(coordinator_url: str, start_worker
     ]
     assert len([p for p in pieces if p]) > 2
     assert "".join(pieces).strip()
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+@pytest.mark.model
+def test_real_model_answers_in_the_json_schema_of_response_format(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    """The SDK's `parse` sends a strict JSON schema and validates the reply against its model: the
+    worker's llama.cpp constrains sampling to the schema, whole and streamed."""
+    start_worker("w-llama", "--model", "gemma3:270m", backend="llamacpp")
+    client = _client(coordinator_url)
+    messages: list[Any] = [{"role": "user", "content": "Ann is 30 years old. Reply with her name and age."}]
+    reply = client.chat.completions.parse(
+        model="gemma3:270m", messages=messages, response_format=Person, max_tokens=60, temperature=0
+    )
+    person = reply.choices[0].message.parsed
+    assert isinstance(person, Person) and person.name
+    schema = {"name": "person", "schema": Person.model_json_schema()}
+    chunks = client.chat.completions.create(
+        model="gemma3:270m", messages=messages, max_tokens=60, temperature=0, stream=True,
+        response_format={"type": "json_schema", "json_schema": schema},
+    )  # fmt: skip
+    pieces = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert len([p for p in pieces if p]) > 2  # streamed as it was generated, not at the end
+    assert Person.model_validate(json.loads("".join(pieces))).name
+
+
+def test_a_json_schema_response_format_needs_its_json_schema(coordinator_url: str, start_worker: StartWorker) -> None:
+    start_worker("w1")
+    with pytest.raises(openai.BadRequestError) as refused:
+        _client(coordinator_url).chat.completions.create(
+            model="fake", messages=[{"role": "user", "content": "hi"}], response_format={"type": "json_schema"}
+        )  # type: ignore[call-overload]
+    assert refused.value.param == "response_format.json_schema"
 
 
 def test_embeddings_one_vector_per_input_in_float_and_base64(coordinator_url: str, start_worker: StartWorker) -> None:

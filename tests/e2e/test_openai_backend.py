@@ -143,6 +143,23 @@ async def test_messages_job_returns_text(llama_cpp_server: LlamaCppServer) -> No
         await backend.close()
 
 
+async def test_json_format_is_sent_as_response_format_and_the_server_keeps_to_it(
+    llama_cpp_server: LlamaCppServer,
+) -> None:
+    """llama-cpp-python's server reads `response_format` of type `json_object` (a JSON schema it
+    reads only in its own spelling, so the schema case is covered on the llama.cpp backend)."""
+    backend = OpenAIBackend(base_url=llama_cpp_server.base_url, api_key=llama_cpp_server.api_key)
+    try:
+        await backend.load(MODEL)
+        messages = [ChatMessage(role="user", content="Name a fruit.")]
+        free, _ = await _run(backend, _job(messages=messages, max_tokens=12))
+        constrained, _ = await _run(backend, _job(messages=messages, max_tokens=12, format="json"))
+        assert not free.lstrip().startswith("{")  # the model would not write JSON unasked
+        assert constrained.startswith("{")  # JSON's grammar allows no leading space
+    finally:
+        await backend.close()
+
+
 @pytest.mark.parametrize("api_key", [None, "wrong-key"], ids=["no-key", "wrong-key"])
 async def test_missing_or_wrong_api_key_is_a_backend_error(
     llama_cpp_server: LlamaCppServer, api_key: str | None

@@ -132,6 +132,7 @@ async def test_prompt_job_without_seed_or_stop_omits_them_documented_protocol(
     items = await _run(backend, _job("llama3.2", prompt="Hi there", max_tokens=64))
     (request,) = ollama_protocol_standin.requests_to("/api/generate")
     assert set(request.body["options"]) == {"num_predict", "temperature", "top_p"}
+    assert "format" not in request.body
     assert items == [
         TokenChunk(text=GENERATE_REPLY),
         GenerationDone(prompt_tokens=2, completion_tokens=len(GENERATE_REPLY.split()), finish_reason="stop"),
@@ -159,6 +160,16 @@ async def test_messages_job_calls_api_chat_with_the_messages_documented_protocol
         TokenChunk(text=CHAT_REPLY),
         GenerationDone(prompt_tokens=5, completion_tokens=len(CHAT_REPLY.split()), finish_reason="stop"),
     ]
+
+
+@pytest.mark.parametrize("output_format", ["json", {"type": "object", "required": ["name"]}], ids=["json", "schema"])
+async def test_format_goes_to_ollama_as_its_format_documented_protocol(
+    ollama_protocol_standin: OllamaProtocolStandin, make_backend: Callable[..., OllamaBackend], output_format: Any
+) -> None:
+    backend = make_backend(ollama_protocol_standin.url)
+    await _run(backend, _job("llama3.2", prompt="Hi there", max_tokens=8, format=output_format))
+    (request,) = ollama_protocol_standin.requests_to("/api/generate")
+    assert request.body["format"] == output_format
 
 
 @pytest.mark.parametrize("chat", [False, True], ids=["generate", "chat"])

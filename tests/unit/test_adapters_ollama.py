@@ -79,9 +79,27 @@ def test_generate_is_templated_as_a_chat_unless_raw() -> None:
 
 def test_fields_we_cannot_honour_but_may_ignore_are_ignored() -> None:
     request = wire.generate_to_inference(
-        _generate(format="json", keep_alive="5m", think=False, template="{{ .Prompt }}", context=[1, 2], images=[])
+        _generate(keep_alive="5m", think=False, template="{{ .Prompt }}", context=[1, 2], images=[])
     )
     assert request.messages is not None and request.messages[-1].content == "hi"
+
+
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+
+
+@pytest.mark.parametrize(("given", "expected"), [("json", "json"), (SCHEMA, SCHEMA), ("", None), (None, None)])
+def test_format_is_json_or_a_schema_for_the_backend_to_follow(given: Any, expected: Any) -> None:
+    assert wire.chat_to_inference(_chat(format=given)).options.format == expected
+    assert wire.generate_to_inference(_generate(format=given)).options.format == expected
+
+
+def test_a_format_that_is_neither_json_nor_a_schema_is_refused_by_name() -> None:
+    with pytest.raises(InvalidRequest, match='expected "json" or a JSON schema') as refused:
+        wire.chat_to_inference(_chat(format="yaml"))
+    assert refused.value.details["param"] == "format"
+    with pytest.raises(InvalidRequest, match="lone surrogate") as unencodable:
+        wire.generate_to_inference(_generate(format={"title": "\ud800"}))
+    assert unencodable.value.details["param"] == "format"
 
 
 @pytest.mark.parametrize(

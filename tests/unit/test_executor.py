@@ -90,3 +90,25 @@ async def test_a_pull_writes_each_progress_line_and_stops_at_the_next_once_ended
     result = await execute(stopped, _pull_job(stream=True), StreamWriter(append), ended)
     assert result.status == "failed" and result.error is not None and result.error.code == "cancelled"
     assert stopped.read == 1 and stopped.closed  # the backend's pull was closed at once
+
+
+async def test_a_formatted_stream_is_not_continued_after_another_workers_text() -> None:
+    """The backend's constraint would start again after the text it did not write: refused, not broken JSON."""
+    generated: list[Job] = []
+
+    class _Recorder(_NonFiniteEmbedder):
+        async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
+            generated.append(job)
+            yield GenerationDone(prompt_tokens=0, completion_tokens=0)
+
+    job = Job(
+        request_id="r", worker_id="w", model="m", stream=True, enqueued_at=time.time(),
+        options=InferenceOptions(format="json"), continuation='{"name": "A', continuation_tokens=4,
+    )  # fmt: skip
+    result = await execute(_Recorder(), job)
+    assert result.status == "failed" and result.error is not None
+    assert result.error.code == "backend_error" and "cannot be continued" in result.error.message
+    assert generated == []  # the backend never ran
+
+    unformatted = await execute(_Recorder(), job.model_copy(update={"options": InferenceOptions()}))
+    assert unformatted.status == "completed" and len(generated) == 1

@@ -37,12 +37,24 @@ def test_request_needs_exactly_one_of_prompt_or_messages(body: dict[str, object]
         ({"seed": -1}, "seed"),
         ({"stop": ["x"] * 17}, "stop"),
         ({"max_token": 5}, "max_token"),
+        ({"format": "xml"}, "format"),
+        ({"format": ["json"]}, "format"),
+        ({"format": {"title": "\ud800"}}, "format"),
     ],
 )
 def test_bad_options_are_refused_naming_the_field(options: dict[str, object], field: str) -> None:
     with pytest.raises(ValidationError) as caught:
         InferenceOptions.model_validate(options)
-    assert caught.value.errors()[0]["loc"] == (field,)
+    assert [error["loc"] for error in caught.value.errors()] == [(field,)]
+
+
+def test_format_is_json_a_schema_or_none() -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}}
+    assert [InferenceOptions.model_validate({"format": f}).format for f in ("json", schema, None)] == [
+        "json",
+        schema,
+        None,
+    ]
 
 
 def test_stop_accepts_a_single_string_as_openai_does() -> None:

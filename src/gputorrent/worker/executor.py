@@ -23,6 +23,12 @@ PULL_CANCELLED_MESSAGE = (
     "the pull was ended while it ran (cancelled, timed out or its client left); the download stopped "
     "(pulling again resumes it)"
 )
+# A backend constrains output to a format from its first token: after text it did not write, the
+# constraint would start again and the whole would not match.
+FORMAT_RESUME_MESSAGE = (
+    "its worker failed mid-stream, and output constrained to a format (JSON) cannot be continued by another "
+    "worker; retry the request"
+)
 DEADLINE_MESSAGE = "the request passed its deadline (timeout_s) before it finished"
 RESUMED_EXACT = "its worker failed mid-stream; another continued from the tokens already sent (greedy: exact)"
 RESUMED_SAMPLED = (
@@ -114,6 +120,8 @@ async def _pull(backend: Backend, job: Job, writer: StreamWriter | None, ended: 
 
 async def _generate(backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event) -> dict[str, Any]:
     """Generate, pushing each token to `writer`; a job with a `continuation` pushes only the new text."""
+    if job.continuation and job.options.format is not None:
+        raise BackendError(FORMAT_RESUME_MESSAGE)
     pieces: list[str] = [job.continuation] if job.continuation else []
     done: GenerationDone | None = None
     first_token_at: list[float] = []  # when the first token came (time.monotonic()), once it has

@@ -1,8 +1,8 @@
 """Ollama's wire format (`/api/*`): tolerant request models and pure functions to and from ours.
 
 Requests accept every field Ollama clients send. Those we cannot honour and whose loss leaves the
-answer's meaning intact are ignored: `format`, `keep_alive`, `think`, `template`, `context`, and
-every option but the five below. What would change the meaning is refused with a 400 that says
+answer's meaning intact are ignored: `keep_alive`, `think`, `template`, `context`, and every
+option but the five below. What would change the meaning is refused with a 400 that says
 why: images, a non-empty `tools` list (Ollama answers the same for a model without tool support),
 a `suffix` (fill-in-the-middle), and `tool` messages.
 
@@ -14,6 +14,8 @@ How requests map to ours:
   context") it is the pool's default, `InferenceOptions.max_tokens`; above `MAX_TOKENS` it
   is lowered to it. `temperature`, `top_p` and `stop` map as they are; a negative `seed` (Ollama's
   "random") is no seed.
+- `format`: `"json"` or a JSON Schema, as in Ollama: the worker's backend constrains the output to
+  it (see `InferenceOptions.format`). An empty string is no format; any other string is refused.
 - An empty `prompt` and `system` (generate) or no messages (chat) is Ollama's "load the model":
   the answer is `done_reason: "load"` once a live worker serves the model. Workers keep their model
   loaded while they run, so `keep_alive: 0` unloads nothing and also answers "load".
@@ -42,7 +44,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from gputorrent.coordinator.adapters._common import Tolerant, validated
+from gputorrent.coordinator.adapters._common import Tolerant, dotted, validated
 from gputorrent.errors import InvalidRequest, ModelNotFound
 from gputorrent.protocol import (
     MAX_TOKENS,
@@ -85,6 +87,7 @@ class Message(Tolerant):
 class _Generation(Tolerant):
     model: Text  # echoed in replies and errors, so it must encode
     options: Options | None = None
+    format: str | dict[str, Any] | None = None
     stream: bool | None = None  # absent or null means true: Ollama streams by default
 
 
@@ -189,10 +192,13 @@ def pull_ended(worker_id: str, error: ErrorInfo | None) -> dict[str, Any]:
     return {"status": status, "worker": worker_id}
 
 
-def _options(options: Options | None) -> dict[str, Any]:
-    if options is None:
-        return {}
-    mapped: dict[str, Any] = {"temperature": options.temperature, "top_p": options.top_p, "stop": options.stop}
+def _options(body: _Generation) -> dict[str, Any]:
+    options, output_format = body.options or Options(), body.format or None
+    if isinstance(output_format, str) and output_format != "json":
+        raise InvalidRequest(f'invalid format {output_format!r}: expected "json" or a JSON schema', param="format")
+    mapped: dict[str, Any] = {
+        "temperature": options.temperature, "top_p": options.top_p, "stop": options.stop, "format": output_format,
+    }  # fmt: skip
     if options.num_predict is not None and options.num_predict >= 1:
         mapped["max_tokens"] = min(options.num_predict, MAX_TOKENS)
     if options.seed is not None and options.seed >= 0:
@@ -201,7 +207,8 @@ def _options(options: Options | None) -> dict[str, Any]:
 
 
 def _validated(data: dict[str, Any]) -> InferenceRequest:
-    return validated(InferenceRequest, data)
+    # Ollama's `format` sits at the top level, where ours sits under `options`.
+    return validated(InferenceRequest, data, lambda loc: "format" if loc[:2] == ("options", "format") else dotted(loc))
 
 
 def _refuse_images(images: list[Any] | None, where: str) -> None:
@@ -227,9 +234,7 @@ def chat_to_inference(body: ChatRequest) -> InferenceRequest:
             raise InvalidRequest(f"role '{message.role}' is not supported", param=f"messages.{i}.role")
         _refuse_images(message.images, f"messages.{i}.images")
         messages.append({"role": role, "content": message.content or ""})
-    return _validated(
-        {"model": body.model, "messages": messages, "options": _options(body.options), "stream": streaming(body)}
-    )
+    return _validated({"model": body.model, "messages": messages, "options": _options(body), "stream": streaming(body)})
 
 
 def generate_to_inference(body: GenerateRequest) -> InferenceRequest:
@@ -237,7 +242,7 @@ def generate_to_inference(body: GenerateRequest) -> InferenceRequest:
     _refuse_images(body.images, "images")
     if body.suffix:
         raise InvalidRequest(f"model '{body.model}' does not support insert", param="suffix")
-    request: dict[str, Any] = {"model": body.model, "options": _options(body.options), "stream": streaming(body)}
+    request: dict[str, Any] = {"model": body.model, "options": _options(body), "stream": streaming(body)}
     if body.raw:
         request["prompt"] = body.prompt or ""
     else:

@@ -45,9 +45,22 @@ class _Sampling(Tolerant):
     n: int = 1
 
 
+class JsonSchemaFormat(Tolerant):
+    name: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")  # `schema` would shadow pydantic's
+
+
+class ResponseFormat(Tolerant):
+    """OpenAI's `response_format`: free text, any JSON object, or JSON matching a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = None
+    response_format: ResponseFormat | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -93,8 +106,14 @@ def _options(body: _Sampling, max_tokens: int | None) -> dict[str, Any]:
 
 
 def _validated(data: dict[str, Any]) -> InferenceRequest:
-    # OpenAI's sampling fields sit at the top level, where ours sit under `options`.
-    return validated(InferenceRequest, data, lambda loc: dotted(loc).removeprefix("options."))
+    return validated(InferenceRequest, data, _field_name)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    # OpenAI's sampling fields sit at the top level, where ours sit under `options`; our `format` is
+    # its `response_format`.
+    name = dotted(loc).removeprefix("options.")
+    return "response_format" if name == "format" else name
 
 
 def chat_to_inference(body: ChatCompletionRequest) -> InferenceRequest:
@@ -106,7 +125,21 @@ def chat_to_inference(body: ChatCompletionRequest) -> InferenceRequest:
             raise InvalidRequest(f"role {message.role!r} is not supported", param=f"messages.{i}.role")
         messages.append({"role": role, "content": _text_of(message, i)})
     max_tokens = body.max_completion_tokens or body.max_tokens
-    return _validated({"model": body.model, "messages": messages, "options": _options(body, max_tokens)})
+    options = {**_options(body, max_tokens), "format": _format(body.response_format)}
+    return _validated({"model": body.model, "messages": messages, "options": options})
+
+
+def _format(response_format: ResponseFormat | None) -> str | dict[str, Any] | None:
+    """`response_format` as `InferenceOptions.format`."""
+    if response_format is None or response_format.type == "text":
+        return None
+    if response_format.type == "json_object":
+        return "json"
+    if response_format.json_schema is None:
+        param = "response_format.json_schema"
+        raise InvalidRequest(f"{param} is required when response_format.type is json_schema", param=param)
+    schema = response_format.json_schema.schema_
+    return "json" if schema is None else schema  # no schema: any JSON object, as llama.cpp's server reads it
 
 
 def completion_to_inference(body: CompletionRequest) -> InferenceRequest:

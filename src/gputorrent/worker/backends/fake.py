@@ -1,8 +1,9 @@
 """A deterministic echo backend for tests and benchmarks; it never loads a model.
 
 The output is `echo: ` followed by the prompt (or the last message), cut to `max_tokens`
-words, one word per token, so tests can predict it exactly. `token_delay_s` paces the
-tokens so a test can watch a stream arrive or cancel it half-way; it is 0 unless a test sets it.
+words, one word per token, so tests can predict it exactly (a `format` is not followed: the echo
+is never JSON). `token_delay_s` paces the tokens so a test can watch a stream arrive or cancel it
+half-way; it is 0 unless a test sets it.
 
 Test switches: two triggers matched anywhere in the prompt (or the last message), and a file.
 

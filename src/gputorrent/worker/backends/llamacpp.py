@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import tempfile
@@ -11,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from gputorrent.config import PACKAGED_MODEL
-from gputorrent.errors import BackendError, ModelUnavailable
+from gputorrent.errors import BackendError, InvalidRequest, ModelUnavailable
 from gputorrent.protocol import ChatMessage, Embeddings, GenerationDone, Job, TokenChunk
 
 log = logging.getLogger(__name__)
@@ -142,6 +143,7 @@ class LlamaCppBackend:
             stop=stop or None,
             stream=True,
             stopping_criteria=StoppingCriteriaList([count]),
+            grammar=_grammar(options.format) if options.format is not None else None,
         ):
             choice = chunk["choices"][0]
             if choice["text"]:
@@ -240,3 +242,19 @@ def _fold_system_into_first_user_turn(turns: list[dict[str, str]]) -> list[dict[
     elif system:
         rest.insert(0, {"role": "user", "content": system})
     return rest
+
+
+def _grammar(output_format: str | dict[str, Any]) -> Any:
+    """`InferenceOptions.format` as the llama.cpp grammar that constrains sampling to it.
+
+    Raises:
+        InvalidRequest: a schema llama.cpp cannot turn into a grammar.
+    """
+    from llama_cpp.llama_grammar import JSON_GBNF, LlamaGrammar
+
+    try:
+        if output_format == "json":
+            return LlamaGrammar.from_string(JSON_GBNF, verbose=False)
+        return LlamaGrammar.from_json_schema(json.dumps(output_format), verbose=False)
+    except Exception as e:  # the converter raises whatever it meets (ValueError, KeyError, ...)
+        raise InvalidRequest(f"format: llama.cpp cannot use this JSON schema: {e}") from e

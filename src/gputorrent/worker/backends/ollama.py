@@ -83,6 +83,7 @@ class OllamaBackend:
                 **({"seed": options.seed} if options.seed is not None else {}),
                 **({"stop": options.stop} if options.stop else {}),
             },
+            **({"format": options.format} if options.format is not None else {}),
         }
         if job.messages is not None or job.continuation:
             # Ollama continues a final assistant message; /api/generate has no way to carry one.

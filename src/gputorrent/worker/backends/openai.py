@@ -50,6 +50,7 @@ class OpenAIBackend:
             "top_p": options.top_p,
             **({"seed": options.seed} if options.seed is not None else {}),
             **({"stop": options.stop} if options.stop else {}),
+            **({"response_format": _response_format(options.format)} if options.format is not None else {}),
         }
         if job.messages is not None:
             path, body["messages"] = "/chat/completions", continued_chat(job)
@@ -130,3 +131,10 @@ def _done(usage: dict[str, Any] | None, finish_reason: str | None, chunks: int) 
         completion_tokens=int(usage.get("completion_tokens", chunks)),
         finish_reason=finish_reason or "stop",
     )
+
+
+def _response_format(output_format: str | dict[str, Any]) -> dict[str, Any]:
+    """`InferenceOptions.format` as OpenAI's `response_format` (llama.cpp's server and vLLM read it too)."""
+    if output_format == "json":
+        return {"type": "json_object"}
+    return {"type": "json_schema", "json_schema": {"name": "response", "schema": output_format}}
