@@ -33,6 +33,12 @@ def test_a_request_becomes_an_inference_request_with_its_options() -> None:
     assert request.stream is True
 
 
+def test_a_temperature_above_anthropics_range_is_refused_by_name() -> None:
+    assert wire.to_inference(_request(temperature=1.0)).options.temperature == 1.0
+    refused = _refusal(temperature=1.5)
+    assert refused.details["param"] == "temperature" and "between 0 and 1" in refused.message
+
+
 def test_unset_sampling_options_keep_our_defaults() -> None:
     options = wire.to_inference(_request()).options
     assert (options.temperature, options.top_p, options.stop) == (InferenceOptions().temperature, 0.95, [])

@@ -37,6 +37,8 @@ _ERROR_TYPES = {
     529: "overloaded_error",
 }
 
+ANTHROPIC_MAX_TEMPERATURE = 1.0  # Anthropic's range is 0 to 1 (ours, OpenAI's, goes to 2)
+
 StopReason = Literal["end_turn", "max_tokens", "stop_sequence"]
 
 # Our finish reasons (OpenAI's names, as backends report them) as Anthropic's stop reasons.
@@ -114,6 +116,8 @@ def to_inference(body: MessagesRequest) -> InferenceRequest:
                 param=f"messages.{i}.role",
             )
         messages.append({"role": message.role, "content": _text_of(message.content, f"messages.{i}.content")})
+    if body.temperature is not None and body.temperature > ANTHROPIC_MAX_TEMPERATURE:
+        raise InvalidRequest("temperature: must be between 0 and 1", param="temperature")
     given = {"temperature": body.temperature, "top_p": body.top_p}
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     options["max_tokens"] = min(body.max_tokens, MAX_TOKENS)
