@@ -194,6 +194,30 @@ async def test_a_streamed_reply_comes_line_by_line_however_it_is_framed(
         assert [line async for line in lines] == [b'{"a": 1}\n', b'{"b": 2}\n', b"\n", b'{"c": 3}']
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["whole", "lines"])
+async def test_interim_1xx_replies_are_skipped_for_the_final_one(
+    serve: Callable[[Answer], Awaitable[ScriptedServer]], make_client: Callable[..., HTTPClient], stream: bool
+) -> None:
+    """A 100 Continue or 103 Early Hints (RFC 9110, 15.2) comes before the real reply, on the same connection."""
+
+    async def answer(request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </style.css>; rel=preload\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)  # the server's work: the interim replies arrive on their own, as they do
+        writer.write(json_reply({"n": len(server.requests)}))
+
+    server = await serve(answer)
+    client = make_client(server.url)
+    for n in (1, 2):  # and the connection is still good for the next call
+        if stream:
+            async with client.stream_lines("POST", "/a", {"q": n}) as lines:
+                assert [json.loads(line) async for line in lines] == [{"n": n}]
+        else:
+            assert await client.request_json("POST", "/a", {"q": n}) == {"n": n}
+    assert server.connections == 1
+
+
 async def test_a_reply_larger_than_the_read_ahead_bound_is_read_whole(
     serve: Callable[[Answer], Awaitable[ScriptedServer]], make_client: Callable[..., HTTPClient]
 ) -> None:

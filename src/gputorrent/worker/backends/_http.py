@@ -3,7 +3,8 @@
 It is small on purpose: a call to the backend sits on every job's critical path, where aiohttp's
 general-purpose client took half as long again as this one (docs/benchmarks.md, "Backend calls").
 It speaks only what the backends need: JSON requests over keep-alive connections (http or https), replies framed by
-Content-Length, chunked or the connection's close, read whole or line by line (SSE, NDJSON).
+Content-Length, chunked or the connection's close, read whole or line by line (SSE, NDJSON), after
+any interim 1xx replies (100 Continue, 103 Early Hints), which are skipped.
 
 A connection returns to the pool only once its reply was read to the end; one left early (a
 stream its caller stopped, a cancelled job, a failure) is closed, so the server stops generating
@@ -135,15 +136,22 @@ class _Connection(asyncio.Protocol):
 
     def on_headers_complete(self) -> None:
         self.status = self._parser.get_status_code()
-        self.head_done = True
+        self.head_done = not self._interim()
 
     def on_body(self, body: bytes) -> None:
         self.body += body
 
     def on_message_complete(self) -> None:
+        if self._interim():  # the real reply follows on this connection
+            self.status, self.framed = 0, False
+            return
         # Asked here: the parser forgets the reply's Connection header once the callback returns.
         self.keep_alive = self._parser.should_keep_alive()
         self.done = True
+
+    def _interim(self) -> bool:
+        """An informational reply (100 Continue, 103 Early Hints): not the answer, which comes after it."""
+        return 100 <= self.status < 200 and self.status != 101
 
 
 def _expire(waiter: asyncio.Future[None], timeout_s: float) -> None:
