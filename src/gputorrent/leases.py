@@ -9,7 +9,6 @@ worker that proved its secret, never one a request body names.
 from __future__ import annotations
 
 import logging
-import re
 
 from redis.asyncio import Redis
 
@@ -18,25 +17,12 @@ from gputorrent.protocol import BeatAnswer, Heartbeat, Job
 
 log = logging.getLogger(__name__)
 
-# A job's JSON starts with its request id (the model's first field); ids never hold a quote.
-_REQUEST_ID = re.compile(r'"request_id":"([^"]*)"')
-
-
-def request_id_of(raw: str) -> str | None:
-    """The request id of a job's JSON entry, without parsing the whole (maybe large) job.
-
-    >>> request_id_of('{"request_id":"r-12345678","worker_id":"w1"}')
-    'r-12345678'
-    """
-    match = _REQUEST_ID.search(raw, 0, 300)
-    return match.group(1) if match else None
-
 
 async def held_entry(redis: Redis, worker_id: str, request_id: str) -> str | None:
     """The entry of `request_id` in the worker's processing list (its lease on the job); None when
     the worker holds no such job."""
     for raw in map(str, await redis.lrange(keys.processing_key(worker_id), 0, -1)):
-        if request_id_of(raw) == request_id:
+        if queue.request_id_of(raw) == request_id:
             try:
                 if Job.model_validate_json(raw).request_id == request_id:
                     return raw
@@ -72,7 +58,7 @@ async def beat(
         written, drain, held, *cancelled = await pipe.execute()
     if not written:
         return None
-    held_ids = {request_id_of(str(raw)) for raw in held}
+    held_ids = {queue.request_id_of(str(raw)) for raw in held}
     ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
     return BeatAnswer(drain=bool(drain), ended=ended)
 
@@ -131,15 +117,17 @@ async def hand_on_own(redis: Redis, worker_id: str, *, held: bool, max_attempts:
     return handed
 
 
-async def reclaim_orphans(redis: Redis, worker_id: str, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
+async def reclaim_orphans(
+    redis: Redis, worker_id: str, held: set[str], suspects: set[str], result_ttl_s: int
+) -> tuple[int, set[str]]:
     """Queue again (at the front of the worker's queue) the jobs of its processing list that no consumer
     holds (`held`: request ids) and that were already unheld on the previous look (`suspects`): a take
     whose reply never reached the worker. Returns how many were queued again, and the unheld ones
-    to look at next time."""
+    to look at next time. An unheld job that cannot be read fails with `result_ttl_s` (see `queue.held_job`)."""
     held_in = keys.processing_key(worker_id)
     unheld: dict[str, str] = {}
     for raw in map(str, await redis.lrange(held_in, 0, -1)):
-        request_id = request_id_of(raw)
+        request_id = queue.request_id_of(raw)
         if request_id is None:
             log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
             await redis.lrem(held_in, 1, raw)
@@ -148,7 +136,7 @@ async def reclaim_orphans(redis: Redis, worker_id: str, held: set[str], suspects
     requeued = 0
     for request_id in unheld.keys() & suspects:
         raw = unheld[request_id]
-        if (job := await queue.held_job(redis, worker_id, raw)) is None:
+        if (job := await queue.held_job(redis, worker_id, raw, result_ttl_s)) is None:
             continue
         if await queue.requeue(redis, held_in, raw, job):
             log.warning("request %s: its take's reply was lost; queued for worker %s again", request_id, worker_id)

@@ -71,8 +71,9 @@ class InferenceOptions(WireModel):
     seed: int | None = Field(default=None, ge=0, le=2**32 - 1)
     stop: list[Text] = Field(default_factory=list, max_length=16)
     # Structured output: "json" for a JSON object, or a JSON Schema the output must match (Ollama's
-    # `format`, OpenAI's `response_format`); the backend constrains generation to it. None: free text.
-    format: OutputFormat = None
+    # `format`, OpenAI's `response_format`); the backend constrains generation to it. None: free text,
+    # left out of a job's JSON so that workers older than this field still read every job without it.
+    format: OutputFormat = Field(default=None, exclude_if=lambda value: value is None)
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -8,13 +8,16 @@ from one to the other is a single transaction.
 from __future__ import annotations
 
 import functools
+import json
 import logging
+import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from string import Template
 from typing import Any, Literal
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
@@ -276,7 +279,13 @@ _TAKE_PREFIXES = (keys.job_key(""), keys.stream_key(""))
 
 
 async def pop(
-    redis: Redis, worker_id: str, timeout_s: float, models: Sequence[str] = (), *, wait_first: bool = False
+    redis: Redis,
+    worker_id: str,
+    timeout_s: float,
+    models: Sequence[str] = (),
+    *,
+    result_ttl_s: int,
+    wait_first: bool = False,
 ) -> Lease | None:
     """Move the oldest job of the highest priority band of the worker's queue, or of the shared
     queues of `models`, into its processing list; None when there is none within about `timeout_s`.
@@ -285,8 +294,8 @@ async def pop(
     the reaper finds it there. With nothing to take, the consumer blocks on the doorbells of those
     queues (one token per job queued), then looks once more. `wait_first`: the caller's last take
     left the queues empty (or found nothing), so any job queued since has rung a doorbell, and the
-    first look is skipped. An entry that is not a readable job is dropped with an error log rather
-    than crash the worker.
+    first look is skipped. An entry that is not a readable job is not returned: it fails, with
+    `result_ttl_s` (see `held_job`).
     """
     doorbells, numkeys, take_args = _take_arguments(worker_id, tuple(models))
     taken = None if wait_first else await _TAKE.run(redis, numkeys, *take_args)
@@ -296,7 +305,7 @@ async def pop(
             if taken is None:
                 return None
         raw, streamed_before, more_queued = str(taken[0]), bool(taken[1]), bool(taken[2])
-        if (job := await held_job(redis, worker_id, raw)) is None:
+        if (job := await held_job(redis, worker_id, raw, result_ttl_s)) is None:
             taken = await _TAKE.run(redis, numkeys, *take_args)
             continue
         job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
@@ -336,15 +345,57 @@ async def _wait_and_take(
     return taken
 
 
-async def held_job(redis: Redis, worker_id: str, raw: str) -> Job | None:
+# A job's JSON starts with its request id (the model's first field); ids never hold a quote.
+_REQUEST_ID = re.compile(r'"request_id":"([^"]*)"')
+
+
+def request_id_of(raw: str) -> str | None:
+    """The request id of a job's JSON entry, without parsing the whole (maybe large) job.
+
+    >>> request_id_of('{"request_id":"r-12345678","worker_id":"w1"}')
+    'r-12345678'
+    """
+    match = _REQUEST_ID.search(raw, 0, 300)
+    return match.group(1) if match else None
+
+
+UNREADABLE_MESSAGE = (
+    "worker {worker_id} could not read the job, which a coordinator newer than it may have queued "
+    "(upgrade coordinators and workers together): {cause}"
+)
+
+
+async def held_job(redis: Redis, worker_id: str, raw: str, result_ttl_s: int) -> Job | None:
     """The job of `raw`, an entry of the worker's processing list; None for an entry that is not a
-    readable job, which is dropped with an error log rather than crash the worker."""
+    readable job. That one fails at once with `unreadable_job` (its client learns why, rather than
+    wait for its deadline), or is dropped where not even its request id can be read; either way
+    with an error log, rather than crash the worker."""
     try:
         return Job.model_validate_json(raw)
-    except ValueError:
-        log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
-        await redis.lrem(keys.processing_key(worker_id), 1, raw)
+    except ValidationError as e:
+        first = e.errors()[0]
+        cause = f"{'.'.join(map(str, first['loc'])) or 'job'}: {first['msg']}"
+    log.error("worker %s: cannot read a job (%s): %.200s", worker_id, cause, raw)
+    held_in = keys.processing_key(worker_id)
+    request_id = request_id_of(raw)
+    if request_id is None:
+        await redis.lrem(held_in, 1, raw)
         return None
+    try:  # the fields a result needs, from whatever JSON is there
+        fields = json.loads(raw)
+    except ValueError:
+        fields = {}
+    fields = fields if isinstance(fields, dict) else {}
+    model = fields.get("model")
+    failed = JobResult(
+        request_id=request_id, status="failed", model=model if isinstance(model, str) else "", worker_id=worker_id,
+        error=ErrorInfo(code="unreadable_job", message=UNREADABLE_MESSAGE.format(worker_id=worker_id, cause=cause)),
+    )  # fmt: skip
+    try:
+        await finish(redis, held_in, raw, failed, result_ttl_s, streamed=fields.get("stream") is True)
+    except ValueError:  # not even a result can be written from what is there (text that is not UTF-8)
+        await redis.lrem(held_in, 1, raw)
+    return None
 
 
 async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:

@@ -206,7 +206,7 @@ async def test_a_dead_workers_pull_waits_for_that_worker_and_is_not_handed_to_an
         body = {"worker_id": worker_id, "models": [NEW_MODEL], "backend": "ollama", "can_pull": True}
         assert (await api.post("/register", json=body)).status_code == 200
     await queue.enqueue(redis, _pull_job("pull-0001", "wa"), ttl_s=60)
-    assert await queue.pop(redis, "wa", timeout_s=1) is not None
+    assert await queue.pop(redis, "wa", timeout_s=1, result_ttl_s=60) is not None
     await queue.enqueue(redis, _pull_job("pull-0002", "wa"), ttl_s=60)
     await redis.delete(keys.heartbeat_key("wa"))  # wa died holding one pull, with another queued
 

@@ -38,7 +38,7 @@ def _reaper(redis: Redis, max_attempts: int = 3) -> Reaper:
 
 async def test_a_taken_job_stays_in_redis_until_finished(redis: Redis) -> None:
     await queue.enqueue(redis, _job("r1"), ttl_s=60)
-    lease = await queue.pop(redis, "w1", timeout_s=1)
+    lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
     assert lease is not None and lease.job.request_id == "r1"
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [lease.raw]
     assert await queue.finish(redis, keys.processing_key("w1"), lease.raw, _result("r1"), ttl_s=60, streamed=False)
@@ -48,11 +48,36 @@ async def test_a_taken_job_stays_in_redis_until_finished(redis: Redis) -> None:
 
 async def test_a_worker_that_lost_its_lease_cannot_write_a_result(redis: Redis) -> None:
     await queue.enqueue(redis, _job("r1"), ttl_s=60)
-    lease = await queue.pop(redis, "w1", timeout_s=1)
+    lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
     assert lease is not None
     await redis.delete(keys.processing_key("w1"))  # the reaper handed it on
     assert not await queue.finish(redis, keys.processing_key("w1"), lease.raw, _result("r1"), ttl_s=60, streamed=False)
     assert not await redis.exists(keys.result_key("r1"))
+
+
+async def test_a_job_the_worker_cannot_read_fails_at_once_saying_why(redis: Redis) -> None:
+    """A job a newer coordinator queued (a field this worker does not know) ends now, not at its deadline."""
+    for request_id, stream in (("future-1", False), ("future-2", True)):
+        job = _job(request_id).model_copy(update={"stream": stream})
+        await queue.enqueue(redis, job, ttl_s=60)
+        newer = job.model_dump_json().replace('"stream":', '"from_a_newer_version":1,"stream":')
+        await redis.lset(queue.waiting_key(job), 0, newer)
+        assert await queue.pop(redis, "w1", timeout_s=0.1, result_ttl_s=60) is None
+        found = await queue.lookup(redis, request_id)
+        assert isinstance(found, JobResult) and found.status == "failed" and found.error is not None
+        assert found.error.code == "unreadable_job" and found.model == "m"
+        assert "from_a_newer_version: Extra inputs are not permitted" in found.error.message
+        assert await redis.llen(keys.processing_key("w1")) == 0
+    # The streamed one's stream ends with that result, so a follower stops too.
+    entries = await redis.xrange(keys.stream_key("future-2"))
+    assert [JobResult.model_validate_json(fields["result"]).error for _, fields in entries] == [found.error]
+
+    # An entry no result can be written from (not UTF-8 text) is dropped, and the worker carries on.
+    job = _job("future-3")
+    await queue.enqueue(redis, job, ttl_s=60)
+    await redis.lset(queue.waiting_key(job), 0, job.model_dump_json().replace('"model":"m"', '"model":"\\ud800"'))
+    assert await queue.pop(redis, "w1", timeout_s=0.1, result_ttl_s=60) is None
+    assert await redis.llen(keys.processing_key("w1")) == 0
 
 
 async def test_the_jobs_of_a_dead_worker_go_to_a_live_one(redis: Redis) -> None:
@@ -60,7 +85,8 @@ async def test_the_jobs_of_a_dead_worker_go_to_a_live_one(redis: Redis) -> None:
     await _register(redis, "w2")
     for request_id in ("held", "waiting"):
         await queue.enqueue(redis, _job(request_id), ttl_s=60)
-    assert await queue.pop(redis, "w1", timeout_s=1) is not None  # w1 holds "held", "waiting" is queued
+    # w1 holds "held", "waiting" is queued
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
     await registry.mark_gone(redis, "w1")
 
     assert await _reaper(redis).reap_once() == 2
@@ -90,7 +116,7 @@ async def test_a_job_that_outlives_its_attempts_fails_with_worker_lost(redis: Re
     await _register(redis, "w1")
     await _register(redis, "w2")
     await queue.enqueue(redis, _job("poison", attempt=3), ttl_s=60)
-    assert await queue.pop(redis, "w1", timeout_s=1) is not None
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
     await registry.mark_gone(redis, "w1")
     assert await _reaper(redis, max_attempts=3).reap_once() == 1
     found = await queue.lookup(redis, "poison")
@@ -112,17 +138,17 @@ async def test_jobs_wait_while_no_live_worker_serves_their_model(redis: Redis) -
 async def test_a_restarted_worker_takes_back_what_its_last_run_held(redis: Redis) -> None:
     for request_id in ("first", "second"):
         await queue.enqueue(redis, _job(request_id), ttl_s=60)
-    assert await queue.pop(redis, "w1", timeout_s=1) is not None
-    assert await queue.pop(redis, "w1", timeout_s=1) is not None
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
     assert await queue.recover(redis, "w1", max_attempts=3, ttl_s=60) == 2
-    again = [await queue.pop(redis, "w1", timeout_s=1) for _ in range(2)]
+    again = [await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) for _ in range(2)]
     assert [lease.job.request_id for lease in again if lease] == ["first", "second"]  # oldest first, as before
     assert [lease.job.attempt for lease in again if lease] == [2, 2]
 
 
 async def test_a_job_that_crashes_its_worker_on_every_restart_ends_worker_lost(redis: Redis) -> None:
     await queue.enqueue(redis, _job("crasher", attempt=3), ttl_s=60)
-    assert await queue.pop(redis, "w1", timeout_s=1) is not None  # then the worker process dies
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None  # then the worker process dies
     assert await queue.recover(redis, "w1", max_attempts=3, ttl_s=60) == 1
     found = await queue.lookup(redis, "crasher")
     assert isinstance(found, JobResult) and found.error is not None and found.error.code == "worker_lost"
@@ -131,7 +157,7 @@ async def test_a_job_that_crashes_its_worker_on_every_restart_ends_worker_lost(r
 async def test_an_unreadable_entry_is_dropped_not_fatal(redis: Redis) -> None:
     await redis.lpush(keys.queue_key("w1"), "not a job")
     await queue.enqueue(redis, _job("good"), ttl_s=60)
-    lease = await queue.pop(redis, "w1", timeout_s=1)
+    lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
     assert lease is not None and lease.job.request_id == "good"
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [lease.raw]
 
@@ -140,7 +166,7 @@ async def test_a_reaper_leaves_a_worker_that_came_back_alone(redis: Redis) -> No
     await _register(redis, "w1")
     await _register(redis, "w2")
     await queue.enqueue(redis, _job("r1"), ttl_s=60)
-    assert await queue.pop(redis, "w1", timeout_s=1) is not None
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
     raw = (await redis.lrange(keys.processing_key("w1"), 0, -1))[0]
     # The reaper read w1 as dead, then w1's heartbeat came back before the move ran.
     handled = await queue.retry_or_fail(

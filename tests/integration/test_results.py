@@ -21,7 +21,7 @@ async def _finished(redis: Redis, result: JobResult, *, stream: bool = False) ->
         request_id=result.request_id, worker_id="w1", model="m", prompt="x", stream=stream, enqueued_at=time.time()
     )
     await queue.enqueue(redis, job, ttl_s=60)
-    lease = await queue.pop(redis, "w1", 1.0)
+    lease = await queue.pop(redis, "w1", 1.0, result_ttl_s=60)
     assert lease is not None
     assert await queue.finish(redis, keys.processing_key("w1"), lease.raw, result, 60, streamed=stream)
 

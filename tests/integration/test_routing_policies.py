@@ -66,7 +66,7 @@ async def test_a_consumer_waiting_for_work_wakes_when_a_shared_job_arrives(
     api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
 ) -> None:
     await fake_worker("w1")
-    taking = asyncio.create_task(queue.pop(redis, "w1", 20.0, ["fake"]))
+    taking = asyncio.create_task(queue.pop(redis, "w1", 20.0, ["fake"], result_ttl_s=60))
     await eventually(lambda: _blocked_clients(redis), "the consumer to block on its doorbells")
     started = time.monotonic()
     request_id = (await _submit(api)).json()["request_id"]
@@ -108,7 +108,7 @@ async def test_a_dead_workers_pulled_job_goes_back_to_the_shared_queue_with_an_a
     await fake_worker("w1")
     survivor = await fake_worker("w2")
     request_id = (await _submit(api)).json()["request_id"]
-    lease = await queue.pop(redis, "w1", 1.0, ["fake"])
+    lease = await queue.pop(redis, "w1", 1.0, ["fake"], result_ttl_s=60)
     assert lease is not None and lease.job.request_id == request_id
     await registry.mark_gone(redis, "w1")  # w1 dies holding the job
 
@@ -134,7 +134,7 @@ async def test_a_restarted_worker_puts_pulled_jobs_it_held_back_on_the_shared_qu
 ) -> None:
     await fake_worker("w1")
     request_id = (await _submit(api)).json()["request_id"]
-    assert await queue.pop(redis, "w1", 1.0, ["fake"]) is not None
+    assert await queue.pop(redis, "w1", 1.0, ["fake"], result_ttl_s=60) is not None
     assert await queue.recover(redis, "w1", max_attempts=3, ttl_s=60) == 1
     assert [job.request_id for job in await _shared_queue(redis)] == [request_id]
 
@@ -159,7 +159,7 @@ async def test_higher_priority_jobs_are_taken_first(
         )  # fmt: skip
         assert await queue.enqueue(redis, job, ttl_s=60) == job.request_id
     taken = []
-    while (lease := await queue.pop(redis, "w1", 0.05, ["fake"])) is not None:
+    while (lease := await queue.pop(redis, "w1", 0.05, ["fake"], result_ttl_s=60)) is not None:
         taken.append(lease.job.priority)
     assert taken == [9, 5, 5, 1, 0]
 

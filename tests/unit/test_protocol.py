@@ -1,7 +1,7 @@
 import pytest
 from pydantic import ValidationError
 
-from gputorrent.protocol import InferenceOptions, InferenceRequest, WorkerRegistration
+from gputorrent.protocol import InferenceOptions, InferenceRequest, Job, WorkerRegistration
 
 
 def test_request_takes_a_prompt() -> None:
@@ -81,3 +81,11 @@ def test_registration_needs_a_model_and_a_safe_worker_id() -> None:
     with pytest.raises(ValidationError):
         WorkerRegistration.model_validate({"worker_id": "a b", "models": ["m"], "backend": "fake"})
     assert WorkerRegistration.model_validate({"models": ["m"], "backend": "fake"}).slots == 1
+
+
+def test_a_job_without_a_format_is_written_as_before_the_field_existed() -> None:
+    """Workers older than `format` refuse unknown fields: a job that does not use it must not carry it."""
+    job = Job(request_id="r", worker_id="w", model="m", prompt="p", enqueued_at=1.0)
+    assert "format" not in job.model_dump_json()
+    formatted = job.model_copy(update={"options": InferenceOptions(format={"type": "object"})})
+    assert Job.model_validate_json(formatted.model_dump_json()).options.format == {"type": "object"}

@@ -118,7 +118,9 @@ class RedisLink:
         return await queue.recover(self.redis, self.worker_id, self._max_attempts, self._result_ttl_s)
 
     async def take(self, timeout_s: float, models: Sequence[str], *, wait_first: bool = False) -> queue.Lease | None:
-        return await queue.pop(self.redis, self.worker_id, timeout_s, models, wait_first=wait_first)
+        return await queue.pop(
+            self.redis, self.worker_id, timeout_s, models, result_ttl_s=self._result_ttl_s, wait_first=wait_first
+        )
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         return await streams.sent_so_far(self.redis, request_id)
@@ -144,7 +146,7 @@ class RedisLink:
         )
 
     async def reclaim_orphans(self, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
-        return await leases.reclaim_orphans(self.redis, self.worker_id, held, suspects)
+        return await leases.reclaim_orphans(self.redis, self.worker_id, held, suspects, self._result_ttl_s)
 
     async def run_listeners(
         self, ended: EndedJobs, telemetry: WorkerTelemetry, interval_s: float, stop: asyncio.Event

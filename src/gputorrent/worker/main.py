@@ -14,7 +14,7 @@ import aiohttp
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import __version__, leases, logs, queue
+from gputorrent import __version__, logs, queue
 from gputorrent.config import WorkerSettings
 from gputorrent.errors import BackendUnavailable, DeadlineExceeded, ModelUnavailable, WorkerGone
 from gputorrent.protocol import (
@@ -250,7 +250,7 @@ class Worker:
             if stop.is_set():
                 return
             try:
-                held = {leases.request_id_of(raw) or "" for raw in self._held}
+                held = {queue.request_id_of(raw) or "" for raw in self._held}
                 _, suspects = await self.link.reclaim_orphans(held, suspects)
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot check its held jobs (%s)", self.worker_id, e)

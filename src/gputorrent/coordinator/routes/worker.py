@@ -178,7 +178,7 @@ async def take(
             )
         # Never 0: a BLPOP timeout of 0 blocks for ever.
         wait_s = max(TAKE_WAIT_MIN_S, min(wait_s, settings.max_result_wait_s))
-        lease = await queue.pop(redis, worker_id, wait_s, registered.models)
+        lease = await queue.pop(redis, worker_id, wait_s, registered.models, result_ttl_s=settings.result_ttl_s)
     if lease is None:
         return Response(status_code=204)
     taken = Taken(job=lease.job, streamed_before=lease.streamed_before)
@@ -271,10 +271,12 @@ async def hand_on(body: HandOn, worker_id: WorkerDep, redis: RedisDep, settings:
 
 
 @router.post("/orphans", response_model=OrphanCheck)
-async def orphans(body: Orphans, worker_id: WorkerDep, redis: RedisDep) -> OrphanCheck:
+async def orphans(body: Orphans, worker_id: WorkerDep, redis: RedisDep, settings: SettingsDep) -> OrphanCheck:
     """Queue again the jobs this worker holds in Redis that none of its consumers has, two looks in a
     row: a take whose answer never reached it."""
-    requeued, suspects = await leases.reclaim_orphans(redis, worker_id, set(body.held), set(body.suspects))
+    requeued, suspects = await leases.reclaim_orphans(
+        redis, worker_id, set(body.held), set(body.suspects), settings.result_ttl_s
+    )
     return OrphanCheck(jobs=requeued, suspects=sorted(suspects))
 
 
