@@ -10,6 +10,7 @@ from typing import Any
 import anthropic
 import httpx
 import pytest
+from pydantic import BaseModel
 
 from gputorrent.embedded import free_port
 from gputorrent.worker.backends.fake import FAIL_TRIGGER
@@ -318,3 +319,27 @@ def test_real_model_through_the_anthropic_client(coordinator_url: str, start_wor
     assert "".join(pieces).strip()
     assert final.content[0].type == "text" and final.content[0].text == "".join(pieces)
     assert 0 < final.usage.output_tokens <= 8
+
+
+class Person(BaseModel):
+    name: str
+    age: int
+
+
+@pytest.mark.model
+def test_real_model_answers_in_the_json_schema_of_output_config(
+    coordinator_url: str, start_worker: StartWorker
+) -> None:
+    """The SDK's `parse` sends `output_config.format` and validates the answer against its model:
+    the worker's llama.cpp constrains sampling to the schema."""
+    start_worker("w-llama", "--model", "gemma3:270m", backend="llamacpp")
+    reply = _client(coordinator_url).messages.parse(
+        model="gemma3:270m",
+        max_tokens=60,
+        messages=_user("Ann is 30 years old. Reply with her name and age."),
+        output_format=Person,
+        extra_body={"temperature": 0},
+    )
+    person = reply.parsed_output
+    assert isinstance(person, Person) and person.name
+    assert reply.stop_reason == "end_turn"

@@ -39,6 +39,15 @@ def test_a_temperature_above_anthropics_range_is_refused_by_name() -> None:
     assert refused.details["param"] == "temperature" and "between 0 and 1" in refused.message
 
 
+def test_output_config_format_becomes_the_jobs_format() -> None:
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    config = {"format": {"type": "json_schema", "schema": schema}, "effort": "low"}
+    assert wire.to_inference(_request(output_config=config)).options.format == schema
+    assert wire.to_inference(_request(output_config={"effort": "low"})).options.format is None
+    unencodable = {"format": {"type": "json_schema", "schema": {"title": "\ud800"}}}
+    assert _refusal(output_config=unencodable).details["param"] == "output_config.format.schema"
+
+
 def test_unset_sampling_options_keep_our_defaults() -> None:
     options = wire.to_inference(_request()).options
     assert (options.temperature, options.top_p, options.stop) == (InferenceOptions().temperature, 0.95, [])

@@ -4,7 +4,9 @@ Requests accept the fields Anthropic clients send that we have no use for (`meta
 `thinking`, `tool_choice`, `service_tier`, `cache_control` on blocks, ...): they are ignored, not
 refused. What would change the answer's meaning if ignored is refused with a 400 that names it:
 content blocks other than text (images, documents, tool results) and a non-empty `tools` list (a
-client that offers tools expects `tool_use` blocks we cannot produce).
+client that offers tools expects `tool_use` blocks we cannot produce). `output_config.format` (a
+JSON schema, Anthropic's structured outputs) becomes the job's `format`, which the worker's backend
+follows.
 
 Known differences from Anthropic's API:
 - `max_tokens` above `MAX_TOKENS` is lowered to it (Anthropic clients routinely ask for
@@ -55,6 +57,18 @@ class Message(Tolerant):
     content: str | list[ContentBlock]
 
 
+class JsonOutputFormat(Tolerant):
+    type: Literal["json_schema"]
+    schema_: dict[str, Any] = Field(alias="schema")  # `schema` would shadow pydantic's
+
+
+class OutputConfig(Tolerant):
+    """Anthropic's `output_config`: the `format` the answer must follow (structured outputs); its
+    `effort` is ignored."""
+
+    format: JsonOutputFormat | None = None
+
+
 class MessagesRequest(Tolerant):
     """The body of `POST /v1/messages`; `max_tokens` is required, as in Anthropic's API."""
 
@@ -67,6 +81,7 @@ class MessagesRequest(Tolerant):
     stop_sequences: list[str] | None = None
     stream: bool = False
     tools: list[Any] | None = None
+    output_config: OutputConfig | None = None
 
 
 def _text_of(content: str | list[ContentBlock], where: str) -> str:
@@ -91,6 +106,8 @@ def _field_name(loc: tuple[int | str, ...], has_system: bool) -> str:
         parts = parts[1:]
         if parts[:1] == ["stop"]:
             parts[0] = "stop_sequences"
+        elif parts[:1] == ["format"]:
+            parts = ["output_config", "format", "schema"]
     elif parts[:1] == ["messages"] and has_system and len(parts) > 1 and isinstance(parts[1], int):
         parts = ["system"] if parts[1] == 0 else ["messages", parts[1] - 1, *parts[2:]]
     return ".".join(str(p) for p in parts)
@@ -122,6 +139,8 @@ def to_inference(body: MessagesRequest) -> InferenceRequest:
     options: dict[str, Any] = {k: v for k, v in given.items() if v is not None}
     options["max_tokens"] = min(body.max_tokens, MAX_TOKENS)
     options["stop"] = body.stop_sequences or []
+    if body.output_config is not None and body.output_config.format is not None:
+        options["format"] = body.output_config.format.schema_
     data = {"model": body.model, "messages": messages, "options": options, "stream": body.stream}
     return validated(InferenceRequest, data, lambda loc: _field_name(loc, bool(system)))
 
