@@ -31,6 +31,9 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 Argument = str | bytes | int
 READ_SIZE = 64 * 1024
 DEFAULT_TIMEOUT_S = 30.0  # when the client sets no socket timeout: a lost reply must not hang its callers
+# Idle borrowed connections kept per client for the next blocking reader; one given back beyond
+# that is closed, so a burst of followed streams does not hold its Redis connections for good.
+MAX_IDLE_BORROWED = 16
 
 
 class PipelinedConnection:
@@ -184,9 +187,9 @@ def pipelined(redis: Redis) -> PipelinedConnection:
 @contextlib.asynccontextmanager
 async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
     """A connection of the caller's own while the block runs, for a blocking command (the worker's
-    doorbell); idle ones are kept for the next borrower. A block left by an exception (a cancelled
-    worker, say) closes it: Redis then drops the blocked command and whatever was sent after it,
-    rather than run them for nobody."""
+    doorbell); up to `MAX_IDLE_BORROWED` idle ones are kept for the next borrower, the rest closed.
+    A block left by an exception (a cancelled worker, say) closes it: Redis then drops the blocked
+    command and whatever was sent after it, rather than run them for nobody."""
     idle = _idle.setdefault(redis, [])
     connection = idle.pop() if idle else PipelinedConnection(redis)
     try:
@@ -195,4 +198,7 @@ async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
         connection.close()
         raise
     finally:
-        idle.append(connection)
+        if len(idle) < MAX_IDLE_BORROWED:
+            idle.append(connection)  # a closed one reconnects on its next command
+        else:
+            connection.close()

@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
-from gputorrent.pipelined import PipelinedConnection, borrowed, pipelined
+from gputorrent.pipelined import MAX_IDLE_BORROWED, PipelinedConnection, borrowed, pipelined
 from tests.conftest import eventually
 
 
@@ -97,3 +97,28 @@ async def test_a_cancelled_blocking_borrower_leaves_nothing_to_run_for_nobody(re
             ["bell", "ring"],
             "x",
         ]
+
+
+async def test_borrowed_connections_beyond_the_idle_bound_are_closed_when_given_back(redis: Redis) -> None:
+    """A burst of blocking readers (streams followed at once) does not keep its connections open for good."""
+    everyone_in = asyncio.Event()
+    inside = 0
+
+    async def follower(i: int) -> None:
+        nonlocal inside
+        async with borrowed(redis) as connection:
+            assert await connection.execute("ECHO", f"follower-{i}") == f"follower-{i}"
+            inside += 1
+            if inside == MAX_IDLE_BORROWED * 2:
+                everyone_in.set()
+            await everyone_in.wait()  # all of them hold a connection at once
+
+    before = len(await redis.client_list())
+    await asyncio.wait_for(asyncio.gather(*(follower(i) for i in range(MAX_IDLE_BORROWED * 2))), timeout=10)
+
+    async def open_connections() -> bool:
+        return len(await redis.client_list()) == before + MAX_IDLE_BORROWED
+
+    await eventually(open_connections, "the connections beyond the bound to close")
+    async with borrowed(redis) as connection:  # a kept one serves the next borrower
+        assert await connection.execute("ECHO", "next") == "next"
