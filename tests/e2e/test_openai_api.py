@@ -38,7 +38,13 @@ def _close_clients() -> Iterator[None]:
 
 def test_models_lists_what_live_workers_serve(coordinator_url: str, start_worker: StartWorker) -> None:
     start_worker("w1")
-    assert [m.id for m in _client(coordinator_url).models.list()] == ["fake"]
+    start_worker("w2", "--model", "org/fake-7b")
+    client = _client(coordinator_url)
+    assert sorted(m.id for m in client.models.list()) == ["fake", "org/fake-7b"]
+    assert client.models.retrieve("org/fake-7b").id == "org/fake-7b"
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.models.retrieve("nope")
+    assert unknown.value.code == "model_not_found"
 
 
 def test_chat_completion(coordinator_url: str, start_worker: StartWorker) -> None:

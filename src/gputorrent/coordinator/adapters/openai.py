@@ -253,11 +253,12 @@ def usage_chunk(result: JobResult, created: int, object_name: str) -> dict[str, 
 
 
 def models(names: list[str]) -> dict[str, Any]:
-    created = int(time.time())
-    return {
-        "object": "list",
-        "data": [{"id": n, "object": "model", "created": created, "owned_by": OWNED_BY} for n in names],
-    }
+    return {"object": "list", "data": [model(name) for name in names]}
+
+
+def model(name: str) -> dict[str, Any]:
+    """A model object; `created` is now, as the coordinator knows no creation time."""
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": OWNED_BY}
 
 
 def error_body(status: int, message: str, code: str | None, param: str | None) -> dict[str, Any]:

@@ -1,4 +1,5 @@
-"""The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`."""
+"""The OpenAI-compatible API: `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/models`
+(and `/v1/models/{model}`)."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from gputorrent.coordinator.deps import (
 )
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import require_client
-from gputorrent.errors import GPUTorrentError
+from gputorrent.errors import GPUTorrentError, ModelNotFound
 from gputorrent.protocol import JobResult, JobStatus
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -29,6 +30,15 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 async def list_models(redis: RedisDep) -> dict[str, Any]:
     """The models live workers serve."""
     return wire.models(routing.served_models(await registry.snapshot(redis)))
+
+
+@router.get("/models/{model:path}", dependencies=[Depends(require_client)])
+async def retrieve_model(model: str, redis: RedisDep) -> dict[str, Any]:
+    """One model, while a live worker serves it (a name may hold slashes: a GGUF path, `org/name`)."""
+    served = routing.served_models(await registry.snapshot(redis))
+    if model not in served:
+        raise ModelNotFound(f"model {model!r} is not served by any live worker", available_models=served)
+    return wire.model(model)
 
 
 @router.post("/chat/completions", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
