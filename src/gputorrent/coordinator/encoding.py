@@ -10,6 +10,13 @@ NDJSON_MEDIA_TYPE = "application/x-ndjson"
 SSE_DONE = b"data: [DONE]\n\n"
 # Proxies (nginx) buffer responses unless told not to; a buffered stream is no stream.
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# The OpenAPI `responses` of a route that may stream, so the schema names the streamed media type.
+SSE_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}
+}
+NDJSON_RESPONSES: dict[int | str, dict[str, object]] = {
+    200: {"description": "streamed unless `stream` is false: NDJSON", "content": {NDJSON_MEDIA_TYPE: {}}}
+}
 
 
 def sse(data: Any, event: str | None = None, event_id: str | None = None) -> bytes:

@@ -18,7 +18,7 @@ from gputorrent.coordinator.deps import (
     SubmissionDep,
     headers_schema,
 )
-from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, SSE_RESPONSES, STREAM_HEADERS, sse
 from gputorrent.errors import GPUTorrentError
 from gputorrent.protocol import JobResult, JobStatus
 
@@ -30,7 +30,7 @@ ANTHROPIC_VERSION_HEADER = OptionalHeader("anthropic-version", TypeAdapter(str),
 @router.post(
     "/messages",
     response_model=None,
-    responses={200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}},
+    responses=SSE_RESPONSES,
     openapi_extra=headers_schema(*ADMIT_HEADERS, ANTHROPIC_VERSION_HEADER),
 )
 async def create_message(body: wire.MessagesRequest, submission: SubmissionDep) -> JSONResponse | StreamingResponse:

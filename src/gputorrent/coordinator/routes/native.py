@@ -25,7 +25,7 @@ from gputorrent.coordinator.deps import (
     headers_schema,
 )
 from gputorrent.coordinator.dispatch import admit
-from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, SSE_RESPONSES, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep, JoinDep, owns, require_client
 from gputorrent.errors import Conflict, GPUTorrentError, RequestNotFound, ServiceUnavailable
 from gputorrent.protocol import (
@@ -98,7 +98,7 @@ async def list_workers(redis: RedisDep) -> list[WorkerState]:
     "/inference",
     status_code=202,
     response_model=Accepted,
-    responses={200: {"description": "with `stream: true`: server-sent events", "content": {SSE_MEDIA_TYPE: {}}}},
+    responses=SSE_RESPONSES,
     tags=["inference"],
     openapi_extra=headers_schema(IDEMPOTENCY_HEADER),
 )

@@ -26,7 +26,7 @@ from gputorrent.coordinator.deps import (
     SubmissionDep,
     WaiterDep,
 )
-from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, STREAM_HEADERS, ndjson
+from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, NDJSON_RESPONSES, STREAM_HEADERS, ndjson
 from gputorrent.coordinator.security import ClientDep, require_client
 from gputorrent.errors import Forbidden, GPUTorrentError, ModelNotFound
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, JobStatus, TokenChunk
@@ -41,7 +41,7 @@ def _now() -> str:
     return wire.timestamp(time.time())
 
 
-@router.post("/generate", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
+@router.post("/generate", response_model=None, responses=NDJSON_RESPONSES, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def generate(body: wire.GenerateRequest, submission: SubmissionDep) -> dict[str, Any] | StreamingResponse:
     """A completion of `prompt` (templated as a user turn unless `raw`), streamed by default."""
     if wire.is_load(body):
@@ -59,7 +59,7 @@ async def generate(body: wire.GenerateRequest, submission: SubmissionDep) -> dic
     return await _answer(submission, job_request, chunk, final)
 
 
-@router.post("/chat", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
+@router.post("/chat", response_model=None, responses=NDJSON_RESPONSES, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def chat(body: wire.ChatRequest, submission: SubmissionDep) -> dict[str, Any] | StreamingResponse:
     """The assistant's next message in a chat, streamed by default."""
     if wire.is_load(body):
@@ -105,7 +105,7 @@ async def version() -> dict[str, str]:
 @router.post(
     "/pull",
     response_model=None,
-    responses={200: {"description": "streamed unless `stream` is false: NDJSON", "content": {NDJSON_MEDIA_TYPE: {}}}},
+    responses=NDJSON_RESPONSES,
 )
 async def pull(
     body: wire.PullRequest,

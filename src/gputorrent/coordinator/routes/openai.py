@@ -18,7 +18,7 @@ from gputorrent.coordinator.deps import (
     RedisDep,
     SubmissionDep,
 )
-from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, STREAM_HEADERS, sse
+from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, SSE_RESPONSES, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import require_client
 from gputorrent.errors import GPUTorrentError, ModelNotFound
 from gputorrent.protocol import JobResult, JobStatus
@@ -41,7 +41,7 @@ async def retrieve_model(model: str, redis: RedisDep) -> dict[str, Any]:
     return wire.model(model)
 
 
-@router.post("/chat/completions", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
+@router.post("/chat/completions", response_model=None, responses=SSE_RESPONSES, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def chat_completions(
     body: wire.ChatCompletionRequest, submission: SubmissionDep
 ) -> JSONResponse | StreamingResponse:
@@ -59,7 +59,7 @@ async def chat_completions(
     return StreamingResponse(events, media_type=SSE_MEDIA_TYPE, headers=STREAM_HEADERS)
 
 
-@router.post("/completions", response_model=None, openapi_extra=ADMIT_HEADERS_SCHEMA)
+@router.post("/completions", response_model=None, responses=SSE_RESPONSES, openapi_extra=ADMIT_HEADERS_SCHEMA)
 async def completions(body: wire.CompletionRequest, submission: SubmissionDep) -> JSONResponse | StreamingResponse:
     accepted = await submission.admit(wire.completion_to_inference(body).model_copy(update={"stream": body.stream}))
     created = int(time.time())
