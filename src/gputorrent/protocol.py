@@ -41,11 +41,31 @@ Text = Annotated[str, AfterValidator(_encodable)]
 """A string that can be written back out as UTF-8: every client-supplied string is one."""
 
 
+# A real schema nests a few levels; a job's JSON must stay readable by every part (pydantic parses
+# JSON about 200 levels deep, and writes no deeper than about 250).
+FORMAT_MAX_DEPTH = 64
+
+
+def _nested_deeper_than(value: object, limit: int) -> bool:
+    pending: list[tuple[object, int]] = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if depth > limit:
+            return True
+        if isinstance(item, dict):
+            pending.extend((inner, depth + 1) for inner in item.values())
+        elif isinstance(item, list):
+            pending.extend((inner, depth + 1) for inner in item)
+    return False
+
+
 def _output_format(value: object) -> object:
     if value is None or value == "json":
         return value
     if not isinstance(value, dict):
         raise ValueError('expected "json" or a JSON schema (an object)')
+    if _nested_deeper_than(value, FORMAT_MAX_DEPTH):
+        raise ValueError(f"a JSON schema may nest at most {FORMAT_MAX_DEPTH} levels deep")
     try:
         json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:

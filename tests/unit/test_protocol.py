@@ -1,7 +1,9 @@
+import json
+
 import pytest
 from pydantic import ValidationError
 
-from gputorrent.protocol import InferenceOptions, InferenceRequest, Job, WorkerRegistration
+from gputorrent.protocol import FORMAT_MAX_DEPTH, InferenceOptions, InferenceRequest, Job, WorkerRegistration
 
 
 def test_request_takes_a_prompt() -> None:
@@ -40,6 +42,7 @@ def test_request_needs_exactly_one_of_prompt_or_messages(body: dict[str, object]
         ({"format": "xml"}, "format"),
         ({"format": ["json"]}, "format"),
         ({"format": {"title": "\ud800"}}, "format"),
+        ({"format": json.loads('{"a":' * (FORMAT_MAX_DEPTH + 1) + "1" + "}" * (FORMAT_MAX_DEPTH + 1))}, "format"),
     ],
 )
 def test_bad_options_are_refused_naming_the_field(options: dict[str, object], field: str) -> None:
@@ -81,6 +84,13 @@ def test_registration_needs_a_model_and_a_safe_worker_id() -> None:
     with pytest.raises(ValidationError):
         WorkerRegistration.model_validate({"worker_id": "a b", "models": ["m"], "backend": "fake"})
     assert WorkerRegistration.model_validate({"models": ["m"], "backend": "fake"}).slots == 1
+
+
+def test_a_job_with_the_deepest_format_taken_is_written_and_read_back() -> None:
+    deepest = json.loads('{"a":' * (FORMAT_MAX_DEPTH - 1) + "{}" + "}" * (FORMAT_MAX_DEPTH - 1))
+    job = Job(request_id="r", worker_id="w", model="m", prompt="p", enqueued_at=1.0)
+    job = job.model_copy(update={"options": InferenceOptions(format=deepest)})
+    assert Job.model_validate_json(job.model_dump_json()).options.format == deepest
 
 
 def test_a_job_without_a_format_is_written_as_before_the_field_existed() -> None:
