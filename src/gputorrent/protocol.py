@@ -66,10 +66,7 @@ def _output_format(value: object) -> object:
         raise ValueError('expected "json" or a JSON schema (an object)')
     if _nested_deeper_than(value, FORMAT_MAX_DEPTH):
         raise ValueError(f"a JSON schema may nest at most {FORMAT_MAX_DEPTH} levels deep")
-    try:
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
-    except UnicodeEncodeError:
-        raise ValueError("must be valid Unicode text throughout (a lone surrogate escape is not)") from None
+    _encodable(json.dumps(value, ensure_ascii=False))  # every string in it, keys included
     return value
 
 
