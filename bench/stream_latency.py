@@ -1,9 +1,11 @@
 """Streaming overhead: time to first token and the gap between tokens, through GPU Torrent and direct.
 
 One run starts the fast OpenAI-compatible server (bench/fast_openai_server.py), a private
-Redis-compatible server, a coordinator and one `openai`-backend worker in front of it, then
-streams the same chat completion alternately straight from the fast server and through the
-coordinator's `/v1/chat/completions`, so both sides see the same machine noise.
+Redis-compatible server, a coordinator and one `openai`-backend worker in front of it, and the
+bare hops (bench/bare_relay.py: the same path with none of GPU Torrent's work, the floor on this
+machine), then streams the same chat completion from each in turn (straight from the fast server,
+through the coordinator's `/v1/chat/completions`, through the bare hops), so every side sees the
+same machine noise.
 
     .venv/bin/python bench/stream_latency.py --requests 200 --tokens 32 --gap-ms 5
 
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pool import Processes, save_plot, start_fast_server, start_pool, summary, write_result
+from pool import Processes, save_plot, start_bare_relay, start_fast_server, start_pool, summary, write_result
 
 from gputorrent.embedded import EmbeddedRedis
 
@@ -49,26 +51,27 @@ async def stream_once(
     return arrivals[0], gaps, "".join(text)
 
 
-async def measure(
-    direct_url: str, pool_url: str, requests: int, tokens: int, pool_headers: dict[str, str]
-) -> dict[str, object]:
+async def measure(sides: dict[str, tuple[str, dict[str, str]]], requests: int, tokens: int) -> dict[str, object]:
+    """Stream from each side in turn (`direct` first), `requests` times each."""
     expected = "".join(f"t{i} " for i in range(tokens))
-    samples: dict[str, dict[str, list[float]]] = {side: {"ttft": [], "gap": []} for side in ("direct", "pool")}
-    wrong = {"direct": 0, "pool": 0}
+    samples: dict[str, dict[str, list[float]]] = {side: {"ttft": [], "gap": []} for side in sides}
+    wrong = dict.fromkeys(sides, 0)
     async with aiohttp.ClientSession() as http:
-        for _ in range(5):  # warm both paths (connections, imports, JIT-free but cache-warm)
-            await stream_once(http, direct_url, "fast", tokens, {})
-            await stream_once(http, pool_url, "fast", tokens, pool_headers)
-        for i in range(requests * 2):
-            side, url, headers = ("direct", direct_url, {}) if i % 2 == 0 else ("pool", pool_url, pool_headers)
-            ttft, gaps, text = await stream_once(http, url, "fast", tokens, headers)
-            samples[side]["ttft"].append(ttft)
-            samples[side]["gap"].extend(gaps)
-            wrong[side] += text != expected
+        for _ in range(5):  # warm every path (connections, imports, caches)
+            for url, headers in sides.values():
+                await stream_once(http, url, "fast", tokens, headers)
+        for _ in range(requests):
+            for side, (url, headers) in sides.items():
+                ttft, gaps, text = await stream_once(http, url, "fast", tokens, headers)
+                samples[side]["ttft"].append(ttft)
+                samples[side]["gap"].extend(gaps)
+                wrong[side] += text != expected
     result: dict[str, object] = {"requests_per_side": requests, "tokens_per_request": tokens, "wrong_text": wrong}
     for metric in ("ttft", "gap"):
-        direct, pool = summary(samples["direct"][metric]), summary(samples["pool"][metric])
-        result[metric] = {"direct": direct, "pool": pool, "added_p50_ms": pool["p50"] - direct["p50"]}
+        figures = {side: summary(samples[side][metric]) for side in sides}
+        for side in ("pool", "bare"):
+            figures[side]["added_p50_ms"] = figures[side]["p50"] - figures["direct"]["p50"]
+        result[metric] = figures
     return result
 
 
@@ -84,8 +87,12 @@ def main() -> int:
         pool = start_pool(procs, redis.url)
         pool.add_worker(["--backend", "openai", "--openai-base-url", fast, "--model", "fast"])
         pool.wait_for_model("fast")
-        direct_url, pool_url = f"{fast}/chat/completions", f"{pool.url}/v1/chat/completions"
-        result = asyncio.run(measure(direct_url, pool_url, args.requests, args.tokens, pool.headers))
+        sides = {
+            "direct": (f"{fast}/chat/completions", {}),
+            "pool": (f"{pool.url}/v1/chat/completions", pool.headers),
+            "bare": (f"{start_bare_relay(procs, redis.url, fast)}/chat/completions", {}),
+        }
+        result = asyncio.run(measure(sides, args.requests, args.tokens))
     result["gap_ms_configured"] = args.gap_ms
     write_result("stream_latency", result)
     print(table(result))
@@ -95,18 +102,20 @@ def main() -> int:
 def table(result: dict[str, Any]) -> str:
     """The Markdown table of docs/benchmarks.md for these results."""
     rows = [
-        "| metric | direct p50 | through GPU Torrent p50 | added p50 | direct p99 | through p99 |",
-        "|---|---|---|---|---|---|",
+        "| metric | direct p50 | through GPU Torrent p50 | added p50 | bare hops p50 | added p50 | direct p99 "
+        "| through p99 |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for metric, label in (("ttft", "time to first token (ms)"), ("gap", "gap between tokens (ms)")):
-        m = result[metric]
-        d, p = m["direct"], m["pool"]
-        added = m["added_p50_ms"]
-        rows.append(f"| {label} | {d['p50']:.2f} | {p['p50']:.2f} | {added:+.2f} | {d['p99']:.2f} | {p['p99']:.2f} |")
+        d, p, b = result[metric]["direct"], result[metric]["pool"], result[metric]["bare"]
+        rows.append(
+            f"| {label} | {d['p50']:.2f} | {p['p50']:.2f} | {p['added_p50_ms']:+.2f} | {b['p50']:.2f} "
+            f"| {b['added_p50_ms']:+.2f} | {d['p99']:.2f} | {p['p99']:.2f} |"
+        )
     wrong, n = result["wrong_text"], result["requests_per_side"]
     rows.append(
         f"\nStreams whose text differed from the expected tokens: {wrong['direct']} of {n} direct, "
-        f"{wrong['pool']} of {n} through GPU Torrent."
+        f"{wrong['pool']} of {n} through GPU Torrent, {wrong['bare']} of {n} through the bare hops."
     )
     return "\n".join(rows)
 
@@ -118,9 +127,11 @@ def plot(result: dict[str, Any], out: Path) -> None:
     labels = ["first token p50", "first token p99", "gap p50", "gap p99"]
     keys = [("ttft", "p50"), ("ttft", "p99"), ("gap", "p50"), ("gap", "p99")]
     xs = range(len(labels))
-    width = 0.38
-    ax.bar([x - width / 2 for x in xs], [result[m]["direct"][q] for m, q in keys], width, label="direct")
-    ax.bar([x + width / 2 for x in xs], [result[m]["pool"][q] for m, q in keys], width, label="through GPU Torrent")
+    width = 0.27
+    for offset, (side, label) in zip(
+        (-1, 0, 1), (("direct", "direct"), ("pool", "through GPU Torrent"), ("bare", "bare hops")), strict=True
+    ):
+        ax.bar([x + offset * width for x in xs], [result[m][side][q] for m, q in keys], width, label=label)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("ms")
     ax.set_title("Streaming: time to first token and gap between tokens")
