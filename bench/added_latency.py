@@ -3,10 +3,11 @@
 One run starts the fast OpenAI-compatible server (bench/fast_openai_server.py, which answers at
 once), a private Redis-compatible server, a coordinator with authentication on and one
 `openai`-backend worker in front of the fast server, the bare hops (bench/bare_relay.py: the same
-path with none of GPU Torrent's work, the floor on this machine) and LiteLLM's proxy (with a master
-key) in front of the same server. It then sends the same chat completion to each in turn, request
-by request (direct, GPU Torrent, bare hops, LiteLLM, direct, ...), one at a time on one kept-alive
-connection each, so every side sees the same machine noise. The added latency of a path is its
+path with none of GPU Torrent's work, the floor on this machine, raw and behind one FastAPI route)
+and LiteLLM's proxy (with a master key) in front of the same server. It then sends the same chat
+completion to each in turn, request by request (direct, GPU Torrent, bare hops, bare hops on
+FastAPI, LiteLLM, direct, ...), one at a time on one kept-alive connection each, so every side sees
+the same machine noise. The added latency of a path is its
 percentile minus the direct percentile.
 
     bench/.venv/bin/python bench/added_latency.py --requests 1000
@@ -43,7 +44,13 @@ from gputorrent.embedded import EmbeddedRedis
 TOKENS = 16
 EXPECTED = "".join(f"t{i} " for i in range(TOKENS))
 BODY = {"model": "fast", "messages": [{"role": "user", "content": "go"}], "max_tokens": TOKENS}
-LABELS = {"direct": "direct", "gputorrent": "GPU Torrent", "bare": "bare hops (the floor)", "litellm": "LiteLLM proxy"}
+LABELS = {
+    "direct": "direct",
+    "gputorrent": "GPU Torrent",
+    "bare": "bare hops",
+    "bare_fastapi": "bare hops on FastAPI",
+    "litellm": "LiteLLM proxy",
+}
 
 
 async def complete(http: aiohttp.ClientSession, url: str, headers: dict[str, str]) -> float:
@@ -89,6 +96,7 @@ def main() -> int:
             "direct": (f"{fast}/chat/completions", {}),
             "gputorrent": (f"{pool.url}/v1/chat/completions", pool.headers),
             "bare": (f"{start_bare_relay(procs, redis.url, fast)}/chat/completions", {}),
+            "bare_fastapi": (f"{start_bare_relay(procs, redis.url, fast, on_fastapi=True)}/chat/completions", {}),
         }
         if not litellm_skipped:
             try:
@@ -129,10 +137,10 @@ def table(result: dict[str, Any]) -> str:
     for side, f in result["sides"].items():
         added = "— | —" if side == "direct" else f"{f['added_p50']:+.2f} | {f['added_p99']:+.2f}"
         rows.append(f"| {LABELS[side]} | {f['p50']:.2f} | {f['p99']:.2f} | {added} |")
-    bare = result["sides"]["bare"]
+    bare, on_fastapi, ours = (result["sides"][side]["added_p50"] for side in ("bare", "bare_fastapi", "gputorrent"))
     rows.append(
-        f"\nThe bare hops add {bare['added_p50']:.2f} ms at p50 and {bare['added_p99']:.2f} at p99: GPU Torrent's own "
-        f"work adds {result['sides']['gputorrent']['added_p50'] - bare['added_p50']:.2f} ms at p50 beyond them."
+        f"\nAt p50 the bare hops add {bare:.2f} ms, FastAPI {on_fastapi - bare:.2f} ms more, and GPU Torrent's own "
+        f"work {ours - on_fastapi:.2f} ms beyond that."
     )
     if "ours_over_litellm_added_p50" in result:
         rows.append(

@@ -8,28 +8,36 @@ HTTP server (uvicorn with httptools and uvloop) and the same Redis calls: a non-
 back by PUBLISH, a stream through a Redis Stream read with a blocking XREAD. It does nothing else:
 no authentication, no validation of the body (the bytes are forwarded as they are), no routing,
 no admission, no accounting, no leases. What B1 and the streaming benchmark measure for it is
-what the hops alone add on the machine of the run.
+what the hops alone add on the machine of the run. `relay-fastapi` puts the same relay behind one
+FastAPI route that validates the body: the hops plus the framework's own cost, the floor for any
+coordinator built on FastAPI, as GPU Torrent's is.
 
-    python bench/bare_relay.py relay REDIS_PORT PORT
-    python bench/bare_relay.py worker REDIS_PORT BACKEND_PORT
+    python bench/bare_relay.py relay REDIS_PORT PORT          (raw ASGI on uvicorn)
+    python bench/bare_relay.py relay-fastapi REDIS_PORT PORT  (the same behind one FastAPI route)
+    python bench/bare_relay.py worker REDIS_PORT BACKEND_PORT RELAY_PORT
 """
-
-from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import functools
 import os
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import hiredis
 import httptools
 import uvloop
 
-JOBS = b"bare:jobs"
-RESULTS = b"bare:results"
+
+def names(relay_port: int) -> tuple[bytes, bytes, bytes]:
+    """The job list, the results channel and the streams' prefix of the relay on `relay_port`: two
+    relays on one Redis keep to their own."""
+    prefix = b"bare:%d:" % relay_port
+    return prefix + b"jobs", prefix + b"results", prefix + b"stream:"
+
+
 STREAM_END = b"end"  # the field of a stream's last entry
 Reply = Any  # what hiredis parses: bytes, int, list, ...
 
@@ -90,21 +98,22 @@ class BackendConnection(asyncio.Protocol):
         return self.done
 
 
-async def worker(redis_port: int, backend_port: int) -> None:
+async def worker(redis_port: int, backend_port: int, relay_port: int) -> None:
     """Pop a job, send its body to the backend, hand the reply back: whole by PUBLISH, or streamed by XADD."""
+    jobs_list, results_channel, streams = names(relay_port)
     jobs, results = await connect(redis_port), await connect(redis_port)
     _, backend = await asyncio.get_running_loop().create_connection(BackendConnection, "127.0.0.1", backend_port)
     while True:
-        _, job = await jobs.call("BLPOP", JOBS, 0)
+        _, job = await jobs.call("BLPOP", jobs_list, 0)
         request_id, stream, path, body = job.split(b"|", 3)
         if stream == b"1":
-            stream_key = b"bare:stream:" + request_id
+            stream_key = streams + request_id
             await backend.post(path, body, functools.partial(results.call, "XADD", stream_key, "*", "d"))
             results.call("XADD", stream_key, "*", STREAM_END, b"")
         else:
             reply: list[bytes] = []
             await backend.post(path, body, reply.append)
-            results.call("PUBLISH", RESULTS, request_id + b"|" + b"".join(reply))
+            results.call("PUBLISH", results_channel, request_id + b"|" + b"".join(reply))
 
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
@@ -114,8 +123,9 @@ Receive = Callable[[], Awaitable[dict[str, Any]]]
 class Relay:
     """The relay as a raw ASGI app: no framework, no middleware."""
 
-    def __init__(self, redis_port: int) -> None:
+    def __init__(self, redis_port: int, port: int) -> None:
         self.redis_port = redis_port
+        self.jobs, self.results, self.streams = names(port)
         self.readers: list[RedisConnection] = []  # idle connections for blocking stream reads
         self.waiting: dict[bytes, asyncio.Future[bytes]] = {}
 
@@ -130,21 +140,28 @@ class Relay:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        request_id = os.urandom(8).hex().encode()
         stream = b'"stream":true' in body.replace(b" ", b"")  # a look at the bytes: the relay parses no JSON
-        job = b"|".join((request_id, b"1" if stream else b"0", scope["path"].encode(), body))
+        await self.forward(scope["path"], body, stream, send)
+
+    async def forward(self, path: str, body: bytes, stream: bool, send: Send) -> None:
+        """Hand the request to the worker through Redis and send its answer, whole or streamed."""
+        request_id = os.urandom(8).hex().encode()
+        job = b"|".join((request_id, b"1" if stream else b"0", path.encode(), body))
         if stream:
             await self.streamed(request_id, job, send)
         else:
             answer = self.waiting[request_id] = asyncio.get_running_loop().create_future()
-            await self.commands.call("LPUSH", JOBS, job)
+            await self.commands.call("LPUSH", self.jobs, job)
             await self.reply(send, "application/json", await answer)
+
+    async def start(self) -> None:
+        self.commands = await connect(self.redis_port)
+        self.announcements = await connect(self.redis_port, self.announced)
+        await self.announcements.call("SUBSCRIBE", self.results)
 
     async def lifespan(self, receive: Receive, send: Send) -> None:
         while (await receive())["type"] == "lifespan.startup":
-            self.commands = await connect(self.redis_port)
-            self.announcements = await connect(self.redis_port, self.announced)
-            await self.announcements.call("SUBSCRIBE", RESULTS)
+            await self.start()
             await send({"type": "lifespan.startup.complete"})
         await send({"type": "lifespan.shutdown.complete"})
 
@@ -160,10 +177,10 @@ class Relay:
         await send({"type": "http.response.body", "body": body})
 
     async def streamed(self, request_id: bytes, job: bytes, send: Send) -> None:
-        await self.commands.call("LPUSH", JOBS, job)
+        await self.commands.call("LPUSH", self.jobs, job)
         reader = self.readers.pop() if self.readers else await connect(self.redis_port)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
-        stream_key, last_id = b"bare:stream:" + request_id, b"0"
+        stream_key, last_id = self.streams + request_id, b"0"
         try:
             while True:
                 [[_, entries]] = await reader.call("XREAD", "BLOCK", 0, "STREAMS", stream_key, last_id)
@@ -177,11 +194,57 @@ class Relay:
             self.commands.call("DEL", stream_key)
 
 
+def on_fastapi(relay: Relay) -> Any:
+    """The same relay behind one FastAPI route that validates the body as a chat completion: the bare
+    hops plus what the framework alone costs (no middleware, no authentication, the body forwarded as
+    it came). This module has no `from __future__ import annotations`: FastAPI reads the route's
+    annotations, and these models are local."""
+    from fastapi import FastAPI, Request
+    from pydantic import BaseModel
+    from starlette.responses import Response
+
+    class Message(BaseModel):
+        role: str
+        content: str
+
+    class ChatCompletion(BaseModel):
+        model: str
+        messages: list[Message]
+        max_tokens: int | None = None
+        stream: bool = False
+
+    class Forwarded(Response):
+        def __init__(self, path: str, body: bytes, stream: bool) -> None:
+            self.path, self.body, self.stream = path, body, stream
+            self.background = None
+
+        async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+            await relay.forward(self.path, self.body, self.stream, send)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        await relay.start()
+        yield
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/v1")
+    async def ready() -> str:
+        return "ready"
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(completion: ChatCompletion, request: Request) -> Response:
+        return Forwarded(request.url.path, await request.body(), completion.stream)
+
+    return app
+
+
 if __name__ == "__main__":
     role, redis_port, port = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if role == "worker":
-        uvloop.run(worker(redis_port, port))
+        uvloop.run(worker(redis_port, port, int(sys.argv[4])))
     else:
         import uvicorn
 
-        uvicorn.run(Relay(redis_port), host="127.0.0.1", port=port, log_level="warning", access_log=False)
+        app = Relay(redis_port, port) if role == "relay" else on_fastapi(Relay(redis_port, port))
+        uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)

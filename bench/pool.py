@@ -165,12 +165,13 @@ def start_fast_server(procs: Processes, gap_ms: float = 0.0) -> str:
     return base
 
 
-def start_bare_relay(procs: Processes, redis_url: str, backend_base: str) -> str:
-    """bench/bare_relay.py (the bare hops) in front of a backend, on a free port; its base URL (`.../v1`)."""
+def start_bare_relay(procs: Processes, redis_url: str, backend_base: str, *, on_fastapi: bool = False) -> str:
+    """bench/bare_relay.py (the bare hops, raw or `on_fastapi`) in front of a backend, on a free port; its
+    base URL (`.../v1`)."""
     redis_port, backend_port, port = urlsplit(redis_url).port, urlsplit(backend_base).port, free_port()
     relay = str(HERE / "bare_relay.py")
-    procs.start([sys.executable, relay, "relay", str(redis_port), str(port)])
-    procs.start([sys.executable, relay, "worker", str(redis_port), str(backend_port)])
+    procs.start([sys.executable, relay, "relay-fastapi" if on_fastapi else "relay", str(redis_port), str(port)])
+    procs.start([sys.executable, relay, "worker", str(redis_port), str(backend_port), str(port)])
     base = f"http://127.0.0.1:{port}/v1"
     wait_http(base)
     return base

@@ -3,9 +3,9 @@
 One run starts the fast OpenAI-compatible server (bench/fast_openai_server.py), a private
 Redis-compatible server, a coordinator and one `openai`-backend worker in front of it, and the
 bare hops (bench/bare_relay.py: the same path with none of GPU Torrent's work, the floor on this
-machine), then streams the same chat completion from each in turn (straight from the fast server,
-through the coordinator's `/v1/chat/completions`, through the bare hops), so every side sees the
-same machine noise.
+machine, raw and behind one FastAPI route), then streams the same chat completion from each in turn
+(straight from the fast server, through the coordinator's `/v1/chat/completions`, through the two
+bare relays), so every side sees the same machine noise.
 
     .venv/bin/python bench/stream_latency.py --requests 200 --tokens 32 --gap-ms 5
 
@@ -69,7 +69,7 @@ async def measure(sides: dict[str, tuple[str, dict[str, str]]], requests: int, t
     result: dict[str, object] = {"requests_per_side": requests, "tokens_per_request": tokens, "wrong_text": wrong}
     for metric in ("ttft", "gap"):
         figures = {side: summary(samples[side][metric]) for side in sides}
-        for side in ("pool", "bare"):
+        for side in ("pool", "bare", "bare_fastapi"):
             figures[side]["added_p50_ms"] = figures[side]["p50"] - figures["direct"]["p50"]
         result[metric] = figures
     return result
@@ -91,6 +91,7 @@ def main() -> int:
             "direct": (f"{fast}/chat/completions", {}),
             "pool": (f"{pool.url}/v1/chat/completions", pool.headers),
             "bare": (f"{start_bare_relay(procs, redis.url, fast)}/chat/completions", {}),
+            "bare_fastapi": (f"{start_bare_relay(procs, redis.url, fast, on_fastapi=True)}/chat/completions", {}),
         }
         result = asyncio.run(measure(sides, args.requests, args.tokens))
     result["gap_ms_configured"] = args.gap_ms
@@ -99,23 +100,35 @@ def main() -> int:
     return 0
 
 
+LABELS = {
+    "direct": "direct",
+    "pool": "through GPU Torrent",
+    "bare": "through the bare hops",
+    "bare_fastapi": "through the bare hops on FastAPI",
+}
+
+
 def table(result: dict[str, Any]) -> str:
     """The Markdown table of docs/benchmarks.md for these results."""
     rows = [
-        "| metric | direct p50 | through GPU Torrent p50 | added p50 | bare hops p50 | added p50 | direct p99 "
-        "| through p99 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| path | first token p50 (ms) | added | first token p99 | gap between tokens p50 (ms) | added | gap p99 |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for metric, label in (("ttft", "time to first token (ms)"), ("gap", "gap between tokens (ms)")):
-        d, p, b = result[metric]["direct"], result[metric]["pool"], result[metric]["bare"]
+    for side, label in LABELS.items():
+        ttft, gap = result["ttft"][side], result["gap"][side]
+        if side == "direct":
+            added_ttft = added_gap = "—"
+        else:
+            added_ttft, added_gap = f"{ttft['added_p50_ms']:+.2f}", f"{gap['added_p50_ms']:+.2f}"
         rows.append(
-            f"| {label} | {d['p50']:.2f} | {p['p50']:.2f} | {p['added_p50_ms']:+.2f} | {b['p50']:.2f} "
-            f"| {b['added_p50_ms']:+.2f} | {d['p99']:.2f} | {p['p99']:.2f} |"
+            f"| {label} | {ttft['p50']:.2f} | {added_ttft} | {ttft['p99']:.2f} | {gap['p50']:.2f} | {added_gap} "
+            f"| {gap['p99']:.2f} |"
         )
     wrong, n = result["wrong_text"], result["requests_per_side"]
     rows.append(
-        f"\nStreams whose text differed from the expected tokens: {wrong['direct']} of {n} direct, "
-        f"{wrong['pool']} of {n} through GPU Torrent, {wrong['bare']} of {n} through the bare hops."
+        f"\nStreams whose text differed from the expected tokens, of {n} a path: "
+        + ", ".join(f"{wrong[side]} {label}" for side, label in LABELS.items())
+        + "."
     )
     return "\n".join(rows)
 
@@ -127,11 +140,10 @@ def plot(result: dict[str, Any], out: Path) -> None:
     labels = ["first token p50", "first token p99", "gap p50", "gap p99"]
     keys = [("ttft", "p50"), ("ttft", "p99"), ("gap", "p50"), ("gap", "p99")]
     xs = range(len(labels))
-    width = 0.27
-    for offset, (side, label) in zip(
-        (-1, 0, 1), (("direct", "direct"), ("pool", "through GPU Torrent"), ("bare", "bare hops")), strict=True
-    ):
-        ax.bar([x + offset * width for x in xs], [result[m][side][q] for m, q in keys], width, label=label)
+    width = 0.2
+    for i, (side, label) in enumerate(LABELS.items()):
+        offset = (i - (len(LABELS) - 1) / 2) * width
+        ax.bar([x + offset for x in xs], [result[m][side][q] for m, q in keys], width, label=label)
     ax.set_xticks(list(xs), labels)
     ax.set_ylabel("ms")
     ax.set_title("Streaming: time to first token and gap between tokens")
