@@ -110,6 +110,22 @@ def test_the_ollama_client_pulls_onto_both_kinds_of_worker_with_progress_then_ge
         assert {"qwen2.5:1.5b", HF_MODEL} <= set(_tags(admin))
 
 
+def test_a_restarted_ollama_worker_serves_every_model_its_ollama_has_documented_protocol(pool: Pool) -> None:
+    """A worker registers with its `--model` and every other model its Ollama has: Ollama loads any
+    of them when asked, so a restart does not lose the models pulled before it."""
+    with standin_in_thread() as standin, pool.client(pool.admin_key) as admin:
+        worker = pool.ollama_worker("w1", standin)
+        assert admin.pull(NEW_MODEL, stream=False).status == "success"
+        assert worker.stop() == 0
+
+        pool.ollama_worker("w1", standin)  # started as before: `--model` is still only the default
+        with APIClient(pool.url, api_key=pool.client_key) as client:
+            (restarted,) = client.workers()
+        # Ollama lists the default model as `llama3.2:latest`: the same model, registered once.
+        assert restarted.models == ["llama3.2", NEW_MODEL] and standin.models == ["llama3.2:latest", NEW_MODEL]
+        assert admin.generate(model=NEW_MODEL, prompt="Hello there", stream=False).response == CHAT_REPLY
+
+
 def test_a_failed_pull_is_the_clients_response_error_naming_the_worker_documented_protocol(pool: Pool) -> None:
     with (
         standin_in_thread() as has_it,

@@ -9,6 +9,7 @@ import logging
 import socket
 import time
 import uuid
+from collections.abc import Sequence
 
 import aiohttp
 from redis.asyncio import Redis
@@ -16,7 +17,7 @@ from redis.exceptions import RedisError
 
 from gputorrent import __version__, logs, queue
 from gputorrent.config import WorkerSettings
-from gputorrent.errors import BackendUnavailable, DeadlineExceeded, ModelUnavailable, WorkerGone
+from gputorrent.errors import BackendError, BackendUnavailable, DeadlineExceeded, ModelUnavailable, WorkerGone
 from gputorrent.protocol import (
     MAX_MODELS,
     MAX_TOKENS_PER_S,
@@ -32,6 +33,7 @@ from gputorrent.protocol import (
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, Puller, make_backend
+from gputorrent.worker.backends.ollama import same_model
 from gputorrent.worker.coordinator_link import CoordinatorLink
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.executor import execute
@@ -53,7 +55,13 @@ class Worker:
     listener for jobs ended elsewhere, and a health probe of its backend."""
 
     def __init__(
-        self, link: PoolLink, backend: Backend, registered: Registered, settings: WorkerSettings, model: str
+        self,
+        link: PoolLink,
+        backend: Backend,
+        registered: Registered,
+        settings: WorkerSettings,
+        model: str,
+        also_serves: Sequence[str] = (),
     ) -> None:
         self.link = link
         self.backend = backend
@@ -62,7 +70,8 @@ class Worker:
         self.heartbeat_timeout_s = registered.heartbeat_timeout_s
         self.settings = settings
         self.model = model
-        self.models = [model]  # what it serves: `model`, and those pull jobs fetched since it started
+        # What it serves: `model`, the others it registered with, and those pull jobs fetched since it started.
+        self.models = [model, *also_serves]
         self.jobs_in_flight = 0
         self.jobs_done = 0
         self.tokens_per_s: float | None = None  # generation speed, weighted towards recent jobs
@@ -418,11 +427,28 @@ def default_worker_id() -> str:
     return f"{socket.gethostname()}-{uuid.uuid4().hex[:8]}"
 
 
-async def register(settings: WorkerSettings, worker_id: str, model: str, backend: Backend) -> Registered:
+async def served_models(backend: Backend, model: str) -> list[str]:
+    """The models the worker registers with: `model` first, then, where the backend can pull, every
+    other model it has. Such a backend (Ollama) loads any model it has when a request names it, so a
+    restarted worker still serves the models it pulled before."""
+    if not isinstance(backend, Puller):
+        return [model]
+    try:
+        listed = await backend.list_models()
+    except BackendError as e:  # it answered the load just now: serve `model` and say why no more
+        log.warning("backend %s serves %s; listing its other models failed: %s", backend.name, model, e)
+        return [model]
+    models = [model, *(name for name in dict.fromkeys(listed) if not same_model(model, name))]
+    if len(models) > MAX_MODELS:
+        log.warning("backend %s has %d models; the worker serves the first %d", backend.name, len(models), MAX_MODELS)
+    return models[:MAX_MODELS]
+
+
+async def register(settings: WorkerSettings, worker_id: str, models: list[str], backend: Backend) -> Registered:
     """`POST /register` to the coordinator, retrying with backoff until `register_timeout_s`."""
     body = WorkerRegistration(
         worker_id=worker_id,
-        models=[model],
+        models=models,
         backend=backend.name,
         slots=settings.slots,
         hardware=detect_hardware(),
@@ -463,11 +489,14 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
             return
         log.info("backend %s serves %s", backend.name, model)
         worker_id = settings.worker_id or default_worker_id()
-        registered = await register(settings, worker_id, model, backend)
+        models = await served_models(backend, model)
+        if len(models) > 1:
+            log.info("backend %s also serves %s", backend.name, ", ".join(models[1:]))
+        registered = await register(settings, worker_id, models, backend)
         log.info("worker %s registered with %s (link: %s)", worker_id, settings.coordinator_url, settings.link)
         link = open_link(settings, registered)
         try:
-            await Worker(link, backend, registered, settings, model).run(stop, burst=burst)
+            await Worker(link, backend, registered, settings, model, models[1:]).run(stop, burst=burst)
         finally:
             await link.close()
     finally:
