@@ -75,7 +75,8 @@ async def connect(port: int, on_message: Callable[[bytes], None] | None = None) 
 
 
 class BackendConnection(asyncio.Protocol):
-    """One kept-alive HTTP/1.1 connection to the backend; the reply's body goes to `on_body` as it comes."""
+    """One kept-alive HTTP/1.1 connection to the backend; the reply's body goes to the caller's
+    `body_received` as it comes."""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport: asyncio.Transport = transport  # type: ignore[assignment]
@@ -99,7 +100,8 @@ class BackendConnection(asyncio.Protocol):
 
 
 async def worker(redis_port: int, backend_port: int, relay_port: int) -> None:
-    """Pop a job, send its body to the backend, hand the reply back: whole by PUBLISH, or streamed by XADD."""
+    """Pop a job, send its body to the backend, hand the reply back: whole by PUBLISH, or streamed by
+    XADD. One job at a time: the benchmarks that use it send one request at a time."""
     jobs_list, results_channel, streams = names(relay_port)
     jobs, results = await connect(redis_port), await connect(redis_port)
     _, backend = await asyncio.get_running_loop().create_connection(BackendConnection, "127.0.0.1", backend_port)
