@@ -115,6 +115,13 @@ def _status(*args: str, url: str) -> subprocess.CompletedProcess[str]:
                           capture_output=True, text=True, timeout=60)  # fmt: skip
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    """SIGINT handled by default in the child, as a terminal's Ctrl-C finds it. A test run started in
+    the background by a shell without job control inherits SIGINT ignored, and Python then installs
+    no KeyboardInterrupt for it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_status_prints_the_pool_and_watch_refreshes_until_ctrl_c(
     coordinator_url: str, start_worker: StartWorker
 ) -> None:
@@ -129,7 +136,7 @@ def test_status_prints_the_pool_and_watch_refreshes_until_ctrl_c(
 
     watch = subprocess.Popen(
         [sys.executable, "-m", "gputorrent", "status", "--url", coordinator_url, "--watch", "--interval", "0.2"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal,
     )  # fmt: skip
     assert watch.stdout is not None
     frames = 0
