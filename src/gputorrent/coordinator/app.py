@@ -75,8 +75,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         try:
             yield
         finally:
-            # Asked to stop rather than cancelled: redis-py's pub/sub can swallow a cancellation and wait on.
-            listener.stop()
+            listener.stop()  # each ends its current step and returns: nothing is cut off half-way
             reaper.stop()
             await snapshot.close()
             _, pending = await asyncio.wait(background, timeout=LISTENER_STOP_TIMEOUT_S)
