@@ -7,8 +7,7 @@ path with none of GPU Torrent's work, the floor on this machine, raw and behind 
 and LiteLLM's proxy (with a master key) in front of the same server. It then sends the same chat
 completion to each in turn, request by request (direct, GPU Torrent, bare hops, bare hops on
 FastAPI, LiteLLM, direct, ...), one at a time on one kept-alive connection each, so every side sees
-the same machine noise. The added latency of a path is its
-percentile minus the direct percentile.
+the same machine noise. The added latency of a path is its percentile minus the direct percentile.
 
     bench/.venv/bin/python bench/added_latency.py --requests 1000
 
