@@ -149,12 +149,12 @@ class Relay:
         """Hand the request to the worker through Redis and send its answer, whole or streamed."""
         request_id = os.urandom(8).hex().encode()
         job = b"|".join((request_id, b"1" if stream else b"0", path.encode(), body))
-        if stream:
-            await self.streamed(request_id, job, send)
-        else:
+        if not stream:  # waited for before the job goes: its reply may come ahead of the LPUSH's own
             answer = self.waiting[request_id] = asyncio.get_running_loop().create_future()
-            await self.commands.call("LPUSH", self.jobs, job)
-            await self.reply(send, "application/json", await answer)
+        await self.commands.call("LPUSH", self.jobs, job)
+        if stream:
+            return await self.streamed(request_id, send)
+        await self.reply(send, "application/json", await answer)
 
     async def start(self) -> None:
         self.commands = await connect(self.redis_port)
@@ -178,8 +178,7 @@ class Relay:
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await send({"type": "http.response.body", "body": body})
 
-    async def streamed(self, request_id: bytes, job: bytes, send: Send) -> None:
-        await self.commands.call("LPUSH", self.jobs, job)
+    async def streamed(self, request_id: bytes, send: Send) -> None:
         reader = self.readers.pop() if self.readers else await connect(self.redis_port)
         await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/event-stream")]})
         stream_key, last_id = self.streams + request_id, b"0"
