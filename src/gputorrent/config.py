@@ -118,6 +118,12 @@ class WorkerSettings(_Settings):
     n_ctx: int = Field(default=4096, ge=256, validation_alias=_env("GPUTORRENT_N_CTX"))
     n_gpu_layers: int = Field(default=-1, validation_alias=_env("GPUTORRENT_N_GPU_LAYERS"))
     max_attempts: int = Field(default=3, ge=1, validation_alias=_env("GPUTORRENT_MAX_ATTEMPTS"))
+    # A reproducible stream that lost its worker is run again here and checked against the text already
+    # sent, when at most this many tokens were sent (replaying them delays the next token by their time);
+    # past it, or at 0, it continues from that text and says `exact: false`.
+    resume_replay_max_tokens: int = Field(
+        default=512, ge=0, validation_alias=_env("GPUTORRENT_RESUME_REPLAY_MAX_TOKENS")
+    )
     fake_token_delay_s: float = Field(
         default=0.0, ge=0, validation_alias=_env("GPUTORRENT_FAKE_TOKEN_DELAY_S")
     )  # the `fake` test backend only: a pause before each token, to test streaming and cancellation

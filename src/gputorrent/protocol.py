@@ -92,6 +92,12 @@ class InferenceOptions(WireModel):
     # left out of a job's JSON so that workers older than this field still read every job without it.
     format: OutputFormat = Field(default=None, exclude_if=lambda value: value is None)
 
+    @property
+    def reproducible(self) -> bool:
+        """Greedy (temperature 0) or seeded: the same request must give the same text on the same
+        model file and build, whatever the worker ran before (docs/reliability.md)."""
+        return self.temperature == 0 or self.seed is not None
+
     @field_validator("stop", mode="before")
     @classmethod
     def _stop_as_list(cls, value: object) -> object:

@@ -6,13 +6,24 @@ import asyncio
 import time
 from collections.abc import AsyncGenerator
 
-from gputorrent.protocol import Embeddings, GenerationDone, InferenceOptions, Job, PullProgress, TokenChunk
+import pytest
+
+from gputorrent.protocol import (
+    Embeddings,
+    GenerationDone,
+    InferenceOptions,
+    Job,
+    JobResult,
+    PullProgress,
+    TokenChunk,
+)
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.executor import execute
 
 
 class _NonFiniteEmbedder:
     name = "non-finite"
+    replays_exactly = False
 
     async def load(self, model: str | None) -> str:
         return "m"
@@ -112,3 +123,76 @@ async def test_a_formatted_stream_is_not_continued_after_another_workers_text() 
 
     unformatted = await execute(_Recorder(), job.model_copy(update={"options": InferenceOptions()}))
     assert unformatted.status == "completed" and len(generated) == 1
+
+
+class _Scripted(_NonFiniteEmbedder):
+    """Answers a fresh run with `fresh` (its words as tokens) and a continuation with `after`; records
+    every job it was given."""
+
+    def __init__(self, fresh: str, after: str, *, replays_exactly: bool) -> None:
+        self.fresh, self.after, self.replays_exactly = fresh, after, replays_exactly
+        self.jobs: list[Job] = []
+
+    async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
+        self.jobs.append(job)
+        words = (self.after if job.continuation else self.fresh).split(" ")
+        for i, word in enumerate(words):
+            yield TokenChunk(text=word if i == 0 and not job.continuation else f" {word}")
+        yield GenerationDone(prompt_tokens=3, completion_tokens=len(words), finish_reason="stop")
+
+
+async def _resume(backend: _Scripted, temperature: float = 0.0) -> tuple[JobResult, str]:
+    """Run a streamed job whose earlier attempt sent "alpha beta" (2 tokens); the result and the text pushed."""
+    pushed: list[str] = []
+
+    async def append(text: str, tokens: int) -> bool:
+        pushed.append(text)
+        return True
+
+    job = Job(
+        request_id="r", worker_id="w", model="m", prompt="p", stream=True, enqueued_at=time.time(),
+        options=InferenceOptions(temperature=temperature, max_tokens=10), continuation="alpha beta",
+        continuation_tokens=2,
+    )  # fmt: skip
+    writer = StreamWriter(append)
+    result = await execute(backend, job, writer, replay_max_tokens=64)
+    await writer.close()
+    return result, "".join(pushed)
+
+
+async def test_a_resumed_greedy_stream_whose_replay_writes_the_text_sent_is_exact() -> None:
+    backend = _Scripted("alpha beta gamma", "never", replays_exactly=True)
+    result, pushed = await _resume(backend)
+    assert (result.output, pushed) == ("alpha beta gamma", " gamma")
+    assert result.resumed is not None and result.resumed.exact
+    assert [job.continuation for job in backend.jobs] == [None]  # run again from the start
+    assert result.usage.completion_tokens == 3  # the whole answer's, as one uninterrupted run counts
+
+
+async def test_a_resumed_stream_whose_replay_differs_continues_from_the_text_sent_and_is_not_exact() -> None:
+    backend = _Scripted("alpha gamma delta", "epsilon", replays_exactly=True)
+    result, pushed = await _resume(backend)
+    assert (result.output, pushed) == ("alpha beta epsilon", " epsilon")  # nothing of the replay was sent
+    assert result.resumed is not None and not result.resumed.exact and "differed" in result.resumed.note
+    assert [job.continuation for job in backend.jobs] == [None, "alpha beta"]
+
+
+async def test_a_replay_that_ends_before_the_text_sent_is_a_difference_too() -> None:
+    result, pushed = await _resume(_Scripted("alpha", "epsilon", replays_exactly=True))
+    assert (result.output, pushed) == ("alpha beta epsilon", " epsilon")
+    assert result.resumed is not None and not result.resumed.exact
+
+
+@pytest.mark.parametrize(
+    ("replays_exactly", "temperature", "note"),
+    [(False, 0.0, "does not reproduce"), (True, 0.7, "temperature above 0")],
+    ids=["backend-cannot-replay", "sampled"],
+)
+async def test_a_resumed_stream_that_cannot_be_replayed_continues_from_its_text_and_says_why(
+    replays_exactly: bool, temperature: float, note: str
+) -> None:
+    backend = _Scripted("never", "epsilon", replays_exactly=replays_exactly)
+    result, pushed = await _resume(backend, temperature)
+    assert (result.output, pushed) == ("alpha beta epsilon", " epsilon")
+    assert result.resumed is not None and not result.resumed.exact and note in result.resumed.note
+    assert len(backend.jobs) == 1

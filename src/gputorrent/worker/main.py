@@ -307,7 +307,10 @@ class Worker:
         writer = StreamWriter(functools.partial(self.link.append, job.request_id)) if job.stream else None
         ended = self.ended.watch(job.request_id)
         try:
-            result = await execute(self.backend, job, writer, ended, taken_at=lease.taken_at)
+            result = await execute(
+                self.backend, job, writer, ended, taken_at=lease.taken_at,
+                replay_max_tokens=self.settings.resume_replay_max_tokens,
+            )  # fmt: skip
         finally:
             self.ended.unwatch(job.request_id)
         if writer is not None:

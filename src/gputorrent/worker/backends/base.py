@@ -12,6 +12,9 @@ class Backend(Protocol):
     """An inference engine a worker drives. It knows nothing of Redis or HTTP frameworks."""
 
     name: str
+    # A reproducible request (greedy or seeded) run again gives the same text: a stream that lost its
+    # worker is then replayed and checked rather than continued from its text (worker/executor.py).
+    replays_exactly: bool
 
     async def load(self, model: str | None) -> str:
         """Make `model` ready (pulling it where the backend can) and return the name it is served as.

@@ -34,6 +34,7 @@ CRASH_TRIGGER = "__crash__"  # a prompt containing this kills the worker process
 
 class FakeBackend:
     name = "fake"
+    replays_exactly = True  # the echo is the same every time
 
     def __init__(self, token_delay_s: float = 0.0, down_file: str | None = None) -> None:
         self._model = "fake"

@@ -41,6 +41,19 @@ def packaged_model_path() -> Path:
     return target
 
 
+def prompt_chunk_tokens(n_gpu_layers: int) -> int:
+    """How many prompt tokens llama.cpp evaluates in one batch (`n_batch` and `n_ubatch`).
+
+    Reproducible requests reuse a cached prompt prefix only in whole chunks (see
+    `LlamaCppBackend._reuse_prefix`), so a small chunk keeps most of a prefix. On a CPU 64 tokens
+    evaluate a prompt as fast as 512 (docs/benchmarks.md); a GPU keeps llama.cpp's 512, which it
+    needs for speed.
+    """
+    from llama_cpp import llama_supports_gpu_offload
+
+    return 512 if n_gpu_layers != 0 and llama_supports_gpu_offload() else 64
+
+
 def resolve_model(model: str) -> tuple[Path, str | None]:
     """A model name or GGUF path → (file, chat format). The packaged model has no chat template: use `gemma`."""
     if model == PACKAGED_MODEL:
@@ -53,6 +66,7 @@ def resolve_model(model: str) -> tuple[Path, str | None]:
 
 class LlamaCppBackend:
     name = "llamacpp"
+    replays_exactly = True  # whole-chunk prefix reuse (`_reuse_prefix`)
 
     def __init__(self, *, n_ctx: int, n_gpu_layers: int) -> None:
         self._n_ctx = n_ctx
@@ -62,6 +76,10 @@ class LlamaCppBackend:
         self._chat_format: str | None = None
         self._path: Path | None = None
         self._embedder: Any = None
+        self._chunk = 0  # prompt tokens per batch: `prompt_chunk_tokens`, once llama-cpp-python is imported
+        # The first positions of the context's cache that whole prompt chunks evaluated, each starting at
+        # a multiple of the chunk size: a reproducible request may reuse these and no others.
+        self._aligned = 0
         # One llama.cpp context is not thread-safe: one generation at a time.
         self._lock = asyncio.Lock()
 
@@ -75,14 +93,18 @@ class LlamaCppBackend:
                 "the llamacpp backend needs llama-cpp-python: pip install 'gputorrent[llamacpp]'"
             ) from None
         log.info("loading %s from %s", name, path)
+        self._chunk = prompt_chunk_tokens(self._n_gpu_layers)
         self._llm = await asyncio.to_thread(
             Llama,
             model_path=str(path),
             n_ctx=self._n_ctx,
             n_gpu_layers=self._n_gpu_layers,
+            n_batch=self._chunk,
+            n_ubatch=self._chunk,
             chat_format=chat_format,
             verbose=False,
         )
+        self._aligned = 0
         self._model = name
         self._chat_format = chat_format
         self._path = path
@@ -123,19 +145,18 @@ class LlamaCppBackend:
         from llama_cpp import StoppingCriteriaList
 
         options = job.options
-        prompt: str | list[int] | None = job.prompt
         stop = list(options.stop)
         if job.messages is not None:
-            prompt, chat_stop = self._chat_prompt(job.messages)
+            tokens, chat_stop = self._chat_prompt(job.messages)
             stop += chat_stop
+        else:
+            tokens = self._llm.tokenize((job.prompt or "").encode(), add_bos=True, special=True)
         if job.continuation:  # the answer so far, from an earlier attempt: carry on after it
-            if isinstance(prompt, list):
-                prompt = prompt + self._llm.tokenize(job.continuation.encode(), add_bos=False, special=False)
-            else:
-                prompt = (prompt or "") + job.continuation
+            tokens += self._llm.tokenize(job.continuation.encode(), add_bos=False, special=False)
+        self._reuse_prefix(tokens, aligned=options.reproducible)
         finish_reason = "stop"
         for chunk in self._llm.create_completion(
-            prompt=prompt,
+            prompt=tokens,
             max_tokens=options.max_tokens,
             temperature=options.temperature,
             top_p=options.top_p,
@@ -145,6 +166,8 @@ class LlamaCppBackend:
             stopping_criteria=StoppingCriteriaList([count]),
             grammar=_grammar(options.format) if options.format is not None else None,
         ):
+            if options.reproducible and count.prompt_tokens:  # the prompt is in the cache, chunk by chunk
+                self._aligned = len(tokens) // self._chunk * self._chunk
             choice = chunk["choices"][0]
             if choice["text"]:
                 yield TokenChunk(text=choice["text"])
@@ -152,6 +175,35 @@ class LlamaCppBackend:
         yield GenerationDone(
             prompt_tokens=count.prompt_tokens, completion_tokens=count.sampled, finish_reason=finish_reason
         )
+
+    def _reuse_prefix(self, tokens: list[int], *, aligned: bool) -> None:
+        """Leave in the cache the part of an earlier prompt that this one may reuse.
+
+        llama.cpp's numbers for a position depend on how it was evaluated: in which batch, beside which
+        tokens, or one at a time as a generated token. llama-cpp-python reuses the longest cached prefix
+        and evaluates the rest from there, so the same prompt gave different greedy text after a worker
+        ran other prompts. A reproducible request (`InferenceOptions.reproducible`) therefore reuses only
+        whole chunks (`self._chunk` tokens from position 0) of an earlier prompt, and evaluates the rest
+        in chunks from that boundary: exactly the batches a fresh context evaluates, so exactly its
+        numbers. Any other request keeps llama-cpp-python's longest-prefix reuse (faster for chats,
+        which reuse their earlier answers), and the aligned part shrinks to what that leaves intact.
+        """
+        llm = self._llm
+        cached = llm.input_ids[: llm.n_tokens].tolist()
+        common = 0
+        for old, new in zip(cached, tokens, strict=False):
+            if old != new:
+                break
+            common += 1
+        if not aligned:
+            # llama-cpp-python keeps `common` positions, or one fewer when the whole prompt is cached.
+            self._aligned = min(self._aligned, max(common - 1, 0) // self._chunk * self._chunk)
+            return
+        # At least one token is evaluated, in a chunk of its own boundary; nothing past a whole chunk is kept.
+        keep = min(common, self._aligned, len(tokens) - 1) // self._chunk * self._chunk
+        llm.n_tokens = keep
+        llm._ctx.kv_cache_seq_rm(-1, keep, -1)
+        self._aligned = keep  # until this prompt's own chunks are in
 
     def _chat_prompt(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
         """The chat as prompt tokens plus the format's stop strings, so chat streams like a completion."""

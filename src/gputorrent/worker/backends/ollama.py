@@ -27,6 +27,7 @@ def same_model(wanted: str, listed: str) -> bool:
 
 class OllamaBackend:
     name = "ollama"
+    replays_exactly = False  # its server's cache and batching are not ours to control
 
     def __init__(self, *, host: str) -> None:
         self._host = host.rstrip("/")

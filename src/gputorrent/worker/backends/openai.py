@@ -15,6 +15,7 @@ from gputorrent.worker.backends.base import continued_chat
 
 class OpenAIBackend:
     name = "openai"
+    replays_exactly = False  # its server's cache and batching are not ours to control
 
     def __init__(self, *, base_url: str, api_key: str | None = None) -> None:
         self._base_url = base_url.rstrip("/")
