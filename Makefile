@@ -67,6 +67,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/stream_latency.py
 	$(BENCH_PYTHON) bench/real_model.py
 	$(BENCH_PYTHON) bench/backend_http.py
+	$(BENCH_PYTHON) bench/reproducible.py
 	$(BENCH_PYTHON) bench/report.py
 
 $(BENCH_VENV)/.installed: pyproject.toml bench/requirements.txt

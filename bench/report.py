@@ -28,6 +28,7 @@ BENCHMARKS = (
     "stream_latency",
     "real_model",
     "backend_http",
+    "reproducible",
 )
 
 

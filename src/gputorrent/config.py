@@ -122,7 +122,7 @@ class WorkerSettings(_Settings):
     # sent, when at most this many tokens were sent (replaying them delays the next token by their time);
     # past it, or at 0, it continues from that text and says `exact: false`.
     resume_replay_max_tokens: int = Field(
-        default=512, ge=0, validation_alias=_env("GPUTORRENT_RESUME_REPLAY_MAX_TOKENS")
+        default=256, ge=0, validation_alias=_env("GPUTORRENT_RESUME_REPLAY_MAX_TOKENS")
     )
     fake_token_delay_s: float = Field(
         default=0.0, ge=0, validation_alias=_env("GPUTORRENT_FAKE_TOKEN_DELAY_S")
