@@ -212,7 +212,7 @@ class Resumed(WireModel):
     """How a streamed job that lost its worker mid-stream was finished by another."""
 
     after_tokens: int  # the tokens the client already had from the earlier attempt
-    exact: bool  # true at temperature 0: the text is what one uninterrupted run would give
+    exact: bool  # true only when checked: the new worker's replay wrote the text sent, so the whole is one run's
     note: str
 
 
