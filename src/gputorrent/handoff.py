@@ -30,8 +30,9 @@ async def hand_on(
     is its worker's alone, and waits for that worker to come back (until its deadline).
 
     `count_attempt` counts an attempt for each (past `max_attempts` it fails with `worker_lost`);
-    with `only_if_dead` nothing moves once the worker's heartbeat is back. A job no live worker
-    can take stays where it is. Returns how many jobs were moved or failed.
+    with `only_if_dead` nothing moves once the worker's heartbeat is back, nor while `liveness:grace`
+    holds (a coordinator saw Redis again just now). A job no live worker can take stays where it is.
+    Returns how many jobs were moved or failed.
     """
     handled = 0
     for raw in await redis.lrange(source, 0, -1):

@@ -15,6 +15,7 @@
 | `worker_index`        | integer   | the round-robin counter                     | none           | coordinator |
 | `workers`             | set       | ids of every registered worker              | none           | coordinator |
 | `heartbeat:{id}`      | string    | last beat and jobs in flight; absent = dead | heartbeat TTL  | worker      |
+| `liveness:grace`      | string    | present: Redis was just away; judge no one dead | heartbeat TTL  | coordinator |
 | `job:{request_id}`    | hash      | status (queued/running), worker, model      | `result_ttl_s` | both        |
 | `results:ready`       | channel   | ids of results just written (pub/sub)       | n/a            | worker      |
 | `stream:{request_id}` | stream    | text entries, then one entry with the result | `result_ttl_s` | worker      |
@@ -54,6 +55,9 @@ API_KEYS = "apikeys"
 ENDED_CHANNEL = "jobs:ended"
 KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
 RECENT_FAILURES = "failures:recent"
+# Set by a coordinator that sees Redis again after a break (with the heartbeat timeout as TTL): no
+# worker could beat meanwhile, so while it exists no reaper moves the jobs of a worker without a heartbeat.
+LIVENESS_GRACE = "liveness:grace"
 
 
 def worker_key(worker_id: str) -> str:

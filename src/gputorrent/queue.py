@@ -416,22 +416,23 @@ async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -
 
 # Every script below first removes the job from the list that holds it and does nothing
 # if that fails: whoever removes it owns it, so a job is never finished or moved twice.
-# KEYS[1] is that list; with ARGV[1] = '1', KEYS[2] is a heartbeat key that must be absent
-# (the holder must still be dead when a reaper acts).
+# KEYS[1] is that list; with ARGV[1] = '1' (a reaper acting on a dead holder), KEYS[2], the
+# holder's heartbeat, and KEYS[3], `liveness:grace`, must both be absent: the holder is still
+# dead, and Redis has been in sight long enough for its absence to mean so.
 _GUARD = """
-if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return 0 end
 if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
 """
 
 _FINISH = Script(
     _GUARD
     + """
-redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[4])
-redis.call('DEL', KEYS[4])
-redis.call('ZREM', KEYS[6], ARGV[7])
+redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
+redis.call('DEL', KEYS[5])
+redis.call('ZREM', KEYS[7], ARGV[7])
 if ARGV[5] == '1' then
-  redis.call('XADD', KEYS[5], '*', 'result', ARGV[3])
-  redis.call('EXPIRE', KEYS[5], ARGV[4])
+  redis.call('XADD', KEYS[6], '*', 'result', ARGV[3])
+  redis.call('EXPIRE', KEYS[6], ARGV[4])
 end
 if ARGV[8] == '1' then
   redis.call('PUBLISH', ARGV[6], ARGV[7] .. '\\n' .. ARGV[3])
@@ -445,12 +446,12 @@ return 1
 _REQUEUE = Script(
     _GUARD
     + """
-redis.call('RPUSH', KEYS[3], ARGV[3])
-if redis.call('EXISTS', KEYS[4]) == 1 then
-  redis.call('HSET', KEYS[4], 'status', 'queued', 'worker_id', ARGV[4])
+redis.call('RPUSH', KEYS[4], ARGV[3])
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  redis.call('HSET', KEYS[5], 'status', 'queued', 'worker_id', ARGV[4])
 end
 """
-    + _RING.substitute(doorbell=5, doorbell_max=5)
+    + _RING.substitute(doorbell=6, doorbell_max=5)
     + """
 return 1
 """
@@ -461,7 +462,8 @@ async def finish(
     redis: Redis, held_in: str, raw: str, result: JobResult, ttl_s: int, *, streamed: bool, dead: str | None = None
 ) -> bool:
     """Remove `raw` from the list `held_in` and store the result, atomically; False (nothing written)
-    when `raw` is no longer there (the lease was lost) or when `dead`'s heartbeat is back.
+    when `raw` is no longer there (the lease was lost), or, for a reaper acting on `dead`, when its
+    heartbeat is back or `liveness:grace` holds.
 
     Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
     `stream:{request_id}` with the result for a streamed job, and announces it on the results channel
@@ -470,9 +472,9 @@ async def finish(
     request_id = result.request_id
     result_json = result.model_dump_json()
     finished = await _FINISH.run(
-        redis, 6,
-        held_in, keys.heartbeat_key(dead or ""), keys.result_key(request_id), keys.job_key(request_id),
-        keys.stream_key(request_id), keys.DEADLINES,
+        redis, 7,
+        held_in, keys.heartbeat_key(dead or ""), keys.LIVENESS_GRACE, keys.result_key(request_id),
+        keys.job_key(request_id), keys.stream_key(request_id), keys.DEADLINES,
         "1" if dead else "0", raw, result_json, str(ttl_s), "1" if streamed else "0",
         keys.RESULTS_CHANNEL, request_id, "1" if announces_result(result_json, streamed=streamed) else "0",
     )  # fmt: skip
@@ -500,11 +502,12 @@ def read_announcement(message: str) -> tuple[str, str | None]:
 
 async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: str | None = None) -> bool:
     """Move `raw` from `source_key` to the front of the queue `job` waits in (its worker's, or for a
-    shared job its model's) as `job`; False when `raw` is no longer there or when `dead`'s heartbeat
-    is back (it re-registered meanwhile)."""
+    shared job its model's) as `job`; False when `raw` is no longer there, or when `dead`'s heartbeat
+    is back (it beat again, or re-registered) or `liveness:grace` holds."""
     moved = await _REQUEUE.run(
-        redis, 5,
-        source_key, keys.heartbeat_key(dead or ""), waiting_key(job), keys.job_key(job.request_id), doorbell_key(job),
+        redis, 6,
+        source_key, keys.heartbeat_key(dead or ""), keys.LIVENESS_GRACE, waiting_key(job),
+        keys.job_key(job.request_id), doorbell_key(job),
         "1" if dead else "0", raw, job.model_dump_json(), job.worker_id, str(keys.DOORBELL_MAX),
     )  # fmt: skip
     return bool(moved)
@@ -526,7 +529,8 @@ async def retry_or_fail(
     A job that had started counts an attempt (one still queued does not); past `max_attempts` it
     fails, so a job that kills every worker it touches cannot take the pool down. A shared job
     goes back to its model's shared queue whatever `target` is. With no `target` (nobody serves
-    the model now) any other job stays where it is. A job whose entry cannot
+    the model now) any other job stays where it is. With `dead` (a reaper's move) nothing happens
+    once that worker's heartbeat is back, or while `liveness:grace` holds. A job whose entry cannot
     be read is dropped with an error log. Returns whether the job was moved or failed.
     """
     try:

@@ -766,10 +766,12 @@ class Chaos:
 
 
 class RedisProxy(threading.Thread):
-    """A TCP proxy in front of Redis that can withhold the server's replies and cut every connection.
+    """A TCP proxy in front of Redis that can withhold the server's replies, cut every connection,
+    and turn new connections away.
 
     It stands for a network that fails at the worst moment: a command reaches Redis and runs,
-    and the connection dies before its reply comes back.
+    and the connection dies before its reply comes back; or a way to Redis that stays down a
+    while after the server is back.
     """
 
     def __init__(self, upstream_port: int) -> None:
@@ -780,6 +782,8 @@ class RedisProxy(threading.Thread):
         self.withholding = threading.Event()
         # When set, the first reply that contains these bytes starts the withholding (it is withheld too).
         self.withhold_from: bytes | None = None
+        # While set, each new connection is closed at once, as if the server were not there.
+        self.refusing = threading.Event()
         self._lock = threading.Lock()
         self._sockets: list[socket.socket] = []  # the connections open now
         self._opened: list[socket.socket] = []  # every socket ever opened, closed by close()
@@ -793,7 +797,13 @@ class RedisProxy(threading.Thread):
         with contextlib.suppress(OSError):  # the listener is closed by close()
             while True:
                 client, _ = self._listener.accept()
-                upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
+                try:
+                    if self.refusing.is_set():
+                        raise ConnectionRefusedError
+                    upstream = socket.create_connection(("127.0.0.1", self._upstream_port))
+                except OSError:  # turned away, or the server is down: the client's connection closes
+                    client.close()
+                    continue
                 with self._lock:
                     self._sockets += [client, upstream]
                     self._opened += [client, upstream]

@@ -210,7 +210,7 @@ async def test_a_dead_workers_pull_waits_for_that_worker_and_is_not_handed_to_an
     await queue.enqueue(redis, _pull_job("pull-0002", "wa"), ttl_s=60)
     await redis.delete(keys.heartbeat_key("wa"))  # wa died holding one pull, with another queued
 
-    await Reaper(redis, interval_s=0.1, max_attempts=3, result_ttl_s=60).reap_once()
+    await Reaper(redis, interval_s=0.1, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=0).reap_once()
     assert await redis.llen(keys.processing_key("wa")) == 1 and await redis.llen(keys.queue_key("wa")) == 1
     assert await redis.llen(keys.queue_key("wb")) == 0
 

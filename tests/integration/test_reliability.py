@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+import pytest
 from redis.asyncio import Redis
 
 from gputorrent import auth, keys, pool_stats, queue, registry
@@ -33,7 +34,8 @@ def _result(request_id: str, worker_id: str = "w1") -> JobResult:
 
 
 def _reaper(redis: Redis, max_attempts: int = 3) -> Reaper:
-    return Reaper(redis, interval_s=0.1, max_attempts=max_attempts, result_ttl_s=60)
+    """A reaper that judges at once (no heartbeat timeout of sight to wait for)."""
+    return Reaper(redis, interval_s=0.1, max_attempts=max_attempts, result_ttl_s=60, heartbeat_timeout_s=0)
 
 
 async def test_a_taken_job_stays_in_redis_until_finished(redis: Redis) -> None:
@@ -174,3 +176,122 @@ async def test_a_reaper_leaves_a_worker_that_came_back_alone(redis: Redis) -> No
     )
     assert not handled
     assert await redis.llen(keys.processing_key("w1")) == 1
+
+
+# The liveness rule: no worker is judged dead on what could not be seen.
+INTERVAL_S, TIMEOUT_S = 0.5, 3.0
+
+
+class _Clock:
+    """The monotonic clock of a reaper, moved by the test: the rule is about time, and no test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _judging_reaper(redis: Redis, clock: _Clock) -> Reaper:
+    return Reaper(
+        redis, interval_s=INTERVAL_S, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=TIMEOUT_S, clock=clock
+    )
+
+
+async def _rounds(reaper: Reaper, clock: _Clock, seconds: float) -> int:
+    """The reaper's rounds, one an interval, for `seconds` of its clock; how many jobs they moved."""
+    handled = 0
+    for _ in range(round(seconds / INTERVAL_S)):
+        clock.now += INTERVAL_S
+        handled += await reaper.reap_once()
+    return handled
+
+
+async def _w1_holds_a_job(redis: Redis) -> None:
+    await _register(redis, "w1")
+    await _register(redis, "w2")
+    await queue.enqueue(redis, _job("held"), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+
+
+async def _queued_on_w2(redis: Redis) -> list[str]:
+    return [Job.model_validate_json(raw).request_id for raw in await redis.lrange(keys.queue_key("w2"), 0, -1)]
+
+
+async def test_a_new_reaper_judges_no_worker_dead_before_it_has_seen_redis_for_a_heartbeat_timeout(
+    redis: Redis,
+) -> None:
+    await _w1_holds_a_job(redis)
+    await registry.mark_gone(redis, "w1")  # its heartbeat key is absent
+    clock = _Clock()
+    reaper = _judging_reaper(redis, clock)
+    assert await reaper.reap_once() == 0  # its first look: it cannot know how long the key has been gone
+    assert await _rounds(reaper, clock, TIMEOUT_S - INTERVAL_S) == 0
+    assert await redis.llen(keys.processing_key("w1")) == 1
+    assert not await redis.exists(keys.LIVENESS_GRACE)  # a first look is no break: nobody else holds off
+
+    assert await _rounds(reaper, clock, INTERVAL_S) == 1  # a full timeout seen, w1 never beat: dead
+    assert await _queued_on_w2(redis) == ["held"]
+
+
+@pytest.mark.parametrize("broken_by", ["a failed call", "a gap between rounds"])
+async def test_after_a_break_in_sight_no_reaper_moves_a_job_for_a_heartbeat_timeout(
+    redis: Redis, broken_by: str
+) -> None:
+    await _w1_holds_a_job(redis)
+    # Two coordinators' reapers, each with its own clock: a break in one's sight is not in the other's.
+    seeing_clock, broken_clock = _Clock(), _Clock()
+    seeing, broken = _judging_reaper(redis, seeing_clock), _judging_reaper(redis, broken_clock)
+    for reaper, clock in ((seeing, seeing_clock), (broken, broken_clock)):
+        assert await _rounds(reaper, clock, TIMEOUT_S + INTERVAL_S) == 0  # w1 alive: nothing to move
+    if broken_by == "a failed call":
+        broken.sight.lost()  # what its round does on a RedisError
+    else:
+        broken_clock.now += 1.5 * INTERVAL_S + 0.01  # Redis paused, or the coordinator's loop stalled
+    await registry.mark_gone(redis, "w1")  # its key lapsed during the break: it could not beat either
+
+    assert await broken.reap_once() == 0  # sees Redis again: holds off itself, and writes the grace
+    assert 0 < await redis.pttl(keys.LIVENESS_GRACE) <= TIMEOUT_S * 1000
+    assert await seeing.reap_once() == 0  # it saw no break, yet it holds off too
+    assert seeing.sight.seen_for_s() >= TIMEOUT_S
+    assert await _rounds(broken, broken_clock, TIMEOUT_S - INTERVAL_S) == 0
+    assert await redis.llen(keys.processing_key("w1")) == 1
+
+    await redis.delete(keys.LIVENESS_GRACE)  # its TTL ran out: a full timeout, and w1 never beat
+    assert await _rounds(broken, broken_clock, INTERVAL_S) == 1
+    assert await _queued_on_w2(redis) == ["held"]
+
+
+@pytest.mark.parametrize("attempt", [1, 3], ids=["moved", "failed worker_lost"])
+async def test_a_reapers_move_is_refused_in_its_script_while_the_grace_holds(redis: Redis, attempt: int) -> None:
+    await _register(redis, "w1")
+    await _register(redis, "w2")
+    await queue.enqueue(redis, _job("held", attempt=attempt), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+    await registry.mark_gone(redis, "w1")
+    raw = (await redis.lrange(keys.processing_key("w1"), 0, -1))[0]
+    # A reaper that read w1 as dead and no grace, then another coordinator wrote the grace.
+    await redis.set(keys.LIVENESS_GRACE, "1", px=int(TIMEOUT_S * 1000))
+
+    async def move() -> bool:
+        return await queue.retry_or_fail(
+            redis, keys.processing_key("w1"), raw, started=True, target="w2", max_attempts=3, ttl_s=60, dead="w1"
+        )
+
+    assert not await move()
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [raw]
+    assert not await redis.exists(keys.result_key("held"))
+
+    await redis.delete(keys.LIVENESS_GRACE)
+    assert await move()
+
+
+async def test_a_reaper_that_cannot_judge_liveness_still_ends_jobs_past_their_deadline(redis: Redis) -> None:
+    await _register(redis, "w1")
+    job = _job("late").model_copy(update={"deadline": time.time() - 1})
+    await queue.enqueue(redis, job, ttl_s=60)
+    reaper = _judging_reaper(redis, _Clock())
+    assert await reaper.reap_once() == 0  # blind: it has just started
+    assert await reaper.end_overdue() == 1  # deadlines are the client's, not a judgement of liveness
+    found = await queue.lookup(redis, "late")
+    assert isinstance(found, JobResult) and found.error is not None and found.error.code == "timeout"

@@ -89,7 +89,7 @@ async def test_delete_and_deadlines_end_a_job_on_the_shared_queue(
 
     cancelled = await api.delete(f"/inference/{cancelled_id}")
     assert cancelled.status_code == 200 and cancelled.json()["error"]["code"] == "cancelled"
-    reaper = Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60)
+    reaper = Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=0)
     await eventually(lambda: _ended_one(reaper), "the reaper to end the job past its deadline")
     assert (await api.get(f"/result/{overdue_id}")).json()["error"]["code"] == "timeout"
     assert await _shared_queue(redis) == []
@@ -112,7 +112,7 @@ async def test_a_dead_workers_pulled_job_goes_back_to_the_shared_queue_with_an_a
     assert lease is not None and lease.job.request_id == request_id
     await registry.mark_gone(redis, "w1")  # w1 dies holding the job
 
-    assert await Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60).reap_once() == 1
+    assert await Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=0).reap_once() == 1
     [requeued] = await _shared_queue(redis)
     assert requeued.request_id == request_id and requeued.attempt == 2 and requeued.worker_id == ""
     assert await redis.hget(keys.job_key(request_id), "worker_id") == ""

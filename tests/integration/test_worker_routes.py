@@ -249,7 +249,7 @@ async def test_an_admin_revokes_a_live_worker_every_later_call_is_401_and_its_jo
     assert not await redis.exists(keys.heartbeat_key("b"))  # the refused beat did not bring it back
     assert {w["worker_id"]: w["state"] for w in (await api.get("/workers")).json()} == {"a": "alive", "b": "dead"}
     # The job b held goes to the other live worker, with an attempt counted.
-    await Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60).reap_once()
+    await Reaper(redis, 0.1, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=0).reap_once()
     handed = await _take(api, a)
     assert handed is not None and (handed.request_id, handed.attempt) == (rid, 2)
     assert (await api.delete("/admin/workers/b")).status_code == 204

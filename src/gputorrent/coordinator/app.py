@@ -65,7 +65,10 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             {keys.RESULTS_CHANNEL: result_announced, keys.KEYS_REVOKED_CHANNEL: key_cache.revoked},
             subscribers=(waiter, key_cache),
         )
-        reaper = Reaper(redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s)
+        reaper = Reaper(
+            redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        )  # fmt: skip
         app.state.redis, app.state.settings, app.state.waiter = redis, settings, waiter
         app.state.key_cache = key_cache
         background = [

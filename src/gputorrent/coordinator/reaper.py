@@ -6,6 +6,11 @@ serving the model; the jobs it held (its processing list) move too, with their a
 counted, and past `max_attempts` they fail with code `worker_lost`, so one job that kills
 every worker it touches cannot take the pool down. Each move is one Lua script that first
 removes the job from the dead worker's list, so two reapers never move a job twice.
+
+An expired key proves a worker dead only if Redis could be reached for the whole heartbeat
+timeout before: while Redis is away no worker can beat, and every key lapses. So a reaper judges
+only once it has seen Redis without a break for a full timeout (`Sight`), and one that sees it
+again after a break also writes `liveness:grace` for the others (checked in the move scripts).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -28,14 +34,59 @@ OVERDUE_BATCH = 256  # deadlines handled per round; the rest wait for the next r
 DEADLINE_PASSED = ErrorInfo(code="timeout", message="the request passed its deadline (timeout_s) before it finished")
 
 
-class Reaper:
-    """Runs `reap_once()` every `interval_s` until `stop()`."""
+class Sight:
+    """How long this coordinator has seen Redis without a break, on `clock` (monotonic seconds).
 
-    def __init__(self, redis: Redis, interval_s: float, max_attempts: int, result_ttl_s: int) -> None:
+    A break is a failed call (`lost`), or two replies further apart than `max_gap_s`: Redis paused,
+    or this coordinator's loop stalled, so nothing it could see either way. A new coordinator has
+    not seen Redis yet: it starts blind.
+    """
+
+    def __init__(self, max_gap_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self._max_gap_s = max_gap_s
+        self._clock = clock
+        self._since: float | None = None  # when the current unbroken sight began; None: blind
+        self._last_reply: float | None = None
+        self._looked = False  # any reply or failure before: a new coordinator's first look is no break
+
+    def saw(self) -> bool:
+        """A reply from Redis just came; True when it ends a break (not the first look ever)."""
+        now = self._clock()
+        broken = self._last_reply is None or now - self._last_reply > self._max_gap_s
+        if broken:
+            self._since = now
+        self._last_reply = now
+        regained, self._looked = broken and self._looked, True
+        return regained
+
+    def lost(self) -> None:
+        """A call to Redis failed."""
+        self._since = self._last_reply = None
+        self._looked = True
+
+    def seen_for_s(self) -> float:
+        return 0.0 if self._since is None else self._clock() - self._since
+
+
+class Reaper:
+    """Runs `reap_once()` and `end_overdue()` every `interval_s` until `stop()`.
+
+    It judges workers dead only once it has seen Redis for `heartbeat_timeout_s` without a break
+    (0: at once); the jobs of dead workers move only while `liveness:grace` is absent.
+    """
+
+    def __init__(
+        self, redis: Redis, interval_s: float, max_attempts: int, result_ttl_s: int, *, heartbeat_timeout_s: float,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self._redis = redis
         self._interval_s = interval_s
         self._max_attempts = max_attempts
         self._result_ttl_s = result_ttl_s
+        self._heartbeat_timeout_s = heartbeat_timeout_s
+        # A round comes every interval: more than half an interval late is a break. A worker keeps its
+        # key (a timeout of beats, usually 3 intervals) through an outage that short.
+        self.sight = Sight(max_gap_s=1.5 * interval_s, clock=clock)
         self._stopping = asyncio.Event()
 
     def stop(self) -> None:
@@ -46,16 +97,36 @@ class Reaper:
             try:
                 await self.reap_once()
                 await self.end_overdue()
+                await self._saw()
             except (RedisError, OSError) as e:
+                self.sight.lost()
                 log.warning("reaper cannot reach Redis (%s)", e)
             except Exception:  # the outermost boundary of a background duty: log, keep going
                 log.exception("reaper round failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stopping.wait(), self._interval_s)
 
+    async def _saw(self) -> None:
+        """Note a reply from Redis; after a break, hold every reaper off for a heartbeat timeout."""
+        if self.sight.saw() and self._heartbeat_timeout_s > 0:
+            # Workers (and those beating through this coordinator's /worker routes) could not beat
+            # during the break either: each gets a full timeout to beat again, whoever judges.
+            await self._redis.set(keys.LIVENESS_GRACE, "1", px=max(1, round(self._heartbeat_timeout_s * 1000)))
+            log.warning(
+                "reaper sees Redis again after a break; no worker is judged dead for %g s", self._heartbeat_timeout_s
+            )
+
     async def reap_once(self) -> int:
-        """Move (or fail) every job of every dead worker once; returns how many were handled."""
+        """Move (or fail) every job of every dead worker once; returns how many were handled.
+
+        Nothing moves before this reaper has seen Redis for a full heartbeat timeout, nor while
+        `liveness:grace` holds."""
         workers = await registry.snapshot(self._redis)
+        await self._saw()
+        if self.sight.seen_for_s() < self._heartbeat_timeout_s or not any(w.state == "dead" for w in workers):
+            return 0
+        if await self._redis.exists(keys.LIVENESS_GRACE):  # the move scripts check it too, atomically
+            return 0
         handled = 0
         for dead in (w for w in workers if w.state == "dead"):
             # Queued jobs first, then the started ones: each move goes to the front of its new queue,
@@ -67,6 +138,7 @@ class Reaper:
                     self._redis, dead.worker_id, source, workers, count_attempt=started,
                     max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, only_if_dead=True,
                 )  # fmt: skip
+                await self._saw()  # a long round of moves is no break
         return handled
 
     async def end_overdue(self) -> int:
