@@ -387,7 +387,8 @@ class Worker:
         """Write the result while the lease holds. It is the job's only copy now: retry through a
         Redis outage, and never let a cancellation interrupt the write half-way."""
         job = lease.job
-        backoff = Backoff()
+        # Retried as often as the heartbeat: a result held through an outage lands soon after Redis is back.
+        backoff = Backoff(max_s=self.heartbeat_interval_s)
         while True:
             try:
                 held = await asyncio.shield(self.link.finish(lease, result))
