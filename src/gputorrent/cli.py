@@ -18,7 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 from gputorrent import __version__, logs
-from gputorrent.config import PACKAGED_MODEL, CoordinatorSettings, WorkerSettings
+from gputorrent.config import PACKAGED_CHAT_MODEL, PACKAGED_MODEL, CoordinatorSettings, WorkerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -149,7 +149,8 @@ def _up(args: argparse.Namespace) -> int:
     from gputorrent.up import default_key_file, run_up
 
     return run_up(
-        host=args.host, port=args.port, model=args.model, log_level=args.log_level, key_file=default_key_file(),
+        host=args.host, port=args.port, models=args.model or [PACKAGED_CHAT_MODEL, PACKAGED_MODEL],
+        log_level=args.log_level, key_file=default_key_file(),
         no_auth=args.no_auth,
     )  # fmt: skip
 
@@ -209,10 +210,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command")
     default_url = os.environ.get("COORDINATOR_URL", "http://localhost:8000")
 
-    up = sub.add_parser("up", help="run a whole pool here: private Redis, coordinator, one llama.cpp worker")
+    up = sub.add_parser("up", help="run a whole pool here: private Redis, coordinator, llama.cpp workers")
     up.add_argument("--host", default="127.0.0.1", help="address the coordinator listens on (default 127.0.0.1)")
     up.add_argument("--port", type=int, default=8000, help="coordinator port (default 8000)")
-    up.add_argument("--model", default=PACKAGED_MODEL, help=f"GGUF path or {PACKAGED_MODEL} (default)")
+    up.add_argument(
+        "--model", action="append",
+        help=f"a GGUF path or packaged model to serve, a worker each; repeat for more (default: {PACKAGED_CHAT_MODEL} "
+        f"for chat and {PACKAGED_MODEL})",
+    )  # fmt: skip
     up.add_argument("--no-auth", action="store_true", help="no API keys: only with a loopback --host")
 
     coordinator = sub.add_parser("coordinator", help="run the coordinator (env: REDIS_HOST, REDIS_PORT, REDIS_URL)")

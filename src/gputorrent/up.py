@@ -1,8 +1,9 @@
 """`gputorrent up`: a whole pool on this machine, stopped as one by Ctrl-C.
 
 Starts a private Redis-compatible server (unless `REDIS_URL` or `REDIS_HOST` names one), the
-coordinator and one llama.cpp worker, each its own process, and stops every one of them on
-SIGINT or SIGTERM, or when any of them dies: the worker first, Redis last.
+coordinator and a llama.cpp worker per model (by default the packaged chat model and Gemma 3
+270M), each its own process, and stops every one of them on SIGINT or SIGTERM, or when any of them
+dies: the workers first, Redis last.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gputorrent.config import PACKAGED_CHAT_MODEL
 from gputorrent.embedded import EmbeddedRedis
 
 T = TypeVar("T")
@@ -43,7 +45,7 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
-def run_up(*, host: str, port: int, model: str, log_level: str, key_file: Path, no_auth: bool = False) -> int:
+def run_up(*, host: str, port: int, models: list[str], log_level: str, key_file: Path, no_auth: bool = False) -> int:
     def on_signal(signum: int, _: FrameType | None) -> None:
         raise _Stop
 
@@ -75,10 +77,13 @@ def run_up(*, host: str, port: int, model: str, log_level: str, key_file: Path, 
         python = [sys.executable, "-m", "gputorrent", "--log-level", log_level]
         children.append(_spawn([*python, "coordinator", "--host", host, "--port", str(port)], env))
         _wait_until(lambda: _get(f"{url}/health") is not None, children, "the coordinator to answer /health")
-        worker = ["worker", "--backend", "llamacpp", "--model", model, "--coordinator", url]
-        children.append(_spawn([*python, *worker], env))
-        _wait_until(lambda: _alive_worker(url, api_key), children, f"the worker to load {model} and register")
-        print(_banner(url, model, authenticated=api_key is not None), flush=True)
+        for model in models:  # a llama.cpp context holds one model: a worker each
+            worker = ["worker", "--backend", "llamacpp", "--model", model, "--coordinator", url]
+            children.append(_spawn([*python, *worker], env))
+        _wait_until(
+            lambda: _alive_models(url, api_key) >= set(models), children, f"the workers to load {', '.join(models)}"
+        )
+        print(_banner(url, models, authenticated=api_key is not None), flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         print("a process of the pool exited; stopping the rest", file=sys.stderr, flush=True)
@@ -91,9 +96,9 @@ def run_up(*, host: str, port: int, model: str, log_level: str, key_file: Path, 
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        for child in reversed(children):  # the worker first, so it leaves the pool cleanly
+        for child in reversed(children):  # the workers first, so they leave the pool cleanly
             terminate(child)
-        if join_id is not None:  # the worker's join key dies with the pool
+        if join_id is not None:  # the workers' join key dies with the pool
             _revoke(env["REDIS_URL"], join_id)
         if embedded is not None:
             embedded.stop()
@@ -145,21 +150,24 @@ def _get(url: str, api_key: str | None = None) -> httpx.Response | None:
     return response if response.status_code == 200 else None
 
 
-def _alive_worker(url: str, api_key: str | None) -> bool:
+def _alive_models(url: str, api_key: str | None) -> set[str]:
+    """The models the pool's alive workers serve."""
     response = _get(f"{url}/workers", api_key)
-    return response is not None and any(w["state"] == "alive" for w in response.json())
+    workers = response.json() if response is not None else []
+    return {model for w in workers if w["state"] == "alive" for model in w["models"]}
 
 
-def _banner(url: str, model: str, *, authenticated: bool) -> str:
-    body = f'{{"model": "{model}", "prompt": "The capital of France is", "options": {{"max_tokens": 16}}}}'
+def _banner(url: str, models: list[str], *, authenticated: bool) -> str:
+    """Where things are, and a chat to try, printed to run as it is: on the chat model when it is served."""
+    chat_model = PACKAGED_CHAT_MODEL if PACKAGED_CHAT_MODEL in models else models[0]
+    body = f'{{"model": "{chat_model}", "messages": [{{"role": "user", "content": "Name three colors."}}]}}'
     auth = ' -H "Authorization: Bearer $GPUTORRENT_API_KEY"' if authenticated else ""
     return (
-        f"\nGPU Torrent is up at {url} (Ctrl-C stops it)\n"
-        f"Dashboard and playground: {url}/dashboard\n"
+        f"\nGPU Torrent is up at {url} (Ctrl-C stops it), serving {', '.join(models)}\n"
+        f"Dashboard and playground: {url}/dashboard (or open {url} in a browser)\n"
         "Try:\n"
-        f"  id=$(curl -s {url}/inference{auth} -H 'content-type: application/json' \\\n"
-        f"        -d '{body}' | python3 -c 'import json,sys; print(json.load(sys.stdin)[\"request_id\"])')\n"
-        f"  curl -s{auth} '{url}/result/'$id'?wait=30'\n"
+        f"  curl -s {url}/v1/chat/completions{auth} -H 'content-type: application/json' \\\n"
+        f"    -d '{body}'\n"
     )
 
 

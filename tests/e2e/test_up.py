@@ -1,4 +1,4 @@
-"""`gputorrent up` end to end: private Redis, coordinator and a llama.cpp worker on the packaged model."""
+"""`gputorrent up` end to end: private Redis, coordinator and llama.cpp workers on the packaged models."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_up_serves_a_real_completion_and_ctrl_c_leaves_no_process(tmp_path: Path
         assert "started a private Redis-compatible server" in log
         assert f"GPU Torrent is up at http://127.0.0.1:{port}" in log
         pool = psutil.Process(up.pid).children(recursive=True)
-        assert len(pool) >= 3  # Redis, coordinator, worker
+        assert len(pool) >= 4  # Redis, coordinator, a worker a model
 
         # The first run made an admin key, printed it once and kept it for this user only.
         key_file = tmp_path / "home" / "api-key"
@@ -68,14 +68,16 @@ def test_up_serves_a_real_completion_and_ctrl_c_leaves_no_process(tmp_path: Path
         assert result["usage"]["prompt_tokens"] > 0
         assert 0 < result["usage"]["completion_tokens"] <= 12
 
-        # The curl line printed for the user works as printed.
+        # The curl line printed for the user works as printed: a chat on the instruction-tuned model.
         shown = subprocess.run(
             ["bash", "-c", _try_block(log)], capture_output=True, text=True, timeout=120,
             env={**env, "GPUTORRENT_API_KEY": key},
         )  # fmt: skip
         assert shown.returncode == 0, shown.stderr
         printed = json.loads(shown.stdout)
-        assert printed["status"] == "completed" and printed["output"].strip()
+        assert printed["model"] == "smollm2:135m" and printed["choices"][0]["message"]["content"].strip()
+        served = {m["id"] for m in httpx.get(f"{base}/v1/models", headers=auth, timeout=10).json()["data"]}
+        assert served == {"smollm2:135m", "gemma3:270m"}
 
         up.send_signal(signal.SIGINT)
         assert up.wait(timeout=60) == 0, log_path.read_text()

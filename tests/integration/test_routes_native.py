@@ -308,4 +308,13 @@ async def test_redis_refusing_writes_is_503_not_500(
 
 async def test_the_root_answers_get_and_head_as_ollamas_does(api: httpx.AsyncClient) -> None:
     assert (await api.get("/")).text == "GPU Torrent is running"
+    assert (await api.get("/", headers={"Accept": "application/json"})).text == "GPU Torrent is running"
     assert (await api.head("/")).status_code == 200
+
+
+async def test_a_browser_opening_the_root_lands_on_the_dashboard(api: httpx.AsyncClient) -> None:
+    browser = {"Accept": "text/html,application/xhtml+xml,application/xml;q=0.9,*/*;q=0.8"}
+    redirected = await api.get("/", headers=browser)
+    assert redirected.status_code == 307 and redirected.headers["location"] == "/dashboard"
+    page = await api.get("/", headers=browser, follow_redirects=True)
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]

@@ -11,7 +11,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from redis.exceptions import RedisError
 
 from gputorrent import auth, keys, queue, registry
@@ -266,10 +266,18 @@ async def get_result(
 
 
 @router.head("/", response_class=PlainTextResponse, include_in_schema=False)  # one schema entry: GET
-@router.get("/", response_class=PlainTextResponse, tags=["operations"])
-async def root() -> str:
-    """A liveness answer at the root, as Ollama gives one (its CLI checks `HEAD /` before most commands)."""
-    return "GPU Torrent is running"
+@router.get(
+    "/",
+    response_class=PlainTextResponse,
+    tags=["operations"],
+    responses={307: {"description": "to the dashboard, for a browser (a request that accepts text/html)"}},
+)
+async def root(request: Request) -> Response:
+    """A liveness answer at the root, as Ollama gives one (its CLI checks `HEAD /` before most commands);
+    a browser is sent on to the dashboard."""
+    if "text/html" in request.headers.get("accept", ""):
+        return RedirectResponse("/dashboard", status_code=307)
+    return PlainTextResponse("GPU Torrent is running")
 
 
 @router.get("/health", tags=["operations"])

