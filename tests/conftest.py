@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -27,6 +27,7 @@ from gputorrent.worker.backends import Backend, Puller
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.link import RedisLink
 from gputorrent.worker.main import Worker
+from tests.netns import Host, Network, unavailable_reason
 from tests.ollama_standin import OllamaProtocolStandin
 
 # A server named by GPUTORRENT_TEST_REDIS_URL may hold other data: tests keep to one database of it.
@@ -141,6 +142,26 @@ def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callabl
     return make
 
 
+@pytest.fixture
+def netns_hosts() -> Iterator[Callable[..., dict[str, Host]]]:
+    """Hosts on real links (tests/netns.py): `hosts = netns_hosts("redis", "c1", "w1")`, then
+    `hosts["w1"].popen([...])`, `.cut()`, `.restore()`. Skips the test where namespaces cannot be made;
+    every namespace, veth and the bridge are removed after the test, whatever its outcome."""
+    reason = unavailable_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    networks: list[Network] = []
+
+    def make(*names: str) -> dict[str, Host]:
+        network = Network()
+        networks.append(network)
+        return {name: network.add(name) for name in names}
+
+    yield make
+    for network in networks:
+        network.close()
+
+
 def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
     """Poll `condition` until it holds; fail the test with `what` after `timeout_s`."""
     deadline = time.monotonic() + timeout_s
@@ -178,11 +199,13 @@ def new_key(redis_url: str, scope: str, name: str = "tests") -> str:
 class Process:
     """A `python -m gputorrent ...` child with its output in a log file; stopped on teardown."""
 
-    def __init__(self, args: list[str], log_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, args: list[str], log_path: Path, env: dict[str, str] | None = None, prefix: Sequence[str] = ()
+    ) -> None:
         self.log_path = log_path
         self._log = log_path.open("wb")
         self.popen = subprocess.Popen(
-            [sys.executable, "-m", "gputorrent", *args],
+            [*prefix, sys.executable, "-m", "gputorrent", *args],  # `prefix`: on another host (`ip netns exec`)
             stdout=self._log,
             stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 from gputorrent.embedded import EmbeddedRedis
 from tests.faults.harness import Pool, Row, write_report_row
+from tests.faults.netns_pool import HostPool
+from tests.netns import Host
 
 PoolFactory = Callable[..., Pool]
 
@@ -39,6 +42,26 @@ def pool(pool_factory: PoolFactory) -> Pool:
     made = pool_factory()
     made.coordinator("c1")
     return made
+
+
+@pytest.fixture
+def host_pool(netns_hosts: Callable[..., dict[str, Host]], tmp_path: Path) -> Iterator[Callable[..., HostPool]]:
+    """A pool on separate hosts (tests/faults/netns_pool.py): `host_pool("c1", "w1", "w2", "client")`
+    makes a `redis` host and these, starts Redis and the coordinators (the `c*` hosts); workers are
+    started by the test. Skips where network namespaces cannot be made."""
+    made: list[HostPool] = []
+
+    def make(*names: str, max_attempts: int = 3) -> HostPool:
+        pool = HostPool(tmp_path, netns_hosts("redis", *names), max_attempts=max_attempts)
+        made.append(pool)
+        for name in names:
+            if re.fullmatch(r"c\d+", name):
+                pool.coordinator(name)
+        return pool
+
+    yield make
+    for pool in reversed(made):
+        pool.close()
 
 
 @pytest.fixture

@@ -277,8 +277,11 @@ class WorkerSpec:
 class Pool:
     """Coordinators and workers as processes on one private Redis, with the means to hurt them."""
 
-    def __init__(self, tmp_path: Path, redis: EmbeddedRedis, max_attempts: int = 3) -> None:
+    def __init__(
+        self, tmp_path: Path, redis: EmbeddedRedis, max_attempts: int = 3, headers: dict[str, str] | None = None
+    ) -> None:
         self.tmp_path = tmp_path
+        self.headers = headers or {}  # sent with every request the harness makes (an API key, say)
         self.redis = redis
         self.redis_url = redis.url
         self.max_attempts = max_attempts
@@ -291,7 +294,7 @@ class Pool:
         self._lock = threading.Lock()
         self._serial = 0
         self.client = SyncRedis.from_url(self.redis_url, decode_responses=True, socket_timeout=5)
-        self.http = httpx.Client(timeout=10)
+        self.http = httpx.Client(timeout=10, headers=self.headers)
         self.announcements = Announcements(self.redis_url)
         self.announcements.start()
         self.recovery = RecoveryWatch(self.redis_url)
@@ -308,15 +311,7 @@ class Pool:
     def coordinator(self, name: str = "c1") -> str:
         """Start a coordinator process and return its URL once /health answers."""
         port = free_port()
-        env = {
-            "GPUTORRENT_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S),
-            "GPUTORRENT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
-            "GPUTORRENT_MAX_ATTEMPTS": str(self.max_attempts),
-            "GPUTORRENT_AUTH": "off",  # loopback only; the suite is about faults, tests/*/test_auth.py about keys
-            # Scenarios place jobs on chosen workers; the policies' own reliability is tested in
-            # tests/integration/test_routing_policies.py.
-            "GPUTORRENT_ROUTING": "round_robin",
-        }
+        env = self.coordinator_env()
         proc = self._spawn(["coordinator", "--port", str(port), "--redis-url", self.redis_url], name, env)
         url = f"http://127.0.0.1:{port}"
         self.coordinators[name] = (url, proc)
@@ -325,6 +320,18 @@ class Pool:
         )
         assert proc.popen.poll() is None, proc.log
         return url
+
+    def coordinator_env(self) -> dict[str, str]:
+        """The settings every scenario's coordinator runs with."""
+        return {
+            "GPUTORRENT_HEARTBEAT_INTERVAL_S": str(HEARTBEAT_INTERVAL_S),
+            "GPUTORRENT_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_TIMEOUT_S),
+            "GPUTORRENT_MAX_ATTEMPTS": str(self.max_attempts),
+            "GPUTORRENT_AUTH": "off",  # loopback only; the suite is about faults, tests/*/test_auth.py about keys
+            # Scenarios place jobs on chosen workers; the policies' own reliability is tested in
+            # tests/integration/test_routing_policies.py.
+            "GPUTORRENT_ROUTING": "round_robin",
+        }
 
     def url(self, name: str = "c1") -> str:
         return self.coordinators[name][0]
@@ -634,7 +641,7 @@ class Load(threading.Thread):
         self.coordinators = coordinators
 
     def run(self) -> None:
-        with httpx.Client(timeout=10) as http:
+        with httpx.Client(timeout=10, headers=self.pool.headers) as http:
             next_at = time.monotonic()
             while not self._stopping.is_set() and (self.count is None or self.sent < self.count):
                 names = self.coordinators
