@@ -424,6 +424,16 @@ if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return 0 e
 if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
 """
 
+
+def _guard_keys(dead: str | None) -> tuple[str, str]:
+    """KEYS[2] and KEYS[3] of `_GUARD`: for a reaper's move, the dead holder's heartbeat and
+    `liveness:grace`. A worker's own call reads neither and names `heartbeat:` in their place, so its
+    Redis user needs no access to `liveness:grace` (docs/security.md lists what it has)."""
+    if dead is None:
+        return keys.heartbeat_key(""), keys.heartbeat_key("")
+    return keys.heartbeat_key(dead), keys.LIVENESS_GRACE
+
+
 _FINISH = Script(
     _GUARD
     + """
@@ -473,7 +483,7 @@ async def finish(
     result_json = result.model_dump_json()
     finished = await _FINISH.run(
         redis, 7,
-        held_in, keys.heartbeat_key(dead or ""), keys.LIVENESS_GRACE, keys.result_key(request_id),
+        held_in, *_guard_keys(dead), keys.result_key(request_id),
         keys.job_key(request_id), keys.stream_key(request_id), keys.DEADLINES,
         "1" if dead else "0", raw, result_json, str(ttl_s), "1" if streamed else "0",
         keys.RESULTS_CHANNEL, request_id, "1" if announces_result(result_json, streamed=streamed) else "0",
@@ -506,7 +516,7 @@ async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: st
     is back (it beat again, or re-registered) or `liveness:grace` holds."""
     moved = await _REQUEUE.run(
         redis, 6,
-        source_key, keys.heartbeat_key(dead or ""), keys.LIVENESS_GRACE, waiting_key(job),
+        source_key, *_guard_keys(dead), waiting_key(job),
         keys.job_key(job.request_id), doorbell_key(job),
         "1" if dead else "0", raw, job.model_dump_json(), job.worker_id, str(keys.DOORBELL_MAX),
     )  # fmt: skip
