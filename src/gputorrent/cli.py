@@ -62,6 +62,8 @@ def _coordinator(args: argparse.Namespace) -> int:
     if args.no_auth:
         overrides["auth"] = False
     settings = CoordinatorSettings(**overrides)
+    if (problem := _bad_redis_url("coordinator", settings.redis_url)) is not None:
+        return problem
     if not settings.auth and not _is_loopback(settings.host):
         print(
             f"gputorrent coordinator: refusing to run without authentication on {settings.host}: anyone who can "
@@ -85,6 +87,8 @@ def _worker(args: argparse.Namespace) -> int:
             "ollama_host", "openai_base_url", "join_token",
         )
     )  # fmt: skip
+    if settings.link == "redis" and (problem := _bad_redis_url("worker", settings.redis_url)) is not None:
+        return problem
 
     async def serve() -> None:
         stop = asyncio.Event()
@@ -102,6 +106,18 @@ def _worker(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bad_redis_url(command: str, url: str) -> int | None:
+    """Exit status 2, with one line naming what is wrong, when the Redis URL cannot be used."""
+    from gputorrent.redis_client import RedisUrlError, check_url
+
+    try:
+        check_url(url)
+    except RedisUrlError as e:
+        print(f"gputorrent {command}: REDIS_URL (or --redis-url): {e}", file=sys.stderr)
+        return 2
+    return None
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback
@@ -111,12 +127,14 @@ def _is_loopback(host: str) -> bool:
 
 def _keys(args: argparse.Namespace) -> int:
     """Manage API keys straight in Redis: the operator's side, and how the first admin key is made."""
-    from redis.asyncio import Redis
+    from gputorrent import auth, redis_client
 
-    from gputorrent import auth
+    redis_url = CoordinatorSettings(**_overrides(args, "redis_url")).redis_url
+    if (problem := _bad_redis_url("keys", redis_url)) is not None:
+        return problem
 
     async def run() -> int:
-        redis = Redis.from_url(CoordinatorSettings(**_overrides(args, "redis_url")).redis_url, decode_responses=True)
+        redis = redis_client.async_client(redis_url)
         try:
             if args.keys_command == "create":
                 info, key = await auth.create_key(redis, args.name, args.scope)

@@ -31,6 +31,8 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Argument = str | bytes | int
 READ_SIZE = 64 * 1024
+# Replies of a server demoted from primary to replica: to a write, and to a command it was blocked in.
+_DEMOTED = ("READONLY", "UNBLOCKED")
 DEFAULT_TIMEOUT_S = 30.0  # when the client sets no socket timeout: a lost reply must not hang its callers
 # Idle borrowed connections kept per client for the next blocking reader; one given back beyond
 # that is closed, so a burst of followed streams does not hold its Redis connections for good.
@@ -74,6 +76,13 @@ class PipelinedConnection:
         results = [reply.result() for reply in replies]
         for result in results:
             if isinstance(result, ResponseError):
+                if str(result).startswith(_DEMOTED):
+                    # The server was a primary and is a replica now (a failover): every later command
+                    # here would be refused too, so drop the link; the next one asks the pool (and so
+                    # the Sentinels) for a connection to the new primary.
+                    error = ConnectionError(f"the Redis server is no longer the primary: {result}")
+                    link.abandon(error)
+                    raise error
                 raise _typed(result)
         return results
 
@@ -116,6 +125,10 @@ class _Link:
 
     def close(self) -> None:
         self._break(ConnectionError("the connection to Redis was closed by its owner"))
+
+    def abandon(self, error: Exception) -> None:
+        """Close the connection, failing the commands still waiting on it with `error`."""
+        self._break(error)
 
     async def read_until(self, reply: asyncio.Future[Any], timeout_s: float) -> None:
         """Read replies, handing each to its caller, until `reply` has its own."""

@@ -25,6 +25,7 @@ import httpx
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from gputorrent import redis_client
 from gputorrent.config import PACKAGED_CHAT_MODEL
 from gputorrent.embedded import EmbeddedRedis
 
@@ -213,7 +214,7 @@ def _revoke(redis_url: str, key_id: str) -> None:
 
 
 async def _with_redis(redis_url: str, action: Callable[[Redis], Awaitable[T]]) -> T:
-    redis = Redis.from_url(redis_url, decode_responses=True, socket_connect_timeout=5)
+    redis = redis_client.async_client(redis_url, socket_connect_timeout=5)
     try:
         return await action(redis)
     finally:

@@ -32,10 +32,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from redis import Redis as SyncRedis
 from redis.exceptions import RedisError
 
-from gputorrent import keys, queue
+from gputorrent import keys, queue, redis_client
 from gputorrent.embedded import EmbeddedRedis, free_port
 from gputorrent.protocol import JobResult, JobStatus
 from tests.conftest import PROCESS_START_TIMEOUT_S, Process, alive_workers, wait_for
@@ -165,7 +164,7 @@ class Announcements(threading.Thread):
 
     def run(self) -> None:
         while not self._stopping.is_set():
-            client = SyncRedis.from_url(self._redis_url, socket_connect_timeout=1, socket_timeout=5)
+            client = redis_client.sync_client(self._redis_url, socket_connect_timeout=1, socket_timeout=5)
             try:
                 with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     pubsub.subscribe(keys.RESULTS_CHANNEL)
@@ -207,7 +206,9 @@ class RecoveryWatch(threading.Thread):
 
     def __init__(self, redis_url: str) -> None:
         super().__init__(name="recovery-watch", daemon=True)
-        self._client = SyncRedis.from_url(redis_url, decode_responses=True, socket_connect_timeout=1, socket_timeout=5)
+        self._client = redis_client.sync_client(
+            redis_url, decode_responses=True, socket_connect_timeout=1, socket_timeout=5
+        )
         self._lock = threading.Lock()
         self._pending: dict[str, float] = {}  # request id -> fault time
         self.durations: dict[str, float] = {}
@@ -293,7 +294,7 @@ class Pool:
         self.submitted: list[Submitted] = []
         self._lock = threading.Lock()
         self._serial = 0
-        self.client = SyncRedis.from_url(self.redis_url, decode_responses=True, socket_timeout=5)
+        self.client = redis_client.sync_client(self.redis_url, decode_responses=True, socket_timeout=5)
         self.http = httpx.Client(timeout=10, headers=self.headers)
         self.announcements = Announcements(self.redis_url)
         self.announcements.start()

@@ -12,11 +12,10 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.asyncio import BlockingConnectionPool, Redis
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from gputorrent import __version__, auth, keys, queue
+from gputorrent import __version__, auth, keys, queue, redis_client
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import dispatch, openapi
 from gputorrent.coordinator.error_shapes import error_body
@@ -40,17 +39,15 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # A blocking pool: past its size (every open stream holds a connection) requests wait a
-        # little for a free one instead of failing at once.
-        pool = BlockingConnectionPool.from_url(
+        # A bounded, blocking pool: past its size (every open stream holds a connection) requests wait a
+        # little for a free one instead of failing at once. A Sentinel URL gives the same bound.
+        redis = redis_client.async_client(
             settings.redis_url,
-            decode_responses=True,
             socket_connect_timeout=2,
             socket_timeout=10,
             max_connections=REDIS_MAX_CONNECTIONS,
-            timeout=5,
-        )
-        redis = Redis.from_pool(pool)  # closing the client closes the pool
+            pool_timeout=5,
+        )  # closing the client closes the pool
         waiter = ResultWaiter(redis)
         key_cache = auth.KeyCache()
         snapshot = dispatch.pool_snapshot(redis)

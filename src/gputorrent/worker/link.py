@@ -18,10 +18,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Protocol
 
-import redis as sync_redis
 from redis.asyncio import Redis
 
-from gputorrent import keys, leases, queue, registry, streams
+from gputorrent import keys, leases, queue, redis_client, registry, streams
 from gputorrent.protocol import BeatAnswer, Heartbeat, JobResult
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.telemetry import WorkerTelemetry
@@ -169,7 +168,7 @@ class _RedisHeartbeat:
     """Beats on a blocking client of its own: the `jobs:ended` listener already tells of ended jobs."""
 
     def __init__(self, redis_url: str, worker_id: str, ttl_s: float) -> None:
-        self._client = sync_redis.Redis.from_url(redis_url, socket_connect_timeout=5, socket_timeout=5)
+        self._client = redis_client.sync_client(redis_url, socket_connect_timeout=5, socket_timeout=5)
         self._worker_id = worker_id
         self._ttl_s = ttl_s
 

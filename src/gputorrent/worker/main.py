@@ -12,10 +12,9 @@ import uuid
 from collections.abc import Sequence
 
 import aiohttp
-from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import __version__, logs, queue
+from gputorrent import __version__, logs, queue, redis_client
 from gputorrent.config import WorkerSettings
 from gputorrent.errors import BackendError, BackendUnavailable, DeadlineExceeded, ModelUnavailable, WorkerGone
 from gputorrent.protocol import (
@@ -512,7 +511,7 @@ def open_link(settings: WorkerSettings, registered: Registered) -> PoolLink:
     if settings.link == "coordinator":
         return CoordinatorLink(settings.coordinator_url, registered.worker_id, registered.worker_secret)
     # socket_timeout above POP_TIMEOUT_S: a silently dropped connection fails instead of blocking forever.
-    redis = Redis.from_url(settings.redis_url, decode_responses=True, socket_connect_timeout=5, socket_timeout=15)
+    redis = redis_client.async_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=15)
     return RedisLink(
         redis, settings.redis_url, registered.worker_id, heartbeat_ttl_s=registered.heartbeat_timeout_s,
         max_attempts=settings.max_attempts, result_ttl_s=settings.result_ttl_s,

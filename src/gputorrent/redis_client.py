@@ -1,0 +1,303 @@
+"""The one way to make a Redis client from a URL: a single server, or a primary found through Sentinel.
+
+`redis://` and `rediss://` (and `unix://`) URLs go to redis-py as they always did. A Sentinel URL
+names the Sentinels and the primary's name; the client asks the Sentinels where the primary is on
+every new connection, so after a failover the next connection goes to the new primary by itself:
+
+    redis+sentinel://[[USERNAME]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...]/MASTER_NAME[/DB][?QUERY]
+    rediss+sentinel://...   the same with TLS, to the Redis servers and to the Sentinels
+
+The user part is the Redis servers' (primary and replicas) credentials, as in a `redis://` URL;
+a HOST without a port is 26379. Query parameters (each once):
+
+- `username`, `password`: the Redis servers' credentials, instead of the user part;
+- `sentinel_username`, `sentinel_password`: the Sentinels' own (Sentinel's `requirepass`/ACL);
+- `db`: the database number, instead of `/DB`;
+- `sentinel_tls`: `false` to reach the Sentinels without TLS under `rediss+sentinel`;
+- `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs` (`required`, `optional`, `none`),
+  `ssl_check_hostname`: TLS files and checks, for the servers and the Sentinels alike.
+
+>>> parse_sentinel_url("redis+sentinel://:pw@s1:26379,s2/pool/2?sentinel_password=spw").sentinels
+(('s1', 26379), ('s2', 26379))
+>>> print(redacted_url("redis+sentinel://u:pw@s1/pool?sentinel_password=spw"))
+redis+sentinel://u:***@s1/pool?sentinel_password=***
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import redis as sync_redis
+import redis.sentinel as sync_sentinel
+from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import sentinel as async_sentinel
+from redis.connection import parse_url
+
+SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+DEFAULT_SENTINEL_PORT = 26379
+_BOOL = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
+_TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
+_QUERY = {"username", "password", "sentinel_username", "sentinel_password", "db", "sentinel_tls",
+          "ssl_check_hostname", *_TLS_FILES}  # fmt: skip
+_CERT_REQS = ("required", "optional", "none")
+
+
+class RedisUrlError(ValueError):
+    """A Redis URL that cannot be used; the message names what is wrong and never holds a password."""
+
+
+@dataclass(frozen=True)
+class SentinelTarget:
+    """What a Sentinel URL says: where the Sentinels are, the primary's name, and how to talk to both."""
+
+    sentinels: tuple[tuple[str, int], ...]
+    master_name: str
+    db: int = 0
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    sentinel_username: str | None = None
+    sentinel_password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    sentinel_tls: bool = False
+    tls_options: tuple[tuple[str, Any], ...] = ()
+
+    def server_kwargs(self) -> dict[str, Any]:
+        """Connection settings for the primary (and replicas)."""
+        kwargs: dict[str, Any] = {"db": self.db, "username": self.username, "password": self.password}
+        if self.tls:
+            kwargs.update(ssl=True, **dict(self.tls_options))
+        return kwargs
+
+    def sentinel_kwargs(self) -> dict[str, Any]:
+        """Connection settings for the Sentinels themselves."""
+        kwargs: dict[str, Any] = {"username": self.sentinel_username, "password": self.sentinel_password}
+        if self.sentinel_tls:
+            kwargs.update(ssl=True, **dict(self.tls_options))
+        return kwargs
+
+
+def redacted_url(url: str) -> str:
+    """`url` with every password masked, for messages and logs."""
+    url = re.sub(r"(://[^/@]*?:)[^@/]*@", r"\1***@", url)  # the user part's password
+    return re.sub(r"(?i)((?:^|[?&])[a-z_]*password=)[^&]*", r"\1***", url)
+
+
+def is_sentinel_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
+
+
+def check_url(url: str) -> None:
+    """Raise `RedisUrlError` naming what is wrong when `url` cannot make a client."""
+    if is_sentinel_url(url):
+        parse_sentinel_url(url)
+        return
+    try:
+        parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as e:
+        raise RedisUrlError(f"{e} ({redacted_url(url)})") from None
+
+
+def parse_sentinel_url(url: str) -> SentinelTarget:
+    """The parts of a `redis+sentinel://` or `rediss+sentinel://` URL (the module's docstring)."""
+    shown = redacted_url(url)
+
+    def bad(what: str) -> RedisUrlError:
+        return RedisUrlError(f"Redis Sentinel URL {shown}: {what}")
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in SENTINEL_SCHEMES:
+        raise bad("the scheme must be redis+sentinel:// or rediss+sentinel://")
+    tls = SENTINEL_SCHEMES[scheme.lower()]
+    # urlsplit cannot read a list of hosts as a netloc: split the authority off by hand.
+    authority, _, path_and_query = rest.partition("/")
+    userinfo, at, hosts_part = authority.rpartition("@")
+    if not at:
+        hosts_part, userinfo = authority, ""
+    if "?" in hosts_part or "#" in hosts_part:
+        raise bad("the primary's name is missing: give it as the path, e.g. .../mymaster")
+    parts = urlsplit("x:///" + path_and_query)
+    sentinels = tuple(_host_port(entry, bad) for entry in hosts_part.split(","))
+    segments = [unquote(s) for s in parts.path.strip("/").split("/")] if parts.path.strip("/") else []
+    if not segments or not segments[0]:
+        raise bad("the primary's name is missing: give it as the path, e.g. .../mymaster")
+    if len(segments) > 2:
+        raise bad("the path must be /MASTER_NAME or /MASTER_NAME/DB")
+    query = _query(parts.query, bad)
+    username, password = _credentials(userinfo, query, bad)
+    sentinel_tls = _flag(query["sentinel_tls"], "sentinel_tls", bad) if "sentinel_tls" in query else tls
+    return SentinelTarget(
+        sentinels=sentinels, master_name=segments[0], db=_database(segments[1:], query, bad),
+        username=username, password=password,
+        sentinel_username=query.get("sentinel_username") or None, sentinel_password=query.get("sentinel_password"),
+        tls=tls, sentinel_tls=sentinel_tls, tls_options=_tls_options(query, tls or sentinel_tls, bad),
+    )  # fmt: skip
+
+
+def _query(text: str, bad: Any) -> dict[str, str]:
+    query: dict[str, str] = {}
+    for name, value in parse_qsl(text, keep_blank_values=True):
+        if name not in _QUERY:
+            raise bad(f"unknown query parameter {name!r} (known: {', '.join(sorted(_QUERY))})")
+        if name in query:
+            raise bad(f"query parameter {name!r} is given twice")
+        query[name] = value
+    return query
+
+
+def _credentials(userinfo: str, query: dict[str, str], bad: Any) -> tuple[str | None, str | None]:
+    """The Redis servers' user and password: from the user part, or from the query."""
+    if "username" in query or "password" in query:
+        if userinfo:
+            raise bad("the Redis credentials are given twice: in the user part and as query parameters")
+        return query.get("username") or None, query.get("password")
+    if not userinfo:
+        return None, None
+    user, colon, secret = userinfo.partition(":")
+    return unquote(user) or None, unquote(secret) if colon else None
+
+
+def _database(path_db: list[str], query: dict[str, str], bad: Any) -> int:
+    if "db" in query and path_db:
+        raise bad("the database is given twice: in the path and as the db parameter")
+    text = query.get("db", path_db[0] if path_db else "0")
+    if not text.isdigit():
+        raise bad(f"the database must be a number, not {text!r}")
+    return int(text)
+
+
+def _tls_options(query: dict[str, str], any_tls: bool, bad: Any) -> tuple[tuple[str, Any], ...]:
+    options: list[tuple[str, Any]] = [(name, query[name]) for name in _TLS_FILES if name in query]
+    if query.get("ssl_cert_reqs", "required") not in _CERT_REQS:
+        raise bad(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {query['ssl_cert_reqs']!r}")
+    if "ssl_check_hostname" in query:
+        options.append(("ssl_check_hostname", _flag(query["ssl_check_hostname"], "ssl_check_hostname", bad)))
+    if options and not any_tls:
+        raise bad("TLS options are given but the scheme is redis+sentinel:// (use rediss+sentinel:// for TLS)")
+    return tuple(options)
+
+
+def _host_port(entry: str, bad: Any) -> tuple[str, int]:
+    entry = entry.strip()
+    if not entry:
+        raise bad("a Sentinel address is empty: give HOST[:PORT],HOST[:PORT],...")
+    if entry.startswith("["):  # [IPv6]:port
+        host, close, after = entry[1:].partition("]")
+        if not close or (after and not after.startswith(":")):
+            raise bad(f"the Sentinel address {entry!r} is not [IPV6]:PORT")
+        port_text = after[1:] if after else ""
+    else:
+        host, _, port_text = entry.partition(":")
+    if not host:
+        raise bad(f"the Sentinel address {entry!r} has no host")
+    if not port_text:
+        return host, DEFAULT_SENTINEL_PORT
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise bad(f"the port of Sentinel address {entry!r} must be a number from 1 to 65535")
+    return host, int(port_text)
+
+
+def _flag(value: str, name: str, bad: Any) -> bool:
+    try:
+        return _BOOL[value.lower()]
+    except KeyError:
+        raise bad(f"{name} must be true or false, not {value!r}") from None
+
+
+# -- clients ----------------------------------------------------------------------------------------
+
+
+class _AsyncSentinelPool(async_sentinel.SentinelConnectionPool):
+    """The primary's pool; closing it (the client's `aclose`) also closes the Sentinel clients."""
+
+    async def disconnect(self, inuse_connections: bool = True) -> None:
+        await super().disconnect(inuse_connections)
+        if inuse_connections:  # a whole close, not the drop of idle connections after a failover
+            await self.sentinel_manager.aclose()
+
+
+class _BlockingAsyncSentinelPool(_AsyncSentinelPool, BlockingConnectionPool):
+    """Bounded like the coordinator's `BlockingConnectionPool`: past `max_connections` a caller waits
+    up to `timeout` for a free connection instead of failing at once."""
+
+
+class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool):
+    def disconnect(self, inuse_connections: bool = True) -> None:
+        super().disconnect(inuse_connections)
+        if inuse_connections:
+            for client in self.sentinel_manager.sentinels:
+                client.close()
+
+
+def async_client(
+    url: str,
+    *,
+    decode_responses: bool = True,
+    socket_connect_timeout: float = 5.0,
+    socket_timeout: float | None = None,
+    max_connections: int | None = None,
+    pool_timeout: float | None = None,
+) -> Redis:
+    """An asyncio client for `url`. `max_connections` bounds its pool, and a caller past the bound
+    waits up to `pool_timeout` for a connection (a blocking pool); without it the pool is unbounded.
+    Closing the client closes its pool (and, for Sentinel, the Sentinel clients).
+
+    Raises:
+        RedisUrlError: the URL cannot be used.
+    """
+    common: dict[str, Any] = {
+        "decode_responses": decode_responses,
+        "socket_connect_timeout": socket_connect_timeout,
+        "socket_timeout": socket_timeout,
+    }
+    if not is_sentinel_url(url):
+        check_url(url)
+        if max_connections is None:
+            return Redis.from_url(url, **common)
+        bounded = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout, **common)
+        return Redis.from_pool(bounded)
+    target = parse_sentinel_url(url)
+    manager = async_sentinel.Sentinel(
+        target.sentinels, sentinel_kwargs=_sentinel_connection(target, socket_connect_timeout)
+    )
+    kwargs = {**common, **target.server_kwargs()}
+    pool: async_sentinel.SentinelConnectionPool
+    if max_connections is None:
+        pool = _AsyncSentinelPool(target.master_name, manager, **kwargs)  # type: ignore[no-untyped-call]
+    else:
+        pool = _BlockingAsyncSentinelPool(  # type: ignore[no-untyped-call]
+            target.master_name, manager, max_connections=max_connections, timeout=pool_timeout, **kwargs
+        )
+    return Redis.from_pool(pool)
+
+
+def sync_client(
+    url: str,
+    *,
+    decode_responses: bool = False,
+    socket_connect_timeout: float = 5.0,
+    socket_timeout: float | None = None,
+) -> sync_redis.Redis:
+    """A blocking client for `url` (the worker's heartbeat thread, tests). Raises `RedisUrlError`."""
+    common: dict[str, Any] = {
+        "decode_responses": decode_responses,
+        "socket_connect_timeout": socket_connect_timeout,
+        "socket_timeout": socket_timeout,
+    }
+    if not is_sentinel_url(url):
+        check_url(url)
+        return sync_redis.Redis.from_url(url, **common)
+    target = parse_sentinel_url(url)
+    manager = sync_sentinel.Sentinel(
+        target.sentinels, sentinel_kwargs=_sentinel_connection(target, socket_connect_timeout)
+    )
+    pool = _SyncSentinelPool(target.master_name, manager, **common, **target.server_kwargs())  # type: ignore[no-untyped-call]
+    return sync_redis.Redis.from_pool(pool)
+
+
+def _sentinel_connection(target: SentinelTarget, timeout_s: float) -> dict[str, Any]:
+    # A Sentinel that does not answer within the connect timeout is skipped for the next one: finding
+    # the primary must not take longer than connecting to it would.
+    return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, **target.sentinel_kwargs()}

@@ -1,0 +1,125 @@
+"""Scenario 10: kill -9 of the Redis primary under load; Sentinel promotes the replica.
+
+A primary, one replica and three Sentinels (tests/sentinel.py; failure seen after 1 s). The
+coordinator and the workers are given only the Sentinel URL and are not restarted: each finds the
+new primary by itself. While there is none, requests get 503 with `Retry-After` (never a 500, never
+an answer slower than the connection timeouts allow); workers keep the results they finish and
+store them once the new primary answers. Every job that got a 202 ends with exactly one result.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import wait_for
+from tests.faults.harness import Load, Pool, Row
+from tests.sentinel import SentinelDeployment
+
+pytestmark = pytest.mark.fault
+
+SCENARIO = "10. Redis primary kill -9 under load, Sentinel failover"
+WORKERS = ("w1", "w2")
+# The coordinator connects within 2 s and the Sentinels are asked within as long each: no answer
+# may take longer than that, with room for a loaded 2-core machine.
+SLOWEST_ANSWER_S = 8.0
+
+
+@dataclass(frozen=True)
+class Probe:
+    at: float
+    status: int | None  # None: no HTTP answer at all
+    retry_after: str | None
+    took_s: float
+
+
+class Prober(threading.Thread):
+    """Asks `GET /workers` (a read of Redis) every 50 ms and keeps every answer."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(name="prober", daemon=True)
+        self._url = url
+        self._stopping = threading.Event()
+        self.probes: list[Probe] = []
+
+    def run(self) -> None:
+        with httpx.Client(timeout=30) as http:
+            while not self._stopping.wait(0.05):  # pacing the probes, not synchronisation
+                start = time.time()
+                try:
+                    response = http.get(f"{self._url}/workers")
+                    status, retry_after = response.status_code, response.headers.get("retry-after")
+                except httpx.TransportError:
+                    status = retry_after = None
+                self.probes.append(Probe(start, status, retry_after, time.time() - start))
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.join(timeout=40)
+
+
+@pytest.fixture
+def deployment(tmp_path: Path) -> Iterator[SentinelDeployment]:
+    with SentinelDeployment(tmp_path / "redis") as started:
+        yield started
+
+
+def test_no_accepted_job_is_lost_when_sentinel_fails_the_primary_over_under_load(
+    deployment: SentinelDeployment, tmp_path: Path, record: Callable[[Row], None]
+) -> None:
+    pool = Pool(tmp_path, deployment)  # type: ignore[arg-type]  # only `.url` is read: the Sentinel URL
+    prober: Prober | None = None
+    try:
+        pool.coordinator("c1")
+        pool.start_workers(*WORKERS, token_delay_s=0.02, slots=2)
+        load = Load(pool, rate_per_s=20, max_tokens=6)
+        prober = Prober(pool.url("c1"))
+        load.start()
+        prober.start()
+        try:
+            wait_for(lambda: len(pool.announcements.counts()) >= 20, 30, "20 results before the kill")
+            old_port, killed_at = deployment.kill_primary()
+            deployment.wait_for_failover(old_port)
+            promoted_at = time.time()
+            wait_for(lambda: any(j.at > promoted_at for j in pool.jobs()), 30, "a job accepted after the failover")
+            wait_for(lambda: sum(j.at > promoted_at for j in pool.jobs()) >= 40, 30, "40 jobs after the failover")
+        finally:
+            load.stop()
+            prober.stop()
+        outcome = pool.settle()
+        announced_at = pool.announcements.first_at()
+        first_by_worker: dict[str, float] = {}  # each worker's first result stored after the kill
+        for job in pool.jobs():
+            result = outcome.results.get(job.request_id)
+            at = announced_at.get(job.request_id)
+            if result is not None and at is not None and at > killed_at:
+                first_by_worker[result.worker_id] = min(at, first_by_worker.get(result.worker_id, at))
+        # Recovered when every worker stores results again on the new primary.
+        recover_s = max(first_by_worker.values()) - killed_at if len(first_by_worker) == len(WORKERS) else None
+        record(outcome.row(SCENARIO, recover_s))
+        print(
+            f"\nfailover: promoted {promoted_at - killed_at:.2f} s after the kill; first 202 after it "
+            f"{min(j.at for j in pool.jobs() if j.at > killed_at) - killed_at:.2f} s; every worker storing "
+            f"again {recover_s} s; refused {dict(load.refused)}"
+        )
+
+        outcome.assert_invariant()
+        assert set(first_by_worker) == set(WORKERS), f"workers that stored results after the kill: {first_by_worker}"
+        assert all(pool.workers[w].popen.poll() is None for w in WORKERS)  # nobody restarted or died
+        probes = prober.probes
+        assert [p for p in probes if p.status is None or (p.status >= 500 and p.status != 503)] == []
+        outage = [p for p in probes if p.status == 503]
+        assert outage, "no request saw the primary gone: the failover was not under way while probing"
+        assert all(p.retry_after == "1" for p in outage), outage
+        assert max(p.took_s for p in probes) < SLOWEST_ANSWER_S, max(probes, key=lambda p: p.took_s)
+        assert probes[-1].status == 200
+    finally:
+        if prober is not None and prober.is_alive():
+            prober.stop()
+        pool.close()
