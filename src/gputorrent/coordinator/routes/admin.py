@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 
 from gputorrent import auth, keys, registry
 from gputorrent.coordinator.deps import RedisDep
@@ -33,10 +33,13 @@ async def list_keys(redis: RedisDep, caller: AdminDep) -> list[ApiKeyInfo]:
 
 
 @router.delete("/keys/{key_id}", status_code=204, responses={404: {"description": "no such key"}})
-async def revoke_key(key_id: str, redis: RedisDep, caller: AdminDep) -> Response:
+async def revoke_key(key_id: str, request: Request, redis: RedisDep, caller: AdminDep) -> Response:
     """Revoke a key: every coordinator refuses it from the next request on."""
     if not await auth.revoke_key(redis, key_id):
         raise NotFound(f"no API key with id {key_id!r}")
+    # This coordinator's own cache drops it now, not when its listener hears the announcement: a
+    # request that follows the 204 at once may come before that.
+    request.app.state.key_cache.revoked(key_id)
     log.info("API key %s revoked by key %s", key_id, caller.key_id)
     return Response(status_code=204)
 
