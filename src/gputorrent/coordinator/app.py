@@ -32,6 +32,11 @@ log = logging.getLogger(__name__)
 
 LISTENER_STOP_TIMEOUT_S = 5.0
 REDIS_MAX_CONNECTIONS = 2048
+REDIS_CONNECT_TIMEOUT_S = 2.0
+# Every command the coordinator sends is answered at once, but for its blocking reads (a stream
+# follower's XREAD, a linked worker's long-poll take), which add their own wait to this: so a Redis
+# that went silent (a cut link) turns a request into a 503 within about this, not a hang.
+REDIS_REPLY_TIMEOUT_S = 2.0
 
 
 def create_app(settings: CoordinatorSettings) -> FastAPI:
@@ -43,8 +48,8 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         # little for a free one instead of failing at once. A Sentinel URL gives the same bound.
         redis = redis_client.async_client(
             settings.redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=10,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_REPLY_TIMEOUT_S,
             max_connections=REDIS_MAX_CONNECTIONS,
             pool_timeout=5,
         )  # closing the client closes the pool
