@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -181,6 +182,20 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeou
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
         await asyncio.sleep(0.02)
+
+
+SECURITY_DOC = Path(__file__).parents[1] / "docs" / "security.md"
+
+
+def documented_users_acl() -> str:
+    """The users.acl block of docs/security.md, the doc being what is tested, with test passwords:
+    each `NAME_PASSWORD` placeholder becomes `name-pw` (`COORDINATOR_PASSWORD` -> `coordinator-pw`,
+    `SENTINEL_USER_PASSWORD` -> `sentinel-user-pw`)."""
+    block = re.search(r"```\n# users\.acl.*?\n(.*?)```", SECURITY_DOC.read_text(), re.S)
+    assert block is not None, "docs/security.md has no users.acl block"
+    return re.sub(
+        r"\b([A-Z][A-Z_]*)_PASSWORD\b", lambda m: m.group(1).lower().replace("_", "-") + "-pw", block.group(1)
+    )
 
 
 def keys_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

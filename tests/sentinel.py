@@ -10,6 +10,10 @@ Sentinels), with timeouts; nothing waits a fixed time. Sentinels run with short 
         deployment.url                  # redis+sentinel://127.0.0.1:P1,.../pool
         at = deployment.kill_primary()  # kill -9
         deployment.wait_for_failover()  # a replica promoted and named by every Sentinel
+
+With `users=ServerUsers(...)` every data server loads the same ACL file (Redis does not replicate
+ACL users), replicas authenticate to the primary as a user of it, the Sentinels reach the servers as
+another and may have their own password; the harness then asks the servers as the Sentinels' user.
 """
 
 from __future__ import annotations
@@ -19,8 +23,10 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from urllib.parse import quote
 
 import pytest
 from redis import Redis as SyncRedis
@@ -45,10 +51,23 @@ def redis_server_binary() -> str:
     return found
 
 
+@dataclass(frozen=True)
+class ServerUsers:
+    """The ACL users of a deployment whose servers turn the default user off."""
+
+    acl: str  # the aclfile every data server loads, each its own copy
+    replica: tuple[str, str]  # (masteruser, masterauth): how a replica authenticates to its primary
+    sentinel: tuple[str, str]  # (auth-user, auth-pass): how the Sentinels reach the servers; the harness too
+    sentinel_password: str | None = None  # the Sentinels' own `requirepass`
+
+
 class _Server:
     """One redis-server process and a client to ask it things."""
 
-    def __init__(self, binary: str, workdir: Path, port: int, args: list[str], sentinel: bool = False) -> None:
+    def __init__(
+        self, binary: str, workdir: Path, port: int, args: list[str], sentinel: bool = False,
+        username: str | None = None, password: str | None = None,
+    ) -> None:  # fmt: skip
         self.port = port
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
@@ -59,7 +78,7 @@ class _Server:
         command = [binary, str(self.config), *(["--sentinel"] if sentinel else [])]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
         self.client = SyncRedis(host="127.0.0.1", port=port, decode_responses=True, socket_timeout=2,
-                                socket_connect_timeout=1)  # fmt: skip
+                                socket_connect_timeout=1, username=username, password=password)  # fmt: skip
 
     @property
     def log(self) -> str:
@@ -94,9 +113,10 @@ class _Server:
 class SentinelDeployment:
     """A primary, `replicas` replicas and three Sentinels (quorum 2) watching them as `MASTER_NAME`."""
 
-    def __init__(self, workdir: Path, replicas: int = 1) -> None:
+    def __init__(self, workdir: Path, replicas: int = 1, users: ServerUsers | None = None) -> None:
         self.workdir = workdir
         self.replica_count = replicas
+        self.users = users
         self.binary = redis_server_binary()
         self.servers: list[_Server] = []  # data servers, the first started as the primary
         self.sentinels: list[_Server] = []
@@ -120,12 +140,17 @@ class SentinelDeployment:
             # The default waits 5 s before the first full sync of a replica; nothing here is worth waiting for.
             "repl-diskless-sync yes", "repl-diskless-sync-delay 0",
         ]  # fmt: skip
+        server_login: tuple[str | None, str | None] = (None, None)
+        if self.users is not None:
+            # masteruser/masterauth on the primary too: once demoted it must follow the new one.
+            data_args += [f"masteruser {self.users.replica[0]}", f"masterauth {self.users.replica[1]}"]
+            server_login = self.users.sentinel
         primary_port = free_port()
-        self.servers.append(_Server(self.binary, self.workdir / "redis-0", primary_port, data_args))
+        self.servers.append(self._data_server("redis-0", primary_port, data_args, server_login))
         for i in range(self.replica_count):
             port = free_port()
             args = [*data_args, f"replicaof 127.0.0.1 {primary_port}"]
-            self.servers.append(_Server(self.binary, self.workdir / f"redis-{i + 1}", port, args))
+            self.servers.append(self._data_server(f"redis-{i + 1}", port, args, server_login))
         for server in self.servers[1:]:
             wait_for(lambda s=server: self._replica_linked(s), START_TIMEOUT_S, f"replica on {server.port} in sync")
         sentinel_args = [
@@ -134,13 +159,29 @@ class SentinelDeployment:
             f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}",
             f"sentinel parallel-syncs {MASTER_NAME} 1",
         ]
+        sentinel_password = None
+        if self.users is not None:
+            sentinel_args += [
+                f"sentinel auth-user {MASTER_NAME} {self.users.sentinel[0]}",
+                f"sentinel auth-pass {MASTER_NAME} {self.users.sentinel[1]}",
+            ]
+            sentinel_password = self.users.sentinel_password
+            if sentinel_password is not None:  # also what the Sentinels give each other
+                sentinel_args.append(f"requirepass {sentinel_password}")
         for i in range(3):
-            self.sentinels.append(
-                _Server(self.binary, self.workdir / f"sentinel-{i}", free_port(), sentinel_args, sentinel=True)
-            )
+            workdir, port = self.workdir / f"sentinel-{i}", free_port()
+            self.sentinels.append(_Server(self.binary, workdir, port, sentinel_args, True, password=sentinel_password))
         for sentinel in self.sentinels:
             what = f"Sentinel on {sentinel.port} to know the primary, its replicas and the other Sentinels"
             wait_for(lambda s=sentinel: self._sentinel_ready(s, primary_port), START_TIMEOUT_S, what)
+
+    def _data_server(self, name: str, port: int, args: list[str], login: tuple[str | None, str | None]) -> _Server:
+        workdir = self.workdir / name
+        if self.users is not None:
+            workdir.mkdir(parents=True, exist_ok=True)
+            (workdir / "users.acl").write_text(self.users.acl)
+            args = [*args, f"aclfile {workdir / 'users.acl'}"]
+        return _Server(self.binary, workdir, port, args, username=login[0], password=login[1])
 
     def _replica_linked(self, server: _Server) -> bool:
         info = server.ask("INFO", "replication")
@@ -159,8 +200,15 @@ class SentinelDeployment:
 
     @property
     def url(self) -> str:
+        return self.url_for()
+
+    def url_for(self, username: str | None = None, password: str | None = None) -> str:
+        """The Sentinel URL for a client of the servers as `username` (and the Sentinels' own password)."""
         hosts = ",".join(f"127.0.0.1:{s.port}" for s in self.sentinels)
-        return f"redis+sentinel://{hosts}/{MASTER_NAME}"
+        login = f"{quote(username or '', safe='')}:{quote(password, safe='')}@" if password is not None else ""
+        sentinel_password = self.users.sentinel_password if self.users is not None else None
+        query = f"?sentinel_password={quote(sentinel_password, safe='')}" if sentinel_password is not None else ""
+        return f"redis+sentinel://{login}{hosts}/{MASTER_NAME}{query}"
 
     def primary_port(self) -> int | None:
         """The port every answering Sentinel names as the primary, None while they disagree or none answers."""

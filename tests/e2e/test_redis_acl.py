@@ -3,7 +3,6 @@ only the keys they need, on a server whose default user is off."""
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -15,22 +14,13 @@ from redis.exceptions import NoPermissionError
 
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port, server_binary
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, wait_for
-
-SECURITY_DOC = Path(__file__).parents[2] / "docs" / "security.md"
-
-
-def _acl_from_the_docs() -> str:
-    """The users.acl block of docs/security.md, with test passwords: the doc is what is tested."""
-    block = re.search(r"```\n# users\.acl.*?\n(.*?)```", SECURITY_DOC.read_text(), re.S)
-    assert block is not None, "docs/security.md has no users.acl block"
-    return block.group(1).replace("COORDINATOR_PASSWORD", "coordinator-pw").replace("WORKER_PASSWORD", "worker-pw")
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, documented_users_acl, healthy, wait_for
 
 
 @pytest.fixture
 def acl_redis(tmp_path: Path) -> Iterator[str]:
     """A private server with the documented ACL users; yields its host:port."""
-    (tmp_path / "users.acl").write_text(_acl_from_the_docs())
+    (tmp_path / "users.acl").write_text(documented_users_acl())
     port = free_port()
     server = subprocess.Popen(
         [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "",
