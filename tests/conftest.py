@@ -187,15 +187,17 @@ async def eventually(condition: Callable[[], Awaitable[bool]], what: str, timeou
 SECURITY_DOC = Path(__file__).parents[1] / "docs" / "security.md"
 
 
+def with_test_passwords(text: str) -> str:
+    """Each `NAME_PASSWORD` placeholder of the docs as the tests' password `name-pw`
+    (`COORDINATOR_PASSWORD` -> `coordinator-pw`, `SENTINEL_USER_PASSWORD` -> `sentinel-user-pw`)."""
+    return re.sub(r"\b([A-Z][A-Z_]*)_PASSWORD\b", lambda m: m.group(1).lower().replace("_", "-") + "-pw", text)
+
+
 def documented_users_acl() -> str:
-    """The users.acl block of docs/security.md, the doc being what is tested, with test passwords:
-    each `NAME_PASSWORD` placeholder becomes `name-pw` (`COORDINATOR_PASSWORD` -> `coordinator-pw`,
-    `SENTINEL_USER_PASSWORD` -> `sentinel-user-pw`)."""
+    """The users.acl block of docs/security.md, the doc being what is tested, `with_test_passwords`."""
     block = re.search(r"```\n# users\.acl.*?\n(.*?)```", SECURITY_DOC.read_text(), re.S)
     assert block is not None, "docs/security.md has no users.acl block"
-    return re.sub(
-        r"\b([A-Z][A-Z_]*)_PASSWORD\b", lambda m: m.group(1).lower().replace("_", "-") + "-pw", block.group(1)
-    )
+    return with_test_passwords(block.group(1))
 
 
 def keys_cli(redis_url: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -61,8 +61,8 @@ class ServerUsers:
     sentinel_password: str | None = None  # the Sentinels' own `requirepass`
 
 
-class _Server:
-    """One redis-server process and a client to ask it things."""
+class RedisProcess:
+    """One redis-server process (a Sentinel with `sentinel=True`) from config lines, and a client to ask it things."""
 
     def __init__(
         self, binary: str, workdir: Path, port: int, args: list[str], sentinel: bool = False,
@@ -118,8 +118,8 @@ class SentinelDeployment:
         self.replica_count = replicas
         self.users = users
         self.binary = redis_server_binary()
-        self.servers: list[_Server] = []  # data servers, the first started as the primary
-        self.sentinels: list[_Server] = []
+        self.servers: list[RedisProcess] = []  # data servers, the first started as the primary
+        self.sentinels: list[RedisProcess] = []
 
     def __enter__(self) -> SentinelDeployment:
         try:
@@ -170,24 +170,26 @@ class SentinelDeployment:
                 sentinel_args.append(f"requirepass {sentinel_password}")
         for i in range(3):
             workdir, port = self.workdir / f"sentinel-{i}", free_port()
-            self.sentinels.append(_Server(self.binary, workdir, port, sentinel_args, True, password=sentinel_password))
+            self.sentinels.append(
+                RedisProcess(self.binary, workdir, port, sentinel_args, True, password=sentinel_password)
+            )
         for sentinel in self.sentinels:
             what = f"Sentinel on {sentinel.port} to know the primary, its replicas and the other Sentinels"
             wait_for(lambda s=sentinel: self._sentinel_ready(s, primary_port), START_TIMEOUT_S, what)
 
-    def _data_server(self, name: str, port: int, args: list[str], login: tuple[str | None, str | None]) -> _Server:
+    def _data_server(self, name: str, port: int, args: list[str], login: tuple[str | None, str | None]) -> RedisProcess:
         workdir = self.workdir / name
         if self.users is not None:
             workdir.mkdir(parents=True, exist_ok=True)
             (workdir / "users.acl").write_text(self.users.acl)
             args = [*args, f"aclfile {workdir / 'users.acl'}"]
-        return _Server(self.binary, workdir, port, args, username=login[0], password=login[1])
+        return RedisProcess(self.binary, workdir, port, args, username=login[0], password=login[1])
 
-    def _replica_linked(self, server: _Server) -> bool:
+    def _replica_linked(self, server: RedisProcess) -> bool:
         info = server.ask("INFO", "replication")
         return isinstance(info, dict) and info.get("master_link_status") == "up"
 
-    def _sentinel_ready(self, sentinel: _Server, primary_port: int) -> bool:
+    def _sentinel_ready(self, sentinel: RedisProcess, primary_port: int) -> bool:
         address = sentinel.ask("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
         if not isinstance(address, list) or int(address[1]) != primary_port:
             return False
@@ -219,7 +221,7 @@ class SentinelDeployment:
                 named.add(int(address[1]))
         return named.pop() if len(named) == 1 else None
 
-    def primary(self) -> _Server:
+    def primary(self) -> RedisProcess:
         port = self.primary_port()
         found = [s for s in self.servers if s.port == port]
         assert found, f"no server of the deployment is the primary the Sentinels name ({port})"
@@ -232,7 +234,7 @@ class SentinelDeployment:
         primary.kill()
         return primary.port, at
 
-    def wait_for_failover(self, old_port: int, timeout_s: float = FAILOVER_TIMEOUT_S) -> _Server:
+    def wait_for_failover(self, old_port: int, timeout_s: float = FAILOVER_TIMEOUT_S) -> RedisProcess:
         """Until every Sentinel names another primary and that server says it is the primary."""
 
         def promoted() -> bool:

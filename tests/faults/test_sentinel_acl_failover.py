@@ -15,7 +15,9 @@ from pathlib import Path
 
 import pytest
 from redis import Redis as SyncRedis
+from redis.backoff import NoBackoff
 from redis.exceptions import AuthenticationError, NoPermissionError, ResponseError
+from redis.retry import Retry
 
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
@@ -35,6 +37,8 @@ USERS = ServerUsers(
     sentinel=("sentinel", "sentinel-user-pw"),
     sentinel_password="sentinels-own-pw",
 )
+# A refused login is a ConnectionError to redis-py, retried with backoff by default: once is enough.
+NO_RETRY = Retry(NoBackoff(), 0)
 SECRETS = ("coordinator-pw", "worker-pw", "sentinels-own-pw")
 # From the kill: Sentinel's detection (1 s) and promotion, then a request the worker answers.
 SERVING_AGAIN_TIMEOUT_S = 20.0
@@ -85,7 +89,7 @@ def test_the_documented_users_and_an_earlier_api_key_work_on_the_promoted_replic
 
     # The promoted server holds the same users: the default one is off, the worker's is limited.
     key_id = client_key.split("_")[1]
-    anonymous = SyncRedis(port=promoted.port, socket_timeout=2)
+    anonymous = SyncRedis(port=promoted.port, socket_timeout=2, retry=NO_RETRY)
     as_worker = SyncRedis(port=promoted.port, username=WORKER[0], password=WORKER[1], socket_timeout=2)
     as_coordinator = SyncRedis(port=promoted.port, username=COORDINATOR[0], password=COORDINATOR[1], socket_timeout=2)
     try:
