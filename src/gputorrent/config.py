@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gputorrent.replication import parse_replicas
 from gputorrent.routing import Policy
 
 BackendName = Literal["llamacpp", "ollama", "openai", "fake"]
@@ -55,7 +56,21 @@ class _Settings(BaseSettings):
         super().__init__(**by_variable)
 
 
-class CoordinatorSettings(_Settings):
+class _ReplicationSettings(_Settings):
+    """What the coordinator and the worker share: how their writes wait for replicas (replication.py)."""
+
+    # Admissions and stored results are acknowledged once this many replicas have them (`auto`: one when
+    # the primary has a replica online, none on a lone Redis; 0: none), waiting at most the timeout.
+    wait_replicas: int | Literal["auto"] = Field(default="auto", validation_alias=_env("GPUTORRENT_WAIT_REPLICAS"))
+    wait_timeout_ms: int = Field(default=500, ge=1, le=60_000, validation_alias=_env("GPUTORRENT_WAIT_TIMEOUT_MS"))
+
+    @field_validator("wait_replicas", mode="before")
+    @classmethod
+    def _wait_replicas(cls, value: object) -> int | Literal["auto"]:
+        return parse_replicas(value)
+
+
+class CoordinatorSettings(_ReplicationSettings):
     """What the coordinator needs. `REDIS_URL`, when set, wins over `REDIS_HOST`/`REDIS_PORT`."""
 
     redis_host: str = Field(default="localhost", validation_alias=_env("REDIS_HOST"))
@@ -100,7 +115,7 @@ class CoordinatorSettings(_Settings):
         return self.redis_url_override or f"redis://{self.redis_host}:{self.redis_port}"
 
 
-class WorkerSettings(_Settings):
+class WorkerSettings(_ReplicationSettings):
     """What a worker needs. `MODEL_NAME` unset means the backend's default model."""
 
     coordinator_url: str = Field(default="http://localhost:8000", validation_alias=_env("COORDINATOR_URL"))

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
-from gputorrent import keys, pipelined, pool_stats
+from gputorrent import keys, pipelined, pool_stats, replication
 from gputorrent.errors import Conflict
 from gputorrent.protocol import ErrorInfo, Job, JobResult, JobStatus
 from gputorrent.scripts import Script
@@ -179,7 +179,8 @@ async def enqueue(
 ) -> str:
     """Record the job as queued with its `owner` (an API key id), note its deadline and push it onto
     the list it waits in (`waiting_key`), ringing that queue's doorbell, atomically, once `limits`
-    allow it (a streamed job then holds one of the owner's stream slots).
+    allow it (a streamed job then holds one of the owner's stream slots). Returns once the replicas
+    the client wants have it, or their bound passed (`replication.run`).
 
     Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
     before (and its job or result still exists), the id it admitted then (and nothing is
@@ -195,8 +196,8 @@ async def enqueue(
     own_bands = waiting_keys(job)
     model_bands = keys.model_queue_keys(job.model) if limits.max_model_queued else []
     stream_slot = limits.max_streams if job.stream and limits.streams_key else 0
-    admitted = await _ENQUEUE.run(
-        redis, 9 + len(own_bands) + len(model_bands),
+    admitted = await replication.run(
+        redis, "admission", job.request_id, _ENQUEUE, 9 + len(own_bands) + len(model_bands),
         keys.job_key(job.request_id), waiting_key(job), keys.DEADLINES,
         keys.idempotency_key(idempotency_key or ""), keys.owner_key(job.request_id), doorbell_key(job),
         keys.heartbeat_key(job.worker_id or ""), limits.rate_key or "-", limits.streams_key or "-",
@@ -477,12 +478,13 @@ async def finish(
 
     Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
     `stream:{request_id}` with the result for a streamed job, and announces it on the results channel
-    (with the result itself where `announces_result`).
+    (with the result itself where `announces_result`). Returns once the replicas the client wants
+    have it, or their bound passed (`replication.run`).
     """
     request_id = result.request_id
     result_json = result.model_dump_json()
-    finished = await _FINISH.run(
-        redis, 7,
+    finished = await replication.run(
+        redis, "result", request_id, _FINISH, 7,
         held_in, *_guard_keys(dead), keys.result_key(request_id),
         keys.job_key(request_id), keys.stream_key(request_id), keys.DEADLINES,
         "1" if dead else "0", raw, result_json, str(ttl_s), "1" if streamed else "0",

@@ -309,10 +309,10 @@ class Pool:
         self.all_processes.append(proc)
         return proc
 
-    def coordinator(self, name: str = "c1") -> str:
-        """Start a coordinator process and return its URL once /health answers."""
+    def coordinator(self, name: str = "c1", env: dict[str, str] | None = None) -> str:
+        """Start a coordinator process (with `env` added to its settings) and return its URL once /health answers."""
         port = free_port()
-        env = self.coordinator_env()
+        env = {**self.coordinator_env(), **(env or {})}
         proc = self._spawn(["coordinator", "--port", str(port), "--redis-url", self.redis_url], name, env)
         url = f"http://127.0.0.1:{port}"
         self.coordinators[name] = (url, proc)

@@ -9,6 +9,8 @@ store them once the new primary answers. Every job that got a 202 ends with exac
 
 from __future__ import annotations
 
+import concurrent.futures
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -122,4 +124,46 @@ def test_no_accepted_job_is_lost_when_sentinel_fails_the_primary_over_under_load
     finally:
         if prober is not None and prober.is_alive():
             prober.stop()
+        pool.close()
+
+
+SCENARIO_BURST = "10b. Redis primary kill -9 right after a burst of 202s (WAIT for the replica)"
+BURST = 30
+
+
+def test_a_burst_acknowledged_just_before_the_primary_dies_is_not_lost(
+    deployment: SentinelDeployment, tmp_path: Path, record: Callable[[Row], None]
+) -> None:
+    """The burst's 202s wait for the replica (stopped while they are sent, so none can come before it has
+    the jobs), and the primary is killed the moment the last one arrives: the promoted replica has every
+    job, and each runs once."""
+    pool = Pool(tmp_path, deployment)  # type: ignore[arg-type]  # only `.url` is read: the Sentinel URL
+    try:
+        pool.coordinator("c1", env={"GPUTORRENT_WAIT_TIMEOUT_MS": "20000"})
+        pool.start_workers(*WORKERS, token_delay_s=0.1, slots=1)
+        primary_port = deployment.primary_port()
+        replica = next(s for s in deployment.servers if s.port != primary_port and s.running())
+        clients = [httpx.Client(timeout=30) for _ in range(BURST)]
+        with concurrent.futures.ThreadPoolExecutor(BURST) as threads:
+            replica.process.send_signal(signal.SIGSTOP)
+            try:
+                burst = [threads.submit(pool.submit, f"burst {i}", max_tokens=6, http=c) for i, c in enumerate(clients)]
+                done, _ = concurrent.futures.wait(burst, timeout=0.5)
+                assert not done, "202s came while the only replica could not have the jobs"
+            finally:
+                replica.process.send_signal(signal.SIGCONT)
+            concurrent.futures.wait(burst, timeout=30)
+            old_port, killed_at = deployment.kill_primary()
+        for client in clients:
+            client.close()
+        accepted = [future.result() for future in burst]
+        assert all(job is not None for job in accepted), "a submission of the burst was refused"
+        unfinished_at_kill = BURST - len(pool.announcements.counts())
+        deployment.wait_for_failover(old_port)
+        outcome = pool.settle()
+        record(outcome.row(SCENARIO_BURST, None))
+        print(f"\nburst: {BURST} accepted, {unfinished_at_kill} without a result at the kill {killed_at:.2f}")
+        outcome.assert_invariant()
+        assert unfinished_at_kill > BURST // 2, "the jobs ran before the kill: the scenario tested nothing"
+    finally:
         pool.close()

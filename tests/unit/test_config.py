@@ -65,3 +65,33 @@ def test_bare_field_names_in_the_environment_are_not_read(monkeypatch: pytest.Mo
     coordinator = CoordinatorSettings()
     assert (coordinator.host, coordinator.port) == ("127.0.0.1", 8000)
     assert WorkerSettings().backend == "ollama"
+
+
+def test_replica_wait_defaults_to_auto_with_a_bound(monkeypatch: pytest.MonkeyPatch) -> None:
+    for settings in (CoordinatorSettings(), WorkerSettings()):
+        assert (settings.wait_replicas, settings.wait_timeout_ms) == ("auto", 500)
+    monkeypatch.setenv("GPUTORRENT_WAIT_REPLICAS", " 2 ")
+    monkeypatch.setenv("GPUTORRENT_WAIT_TIMEOUT_MS", "50")
+    assert (WorkerSettings().wait_replicas, WorkerSettings().wait_timeout_ms) == (2, 50)
+    monkeypatch.setenv("GPUTORRENT_WAIT_REPLICAS", "AUTO")
+    assert CoordinatorSettings().wait_replicas == "auto"
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "says"),
+    [
+        ("GPUTORRENT_WAIT_REPLICAS", "two", "must be 'auto' or a whole number of replicas from 0, not 'two'"),
+        ("GPUTORRENT_WAIT_REPLICAS", "-1", "not '-1'"),
+        ("GPUTORRENT_WAIT_REPLICAS", "", "not ''"),
+        ("GPUTORRENT_WAIT_TIMEOUT_MS", "0", "greater than or equal to 1"),  # WAIT's 0 would wait for ever
+        ("GPUTORRENT_WAIT_TIMEOUT_MS", "soon", "valid integer"),
+    ],
+)
+def test_a_bad_replica_wait_setting_is_refused_naming_the_variable(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, says: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    for settings_class in (CoordinatorSettings, WorkerSettings):
+        with pytest.raises(ValueError, match=variable) as refused:
+            settings_class()
+        assert says in str(refused.value)

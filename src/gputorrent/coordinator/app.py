@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from gputorrent import __version__, auth, keys, queue, redis_client
+from gputorrent import __version__, auth, keys, queue, redis_client, replication
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import dispatch, openapi
 from gputorrent.coordinator.error_shapes import error_body
@@ -53,6 +53,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             max_connections=REDIS_MAX_CONNECTIONS,
             pool_timeout=5,
         )  # closing the client closes the pool
+        replication.configure(redis, settings.wait_replicas, settings.wait_timeout_ms)
         waiter = ResultWaiter(redis)
         key_cache = auth.KeyCache()
         snapshot = dispatch.pool_snapshot(redis)

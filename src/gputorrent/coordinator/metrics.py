@@ -10,12 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextvars import ContextVar
+from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gputorrent import replication
 from gputorrent.protocol import WorkerState
 from gputorrent.telemetry import Histogram
 
@@ -186,6 +188,21 @@ class PoolCollector(Collector):
                     histogram: Histogram = getattr(counters, name)
                     family.add_metric([w.worker_id, model], histogram.cumulative(), histogram.sum_s)
         yield from (jobs, generated, prompt, *histograms.values())
+
+
+class ReplicationCollector(Collector):
+    """This process's writes acknowledged with fewer replicas than wanted (replication.py)."""
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "gputorrent_unreplicated_writes",
+            "Admissions and results this coordinator wrote that fewer replicas than GPUTORRENT_WAIT_REPLICAS "
+            "acknowledged within GPUTORRENT_WAIT_TIMEOUT_MS (acknowledged all the same)",
+            labels=["write"],
+        )
+        for write in get_args(replication.Write):
+            family.add_metric([write], replication.unreplicated[write])
+        yield family
 
 
 def exposition(process: CollectorRegistry, workers: list[WorkerState]) -> bytes:

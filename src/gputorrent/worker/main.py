@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import aiohttp
 from redis.exceptions import RedisError
 
-from gputorrent import __version__, logs, queue, redis_client
+from gputorrent import __version__, logs, queue, redis_client, replication
 from gputorrent.config import WorkerSettings
 from gputorrent.errors import BackendError, BackendUnavailable, DeadlineExceeded, ModelUnavailable, WorkerGone
 from gputorrent.protocol import (
@@ -512,6 +512,7 @@ def open_link(settings: WorkerSettings, registered: Registered) -> PoolLink:
         return CoordinatorLink(settings.coordinator_url, registered.worker_id, registered.worker_secret)
     # socket_timeout above POP_TIMEOUT_S: a silently dropped connection fails instead of blocking forever.
     redis = redis_client.async_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=15)
+    replication.configure(redis, settings.wait_replicas, settings.wait_timeout_ms)
     return RedisLink(
         redis, settings.redis_url, registered.worker_id, heartbeat_ttl_s=registered.heartbeat_timeout_s,
         max_attempts=settings.max_attempts, result_ttl_s=settings.result_ttl_s,

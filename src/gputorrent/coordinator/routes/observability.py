@@ -52,6 +52,7 @@ def install(app: FastAPI) -> None:
     registry_ = CollectorRegistry()
     ProcessCollector(registry=registry_)
     GCCollector(registry=registry_)
+    registry_.register(metrics.ReplicationCollector())
     app.state.metrics_registry = registry_
     add_routes(app, router)
     app.mount("/dashboard/assets", StaticFiles(directory=STATIC_DIR), name="dashboard-assets")
