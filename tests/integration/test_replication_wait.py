@@ -19,7 +19,7 @@ from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.app import create_app
 from gputorrent.protocol import JobResult, WorkerRegistration
 from gputorrent.worker.main import Worker
-from tests.sentinel import SentinelDeployment, _Server
+from tests.sentinel import RedisProcess, SentinelDeployment
 
 SUBMISSIONS = 50
 COUNTED = ("evalsha", "wait", "info")
@@ -34,7 +34,7 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SentinelDep
         yield started
 
 
-def _replica(deployment: SentinelDeployment) -> _Server:
+def _replica(deployment: SentinelDeployment) -> RedisProcess:
     primary_port = deployment.primary_port()
     return next(s for s in deployment.servers if s.port != primary_port and s.running())
 
