@@ -68,6 +68,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/real_model.py
 	$(BENCH_PYTHON) bench/backend_http.py
 	$(BENCH_PYTHON) bench/reproducible.py
+	$(BENCH_PYTHON) bench/replication_wait.py
 	$(BENCH_PYTHON) bench/report.py
 
 $(BENCH_VENV)/.installed: pyproject.toml bench/requirements.txt

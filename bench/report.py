@@ -29,6 +29,7 @@ BENCHMARKS = (
     "real_model",
     "backend_http",
     "reproducible",
+    "replication_wait",
 )
 
 
