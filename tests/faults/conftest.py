@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from gputorrent.embedded import EmbeddedRedis
 from tests.faults.harness import Pool, Row, write_report_row
 from tests.faults.netns_pool import HostPool
 from tests.netns import Host
+from tests.sentinel import SentinelDeployment
 
 PoolFactory = Callable[..., Pool]
 
@@ -58,6 +60,48 @@ def host_pool(netns_hosts: Callable[..., dict[str, Host]], tmp_path: Path) -> It
             if re.fullmatch(r"c\d+", name):
                 pool.coordinator(name)
         return pool
+
+    yield make
+    for pool in reversed(made):
+        pool.close()
+
+
+# The Sentinel layout on hosts of docs/operations.md's three hosts: a data server and a Sentinel on
+# each of `r1` (the primary at first), `r2` and `r3` (its replicas).
+SENTINEL_HOSTS = ("r1", "r2", "r3")
+# As docs/operations.md advises with two replicas: a primary that no replica has acknowledged for
+# this long refuses writes (NOREPLICAS), so one cut off from the others stops taking jobs and results.
+# 10 s there; 2 s here (replicas acknowledge every second) so a bounded test shows it.
+MIN_REPLICAS_MAX_LAG_S = 2
+
+
+@pytest.fixture
+def sentinel_host_pool(
+    netns_hosts: Callable[..., dict[str, Host]], tmp_path: Path
+) -> Iterator[Callable[..., tuple[HostPool, SentinelDeployment]]]:
+    """A pool on separate hosts whose Redis is a primary, a replica and three Sentinels on hosts of
+    their own (`SENTINEL_HOSTS`): `pool, deployment = sentinel_host_pool("c1", "w1", "w2", "client")`
+    starts them and the coordinators (the `c*` hosts), all given the Sentinel URL with the hosts'
+    addresses; workers are started by the test. Skips where network namespaces cannot be made."""
+    made: list[HostPool] = []
+
+    def make(*names: str, max_attempts: int = 3) -> tuple[HostPool, SentinelDeployment]:
+        hosts = netns_hosts(*SENTINEL_HOSTS, *names)
+        placed = [hosts[name] for name in SENTINEL_HOSTS]
+        deployment = SentinelDeployment(
+            tmp_path / "redis", replicas=2, hosts=placed, sentinel_hosts=placed,
+            server_args=["min-replicas-to-write 1", f"min-replicas-max-lag {MIN_REPLICAS_MAX_LAG_S}"],
+        )  # fmt: skip
+        with contextlib.ExitStack() as unwind:
+            unwind.callback(deployment.stop)
+            deployment.start()
+            pool = HostPool(tmp_path, hosts, max_attempts=max_attempts, redis=deployment)
+            unwind.pop_all()
+        made.append(pool)  # its close() stops the deployment
+        for name in names:
+            if re.fullmatch(r"c\d+", name):
+                pool.coordinator(name)
+        return pool, deployment
 
     yield make
     for pool in reversed(made):

@@ -47,6 +47,9 @@ RECOVERY_TARGET_S = HEARTBEAT_TIMEOUT_S + 1.0
 SETTLE_TIMEOUT_S = 45.0
 QUIET_TIMEOUT_S = 2 * HEARTBEAT_TIMEOUT_S + 2
 POLL_S = 0.05
+# The results subscriber pings after this much quiet, and reconnects after SUBSCRIBER_SILENCE_S without a word.
+SUBSCRIBER_PING_S = 0.5
+SUBSCRIBER_SILENCE_S = 2.0
 REPORT_ENV = "GPUTORRENT_FAULT_REPORT"
 
 _STARTED = re.compile(r"request ([0-9a-f]+) started")
@@ -169,11 +172,22 @@ class Announcements(threading.Thread):
                 with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     pubsub.subscribe(keys.RESULTS_CHANNEL)
                     self.subscribed.set()
+                    heard_at = pinged_at = time.monotonic()
                     while not self._stopping.is_set():
                         message = pubsub.get_message(timeout=0.1)
-                        if message is not None and message["type"] == "message":
-                            self._note(queue.read_announcement(message["data"].decode())[0])
-            except (RedisError, OSError):
+                        now = time.monotonic()
+                        if message is not None:
+                            heard_at = now
+                            if message["type"] == "message":
+                                self._note(queue.read_announcement(message["data"].decode())[0])
+                        # A link cut silently (tests/netns.py) raises nothing on a subscriber: ping it
+                        # when quiet, and take a connection that answers nothing for a while as dead.
+                        elif now - heard_at > SUBSCRIBER_SILENCE_S:
+                            raise ConnectionError("the results subscriber's connection went silent")
+                        elif now - pinged_at > SUBSCRIBER_PING_S and now - heard_at > SUBSCRIBER_PING_S:
+                            pubsub.ping()
+                            pinged_at = now
+            except (RedisError, OSError):  # ConnectionError (the built-in one) is an OSError
                 self.subscribed.clear()
                 self._stopping.wait(0.02)  # Redis is restarting: try again soon, it is back within seconds
             finally:

@@ -10,6 +10,10 @@ The verdict is the fault suite's (`Outcome`), read by the test process as an obs
 (see tests/netns.py), whom no cut reaches: its subscriber counts announcements, its reads find
 each result. Requests meant to come from a host go through `submit_from(host, ...)` or a
 `HostLoad`, which run them inside that host's namespace.
+
+With `redis=` the pool runs on a Redis the test placed itself, such as a Sentinel deployment on
+hosts of its own (tests/sentinel.py, `SentinelDeployment(hosts=...)`): coordinators and workers
+then get its `redis+sentinel://` URL, which names the Sentinels by their hosts' addresses.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Protocol
 
 import httpx
 
@@ -70,17 +75,32 @@ def _pings(url: str) -> bool:
         client.close()
 
 
+class RedisService(Protocol):
+    """What the pool needs of its Redis: the URL it gives every process, and a way to stop it."""
+
+    @property
+    def url(self) -> str: ...
+
+    def stop(self) -> None: ...
+
+
 class HostPool(Pool):
     """`Pool` whose Redis, coordinators and workers each run on the host of the same name."""
 
-    def __init__(self, tmp_path: Path, hosts: dict[str, Host], *, max_attempts: int = 3) -> None:
+    def __init__(
+        self, tmp_path: Path, hosts: dict[str, Host], *, max_attempts: int = 3, redis: RedisService | None = None
+    ) -> None:
         self.hosts = hosts
-        redis = HostRedis(hosts["redis"]).start()
+        if redis is None:
+            redis = HostRedis(hosts["redis"]).start()
         self.admin_key = _new_key(redis.url, "admin")
         self.join_key = _new_key(redis.url, "join")
         self._host_http: dict[str, httpx.Client] = {}
         super().__init__(
-            tmp_path, redis, max_attempts=max_attempts, headers={"Authorization": f"Bearer {self.admin_key}"}
+            tmp_path,
+            redis,  # type: ignore[arg-type]  # the pool reads only `.url` (and `stop()` below)
+            max_attempts=max_attempts,
+            headers={"Authorization": f"Bearer {self.admin_key}"},
         )
 
     def _spawn(self, args: list[str], name: str, env: dict[str, str]) -> Process:
@@ -125,6 +145,11 @@ class HostPool(Pool):
         """`submit`, sent from `host` (its namespace, its link)."""
         with self.hosts[host].entered():
             return self.submit(prompt, coordinator=coordinator, max_tokens=max_tokens, http=self.http_on(host))
+
+    def forget_connections(self) -> None:
+        """Drop the observer's Redis connections (they may hang on a primary cut off), so its next
+        command asks the Sentinels where the primary is now."""
+        self.client.connection_pool.disconnect()
 
     def close(self) -> None:
         super().close()
