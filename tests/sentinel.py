@@ -315,6 +315,31 @@ class SentinelDeployment:
 
         wait_for(follows, timeout_s, f"{server.endpoint} to follow {primary.endpoint} as a replica")
 
+    def wait_for_agreement(self, timeout_s: float) -> RedisProcess:
+        """Until the three Sentinels name one primary and every other server follows it with its link up.
+
+        After a partition heals the Sentinels may fail over again (one that was cut off can reconfigure
+        a server from its old view before it learns the new one), so this waits for whichever primary
+        they settle on, and returns it."""
+
+        def settled() -> bool:
+            if self.primary_endpoint() is None:
+                return False
+            primary = self.primary()
+            for server in self.servers:
+                if server is primary:
+                    continue
+                role = server.ask("ROLE")
+                if not (
+                    isinstance(role, list) and role[0] == "slave"
+                    and (role[1], int(role[2])) == primary.endpoint and role[3] == "connected"
+                ):  # fmt: skip
+                    return False
+            return True
+
+        wait_for(settled, timeout_s, "the Sentinels to agree on a primary that every other server follows")
+        return self.primary()
+
     def stop(self) -> None:
         for server in [*self.sentinels, *self.servers]:
             with contextlib.suppress(OSError, subprocess.SubprocessError):

@@ -71,7 +71,7 @@ def host_pool(netns_hosts: Callable[..., dict[str, Host]], tmp_path: Path) -> It
 SENTINEL_HOSTS = ("r1", "r2", "r3")
 # As docs/operations.md advises with two replicas: a primary that no replica has acknowledged for
 # this long refuses writes (NOREPLICAS), so one cut off from the others stops taking jobs and results.
-# 10 s there; 2 s here (replicas acknowledge every second) so a bounded test shows it.
+# 5 s there, with down-after-milliseconds 5000; 2 s here (replicas acknowledge every second).
 MIN_REPLICAS_MAX_LAG_S = 2
 
 
@@ -79,8 +79,8 @@ MIN_REPLICAS_MAX_LAG_S = 2
 def sentinel_host_pool(
     netns_hosts: Callable[..., dict[str, Host]], tmp_path: Path
 ) -> Iterator[Callable[..., tuple[HostPool, SentinelDeployment]]]:
-    """A pool on separate hosts whose Redis is a primary, a replica and three Sentinels on hosts of
-    their own (`SENTINEL_HOSTS`): `pool, deployment = sentinel_host_pool("c1", "w1", "w2", "client")`
+    """A pool on separate hosts whose Redis is a primary, two replicas and three Sentinels on hosts
+    of their own (`SENTINEL_HOSTS`): `pool, deployment = sentinel_host_pool("c1", "w1", "w2", "client")`
     starts them and the coordinators (the `c*` hosts), all given the Sentinel URL with the hosts'
     addresses; workers are started by the test. Skips where network namespaces cannot be made."""
     made: list[HostPool] = []
