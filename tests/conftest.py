@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
@@ -330,3 +332,33 @@ def start_worker(processes: Callable[..., Process], coordinator_url: str, redis_
         return proc
 
     return start
+
+
+class StreamReader(threading.Thread):
+    """One client reading a native SSE stream to its end, keeping every event in order."""
+
+    def __init__(self, url: str, body: dict[str, object]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.body = url, body
+        self.events: list[tuple[str, dict[str, object]]] = []
+
+    def run(self) -> None:
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{self.url}/inference", json=self.body) as reply:
+            event = ""
+            for line in reply.iter_lines():
+                if line.startswith("event: "):
+                    event = line.removeprefix("event: ")
+                elif line.startswith("data: "):
+                    self.events.append((event, json.loads(line.removeprefix("data: "))))
+
+    def tokens(self) -> int:
+        return sum(1 for event, _ in self.events if event == "token")
+
+    def text(self) -> str:
+        return "".join(str(data["text"]) for event, data in self.events if event == "token")
+
+    def result(self) -> dict[str, object]:
+        """The last event, which must be the job's result."""
+        event, data = self.events[-1]
+        assert event == "result", self.events[-3:]
+        return data

@@ -4,15 +4,12 @@ answer: another worker finishes the stream, and `resumed.exact` is checked again
 
 from __future__ import annotations
 
-import json
 import signal
-import threading
 from collections.abc import Callable
 
-import httpx
 import pytest
 
-from tests.conftest import Process, wait_for
+from tests.conftest import Process, StreamReader, wait_for
 
 pytestmark = pytest.mark.model
 
@@ -26,37 +23,8 @@ BODY = {
 KILL_AFTER_TOKENS = (2, 40, 90)  # early, middle and late in the answer
 
 
-class StreamReader(threading.Thread):
-    """One client reading a native SSE stream to its end, keeping every event in order."""
-
-    def __init__(self, url: str) -> None:
-        super().__init__(daemon=True)
-        self.url = url
-        self.events: list[tuple[str, dict[str, object]]] = []
-
-    def run(self) -> None:
-        with httpx.Client(timeout=120) as http, http.stream("POST", f"{self.url}/inference", json=BODY) as reply:
-            event = ""
-            for line in reply.iter_lines():
-                if line.startswith("event: "):
-                    event = line.removeprefix("event: ")
-                elif line.startswith("data: "):
-                    self.events.append((event, json.loads(line.removeprefix("data: "))))
-
-    def tokens(self) -> int:
-        return sum(1 for event, _ in self.events if event == "token")
-
-    def text(self) -> str:
-        return "".join(str(data["text"]) for event, data in self.events if event == "token")
-
-    def result(self) -> dict[str, object]:
-        event, data = self.events[-1]
-        assert event == "result", self.events[-3:]
-        return data
-
-
 def _read_whole(url: str) -> StreamReader:
-    reader = StreamReader(url)
+    reader = StreamReader(url, BODY)
     reader.start()
     reader.join(timeout=120)
     assert not reader.is_alive(), "the stream never ended"
@@ -86,7 +54,7 @@ def test_a_greedy_stream_killed_mid_way_is_finished_exactly_and_says_so(
 def _kill_its_worker_mid_stream(url: str, workers: dict[str, Process], kill_after: int) -> tuple[StreamReader, str]:
     """Stream the request, kill -9 its worker once the client has `kill_after` tokens, and read the
     stream to its end; the reader and the killed worker's id."""
-    reader = StreamReader(url)
+    reader = StreamReader(url, BODY)
     reader.start()
     wait_for(lambda: bool(reader.events), 30, "the queued event")
     first = str(reader.events[0][1]["worker_id"])

@@ -3,15 +3,12 @@ tokens already sent, with none lost or repeated, and the stream stays open throu
 
 from __future__ import annotations
 
-import json
-import threading
 import time
 from collections.abc import Callable
 
-import httpx
 import pytest
 
-from tests.conftest import wait_for
+from tests.conftest import StreamReader, wait_for
 from tests.faults.harness import HEARTBEAT_TIMEOUT_S, RECOVERY_TARGET_S, Pool, Row, Submitted, expected_output
 
 pytestmark = pytest.mark.fault
@@ -19,30 +16,6 @@ pytestmark = pytest.mark.fault
 SCENARIO = "2. kill -9 a worker mid-stream"
 TOKEN_DELAY_S = 0.1
 MAX_TOKENS = 40  # about 4 s of tokens
-
-
-class StreamReader(threading.Thread):
-    """One client reading a native SSE stream to its end, keeping every event in order."""
-
-    def __init__(self, url: str, body: dict[str, object]) -> None:
-        super().__init__(daemon=True)
-        self.url, self.body = url, body
-        self.events: list[tuple[str, dict[str, object]]] = []
-
-    def run(self) -> None:
-        with httpx.Client(timeout=60) as http, http.stream("POST", f"{self.url}/inference", json=self.body) as reply:
-            event = ""
-            for line in reply.iter_lines():
-                if line.startswith("event: "):
-                    event = line.removeprefix("event: ")
-                elif line.startswith("data: "):
-                    self.events.append((event, json.loads(line.removeprefix("data: "))))
-
-    def tokens(self) -> int:
-        return sum(1 for event, _ in self.events if event == "token")
-
-    def text(self) -> str:
-        return "".join(str(data["text"]) for event, data in self.events if event == "token")
 
 
 def test_a_stream_whose_worker_is_killed_continues_from_another_without_a_lost_or_repeated_token(
