@@ -216,3 +216,12 @@ async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
             idle.append(connection)  # a closed one reconnects on its next command
         else:
             connection.close()
+
+
+def drop(redis: Redis) -> None:
+    """Close the shared connection and the idle borrowed ones of `redis` (the primary they reach is
+    being replaced); each reconnects, through the pool, on its next command."""
+    if (shared := _shared.get(redis)) is not None:
+        shared.close()
+    for connection in _idle.get(redis, []):
+        connection.close()

@@ -94,8 +94,8 @@ _LIMIT_POSITIONS = {
 # The whole admission of a job in one script, so a request costs one round trip here:
 # - ARGV[1] = '1': the request carries an idempotency key (KEYS[4]); one seen before returns the
 #   request id it admitted and enqueues nothing;
-# - another owner's request id (KEYS[5]) returns -3; with ARGV[15] = '1', a dead worker (no
-#   heartbeat, KEYS[7]) returns -2;
+# - another owner's request id (KEYS[5]) returns -3, the same owner's -7 while its job or result
+#   exists (admitted before); with ARGV[15] = '1', a dead worker (no heartbeat, KEYS[7]) returns -2;
 # - the bounds: the job's own queue (ARGV[16] bands from KEYS[10]) holds at most ARGV[11] jobs
 #   (-1); its model, across its shared queue (the KEYS after those) and the queues of the
 #   workers serving it (ARGV[25], counted by the caller), at most ARGV[24] (-4);
@@ -113,6 +113,12 @@ if ARGV[1] == '1' then
 end
 local owner = redis.call('GET', KEYS[5])
 if owner and owner ~= ARGV[9] then return -3 end
+if owner and (redis.call('EXISTS', KEYS[1]) == 1 or redis.call('EXISTS', 'result:' .. ARGV[2]) == 1) then
+  -- The caller's own request id, admitted before (a retry after a 503): nothing new. The touch is a
+  -- write, so the WAIT sent with this call covers the first admission too.
+  redis.call('EXPIRE', KEYS[5], ARGV[10])
+  return -7
+end
 if ARGV[15] == '1' and redis.call('EXISTS', KEYS[7]) == 0 then return -2 end
 local function queued(first, last)
   local n = 0
@@ -180,7 +186,7 @@ async def enqueue(
     """Record the job as queued with its `owner` (an API key id), note its deadline and push it onto
     the list it waits in (`waiting_key`), ringing that queue's doorbell, atomically, once `limits`
     allow it (a streamed job then holds one of the owner's stream slots). Returns once the replicas
-    the client wants have it, or their bound passed (`replication.run`).
+    the client wants have it (`replication.run`).
 
     Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
     before (and its job or result still exists), the id it admitted then (and nothing is
@@ -189,7 +195,10 @@ async def enqueue(
     Raises:
         Refused: a limit of `limits` turned it away (which one: `limit`); nothing was written.
         Conflict: another owner's request has this id.
+        AdmittedBefore: this owner's request with this id was admitted before (a retry).
         WorkerGone: with `require_alive`, the job's worker is dead or left; route it again.
+        replication.Unreplicated: the replicas did not have it within the bound; it is admitted on the
+            primary, unacknowledged (a repeat with the same request id or idempotency key confirms it).
     """
     # The status record must outlive a long deadline, or a queued job would lose its status.
     record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
@@ -217,7 +226,14 @@ async def enqueue(
         raise WorkerGone(job.worker_id or "")
     if admitted == -3:
         raise Conflict(f"request_id {job.request_id!r} is taken by another client; choose another")
+    if admitted == -7:
+        raise AdmittedBefore(job.request_id)
     return str(admitted)
+
+
+class AdmittedBefore(Exception):
+    """The caller's request id was admitted before (its job, or its result, still exists): nothing new
+    is enqueued, and the earlier admission is on the replicas wanted."""
 
 
 class WorkerGone(Exception):
@@ -436,8 +452,17 @@ def _guard_keys(dead: str | None) -> tuple[str, str]:
 
 
 _FINISH = Script(
-    _GUARD
-    + """
+    """
+if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return 0 end
+if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then
+  -- A repeat of this very store (its WAIT came short, or its reply was lost): touch the result, a
+  -- write, so the WAIT sent with this call covers the first one too.
+  if redis.call('GET', KEYS[4]) == ARGV[3] then
+    redis.call('EXPIRE', KEYS[4], ARGV[4])
+    return 1
+  end
+  return 0
+end
 redis.call('SET', KEYS[4], ARGV[3], 'EX', ARGV[4])
 redis.call('DEL', KEYS[5])
 redis.call('ZREM', KEYS[7], ARGV[7])
@@ -474,12 +499,17 @@ async def finish(
 ) -> bool:
     """Remove `raw` from the list `held_in` and store the result, atomically; False (nothing written)
     when `raw` is no longer there (the lease was lost), or, for a reaper acting on `dead`, when its
-    heartbeat is back or `liveness:grace` holds.
+    heartbeat is back or `liveness:grace` holds. A repeat that finds this very result stored already
+    is True (and its `WAIT` covers the first store).
 
     Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
     `stream:{request_id}` with the result for a streamed job, and announces it on the results channel
     (with the result itself where `announces_result`). Returns once the replicas the client wants
-    have it, or their bound passed (`replication.run`).
+    have it.
+
+    Raises:
+        replication.Unreplicated: they did not within the bound; the result is stored on the primary,
+            unacknowledged: call again with the same result.
     """
     request_id = result.request_id
     result_json = result.model_dump_json()

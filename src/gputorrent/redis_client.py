@@ -25,7 +25,11 @@ redis+sentinel://u:***@s1/pool?sentinel_password=***
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import re
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -36,6 +40,11 @@ from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio import sentinel as async_sentinel
 from redis.connection import parse_url
 
+from gputorrent import pipelined
+from gputorrent.retry import Backoff
+
+log = logging.getLogger(__name__)
+
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 DEFAULT_SENTINEL_PORT = 26379
 _BOOL = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
@@ -43,6 +52,8 @@ _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _QUERY = {"username", "password", "sentinel_username", "sentinel_password", "db", "sentinel_tls",
           "ssl_check_hostname", *_TLS_FILES}  # fmt: skip
 _CERT_REQS = ("required", "optional", "none")
+SWITCH_CHANNEL = "+switch-master"  # what a Sentinel publishes once it has failed a primary over
+SENTINEL_SILENCE_S = 6.0  # a Sentinel subscription that hears nothing this long (pings included) is made anew
 
 
 class RedisUrlError(ValueError):
@@ -301,3 +312,99 @@ def _sentinel_connection(target: SentinelTarget, timeout_s: float) -> dict[str, 
     # A Sentinel that does not answer within the connect timeout is skipped for the next one: finding
     # the primary must not take longer than connecting to it would.
     return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, **target.sentinel_kwargs()}
+
+
+def finds_primary_through_sentinel(redis: Redis) -> bool:
+    return isinstance(redis.connection_pool, async_sentinel.SentinelConnectionPool)
+
+
+async def still_primary(redis: Redis, run_id: str) -> bool:
+    """Whether the client's Sentinels name the server with `run_id` as the primary, with no failover of
+    it under way: every one that answers, and most of them. True for a client of a single Redis
+    (nobody else could be primary).
+
+    Every one, not most: in a failover only the Sentinel that leads it knows at first (the others
+    learn the new primary from it a second or two after it has switched)."""
+    pool = redis.connection_pool
+    if not isinstance(pool, async_sentinel.SentinelConnectionPool):
+        return True
+    sentinels = pool.sentinel_manager.sentinels
+    answers = await asyncio.gather(
+        *(sentinel.execute_command("SENTINEL MASTER", pool.service_name) for sentinel in sentinels),
+        return_exceptions=True,
+    )
+    confirming = 0
+    for state in answers:
+        if isinstance(state, BaseException):
+            continue  # out of reach: it confirms nothing
+        if not isinstance(state, dict):
+            return False
+        flags = state.get("flags", "")
+        flags = set(flags.split(",")) if isinstance(flags, str) else set(flags)
+        if state.get("runid") != run_id or flags & {"failover_in_progress", "s_down", "o_down"}:
+            return False
+        confirming += 1
+    return confirming > len(sentinels) // 2
+
+
+async def reconnect(redis: Redis) -> None:
+    """Close `redis`'s idle connections and its shared one (`pipelined`): each new one asks the
+    Sentinels where the primary is. Those in use end with their command."""
+    pipelined.drop(redis)
+    await redis.connection_pool.disconnect(inuse_connections=False)
+
+
+async def follow_failovers(redis: Redis, on_switch: Callable[[str], Awaitable[None]], stop: asyncio.Event) -> None:
+    """Until `stop`: hear every Sentinel of `redis` announce a failover of its primary (`+switch-master`)
+    and call `on_switch` with the new primary's address. Returns at once for a client of a single Redis.
+
+    redis-py asks the Sentinels only for a new connection; the old primary may live on and take writes
+    for seconds after the switch (until a Sentinel makes it a replica), and whatever it takes then is
+    lost. Sentinel clients are meant to listen for the switch (as Jedis and Lettuce do): each Sentinel
+    is heard, since in a failover only the one leading it knows at first."""
+    pool = redis.connection_pool
+    if not isinstance(pool, async_sentinel.SentinelConnectionPool):
+        return
+    switched_to = ""
+
+    async def switched(address: str) -> None:  # each Sentinel announces it: act on the first
+        nonlocal switched_to
+        if address != switched_to:
+            switched_to = address
+            await on_switch(address)
+
+    async with asyncio.TaskGroup() as tasks:
+        for sentinel in pool.sentinel_manager.sentinels:
+            tasks.create_task(_hear_switches(sentinel, pool.service_name, switched, stop))
+
+
+async def _hear_switches(
+    sentinel: Redis, master_name: str, on_switch: Callable[[str], Awaitable[None]], stop: asyncio.Event
+) -> None:
+    backoff = Backoff(max_s=SENTINEL_SILENCE_S)
+    while not stop.is_set():
+        pubsub = sentinel.pubsub()
+        try:
+            await pubsub.subscribe(SWITCH_CHANNEL)
+            heard_at = pinged_at = time.monotonic()
+            while not stop.is_set():
+                message = await pubsub.get_message(timeout=1.0)
+                now = time.monotonic()
+                if message is not None:
+                    heard_at = now
+                    backoff.reset()
+                    # "<master name> <old ip> <old port> <new ip> <new port>"
+                    data = message["data"] if message["type"] == "message" else b""
+                    fields = (data.decode(errors="replace") if isinstance(data, bytes) else str(data)).split()
+                    if len(fields) == 5 and fields[0] == master_name:
+                        await on_switch(f"{fields[3]}:{fields[4]}")
+                if now - heard_at > SENTINEL_SILENCE_S:
+                    raise ConnectionError("the Sentinel went silent")  # a cut link: subscribe anew
+                if now - pinged_at >= SENTINEL_SILENCE_S / 3:
+                    await pubsub.ping()
+                    pinged_at = now
+        except (sync_redis.RedisError, OSError) as e:
+            log.debug("not hearing failovers from a Sentinel (%s); retrying in %.1f s", e, backoff.delay_s)
+            await backoff.wait()
+        finally:
+            await pubsub.aclose()

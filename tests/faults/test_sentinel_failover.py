@@ -167,3 +167,43 @@ def test_a_burst_acknowledged_just_before_the_primary_dies_is_not_lost(
         assert unfinished_at_kill > BURST // 2, "the jobs ran before the kill: the scenario tested nothing"
     finally:
         pool.close()
+
+
+SCENARIO_SWITCH = "10c. a planned switch of the Redis primary (SENTINEL FAILOVER) under load"
+
+
+def test_no_accepted_job_is_lost_when_the_primary_is_switched_over_on_purpose_under_load(
+    deployment: SentinelDeployment, tmp_path: Path, record: Callable[[Row], None]
+) -> None:
+    """`SENTINEL FAILOVER`, as an operator patching the Redis host runs it: the old primary lives on and
+    answers while the Sentinels promote its replica and, seconds later, make it a replica of the new one.
+    What it takes in between has no replica, and must not be acknowledged."""
+    pool = Pool(tmp_path, deployment)  # type: ignore[arg-type]  # only `.url` is read: the Sentinel URL
+    try:
+        pool.coordinator("c1")
+        pool.start_workers(*WORKERS, token_delay_s=0.02, slots=2)
+        load = Load(pool, rate_per_s=20, max_tokens=6)
+        load.start()
+        try:
+            wait_for(lambda: len(pool.announcements.counts()) >= 20, 30, "20 results before the switch")
+            old = deployment.primary()
+            switched_at = time.time()
+            assert deployment.sentinels[0].ask("SENTINEL", "FAILOVER", "pool") == "OK"
+            deployment.wait_for_promotion(old)
+            deployment.wait_for_replica_of(old, deployment.primary(), 30)
+            demoted_at = time.time()
+            wait_for(lambda: sum(j.at > demoted_at for j in pool.jobs()) >= 40, 30, "40 jobs after the switch")
+        finally:
+            load.stop()
+        outcome = pool.settle()
+        record(outcome.row(SCENARIO_SWITCH, None))
+        print(
+            f"\nswitch: old primary a replica {demoted_at - switched_at:.2f} s after SENTINEL FAILOVER; "
+            f"refused {dict(load.refused)}"
+        )
+        outcome.assert_invariant()
+        heard = "the Sentinels failed the Redis primary over to"
+        deaf = [p.log_path.name for p in pool.all_processes if heard not in p.log]
+        assert not deaf, f"processes that did not hear the switch: {deaf}"
+    finally:
+        pool.close()

@@ -77,8 +77,8 @@ def test_the_pool_goes_on_when_the_redis_primarys_host_is_cut_off_and_the_old_pr
         r1.cut()
         try:
             # Right away, before the workers' heartbeats lapse there (3 s), clients on r1 submit through
-            # the coordinator beside the old primary, which still takes writes: its replica is out of
-            # reach, so each WAIT comes short.
+            # the coordinator beside the old primary, which still takes writes: its replicas are out of
+            # reach, so each WAIT comes short, and none is acknowledged.
             with concurrent.futures.ThreadPoolExecutor(ORPHANS) as threads:
                 orphans = list(threads.map(lambda i: _submit_on(pool, "r1", "r1", f"orphan {i}"), range(ORPHANS)))
             promoted = deployment.wait_for_promotion(old, majority)
@@ -104,8 +104,8 @@ def test_the_pool_goes_on_when_the_redis_primarys_host_is_cut_off_and_the_old_pr
     first_202_s = min(j.at for j in pool.jobs() if j.at > cut_at) - cut_at
     storing_s = max(first_by_worker.values()) - cut_at if len(first_by_worker) == len(WORKERS) else None
     record(outcome.row(scenario, storing_s))
-    accepted_orphans = [r.json()["request_id"] for r in orphans if r.status_code == 202]
-    orphan_results = [pool.http.get(f"{pool.url('c1')}/result/{rid}").status_code for rid in accepted_orphans]
+    orphan_ids = [r.json()["error"]["request_id"] for r in orphans if r.status_code == 503]
+    orphan_results = [pool.http.get(f"{pool.url('c1')}/result/{rid}").status_code for rid in orphan_ids]
     unreplicated = _unreplicated_admissions(pool, "r1") - unreplicated_before
     print(
         f"\n{scenario}: promoted {promoted_at - cut_at:.2f} s after the cut; first 202 after it {first_202_s:.2f} s; "
@@ -118,13 +118,15 @@ def test_the_pool_goes_on_when_the_redis_primarys_host_is_cut_off_and_the_old_pr
     assert set(first_by_worker) == set(WORKERS), f"workers that stored results after the cut: {first_by_worker}"
     assert all(pool.workers[w].popen.poll() is None for w in WORKERS)  # nobody restarted or died
     assert promoted.host is not None and promoted.host.name in ("r2", "r3")
-    # Bounds with room: the workers' own timeouts make these (docs/reliability.md, L5), not Sentinel.
-    assert first_202_s < 30 and storing_s is not None and storing_s < 50, (first_202_s, storing_s)
-    # What the old primary took while cut off: 202s that came short of the replica, counted, and gone once
-    # Sentinel made it a replica of the new primary (its data replaced by a full sync). The promise ends here.
-    assert accepted_orphans, f"nothing admitted on the cut-off side: {[(r.status_code, r.text) for r in orphans]}"
-    assert unreplicated >= len(accepted_orphans)
-    assert orphan_results == [404] * len(accepted_orphans)
+    # Bounds with room (about 5 s each measured): the processes' Redis timeouts make these (2 s a reply,
+    # 3 s a worker's, 2 s a Sentinel out of reach; docs/reliability.md, L5), and Sentinel's promotion.
+    assert first_202_s < 15 and storing_s is not None and storing_s < 20, (first_202_s, storing_s)
+    # What the old primary took while cut off came short of its replicas: each a 503 naming its request id,
+    # counted, never a 202; and gone once Sentinel made it a replica of the new primary (a full sync).
+    assert [r.status_code for r in orphans] == [503] * ORPHANS, [(r.status_code, r.text) for r in orphans]
+    assert len(orphan_ids) == ORPHANS, [r.text for r in orphans]  # each names the id a retry would use
+    assert unreplicated >= ORPHANS
+    assert orphan_results == [404] * ORPHANS
 
 
 # -- L6: the soak ---------------------------------------------------------------------------------

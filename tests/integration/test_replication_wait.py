@@ -83,25 +83,38 @@ async def test_a_202_waits_while_the_replica_is_stopped_and_comes_when_it_has_th
         assert replica.ask("EXISTS", keys.job_key(request_id)) == 1
 
 
-async def test_with_the_replica_stopped_the_bound_holds_and_the_counter_counts(
+async def test_with_the_replica_stopped_an_admission_is_a_503_after_the_bound_and_its_retry_confirms_it(
     deployment: SentinelDeployment,
 ) -> None:
+    """Past the bound the job is on the primary alone: not acknowledged (503 naming its request id, counted).
+    The client's retry with that id, once the replica answers, is the 202, for the one job admitted."""
     replica = _replica(deployment)
     async with _coordinator(deployment, wait_timeout_ms=STOPPED_BOUND_MS) as api:
         await _submit(api, "warm")
         before = _unreplicated(await _metrics(api), "admission")
+        refused: list[tuple[float, httpx.Response]] = []
         replica.process.send_signal(signal.SIGSTOP)
         try:
-            took = []
             for i in range(3):
                 start = time.monotonic()
-                await _submit(api, f"stopped {i}")
-                took.append(time.monotonic() - start)
+                response = await api.post("/inference", json={"model": "fake", "prompt": f"stopped {i}"})
+                refused.append((time.monotonic() - start, response))
         finally:
             replica.process.send_signal(signal.SIGCONT)
+        took = [t for t, _ in refused]
         assert all(STOPPED_BOUND_MS / 1000 <= t < STOPPED_BOUND_MS / 1000 + MARGIN_S for t in took), took
+        assert [r.status_code for _, r in refused] == [503] * 3, [r.text for _, r in refused]
+        assert all(r.headers["retry-after"] == "1" for _, r in refused)
+        errors = [r.json()["error"] for _, r in refused]
+        assert all(e["code"] == "redis_unavailable" and e["request_id"] in e["message"] for e in errors), errors
         assert _unreplicated(await _metrics(api), "admission") == before + 3
-        await _submit(api, "resumed")
+        request_id = errors[0]["request_id"]
+        retried = await api.post("/inference", json={"model": "fake", "prompt": "stopped 0", "request_id": request_id})
+        assert retried.status_code == 202, retried.text
+        assert retried.json()["request_id"] == request_id
+        assert replica.ask("EXISTS", keys.job_key(request_id)) == 1
+        queued = replica.ask("LRANGE", keys.queue_key("w-replicated"), "0", "-1")
+        assert isinstance(queued, list) and sum(request_id in raw for raw in queued) == 1, "one job, not two"
         assert _unreplicated(await _metrics(api), "admission") == before + 3
 
 
@@ -122,6 +135,36 @@ async def test_a_stored_result_waits_for_the_replica_too(deployment: SentinelDep
             replica.process.send_signal(signal.SIGCONT)
         assert await asyncio.wait_for(storing, timeout=10) is True
         assert replica.ask("EXISTS", keys.result_key("r-stored")) == 1
+    finally:
+        await redis.aclose()
+
+
+async def test_a_result_stored_past_the_bound_is_not_acknowledged_and_its_repeat_confirms_it(
+    deployment: SentinelDeployment,
+) -> None:
+    """As a worker does: the store raises `Unreplicated` (the result is on the primary alone), the worker
+    keeps the result and stores it again; the repeat finds it stored and answers once the replica has it."""
+    redis = redis_client.async_client(deployment.url)
+    replication.configure(redis, "auto", STOPPED_BOUND_MS)
+    replica = _replica(deployment)
+    held_in, raw = keys.processing_key("w-repeat"), '{"request_id":"r-repeat"}'
+    result = JobResult(request_id="r-repeat", status="completed", model="fake", worker_id="w-repeat", output="done")
+    try:
+        await redis.rpush(held_in, raw)
+        assert await queue.finish(redis, held_in, raw, result, 60, streamed=False) is True  # the count is read
+        await redis.rpush(held_in, raw.replace("r-repeat", "r-repeat-2"))
+        second = result.model_copy(update={"request_id": "r-repeat-2"})
+        raw_2 = raw.replace("r-repeat", "r-repeat-2")
+        replica.process.send_signal(signal.SIGSTOP)
+        try:
+            with pytest.raises(replication.Unreplicated):
+                await queue.finish(redis, held_in, raw_2, second, 60, streamed=False)
+        finally:
+            replica.process.send_signal(signal.SIGCONT)
+        assert await queue.finish(redis, held_in, raw_2, second, 60, streamed=False) is True
+        assert replica.ask("GET", keys.result_key("r-repeat-2")) == second.model_dump_json()
+        other = second.model_copy(update={"output": "another"})  # not this store's repeat: the lease is gone
+        assert await queue.finish(redis, held_in, raw_2, other, 60, streamed=False) is False
     finally:
         await redis.aclose()
 

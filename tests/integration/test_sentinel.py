@@ -7,6 +7,7 @@ failover that leaves the old primary running as a replica.
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -123,6 +124,56 @@ async def test_a_shared_connection_refused_writes_by_a_replica_is_dropped(deploy
         assert shared._link is not None and shared._link.broken
         assert await shared.execute("GET", "sentinel:on-replica") is None  # a new connection; reads still work
     finally:
+        await redis.aclose()
+
+
+async def test_the_sentinels_confirm_the_primary_they_name_and_no_other_server(deployment: SentinelDeployment) -> None:
+    """`still_primary` (what `GPUTORRENT_WAIT_REPLICAS=auto` asks when a primary's replicas fall): the
+    server the Sentinels name is confirmed, a replica's run id is not; a plain URL has nobody to ask."""
+    redis = redis_client.async_client(deployment.url)
+    try:
+        primary = deployment.primary()
+        replica = next(s for s in deployment.servers if s is not primary and s.running())
+        primary_id, replica_id = (str(server.client.info("server")["run_id"]) for server in (primary, replica))
+        assert await redis_client.still_primary(redis, primary_id) is True
+        assert await redis_client.still_primary(redis, replica_id) is False
+    finally:
+        await redis.aclose()
+    plain = redis_client.async_client(f"redis://127.0.0.1:{replica.port}")
+    try:
+        assert await redis_client.still_primary(plain, replica_id) is True
+    finally:
+        await plain.aclose()
+
+
+async def test_a_failover_is_heard_from_the_sentinels_once_with_the_new_primarys_address(
+    deployment: SentinelDeployment,
+) -> None:
+    """`follow_failovers`, what every coordinator and worker runs: `SENTINEL FAILOVER` is announced by
+    each Sentinel, and the callback runs once, with the promoted server's address."""
+    redis = redis_client.async_client(deployment.url)
+    stop = asyncio.Event()
+    heard: list[str] = []
+    switched = asyncio.Event()
+
+    async def on_switch(address: str) -> None:
+        heard.append(address)
+        switched.set()
+
+    following = asyncio.create_task(redis_client.follow_failovers(redis, on_switch, stop))
+    try:
+        old = deployment.primary()
+        # Subscribed once each Sentinel lists a client with a subscription (a Sentinel has no PUBSUB).
+        for sentinel in deployment.sentinels:
+            subscribed = lambda s=sentinel: " sub=1 " in str(s.ask("CLIENT", "LIST"))  # noqa: E731
+            await asyncio.to_thread(wait_for, subscribed, 30, "the follower subscribed on every Sentinel")
+        assert deployment.sentinels[1].ask("SENTINEL", "FAILOVER", MASTER_NAME) == "OK"
+        await asyncio.wait_for(switched.wait(), 30)
+        new = await asyncio.to_thread(deployment.wait_for_promotion, old)  # every Sentinel names it
+        assert heard == [f"{new.address}:{new.port}"]
+    finally:
+        stop.set()
+        await asyncio.wait_for(following, 10)
         await redis.aclose()
 
 

@@ -74,15 +74,26 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         )  # fmt: skip
         app.state.redis, app.state.settings, app.state.waiter = redis, settings, waiter
         app.state.key_cache = key_cache
+
+        async def primary_switched(address: str) -> None:
+            log.warning("the Sentinels failed the Redis primary over to %s; reconnecting", address)
+            await redis_client.reconnect(redis)
+            listener.reconnect()
+
+        stop_following = asyncio.Event()
         background = [
             asyncio.create_task(listener.run(), name="listener"),
             asyncio.create_task(reaper.run(), name="reaper"),
+            asyncio.create_task(
+                redis_client.follow_failovers(redis, primary_switched, stop_following), name="failovers"
+            ),
         ]
         try:
             yield
         finally:
             listener.stop()  # each ends its current step and returns: nothing is cut off half-way
             reaper.stop()
+            stop_following.set()
             await snapshot.close()
             _, pending = await asyncio.wait(background, timeout=LISTENER_STOP_TIMEOUT_S)
             for task in pending:
@@ -134,8 +145,16 @@ async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
 async def _redis_down(request: Request, exc: Exception) -> JSONResponse:
     """Any Redis failure (unreachable, timed out, out of memory under noeviction) is a 503, never a 500."""
     log.warning("Redis unavailable: %s", exc)
-    error = RedisUnavailable("the coordinator cannot use Redis right now; retry shortly")
-    return _error_response(request, error.http_status, error.code, error.message, headers={"Retry-After": "1"})
+    details = None
+    if isinstance(exc, replication.Unreplicated):  # done on the primary, not yet safe: a repeat confirms it
+        error = RedisUnavailable(
+            f"no Redis replica confirmed request {exc.request_id} in time (a failover may be under way); "
+            "retry shortly with the same request_id or Idempotency-Key, which never makes a second job"
+        )
+        details = {"request_id": exc.request_id}
+    else:
+        error = RedisUnavailable("the coordinator cannot use Redis right now; retry shortly")
+    return _error_response(request, error.http_status, error.code, error.message, details, headers={"Retry-After": "1"})
 
 
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

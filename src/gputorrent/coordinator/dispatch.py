@@ -16,7 +16,7 @@ from typing import Any
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import keys, logs, queue, registry, routing
+from gputorrent import keys, logs, queue, registry, replication, routing
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import metrics, overhead, quotas
 from gputorrent.coordinator.security import Caller, owns
@@ -194,6 +194,10 @@ async def _route_and_enqueue(
         )
     except queue.Refused as refused:
         raise _refused(refused.limit, job, settings) from None
+    except queue.AdmittedBefore:  # a retry of a request whose first admission was not acknowledged
+        found = await queue.lookup(redis, job.request_id)
+        worker_id = found.worker_id if found is not None else route.worker_id
+        return Accepted(request_id=job.request_id, worker_id=worker_id or None, replayed=True)
     if admitted != job.request_id:  # a concurrent twin got in first
         return await _replay(redis, idempotency_key or "", caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
@@ -232,6 +236,9 @@ async def _replay(redis: Redis, idempotency_key: str, caller: Caller) -> Accepte
     found = await queue.lookup(redis, request_id)
     if found is None:
         return None
+    # The first admission's WAIT may have come short (a 503 the client now retries): answer 202 only
+    # once the replicas have it.
+    await replication.confirm(redis, "admission", request_id, keys.idempotency_key(idempotency_key))
     return Accepted(request_id=request_id, worker_id=found.worker_id or None, replayed=True)
 
 

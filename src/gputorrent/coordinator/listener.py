@@ -55,6 +55,12 @@ class Listener:
         if self._connection is not None and self._connection._writer is not None:
             self._connection._writer.close()
 
+    def reconnect(self) -> None:
+        """Subscribe anew (the primary was failed over): the connection is closed under `run()`, which
+        makes another, through the pool and so the Sentinels."""
+        if self._connection is not None and self._connection._writer is not None:
+            self._connection._writer.close()
+
     async def run(self) -> None:
         backoff = Backoff()
         while not self._stopping:

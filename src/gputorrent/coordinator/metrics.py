@@ -191,13 +191,13 @@ class PoolCollector(Collector):
 
 
 class ReplicationCollector(Collector):
-    """This process's writes acknowledged with fewer replicas than wanted (replication.py)."""
+    """This process's writes that fewer replicas than wanted had in time, so not acknowledged (replication.py)."""
 
     def collect(self) -> Iterator[Metric]:
         family = CounterMetricFamily(
             "gputorrent_unreplicated_writes",
             "Admissions and results this coordinator wrote that fewer replicas than GPUTORRENT_WAIT_REPLICAS "
-            "acknowledged within GPUTORRENT_WAIT_TIMEOUT_MS (acknowledged all the same)",
+            "had within GPUTORRENT_WAIT_TIMEOUT_MS, so answered 503 instead of acknowledged",
             labels=["write"],
         )
         for write in get_args(replication.Write):

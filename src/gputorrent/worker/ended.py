@@ -28,6 +28,7 @@ class EndedJobs:
 
     def __init__(self) -> None:
         self._watched: dict[str, asyncio.Event] = {}
+        self._resubscribe = False
 
     def watch(self, request_id: str) -> asyncio.Event:
         event = self._watched[request_id] = asyncio.Event()
@@ -60,13 +61,19 @@ class EndedJobs:
                     await pubsub.subscribe(keys.ENDED_CHANNEL)
                     await self._catch_up(redis)
                     backoff.reset()
-                    while not stop.is_set():
+                    while not stop.is_set() and not self._resubscribe:
                         message = await pubsub.get_message(timeout=POLL_S)
                         if message is not None and (event := self._watched.get(str(message["data"]))):
                             event.set()
             except (RedisError, OSError) as e:
                 log.warning("cannot hear ended jobs (%s); retrying in %.1f s", e, backoff.delay_s)
                 await backoff.wait()
+            self._resubscribe = False
+
+    def resubscribe(self) -> None:
+        """Subscribe anew within `POLL_S` (the primary was failed over: the subscription's connection
+        stays with the old one, which will never publish again)."""
+        self._resubscribe = True
 
     async def _catch_up(self, redis: Redis) -> None:
         watched = list(self._watched.items())

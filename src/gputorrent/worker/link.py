@@ -15,6 +15,7 @@ which the worker's loops retry with backoff.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -24,6 +25,8 @@ from gputorrent import keys, leases, queue, redis_client, registry, streams
 from gputorrent.protocol import BeatAnswer, Heartbeat, JobResult
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.telemetry import WorkerTelemetry
+
+log = logging.getLogger(__name__)
 
 
 class HeartbeatSender(Protocol):
@@ -112,6 +115,8 @@ class RedisLink:
         self._heartbeat_ttl_s = heartbeat_ttl_s
         self._max_attempts = max_attempts
         self._result_ttl_s = result_ttl_s
+        self._heartbeats: list[_RedisHeartbeat] = []
+        self._ended: EndedJobs | None = None
 
     async def recover(self) -> int:
         return await queue.recover(self.redis, self.worker_id, self._max_attempts, self._result_ttl_s)
@@ -150,12 +155,26 @@ class RedisLink:
     async def run_listeners(
         self, ended: EndedJobs, telemetry: WorkerTelemetry, interval_s: float, stop: asyncio.Event
     ) -> None:
+        self._ended = ended
         async with asyncio.TaskGroup() as tasks:
             tasks.create_task(ended.run(self.redis, stop))
             tasks.create_task(telemetry.run(self.redis, interval_s, stop))
+            tasks.create_task(redis_client.follow_failovers(self.redis, self._primary_switched, stop))
+
+    async def _primary_switched(self, address: str) -> None:
+        log.warning(
+            "worker %s: the Sentinels failed the Redis primary over to %s; reconnecting", self.worker_id, address
+        )
+        await redis_client.reconnect(self.redis)
+        for heartbeat in self._heartbeats:
+            heartbeat.reconnect()
+        if self._ended is not None:
+            self._ended.resubscribe()
 
     def heartbeat_sender(self) -> HeartbeatSender:
-        return _RedisHeartbeat(self._redis_url, self.worker_id, self._heartbeat_ttl_s)
+        heartbeat = _RedisHeartbeat(self._redis_url, self.worker_id, self._heartbeat_ttl_s)
+        self._heartbeats.append(heartbeat)
+        return heartbeat
 
     async def leave(self) -> bool:
         return await registry.deregister(self.redis, self.worker_id)
@@ -168,12 +187,19 @@ class _RedisHeartbeat:
     """Beats on a blocking client of its own: the `jobs:ended` listener already tells of ended jobs."""
 
     def __init__(self, redis_url: str, worker_id: str, ttl_s: float) -> None:
-        self._client = redis_client.sync_client(redis_url, socket_connect_timeout=5, socket_timeout=5)
+        # Bounded as the coordinator's: a beat to a primary cut off fails soon and the next one asks the
+        # Sentinels again, well inside the heartbeat timeout.
+        self._client = redis_client.sync_client(redis_url, socket_connect_timeout=2, socket_timeout=2)
         self._worker_id = worker_id
         self._ttl_s = ttl_s
 
     def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
         return BeatAnswer(drain=registry.beat(self._client, self._worker_id, heartbeat, self._ttl_s))
+
+    def reconnect(self) -> None:
+        """The next beat asks the Sentinels where the primary is (called from the event loop's thread:
+        redis-py's pool locks its own lists)."""
+        self._client.connection_pool.disconnect(inuse_connections=False)
 
     def close(self) -> None:
         self._client.close()

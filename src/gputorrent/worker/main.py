@@ -45,6 +45,11 @@ log = logging.getLogger(__name__)
 
 ABANDON_TIMEOUT_S = 5.0  # how long a drain waits for stopped jobs before cancelling their tasks
 POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
+REDIS_CONNECT_TIMEOUT_S = 2.0  # also how long a Sentinel that does not answer holds up finding the primary
+# A silent connection (a cut link, a primary cut off) fails after this instead of blocking: it bounds
+# how soon a worker turns to the new primary after a failover. Above POP_TIMEOUT_S, which a BLMOVE
+# adds to it (a WAIT's own bound is added where it is sent: replication.py).
+REDIS_REPLY_TIMEOUT_S = POP_TIMEOUT_S + 2.0
 HEALTH_RETRY_S = 5.0  # how often an unhealthy worker probes its backend again
 SPEED_WEIGHT = 0.2  # how much one job moves the measured speed (an exponentially weighted average)
 
@@ -510,8 +515,9 @@ def open_link(settings: WorkerSettings, registered: Registered) -> PoolLink:
     """The worker's link to the pool: Redis itself, or the coordinator's `/worker` routes."""
     if settings.link == "coordinator":
         return CoordinatorLink(settings.coordinator_url, registered.worker_id, registered.worker_secret)
-    # socket_timeout above POP_TIMEOUT_S: a silently dropped connection fails instead of blocking forever.
-    redis = redis_client.async_client(settings.redis_url, socket_connect_timeout=5, socket_timeout=15)
+    redis = redis_client.async_client(
+        settings.redis_url, socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S, socket_timeout=REDIS_REPLY_TIMEOUT_S
+    )
     replication.configure(redis, settings.wait_replicas, settings.wait_timeout_ms)
     return RedisLink(
         redis, settings.redis_url, registered.worker_id, heartbeat_ttl_s=registered.heartbeat_timeout_s,

@@ -20,7 +20,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Header, Path, Query, Request
 from fastapi.responses import Response
 
-from gputorrent import auth, keys, leases, pool_stats, queue, registry, streams
+from gputorrent import auth, keys, leases, pool_stats, queue, registry, replication, streams
 from gputorrent.coordinator.deps import RedisDep, SettingsDep
 from gputorrent.errors import Conflict, InvalidRequest, LeaseLost, SlotsFull, Unauthorized, WorkerGone
 from gputorrent.protocol import (
@@ -229,9 +229,11 @@ async def finish(
 
 async def _already_stored(redis: RedisDep, result: JobResult, worker_id: str) -> bool:
     stored = await redis.get(keys.result_key(result.request_id))
-    if stored is None:
+    if stored is None or JobResult.model_validate_json(stored) != result.model_copy(update={"worker_id": worker_id}):
         return False
-    return JobResult.model_validate_json(stored) == result.model_copy(update={"worker_id": worker_id})
+    # The first call's WAIT may have come short: acknowledge the repeat only once the replicas have it.
+    await replication.confirm(redis, "result", result.request_id, keys.result_key(result.request_id))
+    return True
 
 
 @router.post("/jobs/{request_id}/pulled", status_code=204, response_class=Response, responses=LEASE_LOST)
