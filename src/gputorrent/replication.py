@@ -106,8 +106,8 @@ class ReplicaWait:
         """How many replicas the next write waits for.
 
         Raises:
-            Unreplicated: the primary lost replicas and the Sentinels no longer name it (or a failover
-                of it is under way): what it takes now is lost when it rejoins as a replica.
+            StalePrimary: the primary lost replicas and the Sentinels do not confirm it (they name
+                another, or fail it over): what it took now would be lost when it rejoins as a replica.
         """
         if isinstance(self.replicas, int):
             return self.replicas
@@ -162,7 +162,7 @@ class ReplicaWait:
     async def check(self, write: Write, replicas: int, wanted: int, request_id: str) -> None:
         """Raise `Unreplicated` when `replicas` came short of `wanted`; with Sentinel and `auto`, a write
         that reached some replicas but not all is acknowledged once the Sentinels confirm this primary
-        (a replica left it), and waits for as many from then on."""
+        (a replica left it: later writes wait for as many), else `StalePrimary` is raised."""
         if replicas >= wanted:
             return
         self.forget()

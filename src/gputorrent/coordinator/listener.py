@@ -52,8 +52,7 @@ class Listener:
     def stop(self) -> None:
         """Make `run()` return: the subscription's connection is closed under it."""
         self._stopping = True
-        if self._connection is not None and self._connection._writer is not None:
-            self._connection._writer.close()
+        self.reconnect()
 
     def reconnect(self) -> None:
         """Subscribe anew (the primary was failed over): the connection is closed under `run()`, which
