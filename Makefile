@@ -69,11 +69,12 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/backend_http.py
 	$(BENCH_PYTHON) bench/reproducible.py
 	$(BENCH_PYTHON) bench/replication_wait.py
+	$(BENCH_PYTHON) bench/swarm.py
 	$(BENCH_PYTHON) bench/report.py
 
 $(BENCH_VENV)/.installed: pyproject.toml bench/requirements.txt
 	$(PYTHON) -m venv $(BENCH_VENV)
-	$(BENCH_VENV)/bin/pip install --quiet -e '.[llamacpp]' -r bench/requirements.txt
+	$(BENCH_VENV)/bin/pip install --quiet -e '.[llamacpp,swarm]' -r bench/requirements.txt
 	@touch $@
 
 size:

@@ -30,6 +30,7 @@ BENCHMARKS = (
     "backend_http",
     "reproducible",
     "replication_wait",
+    "swarm",
 )
 
 
