@@ -176,8 +176,9 @@ def test_no_accepted_job_is_lost_when_the_primary_is_switched_over_on_purpose_un
     deployment: SentinelDeployment, tmp_path: Path, record: Callable[[Row], None]
 ) -> None:
     """`SENTINEL FAILOVER`, as an operator patching the Redis host runs it: the old primary lives on and
-    answers while the Sentinels promote its replica and, seconds later, make it a replica of the new one.
-    What it takes in between has no replica, and must not be acknowledged."""
+    answers while the Sentinels promote its replica and, some 10 s later, make it a replica of the new one.
+    What it takes in between has no replica: none of it is acknowledged (a short `WAIT`, the Sentinels
+    asked when its replica left), and every process leaves it when the Sentinels announce the switch."""
     pool = Pool(tmp_path, deployment)  # type: ignore[arg-type]  # only `.url` is read: the Sentinel URL
     try:
         pool.coordinator("c1")
