@@ -176,7 +176,7 @@ class Swarm:
         it is then seeded. A partial file left there by an interrupted fetch is checked and kept.
 
         Raises:
-            NotEnoughSpace: before anything is fetched.
+            NotEnoughSpace: before anything is fetched, or when the disk filled up meanwhile.
             NoSeeder: nothing arrived for `stall_timeout_s` (the partial file stays, for a later fetch).
             Corrupt: the whole file's SHA-256 is not the published one (the file is deleted).
         """
