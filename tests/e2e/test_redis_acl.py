@@ -4,7 +4,6 @@ only the keys they need, on a server whose default user is off."""
 from __future__ import annotations
 
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from redis.exceptions import NoPermissionError
 
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port, server_binary
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, documented_users_acl, healthy, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, documented_users_acl, healthy, new_key, wait_for
 
 
 @pytest.fixture
@@ -50,9 +49,8 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
 ) -> None:
     coordinator_url = f"redis://coordinator:coordinator-pw@{acl_redis}"
     worker_url = f"redis://worker:worker-pw@{acl_redis}"
-    keys_cli = [sys.executable, "-m", "gputorrent", "keys", "--redis-url", coordinator_url, "create"]
-    client_key = subprocess.run(keys_cli, capture_output=True, text=True, check=True).stdout.strip()
-    join_key = subprocess.run([*keys_cli, "--scope", "join"], capture_output=True, text=True, check=True).stdout.strip()
+    client_key = new_key(coordinator_url, "client")  # `gputorrent keys` as the coordinator user
+    join_key = new_key(coordinator_url, "join")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -487,6 +487,16 @@ class Pool:
         with self._lock:
             return list(self.submitted)
 
+    def first_results_after(self, outcome: Outcome, since: float) -> dict[str, float]:
+        """Each worker's first result announced after `since` (unix time): when it stored results again."""
+        announced_at = self.announcements.first_at()
+        first: dict[str, float] = {}
+        for job in self.jobs():
+            result, at = outcome.results.get(job.request_id), announced_at.get(job.request_id)
+            if result is not None and at is not None and at > since:
+                first[result.worker_id] = min(at, first.get(result.worker_id, at))
+        return first
+
     def held_by(self, worker_id: str) -> list[str]:
         """The request ids in the worker's processing list (the jobs it had started)."""
         return [json.loads(raw)["request_id"] for raw in self.client.lrange(keys.processing_key(worker_id), 0, -1)]

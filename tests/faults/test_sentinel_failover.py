@@ -95,13 +95,7 @@ def test_no_accepted_job_is_lost_when_sentinel_fails_the_primary_over_under_load
             load.stop()
             prober.stop()
         outcome = pool.settle()
-        announced_at = pool.announcements.first_at()
-        first_by_worker: dict[str, float] = {}  # each worker's first result stored after the kill
-        for job in pool.jobs():
-            result = outcome.results.get(job.request_id)
-            at = announced_at.get(job.request_id)
-            if result is not None and at is not None and at > killed_at:
-                first_by_worker[result.worker_id] = min(at, first_by_worker.get(result.worker_id, at))
+        first_by_worker = pool.first_results_after(outcome, killed_at)
         # Recovered when every worker stores results again on the new primary.
         recover_s = max(first_by_worker.values()) - killed_at if len(first_by_worker) == len(WORKERS) else None
         record(outcome.row(SCENARIO, recover_s))

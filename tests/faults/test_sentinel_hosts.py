@@ -95,12 +95,7 @@ def test_the_pool_goes_on_when_the_redis_primarys_host_is_cut_off_and_the_old_pr
         load.stop()
 
     outcome = pool.settle()
-    announced_at = pool.announcements.first_at()
-    first_by_worker: dict[str, float] = {}  # each worker's first result announced after the cut
-    for job in pool.jobs():
-        result, at = outcome.results.get(job.request_id), announced_at.get(job.request_id)
-        if result is not None and at is not None and at > cut_at:
-            first_by_worker[result.worker_id] = min(at, first_by_worker.get(result.worker_id, at))
+    first_by_worker = pool.first_results_after(outcome, cut_at)
     first_202_s = min(j.at for j in pool.jobs() if j.at > cut_at) - cut_at
     storing_s = max(first_by_worker.values()) - cut_at if len(first_by_worker) == len(WORKERS) else None
     record(outcome.row(scenario, storing_s))
