@@ -436,10 +436,16 @@ async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -
 # KEYS[1] is that list; with ARGV[1] = '1' (a reaper acting on a dead holder), KEYS[2], the
 # holder's heartbeat, and KEYS[3], `liveness:grace`, must both be absent: the holder is still
 # dead, and Redis has been in sight long enough for its absence to mean so.
-_GUARD = """
+# A reaper's move (ARGV[1] = '1') of a holder that beats again, or while `liveness:grace` holds: nothing.
+_HOLDER_DEAD = """
 if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return 0 end
+"""
+_GUARD = (
+    _HOLDER_DEAD
+    + """
 if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then return 0 end
 """
+)
 
 
 def _guard_keys(dead: str | None) -> tuple[str, str]:
@@ -452,8 +458,8 @@ def _guard_keys(dead: str | None) -> tuple[str, str]:
 
 
 _FINISH = Script(
-    """
-if ARGV[1] == '1' and redis.call('EXISTS', KEYS[2], KEYS[3]) > 0 then return 0 end
+    _HOLDER_DEAD
+    + """
 if redis.call('LREM', KEYS[1], 1, ARGV[2]) == 0 then
   -- A repeat of this very store (its WAIT came short, or its reply was lost): touch the result, a
   -- write, so the WAIT sent with this call covers the first one too.

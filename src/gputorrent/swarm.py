@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import libtorrent as lt
 
@@ -242,11 +243,8 @@ class Swarm:
         deadline = time.monotonic() + FLUSH_TIMEOUT_S
         while time.monotonic() < deadline:
             self._session.wait_for_alert(200)
-            for alert in self._session.pop_alerts():
-                if isinstance(alert, lt.cache_flushed_alert) and alert.handle == handle:
-                    return
-                if isinstance(alert, lt.peer_ban_alert):
-                    self.banned.add(_endpoint(alert.endpoint))
+            if any(isinstance(a, lt.cache_flushed_alert) and a.handle == handle for a in self._alerts()):
+                return
         raise SwarmError(f"libtorrent did not write the file within {FLUSH_TIMEOUT_S:g} s")
 
     def _remove(self, model: ModelFile) -> None:
@@ -255,16 +253,22 @@ class Swarm:
             self._session.remove_torrent(handle)
 
     def _drain(self) -> list[SwarmError]:
-        """Read the session's alerts (each valid only until the next read: fields are copied out at once);
-        the failures that end a fetch."""
-        failures: list[SwarmError] = []
-        for alert in self._session.pop_alerts():
+        """The failures among the session's alerts that end a fetch."""
+        return [
+            # libtorrent goes on in upload mode and may call the file complete: stop here.
+            NotEnoughSpace(f"the disk filled up while fetching: {alert.message()}")
+            for alert in self._alerts()
+            if isinstance(alert, lt.file_error_alert) and alert.error.value() == errno.ENOSPC
+        ]
+
+    def _alerts(self) -> list[Any]:
+        """The session's alerts since the last read, a banned peer noted. Each is valid only until the next
+        read: callers look at them before reading again."""
+        alerts = self._session.pop_alerts()
+        for alert in alerts:
             if isinstance(alert, lt.peer_ban_alert):
                 self.banned.add(_endpoint(alert.endpoint))
-            elif isinstance(alert, lt.file_error_alert) and alert.error.value() == errno.ENOSPC:
-                # libtorrent goes on in upload mode and may call the file complete: stop here.
-                failures.append(NotEnoughSpace(f"the disk filled up while fetching: {alert.message()}"))
-        return failures
+        return list(alerts)
 
 
 def _progress(status: lt.torrent_status, size: int) -> Progress:
