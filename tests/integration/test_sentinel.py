@@ -162,7 +162,9 @@ async def test_a_failover_is_heard_from_the_sentinels_once_with_the_new_primarys
 
     following = asyncio.create_task(redis_client.follow_failovers(redis, on_switch, stop))
     try:
-        old = deployment.primary()
+        # Settled first: a failover asked for while the last one's old primary still syncs as a replica
+        # may promote that half-synced server, and the Sentinels then fail over once more.
+        old = await asyncio.to_thread(deployment.wait_for_agreement, 60)
         # Subscribed once each Sentinel lists a client with a subscription (a Sentinel has no PUBSUB).
         for sentinel in deployment.sentinels:
             subscribed = lambda s=sentinel: " sub=1 " in str(s.ask("CLIENT", "LIST"))  # noqa: E731
