@@ -48,7 +48,9 @@ PROMPTS = (
 def direct_model() -> Any:
     from llama_cpp import Llama
 
-    path, chat_format = resolve_model(PACKAGED_MODEL)
+    found = resolve_model(PACKAGED_MODEL)
+    assert found is not None, "the packaged model's package is not installed"
+    path, chat_format = found
     return Llama(model_path=str(path), n_ctx=N_CTX, n_gpu_layers=N_GPU_LAYERS, chat_format=chat_format, verbose=False)
 
 

@@ -13,6 +13,8 @@ the names users already know from the backends (`OLLAMA_HOST`, `OPENAI_BASE_URL`
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -154,6 +156,22 @@ class WorkerSettings(_ReplicationSettings):
     # An idle worker proves its backend generates (one token) this often; a probe fails past the timeout.
     health_interval_s: float = Field(default=30.0, gt=0, validation_alias=_env("GPUTORRENT_HEALTH_INTERVAL_S"))
     health_timeout_s: float = Field(default=30.0, gt=0, validation_alias=_env("GPUTORRENT_HEALTH_TIMEOUT_S"))
+    # The llamacpp backend's model files: a name NAME is `NAME` or `NAME.gguf` here, else fetched from the
+    # pool's swarm into `by-sha256/` here (docs/operations.md, "Models from peers").
+    models_dir: Path = Field(
+        default_factory=lambda: default_models_dir(), validation_alias=_env("GPUTORRENT_MODELS_DIR")
+    )
+    swarm: bool = Field(default=True, validation_alias=_env("GPUTORRENT_SWARM"))  # off: no fetching, no seeding
+    # The address other workers reach this one's swarm at; default: the one this machine reaches the coordinator from.
+    swarm_address: str | None = Field(default=None, validation_alias=_env("GPUTORRENT_SWARM_ADDRESS"))
+    swarm_port: int = Field(default=0, ge=0, le=65535, validation_alias=_env("GPUTORRENT_SWARM_PORT"))  # 0: any free
+    # Seeding takes at most this much upload (bytes a second, 0: no limit) and this many connections.
+    swarm_upload_limit_bps: int = Field(default=0, ge=0, validation_alias=_env("GPUTORRENT_SWARM_UPLOAD_LIMIT_BPS"))
+    swarm_max_connections: int = Field(
+        default=50, ge=2, le=10_000, validation_alias=_env("GPUTORRENT_SWARM_MAX_CONNECTIONS")
+    )
+    # A fetch from which nothing arrives this long is paused until a holder is online again.
+    swarm_stall_timeout_s: float = Field(default=30.0, gt=0, validation_alias=_env("GPUTORRENT_SWARM_STALL_TIMEOUT_S"))
 
     @field_validator("ollama_host")
     @classmethod
@@ -164,6 +182,11 @@ class WorkerSettings(_ReplicationSettings):
     def model(self) -> str | None:
         """The model to serve: `MODEL_NAME`, else the backend's default."""
         return self.model_name or DEFAULT_MODEL_BY_BACKEND[self.backend]
+
+
+def default_models_dir() -> Path:
+    """`gputorrent/models` under the user's cache directory (`XDG_CACHE_HOME`, else `~/.cache`)."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gputorrent" / "models"
 
 
 def normalize_ollama_host(value: str) -> str:

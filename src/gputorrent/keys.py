@@ -32,6 +32,9 @@
 | `drain:{worker_id}`   | string    | present: an admin asked the worker to drain | 1 h            | coordinator |
 | `stats:{bucket_start}` | hash    | jobs, failures, tokens, latency sums of 5 s | 15 min         | both        |
 | `failures:recent`    | list      | the last 50 failed jobs (JSON), newest first | none: trimmed | both        |
+| `catalogue`           | hash      | model → its file (`SwarmFile` JSON)         | none           | coordinator |
+| `swarm:fetching`      | zset      | `model address port` of fetches under way, by lapse | none: pruned | coordinator |
+| `swarm:epoch`         | integer   | bumped when the swarm's members change      | none           | coordinator |
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')
@@ -58,6 +61,9 @@ RECENT_FAILURES = "failures:recent"
 # Set by a coordinator that sees Redis again after a break (with the heartbeat timeout as TTL): no
 # worker could beat meanwhile, so while it exists no reaper moves the jobs of a worker without a heartbeat.
 LIVENESS_GRACE = "liveness:grace"
+CATALOGUE = "catalogue"  # the pool's model files, for the swarm (gputorrent/swarm.py)
+SWARM_FETCHING = "swarm:fetching"
+SWARM_EPOCH = "swarm:epoch"
 
 
 def worker_key(worker_id: str) -> str:

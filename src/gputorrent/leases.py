@@ -53,14 +53,15 @@ async def beat(
         )  # fmt: skip
         pipe.exists(keys.drain_key(worker_id))
         pipe.lrange(keys.processing_key(worker_id), 0, -1)
+        pipe.get(keys.SWARM_EPOCH)
         for request_id in running:
             pipe.exists(keys.cancel_key(request_id))
-        written, drain, held, *cancelled = await pipe.execute()
+        written, drain, held, swarm_epoch, *cancelled = await pipe.execute()
     if not written:
         return None
     held_ids = {queue.request_id_of(str(raw)) for raw in held}
     ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
-    return BeatAnswer(drain=bool(drain), ended=ended)
+    return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=int(swarm_epoch or 0))
 
 
 async def add_pulled_model(redis: Redis, worker_id: str, raw: str) -> bool:

@@ -6,6 +6,7 @@ is a 422 that names the field, not a silently ignored option.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from typing import Annotated, Any, Literal
 
@@ -39,6 +40,17 @@ def _encodable(value: str) -> str:
 
 Text = Annotated[str, AfterValidator(_encodable)]
 """A string that can be written back out as UTF-8: every client-supplied string is one."""
+
+
+def _ip_address(value: str) -> str:
+    try:
+        return str(ipaddress.ip_address(value))
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
+IPAddressText = Annotated[str, AfterValidator(_ip_address)]
+"""An IPv4 or IPv6 address, written the standard way (a host name is not one)."""
 
 
 # A real schema nests a few levels; a job's JSON must stay readable by every part (pydantic parses
@@ -264,6 +276,53 @@ class Hardware(WireModel):
     ram_total_bytes: int | None = Field(default=None, ge=0)
 
 
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+MAX_TORRENT_BYTES = 16 * 1024 * 1024  # 32 bytes a 4 MiB piece: a file of 2 TB, base64 in a registration
+
+
+class SwarmPeer(WireModel):
+    """Where a worker's libtorrent session listens (`gputorrent/swarm.py`): other workers fetch from it."""
+
+    address: IPAddressText
+    port: int = Field(ge=1, le=65535)
+
+
+class SwarmFile(WireModel):
+    """A model file in the pool's catalogue: its file name, size, SHA-256 and v2 torrent (base64)."""
+
+    # A bare file name, not hidden: it is written into the models directory, beside `.swarm/`.
+    name: str = Field(pattern=r"^[^./\\\s][^/\\\s]{0,254}$")
+    size: int = Field(ge=1)
+    sha256: str = Field(pattern=SHA256_PATTERN)
+    torrent: str = Field(min_length=1, max_length=MAX_TORRENT_BYTES * 4 // 3 + 4, repr=False)
+
+
+class SwarmFetch(WireModel):
+    """The body of `POST /swarm/fetch`: a worker about to fetch `model`, listening at `peer`."""
+
+    model: Text = Field(pattern=MODEL_NAME_PATTERN)
+    peer: SwarmPeer
+
+
+class SwarmSource(WireModel):
+    """The answer of `POST /swarm/fetch`: the file, the live workers that hold it, the other workers
+    fetching it (they trade the pieces they have), and every address the fetching worker may exchange
+    pieces with (live workers', and fetchers')."""
+
+    file: SwarmFile
+    holders: list[SwarmPeer]
+    fetching: list[SwarmPeer]
+    members: list[str]
+
+
+class SwarmMembers(WireModel):
+    """The answer of `GET /swarm/members`: the addresses a worker's swarm may talk to, and who is
+    fetching which model now (a holder connects to them)."""
+
+    members: list[str]
+    fetching: dict[str, list[SwarmPeer]]  # model → fetchers
+
+
 class WorkerRegistration(WireModel):
     """The body of `POST /register`. A worker that gives no id is given one."""
 
@@ -274,6 +333,8 @@ class WorkerRegistration(WireModel):
     hardware: Hardware = Field(default_factory=Hardware)
     version: Text | None = Field(default=None, max_length=64)
     can_pull: bool = False  # its backend can fetch models it is asked to (`POST /api/pull`)
+    swarm: SwarmPeer | None = None  # where it seeds the model files it holds (llama.cpp workers)
+    files: dict[str, SwarmFile] = Field(default_factory=dict, max_length=MAX_MODELS)  # model → its file
     # Needed only to replace the registration of a live worker with this id: that worker's secret.
     worker_secret: str | None = Field(default=None, max_length=256, repr=False)
 
@@ -284,6 +345,14 @@ class WorkerRegistration(WireModel):
             if not name or len(name) > 256 or any(ch.isspace() for ch in name):
                 raise ValueError(f"invalid model name {name!r}")
         return models
+
+    @model_validator(mode="after")
+    def _files_of_served_models(self) -> WorkerRegistration:
+        if unknown := sorted(set(self.files) - set(self.models)):
+            raise ValueError(f"files: {unknown[0]!r} is not among the models it registers")
+        if self.files and self.swarm is None:
+            raise ValueError("files: a worker that publishes files must give its swarm address")
+        return self
 
 
 class WorkerRecord(WireModel):
@@ -297,6 +366,7 @@ class WorkerRecord(WireModel):
     version: str | None = None
     registered_at: float
     can_pull: bool = False
+    swarm: SwarmPeer | None = None
 
 
 class Registered(WireModel):
@@ -343,6 +413,7 @@ class WorkerState(WireModel):
     jobs_held: int = 0  # jobs in its processing list now: read live, unlike `jobs_in_flight` (last heartbeat)
     tokens_per_s: float | None = None  # measured generation speed, from the last heartbeat
     can_pull: bool = False  # its backend can fetch models (`POST /api/pull` sends it pull jobs)
+    swarm: SwarmPeer | None = None  # where it seeds its models' files (its models in the catalogue)
 
 
 class TokenChunk(WireModel):
@@ -419,6 +490,8 @@ class BeatAnswer(WireModel):
 
     drain: bool = False
     ended: list[str] = Field(default_factory=list)
+    # Changes whenever a worker joins the swarm or starts a fetch: the worker then reads the members again.
+    swarm_epoch: int = 0
 
 
 class StreamText(WireModel):

@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from gputorrent import keys
-from gputorrent.protocol import MAX_MODELS, Hardware, Heartbeat, WorkerRecord, WorkerState
+from gputorrent.protocol import MAX_MODELS, BeatAnswer, Hardware, Heartbeat, WorkerRecord, WorkerState
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -61,14 +61,15 @@ async def register(
     return bool(stored)
 
 
-def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> bool:
+def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> BeatAnswer:
     """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own
-    thread); returns whether an admin asked it to drain."""
+    thread); answers whether an admin asked it to drain, and the swarm's epoch."""
     with client.pipeline(transaction=False) as pipe:
         pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
         pipe.exists(keys.drain_key(worker_id))
-        _, drain = pipe.execute()
-    return bool(drain)
+        pipe.get(keys.SWARM_EPOCH)
+        _, drain, swarm_epoch = pipe.execute()
+    return BeatAnswer(drain=bool(drain), swarm_epoch=int(swarm_epoch or 0))
 
 
 async def add_model(redis: Redis, worker_id: str, model: str) -> bool:
@@ -194,6 +195,7 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
                 jobs_held=held,
                 tokens_per_s=heartbeat.tokens_per_s if heartbeat else None,
                 can_pull=record.can_pull,
+                swarm=record.swarm,
             )
         )
     return states

@@ -16,9 +16,9 @@ against the SHA-256 it was published with (the merkle root is not a SHA-256 of t
 write that failed for want of space can leave libtorrent reporting a complete file that is not).
 A file that fails is deleted, never returned.
 
-Piece size: 4 MiB (`PIECE_SIZE`). v2 pinpoints corruption to a 16 KiB block whatever the piece
-size, so large pieces cost little on a failure, and keep the torrent small (32 bytes per piece:
-about 320 KB for a 40 GB file).
+Piece size: 4 MiB (`PIECE_SIZE`), doubled for files above 32 GiB so no torrent has more than
+`MAX_PIECES` pieces (32 bytes each: at most 256 KiB, which a registration carries). v2 pinpoints
+corruption to a 16 KiB block whatever the piece size, so large pieces cost little on a failure.
 """
 
 from __future__ import annotations
@@ -35,6 +35,7 @@ from typing import Any
 import libtorrent as lt
 
 PIECE_SIZE = 4 * 1024 * 1024
+MAX_PIECES = 8192
 READ_CHUNK = 1024 * 1024
 ALERTS = (
     lt.alert_category.error | lt.alert_category.peer | lt.alert_category.status
@@ -96,10 +97,25 @@ class Progress:
         )
 
 
-def describe(path: Path, piece_size: int = PIECE_SIZE) -> ModelFile:
-    """Hash `path` (its merkle tree for the torrent, and its SHA-256) and describe it."""
+def piece_size(size: int) -> int:
+    """`PIECE_SIZE`, doubled until the file has at most `MAX_PIECES` pieces.
+
+    >>> piece_size(250 * 2**20) // 2**20, piece_size(40 * 2**30) // 2**20, piece_size(400 * 2**30) // 2**20
+    (4, 8, 64)
+    """
+    chosen = PIECE_SIZE
+    while size > chosen * MAX_PIECES:
+        chosen *= 2
+    return chosen
+
+
+def describe(path: Path, piece_bytes: int | None = None) -> ModelFile:
+    """Hash `path` (its merkle tree for the torrent, and its SHA-256) and describe it; pieces of
+    `piece_bytes` (default: `piece_size`)."""
     size = path.stat().st_size
-    made = lt.create_torrent([lt.create_file_entry(path.name, size)], piece_size, lt.create_torrent.v2_only)
+    made = lt.create_torrent(
+        [lt.create_file_entry(path.name, size)], piece_bytes or piece_size(size), lt.create_torrent.v2_only
+    )
     made.set_priv(True)
     lt.set_piece_hashes(made, str(path.parent))
     # `generate_buf()` fails in the 2.1.1 wheel (it decodes the bytes as text); bencode the dict instead.
@@ -157,9 +173,9 @@ class Swarm:
             only.add_rule(address, address, 0)
         self._session.set_ip_filter(only)
 
-    def seed(self, model: ModelFile, path: Path) -> None:
-        """Serve `path`, a complete copy of `model` (its SHA-256 checked first)."""
-        if path.stat().st_size != model.size or file_sha256(path) != model.sha256:
+    def seed(self, model: ModelFile, path: Path, *, verify: bool = True) -> None:
+        """Serve `path`, a complete copy of `model` (its SHA-256 checked first, unless the caller just did)."""
+        if path.stat().st_size != model.size or (verify and file_sha256(path) != model.sha256):
             raise Corrupt(f"{path} is not {model.name} as published (its size or SHA-256 differs)")
         # seed_mode skips the check the hashes above just made; a piece is verified when first asked for.
         self._add(model, path.parent, lt.torrent_flags.seed_mode)
@@ -221,6 +237,13 @@ class Swarm:
             path.unlink(missing_ok=True)
             raise Corrupt(f"{model.name}: the fetched file's SHA-256 is not the published one; it was deleted")
         return path
+
+    def connect(self, model: ModelFile, peers: Iterable[tuple[str, int]]) -> None:
+        """Connect to these peers (address, port) for `model`, which this session seeds or fetches."""
+        handle = self._handles.get(model.info_hash)
+        if handle is not None:
+            for peer in peers:
+                handle.connect_peer(peer)
 
     def close(self) -> None:
         for info_hash in list(self._handles):

@@ -74,7 +74,7 @@ async def test_max_tokens_ends_the_generation_with_reason_length(backend: LlamaC
 
 
 async def test_an_unknown_model_is_refused_clearly() -> None:
-    with pytest.raises(ModelUnavailable, match="neither a GGUF file nor a packaged model"):
+    with pytest.raises(ModelUnavailable, match="neither a GGUF file, a packaged model"):
         await LlamaCppBackend(n_ctx=512, n_gpu_layers=0).load("llama3.2")
 
 

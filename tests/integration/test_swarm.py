@@ -26,7 +26,7 @@ def model(tmp_path: Path) -> tuple[ModelFile, Path]:
     path = tmp_path / "holder" / "model.gguf"
     path.parent.mkdir()
     path.write_bytes(os.urandom(SIZE))
-    return describe(path, piece_size=PIECE), path
+    return describe(path, piece_bytes=PIECE), path
 
 
 @pytest.fixture

@@ -56,6 +56,7 @@ class _Puller(_NonFiniteEmbedder):
     """Pulls by yielding `lines` progress lines; records how far the consumer read."""
 
     name = "puller"
+    can_pull = True
 
     def __init__(self, lines: int) -> None:
         self.lines = lines

@@ -15,6 +15,8 @@ from gputorrent.worker.main import served_models
 class Pulling(FakeBackend):
     """A backend that can pull and lists `listed` (or fails to, with `listed` None)."""
 
+    can_pull = True
+
     def __init__(self, listed: list[str] | None) -> None:
         super().__init__()
         self.listed = listed

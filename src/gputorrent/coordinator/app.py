@@ -25,7 +25,17 @@ from gputorrent.coordinator.listener import Listener
 from gputorrent.coordinator.overhead import OverheadHeader
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.results import ResultWaiter
-from gputorrent.coordinator.routes import add_routes, admin, anthropic, native, observability, ollama, openai, worker
+from gputorrent.coordinator.routes import (
+    add_routes,
+    admin,
+    anthropic,
+    native,
+    observability,
+    ollama,
+    openai,
+    swarm,
+    worker,
+)  # fmt: skip
 from gputorrent.errors import GPUTorrentError, RateLimited, RedisUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -101,7 +111,15 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             await redis.aclose()
 
     app = FastAPI(title="GPU Torrent coordinator", version=__version__, lifespan=lifespan)
-    for router in (native.router, openai.router, ollama.router, anthropic.router, admin.router, worker.router):
+    for router in (
+        native.router,
+        openai.router,
+        ollama.router,
+        anthropic.router,
+        admin.router,
+        worker.router,
+        swarm.router,
+    ):
         add_routes(app, router)
     openapi.install(app)
     app.add_middleware(JsonBodies)

@@ -1,7 +1,8 @@
 """Pulling a model onto the workers whose backend can (`POST /api/pull`). No HTTP here.
 
 A pull is work for workers: one job of kind `pull` for each live worker that can pull (it registered
-`can_pull`: its backend is a `Puller`, as Ollama's is) and does not serve the model yet, queued on
+`can_pull`: its backend is a `Puller`: Ollama's pulls from its registry, llama.cpp's fetches the
+model's file from the pool's swarm, so only a model in the catalogue) and does not serve it yet, queued on
 that worker's own queue. So it is findable in Redis from admission to result, leased, timed out
 and reaped as any job is; unlike other jobs it is its worker's alone: when that worker dies it waits
 for it to come back (a restart runs it again, and Ollama resumes the download) until its deadline,
@@ -50,8 +51,12 @@ class Plan:
     served: bool
 
 
-def plan(name: str, workers: Sequence[WorkerState], resolve: Resolve) -> Plan:
-    """Which live workers a pull of `name` goes to.
+SWARM_BACKENDS = frozenset({"llamacpp"})  # backends that pull from the pool's swarm, not from a registry
+
+
+def plan(name: str, workers: Sequence[WorkerState], resolve: Resolve, *, in_catalogue: bool = False) -> Plan:
+    """Which live workers a pull of `name` goes to: those that can pull it (from the swarm: only a model
+    `in_catalogue`) and lack it.
 
     >>> from gputorrent.protocol import Hardware
     >>> def worker(worker_id, models, can_pull):
@@ -63,7 +68,8 @@ def plan(name: str, workers: Sequence[WorkerState], resolve: Resolve) -> Plan:
     Plan(targets=['a'], served=True)
     """
     live = [w for w in workers if w.state == "alive"]
-    targets = sorted(w.worker_id for w in live if w.can_pull and resolve(name, w.models) is None)
+    can_pull = [w for w in live if w.can_pull and (in_catalogue or w.backend not in SWARM_BACKENDS)]
+    targets = sorted(w.worker_id for w in can_pull if resolve(name, w.models) is None)
     return Plan(targets=targets, served=any(resolve(name, w.models) is not None for w in live))
 
 
@@ -73,8 +79,9 @@ def cannot_pull(name: str, workers: Sequence[WorkerState]) -> NoWorkersAvailable
     if not backends:
         return NoWorkersAvailable("no live worker is registered; start one with `gputorrent worker`")
     return NoWorkersAvailable(
-        f"no live worker can pull {name!r}: their backends ({', '.join(backends)}) cannot fetch models "
-        f"(the ollama backend can); start a worker with --backend ollama, or one with --model {name}"
+        f"no live worker can pull {name!r}: their backends ({', '.join(backends)}) cannot fetch it (the ollama "
+        "backend pulls from its registry; the llamacpp backend only models in the pool's catalogue, "
+        f"`GET /swarm/catalogue`); start a worker with --backend ollama, or one with --model {name}"
     )
 
 

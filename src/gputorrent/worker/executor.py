@@ -14,7 +14,7 @@ from typing import Any
 from gputorrent.errors import BackendError, Cancelled, DeadlineExceeded, GPUTorrentError
 from gputorrent.protocol import ErrorInfo, GenerationDone, Job, JobResult, Resumed, Timings, Usage
 from gputorrent.streams import StreamWriter
-from gputorrent.worker.backends import Backend, Puller
+from gputorrent.worker.backends import Backend, puller
 
 log = logging.getLogger(__name__)
 
@@ -118,9 +118,9 @@ async def _run(
 async def _pull(backend: Backend, job: Job, writer: StreamWriter | None, ended: asyncio.Event) -> None:
     """Fetch the job's model onto the backend, writing each progress line to `writer` as one line of
     JSON (the coordinator relays them, tagged with this worker)."""
-    if not isinstance(backend, Puller):
+    if (pulling := puller(backend)) is None:
         raise BackendError(f"the {backend.name} backend cannot pull models")
-    progress = backend.pull(job.model, insecure=job.insecure)
+    progress = pulling.pull(job.model, insecure=job.insecure)
     try:
         async for line in progress:
             if writer is not None:

@@ -34,6 +34,7 @@ class HeartbeatThread(threading.Thread):
         running: Callable[[], list[str]],
         on_drain: Callable[[], None],
         on_ended: Callable[[list[str]], None],
+        on_swarm_epoch: Callable[[int], None] | None = None,
     ) -> None:
         super().__init__(name=f"heartbeat-{worker_id}", daemon=True)
         self._sender = sender
@@ -43,6 +44,7 @@ class HeartbeatThread(threading.Thread):
         self._running = running
         self._on_drain = on_drain  # called (from this thread) once an admin asks the worker to drain
         self._on_ended = on_ended  # called (from this thread) with running jobs that were ended elsewhere
+        self._on_swarm_epoch = on_swarm_epoch  # called (from this thread) with each beat's swarm epoch
         self._stopping = threading.Event()
         self._wake = threading.Event()
 
@@ -61,6 +63,8 @@ class HeartbeatThread(threading.Thread):
                         self._on_ended(answer.ended)
                     if answer.drain:
                         self._on_drain()
+                    if self._on_swarm_epoch is not None:
+                        self._on_swarm_epoch(answer.swarm_epoch)
                 self._wake.wait(self._interval_s)
         finally:
             self._sender.close()

@@ -194,7 +194,7 @@ class _RedisHeartbeat:
         self._ttl_s = ttl_s
 
     def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
-        return BeatAnswer(drain=registry.beat(self._client, self._worker_id, heartbeat, self._ttl_s))
+        return registry.beat(self._client, self._worker_id, heartbeat, self._ttl_s)
 
     def reconnect(self) -> None:
         """The next beat asks the Sentinels where the primary is (called from the event loop's thread:

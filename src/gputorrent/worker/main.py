@@ -31,7 +31,8 @@ from gputorrent.protocol import (
 )
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
-from gputorrent.worker.backends import Backend, Puller, make_backend
+from gputorrent.worker.backends import Backend, make_backend, puller
+from gputorrent.worker.backends.llamacpp import LlamaCppBackend
 from gputorrent.worker.backends.ollama import same_model
 from gputorrent.worker.coordinator_link import CoordinatorLink
 from gputorrent.worker.ended import EndedJobs
@@ -39,6 +40,7 @@ from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
 from gputorrent.worker.heartbeat import HeartbeatThread
 from gputorrent.worker.link import PoolLink, RedisLink
+from gputorrent.worker.model_swarm import ModelSwarm
 from gputorrent.worker.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -66,6 +68,7 @@ class Worker:
         settings: WorkerSettings,
         model: str,
         also_serves: Sequence[str] = (),
+        swarm: ModelSwarm | None = None,
     ) -> None:
         self.link = link
         self.backend = backend
@@ -89,6 +92,9 @@ class Worker:
         self._last_success = time.monotonic()
         self._heartbeat: HeartbeatThread | None = None
         self.telemetry = WorkerTelemetry(self.worker_id)
+        self.swarm = swarm  # where it seeds its model files, and fetches the models it pulls
+        self._swarm_epoch = -1
+        self._following: asyncio.Task[None] | None = None
 
     def heartbeat(self) -> Heartbeat:
         """What the heartbeat thread writes: load and condition."""
@@ -110,9 +116,14 @@ class Worker:
         def ended_elsewhere(request_ids: list[str]) -> None:  # on the heartbeat thread
             loop.call_soon_threadsafe(self.ended.end, request_ids)
 
+        def swarm_epoch(epoch: int) -> None:  # on the heartbeat thread
+            if epoch != self._swarm_epoch:
+                loop.call_soon_threadsafe(self._follow_swarm, epoch)
+
         self._heartbeat = HeartbeatThread(
             self.link.heartbeat_sender(), self.worker_id, self.heartbeat_interval_s, self.heartbeat,
             self.ended.running, on_drain=drain_asked, on_ended=ended_elsewhere,
+            on_swarm_epoch=swarm_epoch if self.swarm is not None else None,
         )  # fmt: skip
         self._heartbeat.start()
         try:
@@ -133,6 +144,8 @@ class Worker:
                 helpers_stop.set()
         finally:
             await asyncio.to_thread(self._heartbeat.stop)
+            if self._following is not None:
+                self._following.cancel()
             await self._leave()
 
     async def _until_stopped(self, stop: asyncio.Event, consumers: list[asyncio.Task[None]]) -> None:
@@ -195,6 +208,18 @@ class Worker:
             return
         how = "left the pool" if left else "stopped; jobs no other worker could take wait in its lists"
         log.info("worker %s %s after %d jobs", self.worker_id, how, self.jobs_done)
+
+    def _follow_swarm(self, epoch: int) -> None:
+        """The swarm's members changed: let them in (one reading at a time; a later epoch reads again)."""
+        if self.swarm is None or (self._following is not None and not self._following.done()):
+            return
+        self._swarm_epoch = epoch
+
+        async def follow(swarm: ModelSwarm) -> None:
+            if not await swarm.follow():
+                self._swarm_epoch = -1  # read them again at the next beat
+
+        self._following = asyncio.create_task(follow(self.swarm), name="swarm members")
 
     def _set_condition(self, condition: WorkerCondition, reason: str | None) -> None:
         self.condition, self.condition_reason = condition, reason
@@ -439,7 +464,7 @@ async def served_models(backend: Backend, model: str) -> list[str]:
     """The models the worker registers with: `model` first, then, where the backend can pull, every
     other model it has. Such a backend (Ollama) loads any model it has when a request names it, so a
     restarted worker still serves the models it pulled before."""
-    if not isinstance(backend, Puller):
+    if puller(backend) is None:
         return [model]
     try:
         listed = await backend.list_models()
@@ -452,8 +477,11 @@ async def served_models(backend: Backend, model: str) -> list[str]:
     return models[:MAX_MODELS]
 
 
-async def register(settings: WorkerSettings, worker_id: str, models: list[str], backend: Backend) -> Registered:
-    """`POST /register` to the coordinator, retrying with backoff until `register_timeout_s`."""
+async def register(
+    settings: WorkerSettings, worker_id: str, models: list[str], backend: Backend, swarm: ModelSwarm | None = None
+) -> Registered:
+    """`POST /register` to the coordinator, retrying with backoff until `register_timeout_s`. With a
+    swarm it publishes the files it seeds (the catalogue refuses a file other than its own under a name)."""
     body = WorkerRegistration(
         worker_id=worker_id,
         models=models,
@@ -461,7 +489,9 @@ async def register(settings: WorkerSettings, worker_id: str, models: list[str], 
         slots=settings.slots,
         hardware=detect_hardware(),
         version=__version__,
-        can_pull=isinstance(backend, Puller),
+        can_pull=puller(backend) is not None,
+        swarm=swarm.peer if swarm is not None else None,
+        files=swarm.files if swarm is not None else {},
     )
     url = settings.coordinator_url.rstrip("/") + "/register"
     headers = {"content-type": "application/json"}
@@ -500,11 +530,17 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
         models = await served_models(backend, model)
         if len(models) > 1:
             log.info("backend %s also serves %s", backend.name, ", ".join(models[1:]))
-        registered = await register(settings, worker_id, models, backend)
+        swarm = None
+        if isinstance(backend, LlamaCppBackend) and backend.swarm is not None:
+            swarm = backend.swarm
+            for served, path in backend.files.items():
+                if served not in swarm.files:  # a file it fetched is seeded already
+                    await swarm.seed(served, path)
+        registered = await register(settings, worker_id, models, backend, swarm)
         log.info("worker %s registered with %s (link: %s)", worker_id, settings.coordinator_url, settings.link)
         link = open_link(settings, registered)
         try:
-            await Worker(link, backend, registered, settings, model, models[1:]).run(stop, burst=burst)
+            await Worker(link, backend, registered, settings, model, models[1:], swarm).run(stop, burst=burst)
         finally:
             await link.close()
     finally:

@@ -14,7 +14,7 @@ from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from redis.exceptions import RedisError
 
-from gputorrent import auth, keys, queue, registry
+from gputorrent import auth, catalogue, keys, queue, registry
 from gputorrent.coordinator import overhead, quotas, relay, waiting
 from gputorrent.coordinator.deps import (
     IDEMPOTENCY_HEADER,
@@ -68,7 +68,12 @@ async def register_worker(
         version=body.version,
         registered_at=time.time(),
         can_pull=body.can_pull,
+        swarm=body.swarm,
     )
+    try:  # before the worker is listed: a worker serves a model only with the file the catalogue has
+        await catalogue.publish(redis, body.files)
+    except catalogue.Conflict as e:
+        raise Conflict(str(e), field=f"files.{e.model}.sha256") from None
     secret = auth.new_worker_secret()
     presented = auth.hash_secret(body.worker_secret) if body.worker_secret else ""
     stored = await registry.register(
@@ -79,6 +84,8 @@ async def register_worker(
             f"a live worker is registered as {worker_id!r}; registering it again needs its worker_secret "
             "(a restarted worker gets its id back once the old heartbeat expires)"
         )
+    if body.swarm is not None:
+        await catalogue.joined(redis)
     log.info("worker %s registered backend=%s models=%s", worker_id, body.backend, ",".join(body.models))
     return Registered(
         worker_id=worker_id,

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from gputorrent import __version__, registry, routing
+from gputorrent import __version__, catalogue, registry, routing
 from gputorrent.coordinator import pulls, relay
 from gputorrent.coordinator.adapters import ollama as wire
 from gputorrent.coordinator.deps import (
@@ -122,7 +122,7 @@ async def pull(
     """
     name = wire.pulled_model(body)
     workers = await registry.snapshot(redis)
-    plan = pulls.plan(name, workers, wire.resolve_model)
+    plan = pulls.plan(name, workers, wire.resolve_model, in_catalogue=await catalogue.has(redis, name))
     if not plan.targets:
         if not plan.served:
             raise pulls.cannot_pull(name, workers)

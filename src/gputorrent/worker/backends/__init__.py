@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 from gputorrent.config import WorkerSettings
-from gputorrent.worker.backends.base import Backend, Puller
+from gputorrent.worker.backends.base import Backend, Puller, puller
 
 
 def make_backend(settings: WorkerSettings) -> Backend:
     """The backend `settings.backend` names, configured from the settings."""
     if settings.backend == "llamacpp":
         from gputorrent.worker.backends.llamacpp import LlamaCppBackend
+        from gputorrent.worker.model_swarm import ModelSwarm
 
-        return LlamaCppBackend(n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers)
+        return LlamaCppBackend(
+            n_ctx=settings.n_ctx, n_gpu_layers=settings.n_gpu_layers, models_dir=settings.models_dir,
+            swarm=ModelSwarm.open(settings),
+        )  # fmt: skip
     if settings.backend == "ollama":
         from gputorrent.worker.backends.ollama import OllamaBackend
 
@@ -26,4 +30,4 @@ def make_backend(settings: WorkerSettings) -> Backend:
     return FakeBackend(token_delay_s=settings.fake_token_delay_s, down_file=settings.fake_down_file)
 
 
-__all__ = ["Backend", "Puller", "make_backend"]
+__all__ = ["Backend", "Puller", "make_backend", "puller"]

@@ -53,8 +53,10 @@ class Backend(Protocol):
 
 @runtime_checkable
 class Puller(Protocol):
-    """A backend that can fetch a model it does not have yet, while it runs (Ollama's can; a worker
-    whose backend is one registers with `can_pull`)."""
+    """A backend that can fetch a model it does not have yet, while it runs: Ollama's from its registry,
+    llama.cpp's from the pool's swarm. A worker whose backend is one (and `can_pull`) registers with `can_pull`."""
+
+    can_pull: bool  # False: it could, but not here (llama.cpp with the swarm off)
 
     def pull(self, model: str, *, insecure: bool = False) -> AsyncGenerator[PullProgress]:
         """Fetch `model`, yielding the engine's progress as it goes; returns once the model is ready.
@@ -64,6 +66,11 @@ class Puller(Protocol):
             BackendUnavailable: the engine cannot be reached.
         """
         ...
+
+
+def puller(backend: Backend) -> Puller | None:
+    """The backend as a `Puller`, if it can pull here."""
+    return backend if isinstance(backend, Puller) and backend.can_pull else None
 
 
 def continued_chat(job: Job) -> list[dict[str, Any]]:

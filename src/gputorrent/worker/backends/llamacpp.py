@@ -3,17 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import AsyncGenerator, Iterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from gputorrent.config import PACKAGED_CHAT_MODEL, PACKAGED_MODEL
 from gputorrent.errors import BackendError, InvalidRequest, ModelUnavailable
-from gputorrent.protocol import ChatMessage, Embeddings, GenerationDone, Job, TokenChunk
+from gputorrent.protocol import ChatMessage, Embeddings, GenerationDone, Job, PullProgress, TokenChunk
+
+if TYPE_CHECKING:
+    from gputorrent.worker.model_swarm import ModelSwarm
 
 log = logging.getLogger(__name__)
 
@@ -74,43 +80,122 @@ def packaged_chat_model_path() -> Path:
     return path
 
 
-def resolve_model(model: str) -> tuple[Path, str | None]:
-    """A model name or GGUF path → (file, chat format; None: the GGUF's own chat template). Gemma 3 270M,
-    a base model, has no template: use `gemma`."""
-    if model == PACKAGED_MODEL:
-        return packaged_model_path(), "gemma"
-    if model == PACKAGED_CHAT_MODEL:
-        return packaged_chat_model_path(), None
+def resolve_model(model: str, models_dir: Path | None = None) -> tuple[Path, str | None] | None:
+    """A model name or GGUF path → (file, chat format; None: the GGUF's own chat template), or None when
+    this machine has no file for it: a packaged model (where its package is installed), a path to a
+    GGUF file, or `NAME` or `NAME.gguf` in `models_dir`. Gemma 3 270M, a base model, has no template:
+    use `gemma` (also for a copy of its file fetched from the swarm)."""
+    chat_format = _chat_format_of(model)
+    with contextlib.suppress(ModelUnavailable):  # the package is not installed: maybe its file is elsewhere
+        if model == PACKAGED_MODEL:
+            return packaged_model_path(), chat_format
+        if model == PACKAGED_CHAT_MODEL:
+            return packaged_chat_model_path(), chat_format
     path = Path(model).expanduser()
     if path.suffix == ".gguf" and path.is_file():
-        return path, None
-    raise ModelUnavailable(
-        f"model {model!r} is neither a GGUF file nor a packaged model ({PACKAGED_CHAT_MODEL!r}, {PACKAGED_MODEL!r})"
-    )
+        return path, chat_format
+    if models_dir is not None and "/" not in model and model not in (".", ".."):
+        for candidate in (models_dir / model, models_dir / f"{model}.gguf"):
+            if candidate.is_file():
+                return candidate, chat_format
+    return None
+
+
+@dataclass
+class _Loaded:
+    """One model's llama.cpp context and what the backend keeps beside it."""
+
+    llm: Any
+    path: Path
+    chat_format: str | None
+    # The first positions of the context's cache that whole prompt chunks evaluated, each starting at
+    # a multiple of the chunk size: a reproducible request may reuse these and no others.
+    aligned: int = 0
+    embedder: Any = None  # an embedding-mode context on the same file, made on first use
 
 
 class LlamaCppBackend:
+    """Serves the model it loads first and, with a swarm, each model a pull fetches from the pool's
+    other workers (one context each; generations take turns)."""
+
     name = "llamacpp"
     replays_exactly = True  # whole-chunk prefix reuse (`_reuse_prefix`)
 
-    def __init__(self, *, n_ctx: int, n_gpu_layers: int) -> None:
+    def __init__(
+        self, *, n_ctx: int, n_gpu_layers: int, models_dir: Path | None = None, swarm: ModelSwarm | None = None
+    ) -> None:
         self._n_ctx = n_ctx
         self._n_gpu_layers = n_gpu_layers
-        self._llm: Any = None
-        self._model = ""
-        self._chat_format: str | None = None
-        self._path: Path | None = None
-        self._embedder: Any = None
+        self._models_dir = models_dir
+        self.swarm = swarm  # where it fetches the models this machine lacks; None: it serves local files only
+        self.can_pull = swarm is not None
+        self._loaded: dict[str, _Loaded] = {}
+        self._model = ""  # the model loaded first: a job naming no loaded model runs on it
         self._chunk = 0  # prompt tokens per batch: `prompt_chunk_tokens`, once llama-cpp-python is imported
-        # The first positions of the context's cache that whole prompt chunks evaluated, each starting at
-        # a multiple of the chunk size: a reproducible request may reuse these and no others.
-        self._aligned = 0
-        # One llama.cpp context is not thread-safe: one generation at a time.
+        # One llama.cpp context is not thread-safe, and contexts share the machine: one generation at a time.
         self._lock = asyncio.Lock()
+
+    @property
+    def files(self) -> dict[str, Path]:
+        """The file of each model it serves."""
+        return {name: loaded.path for name, loaded in self._loaded.items()}
 
     async def load(self, model: str | None) -> str:
         name = model or PACKAGED_MODEL
-        path, chat_format = resolve_model(name)
+        await self._load(name, await self._find(name))
+        self._model = self._model or name
+        return name
+
+    async def pull(self, model: str, *, insecure: bool = False) -> AsyncGenerator[PullProgress]:
+        """Fetch `model` from the pool's swarm (when this machine lacks its file) and load it beside the
+        others; progress lines while it fetches. `insecure` is Ollama's, and means nothing here."""
+        if self.swarm is None:
+            raise ModelUnavailable("this llamacpp worker has no swarm (GPUTORRENT_SWARM=off, or no libtorrent)")
+        if model in self._loaded:
+            return
+        local = resolve_model(model, self._models_dir)
+        if local is None:
+            loop = asyncio.get_running_loop()
+            lines: asyncio.Queue[PullProgress | BaseException | Path] = asyncio.Queue()
+            stop = threading.Event()
+
+            def progress(line: PullProgress) -> None:  # on the fetching thread
+                loop.call_soon_threadsafe(lines.put_nowait, line)
+
+            async def fetch(swarm: ModelSwarm) -> None:
+                try:
+                    path = await swarm.fetch(model, progress, stop)
+                except BaseException as e:  # handed to the consumer, which raises it
+                    lines.put_nowait(e)
+                else:
+                    lines.put_nowait(path)
+
+            fetching = asyncio.create_task(fetch(self.swarm))
+            try:
+                while not isinstance(item := await lines.get(), Path):
+                    if isinstance(item, BaseException):
+                        raise item
+                    yield item
+            finally:
+                stop.set()  # a consumer that left early (the pull was cancelled) stops the fetch
+                await fetching
+            local = (item, _chat_format_of(model))
+        yield PullProgress(status=f"loading {model}")
+        await self._load(model, local)
+
+    async def _find(self, name: str) -> tuple[Path, str | None]:
+        """This machine's file for `name`, fetched from the swarm where it has none."""
+        if (local := resolve_model(name, self._models_dir)) is not None:
+            return local
+        if self.swarm is None:
+            raise ModelUnavailable(
+                f"model {name!r} is neither a GGUF file, a packaged model ({PACKAGED_CHAT_MODEL!r}, "
+                f"{PACKAGED_MODEL!r}) nor a file in {self._models_dir}, and the swarm is off"
+            )
+        return await self.swarm.fetch(name), _chat_format_of(name)
+
+    async def _load(self, name: str, found: tuple[Path, str | None]) -> None:
+        path, chat_format = found
         try:
             from llama_cpp import Llama
         except ImportError:
@@ -119,7 +204,7 @@ class LlamaCppBackend:
             ) from None
         log.info("loading %s from %s", name, path)
         self._chunk = prompt_chunk_tokens(self._n_gpu_layers)
-        self._llm = await asyncio.to_thread(
+        llm = await asyncio.to_thread(
             Llama,
             model_path=str(path),
             n_ctx=self._n_ctx,
@@ -129,16 +214,17 @@ class LlamaCppBackend:
             chat_format=chat_format,
             verbose=False,
         )
-        self._aligned = 0
-        self._model = name
-        self._chat_format = chat_format
-        self._path = path
-        return name
+        self._loaded[name] = _Loaded(llm=llm, path=path, chat_format=chat_format)
+
+    def _serving(self, model: str) -> _Loaded:
+        loaded = self._loaded.get(model) or self._loaded.get(self._model)
+        if loaded is None:
+            raise BackendError("the llamacpp backend has no model loaded")
+        return loaded
 
     async def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
         """Stream tokens from a thread as llama.cpp samples them; closing the iterator stops generation."""
-        if self._llm is None:
-            raise BackendError("the llamacpp backend has no model loaded")
+        model = self._serving(job.model)
         async with self._lock:
             loop = asyncio.get_running_loop()
             items: asyncio.Queue[TokenChunk | GenerationDone | BaseException] = asyncio.Queue()
@@ -146,7 +232,7 @@ class LlamaCppBackend:
 
             def produce() -> None:
                 try:
-                    for item in self._stream(job, count):
+                    for item in self._stream(model, job, count):
                         loop.call_soon_threadsafe(items.put_nowait, item)
                 except BaseException as e:  # handed to the event loop, which raises it
                     loop.call_soon_threadsafe(items.put_nowait, e)
@@ -166,21 +252,22 @@ class LlamaCppBackend:
                 count.cancelled = True  # stops a generation the consumer abandoned, at its next token
                 await producer
 
-    def _stream(self, job: Job, count: _TokenCount) -> Iterator[TokenChunk | GenerationDone]:
+    def _stream(self, model: _Loaded, job: Job, count: _TokenCount) -> Iterator[TokenChunk | GenerationDone]:
         from llama_cpp import StoppingCriteriaList
 
+        llm = model.llm
         options = job.options
         stop = list(options.stop)
         if job.messages is not None:
-            tokens, chat_stop = self._chat_prompt(job.messages)
+            tokens, chat_stop = self._chat_prompt(model, job.messages)
             stop += chat_stop
         else:
-            tokens = self._llm.tokenize((job.prompt or "").encode(), add_bos=True, special=True)
+            tokens = llm.tokenize((job.prompt or "").encode(), add_bos=True, special=True)
         if job.continuation:  # the answer so far, from an earlier attempt: carry on after it
-            tokens += self._llm.tokenize(job.continuation.encode(), add_bos=False, special=False)
-        self._reuse_prefix(tokens, aligned=options.reproducible)
+            tokens += llm.tokenize(job.continuation.encode(), add_bos=False, special=False)
+        self._reuse_prefix(model, tokens, aligned=options.reproducible)
         finish_reason = "stop"
-        for chunk in self._llm.create_completion(
+        for chunk in llm.create_completion(
             prompt=tokens,
             max_tokens=options.max_tokens,
             temperature=options.temperature,
@@ -192,7 +279,7 @@ class LlamaCppBackend:
             grammar=_grammar(options.format) if options.format is not None else None,
         ):
             if options.reproducible and count.prompt_tokens:  # the prompt is in the cache, chunk by chunk
-                self._aligned = len(tokens) // self._chunk * self._chunk
+                model.aligned = len(tokens) // self._chunk * self._chunk
             choice = chunk["choices"][0]
             if choice["text"]:
                 yield TokenChunk(text=choice["text"])
@@ -201,7 +288,7 @@ class LlamaCppBackend:
             prompt_tokens=count.prompt_tokens, completion_tokens=count.sampled, finish_reason=finish_reason
         )
 
-    def _reuse_prefix(self, tokens: list[int], *, aligned: bool) -> None:
+    def _reuse_prefix(self, model: _Loaded, tokens: list[int], *, aligned: bool) -> None:
         """Leave in the cache the part of an earlier prompt that this one may reuse.
 
         llama.cpp's numbers for a position depend on how it was evaluated: in which batch, beside which
@@ -213,7 +300,7 @@ class LlamaCppBackend:
         numbers. Any other request keeps llama-cpp-python's longest-prefix reuse (faster for chats,
         which reuse their earlier answers), and the aligned part shrinks to what that leaves intact.
         """
-        llm = self._llm
+        llm = model.llm
         cached = llm.input_ids[: llm.n_tokens].tolist()
         common = 0
         for old, new in zip(cached, tokens, strict=False):
@@ -222,46 +309,46 @@ class LlamaCppBackend:
             common += 1
         if not aligned:
             # llama-cpp-python keeps `common` positions, or one fewer when the whole prompt is cached.
-            self._aligned = min(self._aligned, max(common - 1, 0) // self._chunk * self._chunk)
+            model.aligned = min(model.aligned, max(common - 1, 0) // self._chunk * self._chunk)
             return
         # At least one token is evaluated, in a chunk of its own boundary; nothing past a whole chunk is kept.
-        keep = min(common, self._aligned, len(tokens) - 1) // self._chunk * self._chunk
+        keep = min(common, model.aligned, len(tokens) - 1) // self._chunk * self._chunk
         llm.n_tokens = keep
         llm._ctx.kv_cache_seq_rm(-1, keep, -1)
-        self._aligned = keep  # until this prompt's own chunks are in
+        model.aligned = keep  # until this prompt's own chunks are in
 
-    def _chat_prompt(self, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
+    def _chat_prompt(self, model: _Loaded, messages: list[ChatMessage]) -> tuple[list[int], list[str]]:
         """The chat as prompt tokens plus the format's stop strings, so chat streams like a completion."""
         from llama_cpp import llama_chat_format
 
+        llm = model.llm
         turns: list[dict[str, str]] = [m.model_dump() for m in messages]
-        template = self._llm.metadata.get("tokenizer.chat_template")
-        if self._chat_format == "gemma":
+        template = llm.metadata.get("tokenizer.chat_template")
+        if model.chat_format == "gemma":
             formatted = llama_chat_format.format_gemma(messages=_fold_system_into_first_user_turn(turns))
         elif template:
-            eos, bos = self._llm.token_eos(), self._llm.token_bos()
+            eos, bos = llm.token_eos(), llm.token_bos()
             formatted = llama_chat_format.Jinja2ChatFormatter(
                 template=template,
-                eos_token=self._llm._model.token_get_text(eos) if eos != -1 else "",
-                bos_token=self._llm._model.token_get_text(bos) if bos != -1 else "",
+                eos_token=llm._model.token_get_text(eos) if eos != -1 else "",
+                bos_token=llm._model.token_get_text(bos) if bos != -1 else "",
             )(messages=turns)  # type: ignore[arg-type]
         else:
-            raise BackendError(f"{self._model} has no chat template; send a prompt instead of messages")
-        tokens = self._llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
+            raise BackendError(f"{model.path.name} has no chat template; send a prompt instead of messages")
+        tokens = llm.tokenize(formatted.prompt.encode(), add_bos=not formatted.added_special, special=True)
         stop = formatted.stop if isinstance(formatted.stop, list) else [formatted.stop] if formatted.stop else []
         return tokens, [s for s in stop if s]
 
     async def embed(self, job: Job) -> Embeddings:
         """Mean-pooled vectors from a second, embedding-mode context on the same GGUF, made on first use."""
-        if self._path is None:
-            raise BackendError("the llamacpp backend has no model loaded")
+        model = self._serving(job.model)
         async with self._lock:
-            if self._embedder is None:
+            if model.embedder is None:
                 from llama_cpp import LLAMA_POOLING_TYPE_MEAN, Llama
 
-                self._embedder = await asyncio.to_thread(
+                model.embedder = await asyncio.to_thread(
                     Llama,
-                    model_path=str(self._path),
+                    model_path=str(model.path),
                     n_ctx=self._n_ctx,
                     n_gpu_layers=self._n_gpu_layers,
                     embedding=True,
@@ -269,20 +356,27 @@ class LlamaCppBackend:
                     verbose=False,
                 )
             try:
-                reply = await asyncio.to_thread(self._embedder.create_embedding, job.input or [])
+                reply = await asyncio.to_thread(model.embedder.create_embedding, job.input or [])
             except ValueError as e:  # a text longer than the context
                 raise BackendError(str(e)) from e
         vectors = [item["embedding"] for item in sorted(reply["data"], key=lambda item: item["index"])]
         return Embeddings(vectors=vectors, prompt_tokens=reply["usage"]["prompt_tokens"])
 
     async def list_models(self) -> list[str]:
-        return [self._model] if self._llm is not None else []
+        return list(self._loaded)
 
     async def close(self) -> None:
-        for llm in (self._llm, self._embedder):
-            if llm is not None:
-                await asyncio.to_thread(llm.close)
-        self._llm = self._embedder = None
+        loaded, self._loaded = list(self._loaded.values()), {}
+        for model in loaded:
+            for llm in (model.llm, model.embedder):
+                if llm is not None:
+                    await asyncio.to_thread(llm.close)
+        if self.swarm is not None:
+            self.swarm.close()
+
+
+def _chat_format_of(model: str) -> str | None:
+    return "gemma" if model == PACKAGED_MODEL else None
 
 
 class _TokenCount:

@@ -28,6 +28,7 @@ def same_model(wanted: str, listed: str) -> bool:
 class OllamaBackend:
     name = "ollama"
     replays_exactly = False  # its server's cache and batching are not ours to control
+    can_pull = True
 
     def __init__(self, *, host: str) -> None:
         self._host = host.rstrip("/")

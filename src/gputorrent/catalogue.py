@@ -1,0 +1,126 @@
+"""The pool's catalogue of model files, in Redis, for the swarm that moves them (gputorrent/swarm.py).
+
+A llama.cpp worker publishes the file of every model it serves when it registers: its name, size,
+SHA-256 and v2 torrent (`SwarmFile`), under the model's name. The first file published for a name
+is the one the pool serves under it: another file under that name is refused (two files would give
+two answers to one request, and break the exact replay of a stream on another worker).
+
+Who holds a file is not stored apart: it is every live worker that registered a swarm address and
+serves the model (a llama.cpp worker serves only files it holds). So a worker that dies or leaves
+stops being a holder with its heartbeat, and one that fetched a model holds it once it lists it.
+
+Who may talk to whom: a worker's swarm accepts connections only from `members`, the addresses of
+live workers with a swarm address and of the fetches under way (a worker fetches before it
+registers: it has nothing to serve yet). A fetch is announced with the join key
+(`POST /swarm/fetch`), and lapses after `FETCH_LAPSE_S` unless announced again. Each change bumps
+`swarm:epoch`, which every beat's answer carries, so workers read the members again only then.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
+from gputorrent import keys
+from gputorrent.protocol import SwarmFile, SwarmMembers, SwarmPeer, SwarmSource, WorkerState
+
+FETCH_LAPSE_S = 600  # an announced fetch counts this long; a fetch still waiting announces itself again
+
+
+class Conflict(Exception):
+    """The catalogue has another file under this model name."""
+
+    def __init__(self, model: str, published: SwarmFile, offered: SwarmFile) -> None:
+        super().__init__(
+            f"the pool's catalogue has another file as {model!r} (SHA-256 {published.sha256[:12]}…, this worker's "
+            f"is {offered.sha256[:12]}…); serve this file under another model name"
+        )
+        self.model = model
+
+
+async def publish(redis: Redis, files: dict[str, SwarmFile]) -> None:
+    """Add each model's file to the catalogue where the name is new.
+
+    Raises:
+        Conflict: a name already stands for another file (HSETNX kept the first of two published at once).
+    """
+    if not files:
+        return
+    async with redis.pipeline(transaction=False) as pipe:
+        for model, offered in files.items():
+            pipe.hsetnx(keys.CATALOGUE, model, offered.model_dump_json())
+        pipe.hmget(keys.CATALOGUE, list(files))
+        *_, stored = await pipe.execute()
+    for (model, offered), raw in zip(files.items(), stored, strict=True):
+        if (published := SwarmFile.model_validate_json(raw)).sha256 != offered.sha256:
+            raise Conflict(model, published, offered)
+
+
+async def has(redis: Redis, model: str) -> bool:
+    return bool(await redis.hexists(keys.CATALOGUE, model))
+
+
+async def entries(redis: Redis) -> dict[str, SwarmFile]:
+    """Every model in the catalogue with its file."""
+    stored = await redis.hgetall(keys.CATALOGUE)
+    return {str(model): SwarmFile.model_validate_json(raw) for model, raw in sorted(stored.items())}
+
+
+def holders(model: str, workers: Sequence[WorkerState]) -> list[WorkerState]:
+    """The live workers that seed `model`'s file."""
+    return [w for w in workers if w.state != "dead" and w.swarm is not None and model in w.models]
+
+
+async def announce_fetch(
+    redis: Redis, model: str, peer: SwarmPeer, workers: Sequence[WorkerState]
+) -> SwarmSource | None:
+    """Note that the worker at `peer` fetches `model` (its holders connect to it) and say where from;
+    None when the catalogue has no such model."""
+    raw = await redis.hget(keys.CATALOGUE, model)
+    if raw is None:
+        return None
+    now = time.time()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zadd(keys.SWARM_FETCHING, {_fetching_member(model, peer): now + FETCH_LAPSE_S})
+        pipe.incr(keys.SWARM_EPOCH)
+        await pipe.execute()
+    sources = [w.swarm for w in holders(model, workers) if w.swarm is not None and w.swarm != peer]
+    now_members = await members(redis, workers)
+    return SwarmSource(
+        file=SwarmFile.model_validate_json(raw), holders=sources,
+        fetching=[other for other in now_members.fetching.get(model, []) if other != peer],
+        members=now_members.members,
+    )  # fmt: skip
+
+
+async def fetch_done(redis: Redis, model: str, peer: SwarmPeer) -> None:
+    """The fetch at `peer` ended (it holds the file now, or gave up)."""
+    await redis.zrem(keys.SWARM_FETCHING, _fetching_member(model, peer))
+
+
+async def members(redis: Redis, workers: Sequence[WorkerState]) -> SwarmMembers:
+    """The addresses of live workers with a swarm address and of fetches under way, and the fetches."""
+    now = time.time()
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zremrangebyscore(keys.SWARM_FETCHING, "-inf", now)
+        pipe.zrange(keys.SWARM_FETCHING, 0, -1)
+        _, under_way = await pipe.execute()
+    fetching: dict[str, list[SwarmPeer]] = {}
+    for member in under_way:
+        model, address, port = member.rsplit(" ", 2)
+        fetching.setdefault(model, []).append(SwarmPeer(address=address, port=int(port)))
+    addresses = {w.swarm.address for w in workers if w.state != "dead" and w.swarm is not None}
+    addresses.update(peer.address for peers in fetching.values() for peer in peers)
+    return SwarmMembers(members=sorted(addresses), fetching=fetching)
+
+
+async def joined(redis: Redis) -> None:
+    """A worker with a swarm address registered: the others let it in."""
+    await redis.incr(keys.SWARM_EPOCH)
+
+
+def _fetching_member(model: str, peer: SwarmPeer) -> str:
+    # A model name holds no whitespace (`MODEL_NAME_PATTERN`), and an address no space.
+    return f"{model} {peer.address} {peer.port}"
