@@ -63,7 +63,7 @@ def test_four_new_hosts_get_the_model_from_the_holder_and_each_other_and_serve_i
         _wait_alive(client, newcomers, timeout_s=180)
 
         sha256 = file_sha256(packaged_chat_model_path())
-        for host, proc in newcomers.items():
+        for host in newcomers:
             assert file_sha256(tmp_path / f"{host}-models" / "by-sha256" / sha256 / f"{name}.gguf") == sha256
         # Pieces came from other newcomers too: some progress line counts more peers than the one holder.
         most_peers = max(int(n) for proc in newcomers.values() for n in re.findall(r"from (\d+) peers", proc.log))
