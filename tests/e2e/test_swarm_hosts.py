@@ -5,6 +5,8 @@ from each other, and each serves a request from its own copy."""
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +24,20 @@ pytest.importorskip("libtorrent", reason="libtorrent (the `swarm` extra) has no 
 pytestmark = pytest.mark.model
 
 NEWCOMERS = ("n1", "n2", "n3", "n4")
+# Run on a host that never registered: it knows the torrent and the holder's address, and still gets nothing.
+OUTSIDER_FETCH = """
+import sys, tempfile
+from pathlib import Path
+from gputorrent.swarm import NoSeeder, Swarm, describe
+address, holder, port, model = sys.argv[1:]
+swarm = Swarm(address)
+try:
+    swarm.fetch(describe(Path(model)), Path(tempfile.mkdtemp()), [(holder, int(port))], stall_timeout_s=5)
+except NoSeeder as e:
+    print("refused:", e)
+else:
+    print("fetched")
+"""
 # The holder's upload, capped (libtorrent's own limit: the kernel here has no netem to shape the link),
 # so the four fetch long enough to trade pieces among themselves.
 HOLDER_UPLOAD_BPS = 8 * 1024 * 1024
@@ -30,7 +46,7 @@ HOLDER_UPLOAD_BPS = 8 * 1024 * 1024
 def test_four_new_hosts_get_the_model_from_the_holder_and_each_other_and_serve_it(
     netns_hosts: Callable[..., dict[str, Host]], tmp_path: Path
 ) -> None:
-    hosts = netns_hosts("redis", "c1", "holder", *NEWCOMERS)
+    hosts = netns_hosts("redis", "c1", "holder", *NEWCOMERS, "outsider")
     redis = HostRedis(hosts["redis"]).start()
     processes: list[Process] = []
     try:
@@ -68,6 +84,17 @@ def test_four_new_hosts_get_the_model_from_the_holder_and_each_other_and_serve_i
         # Pieces came from other newcomers too: some progress line counts more peers than the one holder.
         most_peers = max(int(n) for proc in newcomers.values() for n in re.findall(r"from (\d+) peers", proc.log))
         assert most_peers >= 2, [proc.log for proc in newcomers.values()]
+
+        holder_swarm = next(w.swarm for w in client.workers() if w.worker_id == "holder")
+        assert holder_swarm is not None and holder_swarm.address == hosts["holder"].address
+        outsider = hosts["outsider"].popen(
+            [sys.executable, "-c", OUTSIDER_FETCH, hosts["outsider"].address, holder_swarm.address,
+             str(holder_swarm.port), str(held / f"{name}.gguf")],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        out, _ = outsider.communicate(timeout=60)
+        # Same bridge as the newcomers, which fetched: only the holder's filter (members only) stops it.
+        assert out.startswith("refused: "), out
 
         holder.stop()  # only the newcomers' own copies can answer now
         wait_for(lambda: _alive(client) == set(NEWCOMERS), 30, "the holder gone")

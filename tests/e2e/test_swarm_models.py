@@ -5,6 +5,7 @@ for the test (the catalogue outlives a test: no test sees another's entries)."""
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -105,3 +106,37 @@ def test_a_pull_puts_a_catalogued_model_on_a_running_llamacpp_worker_from_its_pe
         result = client.infer(other, messages=CHAT, options=GREEDY, timeout_s=120)  # its first model still answers
         assert result.worker_id == "puller"
     assert sorted(_catalogue(coordinator_url, name)["holders"]) == ["holder", "puller"]  # type: ignore[type-var]
+
+
+def _fetched_mib(log: str) -> list[float]:
+    return [float(done) for done in re.findall(r": ([\d.]+) of [\d.]+ MiB, ", log)]
+
+
+def test_the_last_holder_leaving_pauses_a_fetch_which_resumes_where_it_stopped_when_a_holder_is_back(
+    coordinator_url: str, start_worker: Callable[..., Process], processes: Callable[..., Process],
+    redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    name = f"swarm-{uuid.uuid4().hex[:8]}"
+    holding = _holding(tmp_path, name)
+    slow = {**holding, "GPUTORRENT_SWARM_UPLOAD_LIMIT_BPS": str(2 * 1024 * 1024)}  # about 50 s for the file
+    holder = start_worker("holder", "--model", name, backend="llamacpp", env=slow)
+    _, env = _empty(tmp_path)
+    newcomer = processes(
+        "worker", "--backend", "llamacpp", "--coordinator", coordinator_url, "--redis-url", redis_url,
+        "--worker-id", "newcomer", "--model", name, env={**env, "GPUTORRENT_SWARM_STALL_TIMEOUT_S": "2"},
+        name="newcomer",
+    )  # fmt: skip
+    wait_for(lambda: max(_fetched_mib(newcomer.log), default=0) >= 8, 60, "8 MiB fetched")
+    holder.stop()
+    wait_for(lambda: "paused: no holder of" in newcomer.log, 30, "the fetch paused")
+    before = max(_fetched_mib(newcomer.log))
+    paused_at = len(newcomer.log)
+
+    start_worker("holder", "--model", name, backend="llamacpp", env=holding)  # back, and unlimited
+    wait_for(lambda: "newcomer" in alive_workers(coordinator_url) or newcomer.popen.poll() is not None, 120,
+             "the newcomer alive")  # fmt: skip
+    assert newcomer.popen.poll() is None, newcomer.log
+    resumed = _fetched_mib(newcomer.log[paused_at:])
+    assert resumed and resumed[0] >= before - 4, (before, resumed)  # at most a piece in flight was lost
+    sha256 = _catalogue(coordinator_url, name)["sha256"]
+    assert file_sha256(Path(env["GPUTORRENT_MODELS_DIR"]) / "by-sha256" / str(sha256) / f"{name}.gguf") == sha256
