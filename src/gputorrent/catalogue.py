@@ -24,9 +24,18 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 
 from gputorrent import keys
-from gputorrent.protocol import SwarmFile, SwarmMembers, SwarmPeer, SwarmSource, WorkerState
+from gputorrent.protocol import (
+    SwarmFile,
+    SwarmMembers,
+    SwarmPeer,
+    SwarmProgress,
+    SwarmSource,
+    SwarmTransfer,
+    WorkerState,
+)
 
 FETCH_LAPSE_S = 600  # an announced fetch counts this long; a fetch still waiting announces itself again
+TRANSFER_STALE_S = 30.0  # a fetch whose progress has not come for this long is not shown (its worker died)
 
 
 class Conflict(Exception):
@@ -97,7 +106,34 @@ async def announce_fetch(
 
 async def fetch_done(redis: Redis, model: str, peer: SwarmPeer) -> None:
     """The fetch at `peer` ended (it holds the file now, or gave up)."""
-    await redis.zrem(keys.SWARM_FETCHING, _fetching_member(model, peer))
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.zrem(keys.SWARM_FETCHING, _fetching_member(model, peer))
+        pipe.hdel(keys.SWARM_TRANSFERS, _fetching_member(model, peer))
+        await pipe.execute()
+
+
+async def report(redis: Redis, progress: SwarmProgress, workers: Sequence[WorkerState]) -> SwarmMembers:
+    """Keep a fetch's last progress (for the dashboard) and answer the members, which it lets in."""
+    transfer = SwarmTransfer(**progress.model_dump(), at=time.time())
+    await redis.hset(keys.SWARM_TRANSFERS, _fetching_member(progress.model, progress.peer), transfer.model_dump_json())
+    return await members(redis, workers)
+
+
+async def transfers(redis: Redis) -> list[SwarmTransfer]:
+    """The fetches under way, by model; those whose progress stopped coming are dropped."""
+    stored = await redis.hgetall(keys.SWARM_TRANSFERS)
+    now = time.time()
+    current: list[SwarmTransfer] = []
+    stale: list[str] = []
+    for field, raw in stored.items():
+        transfer = SwarmTransfer.model_validate_json(raw)
+        if now - transfer.at < TRANSFER_STALE_S:
+            current.append(transfer)
+        else:
+            stale.append(str(field))
+    if stale:
+        await redis.hdel(keys.SWARM_TRANSFERS, *stale)
+    return sorted(current, key=lambda t: (t.model, t.peer.address, t.peer.port))
 
 
 async def members(redis: Redis, workers: Sequence[WorkerState]) -> SwarmMembers:

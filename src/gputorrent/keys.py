@@ -35,6 +35,7 @@
 | `catalogue`           | hash      | model → its file (`SwarmFile` JSON)         | none           | coordinator |
 | `swarm:fetching`      | zset      | `model address port` of fetches under way, by lapse | none: pruned | coordinator |
 | `swarm:epoch`         | integer   | bumped when the swarm's members change      | none           | coordinator |
+| `swarm:transfers`     | hash      | `model address port` → its last progress (JSON) | none: pruned | coordinator |
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')
@@ -64,6 +65,7 @@ LIVENESS_GRACE = "liveness:grace"
 CATALOGUE = "catalogue"  # the pool's model files, for the swarm (gputorrent/swarm.py)
 SWARM_FETCHING = "swarm:fetching"
 SWARM_EPOCH = "swarm:epoch"
+SWARM_TRANSFERS = "swarm:transfers"
 
 
 def worker_key(worker_id: str) -> str:

@@ -304,6 +304,24 @@ class SwarmFetch(WireModel):
     peer: SwarmPeer
 
 
+class SwarmProgress(WireModel):
+    """The body of `POST /swarm/progress`: how a fetch announced with `POST /swarm/fetch` goes."""
+
+    model: Text = Field(pattern=MODEL_NAME_PATTERN)
+    peer: SwarmPeer
+    done_bytes: int = Field(ge=0)
+    total_bytes: int = Field(ge=1)
+    rate_bps: float = Field(ge=0, le=1e13)
+    peers: int = Field(ge=0, le=100_000)
+    paused: bool = False  # no holder sends: it waits for one to come back
+
+
+class SwarmTransfer(SwarmProgress):
+    """A fetch under way as the dashboard shows it (`/pool`): its last progress, and when it came."""
+
+    at: float
+
+
 class SwarmSource(WireModel):
     """The answer of `POST /swarm/fetch`: the file, the live workers that hold it, the other workers
     fetching it (they trade the pieces they have), and every address the fetching worker may exchange

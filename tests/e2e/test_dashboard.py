@@ -90,6 +90,10 @@ def test_the_dashboard_shows_the_workers_their_states_jobs_and_failures(
     with SyncRedis.from_url(redis_url) as redis:
         redis.set(keys.heartbeat_key("sick"), sick.model_dump_json(), px=60_000)
         redis.delete(keys.heartbeat_key("gone"))
+    # A worker fetching a model from the swarm says how it goes, as tests/e2e/test_swarm_models.py's do.
+    progress = {"model": "big", "peer": {"address": "10.0.0.9", "port": 6881}, "done_bytes": 3 * 2**30,
+                "total_bytes": 12 * 2**30, "rate_bps": 100 * 2**20, "peers": 3}  # fmt: skip
+    assert httpx.post(f"{coordinator_url}/swarm/progress", json=progress).status_code == 200
 
     report = drive("dashboard", coordinator_url, "dashboard.png", worker_id="w1", jobs_done=2)
 
@@ -103,6 +107,7 @@ def test_the_dashboard_shows_the_workers_their_states_jobs_and_failures(
         ["w1", "alive"],
     ]
     assert report["models"] == ["fake1 (1)00", "other2 (0)00"]
+    assert report["transfers"] == ["big10.0.0.9:6881 3.0 GiB / 12 GiB100 MiB/s392 s"]
     [failure] = report["failures"]
     assert "backend_error" in failure and "the fake backend was asked to fail" in failure
     assert report["connection"] == "live"

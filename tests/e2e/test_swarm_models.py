@@ -108,6 +108,11 @@ def test_a_pull_puts_a_catalogued_model_on_a_running_llamacpp_worker_from_its_pe
     assert sorted(_catalogue(coordinator_url, name)["holders"]) == ["holder", "puller"]  # type: ignore[type-var]
 
 
+def _transfers(url: str, name: str) -> list[bool]:
+    """Whether each fetch of `name` under way is paused, as `/pool` (the dashboard) shows them."""
+    return [t["paused"] for t in httpx.get(f"{url}/pool", timeout=10).json()["transfers"] if t["model"] == name]
+
+
 def _fetched_mib(log: str) -> list[float]:
     return [float(done) for done in re.findall(r": ([\d.]+) of [\d.]+ MiB, ", log)]
 
@@ -129,6 +134,7 @@ def test_the_last_holder_leaving_pauses_a_fetch_which_resumes_where_it_stopped_w
     wait_for(lambda: max(_fetched_mib(newcomer.log), default=0) >= 8, 60, "8 MiB fetched")
     holder.stop()
     wait_for(lambda: "paused: no holder of" in newcomer.log, 30, "the fetch paused")
+    wait_for(lambda: _transfers(coordinator_url, name) == [True], 10, "the dashboard's view: one transfer, paused")
     before = max(_fetched_mib(newcomer.log))
     paused_at = len(newcomer.log)
 

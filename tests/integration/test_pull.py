@@ -181,8 +181,9 @@ async def test_a_pool_where_no_worker_can_pull_answers_503_naming_the_backends(
     unable = await api.post("/api/pull", json={"model": NEW_MODEL})
     assert unable.status_code == 503
     assert unable.json()["error"] == (
-        f"no live worker can pull '{NEW_MODEL}': their backends (fake) cannot fetch models (the ollama backend "
-        f"can); start a worker with --backend ollama, or one with --model {NEW_MODEL}"
+        f"no live worker can pull '{NEW_MODEL}': their backends (fake) cannot fetch it (the ollama backend pulls "
+        "from its registry; the llamacpp backend only models in the pool's catalogue, `GET /swarm/catalogue`); "
+        f"start a worker with --backend ollama, or one with --model {NEW_MODEL}"
     )
     served = await api.post("/api/pull", json={"model": "fake:latest", "stream": False})
     assert (served.status_code, served.json()) == (200, {"status": "success"})

@@ -7,9 +7,9 @@ import time
 from pydantic import BaseModel, ConfigDict
 from redis.asyncio import Redis
 
-from gputorrent import pool_stats, registry
+from gputorrent import catalogue, pool_stats, registry
 from gputorrent.pool_stats import HistoryPoint
-from gputorrent.protocol import WorkerState
+from gputorrent.protocol import SwarmTransfer, WorkerState
 from gputorrent.telemetry import FailureRecord
 
 RATE_WINDOW_S = 60  # the "now" figures are averages over the last minute
@@ -57,6 +57,7 @@ class PoolOverview(_View):
     bucket_s: int
     history: list[HistoryPoint]  # oldest first, one point per `bucket_s`
     failures: list[FailureRecord] | None  # newest first; None when the caller may not see them
+    transfers: list[SwarmTransfer]  # model files being fetched from the swarm now
 
 
 async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> PoolOverview:
@@ -65,6 +66,7 @@ async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> Pool
     workers = await registry.snapshot(redis)
     history = await pool_stats.history(redis, max(history_s, RATE_WINDOW_S), now)
     failures = await pool_stats.recent_failures(redis) if with_failures else None
+    transfers = await catalogue.transfers(redis)
     points_kept = history_s // pool_stats.BUCKET_S
     return PoolOverview(
         at=now,
@@ -75,6 +77,7 @@ async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> Pool
         bucket_s=pool_stats.BUCKET_S,
         history=history[-points_kept:],
         failures=failures,
+        transfers=transfers,
     )
 
 

@@ -27,7 +27,15 @@ import aiohttp
 
 from gputorrent.config import WorkerSettings
 from gputorrent.errors import ModelUnavailable
-from gputorrent.protocol import PullProgress, SwarmFetch, SwarmFile, SwarmMembers, SwarmPeer, SwarmSource
+from gputorrent.protocol import (
+    PullProgress,
+    SwarmFetch,
+    SwarmFile,
+    SwarmMembers,
+    SwarmPeer,
+    SwarmProgress,
+    SwarmSource,
+)
 
 if TYPE_CHECKING:
     from gputorrent import swarm
@@ -36,9 +44,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PAUSED_RETRY_S = 5.0  # how often a paused fetch asks whether a holder is back
-# How often a fetch reads the members: it has no heartbeat yet (it registers once it has its model),
-# and fetchers that start after it must get in, and be connected to.
-FETCHING_FOLLOW_S = 2.0
+FETCHING_FOLLOW_S = 2.0  # how often a fetch sends its progress (and reads the members)
 PAUSED_LOG_S = 60.0  # how often a paused fetch says so again in the log
 COORDINATOR_TIMEOUT_S = 10.0
 
@@ -67,6 +73,7 @@ class ModelSwarm:
         self._stall_timeout_s = settings.swarm_stall_timeout_s
         self._seeding: dict[str, SwarmFile] = {}  # model → its file, seeded here
         self._wanted: dict[str, SwarmFile] = {}  # model → its file, being fetched here
+        self._progress: dict[str, SwarmProgress] = {}  # model → how its fetch goes (set from the fetching thread)
         self._fetching = asyncio.Lock()  # one fetch at a time: a fetch reads the session's alerts
 
     @classmethod
@@ -112,7 +119,16 @@ class ModelSwarm:
             if await asyncio.to_thread(self._complete, path, file):
                 log.info("%s: the file in %s is complete", model, path.parent)
             else:
-                path = await self._fetch(model, source, progress, stop)
+                self._wanted[model] = file
+                self._progress[model] = SwarmProgress(
+                    model=model, peer=self.peer, done_bytes=0, total_bytes=file.size, rate_bps=0, peers=0
+                )
+                reporting = asyncio.create_task(self._report_while_fetching(model))
+                try:
+                    path = await self._fetch(model, source, progress, stop)
+                finally:
+                    reporting.cancel()
+                    del self._wanted[model], self._progress[model]
                 self._remember(path, file)
             await self.seed(model, path, file)
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
@@ -132,6 +148,10 @@ class ModelSwarm:
                 raise FetchStopped(f"the fetch of {model} was stopped")
             line = fetched.line(model)
             log.info("%s", line)
+            self._progress[model] = SwarmProgress(
+                model=model, peer=self.peer, done_bytes=fetched.done_bytes, total_bytes=file.size,
+                rate_bps=fetched.rate_bps, peers=fetched.peers,
+            )  # fmt: skip
             if progress is not None:
                 progress(PullProgress(status=line, digest=f"sha256:{file.sha256}", total=file.size,
                                       completed=fetched.done_bytes))  # fmt: skip
@@ -144,8 +164,6 @@ class ModelSwarm:
                 log.info("%s: fetching %.1f MiB from %d holders (and %d other fetchers) into %s", model,
                          file.size / 2**20, len(source.holders), len(source.fetching),
                          self.stored_path(file).parent)  # fmt: skip
-                self._wanted[model] = file
-                following = asyncio.create_task(self._follow_while_fetching())
                 try:
                     return await asyncio.to_thread(
                         self._swarm.fetch, described, self.stored_path(file).parent, peers, progress=report,
@@ -155,9 +173,6 @@ class ModelSwarm:
                     reason = str(e)
                 except (swarm.NotEnoughSpace, swarm.Corrupt) as e:
                     raise ModelUnavailable(str(e)) from None
-                finally:
-                    following.cancel()
-                    del self._wanted[model]
             else:
                 reason = f"{model}: no live worker holds it"
             # Paused: the partial file stays, and libtorrent checks it when the fetch goes on.
@@ -165,12 +180,13 @@ class ModelSwarm:
             if time.monotonic() - paused_logged_at > PAUSED_LOG_S:
                 log.warning("%s", status)
                 paused_logged_at = time.monotonic()
+            self._progress[model] = self._progress[model].model_copy(update={"rate_bps": 0, "peers": 0, "paused": True})
             if progress is not None:
                 progress(PullProgress(status=status, digest=f"sha256:{file.sha256}", total=file.size))
-            for _ in range(int(PAUSED_RETRY_S * 10)):
-                if stop is not None and stop.is_set():
-                    raise FetchStopped(f"the fetch of {model} was stopped while paused")
-                await asyncio.sleep(0.1)
+            if stop is None:
+                await asyncio.sleep(PAUSED_RETRY_S)
+            elif await asyncio.to_thread(stop.wait, PAUSED_RETRY_S):
+                raise FetchStopped(f"the fetch of {model} was stopped while paused")
             source = await self._announce(model)
 
     async def seed(self, model: str, path: Path, file: SwarmFile | None = None) -> SwarmFile:
@@ -228,10 +244,16 @@ class ModelSwarm:
             cache.parent.mkdir(parents=True, exist_ok=True)
             cache.write_text(json.dumps({"key": key, "file": file.model_dump()}))
 
-    async def _follow_while_fetching(self) -> None:
+    async def _report_while_fetching(self, model: str) -> None:
+        """Send the fetch's progress (the dashboard shows it) and let in the members the answer names:
+        a fetching worker has no heartbeat yet, and fetchers that start after it must get in."""
         while True:
             await asyncio.sleep(FETCHING_FOLLOW_S)
-            await self.follow()
+            try:
+                answer = await self._request("POST", "/swarm/progress", self._progress[model].model_dump_json())
+                self._let_in(SwarmMembers.model_validate_json(answer))
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                log.debug("the fetch's progress could not be sent (%s)", e)
 
     async def follow(self) -> bool:
         """The pool's swarm changed (a worker joined, or a fetch began): let the members in, and connect
@@ -241,12 +263,15 @@ class ModelSwarm:
         except (aiohttp.ClientError, TimeoutError, ValueError) as e:
             log.warning("the swarm's members could not be read (%s); retrying at the next beat", e)
             return False
+        self._let_in(members)
+        return True
+
+    def _let_in(self, members: SwarmMembers) -> None:
         self._swarm.allow([*members.members, self.peer.address])
         for model, fetchers in members.fetching.items():
             if (file := self._seeding.get(model) or self._wanted.get(model)) is not None:
                 others = [(p.address, p.port) for p in fetchers if p != self.peer]
                 self._swarm.connect(self._model_file(file), others)  # libtorrent skips peers it has
-        return True
 
     def _model_file(self, file: SwarmFile) -> swarm.ModelFile:
         return self._swarm_module.ModelFile(

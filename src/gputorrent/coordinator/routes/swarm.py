@@ -11,7 +11,7 @@ from gputorrent import catalogue, registry
 from gputorrent.coordinator.deps import RedisDep
 from gputorrent.coordinator.security import JoinDep, require_client
 from gputorrent.errors import ModelNotFound
-from gputorrent.protocol import SwarmFetch, SwarmMembers, SwarmSource
+from gputorrent.protocol import SwarmFetch, SwarmMembers, SwarmProgress, SwarmSource
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["swarm"])
@@ -63,6 +63,12 @@ async def announce_fetch(body: SwarmFetch, redis: RedisDep, caller: JoinDep) -> 
 async def fetch_ended(body: SwarmFetch, redis: RedisDep, caller: JoinDep) -> None:
     """The fetch announced with this body ended: the holders need not connect to it any more."""
     await catalogue.fetch_done(redis, body.model, body.peer)
+
+
+@router.post("/swarm/progress", response_model=SwarmMembers)
+async def fetch_progress(body: SwarmProgress, redis: RedisDep, caller: JoinDep) -> SwarmMembers:
+    """How a fetch goes (the dashboard shows it); the answer is the members, as `GET /swarm/members`'s."""
+    return await catalogue.report(redis, body, await registry.snapshot(redis))
 
 
 @router.get("/swarm/members", response_model=SwarmMembers)

@@ -130,6 +130,25 @@ function renderWorkers(pool) {
   document.querySelector("#models tbody").replaceChildren(...models);
 }
 
+function renderTransfers(pool) {
+  const rows = pool.transfers.map((t) => {
+    const share = t.done_bytes / t.total_bytes;
+    const left = t.paused ? "paused: no holder is sending"
+      : t.rate_bps > 0 ? `${((t.total_bytes - t.done_bytes) / t.rate_bps).toFixed(0)} s` : "–";
+    return el("tr", { "data-model": t.model, "data-peer": `${t.peer.address}:${t.peer.port}`, "data-paused": String(t.paused) },
+      el("td", {}, t.model),
+      el("td", { class: "mono" }, `${t.peer.address}:${t.peer.port}`),
+      el("td", { class: "progress" },
+        el("span", { class: "meter" }, el("span", { style: `width:${(share * 100).toFixed(0)}%` })),
+        ` ${formatBytes(t.done_bytes)} / ${formatBytes(t.total_bytes)}`),
+      el("td", { class: "number" }, `${formatBytes(t.rate_bps)}/s`),
+      el("td", { class: "number" }, t.peers),
+      el("td", { class: "left" }, left));
+  });
+  document.querySelector("#transfers tbody").replaceChildren(...rows);
+  document.getElementById("no-transfers").hidden = rows.length > 0;
+}
+
 function renderFailures(pool) {
   const note = document.getElementById("failures-note");
   const body = document.querySelector("#failures tbody");
@@ -155,6 +174,7 @@ function render(pool) {
   chart("chart-tokens", history, (p) => p.tokens_per_s, "");
   chart("chart-errors", history, (p) => p.failed_per_s, "");
   renderWorkers(pool);
+  renderTransfers(pool);
   renderFailures(pool);
   document.body.dataset.updatedAt = String(pool.at);
 }
