@@ -10,7 +10,16 @@ import ipaddress
 import json
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gputorrent.telemetry import Telemetry
 
@@ -364,13 +373,14 @@ class WorkerRegistration(WireModel):
                 raise ValueError(f"invalid model name {name!r}")
         return models
 
-    @model_validator(mode="after")
-    def _files_of_served_models(self) -> WorkerRegistration:
-        if unknown := sorted(set(self.files) - set(self.models)):
-            raise ValueError(f"files: {unknown[0]!r} is not among the models it registers")
-        if self.files and self.swarm is None:
-            raise ValueError("files: a worker that publishes files must give its swarm address")
-        return self
+    @field_validator("files")
+    @classmethod
+    def _files_of_served_models(cls, files: dict[str, SwarmFile], info: ValidationInfo) -> dict[str, SwarmFile]:
+        if unknown := sorted(set(files) - set(info.data.get("models") or [])):
+            raise ValueError(f"{unknown[0]!r} is not among the models it registers")
+        if files and info.data.get("swarm") is None:
+            raise ValueError("a worker that publishes files must give its swarm address")
+        return files
 
 
 class WorkerRecord(WireModel):
