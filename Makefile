@@ -87,7 +87,7 @@ $(VENV)/.python:
 	@touch $@
 
 $(VENV)/.run-deps: $(VENV)/.python pyproject.toml
-	$(BIN)/pip install --quiet -e '.[llamacpp]'
+	$(BIN)/pip install --quiet -e '.[llamacpp,swarm]'
 	@touch $@
 
 $(VENV)/.dev-deps: $(VENV)/.python pyproject.toml
