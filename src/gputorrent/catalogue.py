@@ -71,6 +71,12 @@ async def has(redis: Redis, model: str) -> bool:
     return bool(await redis.hexists(keys.CATALOGUE, model))
 
 
+async def forget(redis: Redis, model: str) -> bool:
+    """Remove `model` from the catalogue (an admin frees a name); False when it was not there. Workers
+    that hold its file keep it; one that registers again publishes it again."""
+    return bool(await redis.hdel(keys.CATALOGUE, model))
+
+
 async def entries(redis: Redis) -> dict[str, SwarmFile]:
     """Every model in the catalogue with its file."""
     stored = await redis.hgetall(keys.CATALOGUE)
@@ -109,13 +115,18 @@ async def fetch_done(redis: Redis, model: str, peer: SwarmPeer) -> None:
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrem(keys.SWARM_FETCHING, _fetching_member(model, peer))
         pipe.hdel(keys.SWARM_TRANSFERS, _fetching_member(model, peer))
+        pipe.incr(keys.SWARM_EPOCH)  # its address is let in no longer (unless it registered meanwhile)
         await pipe.execute()
 
 
 async def report(redis: Redis, progress: SwarmProgress, workers: Sequence[WorkerState]) -> SwarmMembers:
     """Keep a fetch's last progress (for the dashboard) and answer the members, which it lets in."""
-    transfer = SwarmTransfer(**progress.model_dump(), at=time.time())
-    await redis.hset(keys.SWARM_TRANSFERS, _fetching_member(progress.model, progress.peer), transfer.model_dump_json())
+    now = time.time()
+    member = _fetching_member(progress.model, progress.peer)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hset(keys.SWARM_TRANSFERS, member, SwarmTransfer(**progress.model_dump(), at=now).model_dump_json())
+        pipe.zadd(keys.SWARM_FETCHING, {member: now + FETCH_LAPSE_S}, xx=True)  # a long fetch stays a member
+        await pipe.execute()
     return await members(redis, workers)
 
 

@@ -6,6 +6,7 @@ is a 422 that names the field, not a silently ignored option.
 
 from __future__ import annotations
 
+import base64
 import ipaddress
 import json
 from typing import Annotated, Any, Literal
@@ -286,7 +287,7 @@ class Hardware(WireModel):
 
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
-MAX_TORRENT_BYTES = 16 * 1024 * 1024  # 32 bytes a 4 MiB piece: a file of 2 TB, base64 in a registration
+MAX_TORRENT_BYTES = 512 * 1024  # swarm.MAX_PIECES pieces of 32 bytes, and room to spare; under the body limit
 
 
 class SwarmPeer(WireModel):
@@ -300,10 +301,19 @@ class SwarmFile(WireModel):
     """A model file in the pool's catalogue: its file name, size, SHA-256 and v2 torrent (base64)."""
 
     # A bare file name, not hidden: it is written into the models directory, beside `.swarm/`.
-    name: str = Field(pattern=r"^[^./\\\s][^/\\\s]{0,254}$")
+    name: str = Field(pattern=r"^[^./\\\s\x00][^/\\\s\x00]{0,254}$")
     size: int = Field(ge=1)
     sha256: str = Field(pattern=SHA256_PATTERN)
     torrent: str = Field(min_length=1, max_length=MAX_TORRENT_BYTES * 4 // 3 + 4, repr=False)
+
+    @field_validator("torrent")
+    @classmethod
+    def _base64(cls, torrent: str) -> str:
+        try:
+            base64.b64decode(torrent, validate=True)
+        except ValueError:
+            raise ValueError("must be base64") from None
+        return torrent
 
 
 class SwarmFetch(WireModel):

@@ -195,8 +195,10 @@ class Swarm:
         Raises:
             NotEnoughSpace: before anything is fetched, or when the disk filled up meanwhile.
             NoSeeder: nothing arrived for `stall_timeout_s` (the partial file stays, for a later fetch).
-            Corrupt: the whole file's SHA-256 is not the published one (the file is deleted).
+            Corrupt: the whole file's SHA-256 is not the published one (the file is deleted), or the torrent is
+                not one file of `model.name` and `model.size`.
         """
+        _check_layout(model)
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / model.name
         have = path.stat().st_size if path.exists() else 0
@@ -208,11 +210,22 @@ class Swarm:
         handle = self._add(model, directory)
         for peer in peers:
             handle.connect_peer(peer)
+        try:
+            return self._fetch(model, handle, path, progress, stall_timeout_s)
+        except NoSeeder:
+            raise  # the handle stays: a holder that comes back connects to it, and the fetch goes on
+        except BaseException:
+            self._remove(model)  # stopped or failed: nothing more is downloaded
+            raise
+
+    def _fetch(
+        self, model: ModelFile, handle: lt.torrent_handle, path: Path, progress: Callable[[Progress], None] | None,
+        stall_timeout_s: float,
+    ) -> Path:  # fmt: skip
         last_byte_at = last_line_at = time.monotonic()
         done = -1
         while True:
-            for failure in self._drain():
-                self._remove(model)
+            for failure in self._drain(handle):
                 raise failure
             status = handle.status()
             now = time.monotonic()
@@ -233,7 +246,6 @@ class Swarm:
             progress(_progress(handle.status(), model.size))
         self._flush(handle)
         if file_sha256(path) != model.sha256:
-            self._remove(model)
             path.unlink(missing_ok=True)
             raise Corrupt(f"{model.name}: the fetched file's SHA-256 is not the published one; it was deleted")
         return path
@@ -275,13 +287,13 @@ class Swarm:
         if handle is not None:
             self._session.remove_torrent(handle)
 
-    def _drain(self) -> list[SwarmError]:
-        """The failures among the session's alerts that end a fetch."""
+    def _drain(self, handle: lt.torrent_handle) -> list[SwarmError]:
+        """The failures among the session's alerts that end the fetch of `handle`."""
         return [
             # libtorrent goes on in upload mode and may call the file complete: stop here.
             NotEnoughSpace(f"the disk filled up while fetching: {alert.message()}")
             for alert in self._alerts()
-            if isinstance(alert, lt.file_error_alert) and alert.error.value() == errno.ENOSPC
+            if isinstance(alert, lt.file_error_alert) and alert.handle == handle and alert.error.value() == errno.ENOSPC
         ]
 
     def _alerts(self) -> list[Any]:
@@ -292,6 +304,23 @@ class Swarm:
             if isinstance(alert, lt.peer_ban_alert):
                 self.banned.add(_endpoint(alert.endpoint))
         return list(alerts)
+
+
+def _check_layout(model: ModelFile) -> None:
+    """Check that the torrent is one file, `model.name` of `model.size` bytes (v2 adds a pad file after it).
+
+    Raises:
+        Corrupt: it is not (or it is no torrent at all): fetching it would write something else.
+    """
+    try:
+        files = lt.torrent_info(model.torrent).layout()
+    except RuntimeError as e:
+        raise Corrupt(f"{model.name}: the catalogue's torrent cannot be read: {e}") from None
+    if files.file_path(0) != model.name or files.file_size(0) != model.size:
+        raise Corrupt(
+            f"{model.name}: the catalogue's torrent describes {files.file_path(0)!r} of {files.file_size(0)} bytes, "
+            f"not {model.name!r} of {model.size}"
+        )
 
 
 def _progress(status: lt.torrent_status, size: int) -> Progress:

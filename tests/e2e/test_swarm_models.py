@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -15,7 +16,7 @@ import pytest
 
 from gputorrent.client import APIClient
 from gputorrent.swarm import file_sha256
-from gputorrent.worker.backends.llamacpp import packaged_chat_model_path
+from gputorrent.worker.backends.llamacpp import packaged_chat_model_path, packaged_model_path
 from tests.conftest import Process, alive_workers, wait_for
 
 pytest.importorskip("libtorrent", reason="libtorrent (the `swarm` extra) has no wheel for this machine")
@@ -146,3 +147,40 @@ def test_the_last_holder_leaving_pauses_a_fetch_which_resumes_where_it_stopped_w
     assert resumed and resumed[0] >= before - 4, (before, resumed)  # at most a piece in flight was lost
     sha256 = _catalogue(coordinator_url, name)["sha256"]
     assert file_sha256(Path(env["GPUTORRENT_MODELS_DIR"]) / "by-sha256" / str(sha256) / f"{name}.gguf") == sha256
+
+
+def test_another_file_under_a_published_name_stops_the_worker_at_once_naming_the_conflict(
+    coordinator_url: str, start_worker: Callable[..., Process], processes: Callable[..., Process],
+    redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    name = f"swarm-{uuid.uuid4().hex[:8]}"
+    start_worker("holder", "--model", name, backend="llamacpp", env=_holding(tmp_path, name))
+    models, env = _empty(tmp_path)
+    models.mkdir()
+    (models / f"{name}.gguf").symlink_to(packaged_model_path())  # another model's file under that name
+    other = processes(
+        "worker", "--backend", "llamacpp", "--coordinator", coordinator_url, "--redis-url", redis_url,
+        "--worker-id", "other", "--model", name, env=env, name="other",
+    )  # fmt: skip
+    assert other.popen.wait(timeout=60) != 0  # at once, not after the registration timeout's retries
+    assert f"the pool's catalogue has another file as {name!r}" in other.log, other.log
+
+
+def test_a_worker_told_to_stop_while_it_fetches_its_model_stops_and_never_joins(
+    coordinator_url: str, start_worker: Callable[..., Process], processes: Callable[..., Process],
+    redis_url: str, tmp_path: Path,
+) -> None:  # fmt: skip
+    name = f"swarm-{uuid.uuid4().hex[:8]}"
+    slow = {**_holding(tmp_path, name), "GPUTORRENT_SWARM_UPLOAD_LIMIT_BPS": str(1024 * 1024)}  # about 90 s
+    start_worker("holder", "--model", name, backend="llamacpp", env=slow)
+    _, env = _empty(tmp_path)
+    newcomer = processes(
+        "worker", "--backend", "llamacpp", "--coordinator", coordinator_url, "--redis-url", redis_url,
+        "--worker-id", "newcomer", "--model", name, env=env, name="newcomer",
+    )  # fmt: skip
+    wait_for(lambda: max(_fetched_mib(newcomer.log), default=0) > 0, 60, "the fetch under way")
+    newcomer.signal(signal.SIGTERM)
+    assert newcomer.popen.wait(timeout=15) == 0, newcomer.log
+    assert "stopped while fetching the model; never joined the pool" in newcomer.log
+    assert "newcomer" not in alive_workers(coordinator_url)
+    wait_for(lambda: _transfers(coordinator_url, name) == [], 10, "its transfer gone from the dashboard")

@@ -75,8 +75,11 @@ async def test_bad_swarm_input_is_a_4xx_naming_the_field(api: httpx.AsyncClient)
     cases = [
         ("/swarm/fetch", {"model": "m", "peer": {"address": "example.com", "port": 1}}, "peer.address"),
         ("/swarm/fetch", {"model": "m", "peer": {"address": "10.0.0.1", "port": 0}}, "peer.port"),
-        ("/swarm/progress", {"model": "m", "peer": PEER, "done_bytes": -1, "total_bytes": 3, "rate_bps": 0,
-                             "peers": 0}, "done_bytes"),  # fmt: skip
+        (
+            "/swarm/progress",
+            {"model": "m", "peer": PEER, "done_bytes": -1, "total_bytes": 3, "rate_bps": 0, "peers": 0},
+            "done_bytes",
+        ),
         ("/register", _registration("w", "m", _file(b"x", name="../up.gguf")), "files.m.name"),
         ("/register", _registration("w", "m", {**_file(b"x"), "sha256": "00"}), "files.m.sha256"),
         ("/register", {**_registration("w", "m", _file(b"x")), "files": {"other": _file(b"x")}}, "files"),
@@ -102,3 +105,14 @@ async def test_the_swarm_routes_need_a_join_key_and_the_catalogue_a_client_key(
     assert (await api.get("/swarm/members", headers=as_join)).status_code == 200
     assert (await api.get("/swarm/catalogue", headers=as_join)).status_code == 403
     assert (await api.get("/swarm/catalogue", headers=as_client)).status_code == 200
+
+
+async def test_an_admin_frees_a_model_name_of_the_catalogue(api: httpx.AsyncClient, redis: Redis) -> None:
+    assert (await api.post("/register", json=_registration("w1", "org/m:1", _file(b"one")))).status_code == 200
+    _, client_key = await auth.create_key(redis, "tests", "client")
+    refused = await api.delete("/swarm/catalogue/org/m:1", headers={"Authorization": f"Bearer {client_key}"})
+    assert refused.status_code == 403
+    assert (await api.delete("/swarm/catalogue/org/m:1")).status_code == 204
+    assert (await api.get("/swarm/catalogue")).json() == []
+    gone = await api.delete("/swarm/catalogue/org/m:1")
+    assert (gone.status_code, gone.json()["error"]["field"]) == (404, "model")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
 from gputorrent import catalogue, pool_stats, registry
@@ -57,7 +57,7 @@ class PoolOverview(_View):
     bucket_s: int
     history: list[HistoryPoint]  # oldest first, one point per `bucket_s`
     failures: list[FailureRecord] | None  # newest first; None when the caller may not see them
-    transfers: list[SwarmTransfer]  # model files being fetched from the swarm now
+    transfers: list[SwarmTransfer] = Field(default_factory=list)  # model files being fetched from the swarm now
 
 
 async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> PoolOverview:

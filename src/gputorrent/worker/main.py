@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import socket
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
 from redis.exceptions import RedisError
@@ -40,7 +41,7 @@ from gputorrent.worker.executor import execute
 from gputorrent.worker.hardware import detect_hardware
 from gputorrent.worker.heartbeat import HeartbeatThread
 from gputorrent.worker.link import PoolLink, RedisLink
-from gputorrent.worker.model_swarm import ModelSwarm
+from gputorrent.worker.model_swarm import FetchStopped, ModelSwarm
 from gputorrent.worker.telemetry import WorkerTelemetry
 
 log = logging.getLogger(__name__)
@@ -146,6 +147,8 @@ class Worker:
             await asyncio.to_thread(self._heartbeat.stop)
             if self._following is not None:
                 self._following.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._following
             await self._leave()
 
     async def _until_stopped(self, stop: asyncio.Event, consumers: list[asyncio.Task[None]]) -> None:
@@ -505,6 +508,8 @@ async def register(
                 async with http.post(url, data=body.model_dump_json(), headers=headers) as resp:
                     if resp.status == 200:
                         return Registered.model_validate_json(await resp.read())
+                    if resp.status == 409 and (refused := _catalogue_refusal(await resp.read())):
+                        raise RuntimeError(f"the coordinator refused registration: {refused}")
                     # 409: an earlier run of this worker id still looks alive; its heartbeat expires soon.
                     if resp.status < 500 and resp.status not in (409, 429):  # retrying cannot help
                         raise RuntimeError(f"the coordinator refused registration ({resp.status}): {await resp.text()}")
@@ -521,8 +526,14 @@ async def register(
 async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bool = False) -> None:
     """Load the model, register, then serve jobs until `stop` is set."""
     backend = make_backend(settings)
+    swarm = backend.swarm if isinstance(backend, LlamaCppBackend) else None
     try:
-        model = await backend.load(settings.model)
+        try:
+            async with _stopping_fetches(stop, swarm):
+                model = await backend.load(settings.model)
+        except FetchStopped:
+            log.info("stopped while fetching the model; never joined the pool")
+            return
         if stop.is_set():  # told to stop while the model loaded: never join the pool
             return
         log.info("backend %s serves %s", backend.name, model)
@@ -530,12 +541,6 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
         models = await served_models(backend, model)
         if len(models) > 1:
             log.info("backend %s also serves %s", backend.name, ", ".join(models[1:]))
-        swarm = None
-        if isinstance(backend, LlamaCppBackend) and backend.swarm is not None:
-            swarm = backend.swarm
-            for served, path in backend.files.items():
-                if served not in swarm.files:  # a file it fetched is seeded already
-                    await swarm.seed(served, path)
         registered = await register(settings, worker_id, models, backend, swarm)
         log.info("worker %s registered with %s (link: %s)", worker_id, settings.coordinator_url, settings.link)
         link = open_link(settings, registered)
@@ -545,6 +550,38 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
             await link.close()
     finally:
         await backend.close()
+
+
+def _catalogue_refusal(body: bytes) -> str | None:
+    """The message of a 409 that refuses one of the worker's files (the catalogue has another file under
+    its model's name): retrying cannot help, unlike a 409 for a live worker with this id."""
+    try:
+        error = json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    if isinstance(error, dict) and str(error.get("field", "")).startswith("files."):
+        return str(error.get("message"))
+    return None
+
+
+@contextlib.asynccontextmanager
+async def _stopping_fetches(stop: asyncio.Event, swarm: ModelSwarm | None) -> AsyncIterator[None]:
+    """While inside, `stop` stops the swarm's fetches (a worker told to stop while it fetches its model)."""
+    if swarm is None:
+        yield
+        return
+
+    async def watch() -> None:
+        await stop.wait()
+        swarm.stop()
+
+    watching = asyncio.create_task(watch())
+    try:
+        yield
+    finally:
+        watching.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await watching
 
 
 def open_link(settings: WorkerSettings, registered: Registered) -> PoolLink:

@@ -13,6 +13,7 @@ import asyncio
 import base64
 import contextlib
 import hashlib
+import ipaddress
 import json
 import logging
 import socket
@@ -36,6 +37,7 @@ from gputorrent.protocol import (
     SwarmProgress,
     SwarmSource,
 )
+from gputorrent.retry import Backoff
 
 if TYPE_CHECKING:
     from gputorrent import swarm
@@ -45,6 +47,8 @@ log = logging.getLogger(__name__)
 
 PAUSED_RETRY_S = 5.0  # how often a paused fetch asks whether a holder is back
 FETCHING_FOLLOW_S = 2.0  # how often a fetch sends its progress (and reads the members)
+ANNOUNCE_TIMEOUT_S = 60.0  # how long a fetch keeps asking a coordinator it cannot reach
+STOP_CHECK_S = 0.5  # how soon a fetch waiting for another one notices it was stopped
 PAUSED_LOG_S = 60.0  # how often a paused fetch says so again in the log
 COORDINATOR_TIMEOUT_S = 10.0
 
@@ -64,6 +68,7 @@ class ModelSwarm:
             address, port=settings.swarm_port, upload_limit_bps=settings.swarm_upload_limit_bps,
             max_connections=settings.swarm_max_connections,
         )  # fmt: skip
+        self._swarm.allow([address])  # nobody else until the coordinator names the members
         self.peer = SwarmPeer(address=address, port=self._swarm.port)
         self.models_dir = settings.models_dir
         self._coordinator = settings.coordinator_url.rstrip("/")
@@ -75,6 +80,7 @@ class ModelSwarm:
         self._wanted: dict[str, SwarmFile] = {}  # model → its file, being fetched here
         self._progress: dict[str, SwarmProgress] = {}  # model → how its fetch goes (set from the fetching thread)
         self._fetching = asyncio.Lock()  # one fetch at a time: a fetch reads the session's alerts
+        self._stops: set[threading.Event] = set()  # those of the fetches under way or waiting: `stop()` sets them
 
     @classmethod
     def open(cls, settings: WorkerSettings) -> ModelSwarm | None:
@@ -87,7 +93,15 @@ class ModelSwarm:
             log.warning("the swarm is off: libtorrent is not installed (pip install 'gputorrent[swarm]'); this "
                         "worker neither fetches model files from its peers nor seeds its own")  # fmt: skip
             return None
-        address = settings.swarm_address or reaching_address(settings.coordinator_url)
+        try:
+            address = settings.swarm_address or reaching_address(settings.coordinator_url)
+        except OSError as e:
+            log.error("the swarm is off: no address reaches the coordinator at %s (%s); set GPUTORRENT_SWARM_ADDRESS",
+                      settings.coordinator_url, e)  # fmt: skip
+            return None
+        if ipaddress.ip_address(address).is_loopback:
+            log.warning("the swarm listens on %s, which only this machine reaches: workers on other machines cannot "
+                        "fetch from this one (set GPUTORRENT_SWARM_ADDRESS to its LAN address)", address)  # fmt: skip
         opened = cls(settings, address)
         log.info("swarm listening on %s:%d (upload limit %s, at most %d connections)", address, opened.peer.port,
                  f"{settings.swarm_upload_limit_bps} B/s" if settings.swarm_upload_limit_bps else "none",
@@ -109,13 +123,43 @@ class ModelSwarm:
         With no holder sending, the fetch pauses (`progress` says so) until one is back.
 
         Raises:
-            ModelUnavailable: not in the catalogue, no room for it on disk, or its copy was corrupt.
-            FetchStopped: `stop` was set.
+            ModelUnavailable: not in the catalogue, no room for it on disk, its copy was corrupt, or the
+                coordinator could not be asked.
+            FetchStopped: `stop` was set, or `stop()` called.
         """
-        async with self._fetching:
-            source = await self._announce(model)
-            file = source.file
-            path = self.stored_path(file)
+        stop = stop or threading.Event()
+        self._stops.add(stop)
+        try:
+            await self._acquire(stop)
+            try:
+                return await self._fetch_and_seed(model, progress, stop)
+            finally:
+                self._fetching.release()
+        finally:
+            self._stops.discard(stop)
+
+    def stop(self) -> None:
+        """Stop every fetch under way or waiting (the worker stops)."""
+        for stop in list(self._stops):
+            stop.set()
+
+    async def _acquire(self, stop: threading.Event) -> None:
+        """The fetching lock, unless `stop` is set while another fetch holds it."""
+        while True:
+            try:
+                await asyncio.wait_for(self._fetching.acquire(), STOP_CHECK_S)
+                return
+            except TimeoutError:
+                if stop.is_set():
+                    raise FetchStopped("stopped while another fetch ran") from None
+
+    async def _fetch_and_seed(
+        self, model: str, progress: Callable[[PullProgress], None] | None, stop: threading.Event
+    ) -> Path:
+        source = await self._announce(model, stop)
+        file = source.file
+        path = self.stored_path(file)
+        try:
             if await asyncio.to_thread(self._complete, path, file):
                 log.info("%s: the file in %s is complete", model, path.parent)
             else:
@@ -128,23 +172,26 @@ class ModelSwarm:
                     path = await self._fetch(model, source, progress, stop)
                 finally:
                     reporting.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reporting  # no progress lands after the end is told below
                     del self._wanted[model], self._progress[model]
                 self._remember(path, file)
             await self.seed(model, path, file)
-            with contextlib.suppress(aiohttp.ClientError, TimeoutError):
-                await self._request("POST", "/swarm/fetched", SwarmFetch(model=model, peer=self.peer).model_dump_json())
             return path
+        finally:  # fetched, failed or stopped: the holders need not connect to it any more
+            with contextlib.suppress(aiohttp.ClientError, TimeoutError, _NotInCatalogue):
+                await self._request("POST", "/swarm/fetched", SwarmFetch(model=model, peer=self.peer).model_dump_json())
 
     async def _fetch(
         self, model: str, source: SwarmSource, progress: Callable[[PullProgress], None] | None,
-        stop: threading.Event | None,
+        stop: threading.Event,
     ) -> Path:  # fmt: skip
         swarm = self._swarm_module
         file = source.file
         described = self._model_file(file)
 
         def report(fetched: Progress) -> None:  # on the fetching thread
-            if stop is not None and stop.is_set():
+            if stop.is_set():
                 raise FetchStopped(f"the fetch of {model} was stopped")
             line = fetched.line(model)
             log.info("%s", line)
@@ -183,11 +230,9 @@ class ModelSwarm:
             self._progress[model] = self._progress[model].model_copy(update={"rate_bps": 0, "peers": 0, "paused": True})
             if progress is not None:
                 progress(PullProgress(status=status, digest=f"sha256:{file.sha256}", total=file.size))
-            if stop is None:
-                await asyncio.sleep(PAUSED_RETRY_S)
-            elif await asyncio.to_thread(stop.wait, PAUSED_RETRY_S):
+            if await asyncio.to_thread(stop.wait, PAUSED_RETRY_S):
                 raise FetchStopped(f"the fetch of {model} was stopped while paused")
-            source = await self._announce(model)
+            source = await self._announce(model, stop)
 
     async def seed(self, model: str, path: Path, file: SwarmFile | None = None) -> SwarmFile:
         """Seed `path` as `model`'s file (described here unless `file` is given, from a cache beside the
@@ -260,8 +305,8 @@ class ModelSwarm:
         to the fetchers of the models this worker seeds. False when the members could not be read."""
         try:
             members = SwarmMembers.model_validate_json(await self._request("GET", "/swarm/members"))
-        except (aiohttp.ClientError, TimeoutError, ValueError) as e:
-            log.warning("the swarm's members could not be read (%s); retrying at the next beat", e)
+        except (aiohttp.ClientError, TimeoutError, ValueError, _NotInCatalogue) as e:
+            log.warning("the swarm's members could not be read (%r); retrying at the next beat", e)
             return False
         self._let_in(members)
         return True
@@ -278,16 +323,27 @@ class ModelSwarm:
             name=file.name, size=file.size, sha256=file.sha256, torrent=base64.b64decode(file.torrent)
         )
 
-    async def _announce(self, model: str) -> SwarmSource:
+    async def _announce(self, model: str, stop: threading.Event) -> SwarmSource:
+        """Ask the coordinator where `model` is, retrying for `ANNOUNCE_TIMEOUT_S` while it cannot be
+        reached (it may be starting, or restarting)."""
         body = SwarmFetch(model=model, peer=self.peer).model_dump_json()
-        try:
-            return SwarmSource.model_validate_json(await self._request("POST", "/swarm/fetch", body))
-        except _NotInCatalogue:
-            raise ModelUnavailable(
-                f"model {model!r} is neither here nor in the pool's catalogue (no llama.cpp worker published its file)"
-            ) from None
-        except (aiohttp.ClientError, TimeoutError) as e:
-            raise ModelUnavailable(f"cannot ask the coordinator where {model!r} is: {e}") from None
+        deadline = time.monotonic() + ANNOUNCE_TIMEOUT_S
+        backoff = Backoff(first_s=0.2, max_s=3.0)
+        while True:
+            try:
+                return SwarmSource.model_validate_json(await self._request("POST", "/swarm/fetch", body))
+            except _NotInCatalogue:
+                raise ModelUnavailable(
+                    f"model {model!r} is neither here nor in the pool's catalogue (no llama.cpp worker published "
+                    "its file)"
+                ) from None
+            except (aiohttp.ClientError, TimeoutError, ValueError) as e:
+                if time.monotonic() + backoff.delay_s > deadline:
+                    raise ModelUnavailable(f"cannot ask the coordinator where {model!r} is: {e!r}") from None
+                log.info("cannot ask the coordinator where %s is yet (%r); retrying", model, e)
+            if stop.is_set():
+                raise FetchStopped(f"the fetch of {model} was stopped")
+            await backoff.wait()
 
     async def _request(self, method: str, path: str, body: str | None = None) -> bytes:
         timeout = aiohttp.ClientTimeout(total=COORDINATOR_TIMEOUT_S)

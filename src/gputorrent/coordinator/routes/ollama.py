@@ -122,7 +122,9 @@ async def pull(
     """
     name = wire.pulled_model(body)
     workers = await registry.snapshot(redis)
-    plan = pulls.plan(name, workers, wire.resolve_model, in_catalogue=await catalogue.has(redis, name))
+    # From the swarm only a catalogued model that a live worker holds: without one a fetch would only wait.
+    in_swarm = bool(catalogue.holders(name, workers)) and await catalogue.has(redis, name)
+    plan = pulls.plan(name, workers, wire.resolve_model, in_catalogue=in_swarm)
     if not plan.targets:
         if not plan.served:
             raise pulls.cannot_pull(name, workers)

@@ -9,7 +9,7 @@ from pydantic import BaseModel
 
 from gputorrent import catalogue, registry
 from gputorrent.coordinator.deps import RedisDep
-from gputorrent.coordinator.security import JoinDep, require_client
+from gputorrent.coordinator.security import AdminDep, JoinDep, require_client
 from gputorrent.errors import ModelNotFound
 from gputorrent.protocol import SwarmFetch, SwarmMembers, SwarmProgress, SwarmSource
 
@@ -42,6 +42,17 @@ async def list_catalogue(redis: RedisDep) -> list[CatalogueEntry]:
         )
         for model, f in files.items()
     ]
+
+
+@router.delete(
+    "/swarm/catalogue/{model:path}", status_code=204, responses={404: {"description": "not in the catalogue"}}
+)
+async def forget_model(model: str, redis: RedisDep, caller: AdminDep) -> None:
+    """Free a model name (admin key): the catalogue forgets its file. Workers that hold it keep it, and
+    one that registers with it publishes it again; stop them first to give the name to another file."""
+    if not await catalogue.forget(redis, model):
+        raise ModelNotFound(f"model {model!r} is not in the pool's catalogue", field="model")
+    log.warning("swarm: %s removed from the catalogue", model)
 
 
 @router.post("/swarm/fetch", response_model=SwarmSource, responses={404: {"description": "not in the catalogue"}})

