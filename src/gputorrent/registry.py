@@ -12,7 +12,7 @@ from typing import TypeVar
 from pydantic import ValidationError
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
-from redis.exceptions import WatchError
+from redis.exceptions import ResponseError, WatchError
 
 from gputorrent import keys
 from gputorrent.protocol import MAX_MODELS, BeatAnswer, Hardware, Heartbeat, WorkerRecord, WorkerState
@@ -68,8 +68,27 @@ def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) 
         pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
         pipe.exists(keys.drain_key(worker_id))
         pipe.get(keys.SWARM_EPOCH)
-        _, drain, swarm_epoch = pipe.execute()
+        written, drain, swarm_epoch = pipe.execute(raise_on_error=False)
+    for reply in (written, drain):
+        if isinstance(reply, Exception):
+            raise reply
+    if isinstance(swarm_epoch, ResponseError):
+        # A Redis user made before the swarm (docs/security.md's ACL reads `swarm:epoch`): the beat must
+        # not fail for it, or the worker would look dead; its swarm reads the members only at start.
+        if not _epoch_unreadable_told:
+            log.warning("worker %s cannot read %s (%s): add %%R~%s to its Redis user", worker_id,
+                        keys.SWARM_EPOCH, swarm_epoch, keys.SWARM_EPOCH)  # fmt: skip
+            _told_epoch_unreadable()
+        swarm_epoch = None
     return BeatAnswer(drain=bool(drain), swarm_epoch=int(swarm_epoch or 0))
+
+
+_epoch_unreadable_told = False
+
+
+def _told_epoch_unreadable() -> None:
+    global _epoch_unreadable_told
+    _epoch_unreadable_told = True
 
 
 async def add_model(redis: Redis, worker_id: str, model: str) -> bool:

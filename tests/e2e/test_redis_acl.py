@@ -3,6 +3,7 @@ only the keys they need, on a server whose default user is off."""
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -11,15 +12,23 @@ import pytest
 import redis
 from redis.exceptions import NoPermissionError
 
+from gputorrent import registry
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port, server_binary
+from gputorrent.protocol import Heartbeat
 from tests.conftest import PROCESS_START_TIMEOUT_S, Process, documented_users_acl, healthy, new_key, wait_for
 
 
 @pytest.fixture
 def acl_redis(tmp_path: Path) -> Iterator[str]:
     """A private server with the documented ACL users; yields its host:port."""
-    (tmp_path / "users.acl").write_text(documented_users_acl())
+    with _acl_server(tmp_path, documented_users_acl()) as address:
+        yield address
+
+
+@contextlib.contextmanager
+def _acl_server(tmp_path: Path, users_acl: str) -> Iterator[str]:
+    (tmp_path / "users.acl").write_text(users_acl)
     port = free_port()
     server = subprocess.Popen(
         [server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(tmp_path), "--save", "",
@@ -29,7 +38,7 @@ def acl_redis(tmp_path: Path) -> Iterator[str]:
     admin = redis.Redis(port=port, username="coordinator", password="coordinator-pw")
     try:
         wait_for(lambda: _pings(admin) or server.poll() is not None, 10, "the ACL server")
-        assert server.poll() is None, "the server refused the documented ACL file"
+        assert server.poll() is None, "the server refused the ACL file"
         yield f"127.0.0.1:{port}"
     finally:
         admin.close()
@@ -83,3 +92,22 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
         # Every duty ran at least once (the worker's telemetry flush, the reaper): none was refused.
         assert "NOPERM" not in proc.log and "no permissions" not in proc.log.lower(), proc.log
         assert "Traceback" not in proc.log, proc.log
+
+
+def test_a_worker_user_made_before_the_swarm_still_beats(tmp_path: Path) -> None:
+    """A worker user without read access to `swarm:epoch` (an ACL written before the swarm): its beat
+    still keeps it alive, and answers epoch 0, rather than failing and making the worker look dead."""
+    documented = documented_users_acl()
+    assert " %R~swarm:epoch " in documented
+    with _acl_server(tmp_path, documented.replace(" %R~swarm:epoch ", " ")) as address:
+        host, port = address.split(":")
+        admin = redis.Redis(host=host, port=int(port), username="coordinator", password="coordinator-pw")
+        worker = redis.Redis(host=host, port=int(port), username="worker", password="worker-pw")
+        try:
+            admin.set("swarm:epoch", 7)
+            answer = registry.beat(worker, "w1", Heartbeat(at=1.0), ttl_s=10)
+            assert (answer.drain, answer.swarm_epoch) == (False, 0)
+            assert admin.exists("heartbeat:w1")
+        finally:
+            worker.close()
+            admin.close()
