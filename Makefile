@@ -19,12 +19,12 @@ BROWSER_TESTS := tests/browser
 CHROMIUM := /usr/bin/chromium
 NPM := $(or $(shell command -v npm 2>/dev/null),/usr/bin/npm)
 
-.PHONY: run test lint typecheck pytest browser-deps size clean bench
+.PHONY: run test lint typecheck pytest browser-deps llama-tools size clean bench
 
 run: $(VENV)/.run-deps
 	$(BIN)/gputorrent up
 
-test: $(VENV)/.dev-deps browser-deps lint typecheck pytest
+test: $(VENV)/.dev-deps browser-deps llama-tools lint typecheck pytest
 
 lint: $(VENV)/.dev-deps
 	$(BIN)/ruff check src tests bench
@@ -35,6 +35,11 @@ typecheck: $(VENV)/.dev-deps
 
 pytest: $(VENV)/.dev-deps
 	$(BIN)/pytest
+
+# llama.cpp's ggml-rpc-server and llama-server (a model split over machines), built once per machine
+# from the llama.cpp inside llama-cpp-python's sdist into the user's cache; a no-op once built.
+llama-tools: $(VENV)/.dev-deps
+	$(BIN)/python -m gputorrent.llama_tools
 
 # The dashboard tests drive Debian's Chromium through playwright-core from npm; no browser is
 # downloaded. Every step is skipped on later runs (a stamp file, and the programs' own paths);

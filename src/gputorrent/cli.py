@@ -17,8 +17,10 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
+
 from gputorrent import __version__, logs
-from gputorrent.config import PACKAGED_CHAT_MODEL, PACKAGED_MODEL, CoordinatorSettings, WorkerSettings
+from gputorrent.config import PACKAGED_CHAT_MODEL, PACKAGED_MODEL, CoordinatorSettings, ShardSettings, WorkerSettings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         "up": _up,
         "coordinator": _coordinator,
         "worker": _worker,
+        "shard": _shard,
         "infer": _infer,
         "workers": _workers,
         "keys": _keys,
@@ -84,7 +87,7 @@ def _worker(args: argparse.Namespace) -> int:
     settings = WorkerSettings(
         **_overrides(
             args, "coordinator_url", "redis_url", "link", "backend", "model_name", "worker_id", "slots",
-            "ollama_host", "openai_base_url", "join_token",
+            "ollama_host", "openai_base_url", "join_token", "split",
         )
     )  # fmt: skip
     if settings.link == "redis" and (problem := _bad_redis_url("worker", settings.redis_url)) is not None:
@@ -102,6 +105,44 @@ def _worker(args: argparse.Namespace) -> int:
             runner.run(serve())
     except Exception as e:  # the outermost boundary: one clear line, not a traceback
         logging.getLogger("gputorrent.worker").error("worker stopped: %s", e)
+        return 1
+    return 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from gputorrent.llama_tools import ToolsMissing
+    from gputorrent.shard import ShardRefused, run_shard
+
+    log = logging.getLogger("gputorrent.shard")
+    overrides = _overrides(args, "coordinator_url", "join_token", "listen", "memory_bytes", "shard_id")
+    if args.allow_public:
+        overrides["allow_public"] = True
+    try:
+        settings = ShardSettings(**overrides)
+    except ValidationError as e:
+        fields = {str(err["loc"][0]) for err in e.errors()}
+        if "GPUTORRENT_SHARD_LISTEN" in fields or "listen" in fields:
+            log.error(
+                "shard host not started: give --listen HOST:PORT, an address of this machine on a private network"
+            )
+        else:
+            log.error("shard host not started: %s", "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors()))
+        return 2
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        await run_shard(settings, stop)
+
+    try:
+        asyncio.run(serve())
+    except (ShardRefused, ToolsMissing) as e:
+        log.error("shard host not started: %s", e)
+        return 2
+    except Exception as e:  # the outermost boundary: one clear line, not a traceback
+        log.error("shard host stopped: %s", e)
         return 1
     return 0
 
@@ -259,12 +300,32 @@ def _parser() -> argparse.ArgumentParser:
     )
     worker.add_argument("--model", dest="model_name", help="MODEL_NAME (default: the backend's default model)")
     worker.add_argument(
+        "--split", help="GPUTORRENT_SPLIT (llamacpp): serve the model split over this machine and shard hosts "
+        "(`gputorrent shard`): auto, a number of hosts, or 0 for llama-server alone",
+    )  # fmt: skip
+    worker.add_argument(
         "--token", dest="join_token", help="a join key (GPUTORRENT_JOIN_TOKEN; the variable keeps it out of `ps`)"
     )
     worker.add_argument("--worker-id", help="GPUTORRENT_WORKER_ID (default: host name plus a random suffix)")
     worker.add_argument("--slots", type=int, help="GPUTORRENT_SLOTS: jobs run at once (default 1)")
     worker.add_argument("--ollama-host", help="OLLAMA_HOST (default http://localhost:11434)")
     worker.add_argument("--openai-base-url", help="OPENAI_BASE_URL (default http://localhost:8080/v1)")
+
+    shard = sub.add_parser(
+        "shard", help="lend this machine's memory and compute to a model split over machines (ggml-rpc-server)"
+    )
+    shard.add_argument(
+        "--listen", help="HOST:PORT for ggml-rpc-server (GPUTORRENT_SHARD_LISTEN), HOST an address of this machine on "
+        "a private network: it has no authentication",
+    )  # fmt: skip
+    shard.add_argument(
+        "--allow-public", action="store_true",
+        help="GPUTORRENT_SHARD_ALLOW_PUBLIC: let --listen be a public address or every interface (docs/security.md)",
+    )  # fmt: skip
+    shard.add_argument("--coordinator", dest="coordinator_url", help="COORDINATOR_URL (default http://localhost:8000)")
+    shard.add_argument("--token", dest="join_token", help="a join key (GPUTORRENT_JOIN_TOKEN)")
+    shard.add_argument("--memory-bytes", type=int, help="GPUTORRENT_SHARD_MEMORY_BYTES: lend at most this much")
+    shard.add_argument("--shard-id", help="GPUTORRENT_SHARD_ID (default: one is given)")
 
     infer = sub.add_parser("infer", help="send a prompt and print the answer")
     infer.add_argument("prompt")

@@ -170,6 +170,15 @@ class WorkerSettings(_ReplicationSettings):
     swarm_max_connections: int = Field(
         default=50, ge=2, le=10_000, validation_alias=_env("GPUTORRENT_SWARM_MAX_CONNECTIONS")
     )
+    # `llamacpp` only: serve the model split over this machine and shard hosts (`gputorrent shard`):
+    # `auto` (the fewest hosts that hold it), a number of hosts, or 0 (llama-server alone). Unset: in process.
+    split: str | None = Field(default=None, pattern=r"^(auto|[0-9]{1,2})$", validation_alias=_env("GPUTORRENT_SPLIT"))
+    # What the leader lends its own share of a split model (bytes; default: its free memory).
+    split_memory_bytes: int | None = Field(default=None, ge=0, validation_alias=_env("GPUTORRENT_SPLIT_MEMORY_BYTES"))
+    # The shard hosts' proportions of the layers, by hand (`3,1`); default: as the memory each lends.
+    tensor_split: str | None = Field(
+        default=None, pattern=r"^[0-9.]+(,[0-9.]+)*$", validation_alias=_env("GPUTORRENT_TENSOR_SPLIT")
+    )
     # A fetch from which nothing arrives this long is paused until a holder is online again.
     swarm_stall_timeout_s: float = Field(default=30.0, gt=0, validation_alias=_env("GPUTORRENT_SWARM_STALL_TIMEOUT_S"))
 
@@ -182,6 +191,19 @@ class WorkerSettings(_ReplicationSettings):
     def model(self) -> str | None:
         """The model to serve: `MODEL_NAME`, else the backend's default."""
         return self.model_name or DEFAULT_MODEL_BY_BACKEND[self.backend]
+
+
+class ShardSettings(_Settings):
+    """`gputorrent shard`: a machine that lends its memory and compute to a split model."""
+
+    coordinator_url: str = Field(default="http://localhost:8000", validation_alias=_env("COORDINATOR_URL"))
+    join_token: SecretStr | None = Field(default=None, validation_alias=_env("GPUTORRENT_JOIN_TOKEN"))
+    listen: str = Field(validation_alias=_env("GPUTORRENT_SHARD_LISTEN"))  # HOST:PORT, an address of this machine
+    # `ggml-rpc-server` has no authentication: a public address (or every interface) only when asked.
+    allow_public: bool = Field(default=False, validation_alias=_env("GPUTORRENT_SHARD_ALLOW_PUBLIC"))
+    # What it lends at most (bytes): default, its devices' free memory (GPUs', else RAM available).
+    memory_bytes: int | None = Field(default=None, ge=0, validation_alias=_env("GPUTORRENT_SHARD_MEMORY_BYTES"))
+    shard_id: str | None = Field(default=None, validation_alias=_env("GPUTORRENT_SHARD_ID"))
 
 
 def default_models_dir() -> Path:

@@ -15,6 +15,7 @@
     │   └── RequestNotFound          404 request_not_found
     ├── ServiceUnavailable           503 service_unavailable
     │   ├── NoWorkersAvailable       503 no_workers
+    │   ├── NoShardsAvailable        503 no_shards
     │   └── RedisUnavailable         503 redis_unavailable
     ├── BackendError                 502 backend_error        (a worker's backend failed a job)
     │   ├── BackendUnavailable       502 backend_unavailable  (unreachable or 5xx: another worker may do)
@@ -126,6 +127,12 @@ class ServiceUnavailable(GPUTorrentError):
 
 class NoWorkersAvailable(ServiceUnavailable):
     code = "no_workers"
+
+
+class NoShardsAvailable(ServiceUnavailable):
+    """A group asked for shard hosts the pool cannot give (too few, or lending too little memory)."""
+
+    code = "no_shards"
 
 
 class RedisUnavailable(ServiceUnavailable):

@@ -36,6 +36,10 @@
 | `swarm:fetching`      | zset      | `model address port` of fetches under way, by lapse | none: pruned | coordinator |
 | `swarm:epoch`         | integer   | bumped when the swarm's members change      | none           | coordinator |
 | `swarm:transfers`     | hash      | `model address port` → its last progress (JSON) | none: pruned | coordinator |
+| `shard:{id}`          | string    | a shard host's registration (JSON)          | none           | coordinator |
+| `shards`              | set       | ids of every registered shard host          | none           | coordinator |
+| `shardbeat:{id}`      | string    | present while the host beats: bytes it lends | heartbeat TTL  | coordinator |
+| `shardgroup:{id}`     | string    | the group (leader's worker id) holding it   | 30 s, renewed  | coordinator |
 
 >>> queue_key("w1"), result_key("r1"), WORKER_INDEX
 ('queue:w1', 'result:r1', 'worker_index')
@@ -66,6 +70,22 @@ CATALOGUE = "catalogue"  # the pool's model files, for the swarm (gputorrent/swa
 SWARM_FETCHING = "swarm:fetching"
 SWARM_EPOCH = "swarm:epoch"
 SWARM_TRANSFERS = "swarm:transfers"
+SHARDS = "shards"
+
+
+def shard_key(shard_id: str) -> str:
+    """The registration of one shard host (`gputorrent shard`)."""
+    return f"shard:{shard_id}"
+
+
+def shard_beat_key(shard_id: str) -> str:
+    """Present while the shard host beats; holds the bytes it lends now."""
+    return f"shardbeat:{shard_id}"
+
+
+def shard_group_key(shard_id: str) -> str:
+    """The group (its leader's worker id) that holds the shard host, while its lease lasts."""
+    return f"shardgroup:{shard_id}"
 
 
 def worker_key(worker_id: str) -> str:

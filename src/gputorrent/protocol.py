@@ -286,6 +286,65 @@ class Hardware(WireModel):
     ram_total_bytes: int | None = Field(default=None, ge=0)
 
 
+MAX_BYTES = 2**60  # more memory than any machine lends
+
+
+class ShardRegistration(WireModel):
+    """The body of `POST /shards`: a shard host (`gputorrent shard`) lends the memory and compute of
+    the `ggml-rpc-server` at `address:port` to one group's leader at a time."""
+
+    shard_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
+    address: IPAddressText
+    port: int = Field(ge=1, le=65535)
+    memory_bytes: int = Field(ge=0, le=MAX_BYTES)  # what it lends: its devices' free memory, or less
+    devices: list[Text] = Field(default_factory=list, max_length=64)  # what ggml-rpc-server exposes, for people
+    llama_cpp: Text = Field(max_length=64)  # the version its ggml-rpc-server was built from: a leader's must match
+
+
+class Shard(ShardRegistration):
+    """A shard host as the coordinator lists it (`GET /shards`)."""
+
+    shard_id: str
+    alive: bool
+    group: str | None  # the group (its leader's) that holds it now
+
+
+class ShardAssign(WireModel):
+    """The body of `POST /shards/assign`: a leader asks for shard hosts for `group`.
+
+    With `count` it gets that many (the ones that lend most); without, the fewest that lend
+    `memory_bytes` together. `exclude`: hosts it could not reach."""
+
+    group: str = Field(pattern=WORKER_ID_PATTERN)
+    memory_bytes: int = Field(ge=0, le=MAX_BYTES)
+    count: int | None = Field(default=None, ge=1, le=64)
+    llama_cpp: Text = Field(max_length=64)
+    exclude: list[str] = Field(default_factory=list, max_length=1024)
+
+
+class ShardLease(WireModel):
+    """The body of `POST /shards/renew` and `POST /shards/release`: a group keeps (or gives back) its hosts."""
+
+    group: str = Field(pattern=WORKER_ID_PATTERN)
+    shard_ids: list[str] = Field(default_factory=list, max_length=64)
+
+
+class GroupHost(WireModel):
+    """One part of a split model: the leader itself (`shard_id` null) or a shard host."""
+
+    shard_id: str | None
+    address: str
+    port: int | None
+    layers: int = Field(ge=0)
+    memory_bytes: int = Field(ge=0)
+
+
+class Group(WireModel):
+    """A model split over machines: its leader serves it, its hosts hold the layers (`GET /workers`)."""
+
+    hosts: list[GroupHost] = Field(max_length=65)
+
+
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 MAX_TORRENT_BYTES = 512 * 1024  # swarm.MAX_PIECES pieces of 32 bytes, and room to spare; under the body limit
 
@@ -371,6 +430,7 @@ class WorkerRegistration(WireModel):
     version: Text | None = Field(default=None, max_length=64)
     can_pull: bool = False  # its backend can fetch models it is asked to (`POST /api/pull`)
     swarm: SwarmPeer | None = None  # where it seeds the model files it holds (llama.cpp workers)
+    group: Group | None = None  # its model is split over it and these shard hosts (`--split`)
     files: dict[str, SwarmFile] = Field(default_factory=dict, max_length=MAX_MODELS)  # model → its file
     # Needed only to replace the registration of a live worker with this id: that worker's secret.
     worker_secret: str | None = Field(default=None, max_length=256, repr=False)
@@ -405,6 +465,7 @@ class WorkerRecord(WireModel):
     registered_at: float
     can_pull: bool = False
     swarm: SwarmPeer | None = None
+    group: Group | None = None
 
 
 class Registered(WireModel):
@@ -452,6 +513,7 @@ class WorkerState(WireModel):
     tokens_per_s: float | None = None  # measured generation speed, from the last heartbeat
     can_pull: bool = False  # its backend can fetch models (`POST /api/pull` sends it pull jobs)
     swarm: SwarmPeer | None = None  # where it seeds its models' files (its models in the catalogue)
+    group: Group | None = None  # its model split over it and shard hosts: where each part is
 
 
 class TokenChunk(WireModel):

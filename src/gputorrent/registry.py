@@ -7,6 +7,7 @@ beat, so a worker that dies simply expires and every coordinator sees it at once
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TypeVar
 
 from pydantic import ValidationError
@@ -15,7 +16,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ResponseError, WatchError
 
 from gputorrent import keys
-from gputorrent.protocol import MAX_MODELS, BeatAnswer, Hardware, Heartbeat, WorkerRecord, WorkerState
+from gputorrent.protocol import MAX_MODELS, BeatAnswer, Group, Hardware, Heartbeat, WorkerRecord, WorkerState
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,28 @@ async def add_model(redis: Redis, worker_id: str, model: str) -> bool:
     never overwritten. False, and nothing written, when the worker is not registered (it left or was
     removed) or already lists `MAX_MODELS` models.
     """
+
+    def added(record: WorkerRecord) -> WorkerRecord | None:
+        if model in record.models:
+            return record
+        if len(record.models) >= MAX_MODELS:
+            log.warning("worker %s lists %d models already; %s not added", worker_id, MAX_MODELS, model)
+            return None
+        return record.model_copy(update={"models": [*record.models, model]})
+
+    return await _update_record(redis, worker_id, added)
+
+
+async def set_group(redis: Redis, worker_id: str, group: Group) -> bool:
+    """Replace where the worker's split model lies (its group re-formed on other hosts); False when the
+    worker is not registered."""
+    return await _update_record(redis, worker_id, lambda record: record.model_copy(update={"group": group}))
+
+
+async def _update_record(redis: Redis, worker_id: str, change: Callable[[WorkerRecord], WorkerRecord | None]) -> bool:
+    """Rewrite the worker's record as `change` says (None: leave it); a transaction on the record (WATCH,
+    then MULTI), so a registration written meanwhile is read again, never overwritten. False, and
+    nothing written, when the worker is not registered or `change` declines."""
     key = keys.worker_key(worker_id)
     async with redis.pipeline(transaction=True) as pipe:
         while True:
@@ -108,13 +131,13 @@ async def add_model(redis: Redis, worker_id: str, model: str) -> bool:
                 if raw is None:
                     return False
                 record = WorkerRecord.model_validate_json(raw)
-                if model in record.models:
-                    return True
-                if len(record.models) >= MAX_MODELS:
-                    log.warning("worker %s lists %d models already; %s not added", worker_id, MAX_MODELS, model)
+                changed = change(record)
+                if changed is None:
                     return False
+                if changed == record:
+                    return True
                 pipe.multi()  # type: ignore[no-untyped-call]
-                pipe.set(key, record.model_copy(update={"models": [*record.models, model]}).model_dump_json())
+                pipe.set(key, changed.model_dump_json())
                 await pipe.execute()
                 return True
             except WatchError:  # the record changed under us: read it again
@@ -215,6 +238,7 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
                 tokens_per_s=heartbeat.tokens_per_s if heartbeat else None,
                 can_pull=record.can_pull,
                 swarm=record.swarm,
+                group=record.group,
             )
         )
     return states

@@ -33,6 +33,7 @@ from gputorrent.coordinator.routes import (
     observability,
     ollama,
     openai,
+    shards,
     swarm,
     worker,
 )  # fmt: skip
@@ -119,6 +120,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         admin.router,
         worker.router,
         swarm.router,
+        shards.router,
     ):
         add_routes(app, router)
     openapi.install(app)

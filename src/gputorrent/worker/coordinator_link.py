@@ -24,6 +24,7 @@ from gputorrent.errors import WorkerGone
 from gputorrent.protocol import (
     BeatAnswer,
     ErrorInfo,
+    Group,
     HandOn,
     Heartbeat,
     JobResult,
@@ -169,6 +170,14 @@ class CoordinatorLink:
     async def add_model(self, lease: queue.Lease) -> bool:
         status, content = await self._call("POST", f"/jobs/{lease.job.request_id}/pulled")
         if status == 409:  # not this worker's pull any more, or its registration cannot take the model
+            return False
+        if status >= 300:
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
+        return True
+
+    async def set_group(self, group: Group) -> bool:
+        status, content = await self._call("POST", "/group", group)
+        if status == 410:  # no longer registered
             return False
         if status >= 300:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")

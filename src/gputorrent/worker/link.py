@@ -22,7 +22,7 @@ from typing import Protocol
 from redis.asyncio import Redis
 
 from gputorrent import keys, leases, queue, redis_client, registry, streams
-from gputorrent.protocol import BeatAnswer, Heartbeat, JobResult
+from gputorrent.protocol import BeatAnswer, Group, Heartbeat, JobResult
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.telemetry import WorkerTelemetry
 
@@ -70,6 +70,11 @@ class PoolLink(Protocol):
         """Add the model of a held pull job (which succeeded) to this worker's registration, so routing
         and the model listings see it; False when the job is no longer this worker's, or the
         registration cannot take it (see `registry.add_model`)."""
+        ...
+
+    async def set_group(self, group: Group) -> bool:
+        """Show where this worker's split model lies now (its group re-formed); False when it is no
+        longer registered."""
         ...
 
     async def fail_over(self, lease: queue.Lease) -> bool:
@@ -138,6 +143,9 @@ class RedisLink:
 
     async def add_model(self, lease: queue.Lease) -> bool:
         return await leases.add_pulled_model(self.redis, self.worker_id, lease.raw)
+
+    async def set_group(self, group: Group) -> bool:
+        return await registry.set_group(self.redis, self.worker_id, group)
 
     async def fail_over(self, lease: queue.Lease) -> bool:
         return await leases.fail_over(

@@ -22,6 +22,7 @@ from gputorrent.protocol import (
     MAX_MODELS,
     MAX_TOKENS_PER_S,
     ErrorInfo,
+    Group,
     Heartbeat,
     InferenceOptions,
     Job,
@@ -35,6 +36,7 @@ from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, make_backend, puller
 from gputorrent.worker.backends.llamacpp import LlamaCppBackend
 from gputorrent.worker.backends.ollama import same_model
+from gputorrent.worker.backends.split import SplitBackend
 from gputorrent.worker.coordinator_link import CoordinatorLink
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.executor import execute
@@ -127,6 +129,9 @@ class Worker:
             on_swarm_epoch=swarm_epoch if self.swarm is not None else None,
         )  # fmt: skip
         self._heartbeat.start()
+        if isinstance(self.backend, SplitBackend):  # a broken group: unhealthy at once, not at the next probe
+            self.backend.on_broken = self._become_unhealthy
+            self.backend.on_formed = self._show_group
         try:
             if recovered := await self.link.recover():
                 log.info(
@@ -211,6 +216,14 @@ class Worker:
             return
         how = "left the pool" if left else "stopped; jobs no other worker could take wait in its lists"
         log.info("worker %s %s after %d jobs", self.worker_id, how, self.jobs_done)
+
+    async def _show_group(self, group: Group) -> None:
+        """The split model's group re-formed on other hosts: the registration (and `/workers`) says so."""
+        try:
+            await self.link.set_group(group)
+        except (RedisError, OSError) as e:
+            log.warning("worker %s: its group re-formed, but its registration still shows the old one (%s)",
+                        self.worker_id, e)  # fmt: skip
 
     def _follow_swarm(self, epoch: int) -> None:
         """The swarm's members changed: let them in (one reading at a time; a later epoch reads again)."""
@@ -495,6 +508,7 @@ async def register(
         can_pull=puller(backend) is not None,
         swarm=swarm.peer if swarm is not None else None,
         files=swarm.files if swarm is not None else {},
+        group=backend.view if isinstance(backend, SplitBackend) else None,
     )
     url = settings.coordinator_url.rstrip("/") + "/register"
     headers = {"content-type": "application/json"}
@@ -525,7 +539,8 @@ async def register(
 
 async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bool = False) -> None:
     """Load the model, register, then serve jobs until `stop` is set."""
-    backend = make_backend(settings)
+    worker_id = settings.worker_id or default_worker_id()
+    backend = make_backend(settings, worker_id)
     swarm = backend.swarm if isinstance(backend, LlamaCppBackend) else None
     try:
         try:
@@ -537,7 +552,6 @@ async def run_worker(settings: WorkerSettings, stop: asyncio.Event, *, burst: bo
         if stop.is_set():  # told to stop while the model loaded: never join the pool
             return
         log.info("backend %s serves %s", backend.name, model)
-        worker_id = settings.worker_id or default_worker_id()
         models = await served_models(backend, model)
         if len(models) > 1:
             log.info("backend %s also serves %s", backend.name, ", ".join(models[1:]))

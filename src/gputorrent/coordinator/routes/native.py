@@ -69,6 +69,7 @@ async def register_worker(
         registered_at=time.time(),
         can_pull=body.can_pull,
         swarm=body.swarm,
+        group=body.group,
     )
     try:  # before the worker is listed: a worker serves a model only with the file the catalogue has
         await catalogue.publish(redis, body.files)

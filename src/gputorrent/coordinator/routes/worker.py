@@ -27,6 +27,7 @@ from gputorrent.protocol import (
     REQUEST_ID_PATTERN,
     WORKER_ID_PATTERN,
     BeatAnswer,
+    Group,
     HandOn,
     Job,
     JobResult,
@@ -248,6 +249,14 @@ async def pulled(held: HeldDep, redis: RedisDep) -> None:
         raise Conflict(f"job {held.job.request_id!r} is not a pull")
     if not await leases.add_pulled_model(redis, held.worker_id, held.raw):
         raise Conflict(f"model {held.job.model!r} cannot be listed: this worker's registration is gone or full")
+
+
+@router.post("/group", status_code=204, response_class=Response)
+async def set_group(body: Group, worker_id: WorkerDep, redis: RedisDep) -> None:
+    """Where this worker's split model lies now (its group re-formed on other shard hosts); 410 when it
+    is no longer registered."""
+    if not await registry.set_group(redis, worker_id, body):
+        raise WorkerGone(f"worker {worker_id!r} is not registered")
 
 
 @router.post("/jobs/{request_id}/fail-over", response_model=Moved, responses=LEASE_LOST)

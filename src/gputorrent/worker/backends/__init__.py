@@ -6,8 +6,13 @@ from gputorrent.config import WorkerSettings
 from gputorrent.worker.backends.base import Backend, Puller, puller
 
 
-def make_backend(settings: WorkerSettings) -> Backend:
-    """The backend `settings.backend` names, configured from the settings."""
+def make_backend(settings: WorkerSettings, worker_id: str) -> Backend:
+    """The backend `settings.backend` names, configured from the settings (`worker_id` names a split
+    model's group)."""
+    if settings.backend == "llamacpp" and settings.split is not None:
+        from gputorrent.worker.backends.split import SplitBackend
+
+        return SplitBackend(settings, group=worker_id)
     if settings.backend == "llamacpp":
         from gputorrent.worker.backends.llamacpp import LlamaCppBackend
         from gputorrent.worker.model_swarm import ModelSwarm

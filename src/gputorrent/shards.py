@@ -1,0 +1,163 @@
+"""Shard hosts in Redis: machines that lend the memory and compute of one `ggml-rpc-server` each to a
+group, the workers that serve a model split over them and itself (`gputorrent worker --split`).
+
+A shard host is alive while `shardbeat:{id}` exists (it beats as a worker does). A group holds a host
+while `shardgroup:{id}` names it: the leader renews the lease while it runs, so a leader that dies
+frees its hosts within `LEASE_S`. One host serves one group at a time: `ggml-rpc-server` serves one
+client at a time, and two models would not fit in what it lends anyway.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from redis.asyncio import Redis
+
+from gputorrent import keys
+from gputorrent.protocol import Shard, ShardAssign, ShardRegistration
+
+LEASE_S = 30.0  # a group's hold on its hosts without a renewal (the leader renews every few seconds)
+
+
+class NotEnoughShards(Exception):
+    """The pool's free shard hosts cannot give what a group asks for; the message says what is missing."""
+
+
+async def register(redis: Redis, registration: ShardRegistration, ttl_s: float) -> str:
+    """Store the host (a new id unless it gives one) and mark it alive; its id."""
+    shard_id = registration.shard_id or f"s-{uuid.uuid4().hex[:12]}"
+    record = registration.model_copy(update={"shard_id": shard_id})
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.set(keys.shard_key(shard_id), record.model_dump_json())
+        pipe.sadd(keys.SHARDS, shard_id)
+        pipe.set(keys.shard_beat_key(shard_id), str(registration.memory_bytes), px=int(ttl_s * 1000))
+        await pipe.execute()
+    return shard_id
+
+
+async def beat(redis: Redis, shard_id: str, memory_bytes: int, ttl_s: float) -> bool:
+    """Keep the host alive with what it lends now; False when it is not registered (it registers again)."""
+    if not await redis.exists(keys.shard_key(shard_id)):
+        return False
+    await redis.set(keys.shard_beat_key(shard_id), str(memory_bytes), px=int(ttl_s * 1000))
+    return True
+
+
+async def leave(redis: Redis, shard_id: str) -> None:
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.delete(keys.shard_key(shard_id), keys.shard_beat_key(shard_id), keys.shard_group_key(shard_id))
+        pipe.srem(keys.SHARDS, shard_id)
+        await pipe.execute()
+
+
+async def listing(redis: Redis) -> list[Shard]:
+    """Every registered shard host, alive or not, with what it lends now and the group that holds it."""
+    ids = sorted(str(shard_id) for shard_id in await redis.smembers(keys.SHARDS))
+    if not ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for shard_id in ids:
+            pipe.get(keys.shard_key(shard_id))
+            pipe.get(keys.shard_beat_key(shard_id))
+            pipe.get(keys.shard_group_key(shard_id))
+        replies = await pipe.execute()
+    shards = []
+    for i in range(0, len(replies), 3):
+        record, lent, group = replies[i : i + 3]
+        if record is None:
+            continue
+        registration = ShardRegistration.model_validate_json(record)
+        memory = int(lent) if lent is not None else registration.memory_bytes
+        shards.append(
+            Shard(
+                **registration.model_dump(exclude={"shard_id", "memory_bytes"}),
+                shard_id=str(registration.shard_id),
+                memory_bytes=memory,
+                alive=lent is not None,
+                group=group,
+            )
+        )
+    return shards
+
+
+async def assign(redis: Redis, ask: ShardAssign) -> list[Shard]:
+    """Hold shard hosts for `ask.group` and return them, the ones that lend most first: `ask.count` of
+    them, or the fewest that lend `ask.memory_bytes` together. Hosts the group held and no longer
+    gets are let go.
+
+    Raises:
+        NotEnoughShards: the free hosts (alive, of the same llama.cpp, held by no other group, not
+            excluded) are too few, or lend too little; the message says how much is missing.
+    """
+    every = await listing(redis)
+    free = sorted(
+        (s for s in every if s.alive and s.group in (None, ask.group) and s.shard_id not in ask.exclude
+         and s.llama_cpp == ask.llama_cpp),
+        key=lambda s: (-s.memory_bytes, s.shard_id),
+    )  # fmt: skip
+    chosen = _choose(free, ask)
+    for shard in chosen:
+        key = keys.shard_group_key(shard.shard_id)
+        held = await redis.set(key, ask.group, px=int(LEASE_S * 1000), nx=True)
+        if not held and await redis.get(key) != ask.group:  # another group took it just now: ask again
+            return await assign(redis, ask.model_copy(update={"exclude": [*ask.exclude, shard.shard_id]}))
+        await redis.pexpire(key, int(LEASE_S * 1000))
+    chosen_ids = {s.shard_id for s in chosen}
+    await release(
+        redis, ask.group, [s.shard_id for s in every if s.group == ask.group and s.shard_id not in chosen_ids]
+    )
+    return [s.model_copy(update={"group": ask.group}) for s in chosen]
+
+
+def _choose(free: list[Shard], ask: ShardAssign) -> list[Shard]:
+    gib = 2**30
+    lent = sum(s.memory_bytes for s in free)
+    others = f"{len(free)} free shard hosts of llama.cpp {ask.llama_cpp} lend {lent / gib:.2f} GiB"
+    if ask.count is not None:
+        if len(free) < ask.count:
+            raise NotEnoughShards(f"the group needs {ask.count} shard hosts; the pool's {others}")
+        chosen = free[: ask.count]
+        if sum(s.memory_bytes for s in chosen) < ask.memory_bytes:
+            raise NotEnoughShards(
+                f"the group needs {ask.memory_bytes / gib:.2f} GiB from {ask.count} shard hosts; the {ask.count} "
+                f"that lend most lend {sum(s.memory_bytes for s in chosen) / gib:.2f} GiB (the pool's {others})"
+            )
+        return chosen
+    chosen, total = [], 0
+    for shard in free:
+        if total >= ask.memory_bytes:
+            break
+        chosen.append(shard)
+        total += shard.memory_bytes
+    if total < ask.memory_bytes:
+        raise NotEnoughShards(
+            f"the group needs {ask.memory_bytes / gib:.2f} GiB from shard hosts; the pool's {others}: "
+            f"{(ask.memory_bytes - lent) / gib:.2f} GiB are missing (start more with `gputorrent shard`)"
+        )
+    return chosen
+
+
+async def renew(redis: Redis, group: str, shard_ids: list[str]) -> list[str]:
+    """Extend the group's hold on these hosts while they live; the ids it still holds. A host whose
+    heartbeat lapsed (dead, or its link cut) is let go: the group re-forms without it."""
+    held = []
+    for shard_id in shard_ids:
+        key = keys.shard_group_key(shard_id)
+        if await redis.get(key) != group:
+            continue
+        if await redis.exists(keys.shard_beat_key(shard_id)):
+            await redis.pexpire(key, int(LEASE_S * 1000))
+            held.append(shard_id)
+        else:
+            await redis.delete(key)
+    return held
+
+
+async def release(redis: Redis, group: str, shard_ids: list[str] | None = None) -> None:
+    """Let the group's hosts go (these only, with `shard_ids`)."""
+    if shard_ids is None:
+        shard_ids = [s.shard_id for s in await listing(redis) if s.group == group]
+    for shard_id in shard_ids:
+        key = keys.shard_group_key(shard_id)
+        if await redis.get(key) == group:  # a lease that lapsed and went to another group stays theirs
+            await redis.delete(key)
