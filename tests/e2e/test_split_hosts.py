@@ -1,6 +1,7 @@
-"""A model split over hosts (tests/netns.py): Redis, the coordinator, a leader and two shard hosts each
-on a network stack of its own, joined by a bridge. At temperature 0 the group's answers are
-llama-server's alone, token for token (the same llama.cpp build on every host)."""
+"""A model split over hosts (tests/netns.py): Redis, the coordinator, a leader and shard hosts each on a
+network stack of its own, joined by a bridge. At temperature 0 the group's answers are llama-server's
+alone, token for token (the same llama.cpp build on every host); and when a shard host's link is cut,
+the group re-forms on the other and a spare, and answers the same again."""
 
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ def test_a_leader_and_two_shard_hosts_on_their_own_hosts_answer_as_llama_server_
         llama_tools.tool(llama_tools.RPC_SERVER), llama_tools.tool(llama_tools.LLAMA_SERVER)
     except llama_tools.ToolsMissing as e:
         pytest.fail(f"{e} (`make test` builds them)")
-    hosts = netns_hosts("redis", "c1", "leader", "s1", "s2")
+    hosts = netns_hosts("redis", "c1", "leader", "s1", "s2", "s3")
     redis = HostRedis(hosts["redis"]).start()
     processes: list[Process] = []
     try:
@@ -46,7 +47,7 @@ def test_a_leader_and_two_shard_hosts_on_their_own_hosts_answer_as_llama_server_
                      "--redis-url", redis.url])  # fmt: skip
         client = APIClient(url, api_key=admin)
         wait_for(lambda: _answers_health(client), PROCESS_START_TIMEOUT_S, "the coordinator")
-        for name in ("s1", "s2"):
+        for name in ("s1", "s2"):  # s3 joins later: the spare the group re-forms with
             start(name, ["shard", "--listen", f"{hosts[name].address}:{RPC_PORT}", "--coordinator", url,
                          "--shard-id", name], {"GPUTORRENT_JOIN_TOKEN": join})  # fmt: skip
         as_admin = {"Authorization": f"Bearer {admin}"}
@@ -68,20 +69,37 @@ def test_a_leader_and_two_shard_hosts_on_their_own_hosts_answer_as_llama_server_
         group = next(w.group for w in client.workers() if w.worker_id == "split")
         assert group is not None
         assert {h.address for h in group.hosts[1:]} == {hosts["s1"].address, hosts["s2"].address}
-        answers = {
-            model: [
+
+        def answers(model: str) -> list[str]:
+            return [
                 client.infer(model, messages=[{"role": "user", "content": p}],
                              options={"max_tokens": 24, "temperature": 0}, timeout_s=120).output
                 for p in PROMPTS
-            ]
-            for model in ("alone", "split")
-        }  # fmt: skip
-        assert answers["split"] == answers["alone"]
+            ]  # fmt: skip
+
+        alone = answers("alone")
+        assert answers("split") == alone
+
+        start("s3", ["shard", "--listen", f"{hosts['s3'].address}:{RPC_PORT}", "--coordinator", url,
+                     "--shard-id", "s3"], {"GPUTORRENT_JOIN_TOKEN": join})  # fmt: skip
+        wait_for(lambda: sum(s["alive"] for s in httpx.get(f"{url}/shards", headers=as_admin).json()) == 3, 60,
+                 "the spare shard host")  # fmt: skip
+        hosts["s1"].cut()  # llama-server hangs on a cut link; the leader sees s1's lease lapse
+        wait_for(lambda: _group_addresses(client) == {hosts["s2"].address, hosts["s3"].address}, 60,
+                 "the group re-formed on s2 and s3")  # fmt: skip
+        wait_for(lambda: "split" in {w.worker_id for w in client.workers() if w.state == "alive"}, 60,
+                 "the leader serving again")  # fmt: skip
+        assert answers("split") == alone
         client.close()
     finally:
         for proc in reversed(processes):
             proc.stop()
         redis.stop()
+
+
+def _group_addresses(client: APIClient) -> set[str]:
+    group = next(w.group for w in client.workers() if w.worker_id == "split")
+    return {h.address for h in group.hosts[1:]} if group is not None else set()
 
 
 def _answers_health(client: APIClient) -> bool:
