@@ -60,6 +60,7 @@ async function dashboard(page, report) {
   report.models = await page.locator("#models tbody tr").allTextContents();
   report.failures = await page.locator("#failures tbody tr").allTextContents();
   report.transfers = await page.locator("#transfers tbody tr").allTextContents();
+  report.groups = await page.locator("#workers .group").allTextContents();
   report.failures_note = await page.locator("#failures-note").textContent();
   report.connection = await page.locator("#connection").textContent();
   report.charts = await page.locator(".chart svg").count();

@@ -86,6 +86,13 @@ def test_the_dashboard_shows_the_workers_their_states_jobs_and_failures(
     for worker_id in ("sick", "gone"):
         body = {"worker_id": worker_id, "models": ["other"], "backend": "ollama"}
         assert httpx.post(f"{coordinator_url}/register", json=body).status_code == 200
+    # A leader of a split model registers where its parts lie, as tests/e2e/test_split_model.py's do.
+    hosts = [
+        {"shard_id": None, "address": "leader", "port": None, "layers": 1, "memory_bytes": 0},
+        {"shard_id": "s1", "address": "10.0.0.2", "port": 50052, "layers": 30, "memory_bytes": 8 * 2**30},
+    ]
+    body = {"worker_id": "leader", "models": ["big"], "backend": "llamacpp", "group": {"hosts": hosts}}
+    assert httpx.post(f"{coordinator_url}/register", json=body).status_code == 200
     sick = Heartbeat(at=time.time(), condition="unhealthy", reason="the backend cannot generate: connection refused")
     with SyncRedis.from_url(redis_url) as redis:
         redis.set(keys.heartbeat_key("sick"), sick.model_dump_json(), px=60_000)
@@ -103,10 +110,12 @@ def test_the_dashboard_shows_the_workers_their_states_jobs_and_failures(
     assert jobs == "2 ok, 1 failed"
     assert report["states"] == [
         ["gone", "dead"],
+        ["leader", "alive"],
         ["sick", "unhealthythe backend cannot generate: connection refused"],
         ["w1", "alive"],
     ]
-    assert report["models"] == ["fake1 (1)00", "other2 (0)00"]
+    assert report["groups"] == ["split: leader 1 layer · 10.0.0.2:50052 30 layers (8.0 GiB)"]
+    assert report["models"] == ["big1 (1)00", "fake1 (1)00", "other2 (0)00"]
     assert report["transfers"] == ["big10.0.0.9:6881 3.0 GiB / 12 GiB100 MiB/s392 s"]
     [failure] = report["failures"]
     assert "backend_error" in failure and "the fake backend was asked to fail" in failure

@@ -96,6 +96,8 @@ def test_a_group_answers_as_llama_server_alone_and_lists_its_hosts_and_layers(
     assert sorted(h.shard_id for h in hosts) == ["s0", "s1"]  # type: ignore[type-var]
     assert sum(h.layers for h in leader.group.hosts) == 31 and all(h.layers > 0 for h in hosts)  # 30 + output
     assert {s["group"] for s in _listed(coordinator_url)} == {"leader"}
+    [split] = [m for m in httpx.get(f"{coordinator_url}/api/ps", timeout=10).json()["models"] if m["name"] == "split"]
+    assert [h["shard_id"] for h in split["groups"]["leader"]] == [None, *(h.shard_id for h in hosts)]
 
 
 def test_auto_refuses_a_model_bigger_than_the_pool_naming_what_is_missing(

@@ -366,11 +366,16 @@ def tags(workers: list[WorkerState]) -> dict[str, Any]:
 
 
 def ps(workers: list[WorkerState]) -> dict[str, Any]:
-    """`GET /api/ps`: the models loaded on live workers, each with the ids of those workers."""
+    """`GET /api/ps`: the models loaded on live workers, each with the ids of those workers, and for a
+    model split over machines its groups (GPU Torrent's own field: the leader, and its hosts' parts)."""
     models = []
     for name, serving in _by_model(workers).items():
         row = {k: v for k, v in _model_row(name, serving).items() if k != "modified_at"}
-        models.append({**row, "expires_at": FOREVER, "size_vram": 0, "workers": sorted(w.worker_id for w in serving)})
+        groups = {w.worker_id: w.group.model_dump()["hosts"] for w in serving if w.group is not None}
+        models.append({
+            **row, "expires_at": FOREVER, "size_vram": 0, "workers": sorted(w.worker_id for w in serving),
+            **({"groups": groups} if groups else {}),
+        })  # fmt: skip
     return {"models": models}
 
 

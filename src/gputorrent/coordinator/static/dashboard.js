@@ -100,6 +100,13 @@ function hardware(w) {
   return el("td", { class: "hw" }, lines);
 }
 
+// A split model: where each part lies (the leader first), layers and memory lent.
+function group(g) {
+  const parts = g.hosts.map((h) => `${h.shard_id === null ? "leader" : `${h.address}:${h.port}`} ${h.layers} ${h.layers === 1 ? "layer" : "layers"}` +
+    (h.memory_bytes ? ` (${formatBytes(h.memory_bytes)})` : ""));
+  return `split: ${parts.join(" · ")}`;
+}
+
 function jobsDone(w) {
   const counters = Object.values(w.telemetry?.jobs ?? {});
   const completed = counters.reduce((sum, c) => sum + c.completed, 0);
@@ -115,7 +122,7 @@ function renderWorkers(pool) {
       el("td", { class: "state" }, el("span", { class: `badge ${w.state}` }, w.state),
         w.state_reason ? el("span", { class: "reason" }, w.state_reason) : null),
       el("td", {}, w.backend),
-      el("td", { class: "models" }, w.models.join(", ")),
+      el("td", { class: "models" }, w.models.join(", "), w.group ? el("div", { class: "group" }, group(w.group)) : null),
       el("td", { class: "number slots" }, `${w.jobs_in_flight} / ${w.slots}`),
       el("td", { class: "number queue" }, w.queue_length),
       hardware(w),

@@ -132,6 +132,7 @@ class SplitBackend:
         self._closing = False
         self._tasks: list[asyncio.Task[None]] = []
         self._lost: list[str] = []  # hosts whose lease lapsed: the next forming leaves them out
+        self._own_bytes = 0  # what the leader lends its own share
         self.view: Group | None = None  # where each part of the model is, for the registration
         self.on_broken: Callable[[str], Awaitable[None]] | None = None  # the worker turns unhealthy
         self.on_formed: Callable[[Group], Awaitable[None]] | None = None  # the worker shows the new group
@@ -180,6 +181,7 @@ class SplitBackend:
         own = self._settings.split_memory_bytes
         if own is None:
             own = lendable_memory()[0]
+        self._own_bytes = own
         self._hosts = []
         if self._count != 0:
             from_shards = max(0, need.total_bytes - own)
@@ -227,8 +229,7 @@ class SplitBackend:
             for s, n in zip(self._hosts, layers, strict=True)
         ]
         on_leader = self._need.layers + 1 - sum(layers) if self._hosts else self._need.layers + 1
-        leader = GroupHost(shard_id=None, address="leader", port=None, layers=on_leader,
-                           memory_bytes=self._settings.split_memory_bytes or 0)  # fmt: skip
+        leader = GroupHost(shard_id=None, address="leader", port=None, layers=on_leader, memory_bytes=self._own_bytes)
         self.view = Group(hosts=[leader, *hosts])
         log.info("group %s serves %s over %s in %.1f s", self.group, self._model,
                  ", ".join(f"{h.address}:{h.port} ({h.layers} layers)" for h in hosts) or "this machine alone",
