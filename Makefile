@@ -75,6 +75,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/reproducible.py
 	$(BENCH_PYTHON) bench/replication_wait.py
 	$(BENCH_PYTHON) bench/swarm.py
+	$(BENCH_PYTHON) bench/split.py
 	$(BENCH_PYTHON) bench/report.py
 
 $(BENCH_VENV)/.installed: pyproject.toml bench/requirements.txt

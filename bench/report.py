@@ -31,6 +31,7 @@ BENCHMARKS = (
     "reproducible",
     "replication_wait",
     "swarm",
+    "split",
 )
 
 

@@ -88,6 +88,7 @@ class Worker:
         self.condition: WorkerCondition = "alive"
         self.condition_reason: str | None = None
         self.ended = EndedJobs()
+        self._probe_soon = asyncio.Event()  # set: the health probe runs without waiting for its interval
         self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
         self._serving.set()
         self._held: set[str] = set()  # the raw entries of the jobs the consumers hold now
@@ -218,7 +219,9 @@ class Worker:
         log.info("worker %s %s after %d jobs", self.worker_id, how, self.jobs_done)
 
     async def _show_group(self, group: Group) -> None:
-        """The split model's group re-formed on other hosts: the registration (and `/workers`) says so."""
+        """The split model's group re-formed on other hosts: the registration (and `/workers`) says so,
+        and the health probe runs now rather than at its next interval."""
+        self._probe_soon.set()
         try:
             await self.link.set_group(group)
         except (RedisError, OSError) as e:
@@ -250,10 +253,11 @@ class Worker:
             wait_s = (
                 min(HEALTH_RETRY_S, self.settings.health_interval_s) if unhealthy else self.settings.health_interval_s
             )
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), wait_s)
+            await _first_of(stop, self._probe_soon, timeout_s=wait_s)
+            self._probe_soon.clear()
             if stop.is_set() or self.condition == "draining":
                 return
+            unhealthy = self.condition == "unhealthy"  # it may have turned so while this waited
             recently_served = time.monotonic() - self._last_success < self.settings.health_interval_s
             if self.jobs_in_flight or (recently_served and not unhealthy):
                 continue
@@ -469,6 +473,16 @@ class Worker:
         measured = min(tokens / (inference_ms / 1000), MAX_TOKENS_PER_S)
         previous = self.tokens_per_s
         self.tokens_per_s = measured if previous is None else previous + SPEED_WEIGHT * (measured - previous)
+
+
+async def _first_of(*events: asyncio.Event, timeout_s: float) -> None:
+    """Until one of `events` is set, or `timeout_s` passes."""
+    waits = [asyncio.create_task(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waits, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for wait in waits:
+            wait.cancel()
 
 
 def default_worker_id() -> str:

@@ -211,6 +211,10 @@ class SplitBackend:
             str(program), "--model", str(self._path), "--alias", self._model, "--host", "127.0.0.1",
             "--port", str(self._port), "--ctx-size", str(self._settings.n_ctx), "--n-gpu-layers", "999",
             "--parallel", str(self._settings.slots), "--no-webui",
+            # Weights a CPU holds locally are repacked for its vector units, and those kernels round
+            # differently from the plain ones a shard host's ggml-rpc-server runs: with repacking off,
+            # `--split 0` and every group give the same greedy text (docs/benchmarks.md, B10).
+            "--no-repack",
         ]  # fmt: skip
         proportions = self._proportions()
         if self._hosts:
@@ -284,7 +288,10 @@ class SplitBackend:
                 held = [str(shard_id) for shard_id in answer.get("shard_ids", [])]
             except (aiohttp.ClientError, TimeoutError, _Refused) as e:
                 log.warning("group %s cannot renew its shard hosts (%s)", self.group, e)
-                continue
+                held = ids
+            # A host whose ggml-rpc-server refuses or does not answer is lost before its heartbeat lapses:
+            # an idle llama-server would notice only at its next request.
+            held = [s.shard_id for s in self._hosts if s.shard_id in held and await _answers(s)]
             if lost := sorted(set(ids) - set(held)):
                 log.warning("group %s lost shard hosts %s (dead, or cut off); stopping llama-server to re-form",
                             self.group, ", ".join(lost))  # fmt: skip
