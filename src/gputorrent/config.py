@@ -172,12 +172,15 @@ class WorkerSettings(_ReplicationSettings):
     )
     # `llamacpp` only: serve the model split over this machine and shard hosts (`gputorrent shard`):
     # `auto` (the fewest hosts that hold it), a number of hosts, or 0 (llama-server alone). Unset: in process.
-    split: str | None = Field(default=None, pattern=r"^(auto|[0-9]{1,2})$", validation_alias=_env("GPUTORRENT_SPLIT"))
-    # What the leader lends its own share of a split model (bytes; default: its free memory).
+    # At most 15 hosts: llama.cpp takes 16 devices, and the leader's GPUs count.
+    split: str | None = Field(default=None, pattern=r"^(auto|[0-9]|1[0-5])$", validation_alias=_env("GPUTORRENT_SPLIT"))
+    # What the leader's GPUs lend its own share of a split model (bytes; default: their free memory, none without).
     split_memory_bytes: int | None = Field(default=None, ge=0, validation_alias=_env("GPUTORRENT_SPLIT_MEMORY_BYTES"))
     # The shard hosts' proportions of the layers, by hand (`3,1`); default: as the memory each lends.
     tensor_split: str | None = Field(
-        default=None, pattern=r"^[0-9.]+(,[0-9.]+)*$", validation_alias=_env("GPUTORRENT_TENSOR_SPLIT")
+        default=None,
+        pattern=r"^[0-9]+(\.[0-9]+)?(,[0-9]+(\.[0-9]+)?)*$",
+        validation_alias=_env("GPUTORRENT_TENSOR_SPLIT"),
     )
     # A fetch from which nothing arrives this long is paused until a holder is online again.
     swarm_stall_timeout_s: float = Field(default=30.0, gt=0, validation_alias=_env("GPUTORRENT_SWARM_STALL_TIMEOUT_S"))

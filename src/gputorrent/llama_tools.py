@@ -66,6 +66,19 @@ def tool(name: str) -> Path:
     return path
 
 
+def die_with_parent() -> None:
+    """`preexec_fn` for the tools: the kernel kills the child when the process that started it dies, even
+    by SIGKILL, so no ggml-rpc-server outlives its shard host and no llama-server keeps a shard host's one
+    connection after its leader died. Linux only (elsewhere a no-op)."""
+    if sys.platform != "linux":
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1  # prctl.h's PR_SET_PDEATHSIG
+    ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+
+
 def build(*, force: bool = False, jobs: int | None = None) -> Path:
     """Build `TOOLS` into `tools_dir()` unless they are there already (or `force`); returns the folder.
 

@@ -294,9 +294,17 @@ class ShardRegistration(WireModel):
     the `ggml-rpc-server` at `address:port` to one group's leader at a time."""
 
     shard_id: str | None = Field(default=None, pattern=WORKER_ID_PATTERN)
-    address: IPAddressText
+    address: IPAddressText  # where leaders connect: one address (not 0.0.0.0), checked below
     port: int = Field(ge=1, le=65535)
-    memory_bytes: int = Field(ge=0, le=MAX_BYTES)  # what it lends: its devices' free memory, or less
+    memory_bytes: int = Field(ge=0, le=MAX_BYTES)  # what it lends: its devices' free memory at start, or less
+
+    @field_validator("address")
+    @classmethod
+    def _one_address(cls, address: str) -> str:
+        if ipaddress.ip_address(address).is_unspecified:
+            raise ValueError("must be the one address leaders connect to, not every interface")
+        return address
+
     devices: list[Text] = Field(default_factory=list, max_length=64)  # what ggml-rpc-server exposes, for people
     llama_cpp: Text = Field(max_length=64)  # the version its ggml-rpc-server was built from: a leader's must match
 

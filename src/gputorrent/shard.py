@@ -35,7 +35,7 @@ class ShardRefused(ValueError):
 
 
 def listen_address(listen: str, *, allow_public: bool) -> tuple[str, int]:
-    """`HOST:PORT` (an IP address of this machine; `[v6]:port` for IPv6) checked against the policy.
+    """`HOST:PORT` (an IPv4 address of this machine) checked against the policy.
 
     >>> listen_address("10.0.0.5:50052", allow_public=False)
     ('10.0.0.5', 50052)
@@ -55,26 +55,30 @@ def listen_address(listen: str, *, allow_public: bool) -> tuple[str, int]:
         raise ShardRefused(f"--listen {listen!r}: give HOST:PORT with HOST an IP address of this machine") from None
     if not sep or not 0 < number < 65536:
         raise ShardRefused(f"--listen {listen!r}: the port must be 1 to 65535")
-    if not allow_public:
-        if address.is_unspecified:
-            raise ShardRefused(
-                f"{address} is every interface of this machine, and ggml-rpc-server has no authentication: give the "
-                "address of one interface on a private network (or --allow-public, see docs/security.md)"
-            )
-        if not (address.is_private or address.is_loopback or address.is_link_local):
-            raise ShardRefused(
-                f"{address} is a public address, and ggml-rpc-server has no authentication: keep shard links on a "
-                "private network (or --allow-public, see docs/security.md)"
-            )
+    if address.version != 4:
+        raise ShardRefused(f"--listen {listen!r}: ggml-rpc-server listens on IPv4 addresses only")
+    if address.is_unspecified:  # with --allow-public too: leaders need the one address to connect to
+        raise ShardRefused(
+            f"{address} is every interface of this machine, and ggml-rpc-server has no authentication: give the "
+            "address of one interface on a private network (a public one only with --allow-public, see "
+            "docs/security.md)"
+        )
+    if not allow_public and not (address.is_private or address.is_loopback or address.is_link_local):
+        raise ShardRefused(
+            f"{address} is a public address, and ggml-rpc-server has no authentication: keep shard links on a "
+            "private network (or --allow-public, see docs/security.md)"
+        )
     return str(address), number
 
 
 def lendable_memory() -> tuple[int, list[str]]:
-    """What this machine can lend now (its GPUs' free memory, else the RAM available), and its devices."""
+    """What this machine can lend now (its GPUs' free memory, else the RAM available), and its devices
+    with what each has free."""
     gpus = gpu_free_memory()
     if gpus:
-        return sum(free for _, free in gpus), [name for name, _ in gpus]
-    return psutil.virtual_memory().available, [f"CPU ({psutil.cpu_count(logical=True) or '?'} cores)"]
+        return sum(free for _, free in gpus), [f"{name}: {free / 2**30:.1f} GiB free" for name, free in gpus]
+    ram = psutil.virtual_memory().available
+    return ram, [f"CPU ({psutil.cpu_count(logical=True) or '?'} cores): {ram / 2**30:.1f} GiB RAM available"]
 
 
 async def run_shard(settings: ShardSettings, stop: asyncio.Event) -> None:
@@ -83,7 +87,7 @@ async def run_shard(settings: ShardSettings, stop: asyncio.Event) -> None:
     program = llama_tools.tool(llama_tools.RPC_SERVER)
     server = await asyncio.create_subprocess_exec(
         str(program), "--host", host, "--port", str(port), "--cache",
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, preexec_fn=llama_tools.die_with_parent,
     )  # fmt: skip
     output: list[str] = []
     reading = asyncio.create_task(_read_output(server, output))
@@ -136,7 +140,8 @@ async def _beat_until(
             if stop.is_set():
                 return
             try:
-                if not await shard.beat(shard_id, _lent(settings)[0]):  # the pool forgot it (Redis restarted)
+                # What it lends is fixed at start: its free memory shrinks while a group's layers are on it.
+                if not await shard.beat(shard_id, registration.memory_bytes):  # the pool forgot it (Redis restarted)
                     await shard.register(registration.model_copy(update={"shard_id": shard_id}))
             except (aiohttp.ClientError, TimeoutError) as e:
                 log.warning("shard host %s cannot beat (%s); retrying", shard_id, e)

@@ -35,6 +35,15 @@ async def register(redis: Redis, registration: ShardRegistration, ttl_s: float) 
     return shard_id
 
 
+async def live_address(redis: Redis, shard_id: str) -> tuple[str, int] | None:
+    """Where a live shard host of this id listens; None when there is none."""
+    record, alive = await redis.mget(keys.shard_key(shard_id), keys.shard_beat_key(shard_id))
+    if record is None or alive is None:
+        return None
+    registration = ShardRegistration.model_validate_json(record)
+    return registration.address, registration.port
+
+
 async def beat(redis: Redis, shard_id: str, memory_bytes: int, ttl_s: float) -> bool:
     """Keep the host alive with what it lends now; False when it is not registered (it registers again)."""
     if not await redis.exists(keys.shard_key(shard_id)):

@@ -59,9 +59,12 @@ def test_a_leader_and_two_shard_hosts_on_their_own_hosts_answer_as_llama_server_
         for name in ("alone", "split"):
             (models / f"{name}.gguf").symlink_to(packaged_chat_model_path())
         env = {"GPUTORRENT_JOIN_TOKEN": join, "GPUTORRENT_MODELS_DIR": str(models)}
-        for worker_id, split in (("alone", "0"), ("split", "2")):
-            start("leader", ["worker", "--backend", "llamacpp", "--coordinator", url, "--redis-url", redis.url,
-                             "--worker-id", worker_id, "--model", worker_id, "--split", split], env)  # fmt: skip
+        leaders = {
+            worker_id: start("leader", ["worker", "--backend", "llamacpp", "--coordinator", url, "--redis-url",
+                                        redis.url, "--worker-id", worker_id, "--model", worker_id, "--split", split],
+                             env)
+            for worker_id, split in (("alone", "0"), ("split", "2"))
+        }  # fmt: skip
         wait_for(lambda: {"alone", "split"} <= {w.worker_id for w in client.workers() if w.state == "alive"}
                  or any(p.popen.poll() is not None for p in processes), 240, "both workers")  # fmt: skip
         assert all(p.popen.poll() is None for p in processes), [p.log for p in processes]
@@ -84,6 +87,7 @@ def test_a_leader_and_two_shard_hosts_on_their_own_hosts_answer_as_llama_server_
                      "--shard-id", "s3"], {"GPUTORRENT_JOIN_TOKEN": join})  # fmt: skip
         wait_for(lambda: sum(s["alive"] for s in httpx.get(f"{url}/shards", headers=as_admin).json()) == 3, 60,
                  "the spare shard host")  # fmt: skip
+        assert "re-forming" not in leaders["split"].log  # a healthy group stays as it formed
         hosts["s1"].cut()  # llama-server hangs on a cut link; the leader sees s1's lease lapse
         wait_for(lambda: _group_addresses(client) == {hosts["s2"].address, hosts["s3"].address}, 60,
                  "the group re-formed on s2 and s3")  # fmt: skip

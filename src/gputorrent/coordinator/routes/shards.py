@@ -5,13 +5,13 @@ from __future__ import annotations
 import logging
 
 from fastapi import APIRouter, Depends, Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from gputorrent import shards
 from gputorrent.coordinator.deps import RedisDep, SettingsDep
 from gputorrent.coordinator.security import JoinDep, require_client
-from gputorrent.errors import NoShardsAvailable, NotFound
-from gputorrent.protocol import Shard, ShardAssign, ShardLease, ShardRegistration
+from gputorrent.errors import Conflict, NoShardsAvailable, NotFound
+from gputorrent.protocol import MAX_BYTES, Shard, ShardAssign, ShardLease, ShardRegistration
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["shards"])
@@ -24,7 +24,7 @@ class ShardRegistered(BaseModel):
 
 
 class ShardBeat(BaseModel):
-    memory_bytes: int
+    memory_bytes: int = Field(ge=0, le=MAX_BYTES)
 
 
 class Assigned(BaseModel):
@@ -40,7 +40,13 @@ class Held(BaseModel):
 async def register_shard(
     body: ShardRegistration, redis: RedisDep, settings: SettingsDep, caller: JoinDep
 ) -> ShardRegistered:
-    """A shard host (`gputorrent shard`, with a join key) lends its `ggml-rpc-server` to the pool."""
+    """A shard host (`gputorrent shard`, with a join key) lends its `ggml-rpc-server` to the pool. A live
+    host's id is its own: registering it again from another address is 409 (leaders would send it
+    their weights)."""
+    taken = await shards.live_address(redis, body.shard_id) if body.shard_id is not None else None
+    if taken is not None and taken != (body.address, body.port):
+        raise Conflict(f"a live shard host is registered as {body.shard_id!r} at {taken[0]}:{taken[1]}",
+                       field="shard_id")  # fmt: skip
     shard_id = await shards.register(redis, body, settings.heartbeat_timeout_s)
     log.info("shard host %s registered at %s:%d lending %d MiB (%s)", shard_id, body.address, body.port,
              body.memory_bytes // 2**20, ", ".join(body.devices) or "no device listed")  # fmt: skip

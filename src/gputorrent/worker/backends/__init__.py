@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from gputorrent.config import WorkerSettings
+from gputorrent.errors import ModelUnavailable
 from gputorrent.worker.backends.base import Backend, Puller, puller
 
 
 def make_backend(settings: WorkerSettings, worker_id: str) -> Backend:
     """The backend `settings.backend` names, configured from the settings (`worker_id` names a split
     model's group)."""
+    if settings.split is not None and settings.backend != "llamacpp":
+        raise ModelUnavailable(f"--split needs --backend llamacpp (this worker's is {settings.backend})")
     if settings.backend == "llamacpp" and settings.split is not None:
         from gputorrent.worker.backends.split import SplitBackend
 
