@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import ipaddress
 import logging
 import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from pydantic import ValidationError
@@ -93,16 +94,9 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.link == "redis" and (problem := _bad_redis_url("worker", settings.redis_url)) is not None:
         return problem
 
-    async def serve() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_worker(settings, stop)
-
     try:
         with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
-            runner.run(serve())
+            runner.run(_until_signalled(functools.partial(run_worker, settings)))
     except Exception as e:  # the outermost boundary: one clear line, not a traceback
         logging.getLogger("gputorrent.worker").error("worker stopped: %s", e)
         return 1
@@ -129,15 +123,8 @@ def _shard(args: argparse.Namespace) -> int:
             log.error("shard host not started: %s", "; ".join(f"{err['loc'][0]}: {err['msg']}" for err in e.errors()))
         return 2
 
-    async def serve() -> None:
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        await run_shard(settings, stop)
-
     try:
-        asyncio.run(serve())
+        asyncio.run(_until_signalled(functools.partial(run_shard, settings)))
     except (ShardRefused, ToolsMissing) as e:
         log.error("shard host not started: %s", e)
         return 2
@@ -145,6 +132,15 @@ def _shard(args: argparse.Namespace) -> int:
         log.error("shard host stopped: %s", e)
         return 1
     return 0
+
+
+async def _until_signalled(run: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """`run(stop)`, with SIGINT and SIGTERM setting `stop` (a worker drains, a shard host leaves)."""
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await run(stop)
 
 
 def _bad_redis_url(command: str, url: str) -> int | None:

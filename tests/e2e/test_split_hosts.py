@@ -14,7 +14,7 @@ import pytest
 from gputorrent import llama_tools
 from gputorrent.client import APIClient
 from gputorrent.worker.backends.llamacpp import packaged_chat_model_path
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, new_key, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, new_key, wait_for
 from tests.faults.netns_pool import COORDINATOR_PORT, HostRedis
 from tests.netns import Host
 
@@ -46,7 +46,7 @@ def test_a_leader_and_two_shard_hosts_on_their_own_hosts_answer_as_llama_server_
         start("c1", ["coordinator", "--host", hosts["c1"].address, "--port", str(COORDINATOR_PORT),
                      "--redis-url", redis.url])  # fmt: skip
         client = APIClient(url, api_key=admin)
-        wait_for(lambda: _answers_health(client), PROCESS_START_TIMEOUT_S, "the coordinator")
+        wait_for(lambda: healthy(url), PROCESS_START_TIMEOUT_S, "the coordinator")
         for name in ("s1", "s2"):  # s3 joins later: the spare the group re-forms with
             start(name, ["shard", "--listen", f"{hosts[name].address}:{RPC_PORT}", "--coordinator", url,
                          "--shard-id", name], {"GPUTORRENT_JOIN_TOKEN": join})  # fmt: skip
@@ -104,11 +104,3 @@ def test_a_leader_and_two_shard_hosts_on_their_own_hosts_answer_as_llama_server_
 def _group_addresses(client: APIClient) -> set[str]:
     group = next(w.group for w in client.workers() if w.worker_id == "split")
     return {h.address for h in group.hosts[1:]} if group is not None else set()
-
-
-def _answers_health(client: APIClient) -> bool:
-    try:
-        client.health()
-    except Exception:  # not up yet, in any of the ways a starting server fails a request
-        return False
-    return True

@@ -16,7 +16,7 @@ import pytest
 from gputorrent.client import APIClient
 from gputorrent.swarm import file_sha256
 from gputorrent.worker.backends.llamacpp import packaged_chat_model_path
-from tests.conftest import PROCESS_START_TIMEOUT_S, Process, new_key, wait_for
+from tests.conftest import PROCESS_START_TIMEOUT_S, Process, healthy, new_key, wait_for
 from tests.faults.netns_pool import COORDINATOR_PORT, HostRedis
 from tests.netns import Host
 
@@ -61,7 +61,7 @@ def test_four_new_hosts_get_the_model_from_the_holder_and_each_other_and_serve_i
         start("c1", ["coordinator", "--host", hosts["c1"].address, "--port", str(COORDINATOR_PORT),
                      "--redis-url", redis.url], {"GPUTORRENT_ROUTING": "round_robin"})  # fmt: skip
         client = APIClient(url, api_key=admin)
-        wait_for(lambda: _answers(client), PROCESS_START_TIMEOUT_S, "the coordinator")
+        wait_for(lambda: healthy(url), PROCESS_START_TIMEOUT_S, "the coordinator")
 
         name = f"swarm-{uuid.uuid4().hex[:8]}"
         held = tmp_path / "holder-models"
@@ -109,14 +109,6 @@ def test_four_new_hosts_get_the_model_from_the_holder_and_each_other_and_serve_i
         for proc in reversed(processes):
             proc.stop()
         redis.stop()
-
-
-def _answers(client: APIClient) -> bool:
-    try:
-        client.health()
-    except Exception:  # not up yet, in any of the ways a starting server fails a request
-        return False
-    return True
 
 
 def _alive(client: APIClient) -> set[str]:
