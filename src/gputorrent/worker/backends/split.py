@@ -153,7 +153,7 @@ class SplitBackend:
         self._model = name
         await self._form(exclude=[])
         await self._http.load(name)
-        self._tasks = [asyncio.create_task(self._keep_hosts()), asyncio.create_task(self._supervise())]
+        self._tasks += [asyncio.create_task(self._keep_hosts()), asyncio.create_task(self._supervise())]
         return name
 
     def generate(self, job: Job) -> AsyncGenerator[TokenChunk | GenerationDone]:
