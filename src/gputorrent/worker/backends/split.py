@@ -92,9 +92,9 @@ def layers_per_device(proportions: list[float], layers: int) -> list[int]:
     i / (layers + 1).
 
     >>> layers_per_device([1, 1], 30)
-    [15, 16]
+    [16, 15]
     >>> layers_per_device([3, 1], 30)
-    [23, 8]
+    [24, 7]
     """
     total = sum(proportions)
     cumulative, running = [], 0.0
