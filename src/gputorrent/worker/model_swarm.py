@@ -94,12 +94,17 @@ class ModelSwarm:
                         "worker neither fetches model files from its peers nor seeds its own")  # fmt: skip
             return None
         try:
-            address = settings.swarm_address or reaching_address(settings.coordinator_url)
+            reaching: str | None = reaching_address(settings.coordinator_url)
         except OSError as e:
-            log.error("the swarm is off: no address reaches the coordinator at %s (%s); set GPUTORRENT_SWARM_ADDRESS",
-                      settings.coordinator_url, e)  # fmt: skip
-            return None
-        if ipaddress.ip_address(address).is_loopback:
+            if settings.swarm_address is None:
+                log.error("the swarm is off: no address reaches the coordinator at %s (%s); set "
+                          "GPUTORRENT_SWARM_ADDRESS", settings.coordinator_url, e)  # fmt: skip
+                return None
+            reaching = None
+        address = settings.swarm_address or reaching
+        assert address is not None
+        if ipaddress.ip_address(address).is_loopback and reaching != address:
+            # A loopback address is right for a pool on one machine (`gputorrent up`), not beside a remote coordinator.
             log.warning("the swarm listens on %s, which only this machine reaches: workers on other machines cannot "
                         "fetch from this one (set GPUTORRENT_SWARM_ADDRESS to its LAN address)", address)  # fmt: skip
         opened = cls(settings, address)
