@@ -242,6 +242,9 @@ class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool):
                 client.close()
 
 
+UNBOUNDED = 2**31  # connections: what "no bound" was in redis-py before its default became 100
+
+
 def async_client(
     url: str,
     *,
@@ -252,8 +255,9 @@ def async_client(
     pool_timeout: float | None = None,
 ) -> Redis:
     """An asyncio client for `url`. `max_connections` bounds its pool, and a caller past the bound
-    waits up to `pool_timeout` for a connection (a blocking pool); without it the pool is unbounded.
-    Closing the client closes its pool (and, for Sentinel, the Sentinel clients).
+    waits up to `pool_timeout` for a connection (a blocking pool); without it the pool is unbounded
+    (redis-py's own default bound, 100 since its 6.x, failed a worker whose job slots each block on a
+    connection). Closing the client closes its pool (and, for Sentinel, the Sentinel clients).
 
     Raises:
         RedisUrlError: the URL cannot be used.
@@ -266,7 +270,7 @@ def async_client(
     if not is_sentinel_url(url):
         check_url(url)
         if max_connections is None:
-            return Redis.from_url(url, **common)
+            return Redis.from_url(url, max_connections=UNBOUNDED, **common)
         bounded = BlockingConnectionPool.from_url(url, max_connections=max_connections, timeout=pool_timeout, **common)
         return Redis.from_pool(bounded)
     target = parse_sentinel_url(url)
@@ -276,7 +280,7 @@ def async_client(
     kwargs = {**common, **target.server_kwargs()}
     pool: async_sentinel.SentinelConnectionPool
     if max_connections is None:
-        pool = _AsyncSentinelPool(target.master_name, manager, **kwargs)  # type: ignore[no-untyped-call]
+        pool = _AsyncSentinelPool(target.master_name, manager, max_connections=UNBOUNDED, **kwargs)  # type: ignore[no-untyped-call]
     else:
         pool = _BlockingAsyncSentinelPool(  # type: ignore[no-untyped-call]
             target.master_name, manager, max_connections=max_connections, timeout=pool_timeout, **kwargs

@@ -9,6 +9,7 @@ import pytest
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoScriptError, ResponseError, TimeoutError
 
+from gputorrent import redis_client
 from gputorrent.pipelined import MAX_IDLE_BORROWED, PipelinedConnection, borrowed, pipelined
 from tests.conftest import eventually
 
@@ -122,3 +123,21 @@ async def test_borrowed_connections_beyond_the_idle_bound_are_closed_when_given_
     await eventually(open_connections, "the connections beyond the bound to close")
     async with borrowed(redis) as connection:  # a kept one serves the next borrower
         assert await connection.execute("ECHO", "next") == "next"
+
+
+async def test_an_unbounded_client_blocks_on_more_connections_at_once_than_redis_pys_default_bound(
+    redis_url: str,
+) -> None:
+    """A worker's job slots each block on a connection of their own while they wait for a job; redis-py
+    bounds a pool at 100 by default, which failed every take past it as if Redis were unreachable."""
+    client = redis_client.async_client(redis_url)
+    waiting = 150
+
+    async def block_once(i: int) -> object:
+        async with borrowed(client) as connection:
+            return await connection.execute_all(("BLPOP", f"nothing-{i}", "0.2"), blocks_s=0.2)
+
+    try:
+        assert await asyncio.gather(*(block_once(i) for i in range(waiting))) == [[None]] * waiting
+    finally:
+        await client.aclose()
