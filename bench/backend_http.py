@@ -1,11 +1,12 @@
-"""The worker's call to its backend: aiohttp against the worker's own HTTP client, call by call.
+"""The worker's call to its backend: bare aiohttp against the worker's client (aiohttp with its layer), call by call.
 
 One run starts the fast OpenAI-compatible server (bench/fast_openai_server.py, which answers at
-once) and sends it the same non-streamed chat completion (16 tokens) alternately through aiohttp
-(`session.post` and reading the reply, as the worker's backends did before) and through the
-client they use now (`HTTPClient.request_json`, gputorrent/worker/backends/_http.py), each on its
-own kept-alive connection, on uvloop as the worker runs, so both sides see the same machine noise.
-Every reply is checked against the expected text.
+once) and sends it the same non-streamed chat completion (16 tokens) alternately through bare
+aiohttp (`session.post` and reading the reply) and through the client the worker's backends use
+(`HTTPClient.request_json`, gputorrent/worker/backends/_http.py: aiohttp, with the retry of a
+kept-alive connection the server closed and the closing of a reply left early), each on its own
+kept-alive connection, on uvloop as the worker runs, so both sides see the same machine noise.
+What is between them is the cost of that layer. Every reply is checked against the expected text.
 
     .venv/bin/python bench/backend_http.py --calls 2000
 
@@ -44,17 +45,17 @@ async def measure(base_url: str, calls: int) -> dict[str, list[float]]:
         reply: dict[str, Any] = json.loads(text)
         return reply
 
-    async def with_own_client() -> dict[str, Any]:
+    async def with_worker_client() -> dict[str, Any]:
         return await client.request_json("POST", "/chat/completions", BODY)
 
-    sides: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {"aiohttp": with_aiohttp, "own": with_own_client}
+    sides: dict[str, Callable[[], Awaitable[dict[str, Any]]]] = {"aiohttp": with_aiohttp, "worker": with_worker_client}
     samples: dict[str, list[float]] = {side: [] for side in sides}
     try:
         for _ in range(50):  # connections open, code paths warm
             for call in sides.values():
                 await call()
         for i in range(calls * 2):
-            side = "aiohttp" if i % 2 == 0 else "own"
+            side = "aiohttp" if i % 2 == 0 else "worker"
             started = time.perf_counter()
             reply = await sides[side]()
             samples[side].append((time.perf_counter() - started) * 1000)
@@ -83,7 +84,7 @@ def main() -> int:
             samples = runner.run(measure(base_url, args.calls))
     result: dict[str, Any] = {side: summary(values) for side, values in samples.items()}
     result |= {"calls_per_side": args.calls, "uvloop": loop_factory is not None}
-    result["own_over_aiohttp"] = {q: result["own"][q] / result["aiohttp"][q] for q in ("p50", "p99")}
+    result["worker_over_aiohttp"] = {q: result["worker"][q] / result["aiohttp"][q] for q in ("p50", "p99")}
     write_result("backend_http", result)
     print(table(result))
     return 0
@@ -92,11 +93,11 @@ def main() -> int:
 def table(result: dict[str, Any]) -> str:
     """The Markdown table of docs/benchmarks.md for these results."""
     rows = ["| client | p50 (µs) | p99 (µs) |", "|---|---|---|"]
-    for side, label in (("aiohttp", "aiohttp"), ("own", "the worker's own client")):
+    for side, label in (("aiohttp", "bare aiohttp"), ("worker", "the worker's client")):
         rows.append(f"| {label} | {result[side]['p50'] * 1000:.0f} | {result[side]['p99'] * 1000:.0f} |")
-    ratio = result["own_over_aiohttp"]
+    ratio = result["worker_over_aiohttp"]
     rows.append(
-        f"\nOwn client ÷ aiohttp: {ratio['p50']:.2f} at p50, {ratio['p99']:.2f} at p99 "
+        f"\nThe worker's client ÷ bare aiohttp: {ratio['p50']:.2f} at p50, {ratio['p99']:.2f} at p99 "
         f"({result['calls_per_side']} calls a side, uvloop {'on' if result['uvloop'] else 'off'})."
     )
     return "\n".join(rows)
@@ -109,7 +110,7 @@ def plot(result: dict[str, Any], out: Path) -> None:
     xs = range(2)
     width = 0.38
     for offset, (side, label) in zip(
-        (-width / 2, width / 2), (("aiohttp", "aiohttp"), ("own", "own client")), strict=True
+        (-width / 2, width / 2), (("aiohttp", "bare aiohttp"), ("worker", "the worker's client")), strict=True
     ):
         ax.bar([x + offset for x in xs], [result[side][q] * 1000 for q in ("p50", "p99")], width, label=label)
     ax.set_xticks(list(xs), ["p50", "p99"])

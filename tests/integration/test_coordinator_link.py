@@ -123,7 +123,7 @@ async def test_an_answer_that_is_not_the_coordinators_is_an_outage_to_retry(not_
         with pytest.raises(CoordinatorUnreachable):  # the heartbeat thread logs it and beats again
             await asyncio.to_thread(sender.send, Heartbeat(at=1.0), [])
     finally:
-        sender.close()
+        await asyncio.to_thread(sender.close)  # the heartbeat thread's call, off this loop
         await link.close()
 
 

@@ -16,7 +16,6 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import aiohttp
-import httpx
 from pydantic import BaseModel, ValidationError
 
 from gputorrent import queue
@@ -217,26 +216,45 @@ class CoordinatorLink:
 
 
 class _CoordinatorHeartbeat:
-    """Beats with a blocking HTTP client of its own (the heartbeat thread is not on the event loop)."""
+    """Beats through aiohttp, as the rest of the worker does, on an event loop of the heartbeat thread's
+    own (that thread is not on the worker's loop, so a busy loop cannot hold a beat up)."""
 
     def __init__(self, url: str, headers: dict[str, str], worker_id: str) -> None:
         self._url = url
+        self._headers = headers
         self._worker_id = worker_id
-        self._client = httpx.Client(headers=headers, timeout=HEARTBEAT_TIMEOUT_S)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._session: aiohttp.ClientSession | None = None
 
     def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
+        if self._loop is None:
+            self._loop = asyncio.new_event_loop()
         body = WorkerBeat(heartbeat=heartbeat, running=running).model_dump_json()
+        return self._loop.run_until_complete(self._send(body))
+
+    async def _send(self, body: str) -> BeatAnswer:
+        if self._session is None:
+            timeout = aiohttp.ClientTimeout(total=HEARTBEAT_TIMEOUT_S)
+            self._session = aiohttp.ClientSession(headers=self._headers, timeout=timeout)
         try:
-            response = self._client.post(self._url, content=body, headers={"content-type": "application/json"})
-        except httpx.HTTPError as e:
+            async with self._session.post(
+                self._url, data=body, headers={"content-type": "application/json"}
+            ) as response:
+                status, content = response.status, await response.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
             raise CoordinatorUnreachable(f"cannot reach the coordinator: {e!r}") from None
-        if response.status_code == 401:
+        if status == 401:
             # The worker's secret is gone: an admin removed it. Nothing it does will be accepted: stop.
             log.error("worker %s: the coordinator no longer accepts its secret (removed?); stopping", self._worker_id)
             return BeatAnswer(drain=True)
-        if response.status_code != 200:
-            raise CoordinatorUnreachable(f"the coordinator answered {response.status_code}: {response.text[:300]}")
-        return _parse(BeatAnswer, response.content)
+        if status != 200:
+            text = content[:300].decode(errors="replace")
+            raise CoordinatorUnreachable(f"the coordinator answered {status}: {text}")
+        return _parse(BeatAnswer, content)
 
     def close(self) -> None:
-        self._client.close()
+        if self._loop is None:
+            return
+        if self._session is not None:
+            self._loop.run_until_complete(self._session.close())
+        self._loop.close()

@@ -1,14 +1,20 @@
-"""The HTTP/1.1 client both HTTP backends call their server with, every failure turned into a `BackendError`.
+"""The HTTP client both HTTP backends call their server with (aiohttp), every failure turned into a `BackendError`.
 
-It is small on purpose: a call to the backend sits on every job's critical path, where aiohttp's
-general-purpose client took half as long again as this one (docs/benchmarks.md, "Backend calls").
-It speaks only what the backends need: JSON requests over keep-alive connections (http or https), replies framed by
-Content-Length, chunked or the connection's close, read whole or line by line (SSE, NDJSON), after
-any interim 1xx replies (100 Continue, 103 Early Hints), which are skipped.
+The backends need JSON requests over keep-alive connections (http or https) and replies read whole
+or line by line (SSE, NDJSON). This layer adds what aiohttp leaves to its caller:
 
-A connection returns to the pool only once its reply was read to the end; one left early (a
-stream its caller stopped, a cancelled job, a failure) is closed, so the server stops generating
-and no half-read reply is ever read by the next call.
+- A connection returns to the pool only once its reply was read to the end; one left early (a
+  stream its caller stopped, a cancelled job, a failure) is closed, so the server stops generating
+  and no half-read reply is ever read by the next call.
+- A kept-alive connection the server closed as the request went out (its keep-alive ran out) is
+  retried once on a new one: aiohttp retries only idempotent methods, and every backend call but
+  the model listing is a POST. A new connection closed without a reply is not retried.
+- A silence longer than the read timeout, an unreachable server and a 5xx are `BackendUnavailable`
+  (another worker may do); a 4xx is the caller's error, with the server's own message.
+
+The worker once had an HTTP/1.1 client of its own here; the same-run benchmark then showed aiohttp
+costing 0.2 ms more a call, under a tenth of what GPU Torrent adds to a request (docs/benchmarks.md,
+"Backend calls"), so the maintained library does it.
 """
 
 from __future__ import annotations
@@ -17,11 +23,12 @@ import asyncio
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
 from urllib.parse import urlsplit
 
-import httptools
+import aiohttp
 
 from gputorrent.errors import BackendError, BackendUnavailable
 
@@ -29,141 +36,15 @@ from gputorrent.errors import BackendError, BackendUnavailable
 # accepts and then goes silent must not hold a slot forever.
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest silence while a reply is awaited or read
-MAX_IDLE_CONNECTIONS = 32
 END_GRACE_S = 0.05  # how long a stream read to its last line waits for its reply's end
-PAUSE_READING_AT_BYTES = 1 << 20  # a reply read this far ahead of its caller stops reading the socket
-
-
-class _Connection(asyncio.Protocol):
-    """One connection and the reply being read on it, filled in by httptools' parser callbacks."""
-
-    def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
-        self._parser = httptools.HttpResponseParser(self)
-        self._transport: asyncio.Transport | None = None
-        self._waiter: asyncio.Future[None] | None = None
-        self._paused = False
-        self.lost = self._loop.create_future()  # done once the connection is closed, from either side
-        self.failure: OSError | None = None  # why the reply cannot be read to its end
-        self.in_use = False
-        self.reset()
-
-    def reset(self) -> None:
-        """Ready for the next request on the same connection."""
-        self.status = 0
-        self.head_done = False
-        self.done = False
-        self.keep_alive = False
-        self.framed = False  # the reply's length is known (Content-Length or chunked), not read until close
-        self.received_any = False
-        self.body = bytearray()  # read, not yet taken by the caller
-        if self._paused and self._transport is not None:
-            self._transport.resume_reading()
-            self._paused = False
-
-    @property
-    def reusable(self) -> bool:
-        return self.done and self.keep_alive and not self.lost.done()
-
-    def send(self, request: bytes) -> None:
-        if self.lost.done() or self._transport is None:
-            raise ConnectionResetError("the server closed the connection")
-        self._transport.write(request)
-
-    async def receive(self, timeout_s: float) -> None:
-        """Wait for more of the reply: returns once bytes arrived or the connection closed."""
-        if self.failure is not None:
-            raise self.failure
-        if self._paused and self._transport is not None:
-            self._transport.resume_reading()
-            self._paused = False
-        waiter = self._waiter = self._loop.create_future()
-        expiry = self._loop.call_later(timeout_s, _expire, waiter, timeout_s)
-        try:
-            await waiter
-        finally:
-            expiry.cancel()
-            self._waiter = None
-
-    async def read_to_end(self, timeout_s: float) -> None:
-        """Wait until the whole reply is read (each silence bounded by `timeout_s`)."""
-        while not self.done:
-            await self.receive(timeout_s)
-
-    def close(self) -> None:
-        if self._transport is not None:
-            self._transport.abort()
-
-    # asyncio.Protocol
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = cast(asyncio.Transport, transport)  # uvloop's transports do not subclass asyncio's
-
-    def data_received(self, data: bytes) -> None:
-        if not self.in_use:  # bytes nobody asked for: the connection cannot be trusted with a next reply
-            self.close()
-            return
-        self.received_any = True
-        try:
-            self._parser.feed_data(data)
-        except httptools.HttpParserError as e:
-            self.failure = ConnectionError(f"the reply is not valid HTTP: {e}")
-            self.close()
-        if len(self.body) > PAUSE_READING_AT_BYTES and self._transport is not None and not self._paused:
-            self._transport.pause_reading()
-            self._paused = True
-        self._wake()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.head_done and not self.done and not self.framed:
-            self.done = True  # a reply without a length ends where the connection does
-        if not self.done and self.failure is None:
-            self.failure = ConnectionResetError(str(exc) if exc else "the server closed the connection")
-        if not self.lost.done():
-            self.lost.set_result(None)
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
-
-    # httptools callbacks
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        name = name.lower()
-        if name == b"content-length" or (name == b"transfer-encoding" and b"chunked" in value.lower()):
-            self.framed = True
-
-    def on_headers_complete(self) -> None:
-        self.status = self._parser.get_status_code()
-        self.head_done = not self._interim()
-
-    def on_body(self, body: bytes) -> None:
-        self.body += body
-
-    def on_message_complete(self) -> None:
-        if self._interim():  # the real reply follows on this connection
-            self.status, self.framed = 0, False
-            return
-        # Asked here: the parser forgets the reply's Connection header once the callback returns.
-        self.keep_alive = self._parser.should_keep_alive()
-        self.done = True
-
-    def _interim(self) -> bool:
-        """An informational reply (100 Continue, 103 Early Hints): not the answer, which comes after it."""
-        return 100 <= self.status < 200 and self.status != 101
-
-
-def _expire(waiter: asyncio.Future[None], timeout_s: float) -> None:
-    if not waiter.done():
-        waiter.set_exception(TimeoutError(f"nothing received for {timeout_s:g} s"))
+LINE_BUFFER_BYTES = 1 << 20  # a streamed line (one SSE event) may be this long; aiohttp's default is 64 KiB
 
 
 class HTTPClient:
     """Keep-alive JSON calls to one server (`base_url` may carry a path prefix, e.g. `http://host:8000/v1`).
 
-    Each concurrent call has a connection of its own; idle ones are reused, up to `max_idle` kept.
-    `server` names the server in error messages.
+    Each concurrent call has a connection of its own; idle ones are kept for the next calls. `server`
+    names the server in error messages. The session is made on the first call, in its event loop.
     """
 
     def __init__(
@@ -174,26 +55,17 @@ class HTTPClient:
         headers: dict[str, str] | None = None,
         connect_timeout_s: float = CONNECT_TIMEOUT_S,
         read_timeout_s: float = READ_TIMEOUT_S,
-        max_idle: int = MAX_IDLE_CONNECTIONS,
     ) -> None:
         url = urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http or https URL: {base_url!r}")
         self.server = server
-        self._host = url.hostname
-        self._port = url.port or (443 if url.scheme == "https" else 80)
-        self._ssl = ssl.create_default_context() if url.scheme == "https" else None
-        self._prefix = url.path.rstrip("/")
-        self._connect_timeout_s = connect_timeout_s
+        self._base = base_url.rstrip("/")
+        self._https = url.scheme == "https"
+        self._headers = {"User-Agent": "gputorrent", **(headers or {})}
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
         self._read_timeout_s = read_timeout_s
-        self._max_idle = max_idle
-        self._idle: list[_Connection] = []
-        self._open: set[_Connection] = set()
-        host = f"[{self._host}]" if ":" in self._host else self._host
-        if url.port is not None:
-            host += f":{url.port}"
-        lines = [f"Host: {host}", "User-Agent: gputorrent", *(f"{k}: {v}" for k, v in (headers or {}).items())]
-        self._headers = "".join(line + "\r\n" for line in lines)
+        self._session: aiohttp.ClientSession | None = None
 
     async def request_json(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
         """Send `body` as JSON and return the JSON object answered.
@@ -202,18 +74,14 @@ class HTTPClient:
             BackendUnavailable: unreachable, or a 5xx status (with the server's own message).
             BackendError: a 4xx status, or a reply that is not JSON.
         """
-        try:
-            conn = await self._exchange(method, path, body)
+        async with self._exchange(method, path, body) as resp:
             try:
-                await conn.read_to_end(self._read_timeout_s)
-                status, text = conn.status, bytes(conn.body)
-            finally:
-                self._release(conn)
-        except OSError as e:
-            raise self._unreachable(e) from e
+                text = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise self._unreachable(e) from e
         payload = _json_or_none(text)
-        if status >= 400:
-            raise self._status_error(status, text, payload, BackendError)
+        if resp.status >= 400:
+            raise self._status_error(resp.status, text, payload, BackendError)
         if not isinstance(payload, dict):
             raise BackendError(f"{self.server} answered something that is not a JSON object: {_head(text)!r}")
         return payload
@@ -230,89 +98,76 @@ class HTTPClient:
             BackendUnavailable: unreachable (also while lines are read), or a 5xx status.
             client_error: a 4xx status, with the server's message.
         """
-        try:
-            conn = await self._exchange(method, path, body)
-        except OSError as e:
-            raise self._unreachable(e) from e
-        try:
-            if conn.status >= 400:
+        async with self._exchange(method, path, body) as resp:
+            if resp.status >= 400:
                 try:
-                    await conn.read_to_end(self._read_timeout_s)
-                except OSError as e:
+                    text = await resp.read()
+                except (aiohttp.ClientError, TimeoutError) as e:
                     raise self._unreachable(e) from e
-                text = bytes(conn.body)
-                raise self._status_error(conn.status, text, _json_or_none(text), client_error)
-            yield Lines(conn, self._read_timeout_s, self._unreachable)
-        finally:
-            self._release(conn)
+                raise self._status_error(resp.status, text, _json_or_none(text), client_error)
+            yield Lines(resp, self)
 
     async def close(self) -> None:
         """Close every connection, idle or in use (a call in flight fails as unreachable)."""
-        connections, self._idle, self._open = list(self._open), [], set()
-        for conn in connections:
-            conn.close()
-        await asyncio.gather(*(conn.lost for conn in connections))
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
 
-    async def _exchange(self, method: str, path: str, body: dict[str, Any] | None) -> _Connection:
-        """Send the request and read the reply's status line and headers; the connection is the caller's."""
-        request = self._request(method, path, body)
-        while self._idle:
-            conn = self._idle.pop()
-            if conn.lost.done():
-                self._open.discard(conn)
-                continue
+    @contextlib.asynccontextmanager
+    async def _exchange(
+        self, method: str, path: str, body: dict[str, Any] | None
+    ) -> AsyncIterator[aiohttp.ClientResponse]:
+        """The reply, its status line and headers read; released to the pool only if read to its end."""
+        data, headers = None, None
+        if body is not None:
+            data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
+        session = self._open()
+        url = f"{self._base}{path}"
+        for attempt in (1, 2):
+            reused = SimpleNamespace(connection=False)
             try:
-                return await self._send(conn, request)
-            except ConnectionError:
-                # The server closed the idle connection as this request went out (its keep-alive
-                # ran out): nothing of a reply came, so the request goes once more, on a new one.
-                if conn.received_any:
-                    raise
+                resp = await session.request(method, url, data=data, headers=headers, trace_request_ctx=reused)
+            except aiohttp.ClientConnectionError as e:
+                # The server closed a kept-alive connection as the request went out (a write failed,
+                # or it hung up before a reply): the request goes once more, on a new connection.
+                if attempt == 1 and reused.connection:
+                    continue
+                raise self._unreachable(e) from e
+            except (aiohttp.ClientError, TimeoutError) as e:
+                raise self._unreachable(e) from e
             break
-        return await self._send(await self._connect(), request)
-
-    async def _send(self, conn: _Connection, request: bytes) -> _Connection:
-        conn.in_use = True
         try:
-            conn.send(request)
-            while not conn.head_done:
-                await conn.receive(self._read_timeout_s)
+            yield resp
         except BaseException:
-            self._discard(conn)
+            resp.close()  # not read to its end: the connection goes, and the server sees it
             raise
-        return conn
+        finally:
+            if not resp.content.is_eof():
+                resp.close()
+            resp.release()
 
-    def _request(self, method: str, path: str, body: dict[str, Any] | None) -> bytes:
-        head = f"{method} {self._prefix}{path} HTTP/1.1\r\n{self._headers}"
-        if body is None:
-            return (head + "\r\n").encode()
-        data = json.dumps(body).encode()
-        return (head + f"Content-Type: application/json\r\nContent-Length: {len(data)}\r\n\r\n").encode() + data
+    def _open(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            tracing = aiohttp.TraceConfig()
+            tracing.on_connection_reuseconn.append(_note_reuse)
+            self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=0,  # one connection per call in flight; the worker's slots bound them
+                    # Read when the session is made, so SSL_CERT_FILE and SSL_CERT_DIR apply.
+                    ssl=ssl.create_default_context() if self._https else False,
+                ),
+                headers=self._headers,
+                skip_auto_headers=("Accept-Encoding",),  # nothing to gain from compressing tokens on a LAN
+                timeout=self._timeout,
+                read_bufsize=LINE_BUFFER_BYTES,
+                trace_configs=[tracing],
+                auto_decompress=False,
+            )
+        return self._session
 
-    async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
-        try:
-            async with asyncio.timeout(self._connect_timeout_s):
-                _, conn = await loop.create_connection(_Connection, self._host, self._port, ssl=self._ssl)
-        except TimeoutError:
-            raise TimeoutError(f"no connection within {self._connect_timeout_s:g} s") from None
-        self._open.add(conn)
-        return conn
-
-    def _release(self, conn: _Connection) -> None:
-        """Back to the pool if its reply was read to the end and it may be kept alive, else closed."""
-        if conn.reusable and conn in self._open and len(self._idle) < self._max_idle:
-            conn.in_use = False
-            conn.reset()
-            self._idle.append(conn)
-        else:
-            self._discard(conn)
-
-    def _discard(self, conn: _Connection) -> None:
-        conn.close()
-        self._open.discard(conn)
-
-    def _unreachable(self, e: OSError) -> BackendUnavailable:
+    def _unreachable(self, e: BaseException) -> BackendUnavailable:
+        if isinstance(e, TimeoutError):
+            return BackendUnavailable(f"cannot reach {self.server}: nothing received for {self._read_timeout_s:g} s")
         return BackendUnavailable(f"cannot reach {self.server}: {e or type(e).__name__}")
 
     def _status_error(self, status: int, text: bytes, payload: Any, client_error: type[BackendError]) -> BackendError:
@@ -321,16 +176,19 @@ class HTTPClient:
         return failure(f"{self.server} answered {status}: {message}")
 
 
+async def _note_reuse(
+    _: aiohttp.ClientSession, context: SimpleNamespace, __: aiohttp.TraceConnectionReuseconnParams
+) -> None:
+    if context.trace_request_ctx is not None:
+        context.trace_request_ctx.connection = True
+
+
 class Lines:
     """The lines of a reply being read, each with its `\\n` (the last one may lack it)."""
 
-    def __init__(
-        self, conn: _Connection, read_timeout_s: float, unreachable: Callable[[OSError], BackendUnavailable]
-    ) -> None:
-        self._conn = conn
-        self._read_timeout_s = read_timeout_s
-        self._unreachable = unreachable
-        self._scanned = 0  # bytes of conn.body already searched for a newline
+    def __init__(self, resp: aiohttp.ClientResponse, client: HTTPClient) -> None:
+        self._resp = resp
+        self._client = client
 
     def __aiter__(self) -> Lines:
         return self
@@ -339,30 +197,20 @@ class Lines:
         """The caller has the last line it reads (`[DONE]`, Ollama's final line): wait a moment for
         the reply's framing to end (it is usually in flight), so the connection is kept for the next
         call rather than closed, which would make that call connect anew."""
-        with contextlib.suppress(TimeoutError, OSError):
+        with contextlib.suppress(TimeoutError, aiohttp.ClientError):
             async with asyncio.timeout(END_GRACE_S):
-                await self._conn.read_to_end(self._read_timeout_s)
+                await self._resp.content.read()
 
     async def __anext__(self) -> bytes:
-        conn = self._conn
-        while True:
-            end = conn.body.find(b"\n", self._scanned)
-            if end >= 0:
-                line = bytes(conn.body[: end + 1])
-                del conn.body[: end + 1]
-                self._scanned = 0
-                return line
-            self._scanned = len(conn.body)
-            if conn.done:
-                if not conn.body:
-                    raise StopAsyncIteration
-                line = bytes(conn.body)
-                conn.body.clear()
-                return line
-            try:
-                await conn.receive(self._read_timeout_s)
-            except OSError as e:
-                raise self._unreachable(e) from e
+        try:
+            line = await self._resp.content.readline()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._client._unreachable(e) from e
+        except ValueError as e:  # aiohttp's "Chunk too big"
+            raise BackendError(f"{self._client.server} sent a line longer than {LINE_BUFFER_BYTES} bytes") from e
+        if not line:
+            raise StopAsyncIteration
+        return line
 
 
 def _json_or_none(text: bytes) -> Any:
