@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from gputorrent import __version__, logs
+from gputorrent import __version__, heap, logs
 from gputorrent.config import PACKAGED_CHAT_MODEL, PACKAGED_MODEL, CoordinatorSettings, ShardSettings, WorkerSettings
 
 
@@ -75,8 +75,10 @@ def _coordinator(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
+    app = create_app(settings)
+    heap.freeze_startup_objects()
     uvicorn.run(
-        create_app(settings), host=settings.host, port=settings.port, log_level=args.log_level, access_log=False,
+        app, host=settings.host, port=settings.port, log_level=args.log_level, access_log=False,
         log_config=None,  # uvicorn's lines go through our handler: same format, request ids, secrets masked
     )  # fmt: skip
     return 0
@@ -94,6 +96,7 @@ def _worker(args: argparse.Namespace) -> int:
     if settings.link == "redis" and (problem := _bad_redis_url("worker", settings.redis_url)) is not None:
         return problem
 
+    heap.freeze_startup_objects()
     try:
         with asyncio.Runner(loop_factory=_fast_loop_factory()) as runner:
             runner.run(_until_signalled(functools.partial(run_worker, settings)))
