@@ -70,6 +70,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/dispatch.py
 	$(BENCH_PYTHON) bench/routing_quality.py
 	$(BENCH_PYTHON) bench/stream_latency.py
+	$(BENCH_PYTHON) bench/stream_capacity.py
 	$(BENCH_PYTHON) bench/real_model.py
 	$(BENCH_PYTHON) bench/backend_http.py
 	$(BENCH_PYTHON) bench/reproducible.py

@@ -26,6 +26,7 @@ BENCHMARKS = (
     "dispatch",
     "routing_quality",
     "stream_latency",
+    "stream_capacity",
     "real_model",
     "backend_http",
     "reproducible",
