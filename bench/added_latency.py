@@ -9,6 +9,11 @@ completion to each in turn, request by request (direct, GPU Torrent, bare hops, 
 FastAPI, LiteLLM, direct, ...), one at a time on one kept-alive connection each, so every side sees
 the same machine noise. The added latency of a path is its percentile minus the direct percentile.
 
+Then it measures CPU per request: GPU Torrent alone, then the bare hops alone (raw), each for
+`--cpu-requests` requests one at a time and as many again 8 at once, reading the CPU time of the
+coordinator (or relay), the worker (or bare worker) and Redis (its INFO's used_cpu_*) before and
+after each phase.
+
     bench/.venv/bin/python bench/added_latency.py --requests 1000
 
 Prints a Markdown table and writes bench/results/added_latency.json.
@@ -28,6 +33,8 @@ from pool import (
     PeerFailed,
     Processes,
     litellm_missing,
+    process_cpu_s,
+    redis_cpu_s,
     save_plot,
     start_bare_relay,
     start_fast_server,
@@ -80,9 +87,40 @@ async def measure(sides: dict[str, tuple[str, dict[str, str]]], requests: int) -
     return samples
 
 
+CPU_CONCURRENCY = (1, 8)
+
+
+async def load(url: str, headers: dict[str, str], requests: int, concurrency: int) -> None:
+    """`requests` chat completions, `concurrency` at a time, each caller on a kept-alive connection."""
+    remaining = iter(range(requests))
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+
+        async def caller() -> None:
+            for _ in remaining:
+                await complete(http, url, headers)
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+
+
+def cpu_per_request(
+    url: str, headers: dict[str, str], front_pid: int, worker_pid: int, redis_url: str, requests: int
+) -> dict[str, dict[str, float]]:
+    """Milliseconds of CPU a request costs the front process, the worker and Redis, by concurrency."""
+    figures: dict[str, dict[str, float]] = {}
+    asyncio.run(load(url, headers, 200, 8))  # warm
+    for concurrency in CPU_CONCURRENCY:
+        before = (process_cpu_s(front_pid), process_cpu_s(worker_pid), redis_cpu_s(redis_url))
+        asyncio.run(load(url, headers, requests, concurrency))
+        after = (process_cpu_s(front_pid), process_cpu_s(worker_pid), redis_cpu_s(redis_url))
+        front, worker, redis = ((b - a) * 1000 / requests for a, b in zip(before, after, strict=True))
+        figures[str(concurrency)] = {"front": front, "worker": worker, "redis": redis}
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--requests", type=int, default=1000, help="requests per side")
+    parser.add_argument("--cpu-requests", type=int, default=2000, help="requests per CPU phase")
     parser.add_argument("--no-litellm", action="store_true", help="measure GPU Torrent against direct only")
     args = parser.parse_args()
 
@@ -90,12 +128,16 @@ def main() -> int:
     with EmbeddedRedis() as redis, Processes() as procs:
         fast = start_fast_server(procs)
         pool = start_pool(procs, redis.url)
-        pool.add_worker(["--backend", "openai", "--openai-base-url", fast, "--model", "fast"])
+        # As many slots as the CPU phase's concurrency, so no request waits in the queue there.
+        worker = pool.add_worker(
+            ["--backend", "openai", "--openai-base-url", fast, "--model", "fast", "--slots", str(max(CPU_CONCURRENCY))]
+        )
+        bare = start_bare_relay(procs, redis.url, fast)
         sides = {
             "direct": (f"{fast}/chat/completions", {}),
             "gputorrent": (f"{pool.url}/v1/chat/completions", pool.headers),
-            "bare": (f"{start_bare_relay(procs, redis.url, fast)}/chat/completions", {}),
-            "bare_fastapi": (f"{start_bare_relay(procs, redis.url, fast, on_fastapi=True)}/chat/completions", {}),
+            "bare": (f"{bare.url}/chat/completions", {}),
+            "bare_fastapi": (f"{start_bare_relay(procs, redis.url, fast, on_fastapi=True).url}/chat/completions", {}),
         }
         if not litellm_skipped:
             try:
@@ -107,7 +149,15 @@ def main() -> int:
                 sides["litellm"] = (f"{litellm}/v1/chat/completions", litellm_headers)
         pool.wait_for_model("fast")
         samples = asyncio.run(measure(sides, args.requests))
+        ours_url, bare_url = sides["gputorrent"][0], sides["bare"][0]
+        cpu = {
+            "gputorrent": cpu_per_request(
+                ours_url, pool.headers, pool.coordinator.pid, worker.pid, redis.url, args.cpu_requests
+            ),
+            "bare": cpu_per_request(bare_url, {}, bare.relay_pid, bare.worker_pid, redis.url, args.cpu_requests),
+        }
     result = analyse(samples)
+    result |= {"cpu_ms_per_request": cpu, "cpu_requests": args.cpu_requests}
     result |= {"requests_per_side": args.requests, "tokens": TOKENS, "litellm_version": version("litellm")}
     if litellm_skipped:
         result["litellm_skipped"] = litellm_skipped
@@ -141,6 +191,7 @@ def table(result: dict[str, Any]) -> str:
         f"\nAt p50 the bare hops add {bare:.2f} ms, FastAPI {on_fastapi - bare:.2f} ms more, and GPU Torrent's own "
         f"work {ours - on_fastapi:.2f} ms beyond that."
     )
+    rows.append(cpu_table(result))
     if "ours_over_litellm_added_p50" in result:
         rows.append(
             f"\nGPU Torrent's added latency ÷ LiteLLM's: {result['ours_over_litellm_added_p50']:.2f} at p50, "
@@ -149,6 +200,26 @@ def table(result: dict[str, Any]) -> str:
         )
     else:
         rows.append(f"\nLiteLLM not measured: {' '.join(str(result.get('litellm_skipped')).split())[:400]}.")
+    return "\n".join(rows)
+
+
+def cpu_table(result: dict[str, Any]) -> str:
+    """CPU per request: GPU Torrent's processes against the bare hops' (raw), with their ratios."""
+    cpu = result.get("cpu_ms_per_request")
+    if not cpu:
+        return ""
+    rows = [
+        "\n| CPU per request (ms) | coordinator (bare: relay) | worker | Redis |",
+        "|---|---|---|---|",
+    ]
+    for concurrency in map(str, CPU_CONCURRENCY):
+        ours, bare = cpu["gputorrent"][concurrency], cpu["bare"][concurrency]
+        at = "one at a time" if concurrency == "1" else f"{concurrency} at once"
+        rows.append(f"| GPU Torrent, {at} | {ours['front']:.2f} | {ours['worker']:.2f} | {ours['redis']:.2f} |")
+        rows.append(f"| bare hops, {at} | {bare['front']:.2f} | {bare['worker']:.2f} | {bare['redis']:.2f} |")
+        ratios = " | ".join(f"{ours[part] / bare[part]:.1f} times" for part in ("front", "worker", "redis"))
+        rows.append(f"| ratio, {at} | {ratios} |")
+    rows.append(f"\n{result['cpu_requests']} requests a phase, each path alone.")
     return "\n".join(rows)
 
 

@@ -165,16 +165,48 @@ def start_fast_server(procs: Processes, gap_ms: float = 0.0) -> str:
     return base
 
 
-def start_bare_relay(procs: Processes, redis_url: str, backend_base: str, *, on_fastapi: bool = False) -> str:
-    """bench/bare_relay.py (the bare hops, raw or `on_fastapi`) in front of a backend, on a free port; its
-    base URL (`.../v1`)."""
+@dataclass(frozen=True)
+class BareRelay:
+    """bench/bare_relay.py running: its base URL (`.../v1`) and its two processes."""
+
+    url: str
+    relay_pid: int
+    worker_pid: int
+
+
+def start_bare_relay(procs: Processes, redis_url: str, backend_base: str, *, on_fastapi: bool = False) -> BareRelay:
+    """bench/bare_relay.py (the bare hops, raw or `on_fastapi`) in front of a backend, on a free port."""
     redis_port, backend_port, port = urlsplit(redis_url).port, urlsplit(backend_base).port, free_port()
-    relay = str(HERE / "bare_relay.py")
-    procs.start([sys.executable, relay, "relay-fastapi" if on_fastapi else "relay", str(redis_port), str(port)])
-    procs.start([sys.executable, relay, "worker", str(redis_port), str(backend_port), str(port)])
+    relay_script = str(HERE / "bare_relay.py")
+    relay = procs.start(
+        [sys.executable, relay_script, "relay-fastapi" if on_fastapi else "relay", str(redis_port), str(port)]
+    )
+    worker = procs.start([sys.executable, relay_script, "worker", str(redis_port), str(backend_port), str(port)])
     base = f"http://127.0.0.1:{port}/v1"
     wait_http(base)
-    return base
+    return BareRelay(base, relay.pid, worker.pid)
+
+
+def process_cpu_s(*pids: int) -> float:
+    """The CPU time (user and system, seconds) these processes and their children have used so far."""
+    import psutil
+
+    total = 0.0
+    for pid in pids:
+        process = psutil.Process(pid)
+        for each in [process, *process.children(recursive=True)]:
+            times = each.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def redis_cpu_s(redis_url: str) -> float:
+    """The CPU time (seconds) the Redis-compatible server at `redis_url` has used so far (INFO's used_cpu_*)."""
+    from redis import Redis as SyncRedis
+
+    with SyncRedis.from_url(redis_url) as redis:
+        info = redis.info("cpu")
+    return float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
 
 
 LITELLM_MASTER_KEY = "sk-bench-litellm"  # LiteLLM's proxy checks it on every request, as ours checks a client key

@@ -29,20 +29,23 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import itertools
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
-import psutil
 from pool import (
     LITELLM_MASTER_KEY,
     PeerFailed,
     Processes,
     litellm_missing,
+    process_cpu_s,
+    redis_cpu_s,
     save_plot,
     start_fast_server,
     start_litellm,
@@ -51,11 +54,10 @@ from pool import (
     version,
     write_result,
 )
-from redis import Redis
 
 from gputorrent.embedded import EmbeddedRedis
 
-LEVELS = (25, 50, 100, 200, 300, 400, 600, 800, 1000)
+LEVELS = (25, 50, 75, 100, 150, 200, 250, 300, 400, 600, 800)
 ADDED_GAP_P99_LIMIT_MS = 50.0
 HOLD_S = 3.0  # every stream open together this long
 GRACE_S = 1.0  # after the last start, for its first token, before the hold window
@@ -98,18 +100,6 @@ async def _stream(http: aiohttp.ClientSession, url: str, headers: dict[str, str]
         stream.error = f"{type(e).__name__}: {e}"
 
 
-def _cpu_s(processes: list[psutil.Process], redis: Redis | None) -> float:
-    total = 0.0
-    for process in processes:
-        for p in [process, *process.children(recursive=True)]:
-            times = p.cpu_times()
-            total += times.user + times.system
-    if redis is not None:
-        info = redis.info("cpu")
-        total += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
-    return total
-
-
 async def step(
     url: str, headers: dict[str, str], level: int, pace_s: float, starts_per_s: float
 ) -> tuple[list[Stream], float, float]:
@@ -145,8 +135,7 @@ def judge(streams: list[Stream], hold_start: float, hold_end: float) -> dict[str
 
 def measure(
     sides: dict[str, tuple[str, dict[str, str]]],
-    accounted: dict[str, dict[str, list[psutil.Process]]],
-    redis: Redis,
+    accounted: dict[str, dict[str, Callable[[], float]]],
     levels: list[int],
     pace_s: float,
     starts_per_s: float,
@@ -159,9 +148,9 @@ def measure(
             if misses[side] >= 2:
                 continue
             parts = accounted.get(side, {})
-            before = {name: _cpu_s(procs, redis if name == "redis" else None) for name, procs in parts.items()}
+            before = {name: cpu_s() for name, cpu_s in parts.items()}
             streams, hold_start, hold_end = asyncio.run(step(url, headers, level, pace_s, starts_per_s))
-            after = {name: _cpu_s(procs, redis if name == "redis" else None) for name, procs in parts.items()}
+            after = {name: cpu_s() for name, cpu_s in parts.items()}
             result = {"level": level, **judge(streams, hold_start, hold_end)}
             if result["tokens"]:
                 result["cpu_us_per_token"] = {n: (after[n] - before[n]) * 1e6 / result["tokens"] for n in parts}
@@ -214,9 +203,9 @@ def main() -> int:
         }
         accounted = {
             "gputorrent": {
-                "coordinator": [psutil.Process(pool.coordinator.pid)],
-                "worker": [psutil.Process(worker.pid)],
-                "redis": [],
+                "coordinator": functools.partial(process_cpu_s, pool.coordinator.pid),
+                "worker": functools.partial(process_cpu_s, worker.pid),
+                "redis": functools.partial(redis_cpu_s, embedded.url),
             }
         }
         if not litellm_skipped:
@@ -226,11 +215,9 @@ def main() -> int:
                 litellm_skipped = str(e)
             else:
                 sides["litellm"] = (f"{litellm}/v1/chat/completions", {"Authorization": f"Bearer {LITELLM_MASTER_KEY}"})
-                accounted["litellm"] = {"proxy": [psutil.Process(procs.children[-1].pid)]}
+                accounted["litellm"] = {"proxy": functools.partial(process_cpu_s, procs.children[-1].pid)}
         pool.wait_for_model("fast")
-        redis = Redis.from_url(embedded.url)
-        steps = measure(sides, accounted, redis, levels, pace_s, args.starts_per_s)
-        redis.close()
+        steps = measure(sides, accounted, levels, pace_s, args.starts_per_s)
     result: dict[str, Any] = {
         "tokens_per_s": args.tokens_per_s, "starts_per_s": args.starts_per_s, "hold_s": HOLD_S,
         "added_gap_p99_limit_ms": ADDED_GAP_P99_LIMIT_MS, "worker_slots": WORKER_SLOTS,

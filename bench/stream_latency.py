@@ -90,8 +90,8 @@ def main() -> int:
         sides = {
             "direct": (f"{fast}/chat/completions", {}),
             "pool": (f"{pool.url}/v1/chat/completions", pool.headers),
-            "bare": (f"{start_bare_relay(procs, redis.url, fast)}/chat/completions", {}),
-            "bare_fastapi": (f"{start_bare_relay(procs, redis.url, fast, on_fastapi=True)}/chat/completions", {}),
+            "bare": (f"{start_bare_relay(procs, redis.url, fast).url}/chat/completions", {}),
+            "bare_fastapi": (f"{start_bare_relay(procs, redis.url, fast, on_fastapi=True).url}/chat/completions", {}),
         }
         result = asyncio.run(measure(sides, args.requests, args.tokens))
     result["gap_ms_configured"] = args.gap_ms
