@@ -176,6 +176,8 @@ def measure(
             )
         if steps["direct"] and not steps["direct"][-1]["carried"]:
             break  # the load generator and the fast server are the limit from here
+        if all(misses[side] >= 2 for side in sides if side != "direct"):
+            break  # every path measured has found its limit
     return steps
 
 

@@ -21,7 +21,7 @@ from aiohttp import web
 from gputorrent.embedded import free_port
 from gputorrent.errors import BackendError, BackendUnavailable, ModelUnavailable
 from gputorrent.protocol import GenerationDone, InferenceOptions, Job, TokenChunk
-from gputorrent.worker.backends._http import HTTPClient
+from gputorrent.worker.backends._http import MAX_LINE_BYTES, HTTPClient
 from gputorrent.worker.backends.openai import OpenAIBackend
 
 BENCH = Path(__file__).parents[3] / "bench"
@@ -331,6 +331,39 @@ async def test_a_new_connection_closed_without_a_reply_fails_and_is_not_retried(
     with pytest.raises(BackendUnavailable, match="cannot reach the test server"):
         await client.request_json("POST", "/x", {"once": True})
     assert len(server.requests) == 1
+
+
+async def test_a_reply_that_times_out_on_a_kept_alive_connection_is_not_sent_again(
+    serve: Callable[[Answer], Awaitable[ScriptedServer]], make_client: Callable[..., HTTPClient]
+) -> None:
+    """The server has the request and may be running it: a timeout is never a stale connection."""
+
+    async def answer(request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if len(server.requests) == 1:
+            writer.write(json_reply({"first": True}))
+        else:
+            await reader.read()  # silent until the client gives up
+
+    server = await serve(answer)
+    client = make_client(server.url, read_timeout_s=0.2)
+    await client.request_json("POST", "/t", {})
+    with pytest.raises(BackendUnavailable, match=r"nothing received for 0\.2 s"):
+        await client.request_json("POST", "/t", {})  # on the kept-alive connection
+    assert len(server.requests) == 2
+
+
+async def test_a_streamed_line_longer_than_the_bound_is_a_backend_error(
+    serve: Callable[[Answer], Awaitable[ScriptedServer]], make_client: Callable[..., HTTPClient]
+) -> None:
+    async def answer(request: Request, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(framed("chunked", b"x" * (MAX_LINE_BYTES + 10) + b"\n"))
+
+    server = await serve(answer)
+    client = make_client(server.url)
+    with pytest.raises(BackendError, match="sent a line longer than"):
+        async with client.stream_lines("POST", "/long", {}) as lines:
+            async for _ in lines:
+                pass
 
 
 # Timeouts and unreachable servers

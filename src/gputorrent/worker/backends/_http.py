@@ -7,8 +7,9 @@ or line by line (SSE, NDJSON). This layer adds what aiohttp leaves to its caller
   stream its caller stopped, a cancelled job, a failure) is closed, so the server stops generating
   and no half-read reply is ever read by the next call.
 - A kept-alive connection the server closed as the request went out (its keep-alive ran out) is
-  retried once on a new one: aiohttp retries only idempotent methods, and every backend call but
-  the model listing is a POST. A new connection closed without a reply is not retried.
+  retried on another, until the request goes out on a new one: aiohttp retries only idempotent
+  methods, and every backend call but the model listing is a POST. A new connection closed without
+  a reply, or a reply that timed out, is not retried (the server may have run the request).
 - A silence longer than the read timeout, an unreachable server and a 5xx are `BackendUnavailable`
   (another worker may do); a 4xx is the caller's error, with the server's own message.
 
@@ -29,6 +30,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+from aiohttp.http_exceptions import LineTooLong
 
 from gputorrent.errors import BackendError, BackendUnavailable
 
@@ -37,7 +39,7 @@ from gputorrent.errors import BackendError, BackendUnavailable
 CONNECT_TIMEOUT_S = 10.0
 READ_TIMEOUT_S = 600.0  # the longest silence while a reply is awaited or read
 END_GRACE_S = 0.05  # how long a stream read to its last line waits for its reply's end
-LINE_BUFFER_BYTES = 1 << 20  # a streamed line (one SSE event) may be this long; aiohttp's default is 64 KiB
+MAX_LINE_BYTES = 2 << 20  # a streamed line (an SSE event, Ollama's last line with its context) may be this long
 
 
 class HTTPClient:
@@ -63,7 +65,9 @@ class HTTPClient:
         self._base = base_url.rstrip("/")
         self._https = url.scheme == "https"
         self._headers = {"User-Agent": "gputorrent", **(headers or {})}
-        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s, sock_read=read_timeout_s)
+        # `connect` bounds the name lookup too, `sock_connect` only the TCP connection.
+        self._timeout = aiohttp.ClientTimeout(total=None, connect=connect_timeout_s, sock_read=read_timeout_s)
+        self._connect_timeout_s = connect_timeout_s
         self._read_timeout_s = read_timeout_s
         self._session: aiohttp.ClientSession | None = None
 
@@ -121,19 +125,23 @@ class HTTPClient:
         data, headers = None, None
         if body is not None:
             data, headers = json.dumps(body).encode(), {"Content-Type": "application/json"}
-        session = self._open()
         url = f"{self._base}{path}"
-        for attempt in (1, 2):
+        while True:
             reused = SimpleNamespace(connection=False)
             try:
-                resp = await session.request(method, url, data=data, headers=headers, trace_request_ctx=reused)
-            except aiohttp.ClientConnectionError as e:
-                # The server closed a kept-alive connection as the request went out (a write failed,
-                # or it hung up before a reply): the request goes once more, on a new connection.
-                if attempt == 1 and reused.connection:
+                resp = await self._open().request(
+                    method, url, data=data, headers=headers, allow_redirects=False, trace_request_ctx=reused
+                )
+            except TimeoutError as e:  # silence or no connection in time: never sent again
+                raise self._unreachable(e) from e
+            except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError) as e:
+                # A kept-alive connection the server closed as the request went out (a write failed, or
+                # it hung up before any reply): the request goes again, until one goes out on a new
+                # connection (each failure spends one idle connection); on a new one it is not repeated.
+                if reused.connection:
                     continue
                 raise self._unreachable(e) from e
-            except (aiohttp.ClientError, TimeoutError) as e:
+            except (aiohttp.ClientError, RuntimeError) as e:  # RuntimeError: the session was closed meanwhile
                 raise self._unreachable(e) from e
             break
         try:
@@ -158,14 +166,17 @@ class HTTPClient:
                 ),
                 headers=self._headers,
                 skip_auto_headers=("Accept-Encoding",),  # nothing to gain from compressing tokens on a LAN
+                cookie_jar=aiohttp.DummyCookieJar(),  # a backend's cookies are not sent back
                 timeout=self._timeout,
-                read_bufsize=LINE_BUFFER_BYTES,
+                read_bufsize=MAX_LINE_BYTES // 2,  # aiohttp reads a line up to twice its read buffer
                 trace_configs=[tracing],
                 auto_decompress=False,
             )
         return self._session
 
     def _unreachable(self, e: BaseException) -> BackendUnavailable:
+        if isinstance(e, aiohttp.ConnectionTimeoutError):
+            return BackendUnavailable(f"cannot reach {self.server}: no connection within {self._connect_timeout_s:g} s")
         if isinstance(e, TimeoutError):
             return BackendUnavailable(f"cannot reach {self.server}: nothing received for {self._read_timeout_s:g} s")
         return BackendUnavailable(f"cannot reach {self.server}: {e or type(e).__name__}")
@@ -206,8 +217,8 @@ class Lines:
             line = await self._resp.content.readline()
         except (aiohttp.ClientError, TimeoutError) as e:
             raise self._client._unreachable(e) from e
-        except ValueError as e:  # aiohttp's "Chunk too big"
-            raise BackendError(f"{self._client.server} sent a line longer than {LINE_BUFFER_BYTES} bytes") from e
+        except LineTooLong as e:
+            raise BackendError(f"{self._client.server} sent a line longer than {MAX_LINE_BYTES} bytes") from e
         if not line:
             raise StopAsyncIteration
         return line
