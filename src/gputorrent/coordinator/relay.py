@@ -123,7 +123,7 @@ async def follow(
 
 class _ClientLeft:
     """Asks `disconnected()` after a round that brought nothing, else at most once a second: asking the
-    server after every batch of text cost a tenth of the coordinator's CPU per relayed token (B6)."""
+    server after every batch of text took a sixth of the coordinator's busy time per relayed token (B6)."""
 
     def __init__(self, disconnected: Callable[[], Awaitable[bool]]) -> None:
         self._disconnected = disconnected

@@ -14,7 +14,7 @@ or line by line (SSE, NDJSON). This layer adds what aiohttp leaves to its caller
   (another worker may do); a 4xx is the caller's error, with the server's own message.
 
 The worker once had an HTTP/1.1 client of its own here; the same-run benchmark then showed aiohttp
-costing 0.2 ms more a call, under a tenth of what GPU Torrent adds to a request (docs/benchmarks.md,
+costing 0.1 ms more a call, under a tenth of what GPU Torrent adds to a request (docs/benchmarks.md,
 "Backend calls"), so the maintained library does it.
 """
 
