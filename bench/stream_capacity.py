@@ -60,6 +60,7 @@ from gputorrent.embedded import EmbeddedRedis
 LEVELS = (25, 50, 75, 100, 150, 200, 250, 300, 400, 600, 800)
 ADDED_GAP_P99_LIMIT_MS = 50.0
 HOLD_S = 3.0  # every stream open together this long
+WARM_STREAMS = 10  # a step of this many on each side before the levels, not counted
 GRACE_S = 1.0  # after the last start, for its first token, before the hold window
 WORKER_SLOTS = 1024  # the most a worker takes; the fast server, like vLLM, serves any number together
 LABELS = {"direct": "direct", "gputorrent": "GPU Torrent", "litellm": "LiteLLM proxy"}
@@ -142,6 +143,8 @@ def measure(
 ) -> dict[str, list[dict[str, Any]]]:
     steps: dict[str, list[dict[str, Any]]] = {side: [] for side in sides}
     misses = dict.fromkeys(sides, 0)
+    for url, headers in sides.values():  # warm every path (connections, lazy imports, first requests)
+        asyncio.run(step(url, headers, WARM_STREAMS, pace_s, starts_per_s))
     for level in levels:
         direct_p99 = None
         for side, (url, headers) in sides.items():
