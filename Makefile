@@ -73,6 +73,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/stream_capacity.py
 	$(BENCH_PYTHON) bench/real_model.py
 	$(BENCH_PYTHON) bench/backend_http.py
+	$(BENCH_PYTHON) bench/redis_path.py
 	$(BENCH_PYTHON) bench/reproducible.py
 	$(BENCH_PYTHON) bench/replication_wait.py
 	$(BENCH_PYTHON) bench/swarm.py

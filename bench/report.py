@@ -29,6 +29,7 @@ BENCHMARKS = (
     "stream_capacity",
     "real_model",
     "backend_http",
+    "redis_path",
     "reproducible",
     "replication_wait",
     "swarm",

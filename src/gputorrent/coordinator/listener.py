@@ -35,9 +35,11 @@ class Listener:
 
     It reads the subscription's connection itself, parsing with hiredis: every non-streamed result
     waits for an announcement, and one arriving on its own cost about 145 µs of CPU through
-    redis-py's `PubSub` on the development machine, against about 70 µs this way (the event loop's
-    wake-up included). The connection comes from the client's pool, so TLS, ACL users and timeouts
-    are as configured there (as `gputorrent.pipelined` takes its own).
+    redis-py's `PubSub` when this was written, against about 70 µs this way (the event loop's
+    wake-up included). On redis-py 8.2 the gap is down to about 9 µs (docs/benchmarks.md, "The
+    Redis path"), under the bar for keeping code of our own: redis-py's `PubSub` should replace it.
+    The connection comes from the client's pool, so TLS, ACL users and timeouts are as configured
+    there (as `gputorrent.pipelined` takes its own).
     """
 
     def __init__(
