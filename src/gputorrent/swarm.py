@@ -151,6 +151,10 @@ class Swarm:
             # libtorrent's limiter hands out its quota once a tick, to what each peer's send buffer holds:
             # with the defaults (500 ms, 500 KiB) a 16 MiB/s cap gave 4 MiB/s here; these give 9.
             "send_buffer_watermark": 8 * 1024 * 1024, "tick_interval": 100,
+            # libtorrent waits 60 s by default for a request a peer never answered, and as long before
+            # dialling a peer that dropped again: a fetch's whole stall timeout, so one lost request could
+            # end a fetch still in progress. On a pool's links 10 s is ample.
+            "request_timeout": 10, "min_reconnect_time": 10,
         })  # fmt: skip
         every_address = lt.ip_filter()
         every_address.add_rule(*_ALL_IPV4, 1 << lt.session.global_peer_class_id)
