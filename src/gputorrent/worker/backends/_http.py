@@ -79,10 +79,7 @@ class HTTPClient:
             BackendError: a 4xx status, or a reply that is not JSON.
         """
         async with self._exchange(method, path, body) as resp:
-            try:
-                text = await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as e:
-                raise self._unreachable(e) from e
+            text = await self._read_whole(resp)
         payload = _json_or_none(text)
         if resp.status >= 400:
             raise self._status_error(resp.status, text, payload, BackendError)
@@ -104,10 +101,7 @@ class HTTPClient:
         """
         async with self._exchange(method, path, body) as resp:
             if resp.status >= 400:
-                try:
-                    text = await resp.read()
-                except (aiohttp.ClientError, TimeoutError) as e:
-                    raise self._unreachable(e) from e
+                text = await self._read_whole(resp)
                 raise self._status_error(resp.status, text, _json_or_none(text), client_error)
             yield Lines(resp, self)
 
@@ -146,11 +140,8 @@ class HTTPClient:
             break
         try:
             yield resp
-        except BaseException:
-            resp.close()  # not read to its end: the connection goes, and the server sees it
-            raise
         finally:
-            if not resp.content.is_eof():
+            if not resp.content.is_eof():  # not read to its end: the connection goes, and the server sees it
                 resp.close()
             resp.release()
 
@@ -173,6 +164,12 @@ class HTTPClient:
                 auto_decompress=False,
             )
         return self._session
+
+    async def _read_whole(self, resp: aiohttp.ClientResponse) -> bytes:
+        try:
+            return await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise self._unreachable(e) from e
 
     def _unreachable(self, e: BaseException) -> BackendUnavailable:
         if isinstance(e, aiohttp.ConnectionTimeoutError):
