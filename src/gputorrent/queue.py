@@ -261,11 +261,17 @@ class Lease:
 # into the processing list (KEYS[1]), marks it running with its taker in the job's status (so
 # `end` finds it there), and answers {raw, whether its stream exists, whether any source still
 # holds a job}. Finding nothing, it empties the doorbells (KEYS[2..1 + ARGV[1]]): every token in
-# them is stale, and a job queued after this script rings again. ARGV[3] and ARGV[4] are the
+# them is stale, and a job queued after this script rings again. An idle worker runs it once per
+# blocked wait, so an empty look is one EXISTS over every source, not a pop per source: with
+# thousands of idle workers that is most of what they cost Redis (bench/scale.py). ARGV[3] and ARGV[4] are the
 # prefixes of a job's status and stream keys. The time it was taken is Redis's own: the script may
 # run long after its caller sent it (see `pop`).
 _TAKE = Script("""
 local bells = tonumber(ARGV[1])
+if redis.call('EXISTS', unpack(KEYS, 2 + bells)) == 0 then
+  for i = 2, 1 + bells do redis.call('DEL', KEYS[i]) end
+  return false
+end
 for i = 2 + bells, #KEYS do
   local raw = redis.call('RPOPLPUSH', KEYS[i], KEYS[1])
   if raw then

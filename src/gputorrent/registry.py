@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pydantic import ValidationError
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
+from redis.client import Pipeline
 from redis.exceptions import ResponseError, WatchError
 
 from gputorrent import keys
@@ -66,10 +67,23 @@ def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) 
     """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own
     thread); answers whether an admin asked it to drain, and the swarm's epoch."""
     with client.pipeline(transaction=False) as pipe:
-        pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
-        pipe.exists(keys.drain_key(worker_id))
-        pipe.get(keys.SWARM_EPOCH)
-        written, drain, swarm_epoch = pipe.execute(raise_on_error=False)
+        queue_beat(pipe, worker_id, heartbeat, ttl_s)
+        return beat_answer(worker_id, pipe.execute(raise_on_error=False))
+
+
+BEAT_REPLIES = 3  # what `queue_beat` adds to a pipeline
+
+
+def queue_beat(pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> None:
+    """Add one beat's commands to `pipe`: its `BEAT_REPLIES` replies go to `beat_answer`."""
+    pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
+    pipe.exists(keys.drain_key(worker_id))
+    pipe.get(keys.SWARM_EPOCH)
+
+
+def beat_answer(worker_id: str, replies: list[Any]) -> BeatAnswer:
+    """What one beat's replies (`queue_beat`) say; raises the error of a failed write."""
+    written, drain, swarm_epoch = replies
     for reply in (written, drain):
         if isinstance(reply, Exception):
             raise reply
@@ -190,14 +204,20 @@ _ID_MARK = "\x00"
 _SNAPSHOT_KEYS = [keys.worker_key(_ID_MARK), keys.heartbeat_key(_ID_MARK), keys.processing_key(_ID_MARK)]
 _SNAPSHOT_KEY_PARTS = [part for key in [*_SNAPSHOT_KEYS, *keys.worker_queue_keys(_ID_MARK)] for part in _key_parts(key)]
 
-# Every registered worker: {id, record, heartbeat, jobs queued (every band), jobs held}; the key
-# names come from keys.py as ARGV pairs (see `_SNAPSHOT_KEY_PARTS`).
+# The workers named after the key pairs: {id, record, heartbeat, jobs queued (every band), jobs held}
+# for each; ARGV[1] is how many key pairs come before the ids (see `_SNAPSHOT_KEY_PARTS`).
 _SNAPSHOT = Script("""
-local function key(pair, id) return ARGV[2 * pair - 1] .. id .. ARGV[2 * pair] end
+local pairs_end = 1 + 2 * tonumber(ARGV[1])
+local function key(pair, id) return ARGV[2 * pair] .. id .. ARGV[2 * pair + 1] end
 local workers = {}
-for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
+for i = pairs_end + 1, #ARGV do
+  local id = ARGV[i]
+  local bands = {}
+  for pair = 4, (pairs_end - 1) / 2 do bands[#bands + 1] = key(pair, id) end
   local queued = 0
-  for pair = 4, #ARGV / 2 do queued = queued + redis.call('LLEN', key(pair, id)) end
+  if redis.call('EXISTS', unpack(bands)) > 0 then  -- most workers' bands are all empty: one call
+    for _, band in ipairs(bands) do queued = queued + redis.call('LLEN', band) end
+  end
   workers[#workers + 1] = {
     id, redis.call('GET', key(1, id)), redis.call('GET', key(2, id)), queued, redis.call('LLEN', key(3, id)),
   }
@@ -205,43 +225,71 @@ end
 return workers
 """)
 
+# Workers read by one script: Redis runs nothing else while a script runs, so a pool of thousands is
+# read in steps of about a millisecond each rather than one pause of a tenth of a second.
+SNAPSHOT_CHUNK = 200
+
 
 async def snapshot(redis: Redis) -> list[WorkerState]:
-    """Every registered worker with its state, load and queue length, sorted by id (one round trip:
-    admission reads this for every request)."""
-    replies = await _SNAPSHOT.run(redis, 1, keys.WORKERS, *_SNAPSHOT_KEY_PARTS)
+    """Every registered worker with its state, load and queue length, sorted by id (one round trip
+    for the ids, then one per `SNAPSHOT_CHUNK` workers)."""
+    ids = sorted(await redis.smembers(keys.WORKERS))
+    head = (str(len(_SNAPSHOT_KEY_PARTS) // 2), *_SNAPSHOT_KEY_PARTS)
     states = []
-    for worker_id, record_json, heartbeat_json, queue_length, held in sorted(replies):
-        if not record_json:
-            continue
-        record = _read(WorkerRecord, worker_id, record_json)
-        if record is None:  # still listed, dead: the reaper hands on whatever its lists hold
-            record = WorkerRecord(worker_id=worker_id, models=[], backend="", slots=1, hardware=Hardware(),
-                                  registered_at=0.0)  # fmt: skip
-            heartbeat_json = None
-        heartbeat = _read(Heartbeat, worker_id, heartbeat_json) if heartbeat_json else None
-        states.append(
-            WorkerState(
-                worker_id=worker_id,
-                models=record.models,
-                backend=record.backend,
-                slots=record.slots,
-                hardware=record.hardware,
-                state=heartbeat.condition if heartbeat else "dead",
-                state_reason=heartbeat.reason if heartbeat else None,
-                jobs_in_flight=heartbeat.jobs_in_flight if heartbeat else 0,
-                queue_length=queue_length,
-                last_heartbeat_at=heartbeat.at if heartbeat else None,
-                registered_at=record.registered_at,
-                telemetry=heartbeat.telemetry if heartbeat else None,
-                jobs_held=held,
-                tokens_per_s=heartbeat.tokens_per_s if heartbeat else None,
-                can_pull=record.can_pull,
-                swarm=record.swarm,
-                group=record.group,
-            )
-        )
+    for start in range(0, len(ids), SNAPSHOT_CHUNK):
+        replies = await _SNAPSHOT.run(redis, 0, *head, *ids[start : start + SNAPSHOT_CHUNK])
+        states += [state for reply in replies if (state := _state(*reply)) is not None]
     return states
+
+
+def _state(
+    worker_id: str, record_raw: str | None, heartbeat_raw: str | None, queue_length: int, held: int
+) -> WorkerState | None:
+    """One worker's row of the snapshot; None for an id whose record is gone (it left meanwhile)."""
+    if not record_raw:
+        return None
+    record = _record(worker_id, record_raw)
+    if record is None:  # still listed, dead: the reaper hands on whatever its lists hold
+        record = WorkerRecord(worker_id=worker_id, models=[], backend="", slots=1, hardware=Hardware(),
+                              registered_at=0.0)  # fmt: skip
+        heartbeat_raw = None
+    heartbeat = _read(Heartbeat, worker_id, heartbeat_raw) if heartbeat_raw else None
+    return WorkerState.model_construct(  # every part was validated as it was read
+        worker_id=worker_id,
+        models=record.models,
+        backend=record.backend,
+        slots=record.slots,
+        hardware=record.hardware,
+        state=heartbeat.condition if heartbeat else "dead",
+        state_reason=heartbeat.reason if heartbeat else None,
+        jobs_in_flight=heartbeat.jobs_in_flight if heartbeat else 0,
+        queue_length=queue_length,
+        last_heartbeat_at=heartbeat.at if heartbeat else None,
+        registered_at=record.registered_at,
+        telemetry=heartbeat.telemetry if heartbeat else None,
+        jobs_held=held,
+        tokens_per_s=heartbeat.tokens_per_s if heartbeat else None,
+        can_pull=record.can_pull,
+        swarm=record.swarm,
+        group=record.group,
+    )
+
+
+def _record(worker_id: str, raw: str) -> WorkerRecord | None:
+    """The worker's registration, parsed once per text: records change only when a worker registers
+    or its models or group change, while a large pool's snapshot reads thousands of them each time."""
+    record = _records_parsed.get(raw)
+    if record is None:
+        record = _read(WorkerRecord, worker_id, raw)
+        if record is not None:
+            if len(_records_parsed) >= RECORDS_PARSED_MAX:
+                _records_parsed.clear()
+            _records_parsed[raw] = record
+    return record
+
+
+RECORDS_PARSED_MAX = 50_000
+_records_parsed: dict[str, WorkerRecord] = {}
 
 
 def _read(model: type[M], worker_id: str, raw: str) -> M | None:

@@ -44,7 +44,7 @@ def render(pool: PoolOverview, url: str) -> str:
     ttft = f"{r.ttft_avg_s * 1000:.0f} ms" if r.ttft_avg_s is not None else "-"
     lines = [
         f"GPU Torrent at {url}   {time.strftime('%H:%M:%S', time.localtime(pool.at))}",
-        f"workers: {t.workers['alive']} alive of {len(pool.workers)}"
+        f"workers: {t.workers['alive']} alive of {sum(t.workers.values())}"
         + "".join(f", {n} {state}" for state, n in t.workers.items() if n and state != "alive")
         + f" | slots busy {t.slots_busy}/{t.slots} | in flight {t.in_flight} | queued {t.queued}",
         f"last {r.window_s} s: {r.jobs_per_s:.2f} requests/s | {r.tokens_per_s:.1f} tokens/s | "
@@ -62,6 +62,10 @@ def render(pool: PoolOverview, url: str) -> str:
             lines.append(f"  {w.worker_id}: {w.state_reason}")
     if not pool.workers:
         lines.append("(no workers registered)")
+    elif len(pool.workers) < sum(t.workers.values()):
+        lines.append(
+            f"({len(pool.workers)} of {sum(t.workers.values())} workers shown: those not alive first, then the busiest)"
+        )
     lines.append("")
     lines += _table(
         [("MODEL", "WORKERS", "ALIVE", "QUEUED", "IN FLIGHT")]

@@ -204,6 +204,25 @@ async def test_workers_lists_models_state_load_and_queue(api: httpx.AsyncClient,
     assert worker["backend"] == "fake"
 
 
+async def test_workers_are_read_a_page_at_a_time(api: httpx.AsyncClient, fake_worker: MakeWorker) -> None:
+    for worker_id in ("w3", "w1", "w2"):
+        await fake_worker(worker_id)
+
+    async def page(**params: object) -> list[str]:
+        response = await api.get("/workers", params=params)
+        assert response.status_code == 200, response.text
+        return [w["worker_id"] for w in response.json()]
+
+    assert await page() == ["w1", "w2", "w3"]
+    assert await page(limit=2) == ["w1", "w2"]
+    assert await page(limit=2, after="w2") == ["w3"]
+    assert await page(after="w0") == ["w1", "w2", "w3"]  # any text: the ids that sort after it
+    assert await page(after="w3") == []
+    bad = await api.get("/workers", params={"limit": 0})
+    assert bad.status_code == 422
+    assert bad.json()["error"]["fields"][0]["field"] == "limit"
+
+
 async def test_health_is_200_with_redis(api: httpx.AsyncClient) -> None:
     response = await api.get("/health")
     assert response.status_code == 200

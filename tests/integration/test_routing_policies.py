@@ -14,8 +14,9 @@ from redis.asyncio import Redis
 
 from gputorrent import keys, queue, registry
 from gputorrent.config import CoordinatorSettings
-from gputorrent.coordinator import dispatch
+from gputorrent.coordinator import snapshot as pool_snapshot_module
 from gputorrent.coordinator.reaper import Reaper
+from gputorrent.coordinator.snapshot import PoolSnapshot
 from gputorrent.protocol import Job, JobResult
 from gputorrent.worker.main import Worker
 from tests.conftest import eventually
@@ -209,7 +210,7 @@ async def test_least_loaded_sends_new_work_past_a_worker_with_a_backlog(
     routed = [(await _submit(api)).json()["worker_id"] for _ in range(6)]
     assert sorted(routed) == ["w1"] * 3 + ["w2"] * 3  # equal workers share the backlog evenly
     # A backlog queued elsewhere (another coordinator) shows in the next snapshot read: read every time here.
-    monkeypatch.setattr(dispatch, "SNAPSHOT_STALE_MAX_S", 0.0)
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_STALE_MAX_S", 0.0)
     for _ in range(4):
         job = Job(request_id=f"backlog-{_}", worker_id="w1", model="fake", prompt="x", enqueued_at=time.time())
         await queue.enqueue(redis, job, ttl_s=60)
@@ -296,18 +297,20 @@ async def test_a_snapshot_past_its_age_is_read_again_behind_the_next_admission(
 ) -> None:
     """Requests that come less often than the snapshot's age route on the view they have (within
     `SNAPSHOT_STALE_MAX_S`), and the pool is read after each is queued, so the next finds it fresh."""
-    monkeypatch.setattr(dispatch, "SNAPSHOT_MAX_AGE_S", 0.0)  # every admission finds it past its age
-    monkeypatch.setattr(dispatch, "SNAPSHOT_STALE_MAX_S", 60.0)  # and no look reads it before routing
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_MAX_AGE_S", 0.0)  # every admission finds it past its age
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_STALE_MAX_S", 60.0)  # and no look reads it before routing
     await fake_worker("w1")
-    snapshot = dispatch.PoolSnapshot()
-    assert [w.queue_length for w in await snapshot.workers(redis)] == [0]  # the first look reads the pool
+    snapshot = PoolSnapshot()
+    await snapshot.for_routing(redis)  # the first look reads the pool
+    assert [w.queue_length for w in snapshot.workers] == [0]
     job = Job(request_id="elsewhere", worker_id="w1", model="fake", prompt="x", enqueued_at=time.time())
     await queue.enqueue(redis, job, ttl_s=60)  # as another coordinator would
-    assert [w.queue_length for w in await snapshot.workers(redis)] == [0]  # routed on the view it has
-    snapshot.queued(redis, "admitted-here", None)  # an admission (onto a shared queue): the pool is read behind it
+    await snapshot.for_routing(redis)
+    assert [w.queue_length for w in snapshot.workers] == [0]  # routed on the view it has
+    snapshot.queued(redis, "admitted-here", None, "fake")  # an admission (onto a shared queue): read behind it
 
     async def read_again() -> bool:
-        return [w.queue_length for w in await snapshot.workers(redis)] == [1]
+        return [w.queue_length for w in snapshot.workers] == [1]
 
     await eventually(read_again, "the snapshot read behind the admission to show the other job")
     await snapshot.close()

@@ -13,7 +13,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gputorrent import keys, queue, registry, streams
-from gputorrent.coordinator import dispatch
+from gputorrent.coordinator import snapshot as pool_snapshot_module
 from gputorrent.errors import BackendUnavailable
 from gputorrent.protocol import GenerationDone, InferenceOptions, Job, JobResult, TokenChunk
 from gputorrent.worker.backends.fake import FakeBackend
@@ -174,7 +174,7 @@ async def test_a_job_whose_backend_is_down_fails_over_and_the_worker_turns_unhea
     api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Admission would see the change of state up to one snapshot's life later: read the pool every time.
-    monkeypatch.setattr(dispatch, "SNAPSHOT_STALE_MAX_S", 0.0)
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_STALE_MAX_S", 0.0)
     backend = _UnreachableBackend()
     w1 = await fake_worker("w1", backend=backend, health_interval_s=0.2, health_timeout_s=1)
     request_id = await _submit(api)

@@ -165,6 +165,23 @@ def test_status_renders_workers_queues_and_rates() -> None:
     assert any(line.split()[:5] == ["m", "2", "1", "4", "1"] for line in text.splitlines())
 
 
+def test_a_large_pool_shows_its_troubled_and_busiest_workers_and_counts_them_all(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pool_view, "MAX_WORKER_ROWS", 3)
+    workers = [_worker(f"w{i}", queue_length=i % 3) for i in range(6)] + [_worker("w9", state="dead")]
+    rows = pool_view.worker_rows(workers)
+    assert [w.worker_id for w in rows] == ["w9", "w2", "w5"]  # not alive first, then the busiest
+    assert pool_view.worker_rows(workers[:3]) == workers[:3]  # a small pool: every worker, by id
+    pool = pool_view.PoolOverview(
+        at=time.time(), workers=rows, models=pool_view.model_queues(workers), totals=pool_view.totals(workers),
+        rates=pool_view.rates([]), bucket_s=5, history=[], failures=None,
+    )  # fmt: skip
+    text = render(pool, "http://coord:8000")
+    assert "workers: 6 alive of 7, 1 dead" in text
+    assert "(3 of 7 workers shown" in text
+
+
 @pytest.mark.parametrize(
     ("line", "secret"),
     [

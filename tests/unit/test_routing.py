@@ -1,8 +1,19 @@
+import random
 from typing import get_args
 
 from gputorrent.config import CoordinatorSettings
 from gputorrent.protocol import Hardware, InferenceRequest, WorkerState
-from gputorrent.routing import POLICIES, Route, affinity_key, candidates_for, choose, pick_round_robin, served_models
+from gputorrent.routing import (
+    LEAST_LOADED_EXACT_MAX,
+    POLICIES,
+    Route,
+    affinity_key,
+    candidates_for,
+    choose,
+    choose_among,
+    pick_round_robin,
+    served_models,
+)
 
 
 def _worker(worker_id: str, models: list[str], state: str = "alive") -> WorkerState:
@@ -92,3 +103,22 @@ def test_round_robin_policy_walks_the_live_candidates() -> None:
 
 def test_every_policy_is_a_setting() -> None:
     assert set(POLICIES) == set(get_args(CoordinatorSettings.model_fields["routing"].annotation))
+
+
+def test_jobs_queued_since_the_read_count_as_load() -> None:
+    pool = [_loaded("a"), _loaded("b")]
+    assert choose_among("least_loaded", pool) == Route(worker_id="a")
+    assert choose_among("least_loaded", pool, pending={"a": 1}) == Route(worker_id="b")
+    assert choose_among("session_affinity", pool, pending={"a": 3, "b": 3}, affinity_key="session:x") is not None
+
+
+def test_least_loaded_over_many_candidates_compares_a_sample_that_favours_the_idle() -> None:
+    """Past `LEAST_LOADED_EXACT_MAX` candidates a pick looks at a few at random, not all: it still
+    lands on an idle worker almost always, and spreads over many rather than all on the one least loaded."""
+    random.seed(1)
+    size = LEAST_LOADED_EXACT_MAX * 16
+    pool = [_loaded(f"w{i:05d}", queued=0 if i % 2 else 10) for i in range(size)]
+    picks = [choose_among("least_loaded", pool) for _ in range(400)]
+    idle = [p for p in picks if p is not None and int(p.worker_id[1:]) % 2]
+    assert len(idle) >= 0.85 * len(picks)  # all of a sample of 4 busy: 1 time in 16
+    assert len({p.worker_id for p in idle if p is not None}) > 200

@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException
 
 from gputorrent import __version__, auth, keys, queue, redis_client, replication
 from gputorrent.config import CoordinatorSettings
-from gputorrent.coordinator import dispatch, openapi
+from gputorrent.coordinator import openapi
 from gputorrent.coordinator.error_shapes import error_body
 from gputorrent.coordinator.json_bodies import JsonBodies
 from gputorrent.coordinator.limits import BodySizeLimit
@@ -37,6 +37,7 @@ from gputorrent.coordinator.routes import (
     swarm,
     worker,
 )  # fmt: skip
+from gputorrent.coordinator.snapshot import pool_snapshot
 from gputorrent.errors import GPUTorrentError, RateLimited, RedisUnavailable, Unauthorized
 
 log = logging.getLogger(__name__)
@@ -67,7 +68,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         replication.configure(redis, settings.wait_replicas, settings.wait_timeout_ms)
         waiter = ResultWaiter(redis)
         key_cache = auth.KeyCache()
-        snapshot = dispatch.pool_snapshot(redis)
+        snapshot = pool_snapshot(redis)
 
         def result_announced(message: str) -> None:
             request_id, result_json = queue.read_announcement(message)

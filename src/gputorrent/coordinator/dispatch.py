@@ -2,24 +2,19 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import dataclasses
 import logging
-import math
 import time
 import uuid
-import weakref
-from collections import Counter
 from typing import Any
 
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
-from gputorrent import keys, logs, queue, registry, replication, routing
+from gputorrent import keys, logs, queue, replication, routing
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import metrics, overhead, quotas
 from gputorrent.coordinator.security import Caller, owns
+from gputorrent.coordinator.snapshot import PoolSnapshot, pool_snapshot
 from gputorrent.errors import Conflict, ModelNotFound, NoWorkersAvailable, RateLimited
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Job, WorkerState
 
@@ -28,86 +23,6 @@ log = logging.getLogger(__name__)
 ROUTE_ATTEMPTS = 3  # a job whose chosen worker left just then is routed again, this many times at most
 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a full queue drains by a job per slot per job time: try again soon
-
-# Admission routes on a snapshot of the pool: one read of Redis serves every request of a moment
-# instead of each reading it. A snapshot older than SNAPSHOT_MAX_AGE_S is read again after the next
-# admission, behind it, so requests coming less often than that do not each wait for the read;
-# one older than SNAPSHOT_STALE_MAX_S (after a quiet spell) is read before routing. Liveness is
-# checked again when the job is queued, and a request with no live candidate reads the pool
-# afresh before it is refused.
-SNAPSHOT_MAX_AGE_S = 0.1
-SNAPSHOT_STALE_MAX_S = 1.0
-
-
-class PoolSnapshot:
-    """The pool as admission last read it, with the jobs this coordinator queued since added to
-    the queues they went to until their results are announced (so a burst of requests spreads as
-    if each had read the pool, and a session's next request finds its worker as free as it is)."""
-
-    def __init__(self) -> None:
-        self._read: list[WorkerState] = []
-        self._read_at = -math.inf
-        self._pending: dict[str, str] = {}  # request id -> worker id: queued since the read, no result heard yet
-        self._view: list[WorkerState] | None = None  # the read with the pending jobs added, built when asked
-        self._rereading: asyncio.Task[None] | None = None
-
-    async def workers(self, redis: Redis, *, fresh: bool = False) -> list[WorkerState]:
-        if fresh or asyncio.get_running_loop().time() - self._read_at > SNAPSHOT_STALE_MAX_S:
-            await self._reread(redis)
-        if self._view is None:
-            pending = Counter(self._pending.values())
-            self._view = [
-                w.model_copy(update={"queue_length": w.queue_length + pending[w.worker_id]})
-                if pending[w.worker_id]
-                else w
-                for w in self._read
-            ]
-        return self._view
-
-    def queued(self, redis: Redis, request_id: str, worker_id: str | None) -> None:
-        """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
-        `SNAPSHOT_MAX_AGE_S` is read again now, off the admitted request's way, for the next one."""
-        if worker_id is not None:
-            self._pending[request_id] = worker_id
-            self._view = None
-        stale = asyncio.get_running_loop().time() - self._read_at > SNAPSHOT_MAX_AGE_S
-        if stale and (self._rereading is None or self._rereading.done()):
-            self._rereading = asyncio.create_task(self._reread_behind(redis), name="pool snapshot")
-
-    async def close(self) -> None:
-        """Stop a read in progress (the app is stopping)."""
-        if self._rereading is not None and not self._rereading.done():
-            self._rereading.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._rereading
-
-    async def _reread(self, redis: Redis) -> None:
-        counted = set(self._pending)  # jobs queued while the read is on its way may be missing from it
-        read_at = asyncio.get_running_loop().time()
-        self._read, self._read_at = await registry.snapshot(redis), read_at
-        for request_id in counted:
-            self._pending.pop(request_id, None)
-        self._view = None
-
-    async def _reread_behind(self, redis: Redis) -> None:
-        try:
-            await self._reread(redis)
-        except (RedisError, OSError) as e:  # the next admission reads it (and reports the outage)
-            log.debug("the pool snapshot could not be read behind an admission: %s", e)
-
-    def announced(self, request_id: str) -> None:
-        """The job's result was announced: if it was this coordinator's, it no longer weighs on its worker."""
-        if self._pending.pop(request_id, None) is not None:
-            self._view = None
-
-
-# One per Redis client, which is one per coordinator app (a test's app does not see another's pool).
-_snapshots: weakref.WeakKeyDictionary[Redis, PoolSnapshot] = weakref.WeakKeyDictionary()
-
-
-def pool_snapshot(redis: Redis) -> PoolSnapshot:
-    """The snapshot admission keeps for the app whose Redis client this is."""
-    return _snapshots.setdefault(redis, PoolSnapshot())
 
 
 def new_request_id() -> str:
@@ -146,22 +61,22 @@ async def admit(
         return replayed
     limits = quotas.limits(caller, quotas.check_size(request, settings), settings)
     snapshot = pool_snapshot(redis)
-    fresh = False
-    for _ in range(ROUTE_ATTEMPTS):
+    for attempt in range(ROUTE_ATTEMPTS):
         try:
             return await _route_and_enqueue(
-                redis, snapshot, fresh, request, settings, caller, limits, client_id, idempotency_key
+                redis, snapshot, request, settings, caller, limits, client_id, idempotency_key
             )
-        except queue.WorkerGone as gone:  # it left after the snapshot was read: read it again and route again
+        except queue.WorkerGone as gone:  # it left after the snapshot was read: route again without it
             log.info("worker %s left before the job was queued; routing again", gone)
-            fresh = True
+            snapshot.left(str(gone))
+            if attempt > 0:  # a second one gone: the snapshot is out of date, not just a moment old
+                await snapshot.for_routing(redis, fresh=True)
     raise NoWorkersAvailable("the workers chosen for this request kept leaving the pool; retry shortly")
 
 
 async def _route_and_enqueue(
     redis: Redis,
     snapshot: PoolSnapshot,
-    fresh: bool,
     request: InferenceRequest | EmbeddingRequest,
     settings: CoordinatorSettings,
     caller: Caller,
@@ -169,15 +84,15 @@ async def _route_and_enqueue(
     client_id: str | None,
     idempotency_key: str | None,
 ) -> Accepted:
-    workers = await snapshot.workers(redis, fresh=fresh)
+    await snapshot.for_routing(redis)
     counter = await queue.next_round_robin(redis) if routing.needs_counter(settings.routing) else 1
     affinity_key = routing.affinity_key(request)
-    route = routing.choose(settings.routing, request.model, workers, counter=counter, affinity_key=affinity_key)
-    if route is None and not fresh:  # a worker may have joined since the snapshot: look again before refusing
-        workers = await snapshot.workers(redis, fresh=True)
-        route = routing.choose(settings.routing, request.model, workers, counter=counter, affinity_key=affinity_key)
+    route = snapshot.choose(settings.routing, request.model, counter=counter, affinity_key=affinity_key)
+    if route is None:  # a worker may have joined since the snapshot: look again before refusing
+        await snapshot.for_routing(redis, fresh=True)
+        route = snapshot.choose(settings.routing, request.model, counter=counter, affinity_key=affinity_key)
     if route is None:
-        raise _no_candidate_error(request.model, workers)
+        raise _no_candidate_error(request.model, snapshot.workers)
     metrics.note_model(request.model)  # a served model: a bounded label
     timeout_s = request.timeout_s or settings.request_timeout_s
     job = _job(client_id or new_request_id(), route.worker_id, request, timeout_s)
@@ -186,7 +101,7 @@ async def _route_and_enqueue(
         limits,
         max_queued=0 if job.shared else settings.max_queue_per_worker,  # a shared queue is bounded as its model's
         max_model_queued=settings.max_queue_per_model,
-        queued_at_model_workers=sum(w.queue_length for w in workers if request.model in w.models),
+        queued_at_model_workers=snapshot.queued_for(request.model),
     )
     try:
         admitted = await queue.enqueue(
@@ -202,7 +117,7 @@ async def _route_and_enqueue(
         return await _replay(redis, idempotency_key or "", caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
         )
-    snapshot.queued(redis, job.request_id, route.worker_id)
+    snapshot.queued(redis, job.request_id, route.worker_id, job.model)
     overhead.note_admitted(job.request_id)
     log.info("request %s queued model=%s worker=%s kind=%s priority=%d", job.request_id, job.model,
              route.worker_id or "(shared queue)", job.kind, job.priority)  # fmt: skip

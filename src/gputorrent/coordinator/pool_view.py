@@ -7,12 +7,16 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from gputorrent import catalogue, pool_stats, registry
+from gputorrent import catalogue, pool_stats
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.pool_stats import HistoryPoint
 from gputorrent.protocol import SwarmTransfer, WorkerState
 from gputorrent.telemetry import FailureRecord
 
 RATE_WINDOW_S = 60  # the "now" figures are averages over the last minute
+# Worker rows `/pool` carries at most: past that (a pool of thousands, pushed to every dashboard each
+# interval) the ones needing attention first, then the busiest; `totals` still counts every worker.
+MAX_WORKER_ROWS = 500
 
 
 class _View(BaseModel):
@@ -50,7 +54,7 @@ class Rates(_View):
 
 class PoolOverview(_View):
     at: float
-    workers: list[WorkerState]
+    workers: list[WorkerState]  # every worker by id, or past `MAX_WORKER_ROWS` those `worker_rows` picks
     models: list[ModelQueue]
     totals: Totals
     rates: Rates
@@ -63,14 +67,14 @@ class PoolOverview(_View):
 async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> PoolOverview:
     """Read the pool, its history over the last `history_s` seconds and (if asked) its recent failures."""
     now = time.time()
-    workers = await registry.snapshot(redis)
+    workers = await current_pool(redis)
     history = await pool_stats.history(redis, max(history_s, RATE_WINDOW_S), now)
     failures = await pool_stats.recent_failures(redis) if with_failures else None
     transfers = await catalogue.transfers(redis)
     points_kept = history_s // pool_stats.BUCKET_S
     return PoolOverview(
         at=now,
-        workers=workers,
+        workers=worker_rows(workers),
         models=model_queues(workers),
         totals=totals(workers),
         rates=rates(history[-(RATE_WINDOW_S // pool_stats.BUCKET_S) :]),
@@ -81,21 +85,31 @@ async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> Pool
     )
 
 
+def worker_rows(workers: list[WorkerState]) -> list[WorkerState]:
+    """Every worker, by id; past `MAX_WORKER_ROWS`, that many: those not alive first, then the busiest."""
+    if len(workers) <= MAX_WORKER_ROWS:
+        return workers
+    return sorted(workers, key=lambda w: (w.state == "alive", -(w.jobs_in_flight + w.queue_length), w.worker_id))[
+        :MAX_WORKER_ROWS
+    ]
+
+
 def model_queues(workers: list[WorkerState]) -> list[ModelQueue]:
     """Per model, from the workers that list it (a worker serving two models counts for both)."""
-    rows = []
-    for model in sorted({m for w in workers for m in w.models}):
-        serving = [w for w in workers if model in w.models]
-        rows.append(
-            ModelQueue(
-                model=model,
-                workers=len(serving),
-                live_workers=sum(1 for w in serving if w.state == "alive"),
-                queued=sum(w.queue_length for w in serving),
-                in_flight=sum(w.jobs_in_flight for w in serving),
-            )
+    serving: dict[str, list[WorkerState]] = {}
+    for w in workers:
+        for model in w.models:
+            serving.setdefault(model, []).append(w)
+    return [
+        ModelQueue(
+            model=model,
+            workers=len(listed),
+            live_workers=sum(1 for w in listed if w.state == "alive"),
+            queued=sum(w.queue_length for w in listed),
+            in_flight=sum(w.jobs_in_flight for w in listed),
         )
-    return rows
+        for model, listed in sorted(serving.items())
+    ]
 
 
 def totals(workers: list[WorkerState]) -> Totals:

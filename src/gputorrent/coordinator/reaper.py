@@ -24,7 +24,8 @@ from collections.abc import Callable
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import handoff, keys, pool_stats, queue, registry
+from gputorrent import handoff, keys, pool_stats, queue
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.protocol import ErrorInfo
 from gputorrent.telemetry import FailureRecord
 
@@ -121,7 +122,7 @@ class Reaper:
 
         Nothing moves before this reaper has seen Redis for a full heartbeat timeout, nor while
         `liveness:grace` holds."""
-        workers = await registry.snapshot(self._redis)
+        workers = await current_pool(self._redis)
         await self._saw()
         if self.sight.seen_for_s() < self._heartbeat_timeout_s or not any(w.state == "dead" for w in workers):
             return 0

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from gputorrent import keys, pool_stats, registry
+from gputorrent import keys, pool_stats
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.protocol import JobStatus
 from gputorrent.scripts import Script
 
@@ -46,7 +47,7 @@ async def _eta(redis: Redis, status: JobStatus, ahead: int) -> float | None:
     if not recent:
         return None  # nothing finished lately to learn from
     service_s = sum((p.latency_avg_s or 0) - (p.queue_wait_avg_s or 0) for p in recent) / len(recent)
-    workers = await registry.snapshot(redis)
+    workers = await current_pool(redis)
     serving = [w for w in workers if w.state == "alive" and (w.worker_id == status.worker_id or not status.worker_id)]
     slots = sum(w.slots for w in serving if status.model in w.models) or 1
     return round(max(0.0, service_s) * ahead / slots, 3)

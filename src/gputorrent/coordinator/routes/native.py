@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import bisect
 import logging
 import time
 import uuid
@@ -27,6 +28,7 @@ from gputorrent.coordinator.deps import (
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, SSE_RESPONSES, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep, JoinDep, owns, require_client
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.errors import Conflict, GPUTorrentError, RequestNotFound, ServiceUnavailable
 from gputorrent.protocol import (
     Accepted,
@@ -96,10 +98,22 @@ async def register_worker(
     )
 
 
+MAX_WORKERS_PAGE = 10_000
+
+
 @router.get("/workers", response_model=list[WorkerState], dependencies=[Depends(require_client)], tags=["workers"])
-async def list_workers(redis: RedisDep) -> list[WorkerState]:
-    """Every registered worker, alive or not, with its load and queue length."""
-    return await registry.snapshot(redis)
+async def list_workers(
+    redis: RedisDep,
+    limit: Annotated[int | None, Query(ge=1, le=MAX_WORKERS_PAGE, description="at most this many workers")] = None,
+    after: Annotated[str | None, Query(max_length=256, description="only the workers whose id sorts after it")] = None,
+) -> list[WorkerState]:
+    """Every registered worker, alive or not, with its load and queue length, sorted by id.
+
+    A large pool is read a page at a time: `limit`, then `after` the last id of the page before.
+    """
+    workers = await current_pool(redis)
+    start = 0 if after is None else bisect.bisect_right(workers, after, key=lambda w: w.worker_id)
+    return workers[start : None if limit is None else start + limit]
 
 
 @router.post(

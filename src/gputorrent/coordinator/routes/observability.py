@@ -21,12 +21,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollecto
 from redis.exceptions import RedisError
 from starlette.middleware import Middleware
 
-from gputorrent import pool_stats, registry
+from gputorrent import pool_stats
 from gputorrent.coordinator import metrics, pool_view
 from gputorrent.coordinator.deps import RedisDep
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
 from gputorrent.coordinator.routes import add_routes
 from gputorrent.coordinator.security import ClientDep, require_client
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.errors import RedisUnavailable
 
 log = logging.getLogger(__name__)
@@ -118,6 +119,6 @@ async def pool_events(
 async def prometheus_metrics(request: Request, redis: RedisDep) -> Response:
     """This coordinator's request counters, then the pool read from Redis now (workers, slots,
     queues, GPU and CPU telemetry, job counters and latency histograms per worker)."""
-    workers = await registry.snapshot(redis)
+    workers = await current_pool(redis)
     body = metrics.exposition(request.app.state.metrics_registry, workers)
     return Response(body, media_type=CONTENT_TYPE_LATEST)

@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import StreamingResponse
 
-from gputorrent import __version__, catalogue, registry, routing
+from gputorrent import __version__, catalogue, routing
 from gputorrent.coordinator import pulls, relay
 from gputorrent.coordinator.adapters import ollama as wire
 from gputorrent.coordinator.deps import (
@@ -28,6 +28,7 @@ from gputorrent.coordinator.deps import (
 )
 from gputorrent.coordinator.encoding import NDJSON_MEDIA_TYPE, NDJSON_RESPONSES, STREAM_HEADERS, ndjson
 from gputorrent.coordinator.security import ClientDep, require_client
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.errors import Forbidden, GPUTorrentError, ModelNotFound
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, JobResult, JobStatus, TokenChunk
 
@@ -79,19 +80,19 @@ async def chat(body: wire.ChatRequest, submission: SubmissionDep) -> dict[str, A
 @router.get("/tags", dependencies=[Depends(require_client)])
 async def list_models(redis: RedisDep) -> dict[str, Any]:
     """The models live workers serve."""
-    return wire.tags(await registry.snapshot(redis))
+    return wire.tags(await current_pool(redis))
 
 
 @router.get("/ps", dependencies=[Depends(require_client)])
 async def running_models(redis: RedisDep) -> dict[str, Any]:
     """The models loaded on live workers, with the workers (non-standard `workers`) that hold each."""
-    return wire.ps(await registry.snapshot(redis))
+    return wire.ps(await current_pool(redis))
 
 
 @router.post("/show", dependencies=[Depends(require_client)])
 async def show_model(body: wire.ModelRequest, redis: RedisDep) -> dict[str, Any]:
     """What the pool knows of a served model; 404 when no live worker serves it."""
-    workers = await registry.snapshot(redis)
+    workers = await current_pool(redis)
     name = wire.requested_model(body)
     return wire.show(wire.resolve_model(name, routing.served_models(workers)) or name, workers)
 
@@ -121,7 +122,7 @@ async def pull(
     Starting a download needs an admin key (403 otherwise): it fills other machines' disks and links.
     """
     name = wire.pulled_model(body)
-    workers = await registry.snapshot(redis)
+    workers = await current_pool(redis)
     # From the swarm only a catalogued model that a live worker holds: without one a fetch would only wait.
     in_swarm = bool(catalogue.holders(name, workers)) and await catalogue.has(redis, name)
     plan = pulls.plan(name, workers, wire.resolve_model, in_catalogue=in_swarm)
@@ -199,7 +200,7 @@ async def embeddings(body: wire.LegacyEmbeddingsRequest, submission: SubmissionD
 
 async def _require_served(redis: RedisDep, name: str) -> None:
     """404 unless a live worker serves the model `name` means (see `wire.resolve_model`)."""
-    served = routing.served_models(await registry.snapshot(redis))
+    served = routing.served_models(await current_pool(redis))
     if wire.resolve_model(name, served) is None:
         raise wire.model_not_found(name, served)
 

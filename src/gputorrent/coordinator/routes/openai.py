@@ -10,7 +10,7 @@ from typing import Any
 from fastapi import APIRouter, Depends
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from gputorrent import registry, routing
+from gputorrent import routing
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.adapters import openai as wire
 from gputorrent.coordinator.deps import (
@@ -20,6 +20,7 @@ from gputorrent.coordinator.deps import (
 )
 from gputorrent.coordinator.encoding import SSE_DONE, SSE_MEDIA_TYPE, SSE_RESPONSES, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import require_client
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.errors import GPUTorrentError, ModelNotFound
 from gputorrent.protocol import JobResult, JobStatus
 
@@ -29,13 +30,13 @@ router = APIRouter(prefix="/v1", tags=["openai"])
 @router.get("/models", dependencies=[Depends(require_client)])
 async def list_models(redis: RedisDep) -> dict[str, Any]:
     """The models live workers serve."""
-    return wire.models(routing.served_models(await registry.snapshot(redis)))
+    return wire.models(routing.served_models(await current_pool(redis)))
 
 
 @router.get("/models/{model:path}", dependencies=[Depends(require_client)])
 async def retrieve_model(model: str, redis: RedisDep) -> dict[str, Any]:
     """One model, while a live worker serves it (a name may hold slashes: a GGUF path, `org/name`)."""
-    served = routing.served_models(await registry.snapshot(redis))
+    served = routing.served_models(await current_pool(redis))
     if model not in served:
         raise ModelNotFound(f"model {model!r} is not served by any live worker", available_models=served)
     return wire.model(model)

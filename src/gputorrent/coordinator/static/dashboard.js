@@ -13,11 +13,16 @@ function number(value, digits = 1) {
   return value === null || value === undefined ? "–" : Number(value).toFixed(digits);
 }
 
+/** Every registered worker, whatever its state (`pool.workers` holds only some rows in a large pool). */
+function registered(totals) {
+  return Object.values(totals.workers).reduce((sum, n) => sum + n, 0);
+}
+
 function renderTiles(pool) {
   const t = pool.totals;
   const r = pool.rates;
   document.getElementById("tiles").replaceChildren(
-    tile("workers alive", `${t.workers.alive} / ${pool.workers.length}`),
+    tile("workers alive", `${t.workers.alive} / ${registered(t)}`),
     tile("slots busy", `${t.slots_busy} / ${t.slots}`),
     tile("jobs in flight", t.in_flight),
     tile("jobs queued", t.queued),
@@ -131,6 +136,10 @@ function renderWorkers(pool) {
   });
   document.querySelector("#workers tbody").replaceChildren(...rows);
   document.getElementById("no-workers").hidden = pool.workers.length > 0;
+  const total = registered(pool.totals);
+  const shown = document.getElementById("workers-shown");
+  shown.hidden = pool.workers.length >= total;
+  shown.textContent = `Showing ${pool.workers.length} of ${total} workers: those not alive first, then the busiest.`;
   const models = pool.models.map((m) => el("tr", { "data-model": m.model },
     el("td", {}, m.model), el("td", { class: "number" }, `${m.workers} (${m.live_workers})`),
     el("td", { class: "number" }, m.queued), el("td", { class: "number" }, m.in_flight)));

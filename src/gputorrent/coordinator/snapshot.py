@@ -1,0 +1,164 @@
+"""The pool as this coordinator last read it: one read of Redis serves every request of a moment.
+
+Admission routes on it, and the pool-wide readers (the listings, the dashboard, metrics, the
+reaper) read it rather than the registry, so their cost does not grow with the requests: a read
+walks every worker (`registry.snapshot`), which at 10,000 workers is a fifth of a second of the
+coordinator's time and a tenth of Redis's.
+
+When it is read again: `max_age_s()` is `SNAPSHOT_MAX_AGE_S`, or for a pool whose read is slow
+(`CHEAP_READ_S` or more) `READ_COST_FACTOR` times the last read's duration, so reading it takes at
+most a twentieth of the coordinator's time whatever the pool's size. Admission reads it behind an
+admitted request once it is older than that, so requests coming less often do not each wait for
+the read; before routing only after a quiet spell (older than `SNAPSHOT_STALE_MAX_S`, or twice
+the slow read's bound), or when no live worker serves the model (one may have joined). The other
+readers read it afresh while a read is cheap (a small pool: what they show is then never older
+than the call), else take it as it is within `max_age_s()`. Liveness is checked again when a job
+is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import weakref
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gputorrent import registry, routing
+from gputorrent.protocol import WorkerState
+
+log = logging.getLogger(__name__)
+
+SNAPSHOT_MAX_AGE_S = 0.1
+SNAPSHOT_STALE_MAX_S = 1.0
+READ_COST_FACTOR = 20
+CHEAP_READ_S = 0.01
+
+
+class PoolSnapshot:
+    """The pool as last read, indexed by model, with the jobs this coordinator queued since added to
+    the workers they went to until their results are announced (so a burst of requests spreads as
+    if each had read the pool, and a session's next request finds its worker as free as it is)."""
+
+    def __init__(self) -> None:
+        self.workers: list[WorkerState] = []  # every registered worker, as read
+        self._read_at = -math.inf
+        self._read_cost_s = 0.0  # how long the last read took
+        self._live: dict[str, list[WorkerState]] = {}  # model -> the live workers serving it, by id
+        self._speed: dict[str, float] = {}  # model -> `routing.pool_speed` of its live workers
+        self._queued: Counter[str] = Counter()  # model -> jobs queued at the workers serving it
+        self._pending: dict[str, tuple[str, str]] = {}  # request id -> (worker id, model): queued since the read
+        self._pending_at: Counter[str] = Counter()  # worker id -> its jobs in `_pending`
+        self._pending_for: Counter[str] = Counter()  # model -> its jobs in `_pending`
+        self._reading: asyncio.Task[None] | None = None
+
+    def max_age_s(self) -> float:
+        return max(SNAPSHOT_MAX_AGE_S, self._slow_read_bound_s())
+
+    def _slow_read_bound_s(self) -> float:
+        """`READ_COST_FACTOR` times the last read's duration where that read was slow; 0 where it was cheap."""
+        return READ_COST_FACTOR * self._read_cost_s if self._read_cost_s >= CHEAP_READ_S else 0.0
+
+    def _age_s(self) -> float:
+        return asyncio.get_running_loop().time() - self._read_at
+
+    async def for_routing(self, redis: Redis, *, fresh: bool = False) -> None:
+        """Read the pool now if `fresh`, or if the last read is older than the stale bound."""
+        if fresh or self._age_s() > max(SNAPSHOT_STALE_MAX_S, 2 * self._slow_read_bound_s()):
+            await self._read(redis)
+
+    async def current(self, redis: Redis) -> list[WorkerState]:
+        """Every registered worker, for a reader of the whole pool (see the module's docstring)."""
+        if self._read_cost_s < CHEAP_READ_S or self._age_s() > self.max_age_s():
+            await self._read(redis)
+        return self.workers
+
+    def choose(self, policy: str, model: str, *, counter: int, affinity_key: str | None) -> routing.Route | None:
+        """`routing.choose` on this snapshot, its pending jobs counted; its cost does not grow with the pool
+        (but for session affinity, see `routing.pick_affine`)."""
+        return routing.choose_among(
+            policy, self._live.get(model, ()), counter=counter, affinity_key=affinity_key,
+            pending=self._pending_at, speed=self._speed.get(model),
+        )  # fmt: skip
+
+    def queued_for(self, model: str) -> int:
+        """Jobs queued at the workers serving `model`, with those this coordinator queued since the read."""
+        return self._queued[model] + self._pending_for[model]
+
+    def left(self, worker_id: str) -> None:
+        """The worker left since the read (a job routed to it was refused): route no more to it until the next."""
+        for model, live in self._live.items():
+            if any(w.worker_id == worker_id for w in live):
+                self._live[model] = [w for w in live if w.worker_id != worker_id]
+
+    def queued(self, redis: Redis, request_id: str, worker_id: str | None, model: str) -> None:
+        """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
+        `max_age_s()` is read again now, off the admitted request's way, for the next one."""
+        if worker_id is not None:
+            self._pending[request_id] = (worker_id, model)
+            self._pending_at[worker_id] += 1
+            self._pending_for[model] += 1
+        if self._age_s() > self.max_age_s() and (self._reading is None or self._reading.done()):
+            self._reading = asyncio.create_task(self._read_behind(redis), name="pool snapshot")
+
+    def announced(self, request_id: str) -> None:
+        """The job's result was announced: if it was this coordinator's, it no longer weighs on its worker."""
+        if (pending := self._pending.pop(request_id, None)) is not None:
+            worker_id, model = pending
+            self._pending_at[worker_id] -= 1
+            self._pending_for[model] -= 1
+
+    async def close(self) -> None:
+        """Stop a read in progress (the app is stopping)."""
+        if self._reading is not None and not self._reading.done():
+            self._reading.cancel()
+
+    async def _read(self, redis: Redis) -> None:
+        """Read the pool, sharing a read already under way (one at a time, however many readers ask)."""
+        if self._reading is None or self._reading.done():
+            self._reading = asyncio.create_task(self._read_now(redis), name="pool snapshot")
+        await asyncio.shield(self._reading)
+
+    async def _read_now(self, redis: Redis) -> None:
+        counted = list(self._pending)  # jobs queued while the read is on its way may be missing from it
+        started = asyncio.get_running_loop().time()
+        workers = await registry.snapshot(redis)
+        self._index(workers)
+        self._read_at, self._read_cost_s = started, asyncio.get_running_loop().time() - started
+        for request_id in counted:
+            self.announced(request_id)
+
+    async def _read_behind(self, redis: Redis) -> None:
+        try:
+            await self._read_now(redis)
+        except (RedisError, OSError) as e:  # the next admission reads it (and reports the outage)
+            log.debug("the pool snapshot could not be read behind an admission: %s", e)
+
+    def _index(self, workers: Sequence[WorkerState]) -> None:
+        live: defaultdict[str, list[WorkerState]] = defaultdict(list)
+        queued: Counter[str] = Counter()
+        for worker in workers:  # sorted by id: so is each model's list
+            for model in worker.models:
+                queued[model] += worker.queue_length
+                if worker.state == "alive":
+                    live[model].append(worker)
+        self.workers, self._live, self._queued = list(workers), dict(live), queued
+        self._speed = {model: routing.pool_speed(candidates) for model, candidates in live.items()}
+
+
+# One per Redis client, which is one per coordinator app (a test's app does not see another's pool).
+_snapshots: weakref.WeakKeyDictionary[Redis, PoolSnapshot] = weakref.WeakKeyDictionary()
+
+
+def pool_snapshot(redis: Redis) -> PoolSnapshot:
+    """The snapshot kept for the app whose Redis client this is."""
+    return _snapshots.setdefault(redis, PoolSnapshot())
+
+
+async def current_pool(redis: Redis) -> list[WorkerState]:
+    """Every registered worker, for a reader of the whole pool: `PoolSnapshot.current` of the app's snapshot."""
+    return await pool_snapshot(redis).current(redis)
