@@ -60,7 +60,8 @@ $(CHROMIUM):
 
 # Every benchmark, in an environment of its own (bench/.venv): plotting and the peers compared
 # against (bench/requirements.txt: LiteLLM's proxy, Celery) are installed there, never as project
-# dependencies. JSON goes to bench/results/, plots to docs/images/, tables to docs/benchmarks.md.
+# dependencies. JSON goes to bench/results/, plots to docs/images/, tables to docs/benchmarks.md
+# (and docs/scaling.md).
 BENCH_VENV := bench/.venv
 BENCH_PYTHON := $(BENCH_VENV)/bin/python
 
@@ -78,6 +79,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/replication_wait.py
 	$(BENCH_PYTHON) bench/swarm.py
 	$(BENCH_PYTHON) bench/split.py
+	$(BENCH_PYTHON) bench/scale.py
 	$(BENCH_PYTHON) bench/report.py
 
 $(BENCH_VENV)/.installed: pyproject.toml bench/requirements.txt

@@ -1,8 +1,9 @@
-"""Turn bench/results/*.json into a PNG plot per benchmark and the generated tables of docs/benchmarks.md.
+"""Turn bench/results/*.json into a PNG plot per benchmark and the generated tables of docs/benchmarks.md
+(and of docs/scaling.md, for the scale benchmark).
 
 Run by `make bench` in the benchmark environment (bench/.venv, which has matplotlib; the
 project's own environment does not). A table goes between the markers
-`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` of docs/benchmarks.md, its plot to
+`<!-- bench:NAME -->` and `<!-- /bench:NAME -->` of its document, its plot to
 docs/images/bench-NAME.png; the prose around them is written by hand. A benchmark without
 results (not run) keeps the table and plot it had.
 """
@@ -34,13 +35,15 @@ BENCHMARKS = (
     "replication_wait",
     "swarm",
     "split",
+    "scale",
 )
+DOCS = {"scale": HERE.parent / "docs" / "scaling.md"}  # the others' tables are in DOC
 
 
 def replace_section(doc: str, name: str, body: str) -> str:
     pattern = re.compile(rf"(<!-- bench:{name} -->\n).*?(<!-- /bench:{name} -->)", re.S)
     if not pattern.search(doc):
-        raise SystemExit(f"docs/benchmarks.md has no <!-- bench:{name} --> section")
+        raise SystemExit(f"{DOCS.get(name, DOC).name} has no <!-- bench:{name} --> section")
     return pattern.sub(lambda m: m.group(1) + body + "\n" + m.group(2), doc)
 
 
@@ -50,7 +53,7 @@ def main() -> int:
     matplotlib.use("Agg")  # files only, no display
     sys.path.insert(0, str(HERE))
     IMAGES.mkdir(exist_ok=True)
-    doc = DOC.read_text()
+    docs = {path: path.read_text() for path in {DOC, *DOCS.values()}}
     for name in BENCHMARKS:
         source = RESULTS / f"{name}.json"
         if not source.exists():
@@ -59,9 +62,11 @@ def main() -> int:
         results = json.loads(source.read_text())
         module = importlib.import_module(name)
         module.plot(results, IMAGES / f"bench-{name}.png")
-        doc = replace_section(doc, name, module.table(results))
-    DOC.write_text(doc)
-    print(f"plots in {IMAGES}, tables in {DOC}")
+        path = DOCS.get(name, DOC)
+        docs[path] = replace_section(docs[path], name, module.table(results))
+    for path, text in docs.items():
+        path.write_text(text)
+    print(f"plots in {IMAGES}, tables in {', '.join(str(path) for path in docs)}")
     return 0
 
 

@@ -212,10 +212,19 @@ async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
         connection.close()
         raise
     finally:
-        if len(idle) < MAX_IDLE_BORROWED:
+        if len(idle) < _idle_max.get(redis, MAX_IDLE_BORROWED):
             idle.append(connection)  # a closed one reconnects on its next command
         else:
             connection.close()
+
+
+def keep_idle_borrowed(redis: Redis, count: int) -> None:
+    """Keep up to `count` idle borrowed connections of `redis`, not `MAX_IDLE_BORROWED`: for a process
+    whose thousands of consumers share one client (the simulated workers), each blocking in turn."""
+    _idle_max[redis] = count
+
+
+_idle_max: weakref.WeakKeyDictionary[Redis, int] = weakref.WeakKeyDictionary()
 
 
 def drop(redis: Redis) -> None:

@@ -1,0 +1,327 @@
+"""B11, scale: what the pool costs as its number of workers grows (100, 1,000, 10,000), on one Redis.
+
+For each size the run starts a private Redis-compatible server, a coordinator with authentication
+on, and that many simulated workers (`gputorrent.worker.simulated`: each registers, beats, and
+takes and finishes jobs with a real worker's code, on the fake backend, which answers at once), and
+waits until all are registered, beating and blocked waiting for work. Simulated workers block
+`SIMULATED_TAKE_BLOCK_S` at a time where a real one blocks `POP_TIMEOUT_S` (one process cannot
+wake 10,000 consumers a second); what a real worker's shorter block costs an idle pool is
+measured on its own at the end, with 1,000 workers. It then measures, in order:
+
+- idle: 10 s with no request. Redis commands and CPU per second: what the workers' beats and
+  blocked takes cost whether or not anyone asks anything (heartbeat traffic).
+- load: Poisson arrivals at a fixed rate (the same at every size) of OpenAI completions
+  (`POST /v1/completions`, which answers with the result). Added latency p50 and p99 (the backend takes no time, so
+  the whole latency is what the pool adds), and Redis commands and CPU per request with the idle
+  cost of the same span taken off.
+- peak: closed-loop requests from 32 clients for a few seconds: admissions per second.
+- Redis memory per worker: used memory with the workers registered and idle, less the empty server's.
+
+Every figure at 1,000 and 10,000 workers is also given as a ratio to the one at 100, measured in
+the same run. Shards (a Redis Cluster) are not measured yet: GPU Torrent runs on one Redis.
+
+    bench/.venv/bin/python bench/scale.py --sizes 100 1000 10000
+
+Prints a Markdown table and writes bench/results/scale.json and docs/images/bench-scale.png
+(`bench/report.py` puts the table in docs/scaling.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from pool import Pool, Processes, redis_cpu_s, save_plot, start_pool, summary, write_result
+from redis import Redis as SyncRedis
+
+from gputorrent import keys
+from gputorrent.embedded import EmbeddedRedis
+from gputorrent.worker.main import POP_TIMEOUT_S
+
+SIZES = (100, 1000, 10_000)
+RATE_PER_S = 100  # the load step's arrivals: well under the peak at every size, so latency is not queueing
+LOAD_SECONDS = 10.0
+IDLE_SECONDS = 10.0
+PEAK_SECONDS = 5.0
+PEAK_CLIENTS = 32
+# Each simulated worker holds a connection for its blocked take, as a real one does beside its heartbeat's,
+# its listener's and its scripts' (which simulated workers share): 10,000 need more than Redis's default
+# 10,000 clients, and more open files than a process may get by default.
+MAXCLIENTS = 19_000
+
+
+def more_open_files() -> None:
+    """Raise this process's open-file limit to its hard limit (20,000 here: Redis then takes 19,968 clients)."""
+    import resource
+
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+READY_TIMEOUT_S = 600
+# One process on one core cannot wake 10,000 idle consumers a second (a real worker's `POP_TIMEOUT_S`):
+# the simulated ones block this long, at every size. What a real worker's idle look costs is measured
+# on its own (`idle_cost`) at `REAL_BLOCK_IDLE_WORKERS`.
+SIMULATED_TAKE_BLOCK_S = 20.0
+REAL_BLOCK_IDLE_WORKERS = 1000
+BODY = {"model": "fake", "prompt": "go", "max_tokens": 4}
+IMAGES = Path(__file__).parent.parent / "docs" / "images"
+
+
+class RedisCounters:
+    """Commands processed and CPU used by one Redis server, read before and after a span."""
+
+    def __init__(self, url: str) -> None:
+        self._client = SyncRedis.from_url(url)
+        self.url = url
+
+    def read(self) -> tuple[int, float, float]:
+        """(commands processed so far, CPU seconds so far, monotonic time)."""
+        commands = int(self._client.info("stats")["total_commands_processed"])
+        return commands, redis_cpu_s(self.url), time.monotonic()
+
+    def used_memory(self) -> int:
+        return int(self._client.info("memory")["used_memory"])
+
+    def close(self) -> None:
+        self._client.close()
+
+
+def rates(before: tuple[int, float, float], after: tuple[int, float, float]) -> tuple[float, float]:
+    """Commands per second and CPU seconds per second between two `RedisCounters.read`s."""
+    span = after[2] - before[2]
+    return (after[0] - before[0]) / span, (after[1] - before[1]) / span
+
+
+async def _one(http: aiohttp.ClientSession, url: str, at: float) -> float | None:
+    await asyncio.sleep(max(0.0, at - time.perf_counter()))
+    started = time.perf_counter()
+    try:
+        async with http.post(url, json=BODY) as resp:
+            await resp.read()
+            if resp.status != 200:
+                return None
+    except (aiohttp.ClientError, TimeoutError):
+        return None
+    return (time.perf_counter() - started) * 1000
+
+
+async def open_loop(base: str, headers: dict[str, str], rate: float, seconds: float) -> tuple[list[float], int]:
+    """Latencies (ms) of the requests that completed, and how many failed."""
+    rng = random.Random(7)  # the same arrivals at every size
+    arrivals, at = [], 0.0
+    while (at := at + rng.expovariate(rate)) < seconds:
+        arrivals.append(at)
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+        start = time.perf_counter() + 0.05
+        done = await asyncio.gather(*(_one(http, f"{base}/v1/completions", start + a) for a in arrivals))
+    served = [d for d in done if d is not None]
+    return served, len(done) - len(served)
+
+
+async def closed_loop(base: str, headers: dict[str, str], clients: int, seconds: float) -> tuple[int, int]:
+    """Requests completed and failed by `clients` back-to-back clients in `seconds`."""
+    completed, failed = 0, 0
+    deadline = time.perf_counter() + seconds
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+
+        async def client() -> None:
+            nonlocal completed, failed
+            while time.perf_counter() < deadline:
+                if await _one(http, f"{base}/v1/completions", 0.0) is None:
+                    failed += 1
+                else:
+                    completed += 1
+
+        await asyncio.gather(*(client() for _ in range(clients)))
+    return completed, failed
+
+
+def start_simulation(
+    procs: Processes, pool_url: str, redis_url: str, join_key: str, count: int, take_block_s: float
+) -> None:
+    """Simulated workers in one process; returns once every one is registered and consuming."""
+    command = [sys.executable, "-m", "gputorrent.worker.simulated", "--count", str(count), "--coordinator", pool_url,
+               "--redis-url", redis_url, "--join-token", join_key, "--take-block-s", str(take_block_s)]  # fmt: skip
+    child = procs.start(command, stdout=subprocess.PIPE, preexec_fn=more_open_files)
+    assert child.stdout is not None
+    line = child.stdout.readline().decode()  # blocks until `ready N`, or EOF if it died
+    if not line.startswith("ready"):
+        raise RuntimeError(f"the simulated workers did not start (exit code {child.poll()}): {line!r}")
+
+
+def settled(redis_url: str, count: int) -> bool:
+    """Whether `count` workers are registered, each has a live heartbeat, and nine in ten of them are
+    blocked waiting for work (connected, done with their first look at the queues)."""
+    with SyncRedis.from_url(redis_url) as redis:
+        if int(redis.info("clients")["blocked_clients"]) < 0.9 * count:
+            return False
+        ids = redis.smembers(keys.WORKERS)
+        if len(ids) < count:
+            return False
+        with redis.pipeline(transaction=False) as pipe:
+            for worker_id in ids:
+                pipe.exists(keys.heartbeat_key(worker_id.decode()))
+            return sum(pipe.execute()) >= count
+
+
+@contextlib.contextmanager
+def simulated_pool(count: int, take_block_s: float) -> Iterator[tuple[Pool, RedisCounters, float, int]]:
+    """A private Redis, a coordinator and `count` simulated workers, settled: (the pool, the Redis's
+    counters, seconds the registrations took, the Redis's used memory before any)."""
+    redis = EmbeddedRedis().start(preexec_fn=more_open_files)
+    try:
+        with Processes() as procs:
+            counters = RedisCounters(redis.url)
+            with SyncRedis.from_url(redis.url) as admin:
+                admin.config_set("maxclients", MAXCLIENTS)
+            empty_memory = counters.used_memory()
+            pool = start_pool(procs, redis.url)
+            registering = time.monotonic()
+            start_simulation(procs, pool.url, redis.url, pool.join_key, count, take_block_s)
+            registered_s = time.monotonic() - registering
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while not settled(redis.url, count):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{count} workers did not settle")
+                time.sleep(0.5)
+            print(f"{count} workers: registered in {registered_s:.1f} s", file=sys.stderr)
+            try:
+                yield pool, counters, registered_s, empty_memory
+            finally:
+                counters.close()
+    finally:
+        redis.stop()
+
+
+def idle_cost(count: int, take_block_s: float) -> tuple[float, float]:
+    """Redis commands and CPU seconds per second, per worker, of `count` idle workers."""
+    with simulated_pool(count, take_block_s) as (_, counters, _, _):
+        before = counters.read()
+        time.sleep(IDLE_SECONDS)
+        commands, cpu = rates(before, counters.read())
+    return commands / count, cpu / count
+
+
+def measure_size(count: int) -> dict[str, Any]:
+    with simulated_pool(count, SIMULATED_TAKE_BLOCK_S) as (pool, counters, registered_s, empty_memory):
+        asyncio.run(closed_loop(pool.url, pool.headers, 4, 2.0))  # warm the coordinator's paths
+        memory_per_worker = (counters.used_memory() - empty_memory) / count
+
+        before = counters.read()
+        time.sleep(IDLE_SECONDS)
+        idle_commands, idle_cpu = rates(before, counters.read())
+
+        before = counters.read()
+        latencies, errors = asyncio.run(open_loop(pool.url, pool.headers, RATE_PER_S, LOAD_SECONDS))
+        after = counters.read()
+        load_commands, load_cpu = rates(before, after)
+        span_s = after[2] - before[2]
+        requests = len(latencies)
+
+        before = counters.read()
+        completed, failed = asyncio.run(closed_loop(pool.url, pool.headers, PEAK_CLIENTS, PEAK_SECONDS))
+        peak_span_s = counters.read()[2] - before[2]
+    result: dict[str, Any] = {
+        "workers": count,
+        "registration_s": registered_s,
+        "idle_commands_per_s": idle_commands,
+        "idle_redis_cpu_per_s": idle_cpu,
+        "requests": requests,
+        "errors": errors + failed,
+        "latency_ms": summary(latencies) if latencies else None,
+        "commands_per_request": (load_commands - idle_commands) * span_s / max(requests, 1),
+        "redis_cpu_ms_per_request": (load_cpu - idle_cpu) * span_s / max(requests, 1) * 1000,
+        "redis_cpu_ms_per_request_with_idle": load_cpu * span_s / max(requests, 1) * 1000,
+        "peak_per_s": completed / peak_span_s,
+        "redis_memory_per_worker_bytes": memory_per_worker,
+    }
+    print(f"{count} workers: {result}", file=sys.stderr)
+    return result
+
+
+def table(result: dict[str, Any]) -> str:
+    sizes = result["sizes"]
+    base = sizes[0]
+
+    def ratio(value: float, reference: float) -> str:
+        return f"{value / reference:.2f}" if reference else "n/a"
+
+    rows = [
+        "| workers | added p50 ms | added p99 ms | p50 vs the smallest | Redis commands a request "
+        "| Redis CPU ms a request | vs the smallest | peak requests/s | idle: Redis commands/s | idle: Redis CPU "
+        "| Redis bytes a worker |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in sizes:
+        latency = r["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
+        rows.append(
+            f"| {r['workers']:,} | {latency['p50']:.2f} | {latency['p99']:.2f} "
+            f"| {ratio(latency['p50'], (base['latency_ms'] or latency)['p50'])} "
+            f"| {r['commands_per_request']:.0f} | {r['redis_cpu_ms_per_request']:.3f} "
+            f"| {ratio(r['redis_cpu_ms_per_request'], base['redis_cpu_ms_per_request'])} "
+            f"| {r['peak_per_s']:,.0f} | {r['idle_commands_per_s']:,.0f} | {r['idle_redis_cpu_per_s'] * 100:.1f}% "
+            f"| {r['redis_memory_per_worker_bytes']:,.0f} |"
+        )
+    idle = result["idle_real_block"]
+    rows.append(
+        f"\nIdle workers blocking {idle['take_block_s']:g} s at a time, as real ones do "
+        f"({idle['workers']:,} of them): {idle['commands_per_s_per_worker']:.1f} Redis commands and "
+        f"{idle['redis_cpu_per_s_per_worker'] * 1e6:.0f} µs of Redis CPU a second, per worker."
+    )
+    return "\n".join(rows)
+
+
+def plot(result: dict[str, Any], out: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    sizes = result["sizes"]
+    rate = result["rate_per_s"]
+    workers = [r["workers"] for r in sizes]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    left.plot(workers, [r["latency_ms"]["p50"] for r in sizes], "o-", label="added p50")
+    left.plot(workers, [r["latency_ms"]["p99"] for r in sizes], "s--", label="added p99")
+    left.set(xscale="log", yscale="log", xlabel="workers", ylabel="ms", title=f"Added latency at {rate} requests/s")
+    left.legend()
+    right.plot(workers, [r["redis_cpu_ms_per_request"] for r in sizes], "o-", label="a request (idle cost off)")
+    right.plot(workers, [r["idle_redis_cpu_per_s"] * 1000 / rate for r in sizes], "s--",
+               label=f"the idle pool's, spread over {rate} requests/s")  # fmt: skip
+    right.set(xscale="log", xlabel="workers", ylabel="Redis CPU ms", title="Redis CPU per request")
+    right.legend()
+    save_plot(fig, out)
+
+
+def main() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    args = parser.parse_args()
+    sizes = [measure_size(count) for count in args.sizes]
+    commands, cpu = idle_cost(REAL_BLOCK_IDLE_WORKERS, POP_TIMEOUT_S)
+    result = {
+        "rate_per_s": RATE_PER_S,
+        "simulated_take_block_s": SIMULATED_TAKE_BLOCK_S,
+        "sizes": sizes,
+        "idle_real_block": {"workers": REAL_BLOCK_IDLE_WORKERS, "take_block_s": POP_TIMEOUT_S,
+                            "commands_per_s_per_worker": commands, "redis_cpu_per_s_per_worker": cpu},
+    }  # fmt: skip
+    write_result("scale", result)
+    plot(result, IMAGES / "bench-scale.png")
+    print(table(result))
+
+
+if __name__ == "__main__":
+    main()
