@@ -28,7 +28,7 @@ import hashlib
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -86,7 +86,7 @@ class Progress:
     done_bytes: int
     total_bytes: int
     rate_bps: float  # download rate, bytes a second
-    peers: int
+    peers: int  # connected now; on a fetch's last line, the most it had
     eta_s: float | None  # None while nothing arrives
 
     def line(self, name: str) -> str:
@@ -228,10 +228,12 @@ class Swarm:
     ) -> Path:  # fmt: skip
         last_byte_at = last_line_at = time.monotonic()
         done = -1
+        most_peers = 0
         while True:
             for failure in self._drain(handle):
                 raise failure
             status = handle.status()
+            most_peers = max(most_peers, int(status.num_peers))
             now = time.monotonic()
             if status.total_wanted_done > done or status.state in _CHECKING:  # a check of a partial file is progress
                 done, last_byte_at = status.total_wanted_done, now
@@ -246,8 +248,8 @@ class Swarm:
                 last_line_at = now
                 progress(_progress(status, model.size))
             self._session.wait_for_alert(200)
-        if progress is not None:
-            progress(_progress(handle.status(), model.size))
+        if progress is not None:  # with the most peers it had: once complete, libtorrent drops the other seeds at once
+            progress(replace(_progress(handle.status(), model.size), peers=most_peers))
         self._flush(handle)
         if file_sha256(path) != model.sha256:
             path.unlink(missing_ok=True)
