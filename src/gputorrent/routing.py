@@ -38,7 +38,7 @@ class Route:
 
 def candidates_for(model: str, workers: Sequence[WorkerState]) -> list[str]:
     """Ids of the live workers that serve `model`, in a stable order."""
-    return sorted(w.worker_id for w in workers if w.state == "alive" and model in w.models)
+    return [w.worker_id for w in live_for(model, workers)]
 
 
 def served_models(workers: Sequence[WorkerState]) -> list[str]:
@@ -132,7 +132,7 @@ def pick_affine(
     Each worker ranks by a hash of key and worker id, so adding or losing a worker moves only the
     keys that ranked it first. A worker keeps the key while its load (with the new job) stays
     within `AFFINITY_LOAD_FACTOR` of its share of the pool's, by its slots; past that the next in
-    rank takes it, and past every bound the least loaded does. It hashes every candidate: a cost in
+    rank takes it, and past every bound `pick_least_loaded`'s choice does. It hashes every candidate: a cost in
     proportion to them (about a millisecond per thousand), unlike the other policies.
     """
     total = sum(outstanding(w, pending) for w in live) + 1

@@ -17,7 +17,7 @@ from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import snapshot as pool_snapshot_module
 from gputorrent.coordinator.reaper import Reaper
 from gputorrent.coordinator.snapshot import PoolSnapshot
-from gputorrent.protocol import Job, JobResult
+from gputorrent.protocol import Job, JobResult, WorkerState
 from gputorrent.worker.main import Worker
 from tests.conftest import eventually
 
@@ -313,4 +313,54 @@ async def test_a_snapshot_past_its_age_is_read_again_behind_the_next_admission(
         return [w.queue_length for w in snapshot.workers] == [1]
 
     await eventually(read_again, "the snapshot read behind the admission to show the other job")
+    await snapshot.close()
+
+
+async def test_a_reader_gets_a_read_that_began_after_it_asked(
+    redis: Redis, fake_worker: MakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read under way when a reader asks began before what the reader wants to see: the reader
+    waits for it, then for one more."""
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_MAX_AGE_S", 0.0)
+    await fake_worker("w1")
+    snapshot = PoolSnapshot()
+    reads = 0
+    read_pool = registry.snapshot
+
+    async def counted(client: Redis) -> list[WorkerState]:
+        nonlocal reads
+        reads += 1
+        return await read_pool(client)
+
+    monkeypatch.setattr(registry, "snapshot", counted)
+    snapshot.queued(redis, "admitted-here", None, "fake")  # a read behind an admission, now under way
+    await fake_worker("w2")  # joins while that read may be on its way
+    assert [w.worker_id for w in await snapshot.current(redis)] == ["w1", "w2"]
+    assert reads == 2
+    await snapshot.close()
+
+
+async def test_in_a_large_pool_a_request_for_a_model_nobody_serves_does_not_read_the_pool_each_time(
+    redis: Redis, fake_worker: MakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_snapshot_module, "LARGE_POOL_WORKERS", 0)  # one worker is a large pool here
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_MAX_AGE_S", 60.0)  # a slow moment cannot age it
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_STALE_MAX_S", 60.0)
+    await fake_worker("w1")
+    snapshot = PoolSnapshot()
+    await snapshot.for_routing(redis, missed=True)  # never read: reads
+    reads = 0
+
+    async def counted(client: Redis) -> list[WorkerState]:
+        nonlocal reads
+        reads += 1
+        return []
+
+    monkeypatch.setattr(registry, "snapshot", counted)
+    for _ in range(5):
+        await snapshot.for_routing(redis, missed=True)
+        assert snapshot.choose("least_loaded", "unknown", counter=1, affinity_key=None) is None
+    assert reads == 0  # within the snapshot's age: the misses share the last read
+    await snapshot.for_routing(redis, fresh=True)
+    assert reads == 1
     await snapshot.close()

@@ -1,6 +1,9 @@
 import random
 from typing import get_args
 
+import pytest
+
+from gputorrent import routing
 from gputorrent.config import CoordinatorSettings
 from gputorrent.protocol import Hardware, InferenceRequest, WorkerState
 from gputorrent.routing import (
@@ -112,10 +115,12 @@ def test_jobs_queued_since_the_read_count_as_load() -> None:
     assert choose_among("session_affinity", pool, pending={"a": 3, "b": 3}, affinity_key="session:x") is not None
 
 
-def test_least_loaded_over_many_candidates_compares_a_sample_that_favours_the_idle() -> None:
+def test_least_loaded_over_many_candidates_compares_a_sample_that_favours_the_idle(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """Past `LEAST_LOADED_EXACT_MAX` candidates a pick looks at a few at random, not all: it still
     lands on an idle worker almost always, and spreads over many rather than all on the one least loaded."""
-    random.seed(1)
+    monkeypatch.setattr(routing, "random", random.Random(1))  # the same sample every run, no one else's state
     size = LEAST_LOADED_EXACT_MAX * 16
     pool = [_loaded(f"w{i:05d}", queued=0 if i % 2 else 10) for i in range(size)]
     picks = [choose_among("least_loaded", pool) for _ in range(400)]

@@ -89,7 +89,7 @@ async def _route_and_enqueue(
     affinity_key = routing.affinity_key(request)
     route = snapshot.choose(settings.routing, request.model, counter=counter, affinity_key=affinity_key)
     if route is None:  # a worker may have joined since the snapshot: look again before refusing
-        await snapshot.for_routing(redis, fresh=True)
+        await snapshot.for_routing(redis, missed=True)
         route = snapshot.choose(settings.routing, request.model, counter=counter, affinity_key=affinity_key)
     if route is None:
         raise _no_candidate_error(request.model, snapshot.workers)

@@ -5,20 +5,22 @@ reaper) read it rather than the registry, so their cost does not grow with the r
 walks every worker (`registry.snapshot`), which at 10,000 workers is a fifth of a second of the
 coordinator's time and a tenth of Redis's.
 
-When it is read again: `max_age_s()` is `SNAPSHOT_MAX_AGE_S`, or for a pool whose read is slow
-(`CHEAP_READ_S` or more) `READ_COST_FACTOR` times the last read's duration, so reading it takes at
+When it is read again: `max_age_s()` is `SNAPSHOT_MAX_AGE_S`, or in a large pool (more than
+`LARGE_POOL_WORKERS`) `READ_COST_FACTOR` times the last read's duration, so reading it takes at
 most a twentieth of the coordinator's time whatever the pool's size. Admission reads it behind an
 admitted request once it is older than that, so requests coming less often do not each wait for
 the read; before routing only after a quiet spell (older than `SNAPSHOT_STALE_MAX_S`, or twice
-the slow read's bound), or when no live worker serves the model (one may have joined). The other
-readers read it afresh while a read is cheap (a small pool: what they show is then never older
-than the call), else take it as it is within `max_age_s()`. Liveness is checked again when a job
-is queued.
+the large pool's bound), or when no live worker serves the model (one may have joined; in a large
+pool only once the snapshot is past `max_age_s()`, so a client asking for a model nobody serves
+cannot make every request a read). The other readers read it afresh in a small pool (what they
+show is then never older than the call), else take it as it is within `max_age_s()`. Liveness
+is checked again when a job is queued.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 import weakref
@@ -36,17 +38,18 @@ log = logging.getLogger(__name__)
 SNAPSHOT_MAX_AGE_S = 0.1
 SNAPSHOT_STALE_MAX_S = 1.0
 READ_COST_FACTOR = 20
-CHEAP_READ_S = 0.01
+LARGE_POOL_WORKERS = 500  # past this many workers a read takes long enough to be bounded by its cost
 
 
 class PoolSnapshot:
     """The pool as last read, indexed by model, with the jobs this coordinator queued since added to
-    the workers they went to until their results are announced (so a burst of requests spreads as
-    if each had read the pool, and a session's next request finds its worker as free as it is)."""
+    the workers they went to, until their results are announced or a read that began after them
+    shows them (so a burst of requests spreads as if each had read the pool, and a session's next
+    request finds its worker as free as it is)."""
 
     def __init__(self) -> None:
         self.workers: list[WorkerState] = []  # every registered worker, as read
-        self._read_at = -math.inf
+        self._read_at = -math.inf  # when the last read began (the event loop's clock)
         self._read_cost_s = 0.0  # how long the last read took
         self._live: dict[str, list[WorkerState]] = {}  # model -> the live workers serving it, by id
         self._speed: dict[str, float] = {}  # model -> `routing.pool_speed` of its live workers
@@ -57,23 +60,31 @@ class PoolSnapshot:
         self._reading: asyncio.Task[None] | None = None
 
     def max_age_s(self) -> float:
-        return max(SNAPSHOT_MAX_AGE_S, self._slow_read_bound_s())
+        return max(SNAPSHOT_MAX_AGE_S, self._cost_bound_s())
 
-    def _slow_read_bound_s(self) -> float:
-        """`READ_COST_FACTOR` times the last read's duration where that read was slow; 0 where it was cheap."""
-        return READ_COST_FACTOR * self._read_cost_s if self._read_cost_s >= CHEAP_READ_S else 0.0
+    def _large(self) -> bool:
+        return len(self.workers) > LARGE_POOL_WORKERS
+
+    def _cost_bound_s(self) -> float:
+        """`READ_COST_FACTOR` times the last read's duration in a large pool; 0 in a small one (decided by
+        its size, not by a duration that a busy moment could stretch)."""
+        return READ_COST_FACTOR * self._read_cost_s if self._large() else 0.0
 
     def _age_s(self) -> float:
         return asyncio.get_running_loop().time() - self._read_at
 
-    async def for_routing(self, redis: Redis, *, fresh: bool = False) -> None:
-        """Read the pool now if `fresh`, or if the last read is older than the stale bound."""
-        if fresh or self._age_s() > max(SNAPSHOT_STALE_MAX_S, 2 * self._slow_read_bound_s()):
+    async def for_routing(self, redis: Redis, *, missed: bool = False, fresh: bool = False) -> None:
+        """Read the pool before routing after a quiet spell (older than the stale bound); when `missed`
+        (no live worker serves the model: one may have joined), unless a large pool was read within
+        `max_age_s()`; and always when `fresh`."""
+        age_s = self._age_s()
+        stale = age_s > max(SNAPSHOT_STALE_MAX_S, 2 * self._cost_bound_s())
+        if fresh or stale or (missed and (not self._large() or age_s > self.max_age_s())):
             await self._read(redis)
 
     async def current(self, redis: Redis) -> list[WorkerState]:
         """Every registered worker, for a reader of the whole pool (see the module's docstring)."""
-        if self._read_cost_s < CHEAP_READ_S or self._age_s() > self.max_age_s():
+        if not self._large() or self._age_s() > self.max_age_s():
             await self._read(redis)
         return self.workers
 
@@ -99,29 +110,40 @@ class PoolSnapshot:
         """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
         `max_age_s()` is read again now, off the admitted request's way, for the next one."""
         if worker_id is not None:
+            self.announced(request_id)  # an id queued again while pending: counted once
             self._pending[request_id] = (worker_id, model)
             self._pending_at[worker_id] += 1
             self._pending_for[model] += 1
         if self._age_s() > self.max_age_s() and (self._reading is None or self._reading.done()):
-            self._reading = asyncio.create_task(self._read_behind(redis), name="pool snapshot")
+            self._reading = self._start_read(redis)
 
     def announced(self, request_id: str) -> None:
         """The job's result was announced: if it was this coordinator's, it no longer weighs on its worker."""
         if (pending := self._pending.pop(request_id, None)) is not None:
             worker_id, model = pending
-            self._pending_at[worker_id] -= 1
-            self._pending_for[model] -= 1
+            _uncount(self._pending_at, worker_id)
+            _uncount(self._pending_for, model)
 
     async def close(self) -> None:
         """Stop a read in progress (the app is stopping)."""
         if self._reading is not None and not self._reading.done():
             self._reading.cancel()
+            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+                await self._reading
 
     async def _read(self, redis: Redis) -> None:
-        """Read the pool, sharing a read already under way (one at a time, however many readers ask)."""
-        if self._reading is None or self._reading.done():
-            self._reading = asyncio.create_task(self._read_now(redis), name="pool snapshot")
-        await asyncio.shield(self._reading)
+        """Read the pool, in a read that began after this call: one under way is joined, and another
+        started after it where it began before (one read at a time, however many readers ask)."""
+        asked_at = asyncio.get_running_loop().time()
+        while self._read_at < asked_at:
+            if self._reading is None or self._reading.done():
+                self._reading = self._start_read(redis)
+            await asyncio.shield(self._reading)
+
+    def _start_read(self, redis: Redis) -> asyncio.Task[None]:
+        reading = asyncio.create_task(self._read_now(redis), name="pool snapshot")
+        reading.add_done_callback(_note_failure)
+        return reading
 
     async def _read_now(self, redis: Redis) -> None:
         counted = list(self._pending)  # jobs queued while the read is on its way may be missing from it
@@ -131,12 +153,6 @@ class PoolSnapshot:
         self._read_at, self._read_cost_s = started, asyncio.get_running_loop().time() - started
         for request_id in counted:
             self.announced(request_id)
-
-    async def _read_behind(self, redis: Redis) -> None:
-        try:
-            await self._read_now(redis)
-        except (RedisError, OSError) as e:  # the next admission reads it (and reports the outage)
-            log.debug("the pool snapshot could not be read behind an admission: %s", e)
 
     def _index(self, workers: Sequence[WorkerState]) -> None:
         live: defaultdict[str, list[WorkerState]] = defaultdict(list)
@@ -148,6 +164,19 @@ class PoolSnapshot:
                     live[model].append(worker)
         self.workers, self._live, self._queued = list(workers), dict(live), queued
         self._speed = {model: routing.pool_speed(candidates) for model, candidates in live.items()}
+
+
+def _uncount(counter: Counter[str], key: str) -> None:
+    counter[key] -= 1
+    if counter[key] <= 0:  # not kept at 0: the keys would grow with every worker and model ever seen
+        del counter[key]
+
+
+def _note_failure(reading: asyncio.Task[None]) -> None:
+    """Retrieve a failed read's error: a read behind an admission may have nobody waiting on it (the
+    next admission reads again, and reports the outage)."""
+    if not reading.cancelled() and (error := reading.exception()) is not None:
+        log.debug("the pool snapshot could not be read: %s", error)
 
 
 # One per Redis client, which is one per coordinator app (a test's app does not see another's pool).

@@ -13,7 +13,8 @@ says what that leaves out).
     python -m gputorrent.worker.simulated --count 1000 --coordinator http://127.0.0.1:8000 \\
         --redis-url redis://127.0.0.1:6379/0 --join-token KEY --model fake
 
-It prints `ready N` once all N are registered and consuming, and leaves the pool (deregisters
+It prints `ready N` once all N are registered and their consumer loops started (bench/scale.py
+then waits until Redis counts them blocked waiting for work), and leaves the pool (deregisters
 each) when it gets SIGINT or SIGTERM.
 """
 

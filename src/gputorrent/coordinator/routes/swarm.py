@@ -7,9 +7,10 @@ import logging
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel
 
-from gputorrent import catalogue, registry
+from gputorrent import catalogue
 from gputorrent.coordinator.deps import RedisDep
 from gputorrent.coordinator.security import AdminDep, JoinDep, require_client
+from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.errors import ModelNotFound
 from gputorrent.protocol import SwarmFetch, SwarmMembers, SwarmProgress, SwarmSource
 
@@ -31,7 +32,7 @@ class CatalogueEntry(BaseModel):
 async def list_catalogue(redis: RedisDep) -> list[CatalogueEntry]:
     """The pool's model files: a llama.cpp worker started with one of these names (or sent a pull of
     it) fetches it from the workers that hold it."""
-    files, workers = await catalogue.entries(redis), await registry.snapshot(redis)
+    files, workers = await catalogue.entries(redis), await current_pool(redis)
     return [
         CatalogueEntry(
             model=model,
@@ -59,7 +60,7 @@ async def forget_model(model: str, redis: RedisDep, caller: AdminDep) -> None:
 async def announce_fetch(body: SwarmFetch, redis: RedisDep, caller: JoinDep) -> SwarmSource:
     """A worker (with a join key) is about to fetch a model: the answer gives the file to check it
     against and the workers to fetch it from, and the holders let the fetcher's address in."""
-    source = await catalogue.announce_fetch(redis, body.model, body.peer, await registry.snapshot(redis))
+    source = await catalogue.announce_fetch(redis, body.model, body.peer, await current_pool(redis))
     if source is None:
         raise ModelNotFound(
             f"model {body.model!r} is not in the pool's catalogue: no llama.cpp worker has published its file",
@@ -79,10 +80,10 @@ async def fetch_ended(body: SwarmFetch, redis: RedisDep, caller: JoinDep) -> Non
 @router.post("/swarm/progress", response_model=SwarmMembers)
 async def fetch_progress(body: SwarmProgress, redis: RedisDep, caller: JoinDep) -> SwarmMembers:
     """How a fetch goes (the dashboard shows it); the answer is the members, as `GET /swarm/members`'s."""
-    return await catalogue.report(redis, body, await registry.snapshot(redis))
+    return await catalogue.report(redis, body, await current_pool(redis))
 
 
 @router.get("/swarm/members", response_model=SwarmMembers)
 async def swarm_members(redis: RedisDep, caller: JoinDep) -> SwarmMembers:
     """The addresses a worker's swarm accepts (live workers', and fetches under way), and the fetches."""
-    return await catalogue.members(redis, await registry.snapshot(redis))
+    return await catalogue.members(redis, await current_pool(redis))
