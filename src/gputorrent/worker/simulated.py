@@ -1,8 +1,8 @@
 """Many simulated workers in one process, for scale benchmarks and tests (`bench/scale.py`).
 
 Each simulated worker does what a real worker does to the pool, with the same code: it registers
-through the coordinator's `POST /register`, beats with `registry.beat` (the same three commands
-on its own schedule), and takes, runs and finishes jobs through `RedisLink` with `slots` consumer
+through the coordinator's `POST /register`, beats with a real beat's three commands
+(`registry.queue_beat`) on its own schedule, and takes, runs and finishes jobs through `RedisLink` with `slots` consumer
 loops, each blocked on its own connection as a real one is. What they share is only what costs
 a real pool nothing per worker: the process, one fake backend (instant unless `--token-ms`), one
 heartbeat thread beating for all of them in turn (the beats due together in one round trip), and
@@ -91,7 +91,11 @@ class Simulation:
         """Register every worker, serve until `stop`, then leave the pool."""
         # One client for all: its shared connection carries every worker's scripts, and each blocked take
         # holds a connection of its own, as a real worker's does.
-        redis = self._client()
+        redis = redis_client.async_client(
+            self.redis_url,
+            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
+            socket_timeout=REDIS_REPLY_TIMEOUT_S - POP_TIMEOUT_S + self.take_block_s,  # a real worker's margin
+        )
         pipelined.keep_idle_borrowed(redis, self.count * self.slots)
         try:
             await self._register_all(redis)
@@ -112,13 +116,6 @@ class Simulation:
                 await self._leave_all()
         finally:
             await redis.aclose()
-
-    def _client(self) -> Redis:
-        return redis_client.async_client(
-            self.redis_url,
-            socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,
-            socket_timeout=REDIS_REPLY_TIMEOUT_S - POP_TIMEOUT_S + self.take_block_s,
-        )
 
     async def _register_all(self, redis: Redis) -> None:
         headers = {"content-type": "application/json"}
