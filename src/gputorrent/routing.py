@@ -12,11 +12,13 @@ listing the model.
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import itertools
 import math
 import random
 import statistics
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
@@ -70,10 +72,11 @@ def live_for(model: str, workers: Sequence[WorkerState]) -> list[WorkerState]:
 
 def choose_among(
     policy: str, live: Sequence[WorkerState], *, counter: int = 1, affinity_key: str | None = None,
-    pending: Mapping[str, int] | None = None, speed: float | None = None,
+    pending: Mapping[str, int] | None = None, speed: float | None = None, ring: AffinityRing | None = None,
 ) -> Route | None:  # fmt: skip
     """`choose` over candidates already found (`live_for`), sorted by id. `pending`: jobs queued for
-    each since the candidates were read; `speed`: their `pool_speed`, if known already."""
+    each since the candidates were read; `speed`: their `pool_speed`, and `ring`: their `AffinityRing`,
+    if made already."""
     if not live:
         return None
     if policy == "pull":
@@ -82,7 +85,7 @@ def choose_among(
     if policy == "least_loaded" or (policy == "session_affinity" and affinity_key is None):
         return Route(worker_id=pick_least_loaded(live, pending, speed))
     if policy == "session_affinity" and affinity_key is not None:
-        return Route(worker_id=pick_affine(live, affinity_key, pending, speed))
+        return Route(worker_id=pick_affine(live, affinity_key, pending, speed, ring))
     return Route(worker_id=pick_round_robin(live, counter).worker_id)
 
 
@@ -125,24 +128,74 @@ def pool_speed(workers: Sequence[WorkerState]) -> float:
 
 
 def pick_affine(
-    live: Sequence[WorkerState], key: str, pending: Mapping[str, int] | None = None, speed: float | None = None
-) -> str:
+    live: Sequence[WorkerState], key: str, pending: Mapping[str, int] | None = None, speed: float | None = None,
+    ring: AffinityRing | None = None,
+) -> str:  # fmt: skip
     """The worker `key` hashes to, while it is not overloaded (bounded-load rendezvous hashing).
 
     Each worker ranks by a hash of key and worker id, so adding or losing a worker moves only the
     keys that ranked it first. A worker keeps the key while its load (with the new job) stays
     within `AFFINITY_LOAD_FACTOR` of its share of the pool's, by its slots; past that the next in
-    rank takes it, and past every bound `pick_least_loaded`'s choice does. It hashes every candidate: a cost in
-    proportion to them (about a millisecond per thousand), unlike the other policies.
+    rank takes it, and past every bound `pick_least_loaded`'s choice does. Past
+    `AFFINITY_EXACT_MAX` candidates the rank is the walk of `affinity_ring(live)` from the key's
+    point instead (consistent hashing, with the same property), so a request does not hash them all.
     """
-    total = sum(outstanding(w, pending) for w in live) + 1
-    capacity = sum(w.slots for w in live)
-    ranked = sorted(live, key=lambda w: hashlib.sha256(f"{key}\0{w.worker_id}".encode()).digest(), reverse=True)
+    pending = pending or {}
+    if len(live) > AFFINITY_EXACT_MAX:
+        ring = ring or affinity_ring(live)
+        pending_here = sum(jobs for worker_id, jobs in pending.items() if worker_id in ring.worker_ids)
+        total, capacity = ring.load + pending_here + 1, ring.capacity
+        ranked: Iterable[WorkerState] = itertools.islice(ring.walk(key), AFFINITY_RING_WALK)
+    else:
+        total, capacity = sum(outstanding(w, pending) for w in live) + 1, sum(w.slots for w in live)
+        ranked = sorted(live, key=lambda w: hashlib.sha256(f"{key}\0{w.worker_id}".encode()).digest(), reverse=True)
     for worker in ranked:
         bound = max(worker.slots, math.ceil(AFFINITY_LOAD_FACTOR * total * worker.slots / capacity))
         if outstanding(worker, pending) + 1 <= bound:
             return worker.worker_id
     return pick_least_loaded(live, pending, speed)
+
+
+AFFINITY_EXACT_MAX = 64  # past this many candidates, session affinity walks a ring (`affinity_ring`)
+AFFINITY_RING_POINTS = 8  # points a worker has on the ring: more spread the keys more evenly
+AFFINITY_RING_WALK = 32  # workers a key tries along the ring before the least loaded takes it
+
+
+@dataclass(frozen=True)
+class AffinityRing:
+    """A model's candidates as points on a hash ring, made once per read of the pool: a key's rank of
+    workers is the distinct owners of the points from its hash on (consistent hashing)."""
+
+    points: list[int]  # sorted
+    owners: list[WorkerState]  # of each point
+    load: int  # jobs queued for and held by all the candidates, as read
+    capacity: int  # their slots
+    worker_ids: frozenset[str]
+
+    def walk(self, key: str) -> Iterator[WorkerState]:
+        start = bisect.bisect_left(self.points, _ring_hash(key))
+        seen: set[str] = set()
+        for i in range(len(self.points)):
+            owner = self.owners[(start + i) % len(self.points)]
+            if owner.worker_id not in seen:
+                seen.add(owner.worker_id)
+                yield owner
+
+
+def affinity_ring(live: Sequence[WorkerState]) -> AffinityRing:
+    """The ring of these candidates (a few hashes per candidate: made once per read, not per request)."""
+    placed = sorted(
+        (_ring_hash(f"{w.worker_id}\0{point}"), w.worker_id, w) for w in live for point in range(AFFINITY_RING_POINTS)
+    )
+    return AffinityRing(
+        points=[point for point, _, _ in placed], owners=[w for _, _, w in placed],
+        load=sum(outstanding(w) for w in live), capacity=sum(w.slots for w in live),
+        worker_ids=frozenset(w.worker_id for w in live),
+    )  # fmt: skip
+
+
+def _ring_hash(text: str) -> int:
+    return int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "big")
 
 
 def affinity_key(request: InferenceRequest | EmbeddingRequest) -> str | None:

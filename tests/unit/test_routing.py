@@ -7,10 +7,13 @@ from gputorrent import routing
 from gputorrent.config import CoordinatorSettings
 from gputorrent.protocol import Hardware, InferenceRequest, WorkerState
 from gputorrent.routing import (
+    AFFINITY_EXACT_MAX,
     LEAST_LOADED_EXACT_MAX,
     POLICIES,
+    AffinityRing,
     Route,
     affinity_key,
+    affinity_ring,
     candidates_for,
     choose,
     choose_among,
@@ -127,3 +130,26 @@ def test_least_loaded_over_many_candidates_compares_a_sample_that_favours_the_id
     idle = [p for p in picks if p is not None and int(p.worker_id[1:]) % 2]
     assert len(idle) >= 0.85 * len(picks)  # all of a sample of 4 busy: 1 time in 16
     assert len({p.worker_id for p in idle if p is not None}) > 200
+
+
+def test_session_affinity_over_many_candidates_walks_a_ring_and_moves_only_a_leavers_keys() -> None:
+    """Past `AFFINITY_EXACT_MAX` candidates a key's worker comes from a ring made once per read: a key
+    stays on its worker, keys spread, a worker's leaving moves only its own keys, and an overloaded
+    worker passes a key on."""
+    pool = [_loaded(f"w{i:04d}") for i in range(AFFINITY_EXACT_MAX * 3)]
+
+    def home(key: str, workers: list[WorkerState], ring: AffinityRing) -> str | None:
+        route = choose_among("session_affinity", workers, affinity_key=key, ring=ring)
+        return route.worker_id if route is not None else None
+
+    ring = affinity_ring(pool)
+    homes = {f"session:{i}": home(f"session:{i}", pool, ring) for i in range(2000)}
+    assert all(home(key, pool, ring) == worker for key, worker in list(homes.items())[:50])
+    assert len(set(homes.values())) > len(pool) * 0.9  # keys spread over nearly every worker
+    leaver = homes["session:0"]
+    rest = [w for w in pool if w.worker_id != leaver]
+    rest_ring = affinity_ring(rest)
+    moved = {key for key in homes if home(key, rest, rest_ring) != homes[key]}
+    assert moved == {key for key, worker in homes.items() if worker == leaver}
+    overloaded = [w.model_copy(update={"queue_length": 10}) if w.worker_id == leaver else w for w in pool]
+    assert home("session:0", overloaded, affinity_ring(overloaded)) not in (None, leaver)

@@ -57,6 +57,7 @@ class PoolSnapshot:
         self._pending: dict[str, tuple[str, str]] = {}  # request id -> (worker id, model): queued since the read
         self._pending_at: Counter[str] = Counter()  # worker id -> its jobs in `_pending`
         self._pending_for: Counter[str] = Counter()  # model -> its jobs in `_pending`
+        self._rings: dict[str, routing.AffinityRing] = {}  # model -> its candidates' ring, made when first asked
         self._reading: asyncio.Task[None] | None = None
 
     def max_age_s(self) -> float:
@@ -89,11 +90,15 @@ class PoolSnapshot:
         return self.workers
 
     def choose(self, policy: str, model: str, *, counter: int, affinity_key: str | None) -> routing.Route | None:
-        """`routing.choose` on this snapshot, its pending jobs counted; its cost does not grow with the pool
-        (but for session affinity, see `routing.pick_affine`)."""
+        """`routing.choose` on this snapshot, its pending jobs counted; its cost does not grow with the
+        pool (session affinity's ring of a model is made once per read, at its first use)."""
+        live = self._live.get(model, [])
+        ring = None
+        if policy == "session_affinity" and affinity_key is not None and len(live) > routing.AFFINITY_EXACT_MAX:
+            ring = self._rings.get(model) or self._rings.setdefault(model, routing.affinity_ring(live))
         return routing.choose_among(
-            policy, self._live.get(model, ()), counter=counter, affinity_key=affinity_key,
-            pending=self._pending_at, speed=self._speed.get(model),
+            policy, live, counter=counter, affinity_key=affinity_key, pending=self._pending_at,
+            speed=self._speed.get(model), ring=ring,
         )  # fmt: skip
 
     def queued_for(self, model: str) -> int:
@@ -105,6 +110,7 @@ class PoolSnapshot:
         for model, live in self._live.items():
             if any(w.worker_id == worker_id for w in live):
                 self._live[model] = [w for w in live if w.worker_id != worker_id]
+                self._rings.pop(model, None)
 
     def queued(self, redis: Redis, request_id: str, worker_id: str | None, model: str) -> None:
         """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
@@ -162,7 +168,7 @@ class PoolSnapshot:
                 queued[model] += worker.queue_length
                 if worker.state == "alive":
                     live[model].append(worker)
-        self.workers, self._live, self._queued = list(workers), dict(live), queued
+        self.workers, self._live, self._queued, self._rings = list(workers), dict(live), queued, {}
         self._speed = {model: routing.pool_speed(candidates) for model, candidates in live.items()}
 
 
