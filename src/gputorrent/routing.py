@@ -141,7 +141,7 @@ def pick_affine(
     point instead (consistent hashing, with the same property), so a request does not hash them all.
     """
     pending = pending or {}
-    if len(live) > AFFINITY_EXACT_MAX:
+    if walks_a_ring(live):
         ring = ring or affinity_ring(live)
         pending_here = sum(jobs for worker_id, jobs in pending.items() if worker_id in ring.worker_ids)
         total, capacity = ring.load + pending_here + 1, ring.capacity
@@ -159,6 +159,11 @@ def pick_affine(
 AFFINITY_EXACT_MAX = 64  # past this many candidates, session affinity walks a ring (`affinity_ring`)
 AFFINITY_RING_POINTS = 8  # points a worker has on the ring: more spread the keys more evenly
 AFFINITY_RING_WALK = 32  # workers a key tries along the ring before the least loaded takes it
+
+
+def walks_a_ring(live: Sequence[WorkerState]) -> bool:
+    """Whether session affinity over these candidates walks their `affinity_ring`, not ranks them all."""
+    return len(live) > AFFINITY_EXACT_MAX
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,11 @@ def fetch(url: str, api_key: str | None, timeout_s: float = 10.0) -> PoolOvervie
 def render(pool: PoolOverview, url: str) -> str:
     """The pool as a few lines of text: totals, the last minute's rates, workers, queues by model."""
     t, r = pool.totals, pool.rates
+    registered = sum(t.workers.values())  # `pool.workers` holds only some rows of a large pool
     ttft = f"{r.ttft_avg_s * 1000:.0f} ms" if r.ttft_avg_s is not None else "-"
     lines = [
         f"GPU Torrent at {url}   {time.strftime('%H:%M:%S', time.localtime(pool.at))}",
-        f"workers: {t.workers['alive']} alive of {sum(t.workers.values())}"
+        f"workers: {t.workers['alive']} alive of {registered}"
         + "".join(f", {n} {state}" for state, n in t.workers.items() if n and state != "alive")
         + f" | slots busy {t.slots_busy}/{t.slots} | in flight {t.in_flight} | queued {t.queued}",
         f"last {r.window_s} s: {r.jobs_per_s:.2f} requests/s | {r.tokens_per_s:.1f} tokens/s | "
@@ -62,10 +63,8 @@ def render(pool: PoolOverview, url: str) -> str:
             lines.append(f"  {w.worker_id}: {w.state_reason}")
     if not pool.workers:
         lines.append("(no workers registered)")
-    elif len(pool.workers) < sum(t.workers.values()):
-        lines.append(
-            f"({len(pool.workers)} of {sum(t.workers.values())} workers shown: those not alive first, then the busiest)"
-        )
+    elif len(pool.workers) < registered:
+        lines.append(f"({len(pool.workers)} of {registered} workers shown: those not alive first, then the busiest)")
     lines.append("")
     lines += _table(
         [("MODEL", "WORKERS", "ALIVE", "QUEUED", "IN FLIGHT")]

@@ -151,13 +151,17 @@ def test_rates_weigh_latencies_by_jobs_and_leave_gaps_as_none() -> None:
     assert pool_view.rates([]).ttft_avg_s is None
 
 
+def _overview(workers: list[WorkerState], rows: list[WorkerState] | None = None) -> pool_view.PoolOverview:
+    """What `/pool` would answer for these workers (showing `rows` of them, or all)."""
+    return pool_view.PoolOverview(
+        at=time.time(), workers=workers if rows is None else rows, models=pool_view.model_queues(workers),
+        totals=pool_view.totals(workers), rates=pool_view.rates([]), bucket_s=5, history=[], failures=None,
+    )  # fmt: skip
+
+
 def test_status_renders_workers_queues_and_rates() -> None:
     workers = [_worker("gpu-box", gpu=True, queue_length=4), _worker("gone", state="dead")]
-    pool = pool_view.PoolOverview(
-        at=time.time(), workers=workers, models=pool_view.model_queues(workers), totals=pool_view.totals(workers),
-        rates=pool_view.rates([]), bucket_s=5, history=[], failures=None,
-    )  # fmt: skip
-    text = render(pool, "http://coord:8000")
+    text = render(_overview(workers), "http://coord:8000")
     assert "workers: 1 alive of 2, 1 dead | slots busy 1/2 | in flight 1 | queued 4" in text
     gpu_row = next(line for line in text.splitlines() if line.startswith("gpu-box"))
     assert gpu_row.split()[:6] == ["gpu-box", "alive", "fake", "m", "1/2", "4"]
@@ -173,11 +177,7 @@ def test_a_large_pool_shows_its_troubled_and_busiest_workers_and_counts_them_all
     rows = pool_view.worker_rows(workers)
     assert [w.worker_id for w in rows] == ["w9", "w2", "w5"]  # not alive first, then the busiest
     assert pool_view.worker_rows(workers[:3]) == workers[:3]  # a small pool: every worker, by id
-    pool = pool_view.PoolOverview(
-        at=time.time(), workers=rows, models=pool_view.model_queues(workers), totals=pool_view.totals(workers),
-        rates=pool_view.rates([]), bucket_s=5, history=[], failures=None,
-    )  # fmt: skip
-    text = render(pool, "http://coord:8000")
+    text = render(_overview(workers, rows), "http://coord:8000")
     assert "workers: 6 alive of 7, 1 dead" in text
     assert "(3 of 7 workers shown" in text
 

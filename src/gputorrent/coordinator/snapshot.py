@@ -94,8 +94,10 @@ class PoolSnapshot:
         pool (session affinity's ring of a model is made once per read, at its first use)."""
         live = self._live.get(model, [])
         ring = None
-        if policy == "session_affinity" and affinity_key is not None and len(live) > routing.AFFINITY_EXACT_MAX:
-            ring = self._rings.get(model) or self._rings.setdefault(model, routing.affinity_ring(live))
+        if policy == "session_affinity" and affinity_key is not None and routing.walks_a_ring(live):
+            ring = self._rings.get(model)
+            if ring is None:
+                ring = self._rings[model] = routing.affinity_ring(live)
         return routing.choose_among(
             policy, live, counter=counter, affinity_key=affinity_key, pending=self._pending_at,
             speed=self._speed.get(model), ring=ring,
