@@ -9,11 +9,13 @@ worker that proved its secret, never one a request body names.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from gputorrent import handoff, keys, queue, registry, routing
 from gputorrent.protocol import BeatAnswer, Heartbeat, Job
+from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +35,28 @@ async def held_entry(redis: Redis, worker_id: str, request_id: str) -> str | Non
 
 # A beat checked against a secret that is deleted meanwhile (revoked, or the worker left) must not
 # bring the worker back to life: the heartbeat is written only while the secret is there.
-_BEAT = """
-if redis.call('EXISTS', KEYS[2]) == 0 then return 0 end
-redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+@dataclass(frozen=True)
+class _BeatKeys:
+    heartbeat: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class _BeatArgs:
+    beat: str
+    ttl_ms: int
+
+
+# Sent by its source (EVAL) within the beat's pipeline: a pipeline cannot load a script it lacks.
+_BEAT = Script(
+    _BeatKeys,
+    _BeatArgs,
+    """
+if redis.call('EXISTS', secret) == 0 then return 0 end
+redis.call('SET', heartbeat, beat, 'PX', ttl_ms)
 return 1
-"""
+""",
+)
 
 
 async def beat(
@@ -47,10 +66,11 @@ async def beat(
     and which of its `running` jobs it no longer holds or were ended (it stops them). None, and
     nothing written, when its secret is gone."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.eval(
-            _BEAT, 2, keys.heartbeat_key(worker_id), keys.worker_secret_key(worker_id),
-            heartbeat.model_dump_json(), str(int(ttl_s * 1000)),
-        )  # fmt: skip
+        numkeys, keys_and_args = _BEAT.call(
+            _BeatKeys(heartbeat=keys.heartbeat_key(worker_id), secret=keys.worker_secret_key(worker_id)),
+            _BeatArgs(beat=heartbeat.model_dump_json(), ttl_ms=int(ttl_s * 1000)),
+        )
+        pipe.eval(_BEAT.source, numkeys, *keys_and_args)
         pipe.exists(keys.drain_key(worker_id))
         pipe.lrange(keys.processing_key(worker_id), 0, -1)
         pipe.get(keys.SWARM_EPOCH)

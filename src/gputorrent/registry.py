@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pydantic import ValidationError
@@ -18,23 +19,47 @@ from redis.exceptions import ResponseError, WatchError
 
 from gputorrent import keys
 from gputorrent.protocol import MAX_MODELS, BeatAnswer, Group, Hardware, Heartbeat, WorkerRecord, WorkerState
-from gputorrent.scripts import Script
+from gputorrent.scripts import NoKeys, Script
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", WorkerRecord, Heartbeat)
 
+
 # A live worker's id is taken: only its own secret (or `force`) replaces its registration.
-_REGISTER = Script("""
-if ARGV[7] ~= '1' and redis.call('EXISTS', KEYS[3]) == 1 then
-  local current = redis.call('GET', KEYS[4])
-  if current and current ~= ARGV[6] then return 0 end
+@dataclass(frozen=True)
+class _RegisterKeys:
+    record_key: str
+    workers: str
+    heartbeat: str
+    secret: str
+
+
+@dataclass(frozen=True)
+class _RegisterArgs:
+    record: str
+    worker_id: str
+    first_beat: str
+    heartbeat_ttl_ms: int
+    secret_hash: str
+    presented_hash: str
+    force: bool
+
+
+_REGISTER = Script(
+    _RegisterKeys,
+    _RegisterArgs,
+    """
+if not force and redis.call('EXISTS', heartbeat) == 1 then
+  local current = redis.call('GET', secret)
+  if current and current ~= presented_hash then return 0 end
 end
-redis.call('SET', KEYS[1], ARGV[1])
-redis.call('SADD', KEYS[2], ARGV[2])
-redis.call('SET', KEYS[3], ARGV[3], 'PX', ARGV[4])
-redis.call('SET', KEYS[4], ARGV[5])
+redis.call('SET', record_key, record)
+redis.call('SADD', workers, worker_id)
+redis.call('SET', heartbeat, first_beat, 'PX', heartbeat_ttl_ms)
+redis.call('SET', secret, secret_hash)
 return 1
-""")
+""",
+)
 
 
 async def register(
@@ -53,13 +78,25 @@ async def register(
     `force`: False, and nothing changes, when it is missing or wrong. A dead worker's id is free.
     """
     heartbeat = Heartbeat(at=record.registered_at)
+    worker_id = record.worker_id
     stored = await _REGISTER.run(
-        redis, 4,
-        keys.worker_key(record.worker_id), keys.WORKERS, keys.heartbeat_key(record.worker_id),
-        keys.worker_secret_key(record.worker_id),
-        record.model_dump_json(), record.worker_id, heartbeat.model_dump_json(), str(int(heartbeat_ttl_s * 1000)),
-        secret_hash, presented_hash, "1" if force else "0",
-    )  # fmt: skip
+        redis,
+        _RegisterKeys(
+            record_key=keys.worker_key(worker_id),
+            workers=keys.WORKERS,
+            heartbeat=keys.heartbeat_key(worker_id),
+            secret=keys.worker_secret_key(worker_id),
+        ),
+        _RegisterArgs(
+            record=record.model_dump_json(),
+            worker_id=worker_id,
+            first_beat=heartbeat.model_dump_json(),
+            heartbeat_ttl_ms=int(heartbeat_ttl_s * 1000),
+            secret_hash=secret_hash,
+            presented_hash=presented_hash,
+            force=force,
+        ),
+    )
     return bool(stored)
 
 
@@ -166,14 +203,32 @@ async def mark_gone(redis: Redis, worker_id: str) -> None:
 
 # Only a worker with nothing left in its lists leaves the registry: the reaper finds jobs
 # through the registry, so removing one that still holds jobs would lose them.
-_DEREGISTER = Script("""
-for i = 5, #KEYS do
-  if redis.call('LLEN', KEYS[i]) > 0 then return 0 end
+@dataclass(frozen=True)
+class _DeregisterKeys:
+    record_key: str
+    heartbeat: str
+    workers: str
+    drain: str
+    lists: tuple[str, ...]  # its processing list and every band of its queue
+
+
+@dataclass(frozen=True)
+class _DeregisterArgs:
+    worker_id: str
+
+
+_DEREGISTER = Script(
+    _DeregisterKeys,
+    _DeregisterArgs,
+    """
+for _, held in ipairs(lists) do
+  if redis.call('LLEN', held) > 0 then return 0 end
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[4])
-redis.call('SREM', KEYS[3], ARGV[1])
+redis.call('DEL', record_key, heartbeat, drain)
+redis.call('SREM', workers, worker_id)
 return 1
-""")
+""",
+)
 
 
 async def deregister(redis: Redis, worker_id: str) -> bool:
@@ -182,19 +237,24 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
     Returns whether it left the registry. The hash of its secret stays (a worker's Redis user need
     not write it); it only matters while a worker with this id is alive.
     """
-    lists = [keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)]
     left = await _DEREGISTER.run(
-        redis, 4 + len(lists),
-        keys.worker_key(worker_id), keys.heartbeat_key(worker_id), keys.WORKERS, keys.drain_key(worker_id), *lists,
-        worker_id,
-    )  # fmt: skip
+        redis,
+        _DeregisterKeys(
+            record_key=keys.worker_key(worker_id),
+            heartbeat=keys.heartbeat_key(worker_id),
+            workers=keys.WORKERS,
+            drain=keys.drain_key(worker_id),
+            lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
+        ),
+        _DeregisterArgs(worker_id=worker_id),
+    )
     if not left:
         await mark_gone(redis, worker_id)
     return bool(left)
 
 
 def _key_parts(key_of_id: str) -> list[str]:
-    """A worker key's text before and after the worker id (the script rebuilds it for each id)."""
+    """A worker key's text before and after the worker id."""
     before, _, after = key_of_id.partition(_ID_MARK)
     return [before, after]
 
@@ -202,18 +262,30 @@ def _key_parts(key_of_id: str) -> list[str]:
 _ID_MARK = "\x00"
 # Pairs of (before, after) around a worker id: record, heartbeat, processing list, then every queue band.
 _SNAPSHOT_KEYS = [keys.worker_key(_ID_MARK), keys.heartbeat_key(_ID_MARK), keys.processing_key(_ID_MARK)]
-_SNAPSHOT_KEY_PARTS = [part for key in [*_SNAPSHOT_KEYS, *keys.worker_queue_keys(_ID_MARK)] for part in _key_parts(key)]
+_SNAPSHOT_KEY_PARTS = tuple(
+    part for key in [*_SNAPSHOT_KEYS, *keys.worker_queue_keys(_ID_MARK)] for part in _key_parts(key)
+)
 
-# The workers named after the key pairs: {id, record, heartbeat, jobs queued (every band), jobs held}
-# for each; ARGV[1] is how many key pairs come before the ids (see `_SNAPSHOT_KEY_PARTS`).
-_SNAPSHOT = Script("""
-local pairs_end = 1 + 2 * tonumber(ARGV[1])
-local function key(pair, id) return ARGV[2 * pair] .. id .. ARGV[2 * pair + 1] end
+
+@dataclass(frozen=True)
+class _SnapshotArgs:
+    key_parts: tuple[str, ...]  # `_SNAPSHOT_KEY_PARTS`
+    ids: tuple[str, ...]
+
+
+# The workers of `ids`: {id, record, heartbeat, jobs queued (every band), jobs held} for each. The one
+# script that makes key names, from the parts keys.py gives around an id: it reads thousands of
+# workers' keys, which as declared keys would be thousands of names sent with every read. It only
+# reads; on a Redis Cluster the pool is read by another way (docs/architecture.md).
+_SNAPSHOT = Script(
+    NoKeys,
+    _SnapshotArgs,
+    """
+local function key(pair, id) return key_parts[2 * pair - 1] .. id .. key_parts[2 * pair] end
 local workers = {}
-for i = pairs_end + 1, #ARGV do
-  local id = ARGV[i]
+for _, id in ipairs(ids) do
   local bands = {}
-  for pair = 4, (pairs_end - 1) / 2 do bands[#bands + 1] = key(pair, id) end
+  for pair = 4, #key_parts / 2 do bands[#bands + 1] = key(pair, id) end
   local queued = 0
   if redis.call('EXISTS', unpack(bands)) > 0 then  -- most workers' bands are all empty: one call
     for _, band in ipairs(bands) do queued = queued + redis.call('LLEN', band) end
@@ -223,7 +295,8 @@ for i = pairs_end + 1, #ARGV do
   }
 end
 return workers
-""")
+""",
+)
 
 # Workers read by one script: Redis runs nothing else while a script runs, so a pool of thousands is
 # read in steps of about 2 ms each rather than one pause of a tenth of a second.
@@ -233,12 +306,12 @@ SNAPSHOT_CHUNK = 200
 async def snapshot(redis: Redis) -> list[WorkerState]:
     """Every registered worker with its state, load and queue length, sorted by id (one round trip
     for the ids, then one per `SNAPSHOT_CHUNK` workers)."""
-    ids = sorted(await redis.smembers(keys.WORKERS))
-    head = (str(len(_SNAPSHOT_KEY_PARTS) // 2), *_SNAPSHOT_KEY_PARTS)
+    ids = sorted(map(str, await redis.smembers(keys.WORKERS)))
     states: list[WorkerState] = []
     records: dict[str, WorkerRecord] = {}
     for start in range(0, len(ids), SNAPSHOT_CHUNK):
-        replies = await _SNAPSHOT.run(redis, 0, *head, *ids[start : start + SNAPSHOT_CHUNK])
+        chunk = _SnapshotArgs(key_parts=_SNAPSHOT_KEY_PARTS, ids=tuple(ids[start : start + SNAPSHOT_CHUNK]))
+        replies = await _SNAPSHOT.run(redis, NoKeys(), chunk)
         states += [state for reply in replies if (state := _state(*reply, records=records)) is not None]
     _records_parsed.clear()  # only the records of this read are kept: the cache is never larger than the pool
     _records_parsed.update(records)

@@ -34,6 +34,7 @@ import logging
 import math
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from redis.asyncio import Redis
@@ -41,7 +42,7 @@ from redis.exceptions import ConnectionError, NoPermissionError, NoScriptError, 
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gputorrent import pipelined, redis_client
-from gputorrent.scripts import Script
+from gputorrent.scripts import ArgsT, KeysT, NoArgs, Script
 
 log = logging.getLogger(__name__)
 
@@ -192,8 +193,10 @@ def configure(redis: Redis, replicas: int | Literal["auto"], timeout_ms: int) ->
     _waits[redis] = ReplicaWait(redis, replicas, timeout_ms)
 
 
-async def run(redis: Redis, write: Write, request_id: str, script: Script, numkeys: int, *args: str | bytes) -> Any:
-    """The reply of `script`, once the replicas wanted have its writes.
+async def run(
+    redis: Redis, write: Write, request_id: str, script: Script[KeysT, ArgsT], keys: KeysT, args: ArgsT
+) -> Any:
+    """The reply of `script` over `keys` and `args`, once the replicas wanted have its writes.
 
     Raises:
         Unreplicated: the bound passed first; the script's writes are on the primary, unacknowledged.
@@ -201,17 +204,18 @@ async def run(redis: Redis, write: Write, request_id: str, script: Script, numke
     waiting = _waits.get(redis)
     wanted = await waiting.wanted() if waiting is not None else 0
     if waiting is None or wanted == 0:
-        return await script.run(redis, numkeys, *args)
+        return await script.run(redis, keys, args)
+    numkeys, flat = script.call(keys, args)
     wait = ("WAIT", wanted, waiting.timeout_ms)
     try:
         async with pipelined.borrowed(redis) as connection:
             try:
                 reply, replicas = await connection.execute_all(
-                    ("EVALSHA", script.sha, numkeys, *args), wait, blocks_s=waiting.timeout_ms / 1000
+                    ("EVALSHA", script.sha, numkeys, *flat), wait, blocks_s=waiting.timeout_ms / 1000
                 )
             except NoScriptError:  # a new or restarted Redis: the script did not run, the WAIT returned at once
                 reply, replicas = await connection.execute_all(
-                    ("EVAL", script.source, numkeys, *args), wait, blocks_s=waiting.timeout_ms / 1000
+                    ("EVAL", script.source, numkeys, *flat), wait, blocks_s=waiting.timeout_ms / 1000
                 )
     except (ConnectionError, RedisTimeoutError):
         waiting.forget()  # maybe another primary next time
@@ -222,12 +226,19 @@ async def run(redis: Redis, write: Write, request_id: str, script: Script, numke
 
 # Rewrites a key with its own value and time to live: a write, so a `WAIT` sent after it covers every
 # earlier write to the primary too (replication is one ordered stream), whichever connection made them.
+@dataclass(frozen=True)
+class _TouchKeys:
+    key: str
+
+
 _TOUCH = Script(
+    _TouchKeys,
+    NoArgs,
     """
-local value = redis.call('GET', KEYS[1])
-if value then redis.call('SET', KEYS[1], value, 'KEEPTTL') end
+local value = redis.call('GET', key)
+if value then redis.call('SET', key, value, 'KEEPTTL') end
 return value
-"""
+""",
 )
 
 
@@ -238,4 +249,4 @@ async def confirm(redis: Redis, write: Write, request_id: str, key: str) -> Any:
     Raises:
         Unreplicated: the bound passed first.
     """
-    return await run(redis, write, request_id, _TOUCH, 1, key)
+    return await run(redis, write, request_id, _TOUCH, _TouchKeys(key), NoArgs())

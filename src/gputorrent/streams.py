@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any, cast
 
 from redis.asyncio import Redis
@@ -31,21 +32,42 @@ StreamReply = list[tuple[str, list[tuple[str, dict[str, str]]]]]
 
 # Only the job's holder writes: a worker whose lease was taken (it stalled and the job went on to
 # another, or the job was ended) must not interleave its tokens with the next worker's.
-_APPEND = Script("""
-if redis.call('HGET', KEYS[3], 'worker_id') ~= ARGV[4] or redis.call('EXISTS', KEYS[2]) == 1 then return 0 end
-redis.call('XADD', KEYS[1], '*', 'text', ARGV[1], 'tokens', ARGV[2])
-redis.call('EXPIRE', KEYS[1], ARGV[3])
+@dataclass(frozen=True)
+class _AppendKeys:
+    stream: str
+    cancel: str
+    status: str
+
+
+@dataclass(frozen=True)
+class _AppendArgs:
+    text: str
+    tokens: str
+    ttl_s: int
+    worker_id: str
+
+
+_APPEND = Script(
+    _AppendKeys,
+    _AppendArgs,
+    """
+if redis.call('HGET', status, 'worker_id') ~= worker_id or redis.call('EXISTS', cancel) == 1 then return 0 end
+redis.call('XADD', stream, '*', 'text', text, 'tokens', tokens)
+redis.call('EXPIRE', stream, ttl_s)
 return 1
-""")
+""",
+)
 
 
 async def append(redis: Redis, request_id: str, worker_id: str, text: str, tokens: int, ttl_s: int) -> bool:
     """Append text to the stream if `worker_id` still holds the job; False (nothing written) once it
     does not: the job was ended (see `queue.end`), finished or handed on."""
+    where = _AppendKeys(
+        stream=keys.stream_key(request_id), cancel=keys.cancel_key(request_id), status=keys.job_key(request_id)
+    )
     written = await _APPEND.run(
-        redis, 3, keys.stream_key(request_id), keys.cancel_key(request_id), keys.job_key(request_id),
-        text, str(tokens), str(ttl_s), worker_id,
-    )  # fmt: skip
+        redis, where, _AppendArgs(text=text, tokens=str(tokens), ttl_s=ttl_s, worker_id=worker_id)
+    )
     return bool(written)
 
 

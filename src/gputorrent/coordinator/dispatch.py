@@ -57,14 +57,15 @@ async def admit(
         idempotency_key = f"request:{client_id}"
     elif idempotency_key is not None:
         idempotency_key = f"key:{caller.key_id}:{idempotency_key}"
-    if idempotency_key is not None and (replayed := await _replay(redis, idempotency_key, caller)) is not None:
+    seen = await _seen(redis, idempotency_key) if idempotency_key is not None else None
+    if seen is not None and (replayed := await _replay(redis, idempotency_key or "", seen, caller)) is not None:
         return replayed
     limits = quotas.limits(caller, quotas.check_size(request, settings), settings)
     snapshot = pool_snapshot(redis)
     for attempt in range(ROUTE_ATTEMPTS):
         try:
             return await _route_and_enqueue(
-                redis, snapshot, request, settings, caller, limits, client_id, idempotency_key
+                redis, snapshot, request, settings, caller, limits, client_id, idempotency_key, seen
             )
         except queue.WorkerGone as gone:  # it left after the snapshot was read: route again without it
             log.info("worker %s left before the job was queued; routing again", gone)
@@ -83,6 +84,7 @@ async def _route_and_enqueue(
     limits: queue.Limits,
     client_id: str | None,
     idempotency_key: str | None,
+    seen: str | None,
 ) -> Accepted:
     await snapshot.for_routing(redis)
     counter = await queue.next_round_robin(redis) if routing.needs_counter(settings.routing) else 1
@@ -105,7 +107,7 @@ async def _route_and_enqueue(
     )
     try:
         admitted = await queue.enqueue(
-            redis, job, settings.result_ttl_s, idempotency_key, caller.key_id, limits, require_alive=True
+            redis, job, settings.result_ttl_s, idempotency_key, caller.key_id, limits, require_alive=True, seen=seen
         )
     except queue.Refused as refused:
         raise _refused(refused.limit, job, settings) from None
@@ -114,7 +116,7 @@ async def _route_and_enqueue(
         worker_id = found.worker_id if found is not None else route.worker_id
         return Accepted(request_id=job.request_id, worker_id=worker_id or None, replayed=True)
     if admitted != job.request_id:  # a concurrent twin got in first
-        return await _replay(redis, idempotency_key or "", caller) or Accepted(
+        return await _replay(redis, idempotency_key or "", admitted, caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
         )
     snapshot.queued(redis, job.request_id, route.worker_id, job.model)
@@ -136,16 +138,19 @@ def _queue_full(why: str) -> RateLimited:
     return RateLimited(f"the queue is full: {why}; retry later", retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
 
 
-async def _replay(redis: Redis, idempotency_key: str, caller: Caller) -> Accepted | None:
-    """The job an idempotency key admitted before, or None when the key is new (or its job expired).
+async def _seen(redis: Redis, idempotency_key: str) -> str | None:
+    """The request id an idempotency key admitted before; None when the key is new."""
+    found_id = await redis.get(keys.idempotency_key(idempotency_key))
+    return None if found_id is None else str(found_id)
+
+
+async def _replay(redis: Redis, idempotency_key: str, request_id: str, caller: Caller) -> Accepted | None:
+    """The job `request_id`, which an idempotency key admitted before, or None when its job and result
+    are gone (expired: the key is free again).
 
     Raises:
         Conflict: the key is a request id that another caller's request has.
     """
-    found_id = await redis.get(keys.idempotency_key(idempotency_key))
-    if found_id is None:
-        return None
-    request_id = str(found_id)
     if not await owns(redis, caller, request_id):
         raise Conflict(f"request_id {request_id!r} is taken by another client; choose another")
     found = await queue.lookup(redis, request_id)

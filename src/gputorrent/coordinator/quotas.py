@@ -9,7 +9,6 @@ minute, whatever the requests turn out to use.
 from __future__ import annotations
 
 import time
-from string import Template
 
 from redis.asyncio import Redis
 
@@ -26,9 +25,7 @@ RATE_WINDOW_TTL_S = 120  # a minute's counters outlive the minute
 # A stream's follower, admitted alone: a free stream slot, a request counted, the slot taken
 # (the same checks the enqueue script makes for a streamed job; see `queue.enqueue`).
 _FOLLOWER = Script(
-    Template(queue.STREAM_SLOT_FREE + queue.RATE_COUNT + queue.STREAM_SLOT_TAKE + "return 1").substitute(
-        rate=1, streams=2, tokens=1, rpm=2, tpm=3, rate_ttl=4, max_streams=5, stale_before=6, now=7, slot=8
-    )
+    queue.LimitKeys, queue.LimitArgs, queue.STREAM_SLOT_FREE + queue.RATE_COUNT + queue.STREAM_SLOT_TAKE + "return 1"
 )
 
 
@@ -88,11 +85,7 @@ async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: Coor
     if caller.admin:
         return
     key_limits = limits(caller, 0, settings)
-    answer = await _FOLLOWER.run(
-        redis, 2, key_limits.rate_key, key_limits.streams_key,
-        "0", str(key_limits.rpm), str(key_limits.tpm), str(key_limits.rate_ttl_s), str(key_limits.max_streams),
-        repr(key_limits.stale_before), repr(time.time()), slot,
-    )  # fmt: skip
+    answer = await _FOLLOWER.run(redis, key_limits.keys(), key_limits.args(slot=slot, streamed=True))
     if answer in queue.REFUSALS:
         raise refused(queue.REFUSALS[answer], settings)
 

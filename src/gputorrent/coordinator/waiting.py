@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from redis.asyncio import Redis
 
 from gputorrent import keys, pool_stats
@@ -12,19 +14,33 @@ from gputorrent.scripts import Script
 HISTORY_S = 60  # the span of recent jobs the start estimate learns from
 
 
-# How many jobs will be taken before one: every job in the higher bands (KEYS[1..ARGV[1] - 1]),
-# and those to its right in its own band (KEYS[ARGV[1]]: pushed on the left, taken from the right);
-# -1 when it is not there (taken or moved just now). Counted in Redis, so no job's body travels.
-_AHEAD = Script("""
-local band = tonumber(ARGV[1])
+@dataclass(frozen=True)
+class _AheadKeys:
+    higher: tuple[str, ...]  # the bands taken before the job's own
+    band: str  # the job's own band
+
+
+@dataclass(frozen=True)
+class _AheadArgs:
+    marker: str  # text only the job's entry holds: its request id as its JSON writes it
+
+
+# How many jobs will be taken before one: every job in the higher bands, and those to its right in
+# its own band (pushed on the left, taken from the right); -1 when it is not there (taken or moved
+# just now). Counted in Redis, so no job's body travels.
+_AHEAD = Script(
+    _AheadKeys,
+    _AheadArgs,
+    """
 local ahead = 0
-for i = 1, band - 1 do ahead = ahead + redis.call('LLEN', KEYS[i]) end
-local entries = redis.call('LRANGE', KEYS[band], 0, -1)
+for _, higher_band in ipairs(higher) do ahead = ahead + redis.call('LLEN', higher_band) end
+local entries = redis.call('LRANGE', band, 0, -1)
 for i = 1, #entries do
-  if string.find(entries[i], ARGV[2], 1, true) then return ahead + #entries - i end
+  if string.find(entries[i], marker, 1, true) then return ahead + #entries - i end
 end
 return -1
-""")
+""",
+)
 
 
 async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
@@ -35,8 +51,9 @@ async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
     priority = int(await redis.hget(keys.job_key(status.request_id), "priority") or keys.PRIORITY_DEFAULT)
     worker_id = status.worker_id
     bands = keys.worker_queue_keys(worker_id) if worker_id else keys.model_queue_keys(status.model)
-    band = keys.PRIORITY_BANDS.index(priority) + 1
-    ahead = int(await _AHEAD.run(redis, len(bands), *bands, str(band), f'"request_id":"{status.request_id}"'))
+    own = keys.PRIORITY_BANDS.index(priority)
+    where = _AheadKeys(higher=tuple(bands[:own]), band=bands[own])
+    ahead = int(await _AHEAD.run(redis, where, _AheadArgs(marker=f'"request_id":"{status.request_id}"')))
     if ahead < 0:
         return status  # taken or moved just now
     return status.model_copy(update={"position": ahead, "eta_s": await _eta(redis, status, ahead)})

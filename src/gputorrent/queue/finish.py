@@ -1,0 +1,117 @@
+"""Finishing: a job taken out of the list that holds it and its result stored, in one script."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from gputorrent import keys, replication
+from gputorrent.protocol import JobResult
+from gputorrent.queue.lists import HOLDER_DEAD, guard_keys
+from gputorrent.scripts import Script
+
+
+@dataclass(frozen=True)
+class FinishKeys:
+    held_in: str  # the list that holds the job
+    holder_beat: str  # see `lists.HOLDER_DEAD`
+    grace: str
+    result: str  # `result:{request_id}`
+    status: str  # `job:{request_id}`
+    stream: str  # `stream:{request_id}`
+    deadlines: str
+
+
+@dataclass(frozen=True)
+class FinishArgs:
+    reaping: bool
+    raw: str  # the job's entry in `held_in`
+    result_json: str
+    ttl_s: int
+    streamed: bool  # the stream ends with the result
+    channel: str  # `results:ready`
+    request_id: str
+    announces_result: bool  # the announcement carries the result (see `announces_result`)
+
+
+# A repeat of this very store (its WAIT came short, or its reply was lost) finds the entry gone and
+# the result there: it touches the result, a write, so the WAIT sent with this call covers the first.
+_FINISH = Script(
+    FinishKeys,
+    FinishArgs,
+    HOLDER_DEAD
+    + """
+if redis.call('LREM', held_in, 1, raw) == 0 then
+  if redis.call('GET', result) == result_json then
+    redis.call('EXPIRE', result, ttl_s)
+    return 1
+  end
+  return 0
+end
+redis.call('SET', result, result_json, 'EX', ttl_s)
+redis.call('DEL', status)
+redis.call('ZREM', deadlines, request_id)
+if streamed then
+  redis.call('XADD', stream, '*', 'result', result_json)
+  redis.call('EXPIRE', stream, ttl_s)
+end
+if announces_result then
+  redis.call('PUBLISH', channel, request_id .. '\\n' .. result_json)
+else
+  redis.call('PUBLISH', channel, request_id)
+end
+return 1
+""",
+)
+
+
+async def finish(
+    redis: Redis, held_in: str, raw: str, result: JobResult, ttl_s: int, *, streamed: bool, dead: str | None = None
+) -> bool:
+    """Remove `raw` from the list `held_in` and store the result, atomically; False (nothing written)
+    when `raw` is no longer there (the lease was lost), or, for a reaper acting on `dead`, when its
+    heartbeat is back or `liveness:grace` holds. A repeat that finds this very result stored already
+    is True (and its `WAIT` covers the first store).
+
+    Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
+    `stream:{request_id}` with the result for a streamed job, and announces it on the results channel
+    (with the result itself where `announces_result`). Returns once the replicas the client wants
+    have it.
+
+    Raises:
+        replication.Unreplicated: they did not within the bound; the result is stored on the primary,
+            unacknowledged: call again with the same result.
+    """
+    request_id = result.request_id
+    result_json = result.model_dump_json()
+    holder_beat, grace = guard_keys(dead)
+    finish_keys = FinishKeys(
+        held_in=held_in, holder_beat=holder_beat, grace=grace, result=keys.result_key(request_id),
+        status=keys.job_key(request_id), stream=keys.stream_key(request_id), deadlines=keys.DEADLINES,
+    )  # fmt: skip
+    finish_args = FinishArgs(
+        reaping=dead is not None, raw=raw, result_json=result_json, ttl_s=ttl_s, streamed=streamed,
+        channel=keys.RESULTS_CHANNEL, request_id=request_id,
+        announces_result=announces_result(result_json, streamed=streamed),
+    )  # fmt: skip
+    return bool(await replication.run(redis, "result", request_id, _FINISH, finish_keys, finish_args))
+
+
+# A result up to this size travels in its announcement, so a waiting request needs no read of Redis;
+# a larger one (an embedding batch) is announced by its id alone, and read by whoever waits for it.
+ANNOUNCED_RESULT_MAX_BYTES = 64 * 1024
+
+
+def announces_result(result_json: str, *, streamed: bool) -> bool:
+    """Whether `results:ready` carries the result itself (`{request_id}\\n{result JSON}`) or only its id.
+
+    A streamed job's followers read its result from its stream, so its announcement is the id alone.
+    """
+    return not streamed and len(result_json) <= ANNOUNCED_RESULT_MAX_BYTES
+
+
+def read_announcement(message: str) -> tuple[str, str | None]:
+    """A `results:ready` message as (request id, the result's JSON or None when not carried)."""
+    request_id, _, result_json = message.partition("\n")
+    return request_id, result_json or None
