@@ -9,7 +9,7 @@ import logging
 from redis.asyncio import Redis
 
 from gputorrent import queue, routing
-from gputorrent.protocol import Job, WorkerState
+from gputorrent.protocol import WorkerState
 
 log = logging.getLogger(__name__)
 
@@ -35,26 +35,18 @@ async def hand_on(
     Returns how many jobs were moved or failed.
     """
     handled = 0
-    for raw in await redis.lrange(source, 0, -1):
-        job = _job_of(str(raw))
-        shared = job is not None and job.shared
-        movable = job is not None and not shared and job.kind != "pull"
-        candidates = routing.candidates_for(job.model, workers) if job is not None and movable else []
+    dead = worker_id if only_if_dead else None
+    entries = await queue.read_held(redis, source)
+    for job in await queue.held_jobs(redis, source, entries, worker_id, ttl_s, reader="a hand-on", dead=dead):
+        shared = job.shared
+        movable = not shared and job.kind != "pull"
+        candidates = routing.candidates_for(job.model, workers) if movable else []
         target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis)) if candidates else None
         moved = await queue.retry_or_fail(
-            redis, source, str(raw), started=count_attempt, target=target, max_attempts=max_attempts, ttl_s=ttl_s,
-            dead=worker_id if only_if_dead else None,
-        )  # fmt: skip
+            redis, source, job, started=count_attempt, target=target, max_attempts=max_attempts, ttl_s=ttl_s, dead=dead
+        )
         if moved:
             to = "its model's shared queue" if shared else target or "nobody: it failed"
             log.info("a job of worker %s was handed to %s", worker_id, to)
             handled += 1
     return handled
-
-
-def _job_of(raw: str) -> Job | None:
-    """The job (None for an unreadable one: retry_or_fail drops it)."""
-    try:
-        return Job.model_validate_json(raw)
-    except ValueError:
-        return None

@@ -5,18 +5,18 @@
 | key                   | type      | holds                                       | TTL            | writer      |
 |-----------------------|-----------|---------------------------------------------|----------------|-------------|
 | `worker:{worker_id}`  | string    | the registration record (JSON)              | none           | coordinator |
-| `queue:{worker_id}`   | list      | jobs (JSON) of priority 5 routed to this worker | none       | both        |
+| `queue:{worker_id}`   | list      | request ids of the jobs of priority 5 routed to this worker | none | both |
 | `queue:{worker_id}#p{n}` | list   | the same, priority n (0-9, not 5)           | none           | both        |
-| `modelqueue:{n}:{model}` | list   | jobs of priority n any worker serving the model takes | none | both       |
+| `modelqueue:{n}:{model}` | list   | request ids, priority n, any worker serving the model takes | none | both |
 | `doorbell:worker:{id}` | list     | a token per job queued for it: wakes a consumer | trimmed  | both        |
 | `doorbell:model:{model}` | list   | a token per job on the model's shared queue | trimmed    | both        |
-| `processing:{id}`     | list      | the jobs a worker holds (its leases)        | none           | both        |
+| `processing:{id}`     | list      | request ids of the jobs a worker holds (its leases) | none   | both        |
 | `result:{request_id}` | string    | the finished result (JSON)                  | `result_ttl_s` | worker      |
 | `worker_index`        | integer   | the round-robin counter                     | none           | coordinator |
 | `workers`             | set       | ids of every registered worker              | none           | coordinator |
 | `heartbeat:{id}`      | string    | last beat and jobs in flight; absent = dead | heartbeat TTL  | worker      |
 | `liveness:grace`      | string    | present: Redis was just away; judge no one dead | heartbeat TTL  | coordinator |
-| `job:{request_id}`    | hash      | status (queued/running), worker, model      | `result_ttl_s` | both        |
+| `job:{request_id}`    | hash      | status, worker, model, the job (JSON)       | result TTL + timeout | both  |
 | `results:ready`       | channel   | ids of results just written (pub/sub)       | n/a            | worker      |
 | `stream:{request_id}` | stream    | text entries, then one entry with the result | `result_ttl_s` | worker      |
 | `cancel:{request_id}` | string    | present: the job was ended (cancelled, timed out) | `result_ttl_s` | coordinator |

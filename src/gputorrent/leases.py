@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from gputorrent import handoff, keys, queue, registry, routing
@@ -20,17 +21,20 @@ from gputorrent.scripts import Script
 log = logging.getLogger(__name__)
 
 
-async def held_entry(redis: Redis, worker_id: str, request_id: str) -> str | None:
-    """The entry of `request_id` in the worker's processing list (its lease on the job); None when
-    the worker holds no such job."""
-    for raw in map(str, await redis.lrange(keys.processing_key(worker_id), 0, -1)):
-        if queue.request_id_of(raw) == request_id:
-            try:
-                if Job.model_validate_json(raw).request_id == request_id:
-                    return raw
-            except ValueError:
-                continue
-    return None
+async def held(redis: Redis, worker_id: str, request_id: str) -> Job | None:
+    """The job `request_id` when the worker holds it (it is in the worker's processing list: its lease
+    on the job); None when the worker holds no such job."""
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.lpos(keys.processing_key(worker_id), request_id)
+        pipe.hget(keys.job_key(request_id), queue.JOB_FIELD)
+        position, body = await pipe.execute()
+    if position is None or body is None:
+        return None
+    try:
+        return Job.model_validate_json(body)
+    except ValidationError as e:  # a newer coordinator queued it: this one cannot act on it
+        log.error("worker %s holds job %s, which this coordinator cannot read: %s", worker_id, request_id, e)
+        return None
 
 
 # A beat checked against a secret that is deleted meanwhile (revoked, or the worker left) must not
@@ -79,27 +83,25 @@ async def beat(
         written, drain, held, swarm_epoch, *cancelled = await pipe.execute()
     if not written:
         return None
-    held_ids = {queue.request_id_of(str(raw)) for raw in held}
+    held_ids = set(map(str, held))
     ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
     return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=int(swarm_epoch or 0))
 
 
-async def add_pulled_model(redis: Redis, worker_id: str, raw: str) -> bool:
-    """Add the model of the pull job `raw` to the worker's registration while the worker holds that job:
-    a worker lists a model this way only when it was asked to pull it. False when `raw` is not a pull
+async def add_pulled_model(redis: Redis, worker_id: str, job: Job) -> bool:
+    """Add the model of the pull job `job` to the worker's registration while the worker holds that job:
+    a worker lists a model this way only when it was asked to pull it. False when `job` is not a pull
     job the worker holds, or the registration cannot take the model (see `registry.add_model`)."""
-    job = Job.model_validate_json(raw)
-    if job.kind != "pull" or await redis.lpos(keys.processing_key(worker_id), raw) is None:
+    if job.kind != "pull" or await redis.lpos(keys.processing_key(worker_id), job.request_id) is None:
         return False
     return await registry.add_model(redis, worker_id, job.model)
 
 
-async def fail_over(redis: Redis, worker_id: str, raw: str, *, max_attempts: int, ttl_s: int) -> bool:
+async def fail_over(redis: Redis, worker_id: str, job: Job, *, max_attempts: int, ttl_s: int, fence: str = "") -> bool:
     """Hand a job the worker's backend could not run to another live worker serving its model (counting
     an attempt). True when the job is no longer the worker's to finish (handed on, or its lease was
     lost meanwhile); False when it had its last attempt or no other worker can take it (a pull job is
-    its worker's alone): the worker stores its failure."""
-    job = Job.model_validate_json(raw)
+    its worker's alone): the worker stores its failure. `fence`: the worker's lease on it (`Lease.fence`)."""
     if job.attempt >= max_attempts or job.kind == "pull":
         return False
     workers = [w for w in await registry.snapshot(redis) if w.worker_id != worker_id]
@@ -108,8 +110,8 @@ async def fail_over(redis: Redis, worker_id: str, raw: str, *, max_attempts: int
         return False
     target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis))
     moved = await queue.retry_or_fail(
-        redis, keys.processing_key(worker_id), raw, started=True, target=target, max_attempts=max_attempts,
-        ttl_s=ttl_s,
+        redis, keys.processing_key(worker_id), job, started=True, target=target, max_attempts=max_attempts,
+        ttl_s=ttl_s, fence=fence,
     )  # fmt: skip
     if moved:
         log.info("request %s handed to worker %s: worker %s's backend is unavailable", job.request_id, target,
@@ -144,22 +146,14 @@ async def reclaim_orphans(
     """Queue again (at the front of the worker's queue) the jobs of its processing list that no consumer
     holds (`held`: request ids) and that were already unheld on the previous look (`suspects`): a take
     whose reply never reached the worker. Returns how many were queued again, and the unheld ones
-    to look at next time. An unheld job that cannot be read fails with `result_ttl_s` (see `queue.held_job`)."""
+    to look at next time. An unheld job that cannot be read fails with `result_ttl_s` (see `queue.held_jobs`)."""
     held_in = keys.processing_key(worker_id)
-    unheld: dict[str, str] = {}
-    for raw in map(str, await redis.lrange(held_in, 0, -1)):
-        request_id = queue.request_id_of(raw)
-        if request_id is None:
-            log.error("worker %s: dropping an unreadable job: %.200s", worker_id, raw)
-            await redis.lrem(held_in, 1, raw)
-        elif request_id not in held:
-            unheld[request_id] = raw
+    unheld = {str(request_id) for request_id in await redis.lrange(held_in, 0, -1)} - held
+    orphans = sorted(unheld & suspects)
     requeued = 0
-    for request_id in unheld.keys() & suspects:
-        raw = unheld[request_id]
-        if (job := await queue.held_job(redis, worker_id, raw, result_ttl_s)) is None:
-            continue
-        if await queue.requeue(redis, held_in, raw, job):
-            log.warning("request %s: its take's reply was lost; queued for worker %s again", request_id, worker_id)
+    entries = list(zip(orphans, await queue.bodies(redis, orphans), strict=True))
+    for job in await queue.held_jobs(redis, held_in, entries, worker_id, result_ttl_s):
+        if await queue.requeue(redis, held_in, job):
+            log.warning("request %s: its take's reply was lost; queued for worker %s again", job.request_id, worker_id)
             requeued += 1
-    return requeued, unheld.keys() - suspects
+    return requeued, unheld - suspects

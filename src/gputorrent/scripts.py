@@ -2,12 +2,12 @@
 
 Every state change of a job is one script, so it is atomic. Each script declares what it touches as
 two dataclasses: its keys (each a `str`, or a `tuple[str, ...]` for a run of keys such as a queue's
-priority bands) and its arguments (`str`, `int`, `float`, `bool`, one of those or None, or a
-`tuple[str, ...]`). The
-script's body sees each field as a Lua local of the same name, already converted (a number with
-`tonumber`, a flag as a boolean, None as nil), so no call is built or read by position, and a
-script reads keys only from its fields, never by building a name. A run of keys becomes a Lua
-table (`for _, key in ipairs(bands)`, `unpack(bands)`), and so does a run of arguments.
+priority bands) and its arguments (`str`, `int`, `float`, `bool`, an `int` or `float` or None, or a
+`tuple[str, ...]`). The script's body sees each field as a Lua local of the same name, already
+converted (a number with `tonumber`, a flag as a boolean, a missing number as nil), so no call is
+built or read by position. A run of keys becomes a Lua table (`for _, key in ipairs(bands)`,
+`unpack(bands)`), and so does a run of arguments. A value that is only stored is best sent as text:
+Redis writes a Lua number it is given back as text in its own format.
 
 Scripts run by SHA1 (`EVALSHA`): every job's path runs several, and sending each one's source
 (kilobytes) with every call cost more than the call itself, on both sides of the connection.
@@ -60,7 +60,7 @@ _LUA_WORDS = frozenset((
     "redis", "cjson", "struct", "cmsgpack", "bit", "table", "string", "math", "tonumber", "tostring", "unpack",
     "ipairs", "pairs", "type", "KEYS", "ARGV",  # what a script's body may call or read
 ))  # fmt: skip
-# What an argument's annotation becomes in Lua: the text of ARGV, a number, or a flag; "?" = may be None.
+# What an argument's annotation becomes in Lua: the text of ARGV, a number, or a flag.
 _ARG_KINDS: dict[Any, str] = {str: "text", int: "number", float: "number", bool: "flag"}
 
 
@@ -82,7 +82,9 @@ def _fields(cls: type, what: str) -> list[tuple[str, str]]:
             options = set(typing.get_args(hint)) if isinstance(hint, types.UnionType) else {hint}
             optional = type(None) in options
             kinds = {_ARG_KINDS.get(option, "") for option in options - {type(None)}}
-            kind = kinds.pop() + ("?" if optional else "") if len(kinds) == 1 and "" not in kinds else ""
+            kind = kinds.pop() if len(kinds) == 1 and "" not in kinds else ""
+            if optional and kind != "number":  # only a number has a "missing" that Lua tells apart (nil)
+                kind = ""
         if not kind:
             raise TypeError(f"{cls.__name__}.{name}: a script's {what} cannot be {hint}")
         found.append((name, kind))
@@ -104,7 +106,7 @@ def _prelude(key_fields: list[tuple[str, str]], arg_fields: list[tuple[str, str]
             lines.append(f"local {name} = {{unpack(ARGV, _a + 1, _a + tonumber(ARGV[_a]))}}")
             lines.append("_a = _a + 1 + tonumber(ARGV[_a])")
             continue
-        read = {"text": "ARGV[_a]", "number": "tonumber(ARGV[_a])", "flag": "ARGV[_a] == '1'"}[kind.rstrip("?")]
+        read = {"text": "ARGV[_a]", "number": "tonumber(ARGV[_a])", "flag": "ARGV[_a] == '1'"}[kind]
         lines.append(f"local {name} = {read}; _a = _a + 1")
     return "\n".join(lines) + "\n"
 

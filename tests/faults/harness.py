@@ -141,13 +141,6 @@ class Outcome:
         assert self.completed + sum(self.failed.values()) == len(self.submitted)
 
 
-def _request_id(raw: str) -> str:
-    try:
-        return str(json.loads(raw)["request_id"])
-    except (ValueError, KeyError, TypeError):
-        return f"unreadable: {raw[:80]}"
-
-
 class Announcements(threading.Thread):
     """Counts each request id announced on `results:ready`, resubscribing after a Redis restart.
 
@@ -499,10 +492,10 @@ class Pool:
 
     def held_by(self, worker_id: str) -> list[str]:
         """The request ids in the worker's processing list (the jobs it had started)."""
-        return [json.loads(raw)["request_id"] for raw in self.client.lrange(keys.processing_key(worker_id), 0, -1)]
+        return list(self.client.lrange(keys.processing_key(worker_id), 0, -1))
 
     def queued_on(self, worker_id: str) -> list[str]:
-        return [json.loads(raw)["request_id"] for raw in self.client.lrange(keys.queue_key(worker_id), 0, -1)]
+        return list(self.client.lrange(keys.queue_key(worker_id), 0, -1))
 
     def status(self, request_id: str) -> dict[str, str]:
         return {str(k): str(v) for k, v in self.client.hgetall(keys.job_key(request_id)).items()}
@@ -571,7 +564,7 @@ class Pool:
             and r.output != expected_output(job.prompt, job.max_tokens)
         ]
         stray = {
-            key: [_request_id(str(raw)) for raw in entries]
+            key: [str(request_id) for request_id in entries]
             for worker_id in self.specs
             for key in (keys.queue_key(worker_id), keys.processing_key(worker_id))
             if (entries := self.client.lrange(key, 0, -1))
@@ -594,7 +587,7 @@ class Pool:
         found = [
             key
             for key in self.client.scan_iter(match="*:*", count=1000)
-            if self.client.type(key) == "list" and any(request_id in raw for raw in self.client.lrange(key, 0, -1))
+            if self.client.type(key) == "list" and request_id in self.client.lrange(key, 0, -1)
         ]
         status = JobStatus.model_validate_json(response.content) if response.status_code == 202 else None
         return f"HTTP {response.status_code}, status {status}, in {found or 'no list'}"

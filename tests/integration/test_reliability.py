@@ -33,6 +33,11 @@ def _result(request_id: str, worker_id: str = "w1") -> JobResult:
     return JobResult(request_id=request_id, status="completed", model="m", worker_id=worker_id, output="ok")
 
 
+async def _jobs_in(redis: Redis, held_in: str) -> list[Job]:
+    """The jobs whose request ids the list holds, read from their records."""
+    return [Job.model_validate_json(body or "") for _, body in await queue.read_held(redis, held_in)]
+
+
 def _reaper(redis: Redis, max_attempts: int = 3) -> Reaper:
     """A reaper that judges at once (no heartbeat timeout of sight to wait for)."""
     return Reaper(redis, interval_s=0.1, max_attempts=max_attempts, result_ttl_s=60, heartbeat_timeout_s=0)
@@ -42,8 +47,8 @@ async def test_a_taken_job_stays_in_redis_until_finished(redis: Redis) -> None:
     await queue.enqueue(redis, _job("r1"), ttl_s=60)
     lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
     assert lease is not None and lease.job.request_id == "r1"
-    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [lease.raw]
-    assert await queue.finish(redis, keys.processing_key("w1"), lease.raw, _result("r1"), ttl_s=60, streamed=False)
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == ["r1"]  # a queue holds request ids
+    assert await queue.finish(redis, keys.processing_key("w1"), _result("r1"), ttl_s=60, streamed=False)
     assert await redis.llen(keys.processing_key("w1")) == 0
     assert await redis.exists(keys.result_key("r1"))
 
@@ -53,7 +58,7 @@ async def test_a_worker_that_lost_its_lease_cannot_write_a_result(redis: Redis) 
     lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
     assert lease is not None
     await redis.delete(keys.processing_key("w1"))  # the reaper handed it on
-    assert not await queue.finish(redis, keys.processing_key("w1"), lease.raw, _result("r1"), ttl_s=60, streamed=False)
+    assert not await queue.finish(redis, keys.processing_key("w1"), _result("r1"), ttl_s=60, streamed=False)
     assert not await redis.exists(keys.result_key("r1"))
 
 
@@ -63,7 +68,7 @@ async def test_a_job_the_worker_cannot_read_fails_at_once_saying_why(redis: Redi
         job = _job(request_id).model_copy(update={"stream": stream})
         await queue.enqueue(redis, job, ttl_s=60)
         newer = job.model_dump_json().replace('"stream":', '"from_a_newer_version":1,"stream":')
-        await redis.lset(queue.waiting_key(job), 0, newer)
+        await redis.hset(keys.job_key(request_id), queue.JOB_FIELD, newer)
         assert await queue.pop(redis, "w1", timeout_s=0.1, result_ttl_s=60) is None
         found = await queue.lookup(redis, request_id)
         assert isinstance(found, JobResult) and found.status == "failed" and found.error is not None
@@ -74,12 +79,57 @@ async def test_a_job_the_worker_cannot_read_fails_at_once_saying_why(redis: Redi
     entries = await redis.xrange(keys.stream_key("future-2"))
     assert [JobResult.model_validate_json(fields["result"]).error for _, fields in entries] == [found.error]
 
-    # An entry no result can be written from (not UTF-8 text) is dropped, and the worker carries on.
+    # A job no result can be written from (not UTF-8 text) is dropped, and the worker carries on.
     job = _job("future-3")
     await queue.enqueue(redis, job, ttl_s=60)
-    await redis.lset(queue.waiting_key(job), 0, job.model_dump_json().replace('"model":"m"', '"model":"\\ud800"'))
+    body = job.model_dump_json().replace('"model":"m"', '"model":"\\ud800"')
+    await redis.hset(keys.job_key("future-3"), queue.JOB_FIELD, body)
     assert await queue.pop(redis, "w1", timeout_s=0.1, result_ttl_s=60) is None
     assert await redis.llen(keys.processing_key("w1")) == 0
+
+
+async def test_a_job_whose_record_expired_is_dropped_and_the_next_one_taken(redis: Redis) -> None:
+    """A queued request id whose status record (and so the job) is gone has nothing left to run."""
+    for request_id in ("expired", "good"):
+        await queue.enqueue(redis, _job(request_id), ttl_s=60)
+    await redis.delete(keys.job_key("expired"))  # as its TTL would
+    lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
+    assert lease is not None and lease.job.request_id == "good"
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == ["good"]
+
+
+async def test_an_attempt_whose_job_moved_on_cannot_finish_it_even_on_the_same_worker(redis: Redis) -> None:
+    """A shared job handed back to its model's queue while its worker stalled, and taken again by that
+    same worker: the stalled attempt's finish and fail-over are refused, the new attempt's is stored."""
+    shared = _job("shared", worker_id="").model_copy(update={"shared": True})
+    await queue.enqueue(redis, shared, ttl_s=60)
+    stalled = await queue.pop(redis, "w1", timeout_s=1, models=["m"], result_ttl_s=60)
+    assert stalled is not None
+    held_in = keys.processing_key("w1")
+    # What the reaper does once w1 looks dead: the job goes back to its model's queue.
+    assert await queue.retry_or_fail(redis, held_in, stalled.job, started=True, target=None, max_attempts=3, ttl_s=60)
+    again = await queue.pop(redis, "w1", timeout_s=1, models=["m"], result_ttl_s=60)
+    assert again is not None and again.job.attempt == stalled.job.attempt + 1 and again.fence != stalled.fence
+
+    late = _result("shared")
+    assert not await queue.finish(redis, held_in, late, ttl_s=60, streamed=False, fence=stalled.fence)
+    assert not await queue.retry_or_fail(
+        redis, held_in, stalled.job, started=True, target=None, max_attempts=3, ttl_s=60, fence=stalled.fence
+    )
+    assert await redis.lrange(held_in, 0, -1) == ["shared"]  # the new attempt's lease is untouched
+    current = late.model_copy(update={"output": "the new attempt's"})
+    assert await queue.finish(redis, held_in, current, ttl_s=60, streamed=False, fence=again.fence)
+    assert await queue.lookup(redis, "shared") == current
+
+
+async def test_a_job_whose_record_expired_is_not_moved(redis: Redis) -> None:
+    await queue.enqueue(redis, _job("expired"), ttl_s=60)
+    lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
+    assert lease is not None
+    await redis.delete(keys.job_key("expired"))  # as its TTL would
+    held_in = keys.processing_key("w1")
+    assert not await queue.retry_or_fail(redis, held_in, lease.job, started=True, target="w2", max_attempts=3, ttl_s=60)
+    assert await redis.llen(held_in) == await redis.llen(keys.queue_key("w2")) == 0
 
 
 async def test_the_jobs_of_a_dead_worker_go_to_a_live_one(redis: Redis) -> None:
@@ -92,7 +142,7 @@ async def test_the_jobs_of_a_dead_worker_go_to_a_live_one(redis: Redis) -> None:
     await registry.mark_gone(redis, "w1")
 
     assert await _reaper(redis).reap_once() == 2
-    moved = {job.request_id: job for job in (Job.model_validate_json(r) for r in await redis.lrange("queue:w2", 0, -1))}
+    moved = {job.request_id: job for job in await _jobs_in(redis, "queue:w2")}
     assert set(moved) == {"held", "waiting"}
     assert moved["held"].attempt == 2  # it had started
     assert moved["waiting"].attempt == 1  # it had not
@@ -109,9 +159,7 @@ async def test_reapers_on_several_coordinators_move_each_job_once(redis: Redis) 
     await registry.mark_gone(redis, "w1")
     handled = await asyncio.gather(*(_reaper(redis).reap_once() for _ in range(4)))
     assert sum(handled) == 50
-    assert sorted(Job.model_validate_json(r).request_id for r in await redis.lrange("queue:w2", 0, -1)) == sorted(
-        f"r{i}" for i in range(50)
-    )
+    assert sorted(await redis.lrange("queue:w2", 0, -1)) == sorted(f"r{i}" for i in range(50))
 
 
 async def test_a_job_that_outlives_its_attempts_fails_with_worker_lost(redis: Redis) -> None:
@@ -156,23 +204,15 @@ async def test_a_job_that_crashes_its_worker_on_every_restart_ends_worker_lost(r
     assert isinstance(found, JobResult) and found.error is not None and found.error.code == "worker_lost"
 
 
-async def test_an_unreadable_entry_is_dropped_not_fatal(redis: Redis) -> None:
-    await redis.lpush(keys.queue_key("w1"), "not a job")
-    await queue.enqueue(redis, _job("good"), ttl_s=60)
-    lease = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
-    assert lease is not None and lease.job.request_id == "good"
-    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [lease.raw]
-
-
 async def test_a_reaper_leaves_a_worker_that_came_back_alone(redis: Redis) -> None:
     await _register(redis, "w1")
     await _register(redis, "w2")
     await queue.enqueue(redis, _job("r1"), ttl_s=60)
     assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
-    raw = (await redis.lrange(keys.processing_key("w1"), 0, -1))[0]
+    [job] = await _jobs_in(redis, keys.processing_key("w1"))
     # The reaper read w1 as dead, then w1's heartbeat came back before the move ran.
     handled = await queue.retry_or_fail(
-        redis, keys.processing_key("w1"), raw, started=True, target="w2", max_attempts=3, ttl_s=60, dead="w1"
+        redis, keys.processing_key("w1"), job, started=True, target="w2", max_attempts=3, ttl_s=60, dead="w1"
     )
     assert not handled
     assert await redis.llen(keys.processing_key("w1")) == 1
@@ -215,7 +255,7 @@ async def _w1_holds_a_job(redis: Redis) -> None:
 
 
 async def _queued_on_w2(redis: Redis) -> list[str]:
-    return [Job.model_validate_json(raw).request_id for raw in await redis.lrange(keys.queue_key("w2"), 0, -1)]
+    return list(await redis.lrange(keys.queue_key("w2"), 0, -1))
 
 
 async def test_a_new_reaper_judges_no_worker_dead_before_it_has_seen_redis_for_a_heartbeat_timeout(
@@ -269,17 +309,17 @@ async def test_a_reapers_move_is_refused_in_its_script_while_the_grace_holds(red
     await queue.enqueue(redis, _job("held", attempt=attempt), ttl_s=60)
     assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
     await registry.mark_gone(redis, "w1")
-    raw = (await redis.lrange(keys.processing_key("w1"), 0, -1))[0]
+    [job] = await _jobs_in(redis, keys.processing_key("w1"))
     # A reaper that read w1 as dead and no grace, then another coordinator wrote the grace.
     await redis.set(keys.LIVENESS_GRACE, "1", px=int(TIMEOUT_S * 1000))
 
     async def move() -> bool:
         return await queue.retry_or_fail(
-            redis, keys.processing_key("w1"), raw, started=True, target="w2", max_attempts=3, ttl_s=60, dead="w1"
+            redis, keys.processing_key("w1"), job, started=True, target="w2", max_attempts=3, ttl_s=60, dead="w1"
         )
 
     assert not await move()
-    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [raw]
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == ["held"]
     assert not await redis.exists(keys.result_key("held"))
 
     await redis.delete(keys.LIVENESS_GRACE)

@@ -23,7 +23,7 @@ async def _finished(redis: Redis, result: JobResult, *, stream: bool = False) ->
     await queue.enqueue(redis, job, ttl_s=60)
     lease = await queue.pop(redis, "w1", 1.0, result_ttl_s=60)
     assert lease is not None
-    assert await queue.finish(redis, keys.processing_key("w1"), lease.raw, result, 60, streamed=stream)
+    assert await queue.finish(redis, keys.processing_key("w1"), result, 60, streamed=stream)
 
 
 @pytest.fixture

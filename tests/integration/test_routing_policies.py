@@ -41,7 +41,9 @@ async def _submit(api: httpx.AsyncClient, **body: object) -> httpx.Response:
 
 async def _shared_queue(redis: Redis, model: str = "fake") -> list[Job]:
     return [
-        Job.model_validate_json(raw) for key in keys.model_queue_keys(model) for raw in await redis.lrange(key, 0, -1)
+        Job.model_validate_json(body or "")
+        for key in keys.model_queue_keys(model)
+        for _, body in await queue.read_held(redis, key)
     ]
 
 
@@ -121,9 +123,7 @@ async def test_a_dead_workers_pulled_job_goes_back_to_the_shared_queue_with_an_a
     await survivor.run(asyncio.Event(), burst=True)
     assert (await api.get(f"/result/{request_id}")).json()["worker_id"] == "w2"
     # The lost worker's late result is refused: its lease is gone.
-    assert not await queue.finish(
-        redis, keys.processing_key("w1"), lease.raw, _completed(request_id), ttl_s=60, streamed=False
-    )
+    assert not await queue.finish(redis, keys.processing_key("w1"), _completed(request_id), ttl_s=60, streamed=False)
 
 
 def _completed(request_id: str) -> JobResult:

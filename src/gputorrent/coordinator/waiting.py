@@ -22,23 +22,21 @@ class _AheadKeys:
 
 @dataclass(frozen=True)
 class _AheadArgs:
-    marker: str  # text only the job's entry holds: its request id as its JSON writes it
+    request_id: str
 
 
 # How many jobs will be taken before one: every job in the higher bands, and those to its right in
 # its own band (pushed on the left, taken from the right); -1 when it is not there (taken or moved
-# just now). Counted in Redis, so no job's body travels.
+# just now). Counted in Redis, in one step.
 _AHEAD = Script(
     _AheadKeys,
     _AheadArgs,
     """
-local ahead = 0
+local at = redis.call('LPOS', band, request_id)
+if not at then return -1 end
+local ahead = redis.call('LLEN', band) - 1 - at
 for _, higher_band in ipairs(higher) do ahead = ahead + redis.call('LLEN', higher_band) end
-local entries = redis.call('LRANGE', band, 0, -1)
-for i = 1, #entries do
-  if string.find(entries[i], marker, 1, true) then return ahead + #entries - i end
-end
-return -1
+return ahead
 """,
 )
 
@@ -53,7 +51,7 @@ async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
     bands = keys.worker_queue_keys(worker_id) if worker_id else keys.model_queue_keys(status.model)
     own = keys.PRIORITY_BANDS.index(priority)
     where = _AheadKeys(higher=tuple(bands[:own]), band=bands[own])
-    ahead = int(await _AHEAD.run(redis, where, _AheadArgs(marker=f'"request_id":"{status.request_id}"')))
+    ahead = int(await _AHEAD.run(redis, where, _AheadArgs(request_id=status.request_id)))
     if ahead < 0:
         return status  # taken or moved just now
     return status.model_copy(update={"position": ahead, "eta_s": await _eta(redis, status, ahead)})

@@ -1,7 +1,8 @@
 """Job queue operations, shared by coordinator and worker: one module per transition of a job.
 
-A request is findable in Redis from admission to result: `job:{request_id}` holds its status
-while it is queued or running, and `result:{request_id}` holds the result after; the switch
+A request is findable in Redis from admission to result: `job:{request_id}` holds its status (and
+the job itself) while it is queued or running, its request id waiting in a queue or held in a
+worker's processing list, and `result:{request_id}` holds the result after; the switch
 from one to the other is a single transaction. Each transition is one Lua script with named keys
 and arguments (`gputorrent/scripts.py`):
 
@@ -29,13 +30,13 @@ from gputorrent.queue.admit import (
 )
 from gputorrent.queue.end import end, lookup
 from gputorrent.queue.finish import announces_result, finish, read_announcement
-from gputorrent.queue.lists import doorbell_key, waiting_key, waiting_keys
+from gputorrent.queue.lists import JOB_FIELD, bodies, doorbell_key, waiting_key, waiting_keys
 from gputorrent.queue.move import requeue, retry_or_fail
-from gputorrent.queue.take import Lease, held_job, pop, recover, request_id_of
+from gputorrent.queue.take import Lease, held_jobs, pop, read_held, recover
 
 __all__ = [
-    "RATE_COUNT", "REFUSALS", "STREAM_SLOT_FREE", "STREAM_SLOT_TAKE", "AdmittedBefore", "Lease", "LimitArgs",
-    "LimitKeys", "Limits", "Refusal", "Refused", "WorkerGone", "announces_result", "doorbell_key", "end", "enqueue",
-    "finish", "held_job", "lookup", "next_round_robin", "pop", "read_announcement", "recover", "request_id_of",
-    "requeue", "retry_or_fail", "waiting_key", "waiting_keys",
+    "JOB_FIELD", "RATE_COUNT", "REFUSALS", "STREAM_SLOT_FREE", "STREAM_SLOT_TAKE", "AdmittedBefore", "Lease",
+    "LimitArgs", "LimitKeys", "Limits", "Refusal", "Refused", "WorkerGone", "announces_result", "bodies",
+    "doorbell_key", "end", "enqueue", "finish", "held_jobs", "lookup", "next_round_robin", "pop", "read_announcement",
+    "read_held", "recover", "requeue", "retry_or_fail", "waiting_key", "waiting_keys",
 ]  # fmt: skip

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from gputorrent import keys, replication
 from gputorrent.errors import Conflict
 from gputorrent.protocol import Job
-from gputorrent.queue.lists import RING, doorbell_key, waiting_key, waiting_keys
+from gputorrent.queue.lists import JOB_FIELD, RING, doorbell_key, waiting_key, waiting_keys
 from gputorrent.scripts import Script
 
 
@@ -87,6 +87,7 @@ class AdmitKeys(LimitKeys):
 class AdmitArgs(LimitArgs):
     request_id: str
     job: str  # the job's JSON
+    job_field: str  # the status record's field that holds it
     worker_id: str
     model: str
     priority: str
@@ -144,9 +145,9 @@ if max_model_queued > 0 and queued(model_bands) + queued_at_model_workers >= max
     + """
 if idempotent then redis.call('SET', idempotency, request_id, 'EX', record_ttl_s) end
 redis.call('HSET', status, 'status', 'queued', 'worker_id', worker_id, 'model', model, 'stream', stream and '1' or '0',
-  'priority', priority, 'enqueued_at', enqueued_at)
+  'priority', priority, 'enqueued_at', enqueued_at, job_field, job)
 redis.call('EXPIRE', status, record_ttl_s)
-redis.call('LPUSH', waiting, job)
+redis.call('LPUSH', waiting, request_id)
 if deadline then redis.call('ZADD', deadlines, deadline, request_id) end
 redis.call('SET', owner, owner_id, 'EX', owner_ttl_s)
 """
@@ -215,10 +216,10 @@ async def enqueue(
     require_alive: bool = False,
     seen: str | None = None,
 ) -> str:
-    """Record the job as queued with its `owner` (an API key id), note its deadline and push it onto
-    the list it waits in (`waiting_key`), ringing that queue's doorbell, atomically, once `limits`
-    allow it (a streamed job then holds one of the owner's stream slots). Returns once the replicas
-    the client wants have it (`replication.run`).
+    """Record the job (its JSON in its status record) as queued with its `owner` (an API key id), note
+    its deadline and push its request id onto the list it waits in (`waiting_key`), ringing that
+    queue's doorbell, atomically, once `limits` allow it (a streamed job then holds one of the
+    owner's stream slots). Returns once the replicas the client wants have it (`replication.run`).
 
     Returns the request id admitted: `job.request_id`, or, when `idempotency_key` was seen
     before (and its job or result still exists), the id it admitted then (and nothing is
@@ -248,7 +249,7 @@ async def enqueue(
     )  # fmt: skip
     admit_args = AdmitArgs(
         **vars(limits.args(slot=request_id, streamed=job.stream)),
-        request_id=request_id, job=job.model_dump_json(), worker_id=job.worker_id, model=job.model,
+        request_id=request_id, job=job.model_dump_json(), job_field=JOB_FIELD, worker_id=job.worker_id, model=job.model,
         priority=str(job.priority), enqueued_at=repr(job.enqueued_at), stream=job.stream, deadline=job.deadline,
         record_ttl_s=record_ttl_s, owner_id=owner, owner_ttl_s=record_ttl_s + ttl_s,  # the owner outlives the result
         idempotent=idempotency_key is not None, seen=seen or "", require_alive=require_alive and not job.shared,

@@ -7,13 +7,14 @@ import logging
 from redis.asyncio import Redis
 
 from gputorrent import keys
-from gputorrent.protocol import ErrorInfo, Job, JobResult, JobStatus
+from gputorrent.protocol import ErrorInfo, JobResult, JobStatus
 from gputorrent.queue.finish import finish
 
 log = logging.getLogger(__name__)
 
 
 END_ATTEMPTS = 3
+_STATUS_FIELDS = ("status", "worker_id", "model", "stream")  # not the job itself: it may be large
 
 
 async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> JobResult | None:
@@ -24,36 +25,25 @@ async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> Jo
     next token. Returns the result written, or None when the job already has a result or is unknown.
     """
     for _ in range(END_ATTEMPTS):  # a job moving between lists right now is found on the next look
-        status = await redis.hgetall(keys.job_key(request_id))
-        if not status:
+        found = await redis.hmget(keys.job_key(request_id), _STATUS_FIELDS)
+        if found[0] is None:
             return None
-        worker_id = str(status["worker_id"])
+        worker_id, model, streamed = str(found[1]), str(found[2]), found[3] == "1"
         # Where it can be: its worker's queue (any band) or processing list, or its model's shared queue.
-        lists = keys.model_queue_keys(str(status["model"]))
+        lists = keys.model_queue_keys(model)
         if worker_id:
             lists = [*keys.worker_queue_keys(worker_id), keys.processing_key(worker_id), *lists]
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.cancel_key(request_id), error.code, ex=ttl_s)
             pipe.publish(keys.ENDED_CHANNEL, request_id)
             for held_in in lists:
-                pipe.lrange(held_in, 0, -1)
-            _, _, *contents = await pipe.execute()
-        for held_in, entries in zip(lists, contents, strict=True):
-            for raw in entries:
-                if request_id not in raw:  # cheap filter before parsing
-                    continue
-                try:
-                    job = Job.model_validate_json(raw)
-                except ValueError:
-                    continue
-                if job.request_id != request_id:
-                    continue
-                ended = JobResult(
-                    request_id=request_id, status="failed", model=job.model, worker_id=worker_id, error=error
-                )
-                if await finish(redis, held_in, str(raw), ended, ttl_s, streamed=job.stream):
-                    log.info("request %s ended: %s", request_id, error.code)
-                    return ended
+                pipe.lpos(held_in, request_id)
+            _, _, *positions = await pipe.execute()
+        ended = JobResult(request_id=request_id, status="failed", model=model, worker_id=worker_id, error=error)
+        for held_in, position in zip(lists, positions, strict=True):
+            if position is not None and await finish(redis, held_in, ended, ttl_s, streamed=streamed):
+                log.info("request %s ended: %s", request_id, error.code)
+                return ended
     return None
 
 
@@ -61,13 +51,12 @@ async def lookup(redis: Redis, request_id: str) -> JobResult | JobStatus | None:
     """The result if it exists, else the job's status, else None (unknown id), read atomically."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.get(keys.result_key(request_id))
-        pipe.hgetall(keys.job_key(request_id))
-        result_json, status = await pipe.execute()
+        pipe.hmget(keys.job_key(request_id), _STATUS_FIELDS)
+        result_json, (status, worker_id, model, stream) = await pipe.execute()
     if result_json is not None:
         return JobResult.model_validate_json(result_json)
-    if status:
+    if status is not None:
         return JobStatus(
-            request_id=request_id, status=status["status"], worker_id=status["worker_id"] or None,
-            model=status["model"], stream=status.get("stream") == "1",
-        )  # fmt: skip
+            request_id=request_id, status=status, worker_id=worker_id or None, model=model, stream=stream == "1"
+        )
     return None

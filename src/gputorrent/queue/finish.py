@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from gputorrent import keys, replication
 from gputorrent.protocol import JobResult
-from gputorrent.queue.lists import HOLDER_DEAD, guard_keys
+from gputorrent.queue.lists import FENCE, HOLDER_DEAD, MOVES_FIELD, guard_keys
 from gputorrent.scripts import Script
 
 
@@ -26,7 +26,8 @@ class FinishKeys:
 @dataclass(frozen=True)
 class FinishArgs:
     reaping: bool
-    raw: str  # the job's entry in `held_in`
+    fence: str  # the holder's lease fence ('' = not checked: see `lists.FENCE`)
+    moves_field: str
     result_json: str
     ttl_s: int
     streamed: bool  # the stream ends with the result
@@ -41,8 +42,9 @@ _FINISH = Script(
     FinishKeys,
     FinishArgs,
     HOLDER_DEAD
+    + FENCE
     + """
-if redis.call('LREM', held_in, 1, raw) == 0 then
+if redis.call('LREM', held_in, 1, request_id) == 0 then
   if redis.call('GET', result) == result_json then
     redis.call('EXPIRE', result, ttl_s)
     return 1
@@ -67,11 +69,19 @@ return 1
 
 
 async def finish(
-    redis: Redis, held_in: str, raw: str, result: JobResult, ttl_s: int, *, streamed: bool, dead: str | None = None
+    redis: Redis,
+    held_in: str,
+    result: JobResult,
+    ttl_s: int,
+    *,
+    streamed: bool,
+    fence: str = "",
+    dead: str | None = None,
 ) -> bool:
-    """Remove `raw` from the list `held_in` and store the result, atomically; False (nothing written)
-    when `raw` is no longer there (the lease was lost), or, for a reaper acting on `dead`, when its
-    heartbeat is back or `liveness:grace` holds. A repeat that finds this very result stored already
+    """Remove the job of `result` from the list `held_in` and store the result, atomically; False
+    (nothing written) when the job is no longer there (the lease was lost), or, for a reaper acting on `dead`, when its
+    heartbeat is back or `liveness:grace` holds, or, with the holder's lease `fence`, when the job moved
+    on since it was taken (`Lease.fence`). A repeat that finds this very result stored already
     is True (and its `WAIT` covers the first store).
 
     Writes `result:{request_id}` with its TTL, drops the status record and the deadline, ends
@@ -91,8 +101,8 @@ async def finish(
         status=keys.job_key(request_id), stream=keys.stream_key(request_id), deadlines=keys.DEADLINES,
     )  # fmt: skip
     finish_args = FinishArgs(
-        reaping=dead is not None, raw=raw, result_json=result_json, ttl_s=ttl_s, streamed=streamed,
-        channel=keys.RESULTS_CHANNEL, request_id=request_id,
+        reaping=dead is not None, fence=fence, moves_field=MOVES_FIELD, result_json=result_json, ttl_s=ttl_s,
+        streamed=streamed, channel=keys.RESULTS_CHANNEL, request_id=request_id,
         announces_result=announces_result(result_json, streamed=streamed),
     )  # fmt: skip
     return bool(await replication.run(redis, "result", request_id, _FINISH, finish_keys, finish_args))

@@ -2,8 +2,36 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from redis.asyncio import Redis
+
 from gputorrent import keys
 from gputorrent.protocol import Job
+
+# A queue, and a worker's processing list, hold request ids; the job itself (its JSON) is this field
+# of its status record `job:{request_id}`, written at admission and rewritten when the job moves.
+JOB_FIELD = "job"
+# How many times the job was moved to a queue since admission: a lease's fence. A worker's finish or
+# move names the count it took the job at, and is refused once the job has moved on since (even to
+# the same worker again, as a shared job can be), as its entry's text once made it.
+MOVES_FIELD = "moves"
+FENCE = """
+if fence ~= '' then
+  local moves = redis.call('HGET', status, moves_field)
+  if moves and moves ~= fence then return 0 end
+end
+"""
+
+
+async def bodies(redis: Redis, request_ids: Sequence[str]) -> list[str | None]:
+    """The JSON of each job (None where its status record is gone), in one round trip."""
+    if not request_ids:
+        return []
+    async with redis.pipeline(transaction=False) as pipe:
+        for request_id in request_ids:
+            pipe.hget(keys.job_key(request_id), JOB_FIELD)
+        return [None if body is None else str(body) for body in await pipe.execute()]
 
 
 def waiting_key(job: Job) -> str:
@@ -29,7 +57,7 @@ redis.call('LPUSH', doorbell, '1')
 redis.call('LTRIM', doorbell, 0, doorbell_max - 1)
 """
 
-# Every transition that takes a job out of a list first removes it (key `held_in`, argument `raw`)
+# Every transition that takes a job out of a list first removes it (key `held_in`, argument `request_id`)
 # and does nothing if that fails: whoever removes it owns it, so a job is never finished or moved
 # twice. With `reaping` (a reaper acting on a dead holder) the holder's heartbeat (`holder_beat`)
 # and `liveness:grace` (`grace`) must both be absent: the holder is still dead, and Redis has been
@@ -37,12 +65,9 @@ redis.call('LTRIM', doorbell, 0, doorbell_max - 1)
 HOLDER_DEAD = """
 if reaping and redis.call('EXISTS', holder_beat, grace) > 0 then return 0 end
 """
-GUARD = (
-    HOLDER_DEAD
-    + """
-if redis.call('LREM', held_in, 1, raw) == 0 then return 0 end
+GUARD_LIST = """
+if redis.call('LREM', held_in, 1, request_id) == 0 then return 0 end
 """
-)
 
 
 def guard_keys(dead: str | None) -> tuple[str, str]:

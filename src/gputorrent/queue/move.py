@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import time
 from dataclasses import dataclass
 
@@ -11,11 +10,19 @@ from redis.asyncio import Redis
 from gputorrent import keys, pool_stats
 from gputorrent.protocol import ErrorInfo, Job, JobResult
 from gputorrent.queue.finish import finish
-from gputorrent.queue.lists import GUARD, RING, doorbell_key, guard_keys, waiting_key
+from gputorrent.queue.lists import (
+    FENCE,
+    GUARD_LIST,
+    HOLDER_DEAD,
+    JOB_FIELD,
+    MOVES_FIELD,
+    RING,
+    doorbell_key,
+    guard_keys,
+    waiting_key,
+)
 from gputorrent.scripts import Script
 from gputorrent.telemetry import FailureRecord
-
-log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -31,8 +38,11 @@ class MoveKeys:
 @dataclass(frozen=True)
 class MoveArgs:
     reaping: bool
-    raw: str  # the job's entry in `held_in`
+    fence: str  # the holder's lease fence ('' = not checked: see `lists.FENCE`)
+    request_id: str
     job: str  # its JSON as it joins `waiting`
+    job_field: str
+    moves_field: str
     worker_id: str  # the worker whose queue it joins ('' for a shared queue)
     doorbell_max: int
 
@@ -40,12 +50,20 @@ class MoveArgs:
 _MOVE = Script(
     MoveKeys,
     MoveArgs,
-    GUARD
+    HOLDER_DEAD
+    + FENCE
     + """
-redis.call('RPUSH', waiting, job)
-if redis.call('EXISTS', status) == 1 then
-  redis.call('HSET', status, 'status', 'queued', 'worker_id', worker_id)
+-- A job whose status record is gone (expired: long past its deadline) has nothing left to run.
+if redis.call('EXISTS', status) == 0 then
+  redis.call('LREM', held_in, 1, request_id)
+  return 0
 end
+"""
+    + GUARD_LIST
+    + """
+redis.call('RPUSH', waiting, request_id)
+redis.call('HSET', status, 'status', 'queued', 'worker_id', worker_id, job_field, job)
+redis.call('HINCRBY', status, moves_field, 1)
 """
     + RING
     + """
@@ -54,18 +72,20 @@ return 1
 )
 
 
-async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: str | None = None) -> bool:
-    """Move `raw` from `source_key` to the front of the queue `job` waits in (its worker's, or for a
-    shared job its model's) as `job`; False when `raw` is no longer there, or when `dead`'s heartbeat
-    is back (it beat again, or re-registered) or `liveness:grace` holds."""
+async def requeue(redis: Redis, source_key: str, job: Job, *, fence: str = "", dead: str | None = None) -> bool:
+    """Move the job from `source_key` to the front of the queue `job` waits in (its worker's, or for a
+    shared job its model's), its record now `job`; False when it is no longer there (or its record is
+    gone), or when `dead`'s heartbeat is back (it beat again, or re-registered) or `liveness:grace` holds,
+    or, with the holder's lease `fence`, when the job moved on since it was taken."""
     holder_beat, grace = guard_keys(dead)
     move_keys = MoveKeys(
         held_in=source_key, holder_beat=holder_beat, grace=grace, waiting=waiting_key(job),
         status=keys.job_key(job.request_id), doorbell=doorbell_key(job),
     )  # fmt: skip
     move_args = MoveArgs(
-        reaping=dead is not None, raw=raw, job=job.model_dump_json(), worker_id=job.worker_id,
-        doorbell_max=keys.DOORBELL_MAX,
+        reaping=dead is not None, fence=fence, request_id=job.request_id, job=job.model_dump_json(),
+        job_field=JOB_FIELD, moves_field=MOVES_FIELD,
+        worker_id=job.worker_id, doorbell_max=keys.DOORBELL_MAX,
     )  # fmt: skip
     return bool(await _MOVE.run(redis, move_keys, move_args))
 
@@ -73,12 +93,13 @@ async def requeue(redis: Redis, source_key: str, raw: str, job: Job, *, dead: st
 async def retry_or_fail(
     redis: Redis,
     source_key: str,
-    raw: str,
+    job: Job,
     *,
     started: bool,
     target: str | None,
     max_attempts: int,
     ttl_s: int,
+    fence: str = "",
     dead: str | None = None,
 ) -> bool:
     """Give a job its holder never finished another try on `target`, or fail it with `worker_lost`.
@@ -87,14 +108,10 @@ async def retry_or_fail(
     fails, so a job that kills every worker it touches cannot take the pool down. A shared job
     goes back to its model's shared queue whatever `target` is. With no `target` (nobody serves
     the model now) any other job stays where it is. With `dead` (a reaper's move) nothing happens
-    once that worker's heartbeat is back, or while `liveness:grace` holds. A job whose entry cannot
-    be read is dropped with an error log. Returns whether the job was moved or failed.
+    once that worker's heartbeat is back, or while `liveness:grace` holds; with a holder's lease
+    `fence`, nothing happens once the job moved on since it was taken. Returns whether the job was
+    moved or failed.
     """
-    try:
-        job = Job.model_validate_json(raw)
-    except ValueError:
-        log.error("dropping an unreadable job from %s: %.200s", source_key, raw)
-        return bool(await redis.lrem(source_key, 1, raw))
     attempt = job.attempt + 1 if started else job.attempt
     if attempt > max_attempts:
         message = f"the job's worker stopped before finishing it, {job.attempt} times; giving up"
@@ -102,7 +119,7 @@ async def retry_or_fail(
             request_id=job.request_id, status="failed", model=job.model, worker_id=job.worker_id,
             error=ErrorInfo(code="worker_lost", message=message),
         )  # fmt: skip
-        if not await finish(redis, source_key, raw, failed, ttl_s, streamed=job.stream, dead=dead):
+        if not await finish(redis, source_key, failed, ttl_s, streamed=job.stream, fence=fence, dead=dead):
             return False
         # No worker finished it, so no worker reports it: the pool's failure list hears it here.
         await pool_stats.record_failure(redis, FailureRecord(
@@ -114,4 +131,4 @@ async def retry_or_fail(
         return False
     worker_id = "" if job.shared else target
     moved = job.model_copy(update={"worker_id": worker_id, "attempt": attempt, "enqueued_at": time.time()})
-    return await requeue(redis, source_key, raw, moved, dead=dead)
+    return await requeue(redis, source_key, moved, fence=fence, dead=dead)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,6 +17,7 @@ from redis.exceptions import NoScriptError
 from gputorrent import keys, pipelined
 from gputorrent.protocol import ErrorInfo, Job, JobResult
 from gputorrent.queue.finish import finish
+from gputorrent.queue.lists import JOB_FIELD, MOVES_FIELD, bodies
 from gputorrent.queue.move import retry_or_fail
 from gputorrent.scripts import Script
 
@@ -26,7 +26,11 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Lease:
-    """A job a worker has taken: it stays in `processing:{worker_id}` as `raw` until finished.
+    """A job a worker has taken: its request id stays in `processing:{worker_id}` until finished.
+
+    `fence`: the job's move count when taken (see `lists.MOVES_FIELD`); a finish or move naming it is
+    refused once the job has moved on. Empty: not checked (a worker reached through the coordinator,
+    whose routes find the job by the worker's id and the request id).
 
     `streamed_before`: its stream already had entries when it was taken (an earlier attempt
     streamed part of it), so the worker reads them to continue after them; a fresh job skips that read.
@@ -35,7 +39,7 @@ class Lease:
     """
 
     job: Job
-    raw: str
+    fence: str = ""
     streamed_before: bool = False
     taken_at: float = 0.0  # unix time, seconds: when this worker took it (the end of its time queued)
     more_queued: bool = True
@@ -53,16 +57,20 @@ class TakeArgs:
     worker_id: str
     status_prefix: str  # `job:` and `stream:`: a job's keys are known only once it is taken
     stream_prefix: str
+    job_field: str  # the status record's fields that hold the job and its move count
+    moves_field: str
 
 
 # Takes the first job of the first non-empty source into the processing list, marks it running with
-# its taker in the job's status (so `end` finds it there), and answers {raw, whether its stream
-# exists, whether any source still holds a job}. Finding nothing, it empties the doorbells: every
-# token in them is stale, and a job queued after this script rings again. An idle worker runs it
-# once per blocked wait, so an empty look is one EXISTS over every source, not a pop per source:
-# with thousands of idle workers that is most of what they cost Redis (bench/scale.py). The job's
-# request id is read from the front of its JSON (`request_id_of`; the model's first field). The time
-# it was taken is Redis's own: the script may run long after its caller sent it (see `pop`).
+# its taker in the job's status (so `end` finds it there), and answers {request id, the job's JSON
+# (false when its status record is gone: it expired, long past its deadline), whether its stream
+# exists, whether any source still holds a job, the job's move count (its fence)}. Finding nothing,
+# it empties the doorbells: every token in them is stale, and a job queued after this script rings
+# again. An idle worker runs it once per blocked wait, so an empty look is one EXISTS over every
+# source, not a pop per source: with thousands of idle workers that is most of what they cost Redis
+# (bench/scale.py). The job's keys are known only once it is taken: they are made from the prefixes
+# keys.py gives. The time it was taken is Redis's own: the script may run long after its caller sent
+# it (see `pop`).
 _TAKE = Script(
     TakeKeys,
     TakeArgs,
@@ -72,24 +80,21 @@ if redis.call('EXISTS', unpack(sources)) == 0 then
   return false
 end
 for i, source in ipairs(sources) do
-  local raw = redis.call('RPOPLPUSH', source, processing)
-  if raw then
-    local request_id = string.match(raw, '"request_id":"([^"]*)"')
-    local streamed = 0
-    if request_id then
-      local status = status_prefix .. request_id
-      if redis.call('EXISTS', status) == 1 then
-        local now = redis.call('TIME')
-        local started_at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
-        redis.call('HSET', status, 'status', 'running', 'worker_id', worker_id, 'started_at', started_at)
-      end
-      streamed = redis.call('EXISTS', stream_prefix .. request_id)
+  local request_id = redis.call('RPOPLPUSH', source, processing)
+  if request_id then
+    local status = status_prefix .. request_id
+    local found = redis.call('HMGET', status, job_field, moves_field)
+    if found[1] then
+      local now = redis.call('TIME')
+      local started_at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+      redis.call('HSET', status, 'status', 'running', 'worker_id', worker_id, 'started_at', started_at)
     end
+    local streamed = redis.call('EXISTS', stream_prefix .. request_id)
     local more = 0
     for j = i, #sources do
       if redis.call('LLEN', sources[j]) > 0 then more = 1 break end
     end
-    return {raw, streamed, more}
+    return {request_id, found[1], streamed, more, found[2] or '0'}
   end
 end
 for _, bell in ipairs(doorbells) do redis.call('DEL', bell) end
@@ -115,7 +120,7 @@ async def pop(
     queues (one token per job queued), then looks once more. `wait_first`: the caller's last take
     left the queues empty (or found nothing), so any job queued since has rung a doorbell, and the
     first look is skipped. An entry that is not a readable job is not returned: it fails, with
-    `result_ttl_s` (see `held_job`).
+    `result_ttl_s` (see `held_jobs`).
     """
     doorbells, numkeys, take_args = _take_arguments(worker_id, tuple(models))
     taken = None if wait_first else await _TAKE.run_flat(redis, numkeys, take_args)
@@ -124,12 +129,17 @@ async def pop(
             taken = await _wait_and_take(redis, doorbells, timeout_s, numkeys, take_args)
             if taken is None:
                 return None
-        raw, streamed_before, more_queued = str(taken[0]), bool(taken[1]), bool(taken[2])
-        if (job := await held_job(redis, worker_id, raw, result_ttl_s)) is None:
+        request_id, body, streamed_before, more_queued, fence = taken
+        held_in = keys.processing_key(worker_id)
+        entry = (str(request_id), None if body is None else str(body))
+        if not (jobs := await held_jobs(redis, held_in, [entry], worker_id, result_ttl_s)):
             taken = await _TAKE.run_flat(redis, numkeys, take_args)
             continue
-        job = job.model_copy(update={"worker_id": worker_id}) if job.shared else job
-        return Lease(job=job, raw=raw, streamed_before=streamed_before, taken_at=time.time(), more_queued=more_queued)
+        job = jobs[0].model_copy(update={"worker_id": worker_id}) if jobs[0].shared else jobs[0]
+        return Lease(
+            job=job, fence=str(fence), streamed_before=bool(streamed_before), taken_at=time.time(),
+            more_queued=bool(more_queued),
+        )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
@@ -144,7 +154,13 @@ def _take_arguments(worker_id: str, models: tuple[str, ...]) -> tuple[list[str],
     ]
     numkeys, arguments = _TAKE.call(
         TakeKeys(processing=keys.processing_key(worker_id), doorbells=tuple(doorbells), sources=tuple(sources)),
-        TakeArgs(worker_id=worker_id, status_prefix=keys.job_key(""), stream_prefix=keys.stream_key("")),
+        TakeArgs(
+            worker_id=worker_id,
+            status_prefix=keys.job_key(""),
+            stream_prefix=keys.stream_key(""),
+            job_field=JOB_FIELD,
+            moves_field=MOVES_FIELD,
+        ),
     )
     return doorbells, numkeys, tuple(argument.encode() for argument in arguments)
 
@@ -167,57 +183,63 @@ async def _wait_and_take(
     return taken
 
 
-# A job's JSON starts with its request id (the model's first field); ids never hold a quote.
-_REQUEST_ID = re.compile(r'"request_id":"([^"]*)"')
-
-
-def request_id_of(raw: str) -> str | None:
-    """The request id of a job's JSON entry, without parsing the whole (maybe large) job.
-
-    >>> request_id_of('{"request_id":"r-12345678","worker_id":"w1"}')
-    'r-12345678'
-    """
-    match = _REQUEST_ID.search(raw, 0, 300)
-    return match.group(1) if match else None
-
-
 UNREADABLE_MESSAGE = (
-    "worker {worker_id} could not read the job, which a coordinator newer than it may have queued "
+    "{reader} could not read the job, which a coordinator newer than it may have queued "
     "(upgrade coordinators and workers together): {cause}"
 )
 
 
-async def held_job(redis: Redis, worker_id: str, raw: str, result_ttl_s: int) -> Job | None:
-    """The job of `raw`, an entry of the worker's processing list; None for an entry that is not a
-    readable job. That one fails at once with `unreadable_job` (its client learns why, rather than
-    wait for its deadline), or is dropped where not even its request id can be read; either way
-    with an error log, rather than crash the worker."""
-    try:
-        return Job.model_validate_json(raw)
-    except ValidationError as e:
-        first = e.errors()[0]
-        cause = f"{'.'.join(map(str, first['loc'])) or 'job'}: {first['msg']}"
-    log.error("worker %s: cannot read a job (%s): %.200s", worker_id, cause, raw)
-    held_in = keys.processing_key(worker_id)
-    request_id = request_id_of(raw)
-    if request_id is None:
-        await redis.lrem(held_in, 1, raw)
-        return None
-    try:  # the fields a result needs, from whatever JSON is there
-        fields = json.loads(raw)
-    except ValueError:
-        fields = {}
-    fields = fields if isinstance(fields, dict) else {}
-    model = fields.get("model")
-    failed = JobResult(
-        request_id=request_id, status="failed", model=model if isinstance(model, str) else "", worker_id=worker_id,
-        error=ErrorInfo(code="unreadable_job", message=UNREADABLE_MESSAGE.format(worker_id=worker_id, cause=cause)),
-    )  # fmt: skip
-    try:
-        await finish(redis, held_in, raw, failed, result_ttl_s, streamed=fields.get("stream") is True)
-    except ValueError:  # not even a result can be written from what is there (text that is not UTF-8)
-        await redis.lrem(held_in, 1, raw)
-    return None
+async def held_jobs(
+    redis: Redis,
+    held_in: str,
+    entries: Sequence[tuple[str, str | None]],
+    worker_id: str,
+    result_ttl_s: int,
+    *,
+    reader: str = "",
+    dead: str | None = None,
+) -> list[Job]:
+    """The readable jobs of `entries`, (request id, the job's JSON or None) of the list `held_in` of
+    `worker_id`, in their order. A job that cannot be read fails at once with `unreadable_job` (its
+    client learns why, rather than wait for its deadline); one whose JSON is gone (its status record
+    expired) is dropped; either way with an error log, rather than crash `reader` (the worker by
+    default; the coordinator's reaper). With `dead`, a reaper's: nothing is failed once that holder
+    beats again."""
+    reader = reader or f"worker {worker_id}"
+    jobs = []
+    for request_id, body in entries:
+        if body is None:  # gone since it was read (finished, moved), or its record expired: then it is dropped
+            if await redis.lrem(held_in, 1, request_id):
+                log.error("%s: dropped job %s from %s: its record is gone", reader, request_id, held_in)
+            continue
+        try:
+            jobs.append(Job.model_validate_json(body))
+            continue
+        except ValidationError as e:
+            first = e.errors()[0]
+            cause = f"{'.'.join(map(str, first['loc'])) or 'job'}: {first['msg']}"
+        log.error("%s: cannot read job %s (%s): %.200s", reader, request_id, cause, body)
+        try:  # the fields a result needs, from whatever JSON is there
+            fields = json.loads(body)
+        except ValueError:
+            fields = {}
+        fields = fields if isinstance(fields, dict) else {}
+        model = fields.get("model")
+        failed = JobResult(
+            request_id=request_id, status="failed", model=model if isinstance(model, str) else "", worker_id=worker_id,
+            error=ErrorInfo(code="unreadable_job", message=UNREADABLE_MESSAGE.format(reader=reader, cause=cause)),
+        )  # fmt: skip
+        try:
+            await finish(redis, held_in, failed, result_ttl_s, streamed=fields.get("stream") is True, dead=dead)
+        except ValueError:  # not even a result can be written from what is there (text that is not UTF-8)
+            await redis.lrem(held_in, 1, request_id)
+    return jobs
+
+
+async def read_held(redis: Redis, held_in: str) -> list[tuple[str, str | None]]:
+    """Every entry of the list `held_in` with its job's JSON (None where its record is gone)."""
+    request_ids = [str(request_id) for request_id in await redis.lrange(held_in, 0, -1)]
+    return list(zip(request_ids, await bodies(redis, request_ids), strict=True))
 
 
 async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:
@@ -229,8 +251,8 @@ async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -
     held_in = keys.processing_key(worker_id)
     handled = 0
     # Newest first: each goes to the front of the queue, so the oldest ends up taken first again.
-    for raw in await redis.lrange(held_in, 0, -1):
+    for job in await held_jobs(redis, held_in, await read_held(redis, held_in), worker_id, ttl_s):
         handled += await retry_or_fail(
-            redis, held_in, str(raw), started=True, target=worker_id, max_attempts=max_attempts, ttl_s=ttl_s
+            redis, held_in, job, started=True, target=worker_id, max_attempts=max_attempts, ttl_s=ttl_s
         )
     return handled

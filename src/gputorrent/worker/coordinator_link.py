@@ -130,10 +130,7 @@ class CoordinatorLink:
         if status != 200:
             raise CoordinatorUnreachable(f"the coordinator answered {status}: {_message(content)}")
         taken = _parse(Taken, content)
-        # `raw` is not this list entry's exact text; the coordinator finds the entry itself by request id.
-        return queue.Lease(
-            job=taken.job, raw=taken.job.model_dump_json(), streamed_before=taken.streamed_before, taken_at=time.time()
-        )
+        return queue.Lease(job=taken.job, streamed_before=taken.streamed_before, taken_at=time.time())
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         status, content = await self._call("GET", f"/jobs/{request_id}/stream")

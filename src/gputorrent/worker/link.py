@@ -139,18 +139,21 @@ class RedisLink:
 
     async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
         held_in = keys.processing_key(self.worker_id)
-        return await queue.finish(self.redis, held_in, lease.raw, result, self._result_ttl_s, streamed=lease.job.stream)
+        return await queue.finish(
+            self.redis, held_in, result, self._result_ttl_s, streamed=lease.job.stream, fence=lease.fence
+        )
 
     async def add_model(self, lease: queue.Lease) -> bool:
-        return await leases.add_pulled_model(self.redis, self.worker_id, lease.raw)
+        return await leases.add_pulled_model(self.redis, self.worker_id, lease.job)
 
     async def set_group(self, group: Group) -> bool:
         return await registry.set_group(self.redis, self.worker_id, group)
 
     async def fail_over(self, lease: queue.Lease) -> bool:
         return await leases.fail_over(
-            self.redis, self.worker_id, lease.raw, max_attempts=self._max_attempts, ttl_s=self._result_ttl_s
-        )
+            self.redis, self.worker_id, lease.job, max_attempts=self._max_attempts, ttl_s=self._result_ttl_s,
+            fence=lease.fence,
+        )  # fmt: skip
 
     async def hand_on(self, *, held: bool) -> int:
         return await leases.hand_on_own(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import json
@@ -91,7 +92,9 @@ class Worker:
         self._probe_soon = asyncio.Event()  # set: the health probe runs without waiting for its interval
         self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
         self._serving.set()
-        self._held: set[str] = set()  # the raw entries of the jobs the consumers hold now
+        # The request ids of the jobs the consumers hold now, counted: two consumers can hold one job (a
+        # shared job handed back to its queue while this worker stalled, then taken again here).
+        self._held: collections.Counter[str] = collections.Counter()
         self._abandoning = False  # set once a drain stops its jobs to hand them on
         self._last_success = time.monotonic()
         self._heartbeat: HeartbeatThread | None = None
@@ -308,7 +311,7 @@ class Worker:
             if stop.is_set():
                 return
             try:
-                held = {queue.request_id_of(raw) or "" for raw in self._held}
+                held = set(self._held)
                 _, suspects = await self.link.reclaim_orphans(held, suspects)
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot check its held jobs (%s)", self.worker_id, e)
@@ -339,11 +342,13 @@ class Worker:
                     return
                 continue
             self.jobs_in_flight += 1
-            self._held.add(lease.raw)
+            self._held[lease.job.request_id] += 1
             try:
                 await self._handle(lease)
             finally:
-                self._held.discard(lease.raw)
+                self._held[lease.job.request_id] -= 1
+                if not self._held[lease.job.request_id]:
+                    del self._held[lease.job.request_id]
                 self.jobs_in_flight -= 1
                 logs.request_id.set(None)
 

@@ -71,18 +71,17 @@ RequestIdPath = Annotated[str, Path(pattern=REQUEST_ID_PATTERN)]
 
 @dataclass(frozen=True)
 class Held:
-    """A job the calling worker holds: its entry in the worker's processing list, and the job."""
+    """A job the calling worker holds (its request id is in the worker's processing list)."""
 
     worker_id: str
-    raw: str
     job: Job
 
 
 async def _held(request_id: RequestIdPath, worker_id: WorkerDep, redis: RedisDep) -> Held:
-    raw = await leases.held_entry(redis, worker_id, request_id)
-    if raw is None:
+    job = await leases.held(redis, worker_id, request_id)
+    if job is None:
         raise LeaseLost(f"job {request_id!r} is not leased to this worker")
-    return Held(worker_id=worker_id, raw=raw, job=Job.model_validate_json(raw))
+    return Held(worker_id=worker_id, job=job)
 
 
 HeldDep = Annotated[Held, Depends(_held)]
@@ -214,15 +213,14 @@ async def finish(
     """
     if body.request_id != request_id:
         raise InvalidRequest("the result's request_id is not the job's")
-    raw = await leases.held_entry(redis, worker_id, request_id)
-    if raw is None:
+    job = await leases.held(redis, worker_id, request_id)
+    if job is None:
         if await _already_stored(redis, body, worker_id):
             return
         raise LeaseLost(f"job {request_id!r} is not leased to this worker")
-    job = Job.model_validate_json(raw)
     result = body.model_copy(update={"worker_id": worker_id, "model": job.model})
     held_in = keys.processing_key(worker_id)
-    if not await queue.finish(redis, held_in, raw, result, settings.result_ttl_s, streamed=job.stream):
+    if not await queue.finish(redis, held_in, result, settings.result_ttl_s, streamed=job.stream):
         raise LeaseLost(f"job {request_id!r} is not leased to this worker")
     # The pool's history counts what was stored, not what a worker says it did.
     await pool_stats.add(redis, pool_stats.job_delta(job, result, worker_id, time.time()))
@@ -247,7 +245,7 @@ async def pulled(held: HeldDep, redis: RedisDep) -> None:
     """
     if held.job.kind != "pull":
         raise Conflict(f"job {held.job.request_id!r} is not a pull")
-    if not await leases.add_pulled_model(redis, held.worker_id, held.raw):
+    if not await leases.add_pulled_model(redis, held.worker_id, held.job):
         raise Conflict(f"model {held.job.model!r} cannot be listed: this worker's registration is gone or full")
 
 
@@ -267,7 +265,7 @@ async def fail_over(held: HeldDep, redis: RedisDep, settings: SettingsDep) -> Mo
     no other worker serves its model (the worker then stores its failure).
     """
     handed = await leases.fail_over(
-        redis, held.worker_id, held.raw, max_attempts=settings.max_attempts, ttl_s=settings.result_ttl_s
+        redis, held.worker_id, held.job, max_attempts=settings.max_attempts, ttl_s=settings.result_ttl_s
     )
     return Moved(jobs=int(handed))
 
