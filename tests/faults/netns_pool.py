@@ -126,7 +126,9 @@ class HostPool(Pool):
         return url
 
     def wait_alive(self, worker_id: str) -> None:
-        """Until the worker beats (its heartbeat key exists); `/workers` needs a key, Redis does not."""
+        """Until the worker beats (its heartbeat key exists), and then until its coordinator lists it
+        alive: that listing reads the pool afresh, so the coordinator's next admission routes on a read
+        that has the worker (an admission may route on a read up to a second old)."""
         proc = self.workers[worker_id]
         wait_for(
             lambda: proc.popen.poll() is not None or self.is_alive(worker_id),
@@ -134,6 +136,13 @@ class HostPool(Pool):
             f"worker {worker_id} alive",
         )
         assert proc.popen.poll() is None, proc.log
+        wait_for(lambda: self.listed_alive(worker_id), PROCESS_START_TIMEOUT_S, f"worker {worker_id} listed alive")
+
+    def listed_alive(self, worker_id: str) -> bool:
+        """Whether the worker's coordinator lists it alive; the listing reads the pool afresh, so the
+        coordinator's next admission routes on a read that has the worker as it is now."""
+        listing = self.http.get(f"{self.specs[worker_id].coordinator}/workers").json()
+        return any(w["worker_id"] == worker_id and w["state"] == "alive" for w in listing)
 
     def http_on(self, host: str) -> httpx.Client:
         """An HTTP client for requests made from `host`; use it only inside `hosts[host].entered()`."""

@@ -72,6 +72,7 @@ def test_a_worker_cut_off_past_its_heartbeat_timeout_loses_its_jobs_to_another_a
     wait_for(lambda: pool.log_of("w1").count("result discarded") == 2, 30, "w1's two late results refused")
     wait_for(lambda: pool.is_alive("w1"), 30, "w1 beating again")
     rejoin_s = time.time() - restored_at
+    wait_for(lambda: pool.listed_alive("w1"), 10, "c1 listing w1 alive again")  # so the next jobs may go to it
     later = [pool.submit_from("client", _words(3, f"later{i}"), max_tokens=4) for i in range(4)]
     assert all(later)
 
