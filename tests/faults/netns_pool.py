@@ -139,10 +139,21 @@ class HostPool(Pool):
         wait_for(lambda: self.listed_alive(worker_id), PROCESS_START_TIMEOUT_S, f"worker {worker_id} listed alive")
 
     def listed_alive(self, worker_id: str) -> bool:
-        """Whether the worker's coordinator lists it alive; the listing reads the pool afresh, so the
-        coordinator's next admission routes on a read that has the worker as it is now."""
-        listing = self.http.get(f"{self.specs[worker_id].coordinator}/workers").json()
-        return any(w["worker_id"] == worker_id and w["state"] == "alive" for w in listing)
+        """Whether every running coordinator lists the worker alive. A listing reads the pool afresh, so
+        each coordinator's next admission routes on a read that has the worker as it is now (a client
+        of any coordinator may be routed to it, not only one of the coordinator it registered with)."""
+        for url, proc in self.coordinators.values():
+            if proc.popen.poll() is not None:
+                continue
+            try:
+                response = self.http.get(f"{url}/workers")
+            except httpx.TransportError:  # cut off from this host just now: not listed yet
+                return False
+            if response.status_code != 200:  # a 503 while its Redis fails over, say
+                return False
+            if not any(w["worker_id"] == worker_id and w["state"] == "alive" for w in response.json()):
+                return False
+        return True
 
     def http_on(self, host: str) -> httpx.Client:
         """An HTTP client for requests made from `host`; use it only inside `hosts[host].entered()`."""
