@@ -168,7 +168,7 @@ def settled(redis_url: str, count: int) -> bool:
     with SyncRedis.from_url(redis_url) as redis:
         if int(redis.info("clients")["blocked_clients"]) < 0.9 * count:
             return False
-        ids = redis.smembers(keys.WORKERS)
+        ids = redis.smembers(keys.workers())
         if len(ids) < count:
             return False
         with redis.pipeline(transaction=False) as pipe:

@@ -20,7 +20,7 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gputorrent import auth
+from gputorrent import auth, keys
 from gputorrent.client import APIClient
 from gputorrent.config import CoordinatorSettings, WorkerSettings
 from gputorrent.coordinator.app import create_app
@@ -43,6 +43,14 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     """A socket or file a test leaks is reported (filterwarnings=error) in that test, not a random later one."""
     yield
     gc.collect()
+
+
+@pytest.fixture(autouse=True)
+def _keys_named_for_one_redis_after_each_test() -> Iterator[None]:
+    """A test that made a client for a Redis Cluster named every key for it (`keys.use_cluster_layout`):
+    the next test names them for one Redis again."""
+    yield
+    keys.use_cluster_layout(False)
 
 
 @pytest.fixture(scope="session")

@@ -58,7 +58,7 @@ async def store_key(redis: Redis, full_key: str, name: str, scope: Scope) -> Api
             keys.api_key_key(key_id),
             mapping={"hash": hash_secret(secret), "name": name, "scope": scope, "created_at": repr(info.created_at)},
         )
-        pipe.sadd(keys.API_KEYS, key_id)
+        pipe.sadd(keys.api_keys(), key_id)
         await pipe.execute()
     return info
 
@@ -71,7 +71,7 @@ async def create_key(redis: Redis, name: str, scope: Scope) -> tuple[ApiKeyInfo,
 
 async def list_keys(redis: Redis) -> list[ApiKeyInfo]:
     """Every key (never its secret or hash), oldest first."""
-    key_ids = sorted(str(k) for k in await redis.smembers(keys.API_KEYS))
+    key_ids = sorted(str(k) for k in await redis.smembers(keys.api_keys()))
     async with redis.pipeline(transaction=False) as pipe:
         for key_id in key_ids:
             pipe.hgetall(keys.api_key_key(key_id))
@@ -85,7 +85,7 @@ async def revoke_key(redis: Redis, key_id: str) -> bool:
     (each drops it from its key cache on the announcement)."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.api_key_key(key_id))
-        pipe.srem(keys.API_KEYS, key_id)
+        pipe.srem(keys.api_keys(), key_id)
         pipe.publish(keys.KEYS_REVOKED_CHANNEL, key_id)
         deleted, _, _ = await pipe.execute()
     return bool(deleted)

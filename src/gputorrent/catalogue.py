@@ -59,8 +59,8 @@ async def publish(redis: Redis, files: dict[str, SwarmFile]) -> None:
         return
     async with redis.pipeline(transaction=False) as pipe:
         for model, offered in files.items():
-            pipe.hsetnx(keys.CATALOGUE, model, offered.model_dump_json())
-        pipe.hmget(keys.CATALOGUE, list(files))
+            pipe.hsetnx(keys.catalogue(), model, offered.model_dump_json())
+        pipe.hmget(keys.catalogue(), list(files))
         *_, stored = await pipe.execute()
     for (model, offered), raw in zip(files.items(), stored, strict=True):
         if (published := SwarmFile.model_validate_json(raw)).sha256 != offered.sha256:
@@ -68,18 +68,18 @@ async def publish(redis: Redis, files: dict[str, SwarmFile]) -> None:
 
 
 async def has(redis: Redis, model: str) -> bool:
-    return bool(await redis.hexists(keys.CATALOGUE, model))
+    return bool(await redis.hexists(keys.catalogue(), model))
 
 
 async def forget(redis: Redis, model: str) -> bool:
     """Remove `model` from the catalogue (an admin frees a name); False when it was not there. Workers
     that hold its file keep it; one that registers again publishes it again."""
-    return bool(await redis.hdel(keys.CATALOGUE, model))
+    return bool(await redis.hdel(keys.catalogue(), model))
 
 
 async def entries(redis: Redis) -> dict[str, SwarmFile]:
     """Every model in the catalogue with its file."""
-    stored = await redis.hgetall(keys.CATALOGUE)
+    stored = await redis.hgetall(keys.catalogue())
     return {str(model): SwarmFile.model_validate_json(raw) for model, raw in sorted(stored.items())}
 
 
@@ -93,13 +93,13 @@ async def announce_fetch(
 ) -> SwarmSource | None:
     """Note that the worker at `peer` fetches `model` (its holders connect to it) and say where from;
     None when the catalogue has no such model."""
-    raw = await redis.hget(keys.CATALOGUE, model)
+    raw = await redis.hget(keys.catalogue(), model)
     if raw is None:
         return None
     now = time.time()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zadd(keys.SWARM_FETCHING, {_fetching_member(model, peer): now + FETCH_LAPSE_S})
-        pipe.incr(keys.SWARM_EPOCH)
+        pipe.zadd(keys.swarm_fetching(), {_fetching_member(model, peer): now + FETCH_LAPSE_S})
+        pipe.incr(keys.swarm_epoch())
         await pipe.execute()
     sources = [w.swarm for w in holders(model, workers) if w.swarm is not None and w.swarm != peer]
     now_members = await members(redis, workers)
@@ -113,9 +113,9 @@ async def announce_fetch(
 async def fetch_done(redis: Redis, model: str, peer: SwarmPeer) -> None:
     """The fetch at `peer` ended (it holds the file now, or gave up)."""
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zrem(keys.SWARM_FETCHING, _fetching_member(model, peer))
-        pipe.hdel(keys.SWARM_TRANSFERS, _fetching_member(model, peer))
-        pipe.incr(keys.SWARM_EPOCH)  # its address is let in no longer (unless it registered meanwhile)
+        pipe.zrem(keys.swarm_fetching(), _fetching_member(model, peer))
+        pipe.hdel(keys.swarm_transfers(), _fetching_member(model, peer))
+        pipe.incr(keys.swarm_epoch())  # its address is let in no longer (unless it registered meanwhile)
         await pipe.execute()
 
 
@@ -124,15 +124,15 @@ async def report(redis: Redis, progress: SwarmProgress, workers: Sequence[Worker
     now = time.time()
     member = _fetching_member(progress.model, progress.peer)
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(keys.SWARM_TRANSFERS, member, SwarmTransfer(**progress.model_dump(), at=now).model_dump_json())
-        pipe.zadd(keys.SWARM_FETCHING, {member: now + FETCH_LAPSE_S}, xx=True)  # a long fetch stays a member
+        pipe.hset(keys.swarm_transfers(), member, SwarmTransfer(**progress.model_dump(), at=now).model_dump_json())
+        pipe.zadd(keys.swarm_fetching(), {member: now + FETCH_LAPSE_S}, xx=True)  # a long fetch stays a member
         await pipe.execute()
     return await members(redis, workers)
 
 
 async def transfers(redis: Redis) -> list[SwarmTransfer]:
     """The fetches under way, by model; those whose progress stopped coming are dropped."""
-    stored = await redis.hgetall(keys.SWARM_TRANSFERS)
+    stored = await redis.hgetall(keys.swarm_transfers())
     now = time.time()
     current: list[SwarmTransfer] = []
     stale: list[str] = []
@@ -143,7 +143,7 @@ async def transfers(redis: Redis) -> list[SwarmTransfer]:
         else:
             stale.append(str(field))
     if stale:
-        await redis.hdel(keys.SWARM_TRANSFERS, *stale)
+        await redis.hdel(keys.swarm_transfers(), *stale)
     return sorted(current, key=lambda t: (t.model, t.peer.address, t.peer.port))
 
 
@@ -151,8 +151,8 @@ async def members(redis: Redis, workers: Sequence[WorkerState]) -> SwarmMembers:
     """The addresses of live workers with a swarm address and of fetches under way, and the fetches."""
     now = time.time()
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zremrangebyscore(keys.SWARM_FETCHING, "-inf", now)
-        pipe.zrange(keys.SWARM_FETCHING, 0, -1)
+        pipe.zremrangebyscore(keys.swarm_fetching(), "-inf", now)
+        pipe.zrange(keys.swarm_fetching(), 0, -1)
         _, under_way = await pipe.execute()
     fetching: dict[str, list[SwarmPeer]] = {}
     for member in under_way:
@@ -165,7 +165,7 @@ async def members(redis: Redis, workers: Sequence[WorkerState]) -> SwarmMembers:
 
 async def joined(redis: Redis) -> None:
     """A worker with a swarm address registered: the others let it in."""
-    await redis.incr(keys.SWARM_EPOCH)
+    await redis.incr(keys.swarm_epoch())
 
 
 def _fetching_member(model: str, peer: SwarmPeer) -> str:

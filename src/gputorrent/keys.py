@@ -41,7 +41,7 @@
 | `shardbeat:{id}`      | string    | present while the host beats: bytes it lends | heartbeat TTL  | coordinator |
 | `shardgroup:{id}`     | string    | the group (leader's worker id) holding it   | 30 s, renewed  | coordinator |
 
->>> queue_key("w1"), result_key("r1"), WORKER_INDEX
+>>> queue_key("w1"), result_key("r1"), worker_index()
 ('queue:w1', 'result:r1', 'worker_index')
 >>> queue_key("w1", priority=9), model_queue_key("gemma3:270m", priority=5)
 ('queue:w1#p9', 'modelqueue:5:gemma3:270m')
@@ -51,46 +51,115 @@ default band of a worker is the seed's `queue:{worker_id}`; `#` cannot occur in 
 (`protocol.WORKER_ID_PATTERN`) and the band of a model queue comes before the model name, so
 no two of these names can be the same key. The shared queues are not `queue:model:{model}`:
 `model:x` is a valid worker id, whose queue that would be.
+
+On a Redis Cluster (a `redis+cluster://` URL) every name above starts with the hash tag
+`CLUSTER_CELL_TAG`, so the whole pool lies in one hash slot, the pool's cell: `{c0}queue:w1`.
+Every script's keys then lie in one slot, as a cluster requires, and the cell moves between
+primaries as a whole (docs/architecture.md, "Redis Cluster").
 """
 
 from __future__ import annotations
 
-WORKER_INDEX = "worker_index"
-WORKERS = "workers"
 RESULTS_CHANNEL = "results:ready"
-DEADLINES = "deadlines"
-API_KEYS = "apikeys"
 ENDED_CHANNEL = "jobs:ended"
 KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
-RECENT_FAILURES = "failures:recent"
-# Set by a coordinator that sees Redis again after a break (with the heartbeat timeout as TTL): no
-# worker could beat meanwhile, so while it exists no reaper moves the jobs of a worker without a heartbeat.
-LIVENESS_GRACE = "liveness:grace"
-CATALOGUE = "catalogue"  # the pool's model files, for the swarm (gputorrent/swarm.py)
-SWARM_FETCHING = "swarm:fetching"
-SWARM_EPOCH = "swarm:epoch"
-SWARM_TRANSFERS = "swarm:transfers"
-SHARDS = "shards"
+# A channel is not a key: on a Redis Cluster a message published on any node reaches subscribers on every node.
+
+# On a Redis Cluster every key of the pool carries one hash tag, so that every key a script names
+# lies in one hash slot, served by one primary (`redis_client`'s cluster client talks to that one).
+# Empty on one Redis, where the names are the seed's.
+CLUSTER_CELL_TAG = "{c0}"
+_tag = ""
+
+
+def use_cluster_layout(on: bool) -> None:
+    """Name every key for a Redis Cluster (with `CLUSTER_CELL_TAG`) or for one Redis. A process
+    belongs to one pool: `redis_client` calls this when it makes a client for a cluster URL."""
+    global _tag
+    _tag = CLUSTER_CELL_TAG if on else ""
+
+
+def on_cluster() -> bool:
+    return bool(_tag)
+
+
+def unused() -> str:
+    """The name sent for a key a script is given but does not touch (a limit that is off)."""
+    return f"{_tag}-"
+
+
+def worker_index() -> str:
+    """The seed's round-robin counter."""
+    return f"{_tag}worker_index"
+
+
+def workers() -> str:
+    """The ids of every registered worker."""
+    return f"{_tag}workers"
+
+
+def deadlines() -> str:
+    """Request ids by deadline."""
+    return f"{_tag}deadlines"
+
+
+def api_keys() -> str:
+    """The ids of every API key."""
+    return f"{_tag}apikeys"
+
+
+def recent_failures() -> str:
+    """The last failed jobs, newest first."""
+    return f"{_tag}failures:recent"
+
+
+def liveness_grace() -> str:
+    """Set by a coordinator that sees Redis again after a break (with the heartbeat timeout as TTL):
+    no worker could beat meanwhile, so while it exists no reaper moves the jobs of a worker without a
+    heartbeat."""
+    return f"{_tag}liveness:grace"
+
+
+def catalogue() -> str:
+    """The pool's model files, for the swarm (gputorrent/swarm.py)."""
+    return f"{_tag}catalogue"
+
+
+def swarm_fetching() -> str:
+    return f"{_tag}swarm:fetching"
+
+
+def swarm_epoch() -> str:
+    return f"{_tag}swarm:epoch"
+
+
+def swarm_transfers() -> str:
+    return f"{_tag}swarm:transfers"
+
+
+def shards() -> str:
+    """The ids of every registered shard host."""
+    return f"{_tag}shards"
 
 
 def shard_key(shard_id: str) -> str:
     """The registration of one shard host (`gputorrent shard`)."""
-    return f"shard:{shard_id}"
+    return f"{_tag}shard:{shard_id}"
 
 
 def shard_beat_key(shard_id: str) -> str:
     """Present while the shard host beats; holds the bytes it lends now."""
-    return f"shardbeat:{shard_id}"
+    return f"{_tag}shardbeat:{shard_id}"
 
 
 def shard_group_key(shard_id: str) -> str:
     """The group (its leader's worker id) that holds the shard host, while its lease lasts."""
-    return f"shardgroup:{shard_id}"
+    return f"{_tag}shardgroup:{shard_id}"
 
 
 def worker_key(worker_id: str) -> str:
     """The registration record of one worker."""
-    return f"worker:{worker_id}"
+    return f"{_tag}worker:{worker_id}"
 
 
 PRIORITY_DEFAULT = 5
@@ -100,7 +169,8 @@ DOORBELL_MAX = 1024  # tokens kept per doorbell: more than the consumers that ca
 
 def queue_key(worker_id: str, priority: int = PRIORITY_DEFAULT) -> str:
     """The job queue of one worker for one priority band (the seed's `queue:{worker_id}` is band 5)."""
-    return f"queue:{worker_id}" if priority == PRIORITY_DEFAULT else f"queue:{worker_id}#p{priority}"
+    band = "" if priority == PRIORITY_DEFAULT else f"#p{priority}"
+    return f"{_tag}queue:{worker_id}{band}"
 
 
 def worker_queue_keys(worker_id: str) -> list[str]:
@@ -110,7 +180,7 @@ def worker_queue_keys(worker_id: str) -> list[str]:
 
 def model_queue_key(model: str, priority: int = PRIORITY_DEFAULT) -> str:
     """The shared queue of one model for one priority band: any worker serving the model takes from it."""
-    return f"modelqueue:{priority}:{model}"
+    return f"{_tag}modelqueue:{priority}:{model}"
 
 
 def model_queue_keys(model: str) -> list[str]:
@@ -120,79 +190,79 @@ def model_queue_keys(model: str) -> list[str]:
 
 def worker_doorbell_key(worker_id: str) -> str:
     """Tokens that wake a consumer of the worker blocked waiting for work."""
-    return f"doorbell:worker:{worker_id}"
+    return f"{_tag}doorbell:worker:{worker_id}"
 
 
 def model_doorbell_key(model: str) -> str:
     """Tokens that wake a consumer of any worker serving the model."""
-    return f"doorbell:model:{model}"
+    return f"{_tag}doorbell:model:{model}"
 
 
 def result_key(request_id: str) -> str:
     """The stored result of one request."""
-    return f"result:{request_id}"
+    return f"{_tag}result:{request_id}"
 
 
 def heartbeat_key(worker_id: str) -> str:
     """Present while the worker is alive; expires when its heartbeats stop."""
-    return f"heartbeat:{worker_id}"
+    return f"{_tag}heartbeat:{worker_id}"
 
 
 def job_key(request_id: str) -> str:
     """The status of a request between admission and result."""
-    return f"job:{request_id}"
+    return f"{_tag}job:{request_id}"
 
 
 def stream_key(request_id: str) -> str:
     """The tokens of a streamed request, as they are generated."""
-    return f"stream:{request_id}"
+    return f"{_tag}stream:{request_id}"
 
 
 def cancel_key(request_id: str) -> str:
     """Present once the client has given up on the request (it disconnected from its stream)."""
-    return f"cancel:{request_id}"
+    return f"{_tag}cancel:{request_id}"
 
 
 def processing_key(worker_id: str) -> str:
     """The jobs a worker has taken and not finished: moved here from its queue in one step."""
-    return f"processing:{worker_id}"
+    return f"{_tag}processing:{worker_id}"
 
 
 def idempotency_key(key: str) -> str:
     """The request id that a client's idempotency key (or its own request id) was admitted as."""
-    return f"idempotency:{key}"
+    return f"{_tag}idempotency:{key}"
 
 
 def api_key_key(key_id: str) -> str:
     """One API key's record (its secret only as a hash)."""
-    return f"apikey:{key_id}"
+    return f"{_tag}apikey:{key_id}"
 
 
 def owner_key(request_id: str) -> str:
     """The id of the API key that submitted a request: only it (or an admin key) reads the result."""
-    return f"owner:{request_id}"
+    return f"{_tag}owner:{request_id}"
 
 
 def worker_secret_key(worker_id: str) -> str:
     """The hash of the secret a worker got at registration; re-registering its id must prove it."""
-    return f"worker_secret:{worker_id}"
+    return f"{_tag}worker_secret:{worker_id}"
 
 
 def rate_key(key_id: str, minute: int) -> str:
     """Requests and tokens one API key was admitted for in one clock minute."""
-    return f"ratelimit:{key_id}:{minute}"
+    return f"{_tag}ratelimit:{key_id}:{minute}"
 
 
 def open_streams_key(key_id: str) -> str:
     """The streams one API key has open now (request ids scored by start time)."""
-    return f"streams:{key_id}"
+    return f"{_tag}streams:{key_id}"
 
 
 def drain_key(worker_id: str) -> str:
     """Present once an admin asked the worker to drain and stop; its heartbeat sees it."""
-    return f"drain:{worker_id}"
+    return f"{_tag}drain:{worker_id}"
 
 
 def stats_key(bucket_start: int) -> str:
     """The pool's job figures for the `pool_stats.BUCKET_S` seconds starting at `bucket_start` (unix s)."""
-    return f"stats:{bucket_start}"
+    return f"{_tag}stats:{bucket_start}"

@@ -77,7 +77,7 @@ async def beat(
         pipe.eval(_BEAT.source, numkeys, *keys_and_args)
         pipe.exists(keys.drain_key(worker_id))
         pipe.lrange(keys.processing_key(worker_id), 0, -1)
-        pipe.get(keys.SWARM_EPOCH)
+        pipe.get(keys.swarm_epoch())
         for request_id in running:
             pipe.exists(keys.cancel_key(request_id))
         written, drain, held, swarm_epoch, *cancelled = await pipe.execute()

@@ -33,6 +33,11 @@ Argument = str | bytes | int
 READ_SIZE = 64 * 1024
 # Replies of a server demoted from primary to replica: to a write, and to a command it was blocked in.
 _DEMOTED = ("READONLY", "UNBLOCKED")
+# Replies of a Redis Cluster node to a command it did not run: the slot is served elsewhere now, is
+# moving, or has no primary yet (redis_client.py). The command is sent again on a new connection.
+_REDIRECTED = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+REDIRECT_WAIT_S = 15.0  # how long a redirected command is sent again before it fails
+_REDIRECT_PAUSE_S = (0.01, 0.5)  # the first pause before sending again, and the longest
 DEFAULT_TIMEOUT_S = 30.0  # when the client sets no socket timeout: a lost reply must not hang its callers
 # Idle borrowed connections kept per client for the next blocking reader; one given back beyond
 # that is closed, so a burst of followed streams does not hold its Redis connections for good.
@@ -63,17 +68,27 @@ class PipelinedConnection:
     async def execute_all(self, *commands: Sequence[Argument], blocks_s: float = 0.0) -> list[Any]:
         """The replies of several commands sent in one write; the first error reply raises (after
         every command ran). `blocks_s`: how long a blocking command among them may wait in Redis,
-        on a connection of the caller's own (`borrowed`), added to the timeout for the replies."""
-        link = self._link
-        if link is None or link.broken:
-            link = await self._connect()
+        on a connection of the caller's own (`borrowed`), added to the timeout for the replies.
+
+        Commands a Redis Cluster node refused all of (`_REDIRECTED`: none of them ran) are sent again
+        on a new connection, for up to `REDIRECT_WAIT_S`; where it refused only some, the others
+        ran, and it raises `ConnectionError` as for a lost connection."""
         try:
             packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
         except TypeError as e:
             raise DataError(str(e)) from e
-        replies = link.send(packed, len(commands))
-        await link.read_until(replies[-1], self._timeout_s + blocks_s)
-        results = [reply.result() for reply in replies]
+        pause_s, give_up_at = _REDIRECT_PAUSE_S[0], asyncio.get_running_loop().time() + REDIRECT_WAIT_S
+        while True:
+            link, results = await self._send(packed, len(commands), blocks_s)
+            redirected = [r for r in results if isinstance(r, ResponseError) and str(r).startswith(_REDIRECTED)]
+            if not redirected:
+                break
+            if len(redirected) < len(results):
+                raise ConnectionError(f"a Redis Cluster node ran only some of the commands sent: {redirected[0]}")
+            if asyncio.get_running_loop().time() + pause_s > give_up_at:
+                raise ConnectionError(f"the Redis Cluster did not serve the pool's cell in time: {redirected[0]}")
+            await asyncio.sleep(pause_s)
+            pause_s = min(2 * pause_s, _REDIRECT_PAUSE_S[1])
         for result in results:
             if isinstance(result, ResponseError):
                 if str(result).startswith(_DEMOTED):
@@ -85,6 +100,23 @@ class PipelinedConnection:
                     raise error
                 raise _typed(result)
         return results
+
+    async def _send(self, packed: bytes, commands: int, blocks_s: float) -> tuple[_Link, list[Any]]:
+        link = self._link
+        if link is None or link.broken:
+            link = await self._connect()
+        replies = link.send(packed, commands)
+        await link.read_until(replies[-1], self._timeout_s + blocks_s)
+        results = [reply.result() for reply in replies]
+        if any(isinstance(r, ResponseError) and str(r).startswith(_REDIRECTED) for r in results):
+            # This node does not serve the cell (now): new commands go to a new connection, which asks
+            # the cluster where the cell is; this one closes once the replies sent on it are read.
+            if self._link is link:
+                self._link = None
+            link.retired = True
+        if link.retired and not link.waiting:
+            link.close()
+        return link, results
 
     def close(self) -> None:
         """Drop the connection now (commands still waiting on it fail); the next command makes a new one."""
@@ -111,6 +143,11 @@ class _Link:
         self._waiting: deque[asyncio.Future[Any]] = deque()
         self._reading = asyncio.Lock()
         self.broken = False
+        self.retired = False  # no new commands: closed once those sent have their replies
+
+    @property
+    def waiting(self) -> bool:
+        return bool(self._waiting)
 
     def send(self, packed: bytes, commands: int) -> list[asyncio.Future[Any]]:
         loop = asyncio.get_running_loop()

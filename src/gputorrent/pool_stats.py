@@ -66,8 +66,8 @@ class StatsDelta:
             commands.append(("HINCRBYFLOAT" if isinstance(value, float) else "HINCRBY", key, f.name, value))
         commands.append(("EXPIRE", key, HISTORY_S + 2 * BUCKET_S))
         if self.failures:
-            commands.append(("LPUSH", keys.RECENT_FAILURES, *(r.model_dump_json() for r in self.failures)))
-            commands.append(("LTRIM", keys.RECENT_FAILURES, 0, FAILURES_KEPT - 1))
+            commands.append(("LPUSH", keys.recent_failures(), *(r.model_dump_json() for r in self.failures)))
+            commands.append(("LTRIM", keys.recent_failures(), 0, FAILURES_KEPT - 1))
         return commands
 
 
@@ -153,7 +153,7 @@ def _point(at: int, raw: dict[str, float]) -> HistoryPoint:
 async def recent_failures(redis: Redis, limit: int = FAILURES_KEPT) -> list[FailureRecord]:
     """The last failures, newest first; an unreadable entry is skipped."""
     found = []
-    for raw in await redis.lrange(keys.RECENT_FAILURES, 0, limit - 1):
+    for raw in await redis.lrange(keys.recent_failures(), 0, limit - 1):
         try:
             found.append(FailureRecord.model_validate_json(raw))
         except ValueError:

@@ -1,4 +1,5 @@
-"""The one way to make a Redis client from a URL: a single server, or a primary found through Sentinel.
+"""The one way to make a Redis client from a URL: a single server, a primary found through Sentinel,
+or the primary of the pool's cell on a Redis Cluster.
 
 `redis://` and `rediss://` (and `unix://`) URLs go to redis-py as they always did. A Sentinel URL
 names the Sentinels and the primary's name; the client asks the Sentinels where the primary is on
@@ -17,10 +18,25 @@ a HOST without a port is 26379. Query parameters (each once):
 - `ssl_ca_certs`, `ssl_certfile`, `ssl_keyfile`, `ssl_cert_reqs` (`required`, `optional`, `none`),
   `ssl_check_hostname`: TLS files and checks, for the servers and the Sentinels alike.
 
+A cluster URL names any of the cluster's nodes (seeds); the query takes `username`, `password` and
+the TLS parameters above. A cluster has one database, so there is no `/DB`:
+
+    redis+cluster://[[USERNAME]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/][?QUERY]
+    rediss+cluster://...    the same with TLS
+
+On a cluster every key of the pool lies in one hash slot, the pool's cell (`keys.py`), and the
+client talks to the primary serving that slot, as a client of one Redis: it asks the nodes it knows
+which primary that is (`CLUSTER SLOTS`) on every new connection, so after a failover or a move of
+the slot the next connection goes to the new primary by itself. A command the old one refuses
+(`MOVED`, or `ASK`/`TRYAGAIN` while the slot moves, `CLUSTERDOWN` while the cluster fails over) did
+not run, and is sent again until the new primary answers (`pipelined.REDIRECT_WAIT_S`).
+
 >>> parse_sentinel_url("redis+sentinel://:pw@s1:26379,s2/pool/2?sentinel_password=spw").sentinels
 (('s1', 26379), ('s2', 26379))
 >>> print(redacted_url("redis+sentinel://u:pw@s1/pool?sentinel_password=spw"))
 redis+sentinel://u:***@s1/pool?sentinel_password=***
+>>> parse_cluster_url("redis+cluster://:pw@n1:7000,n2").seeds
+(('n1', 7000), ('n2', 6379))
 """
 
 from __future__ import annotations
@@ -35,22 +51,32 @@ from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis as sync_redis
+import redis.connection as sync_connection
 import redis.sentinel as sync_sentinel
-from redis.asyncio import BlockingConnectionPool, Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
+from redis.asyncio import connection as async_connection
 from redis.asyncio import sentinel as async_sentinel
+from redis.asyncio.retry import Retry as AsyncRetry
+from redis.backoff import ExponentialBackoff
 from redis.connection import parse_url
+from redis.crc import key_slot
+from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+from redis.retry import Retry
 
-from gputorrent import pipelined
+from gputorrent import keys, pipelined
 from gputorrent.retry import Backoff
 
 log = logging.getLogger(__name__)
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
+CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
 DEFAULT_SENTINEL_PORT = 26379
+DEFAULT_REDIS_PORT = 6379
 _BOOL = {"true": True, "yes": True, "on": True, "1": True, "false": False, "no": False, "off": False, "0": False}
 _TLS_FILES = ("ssl_ca_certs", "ssl_certfile", "ssl_keyfile", "ssl_cert_reqs")
 _QUERY = {"username", "password", "sentinel_username", "sentinel_password", "db", "sentinel_tls",
           "ssl_check_hostname", *_TLS_FILES}  # fmt: skip
+_CLUSTER_QUERY = {"username", "password", "ssl_check_hostname", *_TLS_FILES}
 _CERT_REQS = ("required", "optional", "none")
 SWITCH_CHANNEL = "+switch-master"  # what a Sentinel publishes once it has failed a primary over
 SENTINEL_SILENCE_S = 6.0  # a Sentinel subscription that hears nothing this long (pings included) is made anew
@@ -90,6 +116,23 @@ class SentinelTarget:
         return kwargs
 
 
+@dataclass(frozen=True)
+class ClusterTarget:
+    """What a cluster URL says: nodes to ask first, and how to talk to every node."""
+
+    seeds: tuple[tuple[str, int], ...]
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    tls: bool = False
+    tls_options: tuple[tuple[str, Any], ...] = ()
+
+    def server_kwargs(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"username": self.username, "password": self.password}
+        if self.tls:
+            kwargs.update(ssl=True, **dict(self.tls_options))
+        return kwargs
+
+
 def redacted_url(url: str) -> str:
     """`url` with every password masked, for messages and logs."""
     url = re.sub(r"(://[^/@]*?:)[^@/]*@", r"\1***@", url)  # the user part's password
@@ -100,10 +143,17 @@ def is_sentinel_url(url: str) -> bool:
     return url.split("://", 1)[0].lower() in SENTINEL_SCHEMES
 
 
+def is_cluster_url(url: str) -> bool:
+    return url.split("://", 1)[0].lower() in CLUSTER_SCHEMES
+
+
 def check_url(url: str) -> None:
     """Raise `RedisUrlError` naming what is wrong when `url` cannot make a client."""
     if is_sentinel_url(url):
         parse_sentinel_url(url)
+        return
+    if is_cluster_url(url):
+        parse_cluster_url(url)
         return
     try:
         parse_url(url)  # type: ignore[no-untyped-call]
@@ -147,11 +197,39 @@ def parse_sentinel_url(url: str) -> SentinelTarget:
     )  # fmt: skip
 
 
-def _query(text: str, bad: Any) -> dict[str, str]:
+def parse_cluster_url(url: str) -> ClusterTarget:
+    """The parts of a `redis+cluster://` or `rediss+cluster://` URL (the module's docstring)."""
+    shown = redacted_url(url)
+
+    def bad(what: str) -> RedisUrlError:
+        return RedisUrlError(f"Redis Cluster URL {shown}: {what}")
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.lower() not in CLUSTER_SCHEMES:
+        raise bad("the scheme must be redis+cluster:// or rediss+cluster://")
+    tls = CLUSTER_SCHEMES[scheme.lower()]
+    authority, _, path_and_query = rest.partition("/")
+    authority, question, query_text = authority.partition("?")
+    if question and path_and_query:
+        raise bad("the path comes before the query")
+    parts = urlsplit("x:///" + path_and_query)
+    if parts.path.strip("/"):
+        raise bad("a cluster has one database: the URL has no path (give db 0's nodes only)")
+    userinfo, at, hosts_part = authority.rpartition("@")
+    if not at:
+        hosts_part, userinfo = authority, ""
+    seeds = tuple(_host_port(entry, bad, DEFAULT_REDIS_PORT, "node") for entry in hosts_part.split(","))
+    query = _query(query_text or parts.query, bad, _CLUSTER_QUERY)
+    username, password = _credentials(userinfo, query, bad)
+    tls_options = _tls_options(query, tls, bad, "rediss+cluster")
+    return ClusterTarget(seeds=seeds, username=username, password=password, tls=tls, tls_options=tls_options)
+
+
+def _query(text: str, bad: Any, known: set[str] = _QUERY) -> dict[str, str]:
     query: dict[str, str] = {}
     for name, value in parse_qsl(text, keep_blank_values=True):
-        if name not in _QUERY:
-            raise bad(f"unknown query parameter {name!r} (known: {', '.join(sorted(_QUERY))})")
+        if name not in known:
+            raise bad(f"unknown query parameter {name!r} (known: {', '.join(sorted(known))})")
         if name in query:
             raise bad(f"query parameter {name!r} is given twice")
         query[name] = value
@@ -179,34 +257,38 @@ def _database(path_db: list[str], query: dict[str, str], bad: Any) -> int:
     return int(text)
 
 
-def _tls_options(query: dict[str, str], any_tls: bool, bad: Any) -> tuple[tuple[str, Any], ...]:
+def _tls_options(
+    query: dict[str, str], any_tls: bool, bad: Any, tls_scheme: str = "rediss+sentinel"
+) -> tuple[tuple[str, Any], ...]:
     options: list[tuple[str, Any]] = [(name, query[name]) for name in _TLS_FILES if name in query]
     if query.get("ssl_cert_reqs", "required") not in _CERT_REQS:
         raise bad(f"ssl_cert_reqs must be one of {', '.join(_CERT_REQS)}, not {query['ssl_cert_reqs']!r}")
     if "ssl_check_hostname" in query:
         options.append(("ssl_check_hostname", _flag(query["ssl_check_hostname"], "ssl_check_hostname", bad)))
     if options and not any_tls:
-        raise bad("TLS options are given but the scheme is redis+sentinel:// (use rediss+sentinel:// for TLS)")
+        raise bad(f"TLS options are given but the scheme has no TLS (use {tls_scheme}:// for TLS)")
     return tuple(options)
 
 
-def _host_port(entry: str, bad: Any) -> tuple[str, int]:
+def _host_port(
+    entry: str, bad: Any, default_port: int = DEFAULT_SENTINEL_PORT, what: str = "Sentinel"
+) -> tuple[str, int]:
     entry = entry.strip()
     if not entry:
-        raise bad("a Sentinel address is empty: give HOST[:PORT],HOST[:PORT],...")
+        raise bad(f"a {what} address is empty: give HOST[:PORT],HOST[:PORT],...")
     if entry.startswith("["):  # [IPv6]:port
         host, close, after = entry[1:].partition("]")
         if not close or (after and not after.startswith(":")):
-            raise bad(f"the Sentinel address {entry!r} is not [IPV6]:PORT")
+            raise bad(f"the {what} address {entry!r} is not [IPV6]:PORT")
         port_text = after[1:] if after else ""
     else:
         host, _, port_text = entry.partition(":")
     if not host:
-        raise bad(f"the Sentinel address {entry!r} has no host")
+        raise bad(f"the {what} address {entry!r} has no host")
     if not port_text:
-        return host, DEFAULT_SENTINEL_PORT
+        return host, default_port
     if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
-        raise bad(f"the port of Sentinel address {entry!r} must be a number from 1 to 65535")
+        raise bad(f"the port of {what} address {entry!r} must be a number from 1 to 65535")
     return host, int(port_text)
 
 
@@ -242,6 +324,141 @@ class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool):
                 client.close()
 
 
+class _ClusterCell:
+    """Where the pool's cell is on a Redis Cluster: the primary serving its hash slot, asked of the
+    nodes it knows (the URL's seeds, then every node a cluster's answer named) on each new connection."""
+
+    def __init__(self, target: ClusterTarget, timeout_s: float) -> None:
+        self.slot = key_slot(keys.CLUSTER_CELL_TAG.encode())
+        self._target = target
+        self._timeout_s = timeout_s
+        self._known: list[tuple[str, int]] = list(target.seeds)
+
+    def _probe_kwargs(self) -> dict[str, Any]:
+        return {"socket_connect_timeout": self._timeout_s, "socket_timeout": self._timeout_s,
+                "decode_responses": True, **self._target.server_kwargs()}  # fmt: skip
+
+    def _owner(self, slots: Any, asked: tuple[str, int]) -> tuple[str, int] | None:
+        """The primary of the cell's slot in a `CLUSTER SLOTS` reply; every node in it becomes known."""
+        found = None
+        for start, end, primary, *replicas in slots:
+            for node in (primary, *replicas):
+                address = (str(node[0]) or asked[0], int(node[1]))  # "" = the node asked
+                if address not in self._known:
+                    self._known.append(address)
+            if int(start) <= self.slot <= int(end):
+                found = (str(primary[0]) or asked[0], int(primary[1]))
+        return found
+
+    def _not_found(self, errors: list[str]) -> ConnectionError:
+        tried = "; ".join(errors)
+        return ConnectionError(f"no node of the Redis Cluster names the primary of slot {self.slot}: {tried}")
+
+    async def primary(self) -> tuple[str, int]:
+        """Asks every known node at once; the first that names the primary answers (within the
+        connect timeout in all, so a cut link to some nodes costs no more than one to the primary)."""
+
+        async def ask(address: tuple[str, int]) -> tuple[str, int] | None:
+            probe = Redis(host=address[0], port=address[1], **self._probe_kwargs())
+            try:
+                return self._owner(await probe.execute_command("CLUSTER", "SLOTS"), address)  # type: ignore[no-untyped-call]
+            finally:
+                await probe.aclose()
+
+        asking = {asyncio.ensure_future(ask(address)): address for address in self._known}
+        errors = []
+        try:
+            for next_answer in asyncio.as_completed(asking, timeout=self._timeout_s):
+                try:
+                    if (owner := await next_answer) is not None:
+                        return owner
+                except (sync_redis.RedisError, OSError) as e:
+                    errors.append(str(e))
+        except TimeoutError:
+            errors.append(f"no answer within {self._timeout_s:g} s")
+        finally:
+            for task in asking:
+                task.cancel()
+        raise self._not_found(errors)
+
+    def primary_sync(self) -> tuple[str, int]:
+        """Asks the known nodes in turn, until the connect timeout has passed."""
+        errors = []
+        give_up_at = time.monotonic() + self._timeout_s
+        for address in list(self._known):
+            if time.monotonic() > give_up_at:
+                errors.append(f"no answer within {self._timeout_s:g} s")
+                break
+            probe = sync_redis.Redis(host=address[0], port=address[1], **self._probe_kwargs())
+            try:
+                owner = self._owner(probe.execute_command("CLUSTER", "SLOTS"), address)  # type: ignore[no-untyped-call]
+            except (sync_redis.RedisError, OSError) as e:
+                errors.append(f"{address[0]}:{address[1]} {e}")
+                continue
+            finally:
+                probe.close()
+            if owner is not None:
+                return owner
+            errors.append(f"{address[0]}:{address[1]} serves no such slot")
+        raise self._not_found(errors)
+
+
+# redis-py's connections open their socket in `_connect`, to `self.host` and `self.port` (the same in
+# every redis-py this project takes, and a test checks it): the cell's connections set them first.
+class _AsyncCell:
+    def __init__(self, *, cell: _ClusterCell, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cell = cell
+
+    async def _connect(self) -> None:
+        self.host, self.port = await self.cell.primary()
+        await super()._connect()  # type: ignore[misc]
+
+
+class _SyncCell:
+    def __init__(self, *, cell: _ClusterCell, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.cell = cell
+
+    def _connect(self) -> Any:
+        self.host, self.port = self.cell.primary_sync()
+        return super()._connect()  # type: ignore[misc]
+
+
+class _AsyncCellConnection(_AsyncCell, async_connection.Connection): ...
+
+
+class _AsyncCellTLSConnection(_AsyncCell, async_connection.SSLConnection): ...
+
+
+class _SyncCellConnection(_SyncCell, sync_connection.Connection): ...
+
+
+class _SyncCellTLSConnection(_SyncCell, sync_connection.SSLConnection): ...
+
+
+# A command refused this way did not run: redis-py sends it again, on a new connection (to the
+# primary the cluster names now). Commands on the hot path (`pipelined`) wait longer, up to
+# `pipelined.REDIRECT_WAIT_S`: a slot's move lasts as long as its keys take to migrate.
+CLUSTER_REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
+_REDIRECT_RETRIES = 10  # at most 0.5 s apart: about 4 s in all, as long as a lost connection is retried
+
+
+def _cluster_kwargs(url: str, tls_class: type, plain_class: type, timeout_s: float, retry: type) -> dict[str, Any]:
+    """Connection settings for the pool's cell on the cluster of `url`; names the keys for a cluster."""
+    target = parse_cluster_url(url)
+    keys.use_cluster_layout(True)
+    return {
+        "connection_class": tls_class if target.tls else plain_class,
+        "cell": _ClusterCell(target, timeout_s),
+        "host": target.seeds[0][0],  # replaced by the cell's primary on each connection
+        "port": target.seeds[0][1],
+        "retry": retry(ExponentialBackoff(cap=0.5, base=0.05), _REDIRECT_RETRIES),
+        "retry_on_error": list(CLUSTER_REDIRECTS),
+        **{k: v for k, v in target.server_kwargs().items() if k != "ssl"},
+    }
+
+
 UNBOUNDED = 2**31  # connections: what "no bound" was in redis-py before its default became 100
 
 
@@ -267,6 +484,12 @@ def async_client(
         "socket_connect_timeout": socket_connect_timeout,
         "socket_timeout": socket_timeout,
     }
+    if is_cluster_url(url):
+        cell = _cluster_kwargs(url, _AsyncCellTLSConnection, _AsyncCellConnection, socket_connect_timeout, AsyncRetry)
+        if max_connections is None:
+            return Redis.from_pool(ConnectionPool(max_connections=UNBOUNDED, **cell, **common))
+        bounded = BlockingConnectionPool(max_connections=max_connections, timeout=pool_timeout, **cell, **common)
+        return Redis.from_pool(bounded)
     if not is_sentinel_url(url):
         check_url(url)
         if max_connections is None:
@@ -301,6 +524,9 @@ def sync_client(
         "socket_connect_timeout": socket_connect_timeout,
         "socket_timeout": socket_timeout,
     }
+    if is_cluster_url(url):
+        cell = _cluster_kwargs(url, _SyncCellTLSConnection, _SyncCellConnection, socket_connect_timeout, Retry)
+        return sync_redis.Redis.from_pool(sync_redis.ConnectionPool(**cell, **common))
     if not is_sentinel_url(url):
         check_url(url)
         return sync_redis.Redis.from_url(url, **common)

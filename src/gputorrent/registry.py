@@ -83,7 +83,7 @@ async def register(
         redis,
         _RegisterKeys(
             record_key=keys.worker_key(worker_id),
-            workers=keys.WORKERS,
+            workers=keys.workers(),
             heartbeat=keys.heartbeat_key(worker_id),
             secret=keys.worker_secret_key(worker_id),
         ),
@@ -115,7 +115,7 @@ def queue_beat(pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: floa
     """Add one beat's commands to `pipe`: its `BEAT_REPLIES` replies go to `beat_answer`."""
     pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
     pipe.exists(keys.drain_key(worker_id))
-    pipe.get(keys.SWARM_EPOCH)
+    pipe.get(keys.swarm_epoch())
 
 
 def beat_answer(worker_id: str, replies: list[Any]) -> BeatAnswer:
@@ -129,7 +129,7 @@ def beat_answer(worker_id: str, replies: list[Any]) -> BeatAnswer:
         # not fail for it, or the worker would look dead; its swarm reads the members only at start.
         if not _epoch_unreadable_told:
             log.warning("worker %s cannot read %s (%s): add %%R~%s to its Redis user", worker_id,
-                        keys.SWARM_EPOCH, swarm_epoch, keys.SWARM_EPOCH)  # fmt: skip
+                        keys.swarm_epoch(), swarm_epoch, keys.swarm_epoch())  # fmt: skip
             _told_epoch_unreadable()
         swarm_epoch = None
     return BeatAnswer(drain=bool(drain), swarm_epoch=int(swarm_epoch or 0))
@@ -242,7 +242,7 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
         _DeregisterKeys(
             record_key=keys.worker_key(worker_id),
             heartbeat=keys.heartbeat_key(worker_id),
-            workers=keys.WORKERS,
+            workers=keys.workers(),
             drain=keys.drain_key(worker_id),
             lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
         ),
@@ -260,23 +260,25 @@ def _key_parts(key_of_id: str) -> list[str]:
 
 
 _ID_MARK = "\x00"
-# Pairs of (before, after) around a worker id: record, heartbeat, processing list, then every queue band.
-_SNAPSHOT_KEYS = [keys.worker_key(_ID_MARK), keys.heartbeat_key(_ID_MARK), keys.processing_key(_ID_MARK)]
-_SNAPSHOT_KEY_PARTS = tuple(
-    part for key in [*_SNAPSHOT_KEYS, *keys.worker_queue_keys(_ID_MARK)] for part in _key_parts(key)
-)
+
+
+def _snapshot_key_parts() -> tuple[str, ...]:
+    """Pairs of (before, after) around a worker id: record, heartbeat, processing list, then every
+    queue band (made per read: the names depend on the key layout, `keys.use_cluster_layout`)."""
+    around = [keys.worker_key(_ID_MARK), keys.heartbeat_key(_ID_MARK), keys.processing_key(_ID_MARK)]
+    return tuple(part for key in [*around, *keys.worker_queue_keys(_ID_MARK)] for part in _key_parts(key))
 
 
 @dataclass(frozen=True)
 class _SnapshotArgs:
-    key_parts: tuple[str, ...]  # `_SNAPSHOT_KEY_PARTS`
+    key_parts: tuple[str, ...]  # `_snapshot_key_parts()`
     ids: tuple[str, ...]
 
 
 # The workers of `ids`: {id, record, heartbeat, jobs queued (every band), jobs held} for each. The one
 # script that makes key names, from the parts keys.py gives around an id: it reads thousands of
 # workers' keys, which as declared keys would be thousands of names sent with every read. It only
-# reads; on a Redis Cluster the pool is read by another way (docs/architecture.md).
+# reads, and on a Redis Cluster every name it makes lies in the pool's cell, on the primary it runs on.
 _SNAPSHOT = Script(
     NoKeys,
     _SnapshotArgs,
@@ -306,11 +308,12 @@ SNAPSHOT_CHUNK = 200
 async def snapshot(redis: Redis) -> list[WorkerState]:
     """Every registered worker with its state, load and queue length, sorted by id (one round trip
     for the ids, then one per `SNAPSHOT_CHUNK` workers)."""
-    ids = sorted(map(str, await redis.smembers(keys.WORKERS)))
+    ids = sorted(map(str, await redis.smembers(keys.workers())))
     states: list[WorkerState] = []
     records: dict[str, WorkerRecord] = {}
+    key_parts = _snapshot_key_parts()
     for start in range(0, len(ids), SNAPSHOT_CHUNK):
-        chunk = _SnapshotArgs(key_parts=_SNAPSHOT_KEY_PARTS, ids=tuple(ids[start : start + SNAPSHOT_CHUNK]))
+        chunk = _SnapshotArgs(key_parts=key_parts, ids=tuple(ids[start : start + SNAPSHOT_CHUNK]))
         replies = await _SNAPSHOT.run(redis, NoKeys(), chunk)
         states += [state for reply in replies if (state := _state(*reply, records=records)) is not None]
     _records_parsed.clear()  # only the records of this read are kept: the cache is never larger than the pool

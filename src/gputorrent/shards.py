@@ -29,7 +29,7 @@ async def register(redis: Redis, registration: ShardRegistration, ttl_s: float) 
     record = registration.model_copy(update={"shard_id": shard_id})
     async with redis.pipeline(transaction=True) as pipe:
         pipe.set(keys.shard_key(shard_id), record.model_dump_json())
-        pipe.sadd(keys.SHARDS, shard_id)
+        pipe.sadd(keys.shards(), shard_id)
         pipe.set(keys.shard_beat_key(shard_id), str(registration.memory_bytes), px=int(ttl_s * 1000))
         await pipe.execute()
     return shard_id
@@ -55,13 +55,13 @@ async def beat(redis: Redis, shard_id: str, memory_bytes: int, ttl_s: float) -> 
 async def leave(redis: Redis, shard_id: str) -> None:
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.shard_key(shard_id), keys.shard_beat_key(shard_id), keys.shard_group_key(shard_id))
-        pipe.srem(keys.SHARDS, shard_id)
+        pipe.srem(keys.shards(), shard_id)
         await pipe.execute()
 
 
 async def listing(redis: Redis) -> list[Shard]:
     """Every registered shard host, alive or not, with what it lends now and the group that holds it."""
-    ids = sorted(str(shard_id) for shard_id in await redis.smembers(keys.SHARDS))
+    ids = sorted(str(shard_id) for shard_id in await redis.smembers(keys.shards()))
     if not ids:
         return []
     async with redis.pipeline(transaction=False) as pipe:

@@ -47,14 +47,14 @@ async def test_a_fetch_is_told_the_holders_and_members_and_the_holders_learn_of_
     api: httpx.AsyncClient, redis: Redis
 ) -> None:
     assert (await api.post("/register", json=_registration("w1", "m", _file(b"one")))).status_code == 200
-    epoch = int(await redis.get(keys.SWARM_EPOCH) or 0)
+    epoch = int(await redis.get(keys.swarm_epoch()) or 0)
     fetcher = {"address": "10.9.9.9", "port": 7000}
     source = await api.post("/swarm/fetch", json={"model": "m", "peer": fetcher})
     assert source.status_code == 200, source.text
     body = source.json()
     assert (body["holders"], body["fetching"]) == ([PEER], [])
     assert body["members"] == ["10.1.2.3", "10.9.9.9"] and body["file"]["sha256"] == _file(b"one")["sha256"]
-    assert int(await redis.get(keys.SWARM_EPOCH) or 0) > epoch  # the holders' next beat reads the members
+    assert int(await redis.get(keys.swarm_epoch()) or 0) > epoch  # the holders' next beat reads the members
 
     members = (await api.get("/swarm/members")).json()
     assert members == {"members": ["10.1.2.3", "10.9.9.9"], "fetching": {"m": [fetcher]}}

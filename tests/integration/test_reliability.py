@@ -268,7 +268,7 @@ async def test_a_new_reaper_judges_no_worker_dead_before_it_has_seen_redis_for_a
     assert await reaper.reap_once() == 0  # its first look: it cannot know how long the key has been gone
     assert await _rounds(reaper, clock, TIMEOUT_S - INTERVAL_S) == 0
     assert await redis.llen(keys.processing_key("w1")) == 1
-    assert not await redis.exists(keys.LIVENESS_GRACE)  # a first look is no break: nobody else holds off
+    assert not await redis.exists(keys.liveness_grace())  # a first look is no break: nobody else holds off
 
     assert await _rounds(reaper, clock, INTERVAL_S) == 1  # a full timeout seen, w1 never beat: dead
     assert await _queued_on_w2(redis) == ["held"]
@@ -291,13 +291,13 @@ async def test_after_a_break_in_sight_no_reaper_moves_a_job_for_a_heartbeat_time
     await registry.mark_gone(redis, "w1")  # its key lapsed during the break: it could not beat either
 
     assert await broken.reap_once() == 0  # sees Redis again: holds off itself, and writes the grace
-    assert 0 < await redis.pttl(keys.LIVENESS_GRACE) <= TIMEOUT_S * 1000
+    assert 0 < await redis.pttl(keys.liveness_grace()) <= TIMEOUT_S * 1000
     assert await seeing.reap_once() == 0  # it saw no break, yet it holds off too
     assert seeing.sight.seen_for_s() >= TIMEOUT_S
     assert await _rounds(broken, broken_clock, TIMEOUT_S - INTERVAL_S) == 0
     assert await redis.llen(keys.processing_key("w1")) == 1
 
-    await redis.delete(keys.LIVENESS_GRACE)  # its TTL ran out: a full timeout, and w1 never beat
+    await redis.delete(keys.liveness_grace())  # its TTL ran out: a full timeout, and w1 never beat
     assert await _rounds(broken, broken_clock, INTERVAL_S) == 1
     assert await _queued_on_w2(redis) == ["held"]
 
@@ -311,7 +311,7 @@ async def test_a_reapers_move_is_refused_in_its_script_while_the_grace_holds(red
     await registry.mark_gone(redis, "w1")
     [job] = await _jobs_in(redis, keys.processing_key("w1"))
     # A reaper that read w1 as dead and no grace, then another coordinator wrote the grace.
-    await redis.set(keys.LIVENESS_GRACE, "1", px=int(TIMEOUT_S * 1000))
+    await redis.set(keys.liveness_grace(), "1", px=int(TIMEOUT_S * 1000))
 
     async def move() -> bool:
         return await queue.retry_or_fail(
@@ -322,7 +322,7 @@ async def test_a_reapers_move_is_refused_in_its_script_while_the_grace_holds(red
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == ["held"]
     assert not await redis.exists(keys.result_key("held"))
 
-    await redis.delete(keys.LIVENESS_GRACE)
+    await redis.delete(keys.liveness_grace())
     assert await move()
 
 

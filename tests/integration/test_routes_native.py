@@ -64,7 +64,7 @@ async def test_round_robin_alternates_between_workers_with_worker_index(
     await fake_worker("w2")
     picked = [(await _submit(api)).json()["worker_id"] for _ in range(4)]
     assert picked == ["w1", "w2", "w1", "w2"]
-    assert await redis.get(keys.WORKER_INDEX) == "4"
+    assert await redis.get(keys.worker_index()) == "4"
     assert await redis.llen(keys.queue_key("w1")) == 2
     assert await redis.llen(keys.queue_key("w2")) == 2
 

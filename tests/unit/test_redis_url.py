@@ -5,10 +5,13 @@ from __future__ import annotations
 import pytest
 
 from gputorrent.redis_client import (
+    ClusterTarget,
     RedisUrlError,
     SentinelTarget,
     check_url,
+    is_cluster_url,
     is_sentinel_url,
+    parse_cluster_url,
     parse_sentinel_url,
     redacted_url,
 )
@@ -83,6 +86,7 @@ def test_a_bad_sentinel_url_is_refused_naming_what_is_wrong(url: str, names: str
         "redis+sentinel://user:hunter2@s1:x/pool",
         "redis+sentinel://s1/pool?password=hunter2&bogus=1",
         "redis+sentinel://s1/pool?sentinel_password=hunter2&db=x",
+        "redis+cluster://user:hunter2@n1:x",
         "http://:hunter2@redis.lan:6379",
     ],
 )
@@ -91,6 +95,38 @@ def test_no_error_message_shows_a_password(url: str) -> None:
         check_url(url)
     assert "hunter2" not in str(caught.value)
     assert "***" in str(caught.value)
+
+
+def test_a_cluster_url_names_seed_nodes_with_the_redis_port_by_default() -> None:
+    target = parse_cluster_url("redis+cluster://n1.lan:7000,n2.lan,[::1]:7001/")
+    assert target == ClusterTarget(seeds=(("n1.lan", 7000), ("n2.lan", 6379), ("::1", 7001)))
+    assert parse_cluster_url("redis+cluster://n1") == ClusterTarget(seeds=(("n1", 6379),))
+    with_login = parse_cluster_url("redis+cluster://gputorrent:p%40ss@n1,n2:7000")
+    assert (with_login.username, with_login.password) == ("gputorrent", "p@ss")
+    assert parse_cluster_url("redis+cluster://n1?password=pw").password == "pw"
+    assert parse_cluster_url("redis+cluster://n1/?username=u&password=pw").username == "u"
+    tls = parse_cluster_url("rediss+cluster://n1:7000/?ssl_ca_certs=/ca.pem")
+    assert tls.tls and tls.server_kwargs()["ssl"] is True and tls.server_kwargs()["ssl_ca_certs"] == "/ca.pem"
+    assert is_cluster_url("REDIS+CLUSTER://n1") and not is_cluster_url("redis+sentinel://s1/pool")
+
+
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("redis+cluster://n1/0", "a cluster has one database"),
+        ("redis+cluster://n1:port", "port of node address 'n1:port'"),
+        ("redis+cluster://n1,,n2", "node address is empty"),
+        ("redis+cluster://n1/?db=1", "unknown query parameter 'db'"),
+        ("redis+cluster://n1/?sentinel_password=x", "unknown query parameter 'sentinel_password'"),
+        ("redis+cluster://u:pw@n1/?password=pw2", "credentials are given twice"),
+        ("redis+cluster://n1/?ssl_ca_certs=/ca.pem", "use rediss+cluster:// for TLS"),
+    ],
+)
+def test_a_bad_cluster_url_is_refused_naming_what_is_wrong(url: str, names: str) -> None:
+    with pytest.raises(RedisUrlError, match="Redis Cluster URL") as caught:
+        check_url(url)
+    assert names in str(caught.value)
+    assert "pw" not in str(caught.value).replace("***", "")
 
 
 def test_plain_urls_are_left_to_redis_py_unchanged() -> None:

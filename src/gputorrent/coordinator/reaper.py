@@ -112,7 +112,7 @@ class Reaper:
         if self.sight.saw() and self._heartbeat_timeout_s > 0:
             # Workers (and those beating through this coordinator's /worker routes) could not beat
             # during the break either: each gets a full timeout to beat again, whoever judges.
-            await self._redis.set(keys.LIVENESS_GRACE, "1", px=max(1, round(self._heartbeat_timeout_s * 1000)))
+            await self._redis.set(keys.liveness_grace(), "1", px=max(1, round(self._heartbeat_timeout_s * 1000)))
             log.warning(
                 "reaper sees Redis again after a break; no worker is judged dead for %g s", self._heartbeat_timeout_s
             )
@@ -126,7 +126,7 @@ class Reaper:
         await self._saw()
         if self.sight.seen_for_s() < self._heartbeat_timeout_s or not any(w.state == "dead" for w in workers):
             return 0
-        if await self._redis.exists(keys.LIVENESS_GRACE):  # the move scripts check it too, atomically
+        if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
             return 0
         handled = 0
         for dead in (w for w in workers if w.state == "dead"):
@@ -148,7 +148,7 @@ class Reaper:
         The worker of a running job also stops at its own deadline check; whichever acts first
         writes the one result.
         """
-        overdue = await self._redis.zrangebyscore(keys.DEADLINES, "-inf", time.time(), start=0, num=OVERDUE_BATCH)
+        overdue = await self._redis.zrangebyscore(keys.deadlines(), "-inf", time.time(), start=0, num=OVERDUE_BATCH)
         ended = 0
         for request_id in map(str, overdue):
             if (result := await queue.end(self._redis, request_id, DEADLINE_PASSED, self._result_ttl_s)) is not None:
@@ -158,5 +158,5 @@ class Reaper:
                     code=DEADLINE_PASSED.code, message=DEADLINE_PASSED.message,
                 ))  # fmt: skip
             elif not await self._redis.exists(keys.job_key(request_id)):  # finished meanwhile, or expired
-                await self._redis.zrem(keys.DEADLINES, request_id)
+                await self._redis.zrem(keys.deadlines(), request_id)
         return ended

@@ -18,7 +18,7 @@ from gputorrent.scripts import Script
 
 async def next_round_robin(redis: Redis) -> int:
     """Advance the seed's `worker_index` counter; the caller takes it modulo the candidates."""
-    return int(await redis.incr(keys.WORKER_INDEX))
+    return int(await redis.incr(keys.worker_index()))
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ class Limits:
     stale_before: float = 0.0  # slots opened before this time are dropped first (their coordinator died)
 
     def keys(self) -> LimitKeys:
-        return LimitKeys(rate=self.rate_key or "-", streams=self.streams_key or "-")
+        return LimitKeys(rate=self.rate_key or keys.unused(), streams=self.streams_key or keys.unused())
 
     def args(self, *, slot: str, streamed: bool) -> LimitArgs:
         """The limits' script arguments for one request (`slot`: its id); only a streamed one takes a slot."""
@@ -241,7 +241,7 @@ async def enqueue(
     admit_keys = AdmitKeys(
         rate=limit_keys.rate, streams=limit_keys.streams,
         status=keys.job_key(request_id), result=keys.result_key(request_id), owner=keys.owner_key(request_id),
-        waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.DEADLINES,
+        waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.deadlines(),
         heartbeat=keys.heartbeat_key(job.worker_id or ""), idempotency=keys.idempotency_key(idempotency_key or ""),
         seen_status=keys.job_key(seen or ""), seen_result=keys.result_key(seen or ""),
         own_bands=waiting_keys(job),

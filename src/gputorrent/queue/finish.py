@@ -98,7 +98,7 @@ async def finish(
     holder_beat, grace = guard_keys(dead)
     finish_keys = FinishKeys(
         held_in=held_in, holder_beat=holder_beat, grace=grace, result=keys.result_key(request_id),
-        status=keys.job_key(request_id), stream=keys.stream_key(request_id), deadlines=keys.DEADLINES,
+        status=keys.job_key(request_id), stream=keys.stream_key(request_id), deadlines=keys.deadlines(),
     )  # fmt: skip
     finish_args = FinishArgs(
         reaping=dead is not None, fence=fence, moves_field=MOVES_FIELD, result_json=result_json, ttl_s=ttl_s,

@@ -76,4 +76,4 @@ def guard_keys(dead: str | None) -> tuple[str, str]:
     place, so its Redis user needs no access to `liveness:grace` (docs/security.md lists what it has)."""
     if dead is None:
         return keys.heartbeat_key(""), keys.heartbeat_key("")
-    return keys.heartbeat_key(dead), keys.LIVENESS_GRACE
+    return keys.heartbeat_key(dead), keys.liveness_grace()

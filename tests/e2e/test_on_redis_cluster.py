@@ -1,0 +1,71 @@
+"""The pool on a real Redis Cluster: three primaries, and coordinator and worker processes given only
+the `redis+cluster://` URL.
+
+The tests imported below are the same functions as in their own modules, run again here with
+`redis_url` the cluster's: every API family through its official client (OpenAI, Ollama,
+Anthropic, and the native API through GPU Torrent's own), streams, cancellation and a worker's
+failover. The tests of this module's own check where the keys went.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from redis.crc import key_slot
+
+from gputorrent import keys
+from tests.cluster import ClusterDeployment
+from tests.e2e import test_anthropic_api as anthropic_api
+from tests.e2e import test_ollama_api as ollama_api
+from tests.e2e import test_openai_api as openai_api
+from tests.e2e import test_processes as native_api
+from tests.e2e.test_openai_api import StartWorker
+
+# Run again here, on the cluster, with the fixtures their modules give them.
+_close_openai_clients = openai_api._close_clients
+_close_anthropic_clients = anthropic_api._close_clients
+client = ollama_api.client
+test_openai_chat = openai_api.test_chat_completion
+test_openai_chat_streams = openai_api.test_chat_streams_chunks_in_order_with_usage_last
+test_openai_errors = openai_api.test_errors_surface_as_the_sdks_own_exceptions
+test_openai_stream_left_cancels_its_job = openai_api.test_a_client_that_leaves_a_stream_cancels_its_job
+test_ollama_chat_and_generate = ollama_api.test_chat_and_generate_answer_in_one_object_without_streaming
+test_ollama_chat_streams = ollama_api.test_chat_streams_chunks_as_they_are_generated
+test_ollama_listings = ollama_api.test_list_ps_and_show_describe_what_live_workers_serve
+test_anthropic_stream = anthropic_api.test_create_with_stream_yields_anthropics_event_sequence
+test_anthropic_stream_left_cancels_its_job = anthropic_api.test_a_client_that_leaves_a_stream_cancels_its_job
+test_native_client = native_api.test_client_infer_through_coordinator_and_worker_processes
+test_native_retries_and_cancel = native_api.test_client_retries_with_its_request_id_get_one_job_and_cancel_ends_it
+test_native_spread_over_two_workers = native_api.test_jobs_submitted_together_are_spread_over_two_worker_processes
+test_native_stream = native_api.test_native_stream_sends_queued_then_tokens_then_the_result
+test_job_survives_kill_9_of_its_worker = native_api.test_a_job_survives_kill_9_of_its_worker_and_completes_on_another
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterDeployment]:
+    with ClusterDeployment(tmp_path_factory.mktemp("cluster")) as started:
+        yield started
+
+
+@pytest.fixture
+def redis_url(cluster: ClusterDeployment) -> Iterator[str]:
+    """The cluster, empty before and after each test."""
+    for node in cluster.primaries():
+        node.client.flushall()
+    yield cluster.url
+    for node in cluster.primaries():
+        node.client.flushall()
+
+
+def test_every_key_of_the_pool_lies_in_its_cell_on_one_primary(
+    cluster: ClusterDeployment, coordinator_url: str, start_worker: StartWorker
+) -> None:
+    test_openai_chat(coordinator_url, start_worker)  # worker w1 joins, a job goes through
+    cell = key_slot(keys.CLUSTER_CELL_TAG.encode())
+    owner = cluster.primary_of(cell)
+    assert owner is not None
+    names = owner.client.keys("*")
+    assert names and all(key_slot(name.encode()) == cell for name in names), names
+    assert {"{c0}workers", "{c0}worker:w1", "{c0}heartbeat:w1"} <= set(names)
+    assert [node.client.dbsize() for node in cluster.primaries() if node is not owner] == [0, 0]

@@ -1,0 +1,100 @@
+"""Scenarios 11 and 11b: the pool on a Redis Cluster, under load, while its cell's primary dies and
+while its cell's slot moves to another primary.
+
+The coordinator and the workers are given only the `redis+cluster://` URL (tests/cluster.py: three
+primaries) and are not restarted. The pool's keys lie in one hash slot, the pool's cell
+(`keys.CLUSTER_CELL_TAG`); each process talks to the primary serving it and finds the new one by
+itself, asking the cluster on each new connection. Every job that got a 202 ends with exactly one
+result, with its own prompt's output, and nothing is left in a queue or a processing list.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from redis.crc import key_slot
+
+from gputorrent import keys
+from tests.cluster import ClusterDeployment
+from tests.conftest import wait_for
+from tests.faults.harness import Load, Pool, Row
+
+pytestmark = pytest.mark.fault
+
+WORKERS = ("w1", "w2")
+CELL = key_slot(keys.CLUSTER_CELL_TAG.encode())
+SCENARIO_FAILOVER = "11. Redis Cluster: kill -9 of the pool's cell's primary under load, a replica promoted"
+SCENARIO_MIGRATION = "11b. Redis Cluster: the pool's cell's slot moved to another primary under load"
+
+
+def _load_through(pool: Pool, event: Callable[[], object], what: str) -> tuple[Load, float]:
+    """Run a load of 20 jobs a second; once 20 have results, do `event`; stop once 40 more were accepted."""
+    load = Load(pool, rate_per_s=20, max_tokens=6)
+    load.start()
+    try:
+        wait_for(lambda: len(pool.announcements.counts()) >= 20, 30, f"20 results before {what}")
+        at = time.time()
+        event()
+        wait_for(lambda: sum(j.at > at for j in pool.jobs()) >= 40, 60, f"40 jobs accepted after {what}")
+    finally:
+        load.stop()
+    return load, at
+
+
+def test_no_accepted_job_is_lost_when_the_cells_primary_is_killed_under_load(
+    tmp_path: Path, record: Callable[[Row], None]
+) -> None:
+    with ClusterDeployment(tmp_path / "cluster", replicas=1) as cluster:
+        pool = Pool(tmp_path, cluster)  # type: ignore[arg-type]  # only `.url` is read: the cluster URL
+        try:
+            pool.coordinator("c1")
+            pool.start_workers(*WORKERS, token_delay_s=0.02, slots=2)
+            old = cluster.primary_of(CELL)
+            assert old is not None
+
+            def kill() -> None:
+                old.kill()
+                cluster.wait_for_new_primary(CELL, not_=old)
+
+            load, killed_at = _load_through(pool, kill, "the kill")
+            outcome = pool.settle()
+            first_by_worker = pool.first_results_after(outcome, killed_at)
+            recover_s = max(first_by_worker.values()) - killed_at if len(first_by_worker) == len(WORKERS) else None
+            record(outcome.row(SCENARIO_FAILOVER, recover_s))
+            print(f"\ncluster failover: every worker storing again {recover_s} s after the kill; "
+                  f"refused {dict(load.refused)}")  # fmt: skip
+            outcome.assert_invariant()
+            assert set(first_by_worker) == set(WORKERS), f"workers storing results after the kill: {first_by_worker}"
+            assert all(pool.workers[w].popen.poll() is None for w in WORKERS)  # nobody restarted or died
+        finally:
+            pool.close()
+
+
+def test_no_job_is_lost_or_run_twice_when_the_cells_slot_moves_under_load(
+    tmp_path: Path, record: Callable[[Row], None]
+) -> None:
+    """The slot moves by the steps Redis documents (`tests/cluster.py`): while its keys migrate, the
+    old primary answers `ASK` or `TRYAGAIN` for them and every process sends those commands again
+    until the new primary serves the slot. No request is refused for it."""
+    with ClusterDeployment(tmp_path / "cluster") as cluster:
+        pool = Pool(tmp_path, cluster)  # type: ignore[arg-type]
+        try:
+            pool.coordinator("c1")
+            pool.start_workers(*WORKERS, token_delay_s=0.02, slots=2)
+            old = cluster.primary_of(CELL)
+            new = next(node for node in cluster.primaries() if node is not old)
+            moved: list[int] = []
+            load, _ = _load_through(pool, lambda: moved.append(cluster.migrate_slot(CELL, to=new)), "the move")
+            outcome = pool.settle()
+            record(outcome.row(SCENARIO_MIGRATION, None))
+            print(f"\ncluster slot move: {moved[0]} keys moved; refused {dict(load.refused)}")
+            outcome.assert_invariant()
+            assert moved[0] > 0, "the cell had no keys to move: the scenario tested nothing"
+            assert not load.refused, f"requests refused while the slot moved: {dict(load.refused)}"
+            assert old is not None and old.client.dbsize() == 0, "keys left on the old primary"
+            assert new.client.dbsize() > 0
+        finally:
+            pool.close()
