@@ -13,6 +13,10 @@ failed after `NODE_TIMEOUT_MS`, so a failover takes a few seconds.
         source = cluster.begin_migration(slot, to=other)  # or in two steps
         cluster.finish_migration(slot, source, other)
         owner.kill(); cluster.wait_for_new_primary(slot, not_=owner)
+
+A module whose tests run on a cluster overrides `redis_url` with the `cluster_url` fixture of
+tests/conftest.py, so its tests and every fixture that reads `redis_url` (processes, the app in
+process) use the cluster.
 """
 
 from __future__ import annotations
@@ -33,6 +37,8 @@ FAILOVER_TIMEOUT_S = 30.0
 NODE_TIMEOUT_MS = 1000
 PRIMARIES = 3
 MIGRATE_BATCH = 100  # keys per MIGRATE
+ADMIN = ("admin", "admin-pw")  # the user a deployment with an ACL file is set up and watched as
+ADMIN_ACL = f"user {ADMIN[0]} on >{ADMIN[1]} ~* &* +@all\n"
 
 
 def redis_cli_binary() -> str:
@@ -45,9 +51,12 @@ def redis_cli_binary() -> str:
 class ClusterDeployment:
     """Three primaries, each with `replicas` replicas, as one Redis Cluster."""
 
-    def __init__(self, workdir: Path, replicas: int = 0) -> None:
+    def __init__(self, workdir: Path, replicas: int = 0, users_acl: str | None = None) -> None:
+        """`users_acl`: an ACL file every node loads; it must have the user `ADMIN` (every
+        command), which the harness and `redis-cli --cluster create` use."""
         self.workdir = workdir
         self.replicas = replicas
+        self.users_acl = users_acl
         self.binary = redis_server_binary()
         self.cli = redis_cli_binary()
         self.nodes: list[RedisProcess] = []
@@ -75,16 +84,24 @@ class ClusterDeployment:
             'save ""', "appendonly no", "maxmemory-policy noeviction",
             "repl-diskless-sync yes", "repl-diskless-sync-delay 0",
         ]  # fmt: skip
+        login: dict[str, str] = {}
+        if self.users_acl is not None:
+            (self.workdir / "users.acl").parent.mkdir(parents=True, exist_ok=True)
+            (self.workdir / "users.acl").write_text(self.users_acl)
+            args.append(f"aclfile {self.workdir / 'users.acl'}")
+            login = {"username": ADMIN[0], "password": ADMIN[1]}
         for i in range(PRIMARIES * (1 + self.replicas)):
             # The bus port is the port plus 10,000 unless given: free ports here may be above 55,535.
             bus = [f"cluster-port {free_port()}"]
-            self.nodes.append(RedisProcess(self.binary, self.workdir / f"node{i}", free_port(), [*args, *bus]))
+            node = RedisProcess(self.binary, self.workdir / f"node{i}", free_port(), [*args, *bus], **login)
+            self.nodes.append(node)
         for node in self.nodes:
             up = f"node on {node.port} up"
             wait_for(lambda n=node: n.ask("PING") is True or not n.running(), START_TIMEOUT_S, up)
             assert node.running(), node.log
+        cli_login = ["--user", ADMIN[0], "--pass", ADMIN[1]] if self.users_acl is not None else []
         subprocess.run(
-            [self.cli, "--cluster", "create", *(f"{LOOPBACK}:{node.port}" for node in self.nodes),
+            [self.cli, *cli_login, "--cluster", "create", *(f"{LOOPBACK}:{node.port}" for node in self.nodes),
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=START_TIMEOUT_S,
         )  # fmt: skip

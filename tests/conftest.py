@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import pytest
@@ -32,6 +33,9 @@ from gputorrent.worker.link import RedisLink
 from gputorrent.worker.main import Worker
 from tests.netns import Host, Network, unavailable_reason
 from tests.ollama_standin import OllamaProtocolStandin
+
+if TYPE_CHECKING:
+    from tests.cluster import ClusterDeployment
 
 # A server named by GPUTORRENT_TEST_REDIS_URL may hold other data: tests keep to one database of it.
 TEST_DB = 13
@@ -77,6 +81,26 @@ def redis_url(redis_server_url: str) -> Iterator[str]:
     yield url
     client.flushdb()
     client.close()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterDeployment]:
+    """A real Redis Cluster of three primaries (tests/cluster.py), one per module that asks."""
+    from tests.cluster import ClusterDeployment  # tests/cluster.py imports this module
+
+    with ClusterDeployment(tmp_path_factory.mktemp("cluster")) as started:
+        yield started
+
+
+@pytest.fixture
+def cluster_url(cluster: ClusterDeployment) -> Iterator[str]:
+    """The `redis+cluster://` URL of `cluster`, empty before and after each test: a module whose tests
+    run on the cluster returns it as its `redis_url`."""
+    for node in cluster.primaries():
+        node.client.flushall()
+    yield cluster.url
+    for node in cluster.primaries():
+        node.client.flushall()
 
 
 @pytest.fixture

@@ -57,7 +57,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 from redis.asyncio import connection as async_connection
 from redis.asyncio import sentinel as async_sentinel
 from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.crc import key_slot
 from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
@@ -326,7 +326,8 @@ class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool):
 
 class _ClusterCell:
     """Where the pool's cell is on a Redis Cluster: the primary serving its hash slot, asked of the
-    nodes it knows (the URL's seeds, then every node a cluster's answer named) on each new connection."""
+    nodes it knows (the URL's seeds, then every node a cluster's answer named; the last to answer
+    first) on each new connection."""
 
     def __init__(self, target: ClusterTarget, timeout_s: float) -> None:
         self.slot = key_slot(keys.CLUSTER_CELL_TAG.encode())
@@ -334,9 +335,10 @@ class _ClusterCell:
         self._timeout_s = timeout_s
         self._known: list[tuple[str, int]] = list(target.seeds)
 
-    def _probe_kwargs(self) -> dict[str, Any]:
+    def _probe_kwargs(self, retry: type) -> dict[str, Any]:
+        # One try per node: the next node is the retry (redis-py's default would retry each for seconds).
         return {"socket_connect_timeout": self._timeout_s, "socket_timeout": self._timeout_s,
-                "decode_responses": True, **self._target.server_kwargs()}  # fmt: skip
+                "decode_responses": True, "retry": retry(NoBackoff(), 0), **self._target.server_kwargs()}  # fmt: skip
 
     def _owner(self, slots: Any, asked: tuple[str, int]) -> tuple[str, int] | None:
         """The primary of the cell's slot in a `CLUSTER SLOTS` reply; every node in it becomes known."""
@@ -354,50 +356,51 @@ class _ClusterCell:
         tried = "; ".join(errors)
         return ConnectionError(f"no node of the Redis Cluster names the primary of slot {self.slot}: {tried}")
 
+    def _answered(self, address: tuple[str, int]) -> None:
+        """`address` answered: ask it first next time, so a node out of reach costs its timeout once."""
+        self._known.remove(address)
+        self._known.insert(0, address)
+
     async def primary(self) -> tuple[str, int]:
-        """Asks every known node at once; the first that names the primary answers (within the
-        connect timeout in all, so a cut link to some nodes costs no more than one to the primary)."""
-
-        async def ask(address: tuple[str, int]) -> tuple[str, int] | None:
-            probe = Redis(host=address[0], port=address[1], **self._probe_kwargs())
-            try:
-                return self._owner(await probe.execute_command("CLUSTER", "SLOTS"), address)  # type: ignore[no-untyped-call]
-            finally:
-                await probe.aclose()
-
-        asking = {asyncio.ensure_future(ask(address)): address for address in self._known}
-        errors = []
-        try:
-            for next_answer in asyncio.as_completed(asking, timeout=self._timeout_s):
-                try:
-                    if (owner := await next_answer) is not None:
-                        return owner
-                except (sync_redis.RedisError, OSError) as e:
-                    errors.append(str(e))
-        except TimeoutError:
-            errors.append(f"no answer within {self._timeout_s:g} s")
-        finally:
-            for task in asking:
-                task.cancel()
-        raise self._not_found(errors)
-
-    def primary_sync(self) -> tuple[str, int]:
-        """Asks the known nodes in turn, until the connect timeout has passed."""
+        """Asks the known nodes in turn, until one names the primary or the connect timeout has passed."""
         errors = []
         give_up_at = time.monotonic() + self._timeout_s
         for address in list(self._known):
             if time.monotonic() > give_up_at:
                 errors.append(f"no answer within {self._timeout_s:g} s")
                 break
-            probe = sync_redis.Redis(host=address[0], port=address[1], **self._probe_kwargs())
+            probe = Redis(host=address[0], port=address[1], **self._probe_kwargs(AsyncRetry))
             try:
-                owner = self._owner(probe.execute_command("CLUSTER", "SLOTS"), address)  # type: ignore[no-untyped-call]
+                slots = await probe.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            except (sync_redis.RedisError, OSError) as e:
+                errors.append(f"{address[0]}:{address[1]} {e}")
+                continue
+            finally:
+                await probe.aclose()
+            if (owner := self._owner(slots, address)) is not None:
+                self._answered(address)
+                return owner
+            errors.append(f"{address[0]}:{address[1]} serves no such slot")
+        raise self._not_found(errors)
+
+    def primary_sync(self) -> tuple[str, int]:
+        """`primary`, blocking (the worker's heartbeat thread)."""
+        errors = []
+        give_up_at = time.monotonic() + self._timeout_s
+        for address in list(self._known):
+            if time.monotonic() > give_up_at:
+                errors.append(f"no answer within {self._timeout_s:g} s")
+                break
+            probe = sync_redis.Redis(host=address[0], port=address[1], **self._probe_kwargs(Retry))
+            try:
+                slots = probe.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
             except (sync_redis.RedisError, OSError) as e:
                 errors.append(f"{address[0]}:{address[1]} {e}")
                 continue
             finally:
                 probe.close()
-            if owner is not None:
+            if (owner := self._owner(slots, address)) is not None:
+                self._answered(address)
                 return owner
             errors.append(f"{address[0]}:{address[1]} serves no such slot")
         raise self._not_found(errors)
@@ -441,7 +444,7 @@ class _SyncCellTLSConnection(_SyncCell, sync_connection.SSLConnection): ...
 # primary the cluster names now). Commands on the hot path (`pipelined`) wait longer, up to
 # `pipelined.REDIRECT_WAIT_S`: a slot's move lasts as long as its keys take to migrate.
 CLUSTER_REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
-_REDIRECT_RETRIES = 10  # at most 0.5 s apart: about 4 s in all, as long as a lost connection is retried
+_REDIRECT_RETRIES = 10  # at most 0.5 s apart: about 4 s in all
 
 
 def _cluster_kwargs(url: str, tls_class: type, plain_class: type, timeout_s: float, retry: type) -> dict[str, Any]:
@@ -453,7 +456,8 @@ def _cluster_kwargs(url: str, tls_class: type, plain_class: type, timeout_s: flo
         "cell": _ClusterCell(target, timeout_s),
         "host": target.seeds[0][0],  # replaced by the cell's primary on each connection
         "port": target.seeds[0][1],
-        "retry": retry(ExponentialBackoff(cap=0.5, base=0.05), _REDIRECT_RETRIES),
+        # Only the redirects: a lost connection fails at once, as with one Redis (the caller answers 503).
+        "retry": retry(ExponentialBackoff(cap=0.5, base=0.05), _REDIRECT_RETRIES, supported_errors=CLUSTER_REDIRECTS),
         "retry_on_error": list(CLUSTER_REDIRECTS),
         **{k: v for k, v in target.server_kwargs().items() if k != "ssl"},
     }

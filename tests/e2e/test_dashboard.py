@@ -19,10 +19,8 @@ from typing import Any
 
 import httpx
 import pytest
-from redis import Redis as SyncRedis
-from redis.asyncio import Redis
 
-from gputorrent import auth, keys
+from gputorrent import auth, keys, redis_client
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port
 from gputorrent.errors import JobFailed
@@ -94,7 +92,7 @@ def test_the_dashboard_shows_the_workers_their_states_jobs_and_failures(
     body = {"worker_id": "leader", "models": ["big"], "backend": "llamacpp", "group": {"hosts": hosts}}
     assert httpx.post(f"{coordinator_url}/register", json=body).status_code == 200
     sick = Heartbeat(at=time.time(), condition="unhealthy", reason="the backend cannot generate: connection refused")
-    with SyncRedis.from_url(redis_url) as redis:
+    with redis_client.sync_client(redis_url) as redis:
         redis.set(keys.heartbeat_key("sick"), sick.model_dump_json(), px=60_000)
         redis.delete(keys.heartbeat_key("gone"))
     # A worker fetching a model from the swarm says how it goes, as tests/e2e/test_swarm_models.py's do.
@@ -164,7 +162,7 @@ def test_with_authentication_the_dashboard_asks_for_a_key_and_keeps_it(
     processes: Callable[..., Process], redis_url: str, drive: Callable[..., dict[str, Any]]
 ) -> None:
     async def keys() -> tuple[str, str]:
-        redis = Redis.from_url(redis_url, decode_responses=True)
+        redis = redis_client.async_client(redis_url)
         try:
             _, admin = await auth.create_key(redis, "dashboard test", "admin")
             _, join = await auth.create_key(redis, "dashboard test worker", "join")

@@ -3,13 +3,13 @@ the `redis+cluster://` URL.
 
 The tests imported below are the same functions as in their own modules, run again here with
 `redis_url` the cluster's: every API family through its official client (OpenAI, Ollama,
-Anthropic, and the native API through GPU Torrent's own), streams, cancellation and a worker's
-failover. The tests of this module's own check where the keys went.
+Anthropic, and the native API through GPU Torrent's own), streams, cancellation, a worker's
+failover, API keys (`gputorrent keys`, revocation), the dashboard in Chromium, the metrics and
+the pool's event stream; model pulls are in test_on_redis_cluster_pulls.py. The test of this
+module's own checks where the keys went.
 """
 
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 import pytest
 from redis.crc import key_slot
@@ -17,10 +17,19 @@ from redis.crc import key_slot
 from gputorrent import keys
 from tests.cluster import ClusterDeployment
 from tests.e2e import test_anthropic_api as anthropic_api
+from tests.e2e import test_auth as auth_e2e
+from tests.e2e import test_dashboard as dashboard
+from tests.e2e import test_observability as observability
 from tests.e2e import test_ollama_api as ollama_api
 from tests.e2e import test_openai_api as openai_api
 from tests.e2e import test_processes as native_api
 from tests.e2e.test_openai_api import StartWorker
+
+
+@pytest.fixture
+def redis_url(cluster_url: str) -> str:
+    return cluster_url
+
 
 # Run again here, on the cluster, with the fixtures their modules give them.
 _close_openai_clients = openai_api._close_clients
@@ -40,22 +49,16 @@ test_native_retries_and_cancel = native_api.test_client_retries_with_its_request
 test_native_spread_over_two_workers = native_api.test_jobs_submitted_together_are_spread_over_two_worker_processes
 test_native_stream = native_api.test_native_stream_sends_queued_then_tokens_then_the_result
 test_job_survives_kill_9_of_its_worker = native_api.test_a_job_survives_kill_9_of_its_worker_and_completes_on_another
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterDeployment]:
-    with ClusterDeployment(tmp_path_factory.mktemp("cluster")) as started:
-        yield started
-
-
-@pytest.fixture
-def redis_url(cluster: ClusterDeployment) -> Iterator[str]:
-    """The cluster, empty before and after each test."""
-    for node in cluster.primaries():
-        node.client.flushall()
-    yield cluster.url
-    for node in cluster.primaries():
-        node.client.flushall()
+pool = auth_e2e.pool  # authentication on, a worker joined with a join key
+test_keys_with_the_official_clients = (
+    auth_e2e.test_the_official_clients_send_their_keys_and_a_wrong_key_is_their_auth_error
+)
+test_keys_cli_and_revoking = auth_e2e.test_the_cli_reads_its_key_from_the_environment_and_revoking_it_locks_it_out
+drive = dashboard.drive
+test_dashboard = dashboard.test_the_dashboard_shows_the_workers_their_states_jobs_and_failures
+test_dashboard_playground = dashboard.test_the_playground_streams_a_completion_token_by_token
+test_metrics = observability.test_metrics_counters_move_after_a_request
+test_pool_events = observability.test_pool_events_send_the_overview_again_and_again
 
 
 def test_every_key_of_the_pool_lies_in_its_cell_on_one_primary(

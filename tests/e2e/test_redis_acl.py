@@ -12,10 +12,11 @@ import pytest
 import redis
 from redis.exceptions import NoPermissionError
 
-from gputorrent import registry
+from gputorrent import keys, redis_client, registry
 from gputorrent.client import APIClient
 from gputorrent.embedded import free_port, server_binary
 from gputorrent.protocol import Heartbeat
+from tests.cluster import ADMIN_ACL, ClusterDeployment
 from tests.conftest import PROCESS_START_TIMEOUT_S, Process, documented_users_acl, healthy, new_key, wait_for
 
 
@@ -56,8 +57,35 @@ def _pings(client: redis.Redis) -> bool:
 def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_keys(
     acl_redis: str, processes: Callable[..., Process]
 ) -> None:
-    coordinator_url = f"redis://coordinator:coordinator-pw@{acl_redis}"
-    worker_url = f"redis://worker:worker-pw@{acl_redis}"
+    coordinator_url, worker_url = (f"redis://{user}:{user}-pw@{acl_redis}" for user in ("coordinator", "worker"))
+    _pool_under_users(coordinator_url, worker_url, processes)
+
+
+def cluster_users_acl(documented: str) -> str:
+    """The documented users changed as docs/security.md says for a Redis Cluster: the pool's hash tag
+    in front of each of the worker's key patterns, and `+cluster|slots`, with which its connections
+    find the primary."""
+    lines = []
+    for line in documented.splitlines():
+        if line.startswith("user worker "):
+            line = line.replace("~", "~" + keys.CLUSTER_CELL_TAG) + " +cluster|slots"
+        lines.append(line)
+    return "\n".join(lines) + "\n"
+
+
+def test_on_a_redis_cluster_the_pool_works_with_the_users_changed_as_documented(
+    tmp_path: Path, processes: Callable[..., Process]
+) -> None:
+    users = ADMIN_ACL + cluster_users_acl(documented_users_acl())
+    with ClusterDeployment(tmp_path / "cluster", users_acl=users) as cluster:
+        nodes = cluster.url.removeprefix("redis+cluster://")
+        coordinator_url, worker_url = (f"redis+cluster://{who}:{who}-pw@{nodes}" for who in ("coordinator", "worker"))
+        _pool_under_users(coordinator_url, worker_url, processes)
+
+
+def _pool_under_users(coordinator_url: str, worker_url: str, processes: Callable[..., Process]) -> None:
+    """A coordinator and a worker, each as its own user: jobs run and end early, and the worker user
+    cannot read the API keys."""
     client_key = new_key(coordinator_url, "client")  # `gputorrent keys` as the coordinator user
     join_key = new_key(coordinator_url, "join")
 
@@ -79,12 +107,12 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
         assert client.cancel(accepted.request_id).error is not None
         assert client.infer("fake", "still serving").output == "echo: still serving"
 
-    as_worker = redis.Redis.from_url(worker_url)
+    as_worker = redis_client.sync_client(worker_url)
     try:
         with pytest.raises(NoPermissionError):
-            as_worker.keys("apikey:*")
+            as_worker.keys(keys.api_key_key("*"))
         with pytest.raises(NoPermissionError):
-            as_worker.hgetall(f"apikey:{client_key.split('_')[1]}")
+            as_worker.hgetall(keys.api_key_key(client_key.split("_")[1]))
     finally:
         as_worker.close()
     for proc in (worker, coordinator):

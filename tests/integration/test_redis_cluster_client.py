@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -20,12 +20,6 @@ from gputorrent import keys, pipelined, redis_client
 from tests.cluster import ClusterDeployment
 
 CELL = key_slot(keys.CLUSTER_CELL_TAG.encode())
-
-
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterDeployment]:
-    with ClusterDeployment(tmp_path_factory.mktemp("cluster")) as started:
-        yield started
 
 
 @pytest.fixture
