@@ -177,12 +177,22 @@ class ClusterDeployment:
         assert source.ask("CLUSTER", "SETSLOT", str(slot), "MIGRATING", self.node_id(to)) == "OK"
         return source
 
-    def finish_migration(self, slot: int, source: RedisProcess, target: RedisProcess) -> int:
-        """Move the slot's keys from `source` to `target`, then give every primary the slot's new owner."""
+    def move_keys(self, slot: int, source: RedisProcess, target: RedisProcess, at_most: int | None = None) -> int:
+        """Migrate the keys of `slot` from `source` to `target` (up to `at_most`); returns how many."""
         moved = 0
-        while batch := source.client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, MIGRATE_BATCH):
+        while at_most is None or moved < at_most:
+            batch_size = MIGRATE_BATCH if at_most is None else min(MIGRATE_BATCH, at_most - moved)
+            batch = source.client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch_size)
+            if not batch:
+                break
             source.client.execute_command("MIGRATE", LOOPBACK, target.port, "", 0, 5000, "KEYS", *batch)
             moved += len(batch)
+        return moved
+
+    def finish_migration(self, slot: int, source: RedisProcess, target: RedisProcess) -> int:
+        """Move the slot's remaining keys from `source` to `target`, then give every primary the slot's
+        new owner; returns how many keys this moved."""
+        moved = self.move_keys(slot, source, target)
         target_id = self.node_id(target)
         for node in (target, source, *(n for n in self.primaries() if n not in (target, source))):
             assert node.ask("CLUSTER", "SETSLOT", str(slot), "NODE", target_id) == "OK"

@@ -36,6 +36,7 @@ _DEMOTED = ("READONLY", "UNBLOCKED")
 # Replies of a Redis Cluster node to a command it did not run: the slot is served elsewhere now, is
 # moving, or has no primary yet (redis_client.py). The command is sent again on a new connection.
 _REDIRECTED = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
+_NOT_SERVED_HERE = ("MOVED", "CLUSTERDOWN")
 REDIRECT_WAIT_S = 15.0  # how long a redirected command is sent again before it fails
 _REDIRECT_PAUSE_S = (0.01, 0.5)  # the first pause before sending again, and the longest
 DEFAULT_TIMEOUT_S = 30.0  # when the client sets no socket timeout: a lost reply must not hang its callers
@@ -53,6 +54,7 @@ class PipelinedConnection:
         self._timeout_s = float(kwargs.get("socket_timeout") or DEFAULT_TIMEOUT_S)
         self._decode = bool(kwargs.get("decode_responses"))
         self._link: _Link | None = None
+        self._retired: set[_Link] = set()  # links to a node that no longer serves the cell, still read
         self._connecting = asyncio.Lock()
 
     async def execute(self, *args: Argument) -> Any:
@@ -70,9 +72,9 @@ class PipelinedConnection:
         every command ran). `blocks_s`: how long a blocking command among them may wait in Redis,
         on a connection of the caller's own (`borrowed`), added to the timeout for the replies.
 
-        Commands a Redis Cluster node refused all of (`_REDIRECTED`: none of them ran) are sent again
-        on a new connection, for up to `REDIRECT_WAIT_S`; where it refused only some, the others
-        ran, and it raises `ConnectionError` as for a lost connection."""
+        Commands a Redis Cluster node refused all of (`_REDIRECTED`: none of them ran; a `WAIT`
+        among them writes nothing either way) are sent again, for up to `REDIRECT_WAIT_S`; where it
+        refused only some, the others ran, and it raises `ConnectionError` as for a lost connection."""
         try:
             packed = b"".join(hiredis.pack_command(tuple(command)) for command in commands)  # type: ignore[arg-type]
         except TypeError as e:
@@ -80,10 +82,10 @@ class PipelinedConnection:
         pause_s, give_up_at = _REDIRECT_PAUSE_S[0], asyncio.get_running_loop().time() + REDIRECT_WAIT_S
         while True:
             link, results = await self._send(packed, len(commands), blocks_s)
-            redirected = [r for r in results if isinstance(r, ResponseError) and str(r).startswith(_REDIRECTED)]
+            redirected = [r for r in results if _redirect(r)]
             if not redirected:
                 break
-            if len(redirected) < len(results):
+            if any(not _redirect(r) and not _writes_nothing(c) for c, r in zip(commands, results, strict=True)):
                 raise ConnectionError(f"a Redis Cluster node ran only some of the commands sent: {redirected[0]}")
             if asyncio.get_running_loop().time() + pause_s > give_up_at:
                 raise ConnectionError(f"the Redis Cluster did not serve the pool's cell in time: {redirected[0]}")
@@ -108,20 +110,25 @@ class PipelinedConnection:
         replies = link.send(packed, commands)
         await link.read_until(replies[-1], self._timeout_s + blocks_s)
         results = [reply.result() for reply in replies]
-        if any(isinstance(r, ResponseError) and str(r).startswith(_REDIRECTED) for r in results):
+        if any(isinstance(r, ResponseError) and str(r).startswith(_NOT_SERVED_HERE) for r in results):
             # This node does not serve the cell (now): new commands go to a new connection, which asks
             # the cluster where the cell is; this one closes once the replies sent on it are read.
+            # (ASK and TRYAGAIN: the slot is still this node's while its keys move; the link stays.)
             if self._link is link:
                 self._link = None
+                self._retired.add(link)
             link.retired = True
         if link.retired and not link.waiting:
             link.close()
+            self._retired.discard(link)
         return link, results
 
     def close(self) -> None:
         """Drop the connection now (commands still waiting on it fail); the next command makes a new one."""
         if self._link is not None:
             self._link.close()
+        while self._retired:
+            self._retired.pop().close()
 
     async def _connect(self) -> _Link:
         async with self._connecting:
@@ -210,6 +217,16 @@ class _Link:
     async def _close(self) -> None:
         await self._connection.disconnect(nowait=True)
         await self._pool.release(self._connection)
+
+
+def _redirect(reply: Any) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith(_REDIRECTED)
+
+
+def _writes_nothing(command: Sequence[Argument]) -> bool:
+    """A command with no key, which ran or not makes no difference: a `WAIT` sent after a script."""
+    name = command[0]
+    return (name.decode() if isinstance(name, bytes) else str(name)).upper() == "WAIT"
 
 
 def _typed(error: ResponseError) -> ResponseError:

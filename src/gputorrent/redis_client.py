@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -60,7 +61,7 @@ from redis.asyncio.retry import Retry as AsyncRetry
 from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.connection import parse_url
 from redis.crc import key_slot
-from redis.exceptions import AskError, ClusterDownError, MovedError, TryAgainError
+from redis.exceptions import ClusterDownError, MovedError
 from redis.retry import Retry
 
 from gputorrent import keys, pipelined
@@ -325,82 +326,89 @@ class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool):
 
 
 class _ClusterCell:
-    """Where the pool's cell is on a Redis Cluster: the primary serving its hash slot, asked of the
-    nodes it knows (the URL's seeds, then every node a cluster's answer named; the last to answer
-    first) on each new connection."""
+    """Where the pool's cell is on a Redis Cluster: the primary serving its hash slot, asked on each
+    new connection of the nodes it knows, in turn: the last to answer first, then the nodes the
+    last answer named, then the URL's seeds; a node that fails goes last."""
 
     def __init__(self, target: ClusterTarget, timeout_s: float) -> None:
         self.slot = key_slot(keys.CLUSTER_CELL_TAG.encode())
         self._target = target
         self._timeout_s = timeout_s
         self._known: list[tuple[str, int]] = list(target.seeds)
+        self._lock = threading.Lock()  # a blocking client may be shared by threads
 
-    def _probe_kwargs(self, retry: type) -> dict[str, Any]:
+    def _probe_kwargs(self, retry: type, timeout_s: float) -> dict[str, Any]:
         # One try per node: the next node is the retry (redis-py's default would retry each for seconds).
-        return {"socket_connect_timeout": self._timeout_s, "socket_timeout": self._timeout_s,
-                "decode_responses": True, "retry": retry(NoBackoff(), 0), **self._target.server_kwargs()}  # fmt: skip
+        return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, "decode_responses": True,
+                "retry": retry(NoBackoff(), 0), **self._target.server_kwargs()}  # fmt: skip
 
-    def _owner(self, slots: Any, asked: tuple[str, int]) -> tuple[str, int] | None:
-        """The primary of the cell's slot in a `CLUSTER SLOTS` reply; every node in it becomes known."""
+    def _plan(self) -> tuple[list[tuple[str, int]], float]:
+        """The nodes to ask, and how long each may take: a share of the connect timeout, so that
+        nodes out of reach (a dead host drops packets; it does not refuse) leave time for the rest."""
+        with self._lock:
+            order = list(self._known)
+        return order, max(self._timeout_s / len(order), min(self._timeout_s, 0.5))
+
+    def _answered(self, address: tuple[str, int], slots: Any) -> tuple[str, int] | None:
+        """The primary of the cell's slot in `address`'s `CLUSTER SLOTS` reply; the nodes it names
+        become the ones asked next time, after `address`."""
         found = None
+        named: list[tuple[str, int]] = []
         for start, end, primary, *replicas in slots:
             for node in (primary, *replicas):
-                address = (str(node[0]) or asked[0], int(node[1]))  # "" = the node asked
-                if address not in self._known:
-                    self._known.append(address)
+                host = node[0] if node[0] not in (None, "", "?") else address[0]  # unknown: the node asked
+                named.append((str(host), int(node[1])))
             if int(start) <= self.slot <= int(end):
-                found = (str(primary[0]) or asked[0], int(primary[1]))
+                found = named[-1 - len(replicas)]
+        if found is not None:
+            with self._lock:
+                rest = [node for node in dict.fromkeys([*named, *self._target.seeds]) if node != address]
+                self._known = [address, *rest]
         return found
+
+    def _failed(self, address: tuple[str, int]) -> None:
+        with self._lock:
+            if address in self._known:
+                self._known.remove(address)
+                self._known.append(address)
 
     def _not_found(self, errors: list[str]) -> ConnectionError:
         tried = "; ".join(errors)
         return ConnectionError(f"no node of the Redis Cluster names the primary of slot {self.slot}: {tried}")
 
-    def _answered(self, address: tuple[str, int]) -> None:
-        """`address` answered: ask it first next time, so a node out of reach costs its timeout once."""
-        self._known.remove(address)
-        self._known.insert(0, address)
-
     async def primary(self) -> tuple[str, int]:
-        """Asks the known nodes in turn, until one names the primary or the connect timeout has passed."""
+        order, each_s = self._plan()
         errors = []
-        give_up_at = time.monotonic() + self._timeout_s
-        for address in list(self._known):
-            if time.monotonic() > give_up_at:
-                errors.append(f"no answer within {self._timeout_s:g} s")
-                break
-            probe = Redis(host=address[0], port=address[1], **self._probe_kwargs(AsyncRetry))
+        for address in order:
+            probe = Redis(host=address[0], port=address[1], **self._probe_kwargs(AsyncRetry, each_s))
             try:
                 slots = await probe.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
             except (sync_redis.RedisError, OSError) as e:
                 errors.append(f"{address[0]}:{address[1]} {e}")
+                self._failed(address)
                 continue
             finally:
                 await probe.aclose()
-            if (owner := self._owner(slots, address)) is not None:
-                self._answered(address)
+            if (owner := self._answered(address, slots)) is not None:
                 return owner
             errors.append(f"{address[0]}:{address[1]} serves no such slot")
         raise self._not_found(errors)
 
     def primary_sync(self) -> tuple[str, int]:
         """`primary`, blocking (the worker's heartbeat thread)."""
+        order, each_s = self._plan()
         errors = []
-        give_up_at = time.monotonic() + self._timeout_s
-        for address in list(self._known):
-            if time.monotonic() > give_up_at:
-                errors.append(f"no answer within {self._timeout_s:g} s")
-                break
-            probe = sync_redis.Redis(host=address[0], port=address[1], **self._probe_kwargs(Retry))
+        for address in order:
+            probe = sync_redis.Redis(host=address[0], port=address[1], **self._probe_kwargs(Retry, each_s))
             try:
                 slots = probe.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
             except (sync_redis.RedisError, OSError) as e:
                 errors.append(f"{address[0]}:{address[1]} {e}")
+                self._failed(address)
                 continue
             finally:
                 probe.close()
-            if (owner := self._owner(slots, address)) is not None:
-                self._answered(address)
+            if (owner := self._answered(address, slots)) is not None:
                 return owner
             errors.append(f"{address[0]}:{address[1]} serves no such slot")
         raise self._not_found(errors)
@@ -408,24 +416,56 @@ class _ClusterCell:
 
 # redis-py's connections open their socket in `_connect`, to `self.host` and `self.port` (the same in
 # every redis-py this project takes, and a test checks it): the cell's connections set them first.
+# A node that answers MOVED or CLUSTERDOWN does not serve the cell (now): the connection's next
+# command goes to a new connection, which asks the cluster again. redis-py's own retry does that
+# for a single command, but not for a pipeline read without raising (`raise_on_error=False`, as
+# a worker's beat is), which would otherwise keep the old node for good.
 class _AsyncCell:
     def __init__(self, *, cell: _ClusterCell, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cell = cell
+        self.stale = False
 
     async def _connect(self) -> None:
         self.host, self.port = await self.cell.primary()
         await super()._connect()  # type: ignore[misc]
+
+    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except CLUSTER_REDIRECTS:
+            self.stale = True
+            raise
+
+    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        if self.stale:
+            self.stale = False
+            await self.disconnect()  # type: ignore[attr-defined]
+        await super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
 
 
 class _SyncCell:
     def __init__(self, *, cell: _ClusterCell, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.cell = cell
+        self.stale = False
 
     def _connect(self) -> Any:
         self.host, self.port = self.cell.primary_sync()
         return super()._connect()  # type: ignore[misc]
+
+    def read_response(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return super().read_response(*args, **kwargs)  # type: ignore[misc]
+        except CLUSTER_REDIRECTS:
+            self.stale = True
+            raise
+
+    def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
+        if self.stale:
+            self.stale = False
+            self.disconnect()  # type: ignore[attr-defined]
+        super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
 
 
 class _AsyncCellConnection(_AsyncCell, async_connection.Connection): ...
@@ -440,10 +480,12 @@ class _SyncCellConnection(_SyncCell, sync_connection.Connection): ...
 class _SyncCellTLSConnection(_SyncCell, sync_connection.SSLConnection): ...
 
 
-# A command refused this way did not run: redis-py sends it again, on a new connection (to the
-# primary the cluster names now). Commands on the hot path (`pipelined`) wait longer, up to
-# `pipelined.REDIRECT_WAIT_S`: a slot's move lasts as long as its keys take to migrate.
-CLUSTER_REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
+# A node that does not serve the cell refuses every command for it, none runs: redis-py sends them
+# again, a pipeline whole, on a new connection (to the primary the cluster names now). Not `ASK` and
+# `TRYAGAIN` (the slot's keys are moving): a pipeline may have run in part, and sent again it would
+# run that part twice; such a command fails as on a lost connection. The scripts on the hot path
+# (`pipelined`) wait out a move as well, where the node refused the whole send.
+CLUSTER_REDIRECTS = (MovedError, ClusterDownError)
 _REDIRECT_RETRIES = 10  # at most 0.5 s apart: about 4 s in all
 
 

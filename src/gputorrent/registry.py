@@ -19,7 +19,7 @@ from redis.exceptions import ResponseError, WatchError
 
 from gputorrent import keys
 from gputorrent.protocol import MAX_MODELS, BeatAnswer, Group, Hardware, Heartbeat, WorkerRecord, WorkerState
-from gputorrent.scripts import NoKeys, Script
+from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 M = TypeVar("M", WorkerRecord, Heartbeat)
@@ -270,6 +270,13 @@ def _snapshot_key_parts() -> tuple[str, ...]:
 
 
 @dataclass(frozen=True)
+class _SnapshotKeys:
+    # Not read: declared so that a node that no longer serves the pool's cell on a Redis Cluster
+    # answers MOVED (and the client asks the cluster again) before the script runs.
+    workers: str
+
+
+@dataclass(frozen=True)
 class _SnapshotArgs:
     key_parts: tuple[str, ...]  # `_snapshot_key_parts()`
     ids: tuple[str, ...]
@@ -280,7 +287,7 @@ class _SnapshotArgs:
 # workers' keys, which as declared keys would be thousands of names sent with every read. It only
 # reads, and on a Redis Cluster every name it makes lies in the pool's cell, on the primary it runs on.
 _SNAPSHOT = Script(
-    NoKeys,
+    _SnapshotKeys,
     _SnapshotArgs,
     """
 local function key(pair, id) return key_parts[2 * pair - 1] .. id .. key_parts[2 * pair] end
@@ -314,7 +321,7 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
     key_parts = _snapshot_key_parts()
     for start in range(0, len(ids), SNAPSHOT_CHUNK):
         chunk = _SnapshotArgs(key_parts=key_parts, ids=tuple(ids[start : start + SNAPSHOT_CHUNK]))
-        replies = await _SNAPSHOT.run(redis, NoKeys(), chunk)
+        replies = await _SNAPSHOT.run(redis, _SnapshotKeys(workers=keys.workers()), chunk)
         states += [state for reply in replies if (state := _state(*reply, records=records)) is not None]
     _records_parsed.clear()  # only the records of this read are kept: the cache is never larger than the pool
     _records_parsed.update(records)

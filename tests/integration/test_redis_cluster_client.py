@@ -83,6 +83,25 @@ async def test_the_client_follows_the_cell_when_its_slot_moves_and_holds_command
     assert await cell_client.get(keys.job_key("during")) == "2"
 
 
+async def test_a_send_the_node_ran_only_part_of_is_a_connection_error_not_sent_again(
+    cluster: ClusterDeployment, cell_client: Redis
+) -> None:
+    """Mid-migration the old primary runs a command on a key it still has and refuses one on a key it
+    lacks: sending both again would run the first twice, so the caller gets a lost connection's error."""
+    shared = pipelined.pipelined(cell_client)
+    await shared.execute("SET", keys.job_key("here"), "0")
+    new = next(node for node in cluster.primaries() if node is not cluster.primary_of(CELL))
+    old = cluster.begin_migration(CELL, to=new)
+    try:
+        with pytest.raises(RedisConnectionError, match="ran only some of the commands"):
+            await shared.execute_all(("INCR", keys.job_key("here")), ("INCR", keys.job_key("elsewhere")))
+        assert old.client.get("{c0}job:here") == "1"  # the first ran, once
+    finally:
+        cluster.finish_migration(CELL, old, new)
+    assert await shared.execute("GET", keys.job_key("here")) == "1"
+    assert await shared.execute("EXISTS", keys.job_key("elsewhere")) == 0
+
+
 async def test_a_cluster_none_of_whose_nodes_answers_is_a_connection_error_naming_the_slot(tmp_path: Path) -> None:
     with ClusterDeployment(tmp_path / "cluster") as cluster:
         url = cluster.url

@@ -142,10 +142,18 @@ async def pop(
         )  # fmt: skip
 
 
-@functools.lru_cache(maxsize=256)
 def _take_arguments(worker_id: str, models: tuple[str, ...]) -> tuple[list[str], int, tuple[bytes, ...]]:
     """The doorbells, and the key count and arguments of `_TAKE`, for a worker serving `models`
-    (the same on every take: built and encoded once)."""
+    (the same on every take: built and encoded once per key layout)."""
+    return _take_arguments_in(keys.on_cluster(), worker_id, models)
+
+
+@functools.lru_cache(maxsize=256)
+def _take_arguments_in(
+    on_cluster: bool,  # only part of the cache's key: the names differ on a cluster (keys.py)
+    worker_id: str,
+    models: tuple[str, ...],
+) -> tuple[list[str], int, tuple[bytes, ...]]:
     doorbells = [keys.worker_doorbell_key(worker_id), *(keys.model_doorbell_key(m) for m in models)]
     sources = [
         key
