@@ -15,6 +15,7 @@ import redis.connection as sync_connection
 from redis.asyncio import Redis
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MovedError
 
 from gputorrent import keys, pipelined, redis_client
 from tests.cluster import ClusterDeployment
@@ -81,6 +82,28 @@ async def test_the_client_follows_the_cell_when_its_slot_moves_and_holds_command
     # The old primary answers MOVED now: each client asks the cluster anew, pipelined and redis-py's own.
     assert await shared.execute("GET", keys.job_key("before")) == "1"
     assert await cell_client.get(keys.job_key("during")) == "2"
+
+
+def test_a_blocking_clients_pipeline_that_reads_moved_without_raising_goes_to_the_new_primary_next(
+    cluster: ClusterDeployment, cell_client: Redis
+) -> None:
+    """A worker's beat is such a pipeline (`raise_on_error=False`): redis-py neither retries it nor
+    drops its connection, so without the cell's own check every later beat would reach the old node."""
+    sync = redis_client.sync_client(cluster.url, decode_responses=True)
+    try:
+        assert sync.set(keys.heartbeat_key("w1"), "1")
+        owner = cluster.primary_of(CELL)
+        cluster.migrate_slot(CELL, to=next(node for node in cluster.primaries() if node is not owner))
+        with sync.pipeline(transaction=False) as pipe:
+            pipe.set(keys.heartbeat_key("w1"), "2")
+            (refused,) = pipe.execute(raise_on_error=False)
+        assert isinstance(refused, MovedError)
+        with sync.pipeline(transaction=False) as pipe:
+            pipe.set(keys.heartbeat_key("w1"), "3")
+            assert pipe.execute(raise_on_error=False) == [True]
+        assert sync.get(keys.heartbeat_key("w1")) == "3"
+    finally:
+        sync.close()
 
 
 async def test_a_send_the_node_ran_only_part_of_is_a_connection_error_not_sent_again(
