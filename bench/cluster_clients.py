@@ -1,8 +1,8 @@
 """Redis Cluster clients side by side on the hot path's shape (issue #22): redis-py, valkey-glide, coredis.
 
 A Redis Cluster mode needs a cluster client; this picks one by measurement. The benchmark starts its
-own cluster (three primaries, no replicas: real `redis-server` processes on free localhost ports,
-in a temporary directory, built with `redis-cli --cluster create`), connects each client to it and
+own cluster (the tests' `tests/cluster.py`: three primaries, no replicas, real `redis-server`
+processes on free localhost ports, built with `redis-cli --cluster create`), connects each client to it and
 measures, alternating between the clients in rounds of 100 calls (the first client of a round
 rotates) so that noise falls on all of them alike:
 
@@ -33,19 +33,21 @@ import argparse
 import asyncio
 import contextlib
 import hashlib
-import shutil
-import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from pool import summary, version, write_result
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's root: the tests' cluster
+from tests.cluster import ClusterDeployment
 
 SCRIPT = "return redis.call('LLEN', KEYS[1])"
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
@@ -76,8 +78,6 @@ ROUND = 100  # calls a client makes before the next client's turn
 TOGETHER_ROUND = 400  # calls a client makes a turn with 8 callers at once (50 each)
 WARMUP = 200
 CONCURRENCY = 8
-NODES = 3
-START_TIMEOUT_S = 30.0
 ROUTED_COMMANDS = ("cmdstat_evalsha", "cmdstat_set", "cmdstat_get")
 
 CLIENTS = {"redis_py": "redis-py", "glide": "valkey-glide", "coredis": "coredis"}
@@ -91,115 +91,6 @@ SHAPES = {
 PACKAGES = ("redis", "hiredis", "valkey-glide", "coredis", "uvloop", "anyio")
 
 Call = Callable[[], Awaitable[object]]
-
-
-# The cluster ---------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _cli(port: int, *args: str, timeout_s: float = 10) -> str:
-    done = subprocess.run(
-        ["redis-cli", "-h", "127.0.0.1", "-p", str(port), *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout_s,
-        check=False,
-    )
-    return done.stdout
-
-
-class Cluster:
-    """Three cluster-enabled `redis-server`s, one primary each; stopped and removed when the block ends."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="gputorrent-cluster-"))
-        self.ports: list[int] = []
-        self.children: list[subprocess.Popen[bytes]] = []
-
-    def __enter__(self) -> Cluster:
-        try:
-            self._start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(self, *_: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.stop()
-
-    def _start(self) -> None:
-        for _ in range(NODES):
-            port, bus = _free_port(), _free_port()
-            node_dir = self.dir / str(port)
-            node_dir.mkdir()
-            command = [
-                "redis-server",
-                *("--port", str(port), "--bind", "127.0.0.1", "--dir", str(node_dir)),
-                *("--cluster-enabled", "yes", "--cluster-port", str(bus)),
-                *("--cluster-config-file", str(node_dir / "nodes.conf"), "--cluster-node-timeout", "5000"),
-                *("--appendonly", "no", "--save", "", "--logfile", str(node_dir / "redis.log")),
-            ]
-            self.children.append(subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-            self.ports.append(port)
-        self._wait(lambda: all(_cli(port, "PING").strip() == "PONG" for port in self.ports), "the servers")
-        addresses = [f"127.0.0.1:{port}" for port in self.ports]
-        created = subprocess.run(
-            ["redis-cli", "--cluster", "create", *addresses, "--cluster-replicas", "0", "--cluster-yes"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=False,
-        )
-        if created.returncode != 0:
-            raise RuntimeError(f"redis-cli --cluster create failed:\n{created.stdout}\n{created.stderr}")
-        self._wait(self._ok, "cluster_state:ok on every node")
-
-    def _ok(self) -> bool:
-        for port in self.ports:
-            info = _cli(port, "CLUSTER", "INFO")
-            if "cluster_state:ok" not in info or f"cluster_known_nodes:{NODES}" not in info:
-                return False
-        return True
-
-    def _wait(self, ready: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + START_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if any(child.poll() is not None for child in self.children):
-                raise RuntimeError(f"a redis-server exited while waiting for {what} (logs in {self.dir})")
-            if ready():
-                return
-            time.sleep(0.1)
-        raise RuntimeError(f"timed out waiting for {what}")
-
-    def owner(self, key: str) -> int:
-        """The port of the primary that serves `key`'s slot."""
-        slot = int(_cli(self.ports[0], "CLUSTER", "KEYSLOT", key).strip())
-        for line in _cli(self.ports[0], "CLUSTER", "NODES").splitlines():
-            fields = line.split()
-            port = int(fields[1].split("@")[0].rsplit(":", 1)[1])
-            for served in fields[8:]:
-                low, _, high = served.partition("-")
-                if not low.startswith("[") and int(low) <= slot <= int(high or low):
-                    return port
-        raise RuntimeError(f"no node serves slot {slot}")
-
-    def stop(self) -> None:
-        for child in self.children:
-            if child.poll() is None:
-                child.terminate()
-        for child in self.children:
-            try:
-                child.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                child.kill()
-                child.wait()
-        self.children.clear()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 class Inspector:
@@ -501,13 +392,16 @@ async def open_clients(
     return clients, unavailable, connections
 
 
-async def measure(cluster: Cluster, calls: int) -> dict[str, Any]:
-    inspector = Inspector(cluster.ports)
-    tag_port = cluster.owner(KEYS[0])
+async def measure(cluster: ClusterDeployment, calls: int) -> dict[str, Any]:
+    ports = [node.port for node in cluster.nodes]
+    inspector = Inspector(ports)
+    owner = cluster.primary_of(key_slot(KEYS[0].encode()))
+    assert owner is not None
+    tag_port = owner.port
     try:
         await inspector.load_script()
         async with contextlib.AsyncExitStack() as stack:
-            clients, unavailable, connections = await open_clients(cluster.ports, inspector, tag_port, stack)
+            clients, unavailable, connections = await open_clients(ports, inspector, tag_port, stack)
             bench = Bench(clients, inspector, tag_port, calls)
             shapes: dict[str, Any] = {}
             for shape in SHAPES:
@@ -544,7 +438,11 @@ def main() -> int:
         loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
     except ImportError:
         loop_factory = None
-    with Cluster() as cluster, asyncio.Runner(loop_factory=loop_factory) as runner:
+    with (
+        tempfile.TemporaryDirectory(prefix="gputorrent-cluster-") as workdir,
+        ClusterDeployment(Path(workdir)) as cluster,
+        asyncio.Runner(loop_factory=loop_factory) as runner,
+    ):
         measured = runner.run(measure(cluster, args.calls))
     server = subprocess.run(["redis-server", "--version"], capture_output=True, text=True, check=False).stdout
     result: dict[str, Any] = {
