@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -30,13 +31,15 @@ import pytest
 
 from gputorrent.embedded import free_port
 from tests.conftest import wait_for
-from tests.sentinel import LOOPBACK, RedisProcess, redis_server_binary
+from tests.netns import Host
+from tests.sentinel import HOST_DATA_PORT, RedisProcess, redis_server_binary
 
 START_TIMEOUT_S = 30.0
 FAILOVER_TIMEOUT_S = 30.0
 NODE_TIMEOUT_MS = 1000
 PRIMARIES = 3
 MIGRATE_BATCH = 100  # keys per MIGRATE
+HOST_PORT = HOST_DATA_PORT  # a node's port on a host of its own (every host has its own ports)
 ADMIN = ("admin", "admin-pw")  # the user a deployment with an ACL file is set up and watched as
 ADMIN_ACL = f"user {ADMIN[0]} on >{ADMIN[1]} ~* &* +@all\n"
 
@@ -51,19 +54,24 @@ def redis_cli_binary() -> str:
 class ClusterDeployment:
     """Three primaries, each with `replicas` replicas, as one Redis Cluster."""
 
-    def __init__(self, workdir: Path, replicas: int = 0, users_acl: str | None = None) -> None:
+    def __init__(
+        self, workdir: Path, replicas: int = 0, users_acl: str | None = None, hosts: Sequence[Host] | None = None
+    ) -> None:
         """`users_acl`: an ACL file every node loads; it must have the user `ADMIN` (every
-        command), which the harness and `redis-cli --cluster create` use."""
+        command), which the harness and `redis-cli --cluster create` use. `hosts`: one per node
+        (tests/netns.py), each node then listening on its host's address, on `HOST_PORT`."""
+        assert hosts is None or len(hosts) == PRIMARIES * (1 + replicas), "one host per node"
         self.workdir = workdir
         self.replicas = replicas
         self.users_acl = users_acl
+        self.hosts = list(hosts) if hosts is not None else None
         self.binary = redis_server_binary()
         self.cli = redis_cli_binary()
         self.nodes: list[RedisProcess] = []
 
     @property
     def url(self) -> str:
-        return "redis+cluster://" + ",".join(f"{LOOPBACK}:{node.port}" for node in self.nodes[:PRIMARIES]) + "/"
+        return "redis+cluster://" + ",".join(f"{node.address}:{node.port}" for node in self.nodes[:PRIMARIES]) + "/"
 
     def __enter__(self) -> ClusterDeployment:
         try:
@@ -91,9 +99,12 @@ class ClusterDeployment:
             args.append(f"aclfile {self.workdir / 'users.acl'}")
             login = {"username": ADMIN[0], "password": ADMIN[1]}
         for i in range(PRIMARIES * (1 + self.replicas)):
+            host = self.hosts[i] if self.hosts is not None else None
             # The bus port is the port plus 10,000 unless given: free ports here may be above 55,535.
-            bus = [f"cluster-port {free_port()}"]
-            node = RedisProcess(self.binary, self.workdir / f"node{i}", free_port(), [*args, *bus], **login)
+            port, bus = (HOST_PORT, HOST_PORT + 10_000) if host is not None else (free_port(), free_port())
+            node = RedisProcess(
+                self.binary, self.workdir / f"node{i}", port, [*args, f"cluster-port {bus}"], host=host, **login
+            )
             self.nodes.append(node)
         for node in self.nodes:
             up = f"node on {node.port} up"
@@ -101,7 +112,7 @@ class ClusterDeployment:
             assert node.running(), node.log
         cli_login = ["--user", ADMIN[0], "--pass", ADMIN[1]] if self.users_acl is not None else []
         subprocess.run(
-            [self.cli, *cli_login, "--cluster", "create", *(f"{LOOPBACK}:{node.port}" for node in self.nodes),
+            [self.cli, *cli_login, "--cluster", "create", *(f"{node.address}:{node.port}" for node in self.nodes),
              "--cluster-replicas", str(self.replicas), "--cluster-yes"],
             check=True, capture_output=True, timeout=START_TIMEOUT_S,
         )  # fmt: skip
@@ -145,21 +156,24 @@ class ClusterDeployment:
     def _serves_itself(self, node: RedisProcess, slot: int) -> bool:
         for start, end, primary, *_ in node.ask("CLUSTER", "SLOTS") or []:
             if int(start) <= slot <= int(end):
-                return int(primary[1]) == node.port
+                return (str(primary[0]) or node.address, int(primary[1])) == (node.address, node.port)
         return False
 
     def primaries(self) -> list[RedisProcess]:
         return [node for node in self.nodes if node.running() and (role := node.ask("ROLE")) and role[0] == "master"]
 
-    def wait_for_new_primary(self, slot: int, not_: RedisProcess) -> RedisProcess:
-        """Wait until a running node other than `not_` serves `slot` and the cluster says ok."""
+    def wait_for_new_primary(
+        self, slot: int, not_: RedisProcess, among: list[RedisProcess] | None = None
+    ) -> RedisProcess:
+        """Wait until a running node other than `not_` (of `among`: those the caller can reach)
+        serves `slot` and the cluster says ok."""
 
         def promoted() -> bool:
-            owner = self.primary_of(slot)
+            owner = self.primary_of(slot, among)
             return owner is not None and owner is not not_ and self.info(owner).get("cluster_state") == "ok"
 
         wait_for(promoted, FAILOVER_TIMEOUT_S, f"a new primary for slot {slot}")
-        owner = self.primary_of(slot)
+        owner = self.primary_of(slot, among)
         assert owner is not None
         return owner
 
@@ -185,7 +199,7 @@ class ClusterDeployment:
             batch = source.client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, batch_size)
             if not batch:
                 break
-            source.client.execute_command("MIGRATE", LOOPBACK, target.port, "", 0, 5000, "KEYS", *batch)
+            source.client.execute_command("MIGRATE", target.address, target.port, "", 0, 5000, "KEYS", *batch)
             moved += len(batch)
         return moved
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from gputorrent.embedded import EmbeddedRedis
+from tests.cluster import ClusterDeployment
 from tests.faults.harness import Pool, Row, write_report_row
 from tests.faults.netns_pool import HostPool
 from tests.netns import Host
@@ -102,6 +103,39 @@ def sentinel_host_pool(
             if re.fullmatch(r"c\d+", name):
                 pool.coordinator(name)
         return pool, deployment
+
+    yield make
+    for pool in reversed(made):
+        pool.close()
+
+
+# A Redis Cluster on hosts of its own: three primaries and a replica of each, one node a host.
+CLUSTER_HOSTS = ("r1", "r2", "r3", "r4", "r5", "r6")
+
+
+@pytest.fixture
+def cluster_host_pool(
+    netns_hosts: Callable[..., dict[str, Host]], tmp_path: Path
+) -> Iterator[Callable[..., tuple[HostPool, ClusterDeployment]]]:
+    """A pool on separate hosts whose Redis is a three-primary cluster with a replica each, one node
+    on each of `CLUSTER_HOSTS`: `pool, cluster = cluster_host_pool("c1", "w1", "w2", "client")` starts
+    it and the coordinators (the `c*` hosts), all given the `redis+cluster://` URL with the
+    primaries' addresses; workers are started by the test. Skips where namespaces cannot be made."""
+    made: list[HostPool] = []
+
+    def make(*names: str) -> tuple[HostPool, ClusterDeployment]:
+        hosts = netns_hosts(*CLUSTER_HOSTS, *names)
+        cluster = ClusterDeployment(tmp_path / "cluster", replicas=1, hosts=[hosts[name] for name in CLUSTER_HOSTS])
+        with contextlib.ExitStack() as unwind:
+            unwind.callback(cluster.stop)
+            cluster.start()
+            pool = HostPool(tmp_path, hosts, redis=cluster)
+            unwind.pop_all()
+        made.append(pool)  # its close() stops the cluster
+        for name in names:
+            if re.fullmatch(r"c\d+", name):
+                pool.coordinator(name)
+        return pool, cluster
 
     yield make
     for pool in reversed(made):
