@@ -28,9 +28,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
-from redis.asyncio import Redis
 
-from gputorrent import auth
+from gputorrent import auth, redis_client
 from gputorrent.embedded import free_port
 from gputorrent.up import terminate
 
@@ -88,7 +87,7 @@ def wait_http(url: str, headers: dict[str, str] | None = None, timeout_s: float 
 
 
 async def _keys(redis_url: str) -> tuple[str, str]:
-    redis = Redis.from_url(redis_url, decode_responses=True)
+    redis = redis_client.async_client(redis_url)  # a cluster's URL too (bench/scale.py)
     try:
         _, client_key = await auth.create_key(redis, "bench", "client")
         _, join_key = await auth.create_key(redis, "bench worker", "join")

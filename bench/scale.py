@@ -19,9 +19,11 @@ measured on its own at the end, with 1,000 workers. It then measures, in order:
 - Redis memory per worker: used memory with the workers registered and idle, less the empty server's.
 
 Every figure at 1,000 and 10,000 workers is also given as a ratio to the one at 100, measured in
-the same run. Shards (a Redis Cluster) are not measured yet: GPU Torrent runs on one Redis.
+the same run. Each size runs on one Redis and on a Redis Cluster of three primaries (tests/cluster.py,
+the pool given its `redis+cluster://` URL), where each primary's share of the commands during the
+load step is given too (the target: each within 15% of a third).
 
-    bench/.venv/bin/python bench/scale.py --sizes 100 1000 10000
+    bench/.venv/bin/python bench/scale.py --sizes 100 1000 10000 --shards 1 3
 
 Prints a Markdown table and writes bench/results/scale.json and docs/images/bench-scale.png
 (`bench/report.py` puts the table in docs/scaling.md).
@@ -35,6 +37,7 @@ import contextlib
 import random
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,11 +47,15 @@ import aiohttp
 from pool import Pool, Processes, redis_cpu_s, save_plot, start_pool, summary, write_result
 from redis import Redis as SyncRedis
 
-from gputorrent import keys
+from gputorrent import keys, redis_client
 from gputorrent.embedded import EmbeddedRedis
 from gputorrent.worker.main import POP_TIMEOUT_S
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's root: the tests' cluster
+from tests.cluster import PRIMARIES, ClusterDeployment
+
 SIZES = (100, 1000, 10_000)
+SHARDS = (1, PRIMARIES)  # one Redis, and a cluster
 RATE_PER_S = 100  # the load step's arrivals: well under the peak at every size, so latency is not queueing
 LOAD_SECONDS = 10.0
 IDLE_SECONDS = 10.0
@@ -79,25 +86,33 @@ IMAGES = Path(__file__).parent.parent / "docs" / "images"
 
 
 class RedisCounters:
-    """Commands processed and CPU used by one Redis server, read before and after a span."""
+    """Commands processed and CPU used by the Redis servers of a pool (one, or a cluster's primaries),
+    read before and after a span."""
 
-    def __init__(self, url: str) -> None:
-        self._client = SyncRedis.from_url(url)
-        self.url = url
+    def __init__(self, server_urls: list[str]) -> None:
+        self._clients = [SyncRedis.from_url(url) for url in server_urls]
+        self.server_urls = server_urls
 
-    def read(self) -> tuple[int, float, float]:
-        """(commands processed so far, CPU seconds so far, monotonic time)."""
-        commands = int(self._client.info("stats")["total_commands_processed"])
-        return commands, redis_cpu_s(self.url), time.monotonic()
+    def read(self) -> Reading:
+        """(commands processed so far, CPU seconds so far, monotonic time, commands per server)."""
+        each = [int(client.info("stats")["total_commands_processed"]) for client in self._clients]
+        return sum(each), sum(redis_cpu_s(url) for url in self.server_urls), time.monotonic(), each
 
     def used_memory(self) -> int:
-        return int(self._client.info("memory")["used_memory"])
+        return sum(int(client.info("memory")["used_memory"]) for client in self._clients)
+
+    def blocked_clients(self) -> int:
+        return sum(int(client.info("clients")["blocked_clients"]) for client in self._clients)
 
     def close(self) -> None:
-        self._client.close()
+        for client in self._clients:
+            client.close()
 
 
-def rates(before: tuple[int, float, float], after: tuple[int, float, float]) -> tuple[float, float]:
+Reading = tuple[int, float, float, list[int]]  # what `RedisCounters.read` gives
+
+
+def rates(before: Reading, after: Reading) -> tuple[float, float]:
     """Commands per second and CPU seconds per second between two `RedisCounters.read`s."""
     span = after[2] - before[2]
     return (after[0] - before[0]) / span, (after[1] - before[1]) / span
@@ -162,12 +177,12 @@ def start_simulation(
         raise RuntimeError(f"the simulated workers did not start (exit code {child.poll()}): {line!r}")
 
 
-def settled(redis_url: str, count: int) -> bool:
+def settled(redis_url: str, counters: RedisCounters, count: int) -> bool:
     """Whether `count` workers are registered, each has a live heartbeat, and nine in ten of them are
     blocked waiting for work (connected, done with their first look at the queues)."""
-    with SyncRedis.from_url(redis_url) as redis:
-        if int(redis.info("clients")["blocked_clients"]) < 0.9 * count:
-            return False
+    if counters.blocked_clients() < 0.9 * count:
+        return False
+    with redis_client.sync_client(redis_url) as redis:
         ids = redis.smembers(keys.workers())
         if len(ids) < count:
             return False
@@ -178,32 +193,51 @@ def settled(redis_url: str, count: int) -> bool:
 
 
 @contextlib.contextmanager
-def simulated_pool(count: int, take_block_s: float) -> Iterator[tuple[Pool, RedisCounters, float, int]]:
-    """A private Redis, a coordinator and `count` simulated workers, settled: (the pool, the Redis's
-    counters, seconds the registrations took, the Redis's used memory before any)."""
-    redis = EmbeddedRedis().start(preexec_fn=more_open_files)
-    try:
-        with Processes() as procs:
-            counters = RedisCounters(redis.url)
-            with SyncRedis.from_url(redis.url) as admin:
+def redis_servers(shards: int) -> Iterator[tuple[str, list[str]]]:
+    """A private Redis (`shards` 1) or Redis Cluster of `PRIMARIES` primaries: (the pool's URL, each
+    primary's own URL), with room for `MAXCLIENTS` clients on each."""
+    if shards == 1:
+        redis = EmbeddedRedis().start(preexec_fn=more_open_files)
+        try:
+            yield redis.url, [redis.url]
+        finally:
+            redis.stop()
+        return
+    assert shards == PRIMARIES, f"a cluster here has {PRIMARIES} primaries"
+    more_open_files()  # the nodes inherit this process's limit
+    with (
+        tempfile.TemporaryDirectory(prefix="gputorrent-scale-") as workdir,
+        ClusterDeployment(Path(workdir)) as cluster,
+    ):
+        yield cluster.url, [f"redis://{node.address}:{node.port}" for node in cluster.primaries()]
+
+
+@contextlib.contextmanager
+def simulated_pool(
+    count: int, take_block_s: float, shards: int = 1
+) -> Iterator[tuple[Pool, RedisCounters, float, int]]:
+    """A private Redis (or cluster), a coordinator and `count` simulated workers, settled: (the pool,
+    the servers' counters, seconds the registrations took, the servers' used memory before any)."""
+    with redis_servers(shards) as (redis_url, server_urls), Processes() as procs:
+        counters = RedisCounters(server_urls)
+        for url in server_urls:
+            with SyncRedis.from_url(url) as admin:
                 admin.config_set("maxclients", MAXCLIENTS)
-            empty_memory = counters.used_memory()
-            pool = start_pool(procs, redis.url)
-            registering = time.monotonic()
-            start_simulation(procs, pool.url, redis.url, pool.join_key, count, take_block_s)
-            registered_s = time.monotonic() - registering
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not settled(redis.url, count):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{count} workers did not settle")
-                time.sleep(0.5)
-            print(f"{count} workers: registered in {registered_s:.1f} s", file=sys.stderr)
-            try:
-                yield pool, counters, registered_s, empty_memory
-            finally:
-                counters.close()
-    finally:
-        redis.stop()
+        empty_memory = counters.used_memory()
+        pool = start_pool(procs, redis_url)
+        registering = time.monotonic()
+        start_simulation(procs, pool.url, redis_url, pool.join_key, count, take_block_s)
+        registered_s = time.monotonic() - registering
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not settled(redis_url, counters, count):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{count} workers did not settle")
+            time.sleep(0.5)
+        print(f"{count} workers on {shards} shard(s): registered in {registered_s:.1f} s", file=sys.stderr)
+        try:
+            yield pool, counters, registered_s, empty_memory
+        finally:
+            counters.close()
 
 
 def idle_cost(count: int, take_block_s: float) -> tuple[float, float]:
@@ -215,8 +249,8 @@ def idle_cost(count: int, take_block_s: float) -> tuple[float, float]:
     return commands / count, cpu / count
 
 
-def measure_size(count: int) -> dict[str, Any]:
-    with simulated_pool(count, SIMULATED_TAKE_BLOCK_S) as (pool, counters, registered_s, empty_memory):
+def measure_size(count: int, shards: int) -> dict[str, Any]:
+    with simulated_pool(count, SIMULATED_TAKE_BLOCK_S, shards) as (pool, counters, registered_s, empty_memory):
         asyncio.run(closed_loop(pool.url, pool.headers, 4, 2.0))  # warm the coordinator's paths
         memory_per_worker = (counters.used_memory() - empty_memory) / count
 
@@ -230,6 +264,7 @@ def measure_size(count: int) -> dict[str, Any]:
         load_commands, load_cpu = rates(before, after)
         span_s = after[2] - before[2]
         requests = len(latencies)
+        by_server = [late - early for early, late in zip(before[3], after[3], strict=True)]
 
         before = counters.read()
         completed, failed = asyncio.run(closed_loop(pool.url, pool.headers, PEAK_CLIENTS, PEAK_SECONDS))
@@ -238,6 +273,8 @@ def measure_size(count: int) -> dict[str, Any]:
         _, peak_cpu = rates(before, after)
     result: dict[str, Any] = {
         "workers": count,
+        "shards": shards,
+        "command_share_by_shard": [n / max(sum(by_server), 1) for n in by_server],
         "registration_s": registered_s,
         "idle_commands_per_s": idle_commands,
         "idle_redis_cpu_per_s": idle_cpu,
@@ -251,39 +288,41 @@ def measure_size(count: int) -> dict[str, Any]:
         "redis_cpu_ms_per_request_at_peak": (peak_cpu - idle_cpu) * peak_span_s / max(completed, 1) * 1000,
         "redis_memory_per_worker_bytes": memory_per_worker,
     }
-    print(f"{count} workers: {result}", file=sys.stderr)
+    print(f"{count} workers, {shards} shard(s): {result}", file=sys.stderr)
     return result
 
 
 def table(result: dict[str, Any]) -> str:
-    sizes = result["sizes"]
-    base = sizes[0]
-
     def ratio(value: float, reference: float) -> str:
         return f"{value / reference:.2f}" if reference else "n/a"
 
     rows = [
-        "| workers | added p50 ms | added p99 ms | p50 vs the smallest | Redis commands a request "
+        "| shards | workers | added p50 ms | added p99 ms | p50 vs the smallest | Redis commands a request "
         "| Redis CPU ms a request | vs the smallest | peak requests/s | Redis CPU ms a request at peak "
-        "| vs the smallest | idle: Redis commands/s | idle: Redis CPU | Redis bytes a worker |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs the smallest | idle: Redis commands/s | idle: Redis CPU | Redis bytes a worker "
+        "| shards' shares of commands |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for r in sizes:
+    for r in result["sizes"]:
+        shards = r.get("shards", 1)
+        base = next(b for b in result["sizes"] if b.get("shards", 1) == shards)  # the smallest on as many shards
         latency = r["latency_ms"] or {"p50": float("nan"), "p99": float("nan")}
+        shares = r.get("command_share_by_shard", [1.0])
         rows.append(
-            f"| {r['workers']:,} | {latency['p50']:.2f} | {latency['p99']:.2f} "
+            f"| {shards} | {r['workers']:,} | {latency['p50']:.2f} | {latency['p99']:.2f} "
             f"| {ratio(latency['p50'], (base['latency_ms'] or latency)['p50'])} "
             f"| {r['commands_per_request']:.0f} | {r['redis_cpu_ms_per_request']:.3f} "
             f"| {ratio(r['redis_cpu_ms_per_request'], base['redis_cpu_ms_per_request'])} "
             f"| {r['peak_per_s']:,.0f} | {r['redis_cpu_ms_per_request_at_peak']:.3f} "
             f"| {ratio(r['redis_cpu_ms_per_request_at_peak'], base['redis_cpu_ms_per_request_at_peak'])} "
             f"| {r['idle_commands_per_s']:,.0f} | {r['idle_redis_cpu_per_s'] * 100:.1f}% "
-            f"| {r['redis_memory_per_worker_bytes']:,.0f} |"
+            f"| {r['redis_memory_per_worker_bytes']:,.0f} "
+            f"| {' / '.join(f'{share:.0%}' for share in sorted(shares, reverse=True)) if shards > 1 else '—'} |"
         )
     idle = result["idle_real_block"]
     rows.append(
         f"\nIdle workers blocking {idle['take_block_s']:g} s at a time, as real ones do "
-        f"({idle['workers']:,} of them): {idle['commands_per_s_per_worker']:.1f} Redis commands and "
+        f"({idle['workers']:,} of them, one Redis): {idle['commands_per_s_per_worker']:.1f} Redis commands and "
         f"{idle['redis_cpu_per_s_per_worker'] * 1e6:.0f} µs of Redis CPU a second, per worker."
     )
     return "\n".join(rows)
@@ -292,7 +331,7 @@ def table(result: dict[str, Any]) -> str:
 def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
-    sizes = result["sizes"]
+    sizes = [r for r in result["sizes"] if r.get("shards", 1) == 1]  # one Redis: the cluster's are in the table
     rate = result["rate_per_s"]
     workers = [r["workers"] for r in sizes]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
@@ -316,8 +355,9 @@ def main() -> None:
     matplotlib.use("Agg")
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--shards", type=int, nargs="+", default=list(SHARDS), choices=SHARDS)
     args = parser.parse_args()
-    sizes = [measure_size(count) for count in args.sizes]
+    sizes = [measure_size(count, shards) for shards in args.shards for count in args.sizes]
     commands, cpu = idle_cost(REAL_BLOCK_IDLE_WORKERS, POP_TIMEOUT_S)
     result = {
         "rate_per_s": RATE_PER_S,

@@ -74,7 +74,7 @@ _tag = ""
 
 def use_cluster_layout(on: bool) -> None:
     """Name every key for a Redis Cluster (with `CLUSTER_CELL_TAG`) or for one Redis. A process
-    belongs to one pool: `redis_client` calls this when it makes a client for a cluster URL."""
+    belongs to one pool: `redis_client` calls this with each client it makes, for its URL's kind."""
     global _tag
     _tag = CLUSTER_CELL_TAG if on else ""
 

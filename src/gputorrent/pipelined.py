@@ -10,8 +10,10 @@ whichever caller reads first. Concurrent callers therefore pipeline on one conne
 The connection is made and authenticated by the client's own pool (TLS, ACL users, the database,
 its timeouts: all as configured there), taken out of it for good; closing the client closes it.
 The shared connection (`pipelined`) is only for commands Redis answers at once; a blocking one (the
-worker's doorbell) takes a connection of its own (`borrowed`). The coordinator's subscription reads a
-connection of its own too (`coordinator/listener.py`).
+worker's doorbell) takes a connection of its own (`borrowed`). The coordinator's subscription reads
+a connection of its own too (`coordinator/listener.py`). On a Redis Cluster a send that a node
+refused whole, without running any of it, is sent again until the pool's cell is served
+(`REDIRECT_WAIT_S`).
 """
 
 from __future__ import annotations
@@ -33,8 +35,9 @@ Argument = str | bytes | int
 READ_SIZE = 64 * 1024
 # Replies of a server demoted from primary to replica: to a write, and to a command it was blocked in.
 _DEMOTED = ("READONLY", "UNBLOCKED")
-# Replies of a Redis Cluster node to a command it did not run: the slot is served elsewhere now, is
-# moving, or has no primary yet (redis_client.py). The command is sent again on a new connection.
+# Replies of a Redis Cluster node to a command it did not run (redis_client.py): the slot is moving
+# (ASK, TRYAGAIN: sent again on the same connection, after a pause), or served elsewhere now or by
+# nobody yet (MOVED, CLUSTERDOWN: sent again on a new connection, which asks the cluster anew).
 _REDIRECTED = ("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN")
 _NOT_SERVED_HERE = ("MOVED", "CLUSTERDOWN")
 REDIRECT_WAIT_S = 15.0  # how long a redirected command is sent again before it fails
@@ -110,7 +113,7 @@ class PipelinedConnection:
         replies = link.send(packed, commands)
         await link.read_until(replies[-1], self._timeout_s + blocks_s)
         results = [reply.result() for reply in replies]
-        if any(isinstance(r, ResponseError) and str(r).startswith(_NOT_SERVED_HERE) for r in results):
+        if any(_redirect(r, _NOT_SERVED_HERE) for r in results):
             # This node does not serve the cell (now): new commands go to a new connection, which asks
             # the cluster where the cell is; this one closes once the replies sent on it are read.
             # (ASK and TRYAGAIN: the slot is still this node's while its keys move; the link stays.)
@@ -219,8 +222,8 @@ class _Link:
         await self._pool.release(self._connection)
 
 
-def _redirect(reply: Any) -> bool:
-    return isinstance(reply, ResponseError) and str(reply).startswith(_REDIRECTED)
+def _redirect(reply: Any, kinds: tuple[str, ...] = _REDIRECTED) -> bool:
+    return isinstance(reply, ResponseError) and str(reply).startswith(kinds)
 
 
 def _writes_nothing(command: Sequence[Argument]) -> bool:

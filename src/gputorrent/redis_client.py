@@ -490,9 +490,8 @@ _REDIRECT_RETRIES = 10  # at most 0.5 s apart: about 4 s in all
 
 
 def _cluster_kwargs(url: str, tls_class: type, plain_class: type, timeout_s: float, retry: type) -> dict[str, Any]:
-    """Connection settings for the pool's cell on the cluster of `url`; names the keys for a cluster."""
+    """Connection settings for the pool's cell on the cluster of `url`."""
     target = parse_cluster_url(url)
-    keys.use_cluster_layout(True)
     return {
         "connection_class": tls_class if target.tls else plain_class,
         "cell": _ClusterCell(target, timeout_s),
@@ -530,6 +529,7 @@ def async_client(
         "socket_connect_timeout": socket_connect_timeout,
         "socket_timeout": socket_timeout,
     }
+    keys.use_cluster_layout(is_cluster_url(url))
     if is_cluster_url(url):
         cell = _cluster_kwargs(url, _AsyncCellTLSConnection, _AsyncCellConnection, socket_connect_timeout, AsyncRetry)
         if max_connections is None:
@@ -570,6 +570,7 @@ def sync_client(
         "socket_connect_timeout": socket_connect_timeout,
         "socket_timeout": socket_timeout,
     }
+    keys.use_cluster_layout(is_cluster_url(url))
     if is_cluster_url(url):
         cell = _cluster_kwargs(url, _SyncCellTLSConnection, _SyncCellConnection, socket_connect_timeout, Retry)
         return sync_redis.Redis.from_pool(sync_redis.ConnectionPool(**cell, **common))
