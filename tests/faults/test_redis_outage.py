@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import wait_for
 from tests.faults.conftest import PoolFactory
-from tests.faults.harness import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, RedisProxy, Row
+from tests.faults.harness import HEARTBEAT_INTERVAL_S, HEARTBEAT_TIMEOUT_S, Pool, RedisProxy, Row, WorkerSpec
 
 pytestmark = pytest.mark.fault
 
@@ -87,4 +87,27 @@ def test_a_redis_outage_longer_than_the_heartbeat_timeout_takes_no_job_from_a_li
     finally:
         for worker_id in LATE:
             pool.workers[worker_id].stop()  # before their way to Redis goes, so they stop as they normally would
+        proxy.close()
+
+
+def test_a_worker_started_while_redis_cannot_be_reached_waits_for_it_then_serves(pool: Pool) -> None:
+    """Its start-up recovery (the jobs a previous run of its id left) meets no Redis: it tries again
+    until Redis answers, as its consumers do, rather than exit (a worker restarted during a failover)."""
+    proxy = RedisProxy(pool.redis.port)
+    proxy.start()
+    try:
+        proxy.refusing.set()
+        pool.specs["w1"] = WorkerSpec("w1", pool.url("c1"), 1, {}, proxy.url)
+        worker = pool._launch("w1")
+        wait_for(lambda: "cannot reach Redis to recover" in worker.log or worker.popen.poll() is not None, 30,
+                 "the worker trying Redis again")  # fmt: skip
+        assert worker.popen.poll() is None, worker.log
+        proxy.refusing.clear()
+        pool.wait_alive("w1")
+        job = pool.submit("after the wait", max_tokens=4)
+        assert job is not None
+        outcome = pool.settle()
+        outcome.assert_invariant()
+        assert outcome.completed == 1
+    finally:
         proxy.close()

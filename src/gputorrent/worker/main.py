@@ -137,7 +137,7 @@ class Worker:
             self.backend.on_broken = self._become_unhealthy
             self.backend.on_formed = self._show_group
         try:
-            if recovered := await self.link.recover():
+            if recovered := await self._recover(stop):
                 log.info(
                     "worker %s: %d unfinished jobs of its previous run are queued again", self.worker_id, recovered
                 )
@@ -159,6 +159,22 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._following
             await self._leave()
+
+    async def _recover(self, stop: asyncio.Event) -> int:
+        """`link.recover()`, tried again while Redis cannot be reached (a worker started during a
+        failover or a cut link waits for it, as its consumers would, rather than exit)."""
+        backoff = Backoff()
+        while True:
+            try:
+                return await self.link.recover()
+            except (RedisError, OSError) as e:
+                if stop.is_set():
+                    return 0
+                log.warning(
+                    "worker %s cannot reach Redis to recover its previous run's jobs (%s); retrying in %.1f s",
+                    self.worker_id, e, backoff.delay_s,
+                )  # fmt: skip
+                await backoff.wait()
 
     async def _until_stopped(self, stop: asyncio.Event, consumers: list[asyncio.Task[None]]) -> None:
         stopping = asyncio.create_task(stop.wait())
