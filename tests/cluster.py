@@ -25,14 +25,13 @@ import shutil
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
-from types import TracebackType
 
 import pytest
 
 from gputorrent.embedded import free_port
 from tests.conftest import wait_for
 from tests.netns import Host
-from tests.sentinel import HOST_DATA_PORT, RedisProcess, redis_server_binary
+from tests.sentinel import HOST_DATA_PORT, Deployment, RedisProcess, redis_server_binary
 
 START_TIMEOUT_S = 30.0
 FAILOVER_TIMEOUT_S = 30.0
@@ -51,7 +50,7 @@ def redis_cli_binary() -> str:
     return found
 
 
-class ClusterDeployment:
+class ClusterDeployment(Deployment):
     """Three primaries, each with `replicas` replicas, as one Redis Cluster."""
 
     def __init__(
@@ -72,19 +71,6 @@ class ClusterDeployment:
     @property
     def url(self) -> str:
         return "redis+cluster://" + ",".join(f"{node.address}:{node.port}" for node in self.nodes[:PRIMARIES]) + "/"
-
-    def __enter__(self) -> ClusterDeployment:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         args = [

@@ -33,6 +33,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 from urllib.parse import quote
 
 import pytest
@@ -134,7 +135,31 @@ class RedisProcess:
         self._log.close()
 
 
-class SentinelDeployment:
+class Deployment:
+    """Servers a test starts on entering (stopping what started if that fails half way) and stops
+    on leaving: `start` and `stop` are the subclass's."""
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        try:
+            self.start()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+
+
+class SentinelDeployment(Deployment):
     """A primary, `replicas` replicas and three Sentinels (quorum 2) watching them as `MASTER_NAME`."""
 
     def __init__(
@@ -153,19 +178,6 @@ class SentinelDeployment:
         self.binary = redis_server_binary()
         self.servers: list[RedisProcess] = []  # data servers, the first started as the primary
         self.sentinels: list[RedisProcess] = []
-
-    def __enter__(self) -> SentinelDeployment:
-        try:
-            self.start()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
 
     def start(self) -> None:
         data_args = [
