@@ -27,9 +27,11 @@ the TLS parameters above. A cluster has one database, so there is no `/DB`:
 On a cluster every key of the pool lies in one hash slot, the pool's cell (`keys.py`), and the
 client talks to the primary serving that slot, as a client of one Redis: it asks the nodes it knows
 which primary that is (`CLUSTER SLOTS`) on every new connection, so after a failover or a move of
-the slot the next connection goes to the new primary by itself. A command the old one refuses
-(`MOVED`, or `ASK`/`TRYAGAIN` while the slot moves, `CLUSTERDOWN` while the cluster fails over) did
-not run, and is sent again until the new primary answers (`pipelined.REDIRECT_WAIT_S`).
+the slot the next connection goes to the new primary by itself. A node that no longer serves the
+slot (`MOVED`) or a cluster electing a primary (`CLUSTERDOWN`) refuses every command, and redis-py
+sends it again on a new connection. While the slot's keys move (`ASK`, `TRYAGAIN`) only the scripts
+on the hot path wait and are sent again (`pipelined.REDIRECT_WAIT_S`); other commands fail as on a
+lost connection, since a pipeline may have run in part.
 
 >>> parse_sentinel_url("redis+sentinel://:pw@s1:26379,s2/pool/2?sentinel_password=spw").sentinels
 (('s1', 26379), ('s2', 26379))
