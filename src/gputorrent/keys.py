@@ -11,6 +11,7 @@
 | `doorbell:worker:{id}` | list     | a token per job queued for it: wakes a consumer | trimmed  | both        |
 | `doorbell:model:{model}` | list   | a token per job on the model's shared queue | trimmed    | both        |
 | `processing:{id}`     | list      | request ids of the jobs a worker holds (its leases) | none   | both        |
+| `lengths`             | hash      | list name → length, every non-empty queue and processing list | none | both |
 | `result:{request_id}` | string    | the finished result (JSON)                  | `result_ttl_s` | worker      |
 | `worker_index`        | integer   | the round-robin counter                     | none           | coordinator |
 | `workers`             | set       | ids of every registered worker              | none           | coordinator |
@@ -96,6 +97,14 @@ def worker_index() -> str:
 def workers() -> str:
     """The ids of every registered worker."""
     return f"{_tag}workers"
+
+
+def list_lengths() -> str:
+    """The length of every non-empty queue band and processing list, by the list's name: each
+    script that pushes onto one or takes from one writes its length there (or drops the field when
+    it is empty), so the pool snapshot reads every worker's load in one command rather than eleven
+    list lengths a worker (docs/architecture.md, "The pool snapshot")."""
+    return f"{_tag}lengths"
 
 
 def deadlines() -> str:
@@ -226,6 +235,24 @@ def cancel_key(request_id: str) -> str:
 def processing_key(worker_id: str) -> str:
     """The jobs a worker has taken and not finished: moved here from its queue in one step."""
     return f"{_tag}processing:{worker_id}"
+
+
+def worker_list_of(list_key: str) -> tuple[str, bool] | None:
+    """The worker whose queue band or processing list `list_key` is, and whether it is the
+    processing list; None for any other list (a model's shared queue).
+
+    >>> worker_list_of(queue_key("w1", priority=9)), worker_list_of(processing_key("w1"))
+    (('w1', False), ('w1', True))
+    >>> worker_list_of(model_queue_key("m")) is None
+    True
+    """
+    held = processing_key("")
+    if list_key.startswith(held):
+        return list_key[len(held) :], True
+    queued = queue_key("")
+    if list_key.startswith(queued):  # a band's `#p{n}` follows the id: `#` is never in an id
+        return list_key[len(queued) :].partition("#")[0], False
+    return None
 
 
 def idempotency_key(key: str) -> str:

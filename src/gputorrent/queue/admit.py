@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from gputorrent import keys, replication
 from gputorrent.errors import Conflict
 from gputorrent.protocol import Job
-from gputorrent.queue.lists import JOB_FIELD, RING, doorbell_key, waiting_key, waiting_keys
+from gputorrent.queue.lists import JOB_FIELD, NOTE_LENGTH, RING, doorbell_key, waiting_key, waiting_keys
 from gputorrent.scripts import Script
 
 
@@ -75,6 +75,7 @@ class AdmitKeys(LimitKeys):
     waiting: str  # the list the job joins
     doorbell: str  # that list's doorbell
     deadlines: str
+    lengths: str  # `keys.list_lengths()`
     heartbeat: str  # of the job's worker
     idempotency: str  # `idempotency:{key}`
     seen_status: str  # `job:` and `result:` of `seen`, the request id the idempotency key held when looked at
@@ -117,7 +118,8 @@ class AdmitArgs(LimitArgs):
 _ADMIT = Script(
     AdmitKeys,
     AdmitArgs,
-    """
+    NOTE_LENGTH
+    + """
 if idempotent then
   local existing = redis.call('GET', idempotency)
   if existing and (existing ~= seen or redis.call('EXISTS', seen_status, seen_result) > 0) then return existing end
@@ -148,6 +150,7 @@ redis.call('HSET', status, 'status', 'queued', 'worker_id', worker_id, 'model', 
   'priority', priority, 'enqueued_at', enqueued_at, job_field, job)
 redis.call('EXPIRE', status, record_ttl_s)
 redis.call('LPUSH', waiting, request_id)
+note_length(waiting)
 if deadline then redis.call('ZADD', deadlines, deadline, request_id) end
 redis.call('SET', owner, owner_id, 'EX', owner_ttl_s)
 """
@@ -241,7 +244,7 @@ async def enqueue(
     admit_keys = AdmitKeys(
         rate=limit_keys.rate, streams=limit_keys.streams,
         status=keys.job_key(request_id), result=keys.result_key(request_id), owner=keys.owner_key(request_id),
-        waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.deadlines(),
+        waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.deadlines(), lengths=keys.list_lengths(),
         heartbeat=keys.heartbeat_key(job.worker_id or ""), idempotency=keys.idempotency_key(idempotency_key or ""),
         seen_status=keys.job_key(seen or ""), seen_result=keys.result_key(seen or ""),
         own_bands=waiting_keys(job),

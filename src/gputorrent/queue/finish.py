@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from gputorrent import keys, replication
 from gputorrent.protocol import JobResult
-from gputorrent.queue.lists import FENCE, HOLDER_DEAD, MOVES_FIELD, guard_keys
+from gputorrent.queue.lists import FENCE, HOLDER_DEAD, MOVES_FIELD, NOTE_LENGTH, guard_keys
 from gputorrent.scripts import Script
 
 
@@ -21,6 +21,7 @@ class FinishKeys:
     status: str  # `job:{request_id}`
     stream: str  # `stream:{request_id}`
     deadlines: str
+    lengths: str  # `keys.list_lengths()`
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,8 @@ class FinishArgs:
 _FINISH = Script(
     FinishKeys,
     FinishArgs,
-    HOLDER_DEAD
+    NOTE_LENGTH
+    + HOLDER_DEAD
     + FENCE
     + """
 if redis.call('LREM', held_in, 1, request_id) == 0 then
@@ -51,6 +53,7 @@ if redis.call('LREM', held_in, 1, request_id) == 0 then
   end
   return 0
 end
+note_length(held_in)
 redis.call('SET', result, result_json, 'EX', ttl_s)
 redis.call('DEL', status)
 redis.call('ZREM', deadlines, request_id)
@@ -99,6 +102,7 @@ async def finish(
     finish_keys = FinishKeys(
         held_in=held_in, holder_beat=holder_beat, grace=grace, result=keys.result_key(request_id),
         status=keys.job_key(request_id), stream=keys.stream_key(request_id), deadlines=keys.deadlines(),
+        lengths=keys.list_lengths(),
     )  # fmt: skip
     finish_args = FinishArgs(
         reaping=dead is not None, fence=fence, moves_field=MOVES_FIELD, result_json=result_json, ttl_s=ttl_s,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from gputorrent import keys
 from gputorrent.protocol import Job
+from gputorrent.scripts import Script
 
 # A queue, and a worker's processing list, hold request ids; the job itself (its JSON) is this field
 # of its status record `job:{request_id}`, written at admission and rewritten when the job moves.
@@ -47,6 +49,47 @@ def waiting_keys(job: Job) -> tuple[str, ...]:
 def doorbell_key(job: Job) -> str:
     """The doorbell that wakes a consumer able to take the job."""
     return keys.model_doorbell_key(job.model) if job.shared else keys.worker_doorbell_key(job.worker_id)
+
+
+# Every script that pushes onto a queue or a processing list, or takes from one, then calls
+# `note_length(list)` (key `lengths`, `keys.list_lengths()`): it writes the list's true length there,
+# not a count up or down, so a list changed some other way (by hand) is right again at its next move.
+NOTE_LENGTH = """
+local function note_length(list)
+  local length = redis.call('LLEN', list)
+  if length > 0 then redis.call('HSET', lengths, list, length) else redis.call('HDEL', lengths, list) end
+end
+"""
+
+
+@dataclass(frozen=True)
+class _ForgetKeys:
+    held_in: str
+    lengths: str
+
+
+@dataclass(frozen=True)
+class _ForgetArgs:
+    request_id: str
+
+
+_FORGET = Script(
+    _ForgetKeys,
+    _ForgetArgs,
+    NOTE_LENGTH
+    + """
+local removed = redis.call('LREM', held_in, 1, request_id)
+note_length(held_in)
+return removed
+""",
+)
+
+
+async def forget(redis: Redis, held_in: str, request_id: str) -> bool:
+    """Drop the id from the list `held_in` (a job that cannot run: its record is gone or unreadable)
+    without a result; whether it was there."""
+    return bool(await _FORGET.run(redis, _ForgetKeys(held_in=held_in, lengths=keys.list_lengths()),
+                                  _ForgetArgs(request_id=request_id)))  # fmt: skip
 
 
 # A job pushed onto a queue rings that queue's doorbell (keys `doorbell`, argument `doorbell_max`):

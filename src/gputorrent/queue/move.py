@@ -16,6 +16,7 @@ from gputorrent.queue.lists import (
     HOLDER_DEAD,
     JOB_FIELD,
     MOVES_FIELD,
+    NOTE_LENGTH,
     RING,
     doorbell_key,
     guard_keys,
@@ -33,6 +34,7 @@ class MoveKeys:
     waiting: str  # the list it joins, at the front
     status: str  # `job:{request_id}`
     doorbell: str  # `waiting`'s doorbell
+    lengths: str  # `keys.list_lengths()`
 
 
 @dataclass(frozen=True)
@@ -50,18 +52,22 @@ class MoveArgs:
 _MOVE = Script(
     MoveKeys,
     MoveArgs,
-    HOLDER_DEAD
+    NOTE_LENGTH
+    + HOLDER_DEAD
     + FENCE
     + """
 -- A job whose status record is gone (expired: long past its deadline) has nothing left to run.
 if redis.call('EXISTS', status) == 0 then
   redis.call('LREM', held_in, 1, request_id)
+  note_length(held_in)
   return 0
 end
 """
     + GUARD_LIST
     + """
 redis.call('RPUSH', waiting, request_id)
+note_length(held_in)
+note_length(waiting)
 redis.call('HSET', status, 'status', 'queued', 'worker_id', worker_id, job_field, job)
 redis.call('HINCRBY', status, moves_field, 1)
 """
@@ -80,7 +86,7 @@ async def requeue(redis: Redis, source_key: str, job: Job, *, fence: str = "", d
     holder_beat, grace = guard_keys(dead)
     move_keys = MoveKeys(
         held_in=source_key, holder_beat=holder_beat, grace=grace, waiting=waiting_key(job),
-        status=keys.job_key(job.request_id), doorbell=doorbell_key(job),
+        status=keys.job_key(job.request_id), doorbell=doorbell_key(job), lengths=keys.list_lengths(),
     )  # fmt: skip
     move_args = MoveArgs(
         reaping=dead is not None, fence=fence, request_id=job.request_id, job=job.model_dump_json(),

@@ -17,7 +17,7 @@ from redis.exceptions import NoScriptError
 from gputorrent import keys, pipelined
 from gputorrent.protocol import ErrorInfo, Job, JobResult
 from gputorrent.queue.finish import finish
-from gputorrent.queue.lists import JOB_FIELD, MOVES_FIELD, bodies
+from gputorrent.queue.lists import JOB_FIELD, MOVES_FIELD, NOTE_LENGTH, bodies, forget
 from gputorrent.queue.move import retry_or_fail
 from gputorrent.scripts import Script
 
@@ -50,6 +50,7 @@ class TakeKeys:
     processing: str  # `processing:{worker_id}`: where a taken job stays until finished
     doorbells: tuple[str, ...]  # the doorbells of `sources`
     sources: tuple[str, ...]  # the queues it takes from, highest priority first
+    lengths: str  # `keys.list_lengths()`
 
 
 @dataclass(frozen=True)
@@ -74,7 +75,8 @@ class TakeArgs:
 _TAKE = Script(
     TakeKeys,
     TakeArgs,
-    """
+    NOTE_LENGTH
+    + """
 if redis.call('EXISTS', unpack(sources)) == 0 then
   for _, bell in ipairs(doorbells) do redis.call('DEL', bell) end
   return false
@@ -82,6 +84,8 @@ end
 for i, source in ipairs(sources) do
   local request_id = redis.call('RPOPLPUSH', source, processing)
   if request_id then
+    note_length(source)
+    note_length(processing)
     local status = status_prefix .. request_id
     local found = redis.call('HMGET', status, job_field, moves_field)
     if found[1] then
@@ -161,7 +165,12 @@ def _take_arguments_in(
         for key in (keys.queue_key(worker_id, band), *(keys.model_queue_key(m, band) for m in models))
     ]
     numkeys, arguments = _TAKE.call(
-        TakeKeys(processing=keys.processing_key(worker_id), doorbells=tuple(doorbells), sources=tuple(sources)),
+        TakeKeys(
+            processing=keys.processing_key(worker_id),
+            doorbells=tuple(doorbells),
+            sources=tuple(sources),
+            lengths=keys.list_lengths(),
+        ),
         TakeArgs(
             worker_id=worker_id,
             status_prefix=keys.job_key(""),
@@ -217,7 +226,7 @@ async def held_jobs(
     jobs = []
     for request_id, body in entries:
         if body is None:  # gone since it was read (finished, moved), or its record expired: then it is dropped
-            if await redis.lrem(held_in, 1, request_id):
+            if await forget(redis, held_in, request_id):
                 log.error("%s: dropped job %s from %s: its record is gone", reader, request_id, held_in)
             continue
         try:
@@ -240,7 +249,7 @@ async def held_jobs(
         try:
             await finish(redis, held_in, failed, result_ttl_s, streamed=fields.get("stream") is True, dead=dead)
         except ValueError:  # not even a result can be written from what is there (text that is not UTF-8)
-            await redis.lrem(held_in, 1, request_id)
+            await forget(redis, held_in, request_id)
     return jobs
 
 
