@@ -28,6 +28,7 @@ import gc
 import itertools
 import logging
 import os
+import random
 import signal
 import threading
 import time
@@ -156,14 +157,20 @@ class Simulation:
         """A real worker's consumer loop (`Worker._consume`), less health, drains and pulls."""
         backoff = Backoff()
         wait_first = False
+        # Real workers start at different times, so their idle takes time out spread over the block.
+        # Started together, these would all time out at once, every `take_block_s`: a burst of
+        # thousands of looks that a measurement's window catches or misses. The first block is a
+        # random share of it, so each consumer keeps a phase of its own.
+        block_s = random.uniform(0.0, self.take_block_s)
         while not stop.is_set():
             try:
-                lease = await worker.link.take(self.take_block_s, [self.model], wait_first=wait_first)
+                lease = await worker.link.take(block_s, [self.model], wait_first=wait_first)
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot reach Redis (%s)", worker.worker_id, e)
                 await backoff.wait()
                 continue
             backoff.reset()
+            block_s = self.take_block_s
             wait_first = lease is None or not lease.more_queued
             if lease is None:
                 continue
