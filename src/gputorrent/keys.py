@@ -23,7 +23,7 @@
 | `cancel:{request_id}` | string    | present: the job was ended (cancelled, timed out) | `result_ttl_s` | coordinator |
 | `deadlines`           | zset      | request ids by deadline (unix s)            | none: left with the result | both |
 | `idempotency:{key}`   | string    | the request id a client's key admitted      | `result_ttl_s` | coordinator |
-| `jobs:ended`          | channel   | ids of jobs ended before their worker finished | n/a         | coordinator |
+| `jobs:ended:{id}`     | channel   | ids of its jobs ended before it finished them | n/a          | coordinator |
 | `apikey:{key_id}`     | hash      | an API key: SHA-256 of its secret, name, scope | none        | admin       |
 | `apikeys`             | set       | ids of every API key                        | none           | admin       |
 | `owner:{request_id}`  | string    | the id of the API key that submitted it     | as the result  | coordinator |
@@ -62,7 +62,6 @@ primaries as a whole (docs/architecture.md, "Redis Cluster").
 from __future__ import annotations
 
 RESULTS_CHANNEL = "results:ready"
-ENDED_CHANNEL = "jobs:ended"
 KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
 # A channel is not a key: on a Redis Cluster a message published on any node reaches subscribers on every node.
 
@@ -71,6 +70,12 @@ KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coor
 # Empty on one Redis, where the names are the seed's.
 CLUSTER_CELL_TAG = "{c0}"
 _tag = ""
+
+
+def ended_channel(worker_id: str) -> str:
+    """The ids of the jobs running on one worker that were ended before it finished them: one channel
+    a worker, so that ending a job costs one delivery, not one to every worker of the pool."""
+    return f"jobs:ended:{worker_id}"
 
 
 def use_cluster_layout(on: bool) -> None:

@@ -264,7 +264,7 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
 
     One round trip for the ids and the lengths of every non-empty list (`keys.list_lengths()`), then
     one per `SNAPSHOT_CHUNK` workers for their records and heartbeats: plain reads, a few
-    microseconds of Redis a worker, where reading each worker's eleven lists cost about eight."""
+    microseconds of Redis a worker, where reading its eleven lists in a script cost about eight."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.smembers(keys.workers())
         pipe.hgetall(keys.list_lengths())

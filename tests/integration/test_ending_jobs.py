@@ -11,7 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gputorrent import keys, pool_stats, queue
-from gputorrent.protocol import Job, JobResult
+from gputorrent.protocol import ErrorInfo, Job, JobResult
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.executor import execute
 from gputorrent.worker.main import Worker
@@ -63,6 +63,24 @@ async def test_delete_stops_a_running_job_at_its_next_token(api: httpx.AsyncClie
     assert worker.jobs_done == 0  # its own result was refused
     result = (await api.get(f"/result/{request_id}")).json()
     assert result["status"] == "failed" and result["error"]["code"] == "cancelled"
+
+
+async def test_ending_a_running_job_tells_its_worker_alone(redis: Redis) -> None:
+    """One channel a worker: a cancel costs one delivery, not one to every worker of the pool."""
+    job = Job(request_id="r-ended-1", worker_id="w1", model="m", prompt="p", enqueued_at=time.time())
+    await queue.enqueue(redis, job, ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+    async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
+        await pubsub.subscribe(keys.ended_channel("w1"), keys.ended_channel("w2"))
+        cancelled = ErrorInfo(code="cancelled", message="the client left")
+        assert await queue.end(redis, "r-ended-1", cancelled, ttl_s=60) is not None
+        await redis.publish(keys.ended_channel("w2"), "marker")  # w2's next message, if it heard nothing else
+        heard = []
+        deadline = time.monotonic() + 5
+        while len(heard) < 2 and time.monotonic() < deadline:  # None also stands for a subscription's reply
+            if (message := await pubsub.get_message(timeout=1)) is not None:
+                heard.append((message["channel"], message["data"]))
+    assert heard == [(keys.ended_channel("w1"), "r-ended-1"), (keys.ended_channel("w2"), "marker")]
 
 
 async def test_delete_leaves_a_finished_job_as_it_was_and_an_unknown_id_is_404(

@@ -21,8 +21,8 @@ async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> Jo
     """End a job before its worker finishes it: the failed result with `error` is written at once.
 
     A queued job never runs; a running one loses its lease, so its worker's result is refused,
-    and its worker is told (`cancel:{request_id}` and the `jobs:ended` channel) to stop at its
-    next token. Returns the result written, or None when the job already has a result or is unknown.
+    and its worker is told (`cancel:{request_id}` and its `jobs:ended:{worker_id}` channel) to stop
+    at its next token. Returns the result written, or None when the job already has a result or is unknown.
     """
     for _ in range(END_ATTEMPTS):  # a job moving between lists right now is found on the next look
         found = await redis.hmget(keys.job_key(request_id), _STATUS_FIELDS)
@@ -35,10 +35,11 @@ async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> Jo
             lists = [*keys.worker_queue_keys(worker_id), keys.processing_key(worker_id), *lists]
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.cancel_key(request_id), error.code, ex=ttl_s)
-            pipe.publish(keys.ENDED_CHANNEL, request_id)
             for held_in in lists:
                 pipe.lpos(held_in, request_id)
-            _, _, *positions = await pipe.execute()
+            if worker_id:  # a shared job no worker has taken yet runs nowhere
+                pipe.publish(keys.ended_channel(worker_id), request_id)
+            positions = (await pipe.execute())[1 : 1 + len(lists)]
         ended = JobResult(request_id=request_id, status="failed", model=model, worker_id=worker_id, error=error)
         for held_in, position in zip(lists, positions, strict=True):
             if position is not None and await finish(redis, held_in, ended, ttl_s, streamed=streamed):

@@ -1,10 +1,11 @@
 """Hears which running jobs were ended elsewhere (cancelled, timed out, client gone) so they stop.
 
-`queue.end` writes the job's result and announces its id on `jobs:ended`; a worker linked to Redis
-listens there (`run`) and sets the job's event, and the executor checks it at every token. After
-each (re)subscription the `cancel:{request_id}` keys of the watched jobs are read, so an
-announcement missed while the connection was down is not lost. A worker linked through the
-coordinator learns the same from each heartbeat's answer (`end`).
+`queue.end` writes the job's result and announces its id on its worker's channel
+(`jobs:ended:{worker_id}`); a worker linked to Redis listens there (`run`) and sets the job's
+event, and the executor checks it at every token. After each (re)subscription the
+`cancel:{request_id}` keys of the watched jobs are read, so an announcement missed while the
+connection was down is not lost. A worker linked through the coordinator learns the same from
+each heartbeat's answer (`end`).
 """
 
 from __future__ import annotations
@@ -52,13 +53,14 @@ class EndedJobs:
         for event in self._watched.values():
             event.set()
 
-    async def run(self, redis: Redis, stop: asyncio.Event) -> None:
-        """Listen until `stop` is set, resubscribing with backoff when Redis fails."""
+    async def run(self, redis: Redis, worker_ids: list[str], stop: asyncio.Event) -> None:
+        """Listen on the channels of `worker_ids` (the workers this process runs) until `stop` is set,
+        resubscribing with backoff when Redis fails."""
         backoff = Backoff()
         while not stop.is_set():
             try:
                 async with redis.pubsub(ignore_subscribe_messages=True) as pubsub:
-                    await pubsub.subscribe(keys.ENDED_CHANNEL)
+                    await pubsub.subscribe(*map(keys.ended_channel, worker_ids))
                     await self._catch_up(redis)
                     backoff.reset()
                     while not stop.is_set() and not self._resubscribe:

@@ -168,7 +168,7 @@ class RedisLink:
     ) -> None:
         self._ended = ended
         async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(ended.run(self.redis, stop))
+            tasks.create_task(ended.run(self.redis, [self.worker_id], stop))
             tasks.create_task(telemetry.run(self.redis, interval_s, stop))
             tasks.create_task(redis_client.follow_failovers(self.redis, self._primary_switched, stop))
 
@@ -195,7 +195,7 @@ class RedisLink:
 
 
 class _RedisHeartbeat:
-    """Beats on a blocking client of its own: the `jobs:ended` listener already tells of ended jobs."""
+    """Beats on a blocking client of its own: the `jobs:ended:{id}` listener already tells of ended jobs."""
 
     def __init__(self, redis_url: str, worker_id: str, ttl_s: float) -> None:
         # Bounded as the coordinator's: a beat to a primary cut off fails soon and the next one asks the

@@ -6,7 +6,7 @@ through the coordinator's `POST /register`, beats with a real beat's three comma
 loops, each blocked on its own connection as a real one is. What they share is only what costs
 a real pool nothing per worker: the process, one fake backend (instant unless `--token-ms`), one
 heartbeat thread beating for all of them in turn (the beats due together in one round trip), and
-one listener of `jobs:ended`. One process on one core cannot wake 10,000 consumers a second:
+one listener of every worker's `jobs:ended:{id}` channel. One process on one core cannot wake 10,000 consumers a second:
 `--take-block-s` lets idle consumers block longer than a real worker's `POP_TIMEOUT_S` (bench/scale.py
 says what that leaves out).
 
@@ -104,7 +104,7 @@ class Simulation:
             beats.start()
             try:
                 async with asyncio.TaskGroup() as tasks:
-                    tasks.create_task(self.ended.run(redis, stop))
+                    tasks.create_task(self.ended.run(redis, [w.worker_id for w in self.workers], stop))
                     for worker, _ in itertools.product(self.workers, range(self.slots)):
                         tasks.create_task(self._consume(worker, stop))
                     tasks.create_task(_freeze_heap(stop))
