@@ -17,6 +17,9 @@ measured on its own at the end, with 1,000 workers. It then measures, in order:
 - peak: closed-loop requests from 32 clients for a few seconds: admissions per second, and Redis
   CPU per request there (idle cost off), where the pool's periodic work weighs least.
 - Redis memory per worker: used memory with the workers registered and idle, less the empty server's.
+- the coordinator's CPU per request under load (its idle CPU taken off), and the share of a core
+  the coordinator and the simulation each take under load: every process here shares two cores,
+  so the simulation's share is what the harness takes from the pool it measures.
 
 Every figure at 1,000 and 10,000 workers is also given as a ratio to the one at 100, measured in
 the same run. Each size runs on one Redis and on a Redis Cluster of three primaries (tests/cluster.py,
@@ -44,7 +47,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-from pool import Pool, Processes, redis_cpu_s, save_plot, start_pool, summary, write_result
+from pool import Pool, Processes, process_cpu_s, redis_cpu_s, save_plot, start_pool, summary, write_result
 from redis import Redis as SyncRedis
 
 from gputorrent import keys, redis_client
@@ -166,8 +169,8 @@ async def closed_loop(base: str, headers: dict[str, str], clients: int, seconds:
 
 def start_simulation(
     procs: Processes, pool_url: str, redis_url: str, join_key: str, count: int, take_block_s: float
-) -> None:
-    """Simulated workers in one process; returns once every one is registered and consuming."""
+) -> int:
+    """Simulated workers in one process; returns its pid once every one is registered and consuming."""
     command = [sys.executable, "-m", "gputorrent.worker.simulated", "--count", str(count), "--coordinator", pool_url,
                "--redis-url", redis_url, "--join-token", join_key, "--take-block-s", str(take_block_s)]  # fmt: skip
     child = procs.start(command, stdout=subprocess.PIPE, preexec_fn=more_open_files)
@@ -175,6 +178,7 @@ def start_simulation(
     line = child.stdout.readline().decode()  # blocks until `ready N`, or EOF if it died
     if not line.startswith("ready"):
         raise RuntimeError(f"the simulated workers did not start (exit code {child.poll()}): {line!r}")
+    return child.pid
 
 
 def settled(redis_url: str, counters: RedisCounters, count: int) -> bool:
@@ -215,9 +219,10 @@ def redis_servers(shards: int) -> Iterator[tuple[str, list[str]]]:
 @contextlib.contextmanager
 def simulated_pool(
     count: int, take_block_s: float, shards: int = 1
-) -> Iterator[tuple[Pool, RedisCounters, float, int]]:
+) -> Iterator[tuple[Pool, RedisCounters, float, int, int]]:
     """A private Redis (or cluster), a coordinator and `count` simulated workers, settled: (the pool,
-    the servers' counters, seconds the registrations took, the servers' used memory before any)."""
+    the servers' counters, seconds the registrations took, the servers' used memory before any, the
+    simulation's pid)."""
     with redis_servers(shards) as (redis_url, server_urls), Processes() as procs:
         counters = RedisCounters(server_urls)
         for url in server_urls:
@@ -226,7 +231,7 @@ def simulated_pool(
         empty_memory = counters.used_memory()
         pool = start_pool(procs, redis_url)
         registering = time.monotonic()
-        start_simulation(procs, pool.url, redis_url, pool.join_key, count, take_block_s)
+        simulation_pid = start_simulation(procs, pool.url, redis_url, pool.join_key, count, take_block_s)
         registered_s = time.monotonic() - registering
         deadline = time.monotonic() + READY_TIMEOUT_S
         while not settled(redis_url, counters, count):
@@ -235,14 +240,14 @@ def simulated_pool(
             time.sleep(0.5)
         print(f"{count} workers on {shards} shard(s): registered in {registered_s:.1f} s", file=sys.stderr)
         try:
-            yield pool, counters, registered_s, empty_memory
+            yield pool, counters, registered_s, empty_memory, simulation_pid
         finally:
             counters.close()
 
 
 def idle_cost(count: int, take_block_s: float) -> tuple[float, float]:
     """Redis commands and CPU seconds per second, per worker, of `count` idle workers."""
-    with simulated_pool(count, take_block_s) as (_, counters, _, _):
+    with simulated_pool(count, take_block_s) as (_, counters, _, _, _):
         before = counters.read()
         time.sleep(IDLE_SECONDS)
         commands, cpu = rates(before, counters.read())
@@ -250,19 +255,26 @@ def idle_cost(count: int, take_block_s: float) -> tuple[float, float]:
 
 
 def measure_size(count: int, shards: int) -> dict[str, Any]:
-    with simulated_pool(count, SIMULATED_TAKE_BLOCK_S, shards) as (pool, counters, registered_s, empty_memory):
+    with simulated_pool(count, SIMULATED_TAKE_BLOCK_S, shards) as (pool, counters, registered_s, empty_memory, sim):
         asyncio.run(closed_loop(pool.url, pool.headers, 4, 2.0))  # warm the coordinator's paths
         memory_per_worker = (counters.used_memory() - empty_memory) / count
 
-        before = counters.read()
-        time.sleep(IDLE_SECONDS)
-        idle_commands, idle_cpu = rates(before, counters.read())
+        def processes_cpu_s() -> tuple[float, float]:
+            return process_cpu_s(pool.coordinator.pid), process_cpu_s(sim)
 
-        before = counters.read()
+        before, cpu_before = counters.read(), processes_cpu_s()
+        time.sleep(IDLE_SECONDS)
+        after, cpu_after = counters.read(), processes_cpu_s()
+        idle_commands, idle_cpu = rates(before, after)
+        idle_span_s = after[2] - before[2]
+        coordinator_idle, simulation_idle = ((b - a) / idle_span_s for a, b in zip(cpu_before, cpu_after, strict=True))
+
+        before, cpu_before = counters.read(), processes_cpu_s()
         latencies, errors = asyncio.run(open_loop(pool.url, pool.headers, RATE_PER_S, LOAD_SECONDS))
-        after = counters.read()
+        after, cpu_after = counters.read(), processes_cpu_s()
         load_commands, load_cpu = rates(before, after)
         span_s = after[2] - before[2]
+        coordinator_load, simulation_load = ((b - a) / span_s for a, b in zip(cpu_before, cpu_after, strict=True))
         requests = len(latencies)
         by_server = [late - early for early, late in zip(before[3], after[3], strict=True)]
 
@@ -287,6 +299,10 @@ def measure_size(count: int, shards: int) -> dict[str, Any]:
         "peak_per_s": completed / peak_span_s,
         "redis_cpu_ms_per_request_at_peak": (peak_cpu - idle_cpu) * peak_span_s / max(completed, 1) * 1000,
         "redis_memory_per_worker_bytes": memory_per_worker,
+        # The harness's share of the two cores, beside the pool's: CPU seconds a second, idle and under load.
+        "coordinator_cpu_per_s": {"idle": coordinator_idle, "load": coordinator_load},
+        "simulation_cpu_per_s": {"idle": simulation_idle, "load": simulation_load},
+        "coordinator_cpu_ms_per_request": (coordinator_load - coordinator_idle) * span_s / max(requests, 1) * 1000,
     }
     print(f"{count} workers, {shards} shard(s): {result}", file=sys.stderr)
     return result
@@ -296,12 +312,18 @@ def table(result: dict[str, Any]) -> str:
     def ratio(value: float, reference: float) -> str:
         return f"{value / reference:.2f}" if reference else "n/a"
 
+    def processes(r: dict[str, Any]) -> str:
+        if "coordinator_cpu_per_s" not in r:  # a result from before these were measured
+            return "— | —"
+        return (f"{r['coordinator_cpu_ms_per_request']:.2f} | {r['coordinator_cpu_per_s']['load']:.0%}, "
+                f"{r['simulation_cpu_per_s']['load']:.0%}")  # fmt: skip
+
     rows = [
         "| shards | workers | added p50 ms | added p99 ms | p50 vs the smallest | Redis commands a request "
         "| Redis CPU ms a request | vs the smallest | peak requests/s | Redis CPU ms a request at peak "
         "| vs the smallest | idle: Redis commands/s | idle: Redis CPU | Redis bytes a worker "
-        "| shards' shares of commands |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| shards' shares of commands | coordinator CPU ms a request | under load: coordinator, simulation CPU |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---|",
     ]
     for r in result["sizes"]:
         shards = r.get("shards", 1)
@@ -317,7 +339,8 @@ def table(result: dict[str, Any]) -> str:
             f"| {ratio(r['redis_cpu_ms_per_request_at_peak'], base['redis_cpu_ms_per_request_at_peak'])} "
             f"| {r['idle_commands_per_s']:,.0f} | {r['idle_redis_cpu_per_s'] * 100:.1f}% "
             f"| {r['redis_memory_per_worker_bytes']:,.0f} "
-            f"| {' / '.join(f'{share:.0%}' for share in sorted(shares, reverse=True)) if shards > 1 else '—'} |"
+            f"| {' / '.join(f'{share:.0%}' for share in sorted(shares, reverse=True)) if shards > 1 else '—'} "
+            f"| {processes(r)} |"
         )
     idle = result["idle_real_block"]
     rows.append(

@@ -242,7 +242,8 @@ class Swarm:
             if now - last_byte_at > stall_timeout_s:
                 raise NoSeeder(
                     f"{model.name}: nothing arrived for {stall_timeout_s:g} s ({status.num_peers} peers connected, "
-                    f"{status.total_wanted_done} of {model.size} bytes); it resumes on the next fetch"
+                    f"{len(self.banned)} banned for corrupt blocks, {status.total_wanted_done} of {model.size} bytes); "
+                    "it resumes on the next fetch"
                 )
             if progress is not None and now - last_line_at >= PROGRESS_INTERVAL_S:
                 last_line_at = now
