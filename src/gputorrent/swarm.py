@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -33,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import libtorrent as lt
+
+log = logging.getLogger(__name__)
 
 PIECE_SIZE = 4 * 1024 * 1024
 MAX_PIECES = 8192
@@ -44,6 +47,11 @@ ALERTS = (
 PROGRESS_INTERVAL_S = 1.0
 FLUSH_TIMEOUT_S = 60.0
 STALL_TIMEOUT_S = 60.0  # no byte and no peer for this long: the fetch stops (`NoSeeder`)
+# No byte for this long while peers are connected: every connection is dropped and the peers dialled
+# again. Seen here: a holder that stays connected, with the fetcher's requests queued at it, and sends
+# nothing after the fetcher banned a corrupt peer (about one fetch in 30 of that test); a new
+# connection starts it again.
+RECONNECT_AFTER_S = 15.0
 _CHECKING = (lt.torrent_status.states.checking_files, lt.torrent_status.states.checking_resume_data)
 _ALL_IPV4, _ALL_IPV6 = ("0.0.0.0", "255.255.255.255"), ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
 
@@ -123,6 +131,21 @@ def describe(path: Path, piece_bytes: int | None = None) -> ModelFile:
     return ModelFile(name=path.name, size=size, sha256=file_sha256(path), torrent=torrent)
 
 
+def _peer_states(handle: lt.torrent_handle) -> str:
+    """Each connected peer and why it may be sending nothing, for the message of a stalled fetch."""
+    states = []
+    for peer in handle.get_peer_info():
+        why = [name for flag, name in _PEER_FLAGS if peer.flags & flag]
+        states.append(f"{_endpoint(peer.ip)} {' '.join(why) or 'unchoked'}, {peer.download_queue_length} requested")
+    return "; ".join(states) or "no peer"
+
+
+_PEER_FLAGS = (
+    (lt.peer_info.remote_choked, "chokes us"), (lt.peer_info.snubbed, "snubbed"),
+    (lt.peer_info.on_parole, "on parole"), (lt.peer_info.connecting, "connecting"),
+)  # fmt: skip
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -161,6 +184,7 @@ class Swarm:
         every_address.add_rule(*_ALL_IPV6, 1 << lt.session.global_peer_class_id)
         self._session.set_peer_class_filter(every_address)
         self._handles: dict[str, lt.torrent_handle] = {}
+        self._peers: dict[str, set[tuple[str, int]]] = {}  # the peers named for each file, by its info hash
         self.banned: set[str] = set()  # peers banned for corrupt blocks, "ip:port"
 
     @property
@@ -212,8 +236,7 @@ class Swarm:
                 f"{model.name} needs {model.size / 2**30:.2f} GiB in {directory}, which has {free / 2**30:.2f} GiB free"
             )
         handle = self._add(model, directory)
-        for peer in peers:
-            handle.connect_peer(peer)
+        self.connect(model, peers)
         try:
             return self._fetch(model, handle, path, progress, stall_timeout_s)
         except NoSeeder:
@@ -226,7 +249,7 @@ class Swarm:
         self, model: ModelFile, handle: lt.torrent_handle, path: Path, progress: Callable[[Progress], None] | None,
         stall_timeout_s: float,
     ) -> Path:  # fmt: skip
-        last_byte_at = last_line_at = time.monotonic()
+        last_byte_at = last_line_at = reconnected_at = time.monotonic()
         done = -1
         most_peers = 0
         while True:
@@ -239,11 +262,14 @@ class Swarm:
                 done, last_byte_at = status.total_wanted_done, now
             if status.is_seeding and status.total_wanted_done == model.size:
                 break
+            if status.num_peers and min(now - last_byte_at, now - reconnected_at) > RECONNECT_AFTER_S:
+                reconnected_at = now
+                self._reconnect(model, handle)
             if now - last_byte_at > stall_timeout_s:
                 raise NoSeeder(
                     f"{model.name}: nothing arrived for {stall_timeout_s:g} s ({status.num_peers} peers connected, "
-                    f"{len(self.banned)} banned for corrupt blocks, {status.total_wanted_done} of {model.size} bytes); "
-                    "it resumes on the next fetch"
+                    f"{len(self.banned)} banned for corrupt blocks, {status.total_wanted_done} of {model.size} bytes; "
+                    f"{_peer_states(handle)}); it resumes on the next fetch"
                 )
             if progress is not None and now - last_line_at >= PROGRESS_INTERVAL_S:
                 last_line_at = now
@@ -262,9 +288,21 @@ class Swarm:
         handle = self._handles.get(model.info_hash)
         if handle is not None:
             for peer in peers:
+                self._peers.setdefault(model.info_hash, set()).add(peer)
+                handle.connect_peer(peer)
+
+    def _reconnect(self, model: ModelFile, handle: lt.torrent_handle) -> None:
+        """Drop every connection of `handle` and dial its named peers again, except those banned."""
+        log.warning("%s: nothing arrived for %g s from the peers connected (%s); connecting again",
+                    model.name, RECONNECT_AFTER_S, _peer_states(handle))  # fmt: skip
+        handle.pause()
+        handle.resume()
+        for peer in self._peers.get(model.info_hash, ()):
+            if _endpoint(peer) not in self.banned:
                 handle.connect_peer(peer)
 
     def close(self) -> None:
+        self._peers.clear()
         for info_hash in list(self._handles):
             self._session.remove_torrent(self._handles.pop(info_hash))
 
@@ -290,6 +328,7 @@ class Swarm:
         raise SwarmError(f"libtorrent did not write the file within {FLUSH_TIMEOUT_S:g} s")
 
     def _remove(self, model: ModelFile) -> None:
+        self._peers.pop(model.info_hash, None)
         handle = self._handles.pop(model.info_hash, None)
         if handle is not None:
             self._session.remove_torrent(handle)

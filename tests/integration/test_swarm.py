@@ -4,8 +4,11 @@ their own (127.0.0.N), a file of random bytes as the model."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
+import socket
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,7 +17,17 @@ import pytest
 
 lt = pytest.importorskip("libtorrent", reason="libtorrent (the `swarm` extra) has no wheel for this machine")
 
-from gputorrent.swarm import Corrupt, ModelFile, NoSeeder, NotEnoughSpace, Progress, Swarm, describe, file_sha256  # noqa: E402
+from gputorrent.swarm import (  # noqa: E402
+    RECONNECT_AFTER_S,
+    Corrupt,
+    ModelFile,
+    NoSeeder,
+    NotEnoughSpace,
+    Progress,
+    Swarm,
+    describe,
+    file_sha256,
+)  # fmt: skip
 
 SIZE = 9 * 1024 * 1024 + 12345  # not a whole number of pieces
 PIECE = 1024 * 1024
@@ -172,3 +185,34 @@ def test_too_little_disk_space_is_a_clear_error_before_the_fetch(
         assert list(small.iterdir()) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_a_fetch_whose_connected_peers_send_nothing_connects_again_and_goes_on(
+    model: tuple[ModelFile, Path], swarms: list[Swarm], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A holder that stays connected and sends nothing (here: an upload limit of 1 byte a second) makes
+    the fetch drop its connections after `RECONNECT_AFTER_S` and dial every peer named again; the
+    fetch goes on, here from a second holder named from the start but up only after that."""
+    described, path = model
+    silent = _swarm(swarms, "127.0.0.16", upload_limit_bps=1)
+    silent.seed(described, path)
+    with socket.socket() as probe:  # a free port for the holder that comes later
+        probe.bind(("127.0.0.18", 0))
+        later_port = probe.getsockname()[1]
+    fetcher = _swarm(swarms, "127.0.0.17")
+    peers = [("127.0.0.16", silent.port), ("127.0.0.18", later_port)]
+    fetched: list[Path] = []
+    fetching = threading.Thread(target=lambda: fetched.append(
+        fetcher.fetch(described, tmp_path / "fetcher", peers, stall_timeout_s=90)
+    ))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="gputorrent.swarm"):
+        fetching.start()
+        deadline = time.monotonic() + RECONNECT_AFTER_S + 30
+        while not any("connecting again" in r.getMessage() for r in caplog.records):
+            assert time.monotonic() < deadline and fetching.is_alive(), "the stalled fetch never connected again"
+            fetching.join(0.2)
+        said = next(r.getMessage() for r in caplog.records if "connecting again" in r.getMessage())
+        _swarm(swarms, "127.0.0.18", port=later_port).seed(described, path)
+        fetching.join(60)
+    assert "127.0.0.16:" in said, said
+    assert fetched and file_sha256(fetched[0]) == described.sha256
