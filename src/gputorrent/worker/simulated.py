@@ -160,8 +160,9 @@ class Simulation:
         # Real workers start at different times, so their idle takes time out spread over the block.
         # Started together, these would all time out at once, every `take_block_s`: a burst of
         # thousands of looks that a measurement's window catches or misses. The first block is a
-        # random share of it, so each consumer keeps a phase of its own.
-        block_s = random.uniform(0.0, self.take_block_s)
+        # random share of it, so each consumer keeps a phase of its own. Never near 0: a BLPOP of 0 s
+        # blocks for ever.
+        block_s = random.uniform(min(0.05, self.take_block_s), self.take_block_s)
         while not stop.is_set():
             try:
                 lease = await worker.link.take(block_s, [self.model], wait_first=wait_first)
