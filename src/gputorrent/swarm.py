@@ -47,11 +47,12 @@ ALERTS = (
 PROGRESS_INTERVAL_S = 1.0
 FLUSH_TIMEOUT_S = 60.0
 STALL_TIMEOUT_S = 60.0  # no byte and no peer for this long: the fetch stops (`NoSeeder`)
-# No byte for this long while peers are connected: every connection is dropped and the peers dialled
-# again. Seen here: a holder that stays connected, with the fetcher's requests queued at it, and sends
-# nothing after the fetcher banned a corrupt peer (about one fetch in 30 of that test); a new
-# connection starts it again.
+# Under a block for this long while a peer with pieces we lack is connected: every connection is
+# dropped and the named peers dialled again. Seen here: a holder that stays connected, with the
+# fetcher's requests queued at it, and sends nothing after the fetcher banned a corrupt peer (about
+# one fetch in 30 of that test, which then failed at the stall timeout); a new connection starts it again.
 RECONNECT_AFTER_S = 15.0
+BLOCK_BYTES = 16 * 1024  # what a peer sends for one request
 _CHECKING = (lt.torrent_status.states.checking_files, lt.torrent_status.states.checking_resume_data)
 _ALL_IPV4, _ALL_IPV6 = ("0.0.0.0", "255.255.255.255"), ("::", "ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff")
 
@@ -184,7 +185,7 @@ class Swarm:
         every_address.add_rule(*_ALL_IPV6, 1 << lt.session.global_peer_class_id)
         self._session.set_peer_class_filter(every_address)
         self._handles: dict[str, lt.torrent_handle] = {}
-        self._peers: dict[str, set[tuple[str, int]]] = {}  # the peers named for each file, by its info hash
+        self._peers: dict[str, set[tuple[str, int]]] = {}  # the peers named for each file being fetched
         self.banned: set[str] = set()  # peers banned for corrupt blocks, "ip:port"
 
     @property
@@ -236,21 +237,24 @@ class Swarm:
                 f"{model.name} needs {model.size / 2**30:.2f} GiB in {directory}, which has {free / 2**30:.2f} GiB free"
             )
         handle = self._add(model, directory)
+        self._peers.setdefault(model.info_hash, set())  # named peers are kept while a fetch is under way
         self.connect(model, peers)
         try:
-            return self._fetch(model, handle, path, progress, stall_timeout_s)
+            fetched = self._fetch(model, handle, path, progress, stall_timeout_s)
         except NoSeeder:
             raise  # the handle stays: a holder that comes back connects to it, and the fetch goes on
         except BaseException:
             self._remove(model)  # stopped or failed: nothing more is downloaded
             raise
+        self._peers.pop(model.info_hash, None)
+        return fetched
 
     def _fetch(
         self, model: ModelFile, handle: lt.torrent_handle, path: Path, progress: Callable[[Progress], None] | None,
         stall_timeout_s: float,
     ) -> Path:  # fmt: skip
-        last_byte_at = last_line_at = reconnected_at = time.monotonic()
-        done = -1
+        last_byte_at = last_line_at = last_payload_at = time.monotonic()
+        done, payload = -1, -BLOCK_BYTES
         most_peers = 0
         while True:
             for failure in self._drain(handle):
@@ -262,9 +266,12 @@ class Swarm:
                 done, last_byte_at = status.total_wanted_done, now
             if status.is_seeding and status.total_wanted_done == model.size:
                 break
-            if status.num_peers and min(now - last_byte_at, now - reconnected_at) > RECONNECT_AFTER_S:
-                reconnected_at = now
-                self._reconnect(model, handle)
+            # Payload, not pieces had: a piece that failed its hash is fetched again, which is progress; less
+            # than a block (16 KiB) is not.
+            if status.total_payload_download >= payload + BLOCK_BYTES:
+                payload, last_payload_at = status.total_payload_download, now
+            elif now - last_payload_at > RECONNECT_AFTER_S and self._reconnect_if_asked_in_vain(model, handle):
+                last_payload_at = now
             if now - last_byte_at > stall_timeout_s:
                 raise NoSeeder(
                     f"{model.name}: nothing arrived for {stall_timeout_s:g} s ({status.num_peers} peers connected, "
@@ -287,19 +294,26 @@ class Swarm:
         """Connect to these peers (address, port) for `model`, which this session seeds or fetches."""
         handle = self._handles.get(model.info_hash)
         if handle is not None:
+            named = self._peers.get(model.info_hash)
             for peer in peers:
-                self._peers.setdefault(model.info_hash, set()).add(peer)
+                if named is not None:
+                    named.add(peer)
                 handle.connect_peer(peer)
 
-    def _reconnect(self, model: ModelFile, handle: lt.torrent_handle) -> None:
-        """Drop every connection of `handle` and dial its named peers again, except those banned."""
-        log.warning("%s: nothing arrived for %g s from the peers connected (%s); connecting again",
+    def _reconnect_if_asked_in_vain(self, model: ModelFile, handle: lt.torrent_handle) -> bool:
+        """When a connected peer has pieces this fetch lacks and nothing came for `RECONNECT_AFTER_S`
+        (it chokes us, or holds our requests and sends nothing): drop every connection of `handle`
+        (fetchers of this node's pieces too: they dial again) and dial the named peers again
+        (libtorrent refuses those it banned). Whether it did."""
+        if not any(peer.flags & lt.peer_info.interesting for peer in handle.get_peer_info()):
+            return False  # no holder is connected: the stall timeout handles that
+        log.warning("%s: under 16 KiB arrived in %g s from the peers connected (%s); connecting again",
                     model.name, RECONNECT_AFTER_S, _peer_states(handle))  # fmt: skip
         handle.pause()
         handle.resume()
-        for peer in self._peers.get(model.info_hash, ()):
-            if _endpoint(peer) not in self.banned:
-                handle.connect_peer(peer)
+        for peer in list(self._peers.get(model.info_hash, ())):  # a copy: `connect` adds from the event loop
+            handle.connect_peer(peer)
+        return True
 
     def close(self) -> None:
         self._peers.clear()

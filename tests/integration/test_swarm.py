@@ -190,11 +190,12 @@ def test_too_little_disk_space_is_a_clear_error_before_the_fetch(
 def test_a_fetch_whose_connected_peers_send_nothing_connects_again_and_goes_on(
     model: tuple[ModelFile, Path], swarms: list[Swarm], tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A holder that stays connected and sends nothing (here: an upload limit of 1 byte a second) makes
-    the fetch drop its connections after `RECONNECT_AFTER_S` and dial every peer named again; the
-    fetch goes on, here from a second holder named from the start but up only after that."""
+    """A holder that stays connected and sends next to nothing (an upload limit of 200 bytes a second:
+    less than a block in `RECONNECT_AFTER_S`) makes the fetch drop its connections and dial every
+    peer named again; the fetch goes on, here from a second holder named from the start but up only
+    after that."""
     described, path = model
-    silent = _swarm(swarms, "127.0.0.16", upload_limit_bps=1)
+    silent = _swarm(swarms, "127.0.0.16", upload_limit_bps=200)
     silent.seed(described, path)
     with socket.socket() as probe:  # a free port for the holder that comes later
         probe.bind(("127.0.0.18", 0))
