@@ -13,6 +13,7 @@ from redis.asyncio import Redis
 from gputorrent import keys, pool_stats, queue
 from gputorrent.protocol import ErrorInfo, Job, JobResult
 from gputorrent.worker.backends.fake import FakeBackend
+from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.executor import execute
 from gputorrent.worker.main import Worker
 from tests.conftest import eventually
@@ -81,6 +82,33 @@ async def test_ending_a_running_job_tells_its_worker_alone(redis: Redis) -> None
             if (message := await pubsub.get_message(timeout=1)) is not None:
                 heard.append((message["channel"], message["data"]))
     assert heard == [(keys.ended_channel("w1"), "r-ended-1"), (keys.ended_channel("w2"), "marker")]
+
+
+async def test_an_end_heard_between_the_take_and_the_run_still_stops_the_job(redis: Redis) -> None:
+    """A job ended just after a worker took it is announced before the worker watches it: the
+    announcement is kept, and the job's event is set the moment its run starts watching."""
+    for request_id in ("r-between", "r-running"):
+        job = Job(request_id=request_id, worker_id="w1", model="m", prompt="p", enqueued_at=time.time())
+        await queue.enqueue(redis, job, ttl_s=60)
+        assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+    ended, stop = EndedJobs(), asyncio.Event()
+    running = ended.watch("r-running")
+    listening = asyncio.create_task(ended.run(redis, ["w1"], stop))
+    try:
+
+        async def subscribed() -> bool:
+            return dict(await redis.pubsub_numsub(keys.ended_channel("w1")))[keys.ended_channel("w1")] == 1
+
+        await eventually(subscribed, "the worker's subscription")
+        cancelled = ErrorInfo(code="cancelled", message="the client left")
+        assert await queue.end(redis, "r-between", cancelled, ttl_s=60) is not None
+        assert await queue.end(redis, "r-running", cancelled, ttl_s=60) is not None
+        await asyncio.wait_for(running.wait(), 5)  # announced after r-between's, on the same channel
+        assert ended.watch("r-between").is_set()
+        assert not ended.watch("r-never-ended").is_set()
+    finally:
+        stop.set()
+        await listening
 
 
 async def test_delete_leaves_a_finished_job_as_it_was_and_an_unknown_id_is_404(

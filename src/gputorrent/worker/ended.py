@@ -4,14 +4,17 @@
 (`jobs:ended:{worker_id}`); a worker linked to Redis listens there (`run`) and sets the job's
 event, and the executor checks it at every token. After each (re)subscription the
 `cancel:{request_id}` keys of the watched jobs are read, so an announcement missed while the
-connection was down is not lost. A worker linked through the coordinator learns the same from
-each heartbeat's answer (`end`).
+connection was down is not lost. An announcement heard for a job not watched yet (ended in the
+moment between the worker's take and the start of its run) is kept, so the job stops as soon as
+its run starts watching. A worker linked through the coordinator learns the same from each
+heartbeat's answer (`end`).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import OrderedDict
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
@@ -22,6 +25,9 @@ from gputorrent.retry import Backoff
 log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how long one read of the channel waits; also how fast a stop is noticed
+# Announcements kept for jobs not watched yet: a job ended between its take and its run is watched
+# milliseconds after its announcement, so a few hundred cover every slot; the oldest go first.
+UNWATCHED_KEPT = 256
 
 
 class EndedJobs:
@@ -29,10 +35,15 @@ class EndedJobs:
 
     def __init__(self) -> None:
         self._watched: dict[str, asyncio.Event] = {}
+        self._ended_unwatched: OrderedDict[str, None] = OrderedDict()
         self._resubscribe = False
 
     def watch(self, request_id: str) -> asyncio.Event:
+        """The event of a job starting its run: set already if its end was heard before."""
         event = self._watched[request_id] = asyncio.Event()
+        if request_id in self._ended_unwatched:
+            del self._ended_unwatched[request_id]
+            event.set()
         return event
 
     def unwatch(self, request_id: str) -> None:
@@ -65,12 +76,22 @@ class EndedJobs:
                     backoff.reset()
                     while not stop.is_set() and not self._resubscribe:
                         message = await pubsub.get_message(timeout=POLL_S)
-                        if message is not None and (event := self._watched.get(str(message["data"]))):
-                            event.set()
+                        if message is not None:
+                            self._heard(str(message["data"]))
             except (RedisError, OSError) as e:
                 log.warning("cannot hear ended jobs (%s); retrying in %.1f s", e, backoff.delay_s)
                 await backoff.wait()
             self._resubscribe = False
+
+    def _heard(self, request_id: str) -> None:
+        if event := self._watched.get(request_id):
+            event.set()
+            return
+        # Not running here yet: taken a moment ago and about to be watched (or never taken: ended
+        # while queued, and then never run here, so keeping it harms nothing).
+        self._ended_unwatched[request_id] = None
+        if len(self._ended_unwatched) > UNWATCHED_KEPT:
+            self._ended_unwatched.popitem(last=False)
 
     def resubscribe(self) -> None:
         """Subscribe anew within `POLL_S` (the primary was failed over: the subscription's connection
