@@ -4,9 +4,10 @@ For each size the run starts a private Redis-compatible server, a coordinator wi
 on, and that many simulated workers (`gputorrent.worker.simulated`: each registers, beats, and
 takes and finishes jobs with a real worker's code, on the fake backend, which answers at once), and
 waits until all are registered, beating and blocked waiting for work. Simulated workers block
-`SIMULATED_TAKE_BLOCK_S` at a time where a real one blocks `POP_TIMEOUT_S` (one process cannot
-wake 10,000 consumers a second); what a real worker's shorter block costs an idle pool is
-measured on its own at the end, with 1,000 workers. It then measures, in order:
+`SIMULATED_TAKE_BLOCK_S` at a time where a real one blocks `POP_TIMEOUT_S`, or `IDLE_POP_TIMEOUT_S`
+once it has been idle for `IDLE_AFTER_S` (one process cannot wake 10,000 consumers that often); what
+a real worker's shorter blocks cost an idle pool is measured on its own at the end, with 1,000
+workers blocking each way. It then measures, in order:
 
 - idle: 10 s with no request. Redis commands and CPU per second: what the workers' beats and
   blocked takes cost whether or not anyone asks anything (heartbeat traffic).
@@ -52,7 +53,7 @@ from redis import Redis as SyncRedis
 
 from gputorrent import keys, redis_client
 from gputorrent.embedded import EmbeddedRedis
-from gputorrent.worker.main import POP_TIMEOUT_S
+from gputorrent.worker.main import IDLE_AFTER_S, IDLE_POP_TIMEOUT_S, POP_TIMEOUT_S
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the project's root: the tests' cluster
 from tests.cluster import PRIMARIES, ClusterDeployment
@@ -79,9 +80,9 @@ def more_open_files() -> None:
 
 
 READY_TIMEOUT_S = 600
-# One process on one core cannot wake 10,000 idle consumers a second (a real worker's `POP_TIMEOUT_S`):
-# the simulated ones block this long, at every size. What a real worker's idle look costs is measured
-# on its own (`idle_cost`) at `REAL_BLOCK_IDLE_WORKERS`.
+# One process on one core cannot wake 10,000 idle consumers as often as real ones wake (every
+# `POP_TIMEOUT_S`, or `IDLE_POP_TIMEOUT_S` once idle): the simulated ones block this long, at every size.
+# What a real worker's idle look costs is measured on its own (`idle_cost`) at `REAL_BLOCK_IDLE_WORKERS`.
 SIMULATED_TAKE_BLOCK_S = 20.0
 REAL_BLOCK_IDLE_WORKERS = 1000
 BODY = {"model": "fake", "prompt": "go", "max_tokens": 4}
@@ -342,11 +343,14 @@ def table(result: dict[str, Any]) -> str:
             f"| {' / '.join(f'{share:.0%}' for share in sorted(shares, reverse=True)) if shards > 1 else '—'} "
             f"| {processes(r)} |"
         )
-    idle = result["idle_real_block"]
+    short, long = result["idle_real_blocks"]
     rows.append(
-        f"\nIdle workers blocking {idle['take_block_s']:g} s at a time, as real ones do "
-        f"({idle['workers']:,} of them, one Redis): {idle['commands_per_s_per_worker']:.1f} Redis commands and "
-        f"{idle['redis_cpu_per_s_per_worker'] * 1e6:.0f} µs of Redis CPU a second, per worker."
+        f"\nIdle workers as real ones ({short['workers']:,} of them, one Redis), per worker: blocking "
+        f"{short['take_block_s']:g} s at a time (a job in the last {result['idle_after_s']:g} s), "
+        f"{short['commands_per_s_per_worker']:.1f} Redis commands and "
+        f"{short['redis_cpu_per_s_per_worker'] * 1e6:.0f} µs of Redis CPU a second; "
+        f"blocking {long['take_block_s']:g} s (idle longer), "
+        f"{long['commands_per_s_per_worker']:.1f} and {long['redis_cpu_per_s_per_worker'] * 1e6:.0f} µs."
     )
     return "\n".join(rows)
 
@@ -381,14 +385,18 @@ def main() -> None:
     parser.add_argument("--shards", type=int, nargs="+", default=list(SHARDS), choices=SHARDS)
     args = parser.parse_args()
     sizes = [measure_size(count, shards) for shards in args.shards for count in args.sizes]
-    commands, cpu = idle_cost(REAL_BLOCK_IDLE_WORKERS, POP_TIMEOUT_S)
+    idle_real_blocks = []
+    for block_s in (POP_TIMEOUT_S, IDLE_POP_TIMEOUT_S):
+        commands, cpu = idle_cost(REAL_BLOCK_IDLE_WORKERS, block_s)
+        idle_real_blocks.append({"workers": REAL_BLOCK_IDLE_WORKERS, "take_block_s": block_s,
+                                 "commands_per_s_per_worker": commands, "redis_cpu_per_s_per_worker": cpu})  # fmt: skip
     result = {
         "rate_per_s": RATE_PER_S,
         "simulated_take_block_s": SIMULATED_TAKE_BLOCK_S,
         "sizes": sizes,
-        "idle_real_block": {"workers": REAL_BLOCK_IDLE_WORKERS, "take_block_s": POP_TIMEOUT_S,
-                            "commands_per_s_per_worker": commands, "redis_cpu_per_s_per_worker": cpu},
-    }  # fmt: skip
+        "idle_after_s": IDLE_AFTER_S,
+        "idle_real_blocks": idle_real_blocks,
+    }
     write_result("scale", result)
     plot(result, IMAGES / "bench-scale.png")
     print(table(result))

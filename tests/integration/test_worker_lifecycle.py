@@ -216,3 +216,35 @@ async def test_a_backend_that_lists_models_but_cannot_generate_is_unhealthy(
         assert row["state_reason"] and "deadline" in row["state_reason"]
         refused = await api.post("/inference", json={"model": "fake", "prompt": "x"})
         assert refused.status_code == 503  # its only worker is unhealthy: no job goes to it
+
+
+async def test_an_idle_consumer_blocks_long_yet_takes_a_job_at_once_stops_at_once_and_hands_on_what_it_left(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    """A consumer idle for `idle_after_s` blocks `idle_pop_timeout_s` at a time (here 60 s, from the
+    start): a job still wakes it at once, and a stop ends the block rather than wait it out. A take
+    cut off by the stop may already have moved a job into the worker's processing list in Redis, for
+    no one to run: such an entry (made here by a take in w1's name, of a shared job of a model w1 does
+    not serve, so its own consumer never takes it) is handed on by the drain, not left behind."""
+    w1 = await fake_worker("w1")
+    w1.idle_after_s, w1.idle_pop_timeout_s = 0.0, 60.0
+    stop = asyncio.Event()
+    running = asyncio.create_task(w1.run(stop))
+    try:
+        request_id = await _submit(api)
+        result = (await api.get(f"/result/{request_id}", params={"wait": 10})).json()
+        assert result["status"] == "completed" and result["output"] == EXPECTED
+
+        async def blocked() -> bool:  # its consumer waits on its doorbells again
+            return int((await redis.info("clients"))["blocked_clients"]) >= 1
+
+        await eventually(blocked, "w1's consumer to block again")
+        orphan = Job(request_id="r-orphan", worker_id="", model="m2", prompt="p", enqueued_at=time.time(), shared=True)
+        await queue.enqueue(redis, orphan, ttl_s=60)
+        assert await queue.pop(redis, "w1", timeout_s=1, models=["m2"], result_ttl_s=60) is not None
+        assert await redis.lrange(keys.processing_key("w1"), 0, -1) == ["r-orphan"]
+    finally:
+        stop.set()
+    await asyncio.wait_for(running, timeout=10)  # not the 60 s block
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == []
+    assert await redis.lrange(keys.model_queue_key("m2"), 0, -1) == ["r-orphan"]

@@ -50,7 +50,12 @@ from gputorrent.worker.telemetry import WorkerTelemetry
 log = logging.getLogger(__name__)
 
 ABANDON_TIMEOUT_S = 5.0  # how long a drain waits for stopped jobs before cancelling their tasks
-POP_TIMEOUT_S = 1.0  # how long a BLMOVE blocks; also how fast a stop request is noticed
+POP_TIMEOUT_S = 1.0  # how long a take blocks on the doorbells while the consumer has work now and then
+# A consumer that has taken nothing for IDLE_AFTER_S blocks IDLE_POP_TIMEOUT_S at a time. Each
+# block's wake-up, far more than the look after it, is what an idle worker costs Redis, and most of
+# a large pool is idle (docs/scaling.md). A stop ends the long block at once.
+IDLE_AFTER_S = 10.0
+IDLE_POP_TIMEOUT_S = 5.0  # within the longest long poll a coordinator grants (coordinator_link.LONGEST_TAKE_S)
 REDIS_CONNECT_TIMEOUT_S = 2.0  # also how long a Sentinel that does not answer holds up finding the primary
 # A silent connection (a cut link, a primary cut off) fails after this instead of blocking: it bounds
 # how soon a worker turns to the new primary after a failover. Above POP_TIMEOUT_S, which a BLMOVE
@@ -92,6 +97,9 @@ class Worker:
         self._probe_soon = asyncio.Event()  # set: the health probe runs without waiting for its interval
         self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
         self._serving.set()
+        self._interrupt_takes = asyncio.Event()  # set once stopping: the consumers' long blocks end now
+        self._takes_interrupted = False  # one was: it may have moved a job into the processing list
+        self.idle_after_s, self.idle_pop_timeout_s = IDLE_AFTER_S, IDLE_POP_TIMEOUT_S
         # The request ids of the jobs the consumers hold now, counted: two consumers can hold one job (a
         # shared job handed back to its queue while this worker stalled, then taken again here).
         self._held: collections.Counter[str] = collections.Counter()
@@ -196,6 +204,7 @@ class Worker:
             "worker %s draining: %d jobs in flight get %g s to finish", self.worker_id, self.jobs_in_flight, grace_s
         )
         self._set_condition("draining", None)
+        self._interrupt_takes.set()
         await self._hand_on_queue()
         _, running = await asyncio.wait(consumers, timeout=grace_s)
         if running:
@@ -210,6 +219,8 @@ class Worker:
             # Only now, with nothing more written to their streams, can another worker read where they stopped.
             await self._hand_on(held=True)
         await self._hand_on_queue()  # routed here before the coordinators saw the drain
+        if self._takes_interrupted:  # a take that ran in Redis as it was interrupted left its job to no one
+            await self._hand_on(held=True)
 
     async def _hand_on_queue(self) -> int:
         """Give every band of this worker's own queue to other live workers (the shared queues need no
@@ -335,14 +346,20 @@ class Worker:
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
         backoff = Backoff()
         queued_after_take = True  # whether the last take left jobs queued: then look before waiting
+        worked_at = time.monotonic()  # when this consumer last had a job (or started)
         while not stop.is_set():
             if not self._serving.is_set():
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._serving.wait(), POP_TIMEOUT_S)
                 continue
             try:
-                timeout_s = 0.05 if burst else POP_TIMEOUT_S
-                lease = await self.link.take(timeout_s, self.models, wait_first=not queued_after_take)
+                if burst:
+                    timeout_s = 0.05
+                elif time.monotonic() - worked_at < self.idle_after_s:
+                    timeout_s = POP_TIMEOUT_S
+                else:
+                    timeout_s = self.idle_pop_timeout_s
+                lease = await self._take(timeout_s, wait_first=not queued_after_take)
             except WorkerGone as e:  # removed from the pool: no take will ever succeed again
                 log.error("worker %s: %s; stopping", self.worker_id, e)
                 stop.set()
@@ -367,6 +384,27 @@ class Worker:
                     del self._held[lease.job.request_id]
                 self.jobs_in_flight -= 1
                 logs.request_id.set(None)
+                worked_at = time.monotonic()
+
+    async def _take(self, timeout_s: float, *, wait_first: bool) -> queue.Lease | None:
+        """`link.take`. A block longer than `POP_TIMEOUT_S` (an idle consumer's) ends at once, with no
+        job, when the worker stops (`_interrupt_takes`), rather than be waited out. An interrupted take
+        may already have moved a job into the processing list in Redis, for no one: the drain hands it on."""
+        if timeout_s <= POP_TIMEOUT_S:
+            return await self.link.take(timeout_s, self.models, wait_first=wait_first)
+        taking = asyncio.ensure_future(self.link.take(timeout_s, self.models, wait_first=wait_first))
+        interrupted = asyncio.ensure_future(self._interrupt_takes.wait())
+        try:
+            await asyncio.wait([taking, interrupted], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            interrupted.cancel()
+            if not taking.done():
+                taking.cancel()
+                self._takes_interrupted = True
+            await asyncio.wait([taking])
+        if taking.cancelled():
+            return None
+        return taking.result()  # a job it took just as it was interrupted is run; a Redis error is raised
 
     async def _handle(self, lease: queue.Lease) -> None:
         job = lease.job
