@@ -263,12 +263,15 @@ async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
     command and whatever was sent after it, rather than run them for nobody."""
     idle = _idle.setdefault(redis, [])
     connection = idle.pop() if idle else PipelinedConnection(redis)
+    drops = _drops.get(redis, 0)
     try:
         yield connection
     except BaseException:
         connection.close()
         raise
     finally:
+        if _drops.get(redis, 0) != drops:  # borrowed while `drop` closed the others: it may reach the old primary
+            connection.close()
         if len(idle) < _idle_max.get(redis, MAX_IDLE_BORROWED):
             idle.append(connection)  # a closed one reconnects on its next command
         else:
@@ -282,11 +285,14 @@ def keep_idle_borrowed(redis: Redis, count: int) -> None:
 
 
 _idle_max: weakref.WeakKeyDictionary[Redis, int] = weakref.WeakKeyDictionary()
+_drops: weakref.WeakKeyDictionary[Redis, int] = weakref.WeakKeyDictionary()  # how often `drop` ran, by client
 
 
 def drop(redis: Redis) -> None:
     """Close the shared connection and the idle borrowed ones of `redis` (the primary they reach is
-    being replaced); each reconnects, through the pool, on its next command."""
+    being replaced); each reconnects, through the pool, on its next command. One borrowed now is closed
+    when it is given back."""
+    _drops[redis] = _drops.get(redis, 0) + 1
     if (shared := _shared.get(redis)) is not None:
         shared.close()
     for connection in _idle.get(redis, []):

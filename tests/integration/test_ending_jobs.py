@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 
 import httpx
@@ -87,17 +88,18 @@ async def test_ending_a_running_job_tells_its_worker_alone(redis: Redis) -> None
 async def test_an_end_heard_between_the_take_and_the_run_still_stops_the_job(redis: Redis) -> None:
     """A job ended just after a worker took it is announced before the worker watches it: the
     announcement is kept, and the job's event is set the moment its run starts watching."""
+    worker_id = f"w-{uuid.uuid4().hex}"  # channels are server-wide, not per database: a name no other test uses
     for request_id in ("r-between", "r-running"):
-        job = Job(request_id=request_id, worker_id="w1", model="m", prompt="p", enqueued_at=time.time())
+        job = Job(request_id=request_id, worker_id=worker_id, model="m", prompt="p", enqueued_at=time.time())
         await queue.enqueue(redis, job, ttl_s=60)
-        assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+        assert await queue.pop(redis, worker_id, timeout_s=1, result_ttl_s=60) is not None
     ended, stop = EndedJobs(), asyncio.Event()
     running = ended.watch("r-running")
-    listening = asyncio.create_task(ended.run(redis, ["w1"], stop))
+    listening = asyncio.create_task(ended.run(redis, [worker_id], stop))
     try:
 
         async def subscribed() -> bool:
-            return dict(await redis.pubsub_numsub(keys.ended_channel("w1")))[keys.ended_channel("w1")] == 1
+            return dict(await redis.pubsub_numsub(keys.ended_channel(worker_id)))[keys.ended_channel(worker_id)] == 1
 
         await eventually(subscribed, "the worker's subscription")
         cancelled = ErrorInfo(code="cancelled", message="the client left")

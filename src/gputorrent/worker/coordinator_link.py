@@ -78,6 +78,9 @@ class CoordinatorLink:
     # A take's reply arrives (or the take gives up) within its long poll plus TAKE_EXTRA_S: a job
     # unheld on two looks this far apart is an orphan, not a reply still on its way.
     orphan_check_s = LONGEST_TAKE_S + TAKE_EXTRA_S
+    # The coordinator's take runs on after its client leaves: cut off, it could move a job into the
+    # processing list of a worker that has left by then, for the reaper to find only at its deadline.
+    takes_cancel_at_once = False
 
     def __init__(self, coordinator_url: str, worker_id: str, worker_secret: str) -> None:
         self.worker_id = worker_id

@@ -43,6 +43,9 @@ class PoolLink(Protocol):
     # Seconds between two looks for orphaned jobs (`reclaim_orphans`): longer than a take's reply can
     # be on its way, or a job whose reply is merely late would be queued again while it runs.
     orphan_check_s: float
+    # Whether cancelling a take stops it where the pool's state lives: then a stop may cut off an
+    # idle consumer's long block (`Worker._take`) rather than wait it out.
+    takes_cancel_at_once: bool
 
     async def recover(self) -> int:
         """Queue again, counting an attempt, what a previous run of this worker id left unfinished."""
@@ -109,6 +112,7 @@ class RedisLink:
     """Straight to Redis (`redis` is the worker's own client, `redis_url` opens the heartbeat's)."""
 
     orphan_check_s = 1.0  # a pop's reply is lost with its connection, never late by seconds
+    takes_cancel_at_once = True  # its blocked command dies with its connection, which the cancel closes
 
     def __init__(
         self, redis: Redis, redis_url: str, worker_id: str, *, heartbeat_ttl_s: float, max_attempts: int,

@@ -53,7 +53,8 @@ ABANDON_TIMEOUT_S = 5.0  # how long a drain waits for stopped jobs before cancel
 POP_TIMEOUT_S = 1.0  # how long a take blocks on the doorbells while the consumer has work now and then
 # A consumer that has taken nothing for IDLE_AFTER_S blocks IDLE_POP_TIMEOUT_S at a time. Each
 # block's wake-up, far more than the look after it, is what an idle worker costs Redis, and most of
-# a large pool is idle (docs/scaling.md). A stop ends the long block at once.
+# a large pool is idle (docs/scaling.md). A stop, or a backend found failing, ends the long block
+# at once where the link allows (`Worker._take`).
 IDLE_AFTER_S = 10.0
 IDLE_POP_TIMEOUT_S = 5.0  # within the longest long poll a coordinator grants (coordinator_link.LONGEST_TAKE_S)
 REDIS_CONNECT_TIMEOUT_S = 2.0  # also how long a Sentinel that does not answer holds up finding the primary
@@ -97,7 +98,7 @@ class Worker:
         self._probe_soon = asyncio.Event()  # set: the health probe runs without waiting for its interval
         self._serving = asyncio.Event()  # clear while unhealthy: the consumers take no job
         self._serving.set()
-        self._interrupt_takes = asyncio.Event()  # set once stopping: the consumers' long blocks end now
+        self._interrupt_takes = asyncio.Event()  # set while stopping or unhealthy: long blocks end now
         self._takes_interrupted = False  # one was: it may have moved a job into the processing list
         self.idle_after_s, self.idle_pop_timeout_s = IDLE_AFTER_S, IDLE_POP_TIMEOUT_S
         # The request ids of the jobs the consumers hold now, counted: two consumers can hold one job (a
@@ -297,6 +298,7 @@ class Worker:
                 if unhealthy:
                     log.info("worker %s: its backend generates again; taking jobs", self.worker_id)
                     self._set_condition("alive", None)
+                    self._interrupt_takes.clear()
                     self._serving.set()
             else:
                 await self._become_unhealthy(failure)
@@ -323,6 +325,7 @@ class Worker:
                         self.worker_id, reason)  # fmt: skip
         self._set_condition("unhealthy", reason)
         self._serving.clear()
+        self._interrupt_takes.set()
         await self._hand_on_queue()
 
     async def _reclaim_orphans(self, stop: asyncio.Event) -> None:
@@ -330,7 +333,7 @@ class Worker:
         arrived (the connection dropped just then): nobody would run them, and this worker's heartbeat
         keeps the reaper away. An entry no consumer holds on two looks `link.orphan_check_s` apart is
         one (longer than any take's reply can take, or a job a consumer is about to run looks lost);
-        it goes back to the front of this worker's queue."""
+        it goes back to the front of this worker's queue, and on to other workers while this one is unhealthy."""
         suspects: set[str] = set()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -339,7 +342,9 @@ class Worker:
                 return
             try:
                 held = set(self._held)
-                _, suspects = await self.link.reclaim_orphans(held, suspects)
+                reclaimed, suspects = await self.link.reclaim_orphans(held, suspects)
+                if reclaimed and not self._serving.is_set():  # queued again here, where no consumer takes now
+                    await self._hand_on_queue()
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot check its held jobs (%s)", self.worker_id, e)
 
@@ -388,23 +393,26 @@ class Worker:
 
     async def _take(self, timeout_s: float, *, wait_first: bool) -> queue.Lease | None:
         """`link.take`. A block longer than `POP_TIMEOUT_S` (an idle consumer's) ends at once, with no
-        job, when the worker stops (`_interrupt_takes`), rather than be waited out. An interrupted take
-        may already have moved a job into the processing list in Redis, for no one: the drain hands it on."""
-        if timeout_s <= POP_TIMEOUT_S:
+        job, when the worker stops or its backend fails (`_interrupt_takes`), rather than be waited out.
+        An interrupted take may already have moved a job into the processing list in Redis, for no one:
+        a stopping worker's drain hands it on; an unhealthy one's orphan check queues it again and
+        hands it on (`_reclaim_orphans`)."""
+        if timeout_s <= POP_TIMEOUT_S or not self.link.takes_cancel_at_once:
             return await self.link.take(timeout_s, self.models, wait_first=wait_first)
         taking = asyncio.ensure_future(self.link.take(timeout_s, self.models, wait_first=wait_first))
         interrupted = asyncio.ensure_future(self._interrupt_takes.wait())
+        cut_off = False
         try:
             await asyncio.wait([taking, interrupted], return_when=asyncio.FIRST_COMPLETED)
         finally:
             interrupted.cancel()
             if not taking.done():
+                cut_off = self._takes_interrupted = True
                 taking.cancel()
-                self._takes_interrupted = True
-            await asyncio.wait([taking])
-        if taking.cancelled():
-            return None
-        return taking.result()  # a job it took just as it was interrupted is run; a Redis error is raised
+                await asyncio.wait([taking])
+                if not taking.cancelled():
+                    taking.exception()  # retrieved: whatever it ended with, it was given up
+        return None if cut_off else taking.result()
 
     async def _handle(self, lease: queue.Lease) -> None:
         job = lease.job
