@@ -249,3 +249,33 @@ async def test_an_idle_consumer_blocks_long_yet_takes_a_job_at_once_stops_at_onc
     await asyncio.wait_for(running, timeout=10)  # not the 60 s block
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == []
     assert await redis.lrange(keys.model_queue_key("m2"), 0, -1) == ["r-orphan"]
+
+
+async def test_a_failing_backend_cuts_idle_blocks_off_and_what_they_left_goes_to_another_worker(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    """A worker found unhealthy while its consumers sit in their long idle blocks (here 60 s) cuts
+    them off rather than take jobs for a backend that fails. What a take cut off may have moved into
+    its processing list (made here by a take in w1's name) is queued again by its orphan check and
+    handed on with w1's queue at its next failed probe: w2 runs it."""
+    backend = _UnreachableBackend()
+    w1 = await fake_worker("w1", backend=backend, health_interval_s=0.2, health_timeout_s=1)
+    w1.idle_after_s, w1.idle_pop_timeout_s = 0.0, 60.0
+    w1.link.orphan_check_s = 0.2
+    w2 = await fake_worker("w2")
+
+    async def blocked_in_take() -> bool:  # other tests share the server: only this database's clients
+        return any("b" in c["flags"] and c["db"] == str(TEST_DB) for c in await redis.client_list())
+
+    async def unblocked() -> bool:
+        return not await blocked_in_take()
+
+    async with _serving(w1):
+        await eventually(lambda: _state_is(api, "w1", "unhealthy"), "w1 to find its backend down")
+        await eventually(unblocked, "w1's consumer to give up its 60 s block")
+        job = Job(request_id="r-left", worker_id="w1", model="fake", prompt="p", enqueued_at=time.time())
+        await queue.enqueue(redis, job, ttl_s=60)
+        assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None  # an orphan of w1's
+        async with _serving(w2):
+            result = (await api.get("/result/r-left", params={"wait": 10})).json()
+    assert result["status"] == "completed" and result["worker_id"] == "w2"

@@ -333,7 +333,8 @@ class Worker:
         arrived (the connection dropped just then): nobody would run them, and this worker's heartbeat
         keeps the reaper away. An entry no consumer holds on two looks `link.orphan_check_s` apart is
         one (longer than any take's reply can take, or a job a consumer is about to run looks lost);
-        it goes back to the front of this worker's queue, and on to other workers while this one is unhealthy."""
+        it goes back to the front of this worker's queue (an unhealthy worker's next failed probe hands
+        that on)."""
         suspects: set[str] = set()
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
@@ -342,9 +343,7 @@ class Worker:
                 return
             try:
                 held = set(self._held)
-                reclaimed, suspects = await self.link.reclaim_orphans(held, suspects)
-                if reclaimed and not self._serving.is_set():  # queued again here, where no consumer takes now
-                    await self._hand_on_queue()
+                _, suspects = await self.link.reclaim_orphans(held, suspects)
             except (RedisError, OSError) as e:
                 log.warning("worker %s cannot check its held jobs (%s)", self.worker_id, e)
 
@@ -395,8 +394,8 @@ class Worker:
         """`link.take`. A block longer than `POP_TIMEOUT_S` (an idle consumer's) ends at once, with no
         job, when the worker stops or its backend fails (`_interrupt_takes`), rather than be waited out.
         An interrupted take may already have moved a job into the processing list in Redis, for no one:
-        a stopping worker's drain hands it on; an unhealthy one's orphan check queues it again and
-        hands it on (`_reclaim_orphans`)."""
+        a stopping worker's drain hands it on; an unhealthy one's orphan check queues it again
+        (`_reclaim_orphans`), and its next failed probe hands its queue on."""
         if timeout_s <= POP_TIMEOUT_S or not self.link.takes_cancel_at_once:
             return await self.link.take(timeout_s, self.models, wait_first=wait_first)
         taking = asyncio.ensure_future(self.link.take(timeout_s, self.models, wait_first=wait_first))
