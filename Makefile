@@ -80,6 +80,7 @@ bench: $(BENCH_VENV)/.installed
 	$(BENCH_PYTHON) bench/swarm.py
 	$(BENCH_PYTHON) bench/split.py
 	$(BENCH_PYTHON) bench/scale.py
+	$(BENCH_PYTHON) bench/metrics_scrape.py
 	$(BENCH_PYTHON) bench/cluster_clients.py
 	$(BENCH_PYTHON) bench/report.py
 

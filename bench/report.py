@@ -1,5 +1,5 @@
 """Turn bench/results/*.json into a PNG plot per benchmark and the generated tables of docs/benchmarks.md
-(and of docs/scaling.md, for the scale benchmark).
+(and of docs/scaling.md, for the scale and metrics scrape benchmarks).
 
 Run by `make bench` in the benchmark environment (bench/.venv, which has matplotlib; the
 project's own environment does not). A table goes between the markers
@@ -36,8 +36,10 @@ BENCHMARKS = (
     "swarm",
     "split",
     "scale",
+    "metrics_scrape",
 )
-DOCS = {"scale": HERE.parent / "docs" / "scaling.md"}  # the others' tables are in DOC
+SCALING = HERE.parent / "docs" / "scaling.md"
+DOCS = {"scale": SCALING, "metrics_scrape": SCALING}  # the others' tables are in DOC
 
 
 def replace_section(doc: str, name: str, body: str) -> str:

@@ -78,6 +78,32 @@ async def test_the_pool_series_come_from_the_heartbeats_in_redis(
     assert samples[("gputorrent_worker_slots", frozenset({("worker", "w1")}))] == 1
 
 
+async def test_a_scrape_without_per_worker_series_counts_the_pools_jobs_by_model(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
+) -> None:
+    worker = await fake_worker("w1")
+    await redis.set(keys.heartbeat_key("w1"), worker.heartbeat().model_dump_json(), px=5000)
+    first = (await api.get("/metrics", params={"per_worker": "false"})).text  # where w1 stands: no job yet
+    assert "gputorrent_worker_slots" not in first and 'worker="w1"' not in first
+
+    accepted = (await api.post("/inference", json={"model": "fake", "prompt": "one two three"})).json()
+    await worker.run(asyncio.Event(), burst=True)
+    assert (await api.get(f"/result/{accepted['request_id']}")).json()["status"] == "completed"
+    await fake_worker("w1")  # the burst run left the pool: back, with the heartbeat it would send now
+    await redis.set(keys.heartbeat_key("w1"), worker.heartbeat().model_dump_json(), px=5000)
+
+    text = (await api.get("/metrics", params={"per_worker": "false"})).text
+    samples = {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    assert samples[("gputorrent_pool_jobs_total", frozenset({("model", "fake"), ("status", "completed")}))] == 1
+    assert samples[("gputorrent_pool_tokens_generated_total", frozenset({("model", "fake")}))] == 4
+    assert samples[("gputorrent_pool_slots", frozenset())] == 1
+    assert not any("worker" in dict(labels) for _, labels in samples)
+
+
 async def test_a_worker_adds_what_it_finished_to_the_pool_history(
     api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
 ) -> None:
@@ -124,6 +150,7 @@ async def test_the_pool_overview_shows_failures_to_admins_only(api: httpx.AsyncC
         ("/pool", {"history_s": str(pool_stats.HISTORY_S + 1)}, "history_s"),
         ("/pool/events", {"interval_s": "0"}, "interval_s"),
         ("/pool/events", {"interval_s": "nan"}, "interval_s"),
+        ("/metrics", {"per_worker": "sometimes"}, "per_worker"),
     ],
 )
 async def test_bad_query_values_are_a_422_naming_the_field(

@@ -113,7 +113,7 @@ def _samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
 
 def test_the_pool_collector_exports_workers_slots_gpus_and_job_histograms() -> None:
     workers = [_worker("gpu-box", gpu=True, queue_length=4), _worker("cpu-box"), _worker("gone", state="dead")]
-    text = metrics.exposition(CollectorRegistry(), workers).decode()
+    text = metrics.exposition(CollectorRegistry(), workers, metrics.PoolTotals(), per_worker=True).decode()
     samples = _samples(text)
 
     assert samples[("gputorrent_workers", frozenset({("state", "alive")}))] == 2
@@ -133,6 +133,50 @@ def test_the_pool_collector_exports_workers_slots_gpus_and_job_histograms() -> N
     assert samples[("gputorrent_time_to_first_token_seconds_bucket", labels | {("le", "0.25")})] == 1
     assert samples[("gputorrent_time_to_first_token_seconds_bucket", labels | {("le", "0.1")})] == 0
     assert "# TYPE gputorrent_request_latency_seconds histogram" in text
+
+
+def _counting(worker_id: str, completed: int, ttft_s: tuple[float, ...] = (), state: str = "alive") -> WorkerState:
+    """A worker whose heartbeat says it completed `completed` jobs of model m, with these first-token times."""
+    ttft = Histogram.empty()
+    for seconds in ttft_s:
+        ttft = ttft.observe(seconds)
+    telemetry = Telemetry(sampled_at=0.0, jobs={"m": ModelCounters(completed=completed, time_to_first_token=ttft)})
+    return _worker(worker_id, state=state).model_copy(update={"telemetry": None if state == "dead" else telemetry})
+
+
+def test_pool_totals_never_go_back_when_workers_leave_restart_or_miss_beats() -> None:
+    totals = metrics.PoolTotals()
+    first = totals.update([_counting("a", 5, (0.2,)), _counting("b", 7)])
+    assert first["m"].completed == 0  # the first scrape notes where each worker stands
+
+    assert totals.update([_counting("a", 6, (0.2, 3.0)), _counting("b", 7)])["m"].completed == 1
+    latest = totals.update([_counting("a", 6, (0.2, 3.0))])  # b left the pool
+    assert latest["m"].completed == 1 and dict(latest["m"].time_to_first_token.cumulative())["5.0"] == 1
+    assert totals.update([_counting("a", 2), _counting("c", 4)])["m"].completed == 1 + 2 + 4  # a restarted, c is new
+    assert totals.update([_counting("a", 2, state="dead"), _counting("c", 4)])["m"].completed == 7  # a missed beats
+    assert totals.update([_counting("a", 3), _counting("c", 4)])["m"].completed == 8  # back with its counts: +1
+
+
+def test_a_scrape_without_per_worker_series_keeps_what_does_not_grow_with_the_pool() -> None:
+    workers = [_worker("gpu-box", gpu=True, queue_length=4), _worker("cpu-box"), _worker("gone", state="dead")]
+    totals = metrics.PoolTotals()
+    metrics.exposition(CollectorRegistry(), workers, totals, per_worker=False)
+    gpu_box = workers[0]
+    assert gpu_box.telemetry is not None
+    counted = gpu_box.telemetry.jobs["m"]
+    telemetry = gpu_box.telemetry.model_copy(update={"jobs": {"m": counted.model_copy(update={"completed": 5})}})
+    busier = [gpu_box.model_copy(update={"telemetry": telemetry}), *workers[1:]]  # 2 more than at the first scrape
+    samples = _samples(metrics.exposition(CollectorRegistry(), busier, totals, per_worker=False).decode())
+
+    assert not any("worker" in dict(labels) for _, labels in samples)
+    assert samples[("gputorrent_workers", frozenset({("state", "alive")}))] == 2
+    assert samples[("gputorrent_pool_slots", frozenset())] == 4
+    assert samples[("gputorrent_pool_slots_busy", frozenset())] == 2
+    assert samples[("gputorrent_pool_queue_length", frozenset())] == 4
+    assert samples[("gputorrent_model_queue_length", frozenset({("model", "m")}))] == 4
+    assert samples[("gputorrent_pool_jobs_total", frozenset({("model", "m"), ("status", "completed")}))] == 2
+    assert samples[("gputorrent_pool_time_to_first_token_seconds_count", frozenset({("model", "m")}))] == 0
+    assert samples[("gputorrent_pool_gpus", frozenset({("name", "NVIDIA H200")}))] == 1
 
 
 def test_rates_weigh_latencies_by_jobs_and_leave_gaps_as_none() -> None:

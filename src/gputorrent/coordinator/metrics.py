@@ -3,13 +3,20 @@
 `gputorrent_requests_total` counts the requests this process answered. Everything about the
 pool (workers, slots, queues, and the job counters and histograms each worker carries in its
 heartbeat) is read from Redis when scraped, by `PoolCollector`, so every coordinator of one pool
-exports the same pool series: scrape one, or keep one copy per `worker` label.
+exports the same per-worker series: scrape one, or keep one copy per `worker` label.
+
+The per-worker series grow with the pool: about 65 a worker serving one model, so 650,000 and
+5 s of this process's time a scrape at 10,000 workers (docs/observability.md). A scrape can
+leave them out (`per_worker=False`) and keep what does not grow with the pool: the pool's
+totals, and the job counters and histograms summed by model (`PoolTotals`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import threading
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import get_args
 
 from prometheus_client import CollectorRegistry, Counter, generate_latest
@@ -19,7 +26,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gputorrent import replication
 from gputorrent.protocol import WorkerState
-from gputorrent.telemetry import Histogram
+from gputorrent.telemetry import HISTOGRAM_BOUNDS_S, Histogram, ModelCounters
 
 UNMATCHED_ROUTE = "unmatched"  # any path no route serves: one label value, not one per path a scanner tries
 
@@ -98,22 +105,163 @@ class RouteNote:
                 labels.route = str(route)
 
 
-class PoolCollector(Collector):
-    """The pool as one snapshot of `registry.snapshot` shows it, as Prometheus metric families."""
+_COUNTERS = ("completed", "failed", "prompt_tokens", "tokens_generated")
+_HISTOGRAMS = ("queue_wait", "time_to_first_token", "latency")
 
-    def __init__(self, workers: list[WorkerState]) -> None:
+
+@dataclass
+class _Sums:
+    """What the workers counted for one model, summed: the counters of `_COUNTERS`, then the buckets and
+    the sum of each histogram of `_HISTOGRAMS`."""
+
+    counters: list[int] = field(default_factory=lambda: [0] * len(_COUNTERS))
+    buckets: list[list[int]] = field(default_factory=lambda: [[0] * (len(HISTOGRAM_BOUNDS_S) + 1) for _ in _HISTOGRAMS])
+    sums_s: list[float] = field(default_factory=lambda: [0.0] * len(_HISTOGRAMS))
+
+    def add(self, now: ModelCounters, before: ModelCounters | None) -> None:
+        """Add what `now` counts beyond `before` (beyond zero when None)."""
+        for i, name in enumerate(_COUNTERS):
+            self.counters[i] += getattr(now, name) - (getattr(before, name) if before else 0)
+        for i, name in enumerate(_HISTOGRAMS):
+            counted: Histogram = getattr(now, name)
+            earlier: Histogram = getattr(before, name) if before else Histogram.empty()
+            for j, (count, count_before) in enumerate(zip(counted.counts, earlier.counts, strict=True)):
+                self.buckets[i][j] += count - count_before
+            self.sums_s[i] += counted.sum_s - earlier.sum_s
+
+    def counted(self) -> ModelCounters:
+        histograms = {
+            name: Histogram(counts=self.buckets[i], sum_s=round(max(0.0, self.sums_s[i]), 6))
+            for i, name in enumerate(_HISTOGRAMS)
+        }
+        return ModelCounters(**dict(zip(_COUNTERS, self.counters, strict=True)), **histograms)
+
+
+def _went_back(now: ModelCounters, before: ModelCounters) -> bool:
+    """Whether a counter or a histogram's bucket went back: the worker started again from zero."""
+    if any(getattr(now, name) < getattr(before, name) for name in _COUNTERS):
+        return True
+    pairs = (zip(getattr(now, name).counts, getattr(before, name).counts, strict=True) for name in _HISTOGRAMS)
+    return any(n < b for pair in pairs for n, b in pair)
+
+
+class PoolTotals:
+    """The job counters and histograms of every worker, summed by model, as counters that never go
+    back: a sum of the workers' own would drop whenever one leaves or restarts, which Prometheus
+    reads as a reset of the whole pool's count.
+
+    Each scrape adds what each worker counted since the last one; a worker that restarted (its
+    counters went back) adds all it counts now, as Prometheus itself treats a reset. The first
+    scrape only notes where every worker stands, so the totals count from this process's first
+    scrape, and a new coordinator starts from zero (a reset, to Prometheus); a worker first seen
+    later is new to the pool and adds all it counts. A worker stays known while it is registered,
+    dead or not, so one that comes back with its counts is not counted twice.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # scrapes may run side by side, each on a thread of its own
+        self._seen: dict[str, dict[str, ModelCounters]] | None = None  # by worker and model; None before a scrape
+        self._sums: dict[str, _Sums] = {}
+
+    def update(self, workers: Iterable[WorkerState]) -> dict[str, ModelCounters]:
+        """Add what `workers` counted since the last call; the totals by model."""
+        with self._lock:
+            known = self._seen
+            seen: dict[str, dict[str, ModelCounters]] = {}
+            for w in workers:
+                if w.telemetry is None:  # dead: no heartbeat to read; what it counted stays known
+                    if known is not None and w.worker_id in known:
+                        seen[w.worker_id] = known[w.worker_id]
+                    continue
+                seen[w.worker_id] = w.telemetry.jobs
+                for model, now in w.telemetry.jobs.items():
+                    sums = self._sums.setdefault(model, _Sums())
+                    if known is None:  # the first scrape: where each worker stands is the start
+                        continue
+                    before = known.get(w.worker_id, {}).get(model)
+                    if before is None or _went_back(now, before):
+                        sums.add(now, None)
+                    elif now != before:
+                        sums.add(now, before)
+            self._seen = seen
+            return {model: sums.counted() for model, sums in self._sums.items()}
+
+
+class PoolCollector(Collector):
+    """The pool as one snapshot of `registry.snapshot` shows it, as Prometheus metric families: the
+    per-worker series when `per_worker`, and always the pool's totals and `totals` by model."""
+
+    def __init__(self, workers: list[WorkerState], totals: dict[str, ModelCounters], *, per_worker: bool) -> None:
         self.workers = workers
+        self.totals = totals
+        self.per_worker = per_worker
 
     def collect(self) -> Iterator[Metric]:
         yield from self._pool_gauges()
-        yield from self._machine_gauges()
-        yield from self._job_metrics()
+        yield from self._pool_job_metrics()
+        if self.per_worker:
+            yield from self._worker_gauges()
+            yield from self._machine_gauges()
+            yield from self._job_metrics()
 
     def _pool_gauges(self) -> Iterator[Metric]:
         by_state = GaugeMetricFamily("gputorrent_workers", "Registered workers by state", labels=["state"])
         for state in ("alive", "draining", "unhealthy", "dead"):
             by_state.add_metric([state], sum(1 for w in self.workers if w.state == state))
         yield by_state
+        live = [w for w in self.workers if w.state != "dead"]
+        yield GaugeMetricFamily("gputorrent_pool_slots", "Jobs the live workers run at once",
+                                value=sum(w.slots for w in live))  # fmt: skip
+        yield GaugeMetricFamily("gputorrent_pool_slots_busy", "Jobs the live workers are running",
+                                value=sum(w.jobs_in_flight for w in live))  # fmt: skip
+        yield GaugeMetricFamily("gputorrent_pool_queue_length", "Jobs waiting in the workers' queues",
+                                value=sum(w.queue_length for w in self.workers))  # fmt: skip
+        model_queue = GaugeMetricFamily(
+            "gputorrent_model_queue_length", "Jobs waiting on the workers that serve a model", labels=["model"]
+        )
+        for model in sorted({m for w in self.workers for m in w.models}):
+            model_queue.add_metric([model], sum(w.queue_length for w in self.workers if model in w.models))
+        yield model_queue
+        gpus = GaugeMetricFamily("gputorrent_pool_gpus", "GPUs of the live workers, by name", labels=["name"])
+        by_name: dict[str, int] = {}
+        for w in live:
+            for g in w.telemetry.machine.gpus if w.telemetry else []:
+                by_name[g.name] = by_name.get(g.name, 0) + 1
+        for name, count in sorted(by_name.items()):
+            gpus.add_metric([name], count)
+        yield gpus
+
+    def _pool_job_metrics(self) -> Iterator[Metric]:
+        jobs = CounterMetricFamily("gputorrent_pool_jobs", "Jobs the workers finished, by model and outcome",
+                                   labels=["model", "status"])  # fmt: skip
+        generated = CounterMetricFamily("gputorrent_pool_tokens_generated", "Tokens the workers generated",
+                                        labels=["model"])  # fmt: skip
+        prompt = CounterMetricFamily("gputorrent_pool_prompt_tokens", "Prompt tokens the workers read",
+                                     labels=["model"])  # fmt: skip
+        histograms = {
+            "queue_wait": HistogramMetricFamily(
+                "gputorrent_pool_queue_wait_seconds", "Admission to the start of the job", labels=["model"]
+            ),
+            "time_to_first_token": HistogramMetricFamily(
+                "gputorrent_pool_time_to_first_token_seconds",
+                "Admission to the first generated token",
+                labels=["model"],
+            ),
+            "latency": HistogramMetricFamily(
+                "gputorrent_pool_request_latency_seconds", "Admission to the stored result", labels=["model"]
+            ),
+        }
+        for model, counters in sorted(self.totals.items()):
+            jobs.add_metric([model, "completed"], counters.completed)
+            jobs.add_metric([model, "failed"], counters.failed)
+            generated.add_metric([model], counters.tokens_generated)
+            prompt.add_metric([model], counters.prompt_tokens)
+            for name, family in histograms.items():
+                histogram: Histogram = getattr(counters, name)
+                family.add_metric([model], histogram.cumulative(), histogram.sum_s)
+        yield from (jobs, generated, prompt, *histograms.values())
+
+    def _worker_gauges(self) -> Iterator[Metric]:
         slots = GaugeMetricFamily("gputorrent_worker_slots", "Jobs a live worker runs at once", labels=["worker"])
         busy = GaugeMetricFamily("gputorrent_worker_slots_busy", "Jobs a live worker is running", labels=["worker"])
         queued = GaugeMetricFamily("gputorrent_worker_queue_length", "Jobs waiting in a worker's queue",
@@ -124,12 +272,6 @@ class PoolCollector(Collector):
                 slots.add_metric([w.worker_id], w.slots)
                 busy.add_metric([w.worker_id], w.jobs_in_flight)
         yield from (slots, busy, queued)
-        model_queue = GaugeMetricFamily(
-            "gputorrent_model_queue_length", "Jobs waiting on the workers that serve a model", labels=["model"]
-        )
-        for model in sorted({m for w in self.workers for m in w.models}):
-            model_queue.add_metric([model], sum(w.queue_length for w in self.workers if model in w.models))
-        yield model_queue
 
     def _machine_gauges(self) -> Iterator[Metric]:
         gpu = ["worker", "gpu", "name"]
@@ -205,8 +347,10 @@ class ReplicationCollector(Collector):
         yield family
 
 
-def exposition(process: CollectorRegistry, workers: list[WorkerState]) -> bytes:
-    """The text exposition of this process's metrics followed by the pool's."""
+def exposition(
+    process: CollectorRegistry, workers: list[WorkerState], totals: PoolTotals, *, per_worker: bool
+) -> bytes:
+    """The text exposition of this process's metrics followed by the pool's (see `PoolCollector`)."""
     pool = CollectorRegistry(auto_describe=False)
-    pool.register(PoolCollector(workers))
+    pool.register(PoolCollector(workers, totals.update(workers), per_worker=per_worker))
     return generate_latest(process) + generate_latest(pool)

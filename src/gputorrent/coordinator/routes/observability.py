@@ -55,6 +55,7 @@ def install(app: FastAPI) -> None:
     GCCollector(registry=registry_)
     registry_.register(metrics.ReplicationCollector())
     app.state.metrics_registry = registry_
+    app.state.pool_totals = metrics.PoolTotals()
     add_routes(app, router)
     app.mount("/dashboard/assets", StaticFiles(directory=STATIC_DIR), name="dashboard-assets")
     app.add_middleware(metrics.RequestMetrics, registry=registry_)
@@ -116,9 +117,22 @@ async def pool_events(
     dependencies=[Depends(require_client)],
     responses={200: {"description": "Prometheus text exposition", "content": {CONTENT_TYPE_LATEST: {}}}},
 )
-async def prometheus_metrics(request: Request, redis: RedisDep) -> Response:
-    """This coordinator's request counters, then the pool read from Redis now (workers, slots,
-    queues, GPU and CPU telemetry, job counters and latency histograms per worker)."""
+async def prometheus_metrics(
+    request: Request,
+    redis: RedisDep,
+    per_worker: Annotated[
+        bool,
+        Query(description="with the series of every worker (false: the pool's totals and per-model series only, "
+                          "which do not grow with the pool)"),
+    ] = True,
+) -> Response:  # fmt: skip
+    """This coordinator's request counters, then the pool read from Redis now: its totals, job counters
+    and latency histograms by model, and (unless `per_worker=false`) slots, queues, GPU and CPU
+    telemetry, job counters and latency histograms per worker."""
     workers = await current_pool(redis)
-    body = metrics.exposition(request.app.state.metrics_registry, workers)
+    # Off the event loop: at 10,000 workers the per-worker text takes seconds to write.
+    body = await asyncio.to_thread(
+        metrics.exposition, request.app.state.metrics_registry, workers, request.app.state.pool_totals,
+        per_worker=per_worker,
+    )  # fmt: skip
     return Response(body, media_type=CONTENT_TYPE_LATEST)
