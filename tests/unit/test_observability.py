@@ -155,6 +155,15 @@ def test_pool_totals_never_go_back_when_workers_leave_restart_or_miss_beats() ->
     assert totals.update([_counting("a", 2), _counting("c", 4)])["m"].completed == 1 + 2 + 4  # a restarted, c is new
     assert totals.update([_counting("a", 2, state="dead"), _counting("c", 4)])["m"].completed == 7  # a missed beats
     assert totals.update([_counting("a", 3), _counting("c", 4)])["m"].completed == 8  # back with its counts: +1
+    again = _counting("c", 9).model_copy(update={"registered_at": 1.0})  # c restarted, and ran 9 jobs since
+    assert totals.update([_counting("a", 3), again])["m"].completed == 8 + 9
+
+
+def test_pool_totals_start_a_worker_dead_at_the_first_scrape_where_its_first_heartbeat_stands() -> None:
+    totals = metrics.PoolTotals()
+    assert totals.update([_counting("a", 0, state="dead")]) == {}
+    assert totals.update([_counting("a", 50)])["m"].completed == 0  # done before this coordinator counted
+    assert totals.update([_counting("a", 52)])["m"].completed == 2
 
 
 def test_a_scrape_without_per_worker_series_keeps_what_does_not_grow_with_the_pool() -> None:

@@ -138,11 +138,23 @@ class _Sums:
 
 
 def _went_back(now: ModelCounters, before: ModelCounters) -> bool:
-    """Whether a counter or a histogram's bucket went back: the worker started again from zero."""
+    """Whether a counter, a histogram's bucket or its sum went back: the worker started again from zero."""
     if any(getattr(now, name) < getattr(before, name) for name in _COUNTERS):
+        return True
+    if any(getattr(now, name).sum_s < getattr(before, name).sum_s for name in _HISTOGRAMS):
         return True
     pairs = (zip(getattr(now, name).counts, getattr(before, name).counts, strict=True) for name in _HISTOGRAMS)
     return any(n < b for pair in pairs for n, b in pair)
+
+
+@dataclass(frozen=True)
+class _Seen:
+    """What a worker's heartbeat said at a scrape: its registration (a new one is a restart), when it
+    sampled its figures, and the figures (None: registered, but no heartbeat read yet)."""
+
+    registered_at: float
+    sampled_at: float
+    jobs: dict[str, ModelCounters] | None
 
 
 class PoolTotals:
@@ -150,39 +162,44 @@ class PoolTotals:
     back: a sum of the workers' own would drop whenever one leaves or restarts, which Prometheus
     reads as a reset of the whole pool's count.
 
-    Each scrape adds what each worker counted since the last one; a worker that restarted (its
-    counters went back) adds all it counts now, as Prometheus itself treats a reset. The first
-    scrape only notes where every worker stands, so the totals count from this process's first
-    scrape, and a new coordinator starts from zero (a reset, to Prometheus); a worker first seen
-    later is new to the pool and adds all it counts. A worker stays known while it is registered,
-    dead or not, so one that comes back with its counts is not counted twice.
+    Each scrape adds what each worker counted since the last one; a worker that restarted (it
+    registered again, or a count went back) adds all it counts now, as Prometheus itself treats a
+    reset. The first scrape only notes where every registered worker stands (a dead one: at its
+    first heartbeat read later), so the totals count from this process's first scrape, and a new
+    coordinator starts from zero (a reset, to Prometheus); a worker first registered later adds all
+    it counts. A worker stays known while it is registered, dead or not, so one that comes back
+    with its counts is not counted twice; a sample older than one already read is passed over.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # scrapes may run side by side, each on a thread of its own
-        self._seen: dict[str, dict[str, ModelCounters]] | None = None  # by worker and model; None before a scrape
+        self._seen: dict[str, _Seen] | None = None  # by worker id; None before the first scrape
         self._sums: dict[str, _Sums] = {}
 
     def update(self, workers: Iterable[WorkerState]) -> dict[str, ModelCounters]:
         """Add what `workers` counted since the last call; the totals by model."""
         with self._lock:
             known = self._seen
-            seen: dict[str, dict[str, ModelCounters]] = {}
+            seen: dict[str, _Seen] = {}
             for w in workers:
-                if w.telemetry is None:  # dead: no heartbeat to read; what it counted stays known
-                    if known is not None and w.worker_id in known:
-                        seen[w.worker_id] = known[w.worker_id]
+                last = known.get(w.worker_id) if known is not None else None
+                if w.telemetry is None or (last is not None and w.telemetry.sampled_at < last.sampled_at):
+                    # No heartbeat to read (dead), or an older one: what it counted stays as known.
+                    seen[w.worker_id] = last or _Seen(w.registered_at, 0.0, None)
                     continue
-                seen[w.worker_id] = w.telemetry.jobs
-                for model, now in w.telemetry.jobs.items():
+                now = _Seen(w.registered_at, w.telemetry.sampled_at, w.telemetry.jobs)
+                seen[w.worker_id] = now
+                starting = known is None or (last is not None and last.jobs is None)  # where it stands: no add
+                restarted = last is not None and last.registered_at != w.registered_at
+                for model, counted in w.telemetry.jobs.items():
                     sums = self._sums.setdefault(model, _Sums())
-                    if known is None:  # the first scrape: where each worker stands is the start
+                    if starting and not restarted:
                         continue
-                    before = known.get(w.worker_id, {}).get(model)
-                    if before is None or _went_back(now, before):
-                        sums.add(now, None)
-                    elif now != before:
-                        sums.add(now, before)
+                    before = None if last is None or restarted or last.jobs is None else last.jobs.get(model)
+                    if before is None or _went_back(counted, before):
+                        sums.add(counted, None)
+                    elif counted != before:
+                        sums.add(counted, before)
             self._seen = seen
             return {model: sums.counted() for model, sums in self._sums.items()}
 

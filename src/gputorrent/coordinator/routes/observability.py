@@ -56,6 +56,7 @@ def install(app: FastAPI) -> None:
     registry_.register(metrics.ReplicationCollector())
     app.state.metrics_registry = registry_
     app.state.pool_totals = metrics.PoolTotals()
+    app.state.metrics_rendering = asyncio.Lock()  # one scrape's text at a time: they cannot pile up
     add_routes(app, router)
     app.mount("/dashboard/assets", StaticFiles(directory=STATIC_DIR), name="dashboard-assets")
     app.add_middleware(metrics.RequestMetrics, registry=registry_)
@@ -131,8 +132,9 @@ async def prometheus_metrics(
     telemetry, job counters and latency histograms per worker."""
     workers = await current_pool(redis)
     # Off the event loop: at 10,000 workers the per-worker text takes seconds to write.
-    body = await asyncio.to_thread(
-        metrics.exposition, request.app.state.metrics_registry, workers, request.app.state.pool_totals,
-        per_worker=per_worker,
-    )  # fmt: skip
+    async with request.app.state.metrics_rendering:
+        body = await asyncio.to_thread(
+            metrics.exposition, request.app.state.metrics_registry, workers, request.app.state.pool_totals,
+            per_worker=per_worker,
+        )  # fmt: skip
     return Response(body, media_type=CONTENT_TYPE_LATEST)
