@@ -10,13 +10,55 @@ client at a time, and two models would not fit in what it lends anyway.
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
 from gputorrent import keys
 from gputorrent.protocol import Shard, ShardAssign, ShardRegistration
+from gputorrent.scripts import Script
 
 LEASE_S = 30.0  # a group's hold on its hosts without a renewal (the leader renews every few seconds)
+
+
+# Each step on a lease reads its holder and acts in one script: read and act apart, a lease that
+# lapsed between them and went to another group would be extended or deleted for the wrong group.
+@dataclass(frozen=True)
+class _LeaseKeys:
+    lease: str  # `shardgroup:{id}`
+    beat: str  # `shardbeat:{id}`: the host is alive
+
+
+@dataclass(frozen=True)
+class _LeaseArgs:
+    group: str
+    lease_ms: int
+
+
+# 1: the group holds it now (taken, or its own hold extended); 0: another group holds it.
+_HOLD = Script(_LeaseKeys, _LeaseArgs, """
+if redis.call('SET', lease, group, 'PX', lease_ms, 'NX') then return 1 end
+if redis.call('GET', lease) == group then redis.call('PEXPIRE', lease, lease_ms) return 1 end
+return 0
+""")  # fmt: skip
+
+# 1: the group's hold extended; 0: not its hold, or the host stopped beating (then the hold is let go).
+_RENEW = Script(_LeaseKeys, _LeaseArgs, """
+if redis.call('GET', lease) ~= group then return 0 end
+if redis.call('EXISTS', beat) == 1 then redis.call('PEXPIRE', lease, lease_ms) return 1 end
+redis.call('DEL', lease)
+return 0
+""")  # fmt: skip
+
+# Lets go of the group's own hold only: one that lapsed and went to another group stays theirs.
+_RELEASE = Script(_LeaseKeys, _LeaseArgs, """
+if redis.call('GET', lease) == group then redis.call('DEL', lease) end
+return 0
+""")  # fmt: skip
+
+
+def _lease(shard_id: str) -> _LeaseKeys:
+    return _LeaseKeys(lease=keys.shard_group_key(shard_id), beat=keys.shard_beat_key(shard_id))
 
 
 class NotEnoughShards(Exception):
@@ -105,12 +147,10 @@ async def assign(redis: Redis, ask: ShardAssign) -> list[Shard]:
         key=lambda s: (-s.memory_bytes, s.shard_id),
     )  # fmt: skip
     chosen = _choose(free, ask)
+    hold = _LeaseArgs(group=ask.group, lease_ms=int(LEASE_S * 1000))
     for shard in chosen:
-        key = keys.shard_group_key(shard.shard_id)
-        held = await redis.set(key, ask.group, px=int(LEASE_S * 1000), nx=True)
-        if not held and await redis.get(key) != ask.group:  # another group took it just now: ask again
+        if not await _HOLD.run(redis, _lease(shard.shard_id), hold):  # another group took it just now: ask again
             return await assign(redis, ask.model_copy(update={"exclude": [*ask.exclude, shard.shard_id]}))
-        await redis.pexpire(key, int(LEASE_S * 1000))
     chosen_ids = {s.shard_id for s in chosen}
     await release(
         redis, ask.group, [s.shard_id for s in every if s.group == ask.group and s.shard_id not in chosen_ids]
@@ -149,17 +189,8 @@ def _choose(free: list[Shard], ask: ShardAssign) -> list[Shard]:
 async def renew(redis: Redis, group: str, shard_ids: list[str]) -> list[str]:
     """Extend the group's hold on these hosts while they live; the ids it still holds. A host whose
     heartbeat lapsed (dead, or its link cut) is let go: the group re-forms without it."""
-    held = []
-    for shard_id in shard_ids:
-        key = keys.shard_group_key(shard_id)
-        if await redis.get(key) != group:
-            continue
-        if await redis.exists(keys.shard_beat_key(shard_id)):
-            await redis.pexpire(key, int(LEASE_S * 1000))
-            held.append(shard_id)
-        else:
-            await redis.delete(key)
-    return held
+    renewal = _LeaseArgs(group=group, lease_ms=int(LEASE_S * 1000))
+    return [shard_id for shard_id in shard_ids if await _RENEW.run(redis, _lease(shard_id), renewal)]
 
 
 async def release(redis: Redis, group: str, shard_ids: list[str] | None = None) -> None:
@@ -167,6 +198,4 @@ async def release(redis: Redis, group: str, shard_ids: list[str] | None = None) 
     if shard_ids is None:
         shard_ids = [s.shard_id for s in await listing(redis) if s.group == group]
     for shard_id in shard_ids:
-        key = keys.shard_group_key(shard_id)
-        if await redis.get(key) == group:  # a lease that lapsed and went to another group stays theirs
-            await redis.delete(key)
+        await _RELEASE.run(redis, _lease(shard_id), _LeaseArgs(group=group, lease_ms=0))

@@ -74,6 +74,23 @@ async def test_a_dead_host_is_no_longer_given_or_renewed_and_a_released_one_is_f
     assert (unknown.status_code, unknown.json()["error"]["field"]) == (404, "shard_id")
 
 
+async def test_a_group_whose_lease_lapsed_neither_renews_nor_releases_the_next_groups_hold(
+    api: httpx.AsyncClient, redis: Redis
+) -> None:
+    await _shard(api, "a", 8)
+    assert (await _assign(api, "leader1", 1, count=1)).status_code == 200
+    await redis.delete(keys.shard_group_key("a"))  # leader1 stopped renewing: its lease lapsed
+    assert [s["shard_id"] for s in (await _assign(api, "leader2", 1, count=1)).json()["shards"]] == ["a"]
+
+    renewed = await api.post("/shards/renew", json={"group": "leader1", "shard_ids": ["a"]})
+    assert renewed.json() == {"shard_ids": []}
+    await api.post("/shards/release", json={"group": "leader1", "shard_ids": ["a"]})
+    assert await redis.get(keys.shard_group_key("a")) == "leader2"
+    ttl_ms = await redis.pttl(keys.shard_group_key("a"))
+    renewed = await api.post("/shards/renew", json={"group": "leader2", "shard_ids": ["a"]})
+    assert renewed.json() == {"shard_ids": ["a"]} and await redis.pttl(keys.shard_group_key("a")) >= ttl_ms
+
+
 async def test_bad_shard_input_is_a_4xx_naming_the_field(api: httpx.AsyncClient) -> None:
     body = {"address": "shard.lan", "port": 50052, "memory_bytes": 1, "llama_cpp": VERSION}
     reply = await api.post("/shards", json=body)
