@@ -85,15 +85,19 @@ async def test_ending_a_running_job_tells_its_worker_alone(redis: Redis) -> None
     assert heard == [(keys.ended_channel("w1"), "r-ended-1"), (keys.ended_channel("w2"), "marker")]
 
 
-async def test_an_end_heard_between_the_take_and_the_run_still_stops_the_job(redis: Redis) -> None:
+@pytest.mark.parametrize("kept_s", [30.0, 0.0])
+async def test_an_end_heard_between_the_take_and_the_run_still_stops_the_job(redis: Redis, kept_s: float) -> None:
     """A job ended just after a worker took it is announced before the worker watches it: the
-    announcement is kept, and the job's event is set the moment its run starts watching."""
+    announcement is kept, and the job's event is set the moment its run starts watching. Only for a
+    while (`unwatched_keep_s`, here 30 s or none): a request id may be used again once its result
+    expired, and that job must run."""
     worker_id = f"w-{uuid.uuid4().hex}"  # channels are server-wide, not per database: a name no other test uses
     for request_id in ("r-between", "r-running"):
         job = Job(request_id=request_id, worker_id=worker_id, model="m", prompt="p", enqueued_at=time.time())
         await queue.enqueue(redis, job, ttl_s=60)
         assert await queue.pop(redis, worker_id, timeout_s=1, result_ttl_s=60) is not None
     ended, stop = EndedJobs(), asyncio.Event()
+    ended.unwatched_keep_s = kept_s
     running = ended.watch("r-running")
     listening = asyncio.create_task(ended.run(redis, [worker_id], stop))
     try:
@@ -106,7 +110,7 @@ async def test_an_end_heard_between_the_take_and_the_run_still_stops_the_job(red
         assert await queue.end(redis, "r-between", cancelled, ttl_s=60) is not None
         assert await queue.end(redis, "r-running", cancelled, ttl_s=60) is not None
         await asyncio.wait_for(running.wait(), 5)  # announced after r-between's, on the same channel
-        assert ended.watch("r-between").is_set()
+        assert ended.watch("r-between").is_set() is (kept_s > 0)
         assert not ended.watch("r-never-ended").is_set()
     finally:
         stop.set()

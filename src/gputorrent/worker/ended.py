@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
 
 from redis.asyncio import Redis
@@ -26,8 +27,10 @@ log = logging.getLogger(__name__)
 
 POLL_S = 1.0  # how long one read of the channel waits; also how fast a stop is noticed
 # Announcements kept for jobs not watched yet: a job ended between its take and its run is watched
-# milliseconds after its announcement, so a few hundred cover every slot; the oldest go first.
+# milliseconds after its announcement, so a few hundred, for half a minute, cover every slot. Not
+# longer: a client may use a request id again once its result expired, and that job must run.
 UNWATCHED_KEPT = 256
+UNWATCHED_KEEP_S = 30.0
 
 
 class EndedJobs:
@@ -35,14 +38,15 @@ class EndedJobs:
 
     def __init__(self) -> None:
         self._watched: dict[str, asyncio.Event] = {}
-        self._ended_unwatched: OrderedDict[str, None] = OrderedDict()
+        self._ended_unwatched: OrderedDict[str, float] = OrderedDict()  # request id -> when heard (monotonic)
+        self.unwatched_keep_s = UNWATCHED_KEEP_S
         self._resubscribe = False
 
     def watch(self, request_id: str) -> asyncio.Event:
         """The event of a job starting its run: set already if its end was heard before."""
         event = self._watched[request_id] = asyncio.Event()
-        if request_id in self._ended_unwatched:
-            del self._ended_unwatched[request_id]
+        heard_at = self._ended_unwatched.pop(request_id, None)
+        if heard_at is not None and time.monotonic() - heard_at < self.unwatched_keep_s:
             event.set()
         return event
 
@@ -88,8 +92,9 @@ class EndedJobs:
             event.set()
             return
         # Not running here yet: taken a moment ago and about to be watched (or never taken: ended
-        # while queued, and then never run here, so keeping it harms nothing).
-        self._ended_unwatched[request_id] = None
+        # while queued, and then never run here, so keeping it a while harms nothing).
+        self._ended_unwatched[request_id] = time.monotonic()
+        self._ended_unwatched.move_to_end(request_id)
         if len(self._ended_unwatched) > UNWATCHED_KEPT:
             self._ended_unwatched.popitem(last=False)
 
