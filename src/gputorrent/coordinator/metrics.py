@@ -249,34 +249,11 @@ class PoolCollector(Collector):
         yield gpus
 
     def _pool_job_metrics(self) -> Iterator[Metric]:
-        jobs = CounterMetricFamily("gputorrent_pool_jobs", "Jobs the workers finished, by model and outcome",
-                                   labels=["model", "status"])  # fmt: skip
-        generated = CounterMetricFamily("gputorrent_pool_tokens_generated", "Tokens the workers generated",
-                                        labels=["model"])  # fmt: skip
-        prompt = CounterMetricFamily("gputorrent_pool_prompt_tokens", "Prompt tokens the workers read",
-                                     labels=["model"])  # fmt: skip
-        histograms = {
-            "queue_wait": HistogramMetricFamily(
-                "gputorrent_pool_queue_wait_seconds", "Admission to the start of the job", labels=["model"]
-            ),
-            "time_to_first_token": HistogramMetricFamily(
-                "gputorrent_pool_time_to_first_token_seconds",
-                "Admission to the first generated token",
-                labels=["model"],
-            ),
-            "latency": HistogramMetricFamily(
-                "gputorrent_pool_request_latency_seconds", "Admission to the stored result", labels=["model"]
-            ),
-        }
-        for model, counters in sorted(self.totals.items()):
-            jobs.add_metric([model, "completed"], counters.completed)
-            jobs.add_metric([model, "failed"], counters.failed)
-            generated.add_metric([model], counters.tokens_generated)
-            prompt.add_metric([model], counters.prompt_tokens)
-            for name, family in histograms.items():
-                histogram: Histogram = getattr(counters, name)
-                family.add_metric([model], histogram.cumulative(), histogram.sum_s)
-        yield from (jobs, generated, prompt, *histograms.values())
+        rows = (([model], counters) for model, counters in sorted(self.totals.items()))
+        yield from _job_families(
+            "gputorrent_pool_", ["model"], rows, jobs_help="Jobs the workers finished, by model and outcome",
+            whose="the workers",
+        )  # fmt: skip
 
     def _worker_gauges(self) -> Iterator[Metric]:
         slots = GaugeMetricFamily("gputorrent_worker_slots", "Jobs a live worker runs at once", labels=["worker"])
@@ -322,31 +299,44 @@ class PoolCollector(Collector):
         yield from (*families.values(), cpu, ram_used, ram_total)
 
     def _job_metrics(self) -> Iterator[Metric]:
-        labels = ["worker", "model"]
-        jobs = CounterMetricFamily("gputorrent_jobs", "Jobs a worker finished, by outcome", labels=[*labels, "status"])
-        generated = CounterMetricFamily("gputorrent_tokens_generated", "Tokens workers generated", labels=labels)
-        prompt = CounterMetricFamily("gputorrent_prompt_tokens", "Prompt tokens workers read", labels=labels)
-        histograms = {
-            "queue_wait": HistogramMetricFamily(
-                "gputorrent_queue_wait_seconds", "Admission to the start of the job", labels=labels
-            ),
-            "time_to_first_token": HistogramMetricFamily(
-                "gputorrent_time_to_first_token_seconds", "Admission to the first generated token", labels=labels
-            ),
-            "latency": HistogramMetricFamily(
-                "gputorrent_request_latency_seconds", "Admission to the stored result", labels=labels
-            ),
-        }
-        for w in self.workers:
-            for model, counters in sorted((w.telemetry.jobs if w.telemetry else {}).items()):
-                jobs.add_metric([w.worker_id, model, "completed"], counters.completed)
-                jobs.add_metric([w.worker_id, model, "failed"], counters.failed)
-                generated.add_metric([w.worker_id, model], counters.tokens_generated)
-                prompt.add_metric([w.worker_id, model], counters.prompt_tokens)
-                for name, family in histograms.items():
-                    histogram: Histogram = getattr(counters, name)
-                    family.add_metric([w.worker_id, model], histogram.cumulative(), histogram.sum_s)
-        yield from (jobs, generated, prompt, *histograms.values())
+        rows = (
+            ([w.worker_id, model], counters)
+            for w in self.workers
+            for model, counters in sorted((w.telemetry.jobs if w.telemetry else {}).items())
+        )
+        yield from _job_families(
+            "gputorrent_", ["worker", "model"], rows, jobs_help="Jobs a worker finished, by outcome", whose="workers"
+        )
+
+
+def _job_families(
+    prefix: str, labels: list[str], rows: Iterable[tuple[list[str], ModelCounters]], *, jobs_help: str, whose: str
+) -> Iterator[Metric]:
+    """The job counters and latency histograms of `rows` (label values, counters), named `prefix` + metric,
+    for each worker (`gputorrent_`) or summed by model (`gputorrent_pool_`)."""
+    jobs = CounterMetricFamily(f"{prefix}jobs", jobs_help, labels=[*labels, "status"])
+    generated = CounterMetricFamily(f"{prefix}tokens_generated", f"Tokens {whose} generated", labels=labels)
+    prompt = CounterMetricFamily(f"{prefix}prompt_tokens", f"Prompt tokens {whose} read", labels=labels)
+    histograms = {
+        "queue_wait": HistogramMetricFamily(
+            f"{prefix}queue_wait_seconds", "Admission to the start of the job", labels=labels
+        ),
+        "time_to_first_token": HistogramMetricFamily(
+            f"{prefix}time_to_first_token_seconds", "Admission to the first generated token", labels=labels
+        ),
+        "latency": HistogramMetricFamily(
+            f"{prefix}request_latency_seconds", "Admission to the stored result", labels=labels
+        ),
+    }
+    for values, counters in rows:
+        jobs.add_metric([*values, "completed"], counters.completed)
+        jobs.add_metric([*values, "failed"], counters.failed)
+        generated.add_metric(values, counters.tokens_generated)
+        prompt.add_metric(values, counters.prompt_tokens)
+        for name, family in histograms.items():
+            histogram: Histogram = getattr(counters, name)
+            family.add_metric(values, histogram.cumulative(), histogram.sum_s)
+    yield from (jobs, generated, prompt, *histograms.values())
 
 
 class ReplicationCollector(Collector):
