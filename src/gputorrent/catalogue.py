@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from redis.asyncio import Redis
 
@@ -33,6 +34,7 @@ from gputorrent.protocol import (
     SwarmTransfer,
     WorkerState,
 )
+from gputorrent.scripts import Script
 
 FETCH_LAPSE_S = 600  # an announced fetch counts this long; a fetch still waiting announces itself again
 TRANSFER_STALE_S = 30.0  # a fetch whose progress has not come for this long is not shown (its worker died)
@@ -120,14 +122,38 @@ async def fetch_done(redis: Redis, model: str, peer: SwarmPeer) -> None:
 
 
 async def report(redis: Redis, progress: SwarmProgress, workers: Sequence[WorkerState]) -> SwarmMembers:
-    """Keep a fetch's last progress (for the dashboard) and answer the members, which it lets in."""
+    """Keep the last progress of a fetch still announced (for the dashboard) and answer the members,
+    which it lets in."""
     now = time.time()
-    member = _fetching_member(progress.model, progress.peer)
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.hset(keys.swarm_transfers(), member, SwarmTransfer(**progress.model_dump(), at=now).model_dump_json())
-        pipe.zadd(keys.swarm_fetching(), {member: now + FETCH_LAPSE_S}, xx=True)  # a long fetch stays a member
-        await pipe.execute()
+    await _REPORT.run(
+        redis, _ReportKeys(fetching=keys.swarm_fetching(), transfers=keys.swarm_transfers()),
+        _ReportArgs(member=_fetching_member(progress.model, progress.peer), lapse_at=str(now + FETCH_LAPSE_S),
+                    transfer=SwarmTransfer(**progress.model_dump(), at=now).model_dump_json()),
+    )  # fmt: skip
     return await members(redis, workers)
+
+
+@dataclass(frozen=True)
+class _ReportKeys:
+    fetching: str
+    transfers: str
+
+
+@dataclass(frozen=True)
+class _ReportArgs:
+    member: str
+    lapse_at: str
+    transfer: str
+
+
+# Only a fetch still announced: a report that was on its way while the fetch ended (the worker gave up
+# waiting for its answer) lands after `fetch_done` and would show the fetch for `TRANSFER_STALE_S`.
+_REPORT = Script(_ReportKeys, _ReportArgs, """
+if not redis.call('ZSCORE', fetching, member) then return 0 end
+redis.call('ZADD', fetching, 'XX', lapse_at, member)
+redis.call('HSET', transfers, member, transfer)
+return 1
+""")  # fmt: skip
 
 
 async def transfers(redis: Redis) -> list[SwarmTransfer]:

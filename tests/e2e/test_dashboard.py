@@ -95,6 +95,8 @@ def test_the_dashboard_shows_the_workers_their_states_jobs_and_failures(
     with redis_client.sync_client(redis_url) as redis:
         redis.set(keys.heartbeat_key("sick"), sick.model_dump_json(), px=60_000)
         redis.delete(keys.heartbeat_key("gone"))
+        # A fetch announced, as `POST /swarm/fetch` records it (the catalogue has no file of "big" here).
+        redis.zadd(keys.swarm_fetching(), {"big 10.0.0.9 6881": time.time() + 600})
     # A worker fetching a model from the swarm says how it goes, as tests/e2e/test_swarm_models.py's do.
     progress = {"model": "big", "peer": {"address": "10.0.0.9", "port": 6881}, "done_bytes": 3 * 2**30,
                 "total_bytes": 12 * 2**30, "rate_bps": 100 * 2**20, "peers": 3}  # fmt: skip

@@ -66,6 +66,11 @@ async def test_a_fetch_is_told_the_holders_and_members_and_the_holders_learn_of_
     assert (await api.post("/swarm/fetched", json={"model": "m", "peer": fetcher})).status_code == 204
     assert (await api.get("/swarm/members")).json() == {"members": ["10.1.2.3"], "fetching": {}}
     assert (await api.get("/pool")).json()["transfers"] == []
+    # A report that was on its way as the fetch ended lands after it, and shows nothing.
+    late = await api.post("/swarm/progress", json={**progress, "done_bytes": 2})
+    assert late.status_code == 200, late.text
+    assert (await api.get("/pool")).json()["transfers"] == []
+    assert (await api.get("/swarm/members")).json() == {"members": ["10.1.2.3"], "fetching": {}}
 
 
 async def test_bad_swarm_input_is_a_4xx_naming_the_field(api: httpx.AsyncClient) -> None:
