@@ -79,6 +79,22 @@ async def test_a_consumer_waiting_for_work_wakes_when_a_shared_job_arrives(
     assert await redis.hget(keys.job_key(request_id), "worker_id") == "w1"  # `end` looks for it there now
 
 
+async def test_a_consumer_that_took_another_queues_job_leaves_a_shared_job_a_token_for_the_models_others(
+    redis: Redis,
+) -> None:
+    for request_id, model, priority in (("low", "m1", 1), ("high", "m2", 9)):
+        job = Job(request_id=request_id, worker_id="", shared=True, model=model, prompt="x",
+                  enqueued_at=time.time(), priority=priority)  # fmt: skip
+        assert await queue.enqueue(redis, job, ttl_s=60) == request_id
+    # w1 serves both: its wait pops m1's token (the first doorbell holding one) and takes m2's job, of
+    # the higher band.
+    first = await queue.pop(redis, "w1", 1.0, ["m1", "m2"], result_ttl_s=60, wait_first=True)
+    assert first is not None and first.job.request_id == "high"
+    # w2 serves m1 alone, and waits for a token: it must not sleep out its 20 s block.
+    second = await asyncio.wait_for(queue.pop(redis, "w2", 20.0, ["m1"], result_ttl_s=60, wait_first=True), 10)
+    assert second is not None and second.job.request_id == "low"
+
+
 async def _blocked_clients(redis: Redis) -> bool:
     return int((await redis.info("clients"))["blocked_clients"]) > 0
 

@@ -48,8 +48,8 @@ class Lease:
 @dataclass(frozen=True)
 class TakeKeys:
     processing: str  # `processing:{worker_id}`: where a taken job stays until finished
-    doorbells: tuple[str, ...]  # the doorbells of `sources`
-    sources: tuple[str, ...]  # the queues it takes from, highest priority first
+    doorbells: tuple[str, ...]  # the worker's doorbell, then each model's (its shared queue's)
+    sources: tuple[str, ...]  # per band, highest first: the worker's queue, then each model's, as `doorbells`
     lengths: str  # `keys.list_lengths()`
 
 
@@ -67,11 +67,13 @@ class TakeArgs:
 # (false when its status record is gone: it expired, long past its deadline), whether its stream
 # exists, whether any source still holds a job, the job's move count (its fence)}. Finding nothing,
 # it empties the doorbells: every token in them is stale, and a job queued after this script rings
-# again. An idle worker runs it once per blocked wait, so an empty look is one EXISTS over every
-# source, not a pop per source: with thousands of idle workers that is most of what they cost Redis
-# (bench/scale.py). The job's keys are known only once it is taken: they are made from the prefixes
-# keys.py gives. The time it was taken is Redis's own: the script may run long after its caller sent
-# it (see `pop`).
+# again. Taking, it rings each shared queue it leaves holding jobs whose doorbell is empty: the token
+# its consumer popped may have been that queue's while it took another queue's job (of a higher
+# band, or of another model), and the model's other consumers would sleep out their block. An idle
+# worker runs it once per blocked wait, so an empty look is one EXISTS over every source, not a pop
+# per source: with thousands of idle workers that is most of what they cost Redis (bench/scale.py).
+# The job's keys are known only once it is taken: they are made from the prefixes keys.py gives.
+# The time it was taken is Redis's own: the script may run long after its caller sent it (see `pop`).
 _TAKE = Script(
     TakeKeys,
     TakeArgs,
@@ -97,6 +99,19 @@ for i, source in ipairs(sources) do
     local more = 0
     for j = i, #sources do
       if redis.call('LLEN', sources[j]) > 0 then more = 1 break end
+    end
+    if more == 1 then
+      local per_band = #doorbells
+      for p = 2, per_band do
+        if redis.call('EXISTS', doorbells[p]) == 0 then
+          for j = i, #sources do
+            if (j - 1) % per_band + 1 == p and redis.call('EXISTS', sources[j]) == 1 then
+              redis.call('LPUSH', doorbells[p], '1')
+              break
+            end
+          end
+        end
+      end
     end
     return {request_id, found[1], streamed, more, found[2] or '0'}
   end
