@@ -2,16 +2,13 @@
 
 The coordinator and the worker send the scripts on a request's way through
 `gputorrent/pipelined.py` (one shared connection, replies parsed with hiredis, on redis-py's
-connections' private reader and writer), and the coordinator hears results announced through its own
-subscription reader (`coordinator/listener.py`). This measures what each saves against redis-py's
-own asyncio client, which parses with hiredis too when it is installed (it is, `redis[hiredis]`):
-
-- a script call shaped like the take script (`EVALSHA` with 23 keys and arguments; the script does
-  one `LLEN`, so the server's share is small and the same on both sides), through `Redis.evalsha`
-  and through `pipelined(...).execute`, alternating call by call, one at a time, then with 8
-  callers at once, each side alone (CPU a call);
-- an announcement, from `PUBLISH` to the handler, through redis-py's `PubSub` (`listen()`) and
-  through `Listener`, alternating message by message.
+connections' private reader and writer). This measures what it saves against redis-py's own asyncio
+client, which parses with hiredis too when it is installed (it is, `redis[hiredis]`): a script call
+shaped like the take script (`EVALSHA` with 23 keys and arguments; the script does one `LLEN`, so
+the server's share is small and the same on both sides), through `Redis.evalsha` and through
+`pipelined(...).execute`, alternating call by call, one at a time, then with 8 callers at once,
+each side alone (CPU a call). (The coordinator's subscription reader, compared here too until it
+gave way to redis-py's `PubSub`, is redis-py's own now.)
 
 Each side's latency is its p50 and p99; its CPU is the benchmark process's CPU time (the event
 loop included) summed over its own calls. On uvloop, as the coordinator and the worker run.
@@ -33,7 +30,6 @@ from typing import Any
 from pool import save_plot, summary, write_result
 from redis.asyncio import Redis
 
-from gputorrent.coordinator.listener import Listener
 from gputorrent.embedded import EmbeddedRedis
 from gputorrent.pipelined import pipelined
 
@@ -91,68 +87,11 @@ async def scripts_together(redis: Redis, calls: int, concurrency: int) -> dict[s
     return cpu_us
 
 
-class _Subscribed:
-    """Tells when the listener's subscription is in place."""
-
-    def __init__(self) -> None:
-        self.event = asyncio.Event()
-
-    def subscribed(self) -> None:
-        self.event.set()
-
-    def lost(self) -> None:
-        self.event.clear()
-
-
-async def announcements(redis: Redis, url: str, messages: int) -> dict[str, dict[str, list[float]]]:
-    samples: dict[str, dict[str, list[float]]] = {side: {"latency": [], "cpu": []} for side in LABELS}
-    heard: dict[str, asyncio.Event] = {side: asyncio.Event() for side in LABELS}
-    pubsub = redis.pubsub()
-    await pubsub.subscribe("bench:redis-py")
-
-    async def read_with_redis_py() -> None:
-        async for message in pubsub.listen():
-            if message["type"] == "message":
-                heard["redis_py"].set()
-
-    ready = _Subscribed()
-    listener = Listener(redis, {"bench:own": lambda _: heard["own"].set()}, subscribers=(ready,))
-    tasks = [asyncio.create_task(read_with_redis_py()), asyncio.create_task(listener.run())]
-    publisher = Redis.from_url(url, decode_responses=True)
-    try:
-        await asyncio.wait_for(ready.event.wait(), 10)  # the listener subscribes in its own task
-        channels = {"redis_py": "bench:redis-py", "own": "bench:own"}
-
-        def announce(side: str) -> Callable[[], Awaitable[object]]:
-            async def send_and_hear() -> object:
-                heard[side].clear()
-                await publisher.publish(channels[side], "x" * 200)  # the size of a small result
-                return await asyncio.wait_for(heard[side].wait(), 5)
-
-            return send_and_hear
-
-        for _ in range(100):
-            for side in LABELS:
-                await announce(side)()
-        for _ in range(messages):
-            for side in LABELS:
-                await timed(announce(side), samples[side]["latency"], samples[side]["cpu"])
-    finally:
-        listener.stop()
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await pubsub.aclose()
-        await publisher.aclose()
-    return samples
-
-
 async def measure(url: str, calls: int) -> dict[str, Any]:
     redis = Redis.from_url(url, decode_responses=True)
     try:
         return {
             "script": await scripts(redis, calls),
-            "announcement": await announcements(redis, url, calls // 5),
             "script_cpu_us_8_at_once": await scripts_together(redis, calls, 8),
         }
     finally:
@@ -161,7 +100,7 @@ async def measure(url: str, calls: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--calls", type=int, default=5000, help="script calls per side (a fifth as many messages)")
+    parser.add_argument("--calls", type=int, default=5000, help="script calls per side")
     args = parser.parse_args()
     try:
         import uvloop
@@ -193,18 +132,15 @@ def table(result: dict[str, Any]) -> str:
         "| what | through | p50 (µs) | p99 (µs) | CPU a call (µs) |",
         "|---|---|---|---|---|",
     ]
-    for kind, label in (("script", "a script call (23 keys and arguments)"), ("announcement", "an announcement")):
-        for side, side_label in LABELS.items():
-            f = result[kind][side]
-            latency = f"{f['latency']['p50']:.0f} | {f['latency']['p99']:.0f}"
-            rows.append(f"| {label} | {side_label} | {latency} | {f['cpu_us']:.0f} |")
-    script, heard = result["script"], result["announcement"]
+    for side, side_label in LABELS.items():
+        f = result["script"][side]
+        latency = f"{f['latency']['p50']:.0f} | {f['latency']['p99']:.0f}"
+        rows.append(f"| a script call (23 keys and arguments) | {side_label} | {latency} | {f['cpu_us']:.0f} |")
+    script = result["script"]
     rows.append(
         f"\nredis-py costs {script['redis_py']['latency']['p50'] - script['own']['latency']['p50']:.0f} µs more a "
-        f"script call at p50 ({script['redis_py']['cpu_us'] - script['own']['cpu_us']:.0f} µs more CPU) and "
-        f"{heard['redis_py']['latency']['p50'] - heard['own']['latency']['p50']:.0f} µs more an announcement "
-        f"({heard['redis_py']['cpu_us'] - heard['own']['cpu_us']:.0f} µs more CPU); {script['own']['count']} script "
-        f"calls and {heard['own']['count']} announcements a side, uvloop {'on' if result['uvloop'] else 'off'}."
+        f"script call at p50 ({script['redis_py']['cpu_us'] - script['own']['cpu_us']:.0f} µs more CPU); "
+        f"{script['own']['count']} calls a side, uvloop {'on' if result['uvloop'] else 'off'}."
     )
     together = result["script_cpu_us_8_at_once"]
     rows.append(
@@ -218,13 +154,13 @@ def plot(result: dict[str, Any], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(5, 3))
-    kinds = ["script", "announcement"]
-    xs = range(len(kinds))
-    width = 0.38
-    for offset, side in zip((-width / 2, width / 2), LABELS, strict=True):
-        ax.bar([x + offset for x in xs], [result[k][side]["latency"]["p50"] for k in kinds], width, label=LABELS[side])
-    ax.set_xticks(list(xs), ["script call", "announcement"])
-    ax.set_ylabel("µs at p50")
+    sides = list(LABELS)
+    for x, side in enumerate(sides):
+        figures = result["script"][side]["latency"]
+        ax.bar([x - 0.2], [figures["p50"]], 0.38, color="tab:blue", label="p50" if x == 0 else None)
+        ax.bar([x + 0.2], [figures["p99"]], 0.38, color="tab:orange", label="p99" if x == 0 else None)
+    ax.set_xticks(range(len(sides)), [LABELS[side] for side in sides])
+    ax.set_ylabel("µs a script call")
     ax.set_title("The Redis path: redis-py against the project's layer")
     ax.legend()
     save_plot(fig, out)

@@ -10,8 +10,7 @@ whichever caller reads first. Concurrent callers therefore pipeline on one conne
 The connection is made and authenticated by the client's own pool (TLS, ACL users, the database,
 its timeouts: all as configured there), taken out of it for good; closing the client closes it.
 The shared connection (`pipelined`) is only for commands Redis answers at once; a blocking one (the
-worker's doorbell) takes a connection of its own (`borrowed`). The coordinator's subscription reads
-a connection of its own too (`coordinator/listener.py`). On a Redis Cluster a send that a node
+worker's doorbell) takes a connection of its own (`borrowed`). On a Redis Cluster a send that a node
 refused whole, without running any of it, is sent again until the pool's cell is served
 (`REDIRECT_WAIT_S`).
 """

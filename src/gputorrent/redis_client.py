@@ -528,6 +528,9 @@ def async_client(
     """
     common: dict[str, Any] = {
         "decode_responses": decode_responses,
+        # A reply that is not UTF-8 is read with replacement characters, not an error that breaks the
+        # connection: anyone who may publish on a channel (a worker, on `results:ready`) may send any bytes.
+        "encoding_errors": "replace",
         "socket_connect_timeout": socket_connect_timeout,
         "socket_timeout": socket_timeout,
     }

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 from redis.asyncio import Redis
 
+from gputorrent import redis_client
 from gputorrent.coordinator.listener import Listener
 
 WAIT_S = 5.0
@@ -91,6 +92,27 @@ async def test_announcements_reach_their_handlers_once_every_channel_is_confirme
 
     listener.stop()
     await recorder.until(["subscribed", "lost"])  # stopping is told too: nothing is heard from then on
+
+
+async def test_an_announcement_that_is_not_utf8_is_read_with_replacements_and_the_subscription_stays(
+    redis_url: str, redis: Redis, channels: tuple[str, str]
+) -> None:
+    results, _ = channels
+    inbox, recorder = Inbox(results), Recorder()
+    client = redis_client.async_client(redis_url)  # as the coordinator makes it
+    listener = Listener(client, {results: inbox.handler(results)}, (recorder,))
+    task = asyncio.create_task(listener.run())
+    try:
+        await recorder.until(["subscribed"])
+        await redis.publish(results, b"\xff\xfer1")  # any bytes: a worker may publish on this channel
+        await redis.publish(results, "r2")
+        await inbox.until(2)
+        assert inbox.received[results] == ["\ufffd\ufffdr1", "r2"]
+        assert recorder.events == ["subscribed"]  # not a lost connection
+    finally:
+        listener.stop()
+        await asyncio.wait_for(task, timeout=WAIT_S)
+        await client.aclose()
 
 
 async def test_a_killed_connection_is_told_and_the_channels_subscribed_again(

@@ -1,8 +1,8 @@
 """Clients made from a Sentinel URL, on a real deployment: a primary, a replica and three Sentinels.
 
-The pool's private-attribute layer (`pipelined.py`, `coordinator/listener.py`) reads connections of
-the client's pool itself; these tests hold it on the Sentinel pool too, through a coordinated
-failover that leaves the old primary running as a replica.
+The pool's private-attribute layer (`pipelined.py`) reads connections of the client's pool itself;
+these tests hold it on the Sentinel pool too, through a coordinated failover that leaves the old
+primary running as a replica.
 """
 
 from __future__ import annotations
@@ -67,10 +67,10 @@ async def test_the_sentinel_pool_is_bounded_like_the_coordinators_blocking_pool(
         await redis.aclose()
 
 
-async def test_the_private_parts_pipelined_and_the_listener_read_exist_on_sentinel_connections(
+async def test_the_private_parts_pipelined_reads_exist_on_sentinel_connections(
     deployment: SentinelDeployment,
 ) -> None:
-    """If redis-py renames these, the pipelined layer and the listener break: fail here, loudly."""
+    """If redis-py renames these, the pipelined layer breaks: fail here, loudly."""
     redis = redis_client.async_client(deployment.url)
     try:
         pool = redis.connection_pool

@@ -7,16 +7,14 @@ handler's owner is told (`lost`) and falls back to reading Redis until the next 
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Callable, Mapping
-from typing import Protocol
+from collections.abc import Callable, Coroutine, Mapping
+from typing import Any, Protocol
 
-import hiredis
 from redis.asyncio import Redis
-from redis.asyncio.connection import AbstractConnection
-from redis.exceptions import ConnectionError, RedisError, ResponseError
+from redis.exceptions import RedisError
 
-from gputorrent.pipelined import READ_SIZE
 from gputorrent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -33,13 +31,14 @@ class Subscriber(Protocol):
 class Listener:
     """Runs the subscription (`run()`, a task of the app) until `stop()`, reconnecting with backoff.
 
-    It reads the subscription's connection itself, parsing with hiredis: every non-streamed result
-    waits for an announcement, and one arriving on its own cost about 145 µs of CPU through
-    redis-py's `PubSub` when this was written, against about 70 µs this way (the event loop's
-    wake-up included). On redis-py 8.2 the gap is down to about 9 µs (docs/benchmarks.md, "The
-    Redis path"), under the bar for keeping code of our own: redis-py's `PubSub` should replace it.
-    The connection comes from the client's pool, so TLS, ACL users and timeouts are as configured
-    there (as `gputorrent.pipelined` takes its own).
+    It is redis-py's `PubSub` on a connection of the client's pool, so TLS, ACL users and timeouts
+    are as configured there. A reader of our own (hiredis on the connection's socket) saved about
+    9 µs of CPU an announcement against it on redis-py 8.2 (docs/benchmarks.md, "The Redis path"),
+    under the bar for keeping code of our own.
+
+    redis-py reconnects a subscription whose connection broke and subscribes again, within its
+    retries, without raising: the owners are told `lost` when Redis confirms the channels anew (and
+    re-read Redis then), or when the retries give up.
     """
 
     def __init__(
@@ -49,71 +48,73 @@ class Listener:
         self._handlers = dict(handlers)
         self._subscribers = subscribers
         self._stopping = False
-        self._connection: AbstractConnection | None = None
+        self._step: asyncio.Task[None] | None = None
+        self._cut = False  # `_step` was cancelled by `reconnect()` or `stop()`
 
     def stop(self) -> None:
-        """Make `run()` return: the subscription's connection is closed under it."""
+        """Make `run()` return: its current step (a read, or a wait before retrying) is cancelled."""
         self._stopping = True
         self.reconnect()
 
     def reconnect(self) -> None:
-        """Subscribe anew (the primary was failed over): the connection is closed under `run()`, which
-        makes another, through the pool and so the Sentinels."""
-        if self._connection is not None and self._connection._writer is not None:
-            self._connection._writer.close()
+        """Subscribe anew (the primary was failed over): the read is cancelled, and `run()` makes
+        another subscription, on a new connection of the pool, and so through the Sentinels."""
+        if self._step is not None:
+            self._cut = True
+            self._step.cancel()
 
     async def run(self) -> None:
         backoff = Backoff()
         while not self._stopping:
             try:
-                await self._listen(backoff)
+                if not await self._until_interrupted(self._listen(backoff)) and not self._stopping:
+                    self._lost()  # `reconnect()`: subscribed again at once
             except (RedisError, OSError) as e:
                 if self._stopping:
                     break
                 log.warning("the coordinator's listener lost Redis (%s); retrying in %.1f s", e, backoff.delay_s)
                 self._lost()
-                await backoff.wait()
+                await self._until_interrupted(backoff.wait())
         self._lost()
 
-    async def _listen(self, backoff: Backoff) -> None:
-        """Subscribe on a connection of the pool's and hand each announcement to its handler until the
-        connection ends (an error) or `stop()` closes it (a return)."""
-        pool = self._redis.connection_pool
-        connection = self._connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+    async def _until_interrupted(self, step: Coroutine[Any, Any, None]) -> bool:
+        """Run `step` as a task that `reconnect()` and `stop()` cancel; False when they did."""
+        self._cut = False
+        task = self._step = asyncio.create_task(step)
         try:
-            reader, writer = connection._reader, connection._writer
-            if reader is None or writer is None:
-                raise ConnectionError("the connection to Redis is closed")
-            # A payload that is not UTF-8 (published by something else) is replaced, not the end of the listener.
-            parser = hiredis.Reader(replyError=ResponseError, encoding="utf-8", errors="replace")
-            writer.write(hiredis.pack_command(("SUBSCRIBE", *self._handlers)))  # type: ignore[arg-type]
-            unconfirmed = set(self._handlers)
-            while not self._stopping:
-                data = await reader.read(READ_SIZE)
-                if not data:
-                    if self._stopping:
-                        return
-                    raise ConnectionError("Redis closed the connection")
-                try:
-                    parser.feed(data)
-                    while (reply := parser.gets()) is not False:
-                        self._received(reply, unconfirmed, backoff)
-                except hiredis.ProtocolError as e:
-                    raise ConnectionError(f"unreadable reply from Redis: {e}") from e
+            await task
+            return True
+        except asyncio.CancelledError:
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise  # run() itself was cancelled, not only its step
+            return False
+        except (RedisError, OSError):
+            if self._cut:  # redis-py can turn a cancelled read into a ConnectionError
+                return False
+            raise
         finally:
-            self._connection = None
-            await connection.disconnect(nowait=True)
-            await pool.release(connection)
+            self._step = None
 
-    def _received(self, reply: object, unconfirmed: set[str], backoff: Backoff) -> None:
-        if isinstance(reply, ResponseError):  # the subscription was refused (an ACL user without the channel)
-            raise reply
-        if not isinstance(reply, list) or len(reply) != 3:
-            return  # none of ours (a push notice of a newer Redis)
-        kind, channel, data = reply
+    async def _listen(self, backoff: Backoff) -> None:
+        """Subscribe and hand each announcement to its handler until the connection fails for good
+        (an error) or the read is cancelled."""
+        async with self._redis.pubsub() as pubsub:
+            await pubsub.subscribe(*self._handlers)
+            unconfirmed = set(self._handlers)
+            while True:
+                message = await pubsub.get_message(timeout=None)
+                if message is not None:
+                    self._received(message, unconfirmed, backoff)
+
+    def _received(self, message: dict[str, Any], unconfirmed: set[str], backoff: Backoff) -> None:
+        kind, channel = message["type"], message["channel"]
         if kind == "message":
-            self._handlers[channel](data)
-        elif kind == "subscribe" and unconfirmed:
+            self._handlers[channel](message["data"])
+        elif kind == "subscribe":
+            if not unconfirmed:  # subscribed again after a reconnect: announcements were missed meanwhile
+                self._lost()
+                unconfirmed.update(self._handlers)
             # Told only once Redis confirms every channel: from then on nothing is missed.
             unconfirmed.discard(channel)
             if not unconfirmed:
