@@ -129,6 +129,16 @@ async def test_a_killed_connection_is_told_and_the_channels_subscribed_again(
     assert inbox.received[results] == ["after"]
 
 
+async def test_cancelling_the_listeners_task_ends_it(redis: Redis, channels: tuple[str, str]) -> None:
+    recorder = Recorder()
+    listener = Listener(redis, {channel: Inbox(channel).handler(channel) for channel in channels}, (recorder,))
+    task = asyncio.create_task(listener.run())
+    await recorder.until(["subscribed"])
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await asyncio.wait_for(task, timeout=WAIT_S)
+
+
 async def test_a_refused_subscription_is_retried_and_stop_still_ends_the_listener(
     redis_url: str, redis: Redis, channels: tuple[str, str]
 ) -> None:

@@ -36,9 +36,10 @@ class Listener:
     9 µs of CPU an announcement against it on redis-py 8.2 (docs/benchmarks.md, "The Redis path"),
     under the bar for keeping code of our own.
 
-    redis-py reconnects a subscription whose connection broke and subscribes again, within its
-    retries, without raising: the owners are told `lost` when Redis confirms the channels anew (and
-    re-read Redis then), or when the retries give up.
+    redis-py tries to reconnect a subscription whose connection broke (and subscribes again) before
+    it raises, and within its retries does not raise at all: the owners are told `lost` when the
+    error comes out, after that try (up to the connect timeout), or when Redis confirms the channels
+    anew after a reconnect that worked; either way they re-read Redis then.
     """
 
     def __init__(
@@ -81,16 +82,19 @@ class Listener:
         """Run `step` as a task that `reconnect()` and `stop()` cancel; False when they did."""
         self._cut = False
         task = self._step = asyncio.create_task(step)
+        current = asyncio.current_task()
         try:
             await task
             return True
         except asyncio.CancelledError:
-            current = asyncio.current_task()
             if current is not None and current.cancelling():
                 raise  # run() itself was cancelled, not only its step
             return False
         except (RedisError, OSError):
-            if self._cut:  # redis-py can turn a cancelled read into a ConnectionError
+            # redis-py can turn a cancelled read into a ConnectionError: run()'s own cancellation, or a cut.
+            if current is not None and current.cancelling():
+                raise asyncio.CancelledError from None
+            if self._cut:
                 return False
             raise
         finally:

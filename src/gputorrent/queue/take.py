@@ -104,11 +104,13 @@ for i, source in ipairs(sources) do
       local per_band = #doorbells
       for p = 2, per_band do
         if redis.call('EXISTS', doorbells[p]) == 0 then
-          for j = i, #sources do
-            if (j - 1) % per_band + 1 == p and redis.call('EXISTS', sources[j]) == 1 then
+          local j = i + (p - i) % per_band  -- the model's queue of this band, or of the next
+          while j <= #sources do
+            if redis.call('EXISTS', sources[j]) == 1 then
               redis.call('LPUSH', doorbells[p], '1')
               break
             end
+            j = j + per_band
           end
         end
       end
