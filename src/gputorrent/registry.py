@@ -100,27 +100,33 @@ async def register(
     return bool(stored)
 
 
-def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> BeatAnswer:
+def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool) -> BeatAnswer:
     """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own
-    thread); answers whether an admin asked it to drain, and the swarm's epoch."""
+    thread); answers whether an admin asked it to drain, and the swarm's epoch if `swarm_epoch`."""
     with client.pipeline(transaction=False) as pipe:
-        queue_beat(pipe, worker_id, heartbeat, ttl_s)
+        queue_beat(pipe, worker_id, heartbeat, ttl_s, swarm_epoch=swarm_epoch)
         return beat_answer(worker_id, pipe.execute(raise_on_error=False))
 
 
-BEAT_REPLIES = 3  # what `queue_beat` adds to a pipeline
+def beat_replies(swarm_epoch: bool) -> int:
+    """How many replies `queue_beat` adds to a pipeline."""
+    return 3 if swarm_epoch else 2
 
 
-def queue_beat(pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: float) -> None:
-    """Add one beat's commands to `pipe`: its `BEAT_REPLIES` replies go to `beat_answer`."""
+def queue_beat(pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool) -> None:
+    """Add one beat's commands to `pipe`, whose `beat_replies(swarm_epoch)` replies go to `beat_answer`.
+    Only a worker with a swarm reads the swarm's epoch: for the others it was a third of every beat's
+    commands, which are most of what an idle pool costs Redis (docs/scaling.md)."""
     pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
     pipe.exists(keys.drain_key(worker_id))
-    pipe.get(keys.swarm_epoch())
+    if swarm_epoch:
+        pipe.get(keys.swarm_epoch())
 
 
 def beat_answer(worker_id: str, replies: list[Any]) -> BeatAnswer:
     """What one beat's replies (`queue_beat`) say; raises the error of a failed write."""
-    written, drain, swarm_epoch = replies
+    written, drain, *read = replies
+    swarm_epoch = read[0] if read else None
     for reply in (written, drain):
         if isinstance(reply, Exception):
             raise reply

@@ -133,7 +133,7 @@ def test_a_worker_user_made_before_the_swarm_still_beats(tmp_path: Path) -> None
         worker = redis.Redis(host=host, port=int(port), username="worker", password="worker-pw")
         try:
             admin.set("swarm:epoch", 7)
-            answer = registry.beat(worker, "w1", Heartbeat(at=1.0), ttl_s=10)
+            answer = registry.beat(worker, "w1", Heartbeat(at=1.0), ttl_s=10, swarm_epoch=True)
             assert (answer.drain, answer.swarm_epoch) == (False, 0)
             assert admin.exists("heartbeat:w1")
         finally:

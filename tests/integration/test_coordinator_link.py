@@ -112,7 +112,7 @@ async def not_the_coordinator() -> AsyncIterator[str]:
 
 async def test_an_answer_that_is_not_the_coordinators_is_an_outage_to_retry(not_the_coordinator: str) -> None:
     link = CoordinatorLink(not_the_coordinator, "c", "secret")
-    sender = link.heartbeat_sender()
+    sender = link.heartbeat_sender(swarm_epoch=True)
     try:
         with pytest.raises(CoordinatorUnreachable):
             await link.take(0.01, ["fake"])

@@ -80,12 +80,27 @@ async def test_heartbeats_report_jobs_in_flight_and_condition(redis: Redis, redi
     await registry.register(redis, record, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("s"))
     with SyncRedis.from_url(redis_url) as client:
         heartbeat = Heartbeat(at=time.time(), jobs_in_flight=3, condition="unhealthy", reason="backend down")
-        registry.beat(client, "w1", heartbeat, ttl_s=5)
+        registry.beat(client, "w1", heartbeat, ttl_s=5, swarm_epoch=False)
     [state] = await registry.snapshot(redis)
     assert state.jobs_in_flight == 3
     assert (state.state, state.state_reason) == ("unhealthy", "backend down")
     await registry.mark_gone(redis, "w1")
     assert [w.state for w in await registry.snapshot(redis)] == ["dead"]
+
+
+def test_only_a_worker_with_a_swarm_reads_the_swarms_epoch_when_it_beats(redis_url: str) -> None:
+    def gets(client: SyncRedis) -> int:
+        return int(client.info("commandstats").get("cmdstat_get", {}).get("calls", 0))
+
+    with SyncRedis.from_url(redis_url) as client:
+        client.set(keys.swarm_epoch(), 7)
+        client.config_resetstat()
+        without = registry.beat(client, "w1", Heartbeat(at=time.time()), ttl_s=5, swarm_epoch=False)
+        assert gets(client) == 0  # a SET and an EXISTS only
+        with_swarm = registry.beat(client, "w1", Heartbeat(at=time.time()), ttl_s=5, swarm_epoch=True)
+        assert gets(client) == 1
+        assert (without.swarm_epoch, with_swarm.swarm_epoch) == (0, 7)
+        assert client.exists(keys.heartbeat_key("w1"))
 
 
 @pytest.mark.parametrize("coordinator_settings", [{"heartbeat_timeout_s": 600}], indirect=True)  # w3 stays alive

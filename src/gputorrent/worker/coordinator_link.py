@@ -205,7 +205,7 @@ class CoordinatorLink:
         # coordinator adds the figures of every result it stores to the pool's history itself.
         await stop.wait()
 
-    def heartbeat_sender(self) -> _CoordinatorHeartbeat:
+    def heartbeat_sender(self, *, swarm_epoch: bool) -> _CoordinatorHeartbeat:  # the answer always carries the epoch
         return _CoordinatorHeartbeat(self._base + "/heartbeat", self._headers, self.worker_id)
 
     async def leave(self) -> bool:

@@ -99,7 +99,10 @@ class PoolLink(Protocol):
         figures to the pool's history (where the link does that itself)."""
         ...
 
-    def heartbeat_sender(self) -> HeartbeatSender: ...
+    def heartbeat_sender(self, *, swarm_epoch: bool) -> HeartbeatSender:
+        """A sender of this worker's beats; their answers carry the swarm's epoch if `swarm_epoch` (a
+        worker with a swarm)."""
+        ...
 
     async def leave(self) -> bool:
         """Leave the registry (only with empty lists; else just mark this worker gone)."""
@@ -186,8 +189,8 @@ class RedisLink:
         if self._ended is not None:
             self._ended.resubscribe()
 
-    def heartbeat_sender(self) -> HeartbeatSender:
-        heartbeat = _RedisHeartbeat(self._redis_url, self.worker_id, self._heartbeat_ttl_s)
+    def heartbeat_sender(self, *, swarm_epoch: bool) -> HeartbeatSender:
+        heartbeat = _RedisHeartbeat(self._redis_url, self.worker_id, self._heartbeat_ttl_s, swarm_epoch)
         self._heartbeats.append(heartbeat)
         return heartbeat
 
@@ -201,15 +204,16 @@ class RedisLink:
 class _RedisHeartbeat:
     """Beats on a blocking client of its own: the `jobs:ended:{id}` listener already tells of ended jobs."""
 
-    def __init__(self, redis_url: str, worker_id: str, ttl_s: float) -> None:
+    def __init__(self, redis_url: str, worker_id: str, ttl_s: float, swarm_epoch: bool) -> None:
         # Bounded as the coordinator's: a beat to a primary cut off fails soon and the next one asks the
         # Sentinels again, well inside the heartbeat timeout.
         self._client = redis_client.sync_client(redis_url, socket_connect_timeout=2, socket_timeout=2)
         self._worker_id = worker_id
         self._ttl_s = ttl_s
+        self._swarm_epoch = swarm_epoch
 
     def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
-        return registry.beat(self._client, self._worker_id, heartbeat, self._ttl_s)
+        return registry.beat(self._client, self._worker_id, heartbeat, self._ttl_s, swarm_epoch=self._swarm_epoch)
 
     def reconnect(self) -> None:
         """The next beat asks the Sentinels where the primary is (called from the event loop's thread:

@@ -137,9 +137,9 @@ class Worker:
                 loop.call_soon_threadsafe(self._follow_swarm, epoch)
 
         self._heartbeat = HeartbeatThread(
-            self.link.heartbeat_sender(), self.worker_id, self.heartbeat_interval_s, self.heartbeat,
-            self.ended.running, on_drain=drain_asked, on_ended=ended_elsewhere,
-            on_swarm_epoch=swarm_epoch if self.swarm is not None else None,
+            self.link.heartbeat_sender(swarm_epoch=self.swarm is not None), self.worker_id,
+            self.heartbeat_interval_s, self.heartbeat, self.ended.running, on_drain=drain_asked,
+            on_ended=ended_elsewhere, on_swarm_epoch=swarm_epoch if self.swarm is not None else None,
         )  # fmt: skip
         self._heartbeat.start()
         if isinstance(self.backend, SplitBackend):  # a broken group: unhealthy at once, not at the next probe

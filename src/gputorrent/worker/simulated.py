@@ -40,7 +40,6 @@ from redis.exceptions import RedisError
 
 from gputorrent import __version__, pipelined, redis_client, registry
 from gputorrent.protocol import Heartbeat, Registered, WorkerRegistration
-from gputorrent.registry import BEAT_REPLIES
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends.fake import FakeBackend
@@ -201,6 +200,7 @@ class Simulation:
             return
         interval_s = self.workers[0].registered.heartbeat_interval_s
         ticks = max(1, round(interval_s / BEAT_TICK_S))
+        replied = registry.beat_replies(swarm_epoch=False)  # simulated workers have no swarm
         client = redis_client.sync_client(self.redis_url, socket_connect_timeout=2, socket_timeout=2)
         try:
             due_at = time.monotonic()
@@ -212,7 +212,8 @@ class Simulation:
                 with client.pipeline(transaction=False) as pipe:
                     for worker in due:
                         beat = Heartbeat(at=time.time(), jobs_in_flight=worker.jobs_in_flight)
-                        registry.queue_beat(pipe, worker.worker_id, beat, worker.registered.heartbeat_timeout_s)
+                        registry.queue_beat(pipe, worker.worker_id, beat, worker.registered.heartbeat_timeout_s,
+                                            swarm_epoch=False)  # fmt: skip
                     try:
                         replies = pipe.execute(raise_on_error=False)
                     except (RedisError, OSError) as e:
@@ -220,7 +221,7 @@ class Simulation:
                         continue
                 for i, worker in enumerate(due):
                     try:
-                        registry.beat_answer(worker.worker_id, replies[i * BEAT_REPLIES : (i + 1) * BEAT_REPLIES])
+                        registry.beat_answer(worker.worker_id, replies[i * replied : (i + 1) * replied])
                     except (RedisError, OSError) as e:
                         log.warning("heartbeat of %s failed: %s", worker.worker_id, e)
         finally:
