@@ -7,7 +7,7 @@ beat, so a worker that dies simply expires and every coordinator sees it at once
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -18,11 +18,21 @@ from redis.client import Pipeline
 from redis.exceptions import ResponseError, WatchError
 
 from gputorrent import keys
-from gputorrent.protocol import MAX_MODELS, BeatAnswer, Group, Hardware, Heartbeat, WorkerRecord, WorkerState
+from gputorrent.protocol import (
+    MAX_MODELS,
+    BeatAnswer,
+    BeatLoad,
+    Group,
+    Hardware,
+    Heartbeat,
+    WorkerRecord,
+    WorkerState,
+)
 from gputorrent.scripts import Script
+from gputorrent.telemetry import Telemetry
 
 log = logging.getLogger(__name__)
-M = TypeVar("M", WorkerRecord, Heartbeat)
+M = TypeVar("M", WorkerRecord, BeatLoad)
 
 
 # A live worker's id is taken: only its own secret (or `force`) replaces its registration.
@@ -301,6 +311,28 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
     return states
 
 
+async def with_telemetry(redis: Redis, workers: Sequence[WorkerState]) -> list[WorkerState]:
+    """`workers` (rows of `snapshot`) with the telemetry of their heartbeats, which `snapshot` leaves
+    out; read in steps of `SNAPSHOT_CHUNK`, for the listings that show it. A dead worker has none, and
+    so has one whose heartbeat has lapsed since, or whose telemetry cannot be read."""
+    filled: list[WorkerState] = []
+    for start in range(0, len(workers), SNAPSHOT_CHUNK):
+        chunk = workers[start : start + SNAPSHOT_CHUNK]
+        texts = await redis.mget([keys.heartbeat_key(worker.worker_id) for worker in chunk])
+        for worker, raw in zip(chunk, texts, strict=True):
+            telemetry = _telemetry(worker.worker_id, raw) if raw and worker.state != "dead" else None
+            filled.append(worker.model_copy(update={"telemetry": telemetry}) if telemetry is not None else worker)
+    return filled
+
+
+def _telemetry(worker_id: str, raw: str | bytes) -> Telemetry | None:
+    try:
+        return Heartbeat.model_validate_json(raw).telemetry
+    except ValidationError as e:
+        log.warning("worker %s: unreadable telemetry, left out: %s", worker_id, e.errors()[:1])
+        return None
+
+
 def _state(
     worker_id: str, record_raw: str | None, heartbeat_raw: str | None, queue_length: int, held: int, *,
     records: dict[str, WorkerRecord],
@@ -314,7 +346,7 @@ def _state(
         record = WorkerRecord(worker_id=worker_id, models=[], backend="", slots=1, hardware=Hardware(),
                               registered_at=0.0)  # fmt: skip
         heartbeat_raw = None
-    heartbeat = _read(Heartbeat, worker_id, heartbeat_raw) if heartbeat_raw else None
+    heartbeat = _read(BeatLoad, worker_id, heartbeat_raw) if heartbeat_raw else None
     # Every part was validated as it was read. A copy of a model made once costs a third of
     # `model_construct`'s work, which a read of a pool of thousands does for every worker.
     return _ROW.model_copy(update=dict(
@@ -329,7 +361,6 @@ def _state(
         queue_length=queue_length,
         last_heartbeat_at=heartbeat.at if heartbeat else None,
         registered_at=record.registered_at,
-        telemetry=heartbeat.telemetry if heartbeat else None,
         jobs_held=held,
         tokens_per_s=heartbeat.tokens_per_s if heartbeat else None,
         can_pull=record.can_pull,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 
 import httpx
@@ -12,6 +13,7 @@ from redis.asyncio import Redis
 
 from gputorrent import auth, keys, registry
 from gputorrent.protocol import Hardware, Heartbeat, WorkerRecord
+from gputorrent.telemetry import MachineSample, ModelCounters, Telemetry
 
 
 async def test_register_answers_with_id_and_heartbeat_interval(api: httpx.AsyncClient, redis: Redis) -> None:
@@ -86,6 +88,29 @@ async def test_heartbeats_report_jobs_in_flight_and_condition(redis: Redis, redi
     assert (state.state, state.state_reason) == ("unhealthy", "backend down")
     await registry.mark_gone(redis, "w1")
     assert [w.state for w in await registry.snapshot(redis)] == ["dead"]
+
+
+async def test_the_snapshot_leaves_the_telemetry_in_redis_and_the_listings_read_it(
+    redis: Redis, redis_url: str
+) -> None:
+    for worker_id in ("w1", "w2"):
+        record = WorkerRecord(worker_id=worker_id, models=["m"], backend="fake", slots=1, hardware=Hardware(),
+                              registered_at=time.time())  # fmt: skip
+        await registry.register(redis, record, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("s"))
+    telemetry = Telemetry(sampled_at=time.time(), machine=MachineSample(cpu_utilization_ratio=0.25),
+                          jobs={"m": ModelCounters(completed=3)})  # fmt: skip
+    with SyncRedis.from_url(redis_url) as client:
+        registry.beat(client, "w1", Heartbeat(at=time.time(), jobs_in_flight=1, telemetry=telemetry), ttl_s=5,
+                      swarm_epoch=False)  # fmt: skip
+        # A heartbeat whose telemetry cannot be read: the worker is still alive, without telemetry.
+        unreadable = json.dumps({"at": time.time(), "telemetry": {"sampled_at": -1}})
+        client.set(keys.heartbeat_key("w2"), unreadable, px=5000)
+    rows = await registry.snapshot(redis)
+    assert [(w.worker_id, w.state, w.telemetry) for w in rows] == [("w1", "alive", None), ("w2", "alive", None)]
+    assert rows[0].jobs_in_flight == 1
+    shown = await registry.with_telemetry(redis, rows)
+    assert [w.telemetry for w in shown] == [telemetry, None]
+    assert [w.model_copy(update={"telemetry": None}) for w in shown] == rows
 
 
 def test_only_a_worker_with_a_swarm_reads_the_swarms_epoch_when_it_beats(redis_url: str) -> None:

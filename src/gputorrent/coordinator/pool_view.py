@@ -7,7 +7,7 @@ import time
 from pydantic import BaseModel, ConfigDict, Field
 from redis.asyncio import Redis
 
-from gputorrent import catalogue, pool_stats
+from gputorrent import catalogue, pool_stats, registry
 from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.pool_stats import HistoryPoint
 from gputorrent.protocol import SwarmTransfer, WorkerState
@@ -74,7 +74,7 @@ async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> Pool
     points_kept = history_s // pool_stats.BUCKET_S
     return PoolOverview(
         at=now,
-        workers=worker_rows(workers),
+        workers=await registry.with_telemetry(redis, worker_rows(workers)),
         models=model_queues(workers),
         totals=totals(workers),
         rates=rates(history[-(RATE_WINDOW_S // pool_stats.BUCKET_S) :]),

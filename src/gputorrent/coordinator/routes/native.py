@@ -113,7 +113,7 @@ async def list_workers(
     """
     workers = await current_pool(redis)
     start = 0 if after is None else bisect.bisect_right(workers, after, key=lambda w: w.worker_id)
-    return workers[start : None if limit is None else start + limit]
+    return await registry.with_telemetry(redis, workers[start : None if limit is None else start + limit])
 
 
 @router.post(

@@ -21,7 +21,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollecto
 from redis.exceptions import RedisError
 from starlette.middleware import Middleware
 
-from gputorrent import pool_stats
+from gputorrent import pool_stats, registry
 from gputorrent.coordinator import metrics, pool_view
 from gputorrent.coordinator.deps import RedisDep
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, STREAM_HEADERS, sse
@@ -130,7 +130,7 @@ async def prometheus_metrics(
     """This coordinator's request counters, then the pool read from Redis now: its totals, job counters
     and latency histograms by model, and (unless `per_worker=false`) slots, queues, GPU and CPU
     telemetry, job counters and latency histograms per worker."""
-    workers = await current_pool(redis)
+    workers = await registry.with_telemetry(redis, await current_pool(redis))
     # Off the event loop: at 10,000 workers the per-worker text takes seconds to write.
     async with request.app.state.metrics_rendering:
         body = await asyncio.to_thread(
