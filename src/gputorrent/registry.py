@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 from redis.client import Pipeline
@@ -313,21 +313,46 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
 
 async def with_telemetry(redis: Redis, workers: Sequence[WorkerState]) -> list[WorkerState]:
     """`workers` (rows of `snapshot`) with the telemetry of their heartbeats, which `snapshot` leaves
-    out; read in steps of `SNAPSHOT_CHUNK`, for the listings that show it. A dead worker has none, and
-    so has one whose heartbeat has lapsed since, or whose telemetry cannot be read."""
+    out; read in steps of `SNAPSHOT_CHUNK`, for the listings that show it. Each row's `registered_at`
+    is read again with it, so that the two always belong to one run of the worker (`/metrics` tells a
+    restart by it, and the snapshot may be seconds old). A dead worker has no telemetry, and neither
+    has one whose record or heartbeat is gone since, or whose telemetry cannot be read."""
     filled: list[WorkerState] = []
+    records: dict[str, WorkerRecord] = {}
     for start in range(0, len(workers), SNAPSHOT_CHUNK):
         chunk = workers[start : start + SNAPSHOT_CHUNK]
-        texts = await redis.mget([keys.heartbeat_key(worker.worker_id) for worker in chunk])
-        for worker, raw in zip(chunk, texts, strict=True):
-            telemetry = _telemetry(worker.worker_id, raw) if raw and worker.state != "dead" else None
-            filled.append(worker.model_copy(update={"telemetry": telemetry}) if telemetry is not None else worker)
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.mget([keys.worker_key(worker.worker_id) for worker in chunk])
+            pipe.mget([keys.heartbeat_key(worker.worker_id) for worker in chunk])
+            record_texts, heartbeat_texts = await pipe.execute()
+        for worker, record_raw, heartbeat_raw in zip(chunk, record_texts, heartbeat_texts, strict=True):
+            filled.append(_with_telemetry(worker, record_raw, heartbeat_raw, records))
     return filled
 
 
-def _telemetry(worker_id: str, raw: str | bytes) -> Telemetry | None:
+def _with_telemetry(
+    worker: WorkerState, record_raw: str | None, heartbeat_raw: str | None, records: dict[str, WorkerRecord]
+) -> WorkerState:
+    if worker.state == "dead" or not record_raw or not heartbeat_raw:
+        return worker
+    record = _record(worker.worker_id, record_raw, records)
+    telemetry = _telemetry(worker.worker_id, heartbeat_raw)
+    if record is None or telemetry is None:
+        return worker
+    return worker.model_copy(update={"telemetry": telemetry, "registered_at": record.registered_at})
+
+
+class _TelemetryOnly(BaseModel):
+    """A heartbeat's telemetry alone: a field this coordinator does not know (a newer worker's) is let be."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True, allow_inf_nan=False)
+
+    telemetry: Telemetry | None = None
+
+
+def _telemetry(worker_id: str, raw: str) -> Telemetry | None:
     try:
-        return Heartbeat.model_validate_json(raw).telemetry
+        return _TelemetryOnly.model_validate_json(raw).telemetry
     except ValidationError as e:
         log.warning("worker %s: unreadable telemetry, left out: %s", worker_id, e.errors()[:1])
         return None

@@ -112,6 +112,15 @@ async def test_the_snapshot_leaves_the_telemetry_in_redis_and_the_listings_read_
     assert [w.telemetry for w in shown] == [telemetry, None]
     assert [w.model_copy(update={"telemetry": None}) for w in shown] == rows
 
+    # w1 restarts after the snapshot: its telemetry comes with the registration of the same run.
+    again = WorkerRecord(worker_id="w1", models=["m"], backend="fake", slots=1, hardware=Hardware(),
+                         registered_at=rows[0].registered_at + 10)  # fmt: skip
+    await registry.register(redis, again, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("s"), force=True)
+    with SyncRedis.from_url(redis_url) as client:
+        registry.beat(client, "w1", Heartbeat(at=time.time(), telemetry=telemetry), ttl_s=5, swarm_epoch=False)
+    [restarted, _] = await registry.with_telemetry(redis, rows)
+    assert (restarted.registered_at, restarted.telemetry) == (again.registered_at, telemetry)
+
 
 def test_only_a_worker_with_a_swarm_reads_the_swarms_epoch_when_it_beats(redis_url: str) -> None:
     def gets(client: SyncRedis) -> int:

@@ -54,7 +54,8 @@ async def drain_worker(worker_id: str, redis: RedisDep, caller: AdminDep) -> Wor
     worker = await _worker(redis, worker_id)
     await redis.set(keys.drain_key(worker_id), caller.key_id, ex=DRAIN_REQUEST_TTL_S)
     log.info("worker %s asked to drain by key %s", worker_id, caller.key_id)
-    return worker
+    [shown] = await registry.with_telemetry(redis, [worker])  # its row as `/workers` shows it
+    return shown
 
 
 @router.delete(
