@@ -169,17 +169,32 @@ async def closed_loop(base: str, headers: dict[str, str], clients: int, seconds:
 
 
 def start_simulation(
-    procs: Processes, pool_url: str, redis_url: str, join_key: str, count: int, take_block_s: float
-) -> int:
-    """Simulated workers in one process; returns its pid once every one is registered and consuming."""
+    procs: Processes, pool_url: str, redis_url: str, join_key: str, count: int, take_block_s: float,
+    *, model: str | None = None, id_prefix: str | None = None,
+) -> int:  # fmt: skip
+    """Simulated workers in one process (of `model`, ids from `id_prefix`, else the simulation's
+    defaults); returns its pid once every one is registered and consuming."""
     command = [sys.executable, "-m", "gputorrent.worker.simulated", "--count", str(count), "--coordinator", pool_url,
                "--redis-url", redis_url, "--join-token", join_key, "--take-block-s", str(take_block_s)]  # fmt: skip
+    if model is not None:
+        command += ["--model", model]
+    if id_prefix is not None:
+        command += ["--id-prefix", id_prefix]
     child = procs.start(command, stdout=subprocess.PIPE, preexec_fn=more_open_files)
     assert child.stdout is not None
     line = child.stdout.readline().decode()  # blocks until `ready N`, or EOF if it died
     if not line.startswith("ready"):
         raise RuntimeError(f"the simulated workers did not start (exit code {child.poll()}): {line!r}")
     return child.pid
+
+
+def wait_settled(redis_url: str, counters: RedisCounters, count: int) -> None:
+    """Wait until `settled`, for up to `READY_TIMEOUT_S`."""
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not settled(redis_url, counters, count):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{count} workers did not settle")
+        time.sleep(0.5)
 
 
 def settled(redis_url: str, counters: RedisCounters, count: int) -> bool:
@@ -234,11 +249,7 @@ def simulated_pool(
         registering = time.monotonic()
         simulation_pid = start_simulation(procs, pool.url, redis_url, pool.join_key, count, take_block_s)
         registered_s = time.monotonic() - registering
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not settled(redis_url, counters, count):
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{count} workers did not settle")
-            time.sleep(0.5)
+        wait_settled(redis_url, counters, count)
         print(f"{count} workers on {shards} shard(s): registered in {registered_s:.1f} s", file=sys.stderr)
         try:
             yield pool, counters, registered_s, empty_memory, simulation_pid

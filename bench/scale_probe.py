@@ -26,9 +26,7 @@ import asyncio
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 from typing import Any
 
 import httpx
@@ -38,33 +36,19 @@ from scale import (
     LOAD_SECONDS,
     MAXCLIENTS,
     RATE_PER_S,
-    READY_TIMEOUT_S,
     SIMULATED_TAKE_BLOCK_S,
     RedisCounters,
     closed_loop,
-    more_open_files,
     open_loop,
     redis_servers,
-    settled,
+    start_simulation,
+    wait_settled,
 )
 
 from gputorrent import keys
 
 BUSY = 100
 CPUS = sorted(os.sched_getaffinity(0))  # before a run narrows this process's own
-
-
-def simulate(procs: Processes, pool: Pool, count: int, model: str, prefix: str) -> int:
-    """`count` simulated workers of `model` in a process of their own; its pid once they consume."""
-    command = [sys.executable, "-m", "gputorrent.worker.simulated", "--count", str(count), "--coordinator", pool.url,
-               "--redis-url", pool.redis_url, "--join-token", pool.join_key, "--take-block-s",
-               str(SIMULATED_TAKE_BLOCK_S), "--model", model, "--id-prefix", prefix]  # fmt: skip
-    child = procs.start(command, stdout=subprocess.PIPE, preexec_fn=more_open_files)
-    assert child.stdout is not None
-    line = child.stdout.readline().decode()
-    if not line.startswith("ready"):
-        raise RuntimeError(f"the simulated workers did not start (exit code {child.poll()}): {line!r}")
-    return child.pid
 
 
 def full_collections(pool: Pool) -> int:
@@ -92,14 +76,12 @@ def measure(idle: int, nice: bool) -> dict[str, Any]:
         with SyncRedis.from_url(server_urls[0], decode_responses=True) as redis:
             redis.config_set("maxclients", MAXCLIENTS)
             pool = start_pool(procs, redis_url)
-            harness = [simulate(procs, pool, BUSY, "fake", "busy")]
+            harness = [start_simulation(procs, pool.url, redis_url, pool.join_key, BUSY, SIMULATED_TAKE_BLOCK_S,
+                                        model="fake", id_prefix="busy")]  # fmt: skip
             if idle:
-                harness.append(simulate(procs, pool, idle, "other", "idle"))
-            deadline = time.monotonic() + READY_TIMEOUT_S
-            while not settled(redis_url, counters, BUSY + idle):
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"{BUSY + idle} workers did not settle")
-                time.sleep(0.5)
+                harness.append(start_simulation(procs, pool.url, redis_url, pool.join_key, idle,
+                                                SIMULATED_TAKE_BLOCK_S, model="other", id_prefix="idle"))  # fmt: skip
+            wait_settled(redis_url, counters, BUSY + idle)
             counters.close()
             first, *rest = CPUS
             for pid in (int(redis.info("server")["process_id"]), pool.coordinator.pid):
