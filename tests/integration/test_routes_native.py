@@ -12,7 +12,6 @@ from redis.asyncio import Redis
 
 from gputorrent import keys
 from gputorrent.config import CoordinatorSettings
-from gputorrent.coordinator import snapshot as pool_snapshot_module
 from gputorrent.coordinator.app import create_app
 from gputorrent.embedded import free_port
 from gputorrent.worker.backends.fake import FAIL_TRIGGER
@@ -59,11 +58,8 @@ async def test_chat_messages_are_served(api: httpx.AsyncClient, fake_worker: Mak
 
 @pytest.mark.parametrize("coordinator_settings", [{"routing": "round_robin"}], indirect=True)
 async def test_round_robin_alternates_between_workers_with_worker_index(
-    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
 ) -> None:
-    # The reaper may read the pool between the two registrations; admission would then route by that
-    # read, w1 alone, until it is a snapshot's life old: read the pool before every request instead.
-    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_STALE_MAX_S", 0.0)
     await fake_worker("w1")
     await fake_worker("w2")
     picked = [(await _submit(api)).json()["worker_id"] for _ in range(4)]

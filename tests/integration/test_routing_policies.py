@@ -244,6 +244,18 @@ async def test_admission_reads_the_pool_afresh_before_refusing_for_want_of_a_wor
     assert reply.status_code == 202 and reply.json()["worker_id"] == "w2"
 
 
+@with_settings(routing="round_robin")
+async def test_a_worker_registered_through_this_coordinator_is_routed_to_at_once(
+    api: httpx.AsyncClient, fake_worker: MakeWorker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_STALE_MAX_S", 60.0)  # no quiet spell forces a read
+    await fake_worker("w1")
+    assert (await _submit(api)).json()["worker_id"] == "w1"  # the pool is read, w1 alone
+    await fake_worker("w2")
+    routed = {(await _submit(api)).json()["worker_id"] for _ in range(2)}
+    assert routed == {"w1", "w2"}  # the registration made admission read the pool again
+
+
 async def test_compatible_apis_take_a_priority_header(
     api: httpx.AsyncClient, redis: Redis, fake_worker: MakeWorker
 ) -> None:

@@ -78,11 +78,8 @@ async def _followed(redis: Redis, request_id: str) -> tuple[str, JobResult]:
 
 
 async def test_a_stopped_worker_hands_its_queue_on_finishes_its_job_and_leaves(
-    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis, monkeypatch: pytest.MonkeyPatch
+    api: httpx.AsyncClient, fake_worker: MakeWorker, redis: Redis
 ) -> None:
-    # A read of the pool between the two registrations (the reaper's) would route all three to w1:
-    # admission reads the pool before each request instead.
-    monkeypatch.setattr(pool_snapshot_module, "SNAPSHOT_STALE_MAX_S", 0.0)
     w1 = await fake_worker("w1", token_delay_s=0.02, drain_timeout_s=10)
     w2 = await fake_worker("w2")
     # Round-robin: r1 and r3 go to w1, r2 to w2.

@@ -10,11 +10,12 @@ When it is read again: `max_age_s()` is `SNAPSHOT_MAX_AGE_S`, or in a large pool
 most a twentieth of the coordinator's time whatever the pool's size. Admission reads it behind an
 admitted request once it is older than that, so requests coming less often do not each wait for
 the read; before routing only after a quiet spell (older than `SNAPSHOT_STALE_MAX_S`, or twice
-the large pool's bound), or when no live worker serves the model (one may have joined; in a large
-pool only once the snapshot is past `max_age_s()`, so a client asking for a model nobody serves
-cannot make every request a read). The other readers read it afresh in a small pool (what they
-show is then never older than the call), else take it as it is within `max_age_s()`. Liveness
-is checked again when a job is queued.
+the large pool's bound), when a worker registered through this coordinator since the read began, or
+when no live worker serves the model (one may have joined elsewhere). In a large pool the last two
+read only once the snapshot is past `max_age_s()`, so neither a client asking for a model nobody
+serves nor a stream of registrations can make every request a read. The other readers read it
+afresh in a small pool (what they show is then never older than the call), else take it as it is
+within `max_age_s()`. Liveness is checked again when a job is queued.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ class PoolSnapshot:
         self.workers: list[WorkerState] = []  # every registered worker, as read
         self._read_at = -math.inf  # when the last read began (the event loop's clock)
         self._read_cost_s = 0.0  # how long the last read took
+        self._joined_at = -math.inf  # when a worker last registered through this coordinator
         self._live: dict[str, list[WorkerState]] = {}  # model -> the live workers serving it, by id
         self._speed: dict[str, float] = {}  # model -> `routing.pool_speed` of its live workers
         self._queued: Counter[str] = Counter()  # model -> jobs queued at the workers serving it
@@ -76,12 +78,18 @@ class PoolSnapshot:
 
     async def for_routing(self, redis: Redis, *, missed: bool = False, fresh: bool = False) -> None:
         """Read the pool before routing after a quiet spell (older than the stale bound); when `missed`
-        (no live worker serves the model: one may have joined), unless a large pool was read within
-        `max_age_s()`; and always when `fresh`."""
+        (no live worker serves the model: one may have joined) or a worker joined here since the read
+        began, unless a large pool was read within `max_age_s()`; and always when `fresh`."""
         age_s = self._age_s()
         stale = age_s > max(SNAPSHOT_STALE_MAX_S, 2 * self._cost_bound_s())
-        if fresh or stale or (missed and (not self._large() or age_s > self.max_age_s())):
+        behind = missed or self._joined_at >= self._read_at
+        if fresh or stale or (behind and (not self._large() or age_s > self.max_age_s())):
             await self._read(redis)
+
+    def joined(self) -> None:
+        """A worker registered through this coordinator: the next request routes on a read that shows it
+        (one registered through another coordinator shows within `SNAPSHOT_STALE_MAX_S`)."""
+        self._joined_at = asyncio.get_running_loop().time()
 
     async def current(self, redis: Redis) -> list[WorkerState]:
         """Every registered worker, for a reader of the whole pool (see the module's docstring)."""

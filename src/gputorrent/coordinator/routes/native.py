@@ -28,7 +28,7 @@ from gputorrent.coordinator.deps import (
 from gputorrent.coordinator.dispatch import admit
 from gputorrent.coordinator.encoding import SSE_MEDIA_TYPE, SSE_RESPONSES, STREAM_HEADERS, sse
 from gputorrent.coordinator.security import Caller, ClientDep, JoinDep, owns, require_client
-from gputorrent.coordinator.snapshot import current_pool
+from gputorrent.coordinator.snapshot import current_pool, pool_snapshot
 from gputorrent.errors import Conflict, GPUTorrentError, RequestNotFound, ServiceUnavailable
 from gputorrent.protocol import (
     Accepted,
@@ -87,6 +87,7 @@ async def register_worker(
             f"a live worker is registered as {worker_id!r}; registering it again needs its worker_secret "
             "(a restarted worker gets its id back once the old heartbeat expires)"
         )
+    pool_snapshot(redis).joined()
     if body.swarm is not None:
         await catalogue.joined(redis)
     log.info("worker %s registered backend=%s models=%s", worker_id, body.backend, ",".join(body.models))
