@@ -107,6 +107,7 @@ class Pool:
     join_key: str
     coordinator: subprocess.Popen[bytes]
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
+    command: Callable[..., list[str]] = gputorrent  # a subcommand's command line
 
     @property
     def headers(self) -> dict[str, str]:
@@ -114,7 +115,7 @@ class Pool:
 
     def add_worker(self, args: Sequence[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         """A worker process (`gputorrent worker ARGS`) that joins with the pool's join key."""
-        command = gputorrent("worker", *args, "--coordinator", self.url, "--redis-url", self.redis_url)
+        command = self.command("worker", *args, "--coordinator", self.url, "--redis-url", self.redis_url)
         worker = self.procs.start(command, {"GPUTORRENT_JOIN_TOKEN": self.join_key, **(env or {})})
         self.workers.append(worker)
         return worker
@@ -122,7 +123,7 @@ class Pool:
     def restart_coordinator(self, env: dict[str, str] | None = None) -> None:
         """Replace the coordinator with one on a new port (the workers stay; the keys live in Redis)."""
         self.procs.stop(self.coordinator)
-        self.url, self.coordinator = _coordinator(self.procs, self.redis_url, env)
+        self.url, self.coordinator = _coordinator(self.procs, self.redis_url, env, self.command)
 
     def workers_alive(self) -> list[dict[str, Any]]:
         listed = httpx.get(f"{self.url}/workers", headers=self.headers, timeout=5).json()
@@ -138,20 +139,28 @@ class Pool:
         wait_until(served, f"a worker serving {model}", timeout_s)
 
 
-def _coordinator(procs: Processes, redis_url: str, env: dict[str, str] | None) -> tuple[str, subprocess.Popen[bytes]]:
+def _coordinator(
+    procs: Processes, redis_url: str, env: dict[str, str] | None, command: Callable[..., list[str]]
+) -> tuple[str, subprocess.Popen[bytes]]:
     port = free_port()
     env = {"GPUTORRENT_RATE_LIMIT_RPM": BENCH_RATE_LIMIT_RPM, **(env or {})}
-    child = procs.start(gputorrent("coordinator", "--port", str(port), "--redis-url", redis_url), env)
+    child = procs.start(command("coordinator", "--port", str(port), "--redis-url", redis_url), env)
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/health")
     return url, child
 
 
-def start_pool(procs: Processes, redis_url: str, coordinator_env: dict[str, str] | None = None) -> Pool:
-    """A coordinator on a free port with authentication on, and a client key and a join key in its Redis."""
+def start_pool(
+    procs: Processes,
+    redis_url: str,
+    coordinator_env: dict[str, str] | None = None,
+    command: Callable[..., list[str]] = gputorrent,
+) -> Pool:
+    """A coordinator on a free port with authentication on, and a client key and a join key in its Redis.
+    `command`: a subcommand's command line, for the coordinator and the workers (`gputorrent` by default)."""
     client_key, join_key = asyncio.run(_keys(redis_url))
-    url, coordinator = _coordinator(procs, redis_url, coordinator_env)
-    return Pool(procs, redis_url, url, client_key, join_key, coordinator)
+    url, coordinator = _coordinator(procs, redis_url, coordinator_env, command)
+    return Pool(procs, redis_url, url, client_key, join_key, coordinator, command=command)
 
 
 def start_fast_server(procs: Processes, gap_ms: float = 0.0) -> str:

@@ -13,7 +13,16 @@ gave way to redis-py's `PubSub`, is redis-py's own now.)
 Each side's latency is its p50 and p99; its CPU is the benchmark process's CPU time (the event
 loop included) summed over its own calls. On uvloop, as the coordinator and the worker run.
 
-    bench/.venv/bin/python bench/redis_path.py --calls 5000
+Then end to end, which is what the rule of docs/benchmarks.md weighs (code of our own stays only
+where the library costs more than a tenth of GPU Torrent's added latency): two pools in one run,
+each a coordinator and one `openai` worker on a Redis of its own, in front of the same fast server
+(bench/fast_openai_server.py), one on the project's layer and one with every call of it through
+redis-py (bench/redis_py_path.py). The same chat completion goes to the fast server directly, to
+the bare hops on FastAPI (bench/bare_relay.py) and to each pool in turn, one at a time (B1's way);
+then each pool alone takes `--requests` with 8 callers at once, in four turns each, for the
+latency under load, and B1's CPU phases (the coordinator's, the worker's and Redis's CPU a request).
+
+    bench/.venv/bin/python bench/redis_path.py --calls 5000 --requests 1000
 
 Prints a Markdown table and writes bench/results/redis_path.json.
 """
@@ -22,12 +31,16 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from pool import save_plot, summary, write_result
+import aiohttp
+from added_latency import complete, cpu_per_request
+from added_latency import measure as alternate
+from pool import Processes, save_plot, start_bare_relay, start_fast_server, start_pool, summary, write_result
 from redis.asyncio import Redis
 
 from gputorrent.embedded import EmbeddedRedis
@@ -36,6 +49,14 @@ from gputorrent.pipelined import pipelined
 SCRIPT = "return redis.call('LLEN', KEYS[1])"
 KEYS_AND_ARGUMENTS = [f"processing:worker-{i:04d}" for i in range(12)] + [f"argument-{i}" for i in range(11)]
 LABELS = {"redis_py": "redis-py", "own": "the project's layer"}
+POOL_LABELS = {
+    "bare_fastapi": "bare hops on FastAPI",
+    "own": "GPU Torrent, the project's layer",
+    "redis_py": "GPU Torrent, redis-py",
+}
+CONCURRENCY = 8
+ROUNDS = 4  # turns of each side alone at CONCURRENCY
+HERE = Path(__file__).resolve().parent
 
 
 async def timed(call: Callable[[], Awaitable[object]], latency: list[float], cpu: list[float]) -> None:
@@ -98,9 +119,71 @@ async def measure(url: str, calls: int) -> dict[str, Any]:
         await redis.aclose()
 
 
+def redis_py_command(*args: str) -> list[str]:
+    """A `gputorrent` subcommand's command line with its scripts' Redis path through redis-py."""
+    return [sys.executable, str(HERE / "redis_py_path.py"), "--log-level", "warning", *args]
+
+
+async def timed_load(url: str, headers: dict[str, str], requests: int, concurrency: int) -> list[float]:
+    """Milliseconds of each of `requests` chat completions sent `concurrency` at a time."""
+    remaining, latencies = iter(range(requests)), []
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=concurrency)) as http:
+
+        async def caller() -> None:
+            for _ in remaining:
+                latencies.append(await complete(http, url, headers))
+
+        await asyncio.gather(*(caller() for _ in range(concurrency)))
+    return latencies
+
+
+def end_to_end(requests: int, cpu_requests: int) -> dict[str, Any]:
+    """The two pools side by side (see the module's docstring): samples in ms, CPU in ms a request."""
+    with EmbeddedRedis() as own_redis, EmbeddedRedis() as py_redis, Processes() as procs:
+        fast = start_fast_server(procs)
+        pools = {
+            "own": start_pool(procs, own_redis.url),
+            "redis_py": start_pool(procs, py_redis.url, command=redis_py_command),
+        }
+        worker_args = ["--backend", "openai", "--openai-base-url", fast, "--model", "fast", "--slots", str(CONCURRENCY)]
+        workers = {side: pool.add_worker(worker_args) for side, pool in pools.items()}
+        bare = start_bare_relay(procs, own_redis.url, fast, on_fastapi=True)
+        for pool in pools.values():
+            pool.wait_for_model("fast")
+        sides = {
+            "direct": (f"{fast}/chat/completions", {}),
+            "bare_fastapi": (f"{bare.url}/chat/completions", {}),
+            **{side: (f"{pool.url}/v1/chat/completions", pool.headers) for side, pool in pools.items()},
+        }
+        one_at_a_time = asyncio.run(alternate(sides, requests))
+        together: dict[str, list[float]] = {side: [] for side in sides}
+        for _ in range(ROUNDS):  # each side alone, in turns, so a slow spell of the machine falls on all
+            for side, (url, headers) in sides.items():
+                together[side] += asyncio.run(timed_load(url, headers, requests // ROUNDS, CONCURRENCY))
+        cpu = {
+            side: cpu_per_request(
+                sides[side][0], pool.headers, pool.coordinator.pid, workers[side].pid, pool.redis_url, cpu_requests
+            )
+            for side, pool in pools.items()
+        }
+    return {"one_at_a_time": one_at_a_time, "together": together, "cpu_ms_per_request": cpu}
+
+
+def added(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """Each path's p50 and p99 less the direct path's (ms)."""
+    direct = summary(samples["direct"])
+    return {
+        side: {q: summary(values)[q] - direct[q] for q in ("p50", "p99")}
+        for side, values in samples.items()
+        if side != "direct"
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=5000, help="script calls per side")
+    parser.add_argument("--requests", type=int, default=1000, help="chat completions per side, end to end")
+    parser.add_argument("--cpu-requests", type=int, default=2000, help="requests per CPU phase, end to end")
     args = parser.parse_args()
     try:
         import uvloop
@@ -121,6 +204,13 @@ def main() -> int:
             }
             for side, figures in sides.items()
         }
+    pools = end_to_end(args.requests, args.cpu_requests)
+    result["end_to_end"] = {
+        "requests": args.requests,
+        "cpu_requests": args.cpu_requests,
+        "added_ms": {kind: added(pools[kind]) for kind in ("one_at_a_time", "together")},
+        "cpu_ms_per_request": pools["cpu_ms_per_request"],
+    }
     write_result("redis_path", result)
     print(table(result))
     return 0
@@ -146,6 +236,32 @@ def table(result: dict[str, Any]) -> str:
     rows.append(
         f"\nWith 8 callers at once, CPU a script call: redis-py {together['redis_py']:.0f} µs, the project's layer "
         f"{together['own']:.0f} µs (each side alone)."
+    )
+    return "\n".join(rows) + "\n\n" + end_to_end_table(result["end_to_end"])
+
+
+def end_to_end_table(e2e: dict[str, Any]) -> str:
+    """The end-to-end rows: added latency both ways, CPU a request, and what the rule weighs."""
+    one, together, cpu = e2e["added_ms"]["one_at_a_time"], e2e["added_ms"]["together"], e2e["cpu_ms_per_request"]
+    rows = [
+        "| path | added p50 (ms) | added p99 (ms) | added p50, 8 at once | added p99, 8 at once "
+        "| coordinator CPU a request (ms), 1 / 8 at once | worker CPU | Redis CPU |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for side, label in POOL_LABELS.items():
+        latency = " | ".join(f"{f[side][q]:.2f}" for f in (one, together) for q in ("p50", "p99"))
+        spent = " | ".join(
+            f"{cpu[side]['1'][part]:.2f} / {cpu[side]['8'][part]:.2f}" if side in cpu else ""
+            for part in ("front", "worker", "redis")
+        )
+        rows.append(f"| {label} | {latency} | {spent} |")
+    lines = []
+    for kind, figures in (("one at a time", one), ("8 at once", together)):
+        more = figures["redis_py"]["p50"] - figures["own"]["p50"]
+        lines.append(f"{kind}, {more:+.2f} ms ({more / figures['own']['p50']:+.0%} of the layer's added latency)")
+    rows.append(
+        f"\nredis-py against the layer, added latency at p50: {'; '.join(lines)}. "
+        f"{e2e['requests']} requests a side each way, {e2e['cpu_requests']} a CPU phase."
     )
     return "\n".join(rows)
 
