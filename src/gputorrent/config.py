@@ -82,6 +82,10 @@ class CoordinatorSettings(_ReplicationSettings):
     port: int = Field(default=8000, ge=0, le=65535, validation_alias=_env("GPUTORRENT_PORT"))
     heartbeat_interval_s: float = Field(default=2.0, gt=0, validation_alias=_env("GPUTORRENT_HEARTBEAT_INTERVAL_S"))
     heartbeat_timeout_s: float = Field(default=6.0, gt=0, validation_alias=_env("GPUTORRENT_HEARTBEAT_TIMEOUT_S"))
+    # How long a dead worker with nothing left to hand on stays listed before the reaper removes it.
+    dead_worker_retention_s: float = Field(
+        default=86_400.0, ge=0, validation_alias=_env("GPUTORRENT_DEAD_WORKER_RETENTION_S")
+    )
     result_ttl_s: int = Field(default=3600, ge=1, validation_alias=_env("GPUTORRENT_RESULT_TTL_S"))
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024, validation_alias=_env("GPUTORRENT_MAX_BODY_BYTES"))
     max_result_wait_s: float = Field(default=60.0, ge=0, validation_alias=_env("GPUTORRENT_MAX_RESULT_WAIT_S"))

@@ -269,6 +269,59 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
     return bool(left)
 
 
+@dataclass(frozen=True)
+class _ForgetKeys:
+    record_key: str
+    heartbeat: str
+    workers: str
+    drain: str
+    secret: str
+    grace: str  # `liveness:grace`: while it holds, an absent heartbeat proves nothing
+    lists: tuple[str, ...]  # its processing list and every band of its queue
+
+
+@dataclass(frozen=True)
+class _ForgetArgs:
+    worker_id: str
+
+
+_FORGET_DEAD = Script(
+    _ForgetKeys,
+    _ForgetArgs,
+    """
+if redis.call('EXISTS', heartbeat, grace) > 0 then return 0 end
+for _, held in ipairs(lists) do
+  if redis.call('LLEN', held) > 0 then return 0 end
+end
+redis.call('DEL', record_key, drain, secret)
+redis.call('SREM', workers, worker_id)
+return 1
+""",
+)
+
+
+async def forget_dead(redis: Redis, worker_id: str) -> bool:
+    """Remove a dead worker whose lists are empty from the registry, its secret with it (the reaper,
+    once it has been dead for `GPUTORRENT_DEAD_WORKER_RETENTION_S`). Nothing changes, and it returns
+    False, if the worker beats again or registered anew, if `liveness:grace` holds, or if it still
+    holds jobs. In one script, so a worker that registers meanwhile keeps its new record and secret."""
+    return bool(
+        await _FORGET_DEAD.run(
+            redis,
+            _ForgetKeys(
+                record_key=keys.worker_key(worker_id),
+                heartbeat=keys.heartbeat_key(worker_id),
+                workers=keys.workers(),
+                drain=keys.drain_key(worker_id),
+                secret=keys.worker_secret_key(worker_id),
+                grace=keys.liveness_grace(),
+                lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
+            ),
+            _ForgetArgs(worker_id=worker_id),
+        )
+    )
+
+
 # Workers read per round trip: between them the coordinator's other requests run, so a pool of
 # thousands is read in steps of a few milliseconds of its time (and well under one of Redis's)
 # rather than one long pause.

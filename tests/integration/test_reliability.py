@@ -335,3 +335,50 @@ async def test_a_reaper_that_cannot_judge_liveness_still_ends_jobs_past_their_de
     assert await reaper.end_overdue() == 1  # deadlines are the client's, not a judgement of liveness
     found = await queue.lookup(redis, "late")
     assert isinstance(found, JobResult) and found.error is not None and found.error.code == "timeout"
+
+
+def _retaining_reaper(redis: Redis, clock: _Clock, retention_s: float) -> Reaper:
+    return Reaper(
+        redis, interval_s=INTERVAL_S, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=0,
+        dead_worker_retention_s=retention_s, clock=clock,
+    )  # fmt: skip
+
+
+async def test_a_dead_worker_with_nothing_to_hand_on_leaves_the_registry_after_the_retention(redis: Redis) -> None:
+    await _register(redis, "w1", alive=False)
+    await _register(redis, "w2")
+    clock = _Clock()
+    reaper = _retaining_reaper(redis, clock, retention_s=60)
+    await reaper.reap_once()  # the first round that judges it dead
+    clock.now += 59.9
+    await reaper.reap_once()
+    assert await redis.sismember(keys.workers(), "w1")
+    clock.now += 0.1
+    await reaper.reap_once()
+    assert not await redis.sismember(keys.workers(), "w1")
+    assert await redis.exists(keys.worker_key("w1"), keys.worker_secret_key("w1")) == 0  # its secret went too
+    assert await redis.sismember(keys.workers(), "w2") and await redis.exists(keys.worker_key("w2"))
+
+
+async def test_a_dead_worker_that_still_holds_a_job_stays_past_the_retention(redis: Redis) -> None:
+    await _register(redis, "w1")
+    await queue.enqueue(redis, _job("held"), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+    await registry.mark_gone(redis, "w1")  # it died holding the job, and no live worker serves its model
+    clock = _Clock()
+    reaper = _retaining_reaper(redis, clock, retention_s=0)
+    await _rounds(reaper, clock, 2)
+    assert await redis.sismember(keys.workers(), "w1")
+    assert [job.request_id for job in await _jobs_in(redis, keys.processing_key("w1"))] == ["held"]
+
+
+async def test_a_worker_is_forgotten_only_while_dead_and_no_grace_holds(redis: Redis) -> None:
+    await _register(redis, "w1")  # registered again since a reaper judged it dead: it beats
+    assert not await registry.forget_dead(redis, "w1")
+    await registry.mark_gone(redis, "w1")
+    await redis.set(keys.liveness_grace(), "1", px=60_000)  # a coordinator saw Redis again just now
+    assert not await registry.forget_dead(redis, "w1")
+    assert await redis.sismember(keys.workers(), "w1")
+    await redis.delete(keys.liveness_grace())
+    assert await registry.forget_dead(redis, "w1")
+    assert not await redis.sismember(keys.workers(), "w1")

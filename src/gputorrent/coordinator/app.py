@@ -82,7 +82,7 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
         )
         reaper = Reaper(
             redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s,
-            heartbeat_timeout_s=settings.heartbeat_timeout_s,
+            heartbeat_timeout_s=settings.heartbeat_timeout_s, dead_worker_retention_s=settings.dead_worker_retention_s,
         )  # fmt: skip
         app.state.redis, app.state.settings, app.state.waiter = redis, settings, waiter
         app.state.key_cache = key_cache

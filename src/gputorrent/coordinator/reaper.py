@@ -11,6 +11,11 @@ An expired key proves a worker dead only if Redis could be reached for the whole
 timeout before: while Redis is away no worker can beat, and every key lapses. So a reaper judges
 only once it has seen Redis without a break for a full timeout (`Sight`), and one that sees it
 again after a break also writes `liveness:grace` for the others (checked in the move scripts).
+
+A worker dead for `dead_worker_retention_s` (as this reaper has seen it: from its first round
+that judged it dead) whose lists are empty leaves the registry (`registry.forget_dead`): a pool
+that workers join and leave for good does not keep every one it ever had, and read each one's
+lists every round.
 """
 
 from __future__ import annotations
@@ -18,13 +23,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 from collections.abc import Callable
 
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import handoff, keys, pool_stats, queue
+from gputorrent import handoff, keys, pool_stats, queue, registry
 from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.protocol import ErrorInfo
 from gputorrent.telemetry import FailureRecord
@@ -73,14 +79,19 @@ class Reaper:
     """Runs `reap_once()` and `end_overdue()` every `interval_s` until `stop()`.
 
     It judges workers dead only once it has seen Redis for `heartbeat_timeout_s` without a break
-    (0: at once); the jobs of dead workers move only while `liveness:grace` is absent.
+    (0: at once); the jobs of dead workers move only while `liveness:grace` is absent. A dead worker
+    with empty lists leaves the registry once dead for `dead_worker_retention_s` (never, unless
+    given: the app gives `GPUTORRENT_DEAD_WORKER_RETENTION_S`).
     """
 
     def __init__(
         self, redis: Redis, interval_s: float, max_attempts: int, result_ttl_s: int, *, heartbeat_timeout_s: float,
-        clock: Callable[[], float] = time.monotonic,
+        dead_worker_retention_s: float = math.inf, clock: Callable[[], float] = time.monotonic,
     ) -> None:  # fmt: skip
         self._redis = redis
+        self._clock = clock
+        self._dead_worker_retention_s = dead_worker_retention_s
+        self._dead_since: dict[str, float] = {}  # worker id -> when this reaper first judged it dead
         self._interval_s = interval_s
         self._max_attempts = max_attempts
         self._result_ttl_s = result_ttl_s
@@ -125,9 +136,12 @@ class Reaper:
         workers = await current_pool(self._redis)
         await self._saw()
         if self.sight.seen_for_s() < self._heartbeat_timeout_s or not any(w.state == "dead" for w in workers):
+            self._dead_since.clear()
             return 0
         if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
             return 0
+        now = self._clock()
+        self._dead_since = {w.worker_id: self._dead_since.get(w.worker_id, now) for w in workers if w.state == "dead"}
         handled = 0
         for dead in (w for w in workers if w.state == "dead"):
             # Queued jobs first, then the started ones: each move goes to the front of its new queue,
@@ -140,6 +154,10 @@ class Reaper:
                     max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, only_if_dead=True,
                 )  # fmt: skip
                 await self._saw()  # a long round of moves is no break
+            retained = now - self._dead_since[dead.worker_id] < self._dead_worker_retention_s
+            if not retained and await registry.forget_dead(self._redis, dead.worker_id):
+                del self._dead_since[dead.worker_id]
+                log.info("worker %s left the registry: dead with nothing left to hand on", dead.worker_id)
         return handled
 
     async def end_overdue(self) -> int:
