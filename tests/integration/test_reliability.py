@@ -9,7 +9,7 @@ import pytest
 from redis.asyncio import Redis
 
 from gputorrent import auth, keys, pool_stats, queue, registry
-from gputorrent.coordinator.reaper import Reaper
+from gputorrent.coordinator.reaper import FULL_LOOK_ROUNDS, Reaper
 from gputorrent.protocol import Hardware, InferenceOptions, Job, JobResult, WorkerRecord
 
 
@@ -382,3 +382,32 @@ async def test_a_worker_is_forgotten_only_while_dead_and_no_grace_holds(redis: R
     await redis.delete(keys.liveness_grace())
     assert await registry.forget_dead(redis, "w1")
     assert not await redis.sismember(keys.workers(), "w1")
+
+
+async def test_a_dead_worker_found_empty_is_read_again_when_the_lengths_index_shows_a_job(redis: Redis) -> None:
+    await _register(redis, "w1", alive=False)
+    await _register(redis, "w2")
+    reaper = _reaper(redis)
+    assert await reaper.reap_once() == 0  # w1's lists are found empty
+    await _register(redis, "w1")  # it came back, took a job and died again between two rounds
+    await queue.enqueue(redis, _job("held"), ttl_s=60)
+    assert await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) is not None
+    await registry.mark_gone(redis, "w1")
+    assert await reaper.reap_once() == 1
+    assert await _queued_on_w2(redis) == ["held"]
+
+
+async def test_a_job_put_by_hand_on_a_dead_workers_list_is_found_at_the_next_full_look(redis: Redis) -> None:
+    """The lengths index does not see a list changed by hand; the reaper reads every dead worker's
+    lists again every `FULL_LOOK_ROUNDS` rounds."""
+    await _register(redis, "w1", alive=False)
+    await _register(redis, "w2")
+    reaper = _reaper(redis)
+    assert await reaper.reap_once() == 0  # the first round: w1's lists are found empty
+    await redis.lpush(keys.queue_key("w1"), "by-hand")  # the lengths index does not see it
+    await redis.hset(keys.job_key("by-hand"), mapping={"status": "queued", "job": _job("by-hand").model_dump_json()})
+    for _ in range(FULL_LOOK_ROUNDS - 2):
+        await reaper.reap_once()
+    assert await redis.llen(keys.queue_key("w1")) == 1  # not read again yet
+    await reaper.reap_once()
+    assert await redis.llen(keys.queue_key("w1")) == 0

@@ -12,6 +12,8 @@ timeout before: while Redis is away no worker can beat, and every key lapses. So
 only once it has seen Redis without a break for a full timeout (`Sight`), and one that sees it
 again after a break also writes `liveness:grace` for the others (checked in the move scripts).
 
+A dead worker's lists are read until found empty; after that only when the lengths index shows a
+job in them (or every `FULL_LOOK_ROUNDS`), so a round costs what the dead workers with jobs cost.
 A worker dead for `dead_worker_retention_s` (as this reaper has seen it: from its first round
 that judged it dead) whose lists are empty leaves the registry (`registry.forget_dead`): a pool
 that workers join and leave for good does not keep every one it ever had, and read each one's
@@ -32,12 +34,16 @@ from redis.exceptions import RedisError
 
 from gputorrent import handoff, keys, pool_stats, queue, registry
 from gputorrent.coordinator.snapshot import current_pool
-from gputorrent.protocol import ErrorInfo
+from gputorrent.protocol import ErrorInfo, WorkerState
 from gputorrent.telemetry import FailureRecord
 
 log = logging.getLogger(__name__)
 
-OVERDUE_BATCH = 256  # deadlines handled per round; the rest wait for the next round
+OVERDUE_BATCH = 256
+# A dead worker found with empty lists is not read again while the lengths index shows nothing
+# for it, except every this many rounds (a minute by default): a list changed by hand, which
+# the index does not see, is still found.
+FULL_LOOK_ROUNDS = 30  # deadlines handled per round; the rest wait for the next round
 DEADLINE_PASSED = ErrorInfo(code="timeout", message="the request passed its deadline (timeout_s) before it finished")
 
 
@@ -92,6 +98,8 @@ class Reaper:
         self._clock = clock
         self._dead_worker_retention_s = dead_worker_retention_s
         self._dead_since: dict[str, float] = {}  # worker id -> when this reaper first judged it dead
+        self._found_empty: set[str] = set()  # dead workers whose lists this reaper found empty since
+        self._rounds = 0
         self._interval_s = interval_s
         self._max_attempts = max_attempts
         self._result_ttl_s = result_ttl_s
@@ -142,22 +150,44 @@ class Reaper:
             return 0
         now = self._clock()
         self._dead_since = {w.worker_id: self._dead_since.get(w.worker_id, now) for w in workers if w.state == "dead"}
+        self._rounds += 1
+        if self._rounds % FULL_LOOK_ROUNDS == 0:
+            self._found_empty.clear()
+        self._found_empty &= self._dead_since.keys()
         handled = 0
         for dead in (w for w in workers if w.state == "dead"):
-            # Queued jobs first, then the started ones: each move goes to the front of its new queue,
-            # so the jobs that were already running are the next to run again, not the last.
-            lists = [(False, queued_in) for queued_in in keys.worker_queue_keys(dead.worker_id)]
-            lists += [(True, keys.processing_key(dead.worker_id))]
-            for started, source in lists:
-                handled += await handoff.hand_on(
-                    self._redis, dead.worker_id, source, workers, count_attempt=started,
-                    max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, only_if_dead=True,
-                )  # fmt: skip
-                await self._saw()  # a long round of moves is no break
+            # Found empty while dead, and the lengths index still shows nothing: only a dead worker's
+            # own move could fill its lists, and every script that fills one writes the index.
+            if dead.worker_id not in self._found_empty or dead.queue_length or dead.jobs_held:
+                handled += await self._hand_on_lists(dead.worker_id, workers)
             retained = now - self._dead_since[dead.worker_id] < self._dead_worker_retention_s
             if not retained and await registry.forget_dead(self._redis, dead.worker_id):
                 del self._dead_since[dead.worker_id]
                 log.info("worker %s left the registry: dead with nothing left to hand on", dead.worker_id)
+        return handled
+
+    async def _hand_on_lists(self, worker_id: str, workers: list[WorkerState]) -> int:
+        """Hand on the jobs of a dead worker's lists that hold any (their lengths read in one round trip)."""
+        # Queued jobs first, then the started ones: each move goes to the front of its new queue,
+        # so the jobs that were already running are the next to run again, not the last.
+        lists = [(False, queued_in) for queued_in in keys.worker_queue_keys(worker_id)]
+        lists += [(True, keys.processing_key(worker_id))]
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for _, source in lists:
+                pipe.llen(source)
+            lengths = await pipe.execute()
+        await self._saw()  # a long round is no break
+        if not any(lengths):
+            self._found_empty.add(worker_id)
+            return 0
+        handled = 0
+        for (started, source), length in zip(lists, lengths, strict=True):
+            if length:
+                handled += await handoff.hand_on(
+                    self._redis, worker_id, source, workers, count_attempt=started,
+                    max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, only_if_dead=True,
+                )  # fmt: skip
+                await self._saw()  # a long round of moves is no break
         return handled
 
     async def end_overdue(self) -> int:
