@@ -10,10 +10,10 @@ When it is read again: `max_age_s()` is `SNAPSHOT_MAX_AGE_S`, or in a large pool
 most a twentieth of the coordinator's time whatever the pool's size. Admission reads it behind an
 admitted request once it is older than that, so requests coming less often do not each wait for
 the read; before routing only after a quiet spell (older than `SNAPSHOT_STALE_MAX_S`, or twice
-the large pool's bound), when a worker registered through this coordinator since the read began, or
-when no live worker serves the model (one may have joined elsewhere). In a large pool the last two
-read only once the snapshot is past `max_age_s()`, so neither a client asking for a model nobody
-serves nor a stream of registrations can make every request a read. The other readers read it
+the large pool's bound), when no live worker serves the model (one may have joined elsewhere; in a
+large pool only once the snapshot is past `max_age_s()`, so a client asking for a model nobody
+serves cannot make every request a read), and in a small pool when a worker registered (or began
+to serve a model) through this coordinator since the read began. The other readers read it
 afresh in a small pool (what they show is then never older than the call), else take it as it is
 within `max_age_s()`. Liveness is checked again when a job is queued.
 """
@@ -78,17 +78,20 @@ class PoolSnapshot:
 
     async def for_routing(self, redis: Redis, *, missed: bool = False, fresh: bool = False) -> None:
         """Read the pool before routing after a quiet spell (older than the stale bound); when `missed`
-        (no live worker serves the model: one may have joined) or a worker joined here since the read
-        began, unless a large pool was read within `max_age_s()`; and always when `fresh`."""
+        (no live worker serves the model: one may have joined), unless a large pool was read within
+        `max_age_s()`; in a small pool when a worker joined here since the read began (a read that
+        began after it will do); and always when `fresh`."""
         age_s = self._age_s()
         stale = age_s > max(SNAPSHOT_STALE_MAX_S, 2 * self._cost_bound_s())
-        behind = missed or self._joined_at >= self._read_at
-        if fresh or stale or (behind and (not self._large() or age_s > self.max_age_s())):
+        if fresh or stale or (missed and (not self._large() or age_s > self.max_age_s())):
             await self._read(redis)
+        elif self._joined_at >= self._read_at and not self._large():
+            await self._read(redis, since=self._joined_at)
 
     def joined(self) -> None:
-        """A worker registered through this coordinator: the next request routes on a read that shows it
-        (one registered through another coordinator shows within `SNAPSHOT_STALE_MAX_S`)."""
+        """A worker registered, or began to serve a model, through this coordinator: in a small pool the
+        next request routes on a read that shows it. (In a large pool, or through another coordinator,
+        it shows at the next read: within `SNAPSHOT_STALE_MAX_S` in a small pool.)"""
         self._joined_at = asyncio.get_running_loop().time()
 
     async def current(self, redis: Redis) -> list[WorkerState]:
@@ -147,10 +150,11 @@ class PoolSnapshot:
             with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
                 await self._reading
 
-    async def _read(self, redis: Redis) -> None:
-        """Read the pool, in a read that began after this call: one under way is joined, and another
-        started after it where it began before (one read at a time, however many readers ask)."""
-        asked_at = asyncio.get_running_loop().time()
+    async def _read(self, redis: Redis, since: float | None = None) -> None:
+        """Read the pool, in a read that began after this call (or after `since`): one under way is
+        joined, and another started after it where it began before (one read at a time, however many
+        readers ask)."""
+        asked_at = asyncio.get_running_loop().time() if since is None else since
         while self._read_at < asked_at:
             if self._reading is None or self._reading.done():
                 self._reading = self._start_read(redis)

@@ -22,6 +22,7 @@ from fastapi.responses import Response
 
 from gputorrent import auth, keys, leases, pool_stats, queue, registry, replication, streams
 from gputorrent.coordinator.deps import RedisDep, SettingsDep
+from gputorrent.coordinator.snapshot import pool_snapshot
 from gputorrent.errors import Conflict, InvalidRequest, LeaseLost, SlotsFull, Unauthorized, WorkerGone
 from gputorrent.protocol import (
     REQUEST_ID_PATTERN,
@@ -247,6 +248,7 @@ async def pulled(held: HeldDep, redis: RedisDep) -> None:
         raise Conflict(f"job {held.job.request_id!r} is not a pull")
     if not await leases.add_pulled_model(redis, held.worker_id, held.job):
         raise Conflict(f"model {held.job.model!r} cannot be listed: this worker's registration is gone or full")
+    pool_snapshot(redis).joined()
 
 
 @router.post("/group", status_code=204, response_class=Response)
