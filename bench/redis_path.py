@@ -20,7 +20,9 @@ each a coordinator and one `openai` worker on a Redis of its own, in front of th
 redis-py (bench/redis_py_path.py). The same chat completion goes to the fast server directly, to
 the bare hops on FastAPI (bench/bare_relay.py) and to each pool in turn, one at a time (B1's way);
 then each pool alone takes `--requests` with 8 callers at once, in four turns each, for the
-latency under load, and B1's CPU phases (the coordinator's, the worker's and Redis's CPU a request).
+latency under load (the order of the sides reversed each turn), and B1's CPU phases (the
+coordinator's, the worker's and Redis's CPU a request), each side's twice, in both orders, with
+half of `--cpu-requests` each time.
 
     bench/.venv/bin/python bench/redis_path.py --calls 5000 --requests 1000
 
@@ -157,16 +159,29 @@ def end_to_end(requests: int, cpu_requests: int) -> dict[str, Any]:
         }
         one_at_a_time = asyncio.run(alternate(sides, requests))
         together: dict[str, list[float]] = {side: [] for side in sides}
+        order = list(sides)
         for _ in range(ROUNDS):  # each side alone, in turns, so a slow spell of the machine falls on all
-            for side, (url, headers) in sides.items():
+            for side in order:
+                url, headers = sides[side]
                 together[side] += asyncio.run(timed_load(url, headers, requests // ROUNDS, CONCURRENCY))
-        cpu = {
-            side: cpu_per_request(
-                sides[side][0], pool.headers, pool.coordinator.pid, workers[side].pid, pool.redis_url, cpu_requests
-            )
-            for side, pool in pools.items()
-        }
-    return {"one_at_a_time": one_at_a_time, "together": together, "cpu_ms_per_request": cpu}
+            order.reverse()  # and no side always goes first
+        cpu: dict[str, list[dict[str, dict[str, float]]]] = {side: [] for side in pools}
+        for order in (["own", "redis_py"], ["redis_py", "own"]):  # each side's CPU phases twice, in both orders
+            for side in order:
+                pool = pools[side]
+                url, headers = sides[side]
+                pids = (pool.coordinator.pid, workers[side].pid)
+                cpu[side].append(cpu_per_request(url, headers, *pids, pool.redis_url, cpu_requests // 2))
+    cpu_ms = {side: _mean_of(runs) for side, runs in cpu.items()}
+    return {"one_at_a_time": one_at_a_time, "together": together, "cpu_ms_per_request": cpu_ms}
+
+
+def _mean_of(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """The mean of `cpu_per_request`'s figures over runs."""
+    return {
+        concurrency: {part: sum(run[concurrency][part] for run in runs) / len(runs) for part in parts}
+        for concurrency, parts in runs[0].items()
+    }
 
 
 def added(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
@@ -261,7 +276,8 @@ def end_to_end_table(e2e: dict[str, Any]) -> str:
         lines.append(f"{kind}, {more:+.2f} ms ({more / figures['own']['p50']:+.0%} of the layer's added latency)")
     rows.append(
         f"\nredis-py against the layer, added latency at p50: {'; '.join(lines)}. "
-        f"{e2e['requests']} requests a side each way, {e2e['cpu_requests']} a CPU phase."
+        f"{e2e['requests']} requests a side each way; CPU: the mean of two phases of {e2e['cpu_requests'] // 2} "
+        "requests a side, in both orders."
     )
     return "\n".join(rows)
 
