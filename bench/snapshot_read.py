@@ -1,13 +1,16 @@
 """What one read of the pool costs the coordinator, with real workers' heartbeats (each carries telemetry).
 
 Routing reads the pool through `registry.snapshot`, which since 2026-12-07 leaves each heartbeat's
-telemetry in Redis; the listings that show it (`/workers`, `/pool`, `/metrics`) add it with
-`registry.with_telemetry`, which reads the heartbeats again. The second side is the read as every
-snapshot did it before (the telemetry parsed with the rest), and one more `MGET` a step. For N
-workers registered in a private Redis, each beating like a busy worker of one model (two GPUs, job
-counters and three latency histograms: about 900 bytes), the two sides alternate `ROUNDS` times:
-the coordinator's time a read (the median), and the objects the collector tracks that the read's
-rows keep alive (the full collections of a large pool walk them all).
+telemetry in Redis, and in the coordinator reads the records only when the registry's version moved
+(it keeps them: `registry.KnownRecords`). The listings that show the telemetry (`/workers`, `/pool`,
+`/metrics`) add it with `registry.with_telemetry`, which reads the heartbeats again. Three sides:
+routing's read with the records known (the first), routing's read of everything (as a read whose
+version moved, or a reader without `KnownRecords`), and that read with the telemetry (as every
+snapshot read before 2026-12-07, and one more `MGET` a step). For N workers registered in a private
+Redis, each beating like a busy worker of one model (two GPUs, job counters and three latency
+histograms: about 900 bytes), the sides alternate `ROUNDS` times: the coordinator's time a read (the
+median), the Redis CPU its commands took (`INFO commandstats`), and the objects the collector tracks
+that the read's rows keep alive (the full collections of a large pool walk them all).
 
     bench/.venv/bin/python bench/snapshot_read.py --sizes 1000 10000
 
@@ -61,17 +64,21 @@ async def fill(redis: Redis, count: int) -> int:
     return len(beat)
 
 
-async def measured(read: Callable[[], Awaitable[list[WorkerState]]]) -> tuple[float, int]:
-    """(seconds the read took, objects tracked by the collector that its rows keep alive)."""
+async def measured(redis: Redis, read: Callable[[], Awaitable[list[WorkerState]]]) -> tuple[float, int, float]:
+    """(seconds the read took, objects tracked by the collector that its rows keep alive, milliseconds
+    of Redis's CPU its commands took: `INFO commandstats`)."""
     gc.collect()
     before = len(gc.get_objects())
+    await redis.config_resetstat()
     started = time.perf_counter()
     rows = await read()
     took = time.perf_counter() - started
+    stats = await redis.info("commandstats")
+    redis_ms = sum(v["usec"] for k, v in stats.items() if "config" not in k and "info" not in k) / 1000
     gc.collect()
     kept = len(gc.get_objects()) - before
     del rows
-    return took, kept
+    return took, kept, redis_ms
 
 
 async def measure(url: str, count: int) -> dict[str, float]:
@@ -86,14 +93,21 @@ async def measure(url: str, count: int) -> dict[str, float]:
         async def listing() -> list[WorkerState]:
             return await registry.with_telemetry(redis, await registry.snapshot(redis))
 
-        sides: dict[str, list[tuple[float, int]]] = {"routing": [], "listing": []}
+        known = registry.KnownRecords()
+
+        async def known_routing() -> list[WorkerState]:
+            return await registry.snapshot(redis, known)
+
+        reads = {"known": known_routing, "routing": routing, "listing": listing}
+        sides: dict[str, list[tuple[float, int, float]]] = {side: [] for side in reads}
         await listing()  # the records' parse cache filled, as in a running coordinator
+        await known_routing()  # and the records known, as after a coordinator's first read
         for _ in range(ROUNDS):
-            sides["routing"].append(await measured(routing))
-            sides["listing"].append(await measured(listing))
+            for side, read in reads.items():
+                sides[side].append(await measured(redis, read))
         return {"workers": count, "heartbeat_bytes": beat_bytes} | {
             f"{side}_{what}": statistics.median(sample[i] for sample in samples)
-            for side, samples in sides.items() for i, what in enumerate(("s", "objects"))
+            for side, samples in sides.items() for i, what in enumerate(("s", "objects", "redis_ms"))
         }  # fmt: skip
     finally:
         await redis.aclose()
@@ -105,13 +119,14 @@ def main() -> None:
     args = parser.parse_args()
     with EmbeddedRedis() as embedded:
         results = [asyncio.run(measure(embedded.url, count)) for count in args.sizes]
-    print("| workers | routing's read (snapshot): time | objects kept "
-          "| with the telemetry (as before; the listings now): time | objects kept | time, ratio |")  # fmt: skip
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("| workers | routing's read, records known: time | Redis CPU "
+          "| routing's read, records read: time | Redis CPU | objects kept "
+          "| with the telemetry (the listings): time | objects kept |")  # fmt: skip
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['workers']:,} | {r['routing_s'] * 1000:.0f} ms | {r['routing_objects']:,.0f} | "
-              f"{r['listing_s'] * 1000:.0f} ms | {r['listing_objects']:,.0f} | "
-              f"{r['listing_s'] / r['routing_s']:.2f} |")  # fmt: skip
+        print(f"| {r['workers']:,} | {r['known_s'] * 1000:.0f} ms | {r['known_redis_ms']:.1f} ms "
+              f"| {r['routing_s'] * 1000:.0f} ms | {r['routing_redis_ms']:.1f} ms | {r['routing_objects']:,.0f} "
+              f"| {r['listing_s'] * 1000:.0f} ms | {r['listing_objects']:,.0f} |")  # fmt: skip
     print(f"\nOne heartbeat: {results[0]['heartbeat_bytes']} bytes; the median of {ROUNDS} reads a side, alternating.")
 
 

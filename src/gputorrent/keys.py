@@ -11,7 +11,7 @@
 | `doorbell:worker:{id}` | list     | a token per job queued for it: wakes a consumer | trimmed  | both        |
 | `doorbell:model:{model}` | list   | a token per job on the model's shared queue | trimmed    | both        |
 | `processing:{id}`     | list      | request ids of the jobs a worker holds (its leases) | none   | both        |
-| `lengths`             | hash      | list name → length, every non-empty queue and processing list | none | both |
+| `lengths`             | hash      | list name → length of every non-empty list; `registry` → version | none | both |
 | `result:{request_id}` | string    | the finished result (JSON)                  | `result_ttl_s` | worker      |
 | `worker_index`        | integer   | the round-robin counter                     | none           | coordinator |
 | `workers`             | set       | ids of every registered worker              | none           | coordinator |
@@ -108,8 +108,13 @@ def list_lengths() -> str:
     """The length of every non-empty queue band and processing list, by the list's name: each
     script that pushes onto one or takes from one writes its length there (or drops the field when
     it is empty), so the pool snapshot reads every worker's load in one command rather than eleven
-    list lengths a worker (docs/architecture.md, "The pool snapshot")."""
+    list lengths a worker (docs/architecture.md, "The pool snapshot"). Its field `REGISTRY_VERSION`
+    is bumped by every change of a worker's record or of `workers`, so that same command tells the
+    snapshot whether the records it holds are still the pool's."""
     return f"{_tag}lengths"
+
+
+REGISTRY_VERSION = "registry"  # a field of `list_lengths()`: no list is named so
 
 
 def deadlines() -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -42,6 +42,7 @@ class _RegisterKeys:
     workers: str
     heartbeat: str
     secret: str
+    lengths: str  # its `REGISTRY_VERSION` field is bumped
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class _RegisterArgs:
     secret_hash: str
     presented_hash: str
     force: bool
+    version_field: str
 
 
 _REGISTER = Script(
@@ -67,6 +69,7 @@ redis.call('SET', record_key, record)
 redis.call('SADD', workers, worker_id)
 redis.call('SET', heartbeat, first_beat, 'PX', heartbeat_ttl_ms)
 redis.call('SET', secret, secret_hash)
+redis.call('HINCRBY', lengths, version_field, 1)
 return 1
 """,
 )
@@ -96,6 +99,7 @@ async def register(
             workers=keys.workers(),
             heartbeat=keys.heartbeat_key(worker_id),
             secret=keys.worker_secret_key(worker_id),
+            lengths=keys.list_lengths(),
         ),
         _RegisterArgs(
             record=record.model_dump_json(),
@@ -105,41 +109,62 @@ async def register(
             secret_hash=secret_hash,
             presented_hash=presented_hash,
             force=force,
+            version_field=keys.REGISTRY_VERSION,
         ),
     )
     return bool(stored)
 
 
-def beat(client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool) -> BeatAnswer:
+def beat(
+    client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool,
+    registered: bool = False,
+) -> BeatAnswer:  # fmt: skip
     """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own
-    thread); answers whether an admin asked it to drain, and the swarm's epoch if `swarm_epoch`."""
+    thread); answers whether an admin asked it to drain, and the swarm's epoch if `swarm_epoch`.
+    With `registered`, it also looks whether the worker's record is still there: a worker removed
+    from the registry (by an admin, or dead past `GPUTORRENT_DEAD_WORKER_RETENTION_S`) is told to
+    drain, as a worker linked through the coordinator is when its secret is refused."""
     with client.pipeline(transaction=False) as pipe:
-        queue_beat(pipe, worker_id, heartbeat, ttl_s, swarm_epoch=swarm_epoch)
-        return beat_answer(worker_id, pipe.execute(raise_on_error=False))
+        queue_beat(pipe, worker_id, heartbeat, ttl_s, swarm_epoch=swarm_epoch, registered=registered)
+        return beat_answer(worker_id, pipe.execute(raise_on_error=False), registered=registered)
 
 
 def beat_replies(swarm_epoch: bool) -> int:
-    """How many replies `queue_beat` adds to a pipeline."""
+    """How many replies `queue_beat` (without `registered`) adds to a pipeline."""
     return 3 if swarm_epoch else 2
 
 
-def queue_beat(pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool) -> None:
-    """Add one beat's commands to `pipe`, whose `beat_replies(swarm_epoch)` replies go to `beat_answer`.
-    Only a worker with a swarm reads the swarm's epoch: for the others it was a third of every beat's
-    commands, which are most of what an idle pool costs Redis (docs/scaling.md)."""
+def queue_beat(
+    pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool, registered: bool = False
+) -> None:
+    """Add one beat's commands to `pipe`, whose replies go to `beat_answer` (`beat_replies(swarm_epoch)`
+    of them, one more with `registered`). Only a worker with a swarm reads the swarm's epoch: for the
+    others it was a third of every beat's commands, which are most of what an idle pool costs Redis
+    (docs/scaling.md); for the same reason the record is looked at only on some beats."""
     pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
     pipe.exists(keys.drain_key(worker_id))
+    if registered:
+        pipe.exists(keys.worker_key(worker_id))
     if swarm_epoch:
         pipe.get(keys.swarm_epoch())
 
 
-def beat_answer(worker_id: str, replies: list[Any]) -> BeatAnswer:
-    """What one beat's replies (`queue_beat`) say; raises the error of a failed write."""
+def beat_answer(worker_id: str, replies: list[Any], *, registered: bool = False) -> BeatAnswer:
+    """What one beat's replies (`queue_beat`, with the same `registered`) say; raises the error of a
+    failed write."""
     written, drain, *read = replies
+    listed = read.pop(0) if registered else 1
     swarm_epoch = read[0] if read else None
-    for reply in (written, drain):
+    for reply in (written, drain, listed):
         if isinstance(reply, Exception):
             raise reply
+    if not listed:
+        log.error(
+            "worker %s: its registration is gone (removed by an admin, or dead for longer than the "
+            "coordinators' GPUTORRENT_DEAD_WORKER_RETENTION_S); it drains and stops: restart it to join again",
+            worker_id,
+        )
+        return BeatAnswer(drain=True)
     if isinstance(swarm_epoch, ResponseError):
         # A Redis user made before the swarm (docs/security.md's ACL reads `swarm:epoch`): the beat must
         # not fail for it, or the worker would look dead; its swarm reads the members only at start.
@@ -205,6 +230,7 @@ async def _update_record(redis: Redis, worker_id: str, change: Callable[[WorkerR
                     return True
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.set(key, changed.model_dump_json())
+                pipe.hincrby(keys.list_lengths(), keys.REGISTRY_VERSION, 1)
                 await pipe.execute()
                 return True
             except WatchError:  # the record changed under us: read it again
@@ -225,12 +251,14 @@ class _DeregisterKeys:
     heartbeat: str
     workers: str
     drain: str
+    lengths: str  # its `REGISTRY_VERSION` field is bumped
     lists: tuple[str, ...]  # its processing list and every band of its queue
 
 
 @dataclass(frozen=True)
 class _DeregisterArgs:
     worker_id: str
+    version_field: str
 
 
 _DEREGISTER = Script(
@@ -242,6 +270,7 @@ for _, held in ipairs(lists) do
 end
 redis.call('DEL', record_key, heartbeat, drain)
 redis.call('SREM', workers, worker_id)
+redis.call('HINCRBY', lengths, version_field, 1)
 return 1
 """,
 )
@@ -260,9 +289,10 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
             heartbeat=keys.heartbeat_key(worker_id),
             workers=keys.workers(),
             drain=keys.drain_key(worker_id),
+            lengths=keys.list_lengths(),
             lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
         ),
-        _DeregisterArgs(worker_id=worker_id),
+        _DeregisterArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION),
     )
     if not left:
         await mark_gone(redis, worker_id)
@@ -277,12 +307,14 @@ class _ForgetKeys:
     drain: str
     secret: str
     grace: str  # `liveness:grace`: while it holds, an absent heartbeat proves nothing
+    lengths: str  # its `REGISTRY_VERSION` field is bumped
     lists: tuple[str, ...]  # its processing list and every band of its queue
 
 
 @dataclass(frozen=True)
 class _ForgetArgs:
     worker_id: str
+    version_field: str
 
 
 _FORGET_DEAD = Script(
@@ -295,6 +327,7 @@ for _, held in ipairs(lists) do
 end
 redis.call('DEL', record_key, drain, secret)
 redis.call('SREM', workers, worker_id)
+redis.call('HINCRBY', lengths, version_field, 1)
 return 1
 """,
 )
@@ -315,9 +348,10 @@ async def forget_dead(redis: Redis, worker_id: str) -> bool:
                 drain=keys.drain_key(worker_id),
                 secret=keys.worker_secret_key(worker_id),
                 grace=keys.liveness_grace(),
+                lengths=keys.list_lengths(),
                 lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
             ),
-            _ForgetArgs(worker_id=worker_id),
+            _ForgetArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION),
         )
     )
 
@@ -328,17 +362,35 @@ async def forget_dead(redis: Redis, worker_id: str) -> bool:
 SNAPSHOT_CHUNK = 200
 
 
-async def snapshot(redis: Redis) -> list[WorkerState]:
+@dataclass
+class KnownRecords:
+    """The registrations a reader of the pool read last, kept between its reads (`snapshot(known=...)`),
+    with the `REGISTRY_VERSION` they were read at: while it has not moved, the next read takes the ids
+    and records from here and reads only the heartbeats. A record changed another way (by hand) is
+    seen at the next full read, every `FULL_READ_EVERY` reads."""
+
+    version: str | None = None
+    ids: list[str] = field(default_factory=list)
+    records: dict[str, str] = field(default_factory=dict)  # worker id -> its record's text
+    reads_since_full: int = 0
+
+
+FULL_READ_EVERY = 20
+
+
+async def snapshot(redis: Redis, known: KnownRecords | None = None) -> list[WorkerState]:
     """Every registered worker with its state, load and queue length, sorted by id.
 
-    One round trip for the ids and the lengths of every non-empty list (`keys.list_lengths()`), then
-    one per `SNAPSHOT_CHUNK` workers for their records and heartbeats: plain reads, a few
-    microseconds of Redis a worker, where reading its eleven lists in a script cost about eight."""
-    async with redis.pipeline(transaction=False) as pipe:
-        pipe.smembers(keys.workers())
-        pipe.hgetall(keys.list_lengths())
-        members, lengths = await pipe.execute()
-    ids = sorted(map(str, members))
+    One round trip for the lengths of every non-empty list (`keys.list_lengths()`, which also holds
+    the registry's version) and the ids, then one per `SNAPSHOT_CHUNK` workers for their records and
+    heartbeats: plain reads, a few microseconds of Redis a worker, where reading its eleven lists in a
+    script cost about eight. With `known`, and the version where `known` read it, the ids and records
+    come from `known` (a second round trip for the ids when they do not): only the heartbeats are
+    read, which at 10,000 workers costs Redis less than half as much (docs/scaling.md)."""
+    lengths = await redis.hgetall(keys.list_lengths())
+    version = lengths.get(keys.REGISTRY_VERSION)  # None in a pool written before the version was (always full)
+    full = known is None or version is None or version != known.version or known.reads_since_full >= FULL_READ_EVERY
+    ids = sorted(map(str, await redis.smembers(keys.workers()))) if full else known.ids  # type: ignore[union-attr]
     queued: dict[str, int] = {}
     held: dict[str, int] = {}
     for list_key, length in lengths.items():
@@ -348,19 +400,30 @@ async def snapshot(redis: Redis) -> list[WorkerState]:
             counts[worker_id] = counts.get(worker_id, 0) + int(length)
     states: list[WorkerState] = []
     records: dict[str, WorkerRecord] = {}
+    texts: dict[str, str] = {}
     for start in range(0, len(ids), SNAPSHOT_CHUNK):
         chunk = ids[start : start + SNAPSHOT_CHUNK]
-        async with redis.pipeline(transaction=False) as pipe:
-            pipe.mget([keys.worker_key(worker_id) for worker_id in chunk])
-            pipe.mget([keys.heartbeat_key(worker_id) for worker_id in chunk])
-            record_texts, heartbeat_texts = await pipe.execute()
+        heartbeat_keys = [keys.heartbeat_key(worker_id) for worker_id in chunk]
+        if full:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.mget([keys.worker_key(worker_id) for worker_id in chunk])
+                pipe.mget(heartbeat_keys)
+                record_texts, heartbeat_texts = await pipe.execute()
+        else:
+            record_texts = [known.records.get(worker_id) for worker_id in chunk]  # type: ignore[union-attr]
+            heartbeat_texts = await redis.mget(heartbeat_keys)
         for worker_id, record_raw, heartbeat_raw in zip(chunk, record_texts, heartbeat_texts, strict=True):
+            if record_raw:
+                texts[worker_id] = record_raw
             state = _state(worker_id, record_raw, heartbeat_raw, queued.get(worker_id, 0), held.get(worker_id, 0),
                            records=records)  # fmt: skip
             if state is not None:
                 states.append(state)
     _records_parsed.clear()  # only the records of this read are kept: the cache is never larger than the pool
     _records_parsed.update(records)
+    if known is not None:
+        known.reads_since_full = 0 if full else known.reads_since_full + 1
+        known.version, known.ids, known.records = None if version is None else str(version), ids, texts
     return states
 
 

@@ -152,3 +152,46 @@ async def test_an_unreadable_heartbeat_or_record_is_a_dead_worker_not_a_broken_p
     response = await api.get("/workers")
     assert response.status_code == 200
     assert [w["state"] for w in response.json()] == ["dead", "dead", "alive"]
+
+
+def _record(worker_id: str, models: tuple[str, ...] = ("m",)) -> WorkerRecord:
+    return WorkerRecord(
+        worker_id=worker_id, models=list(models), backend="fake", slots=1, hardware=Hardware(),
+        registered_at=time.time(),
+    )  # fmt: skip
+
+
+async def test_a_beat_that_looks_finds_a_removed_worker_and_tells_it_to_drain(redis: Redis, redis_url: str) -> None:
+    await registry.register(redis, _record("w1"), heartbeat_ttl_s=5, secret_hash=auth.hash_secret("s"))
+    with SyncRedis.from_url(redis_url) as client:
+        beat = Heartbeat(at=time.time())
+        assert not registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=False, registered=True).drain
+        await registry.mark_gone(redis, "w1")
+        assert await registry.forget_dead(redis, "w1")  # removed while it was away; now it beats again
+        assert not registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=True).drain  # a beat that does not look
+        assert registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=True, registered=True).drain
+
+
+async def test_a_snapshot_with_known_records_reads_them_again_only_when_the_registry_changed(redis: Redis) -> None:
+    await registry.register(redis, _record("w1"), heartbeat_ttl_s=30, secret_hash=auth.hash_secret("s"))
+    known = registry.KnownRecords()
+    assert [w.models for w in await registry.snapshot(redis, known)] == [["m"]]
+    await redis.set(keys.worker_key("w1"), _record("w1", ("by-hand",)).model_dump_json())  # the version stays
+    assert [w.models for w in await registry.snapshot(redis, known)] == [["m"]]  # the known record
+    assert await registry.add_model(redis, "w1", "pulled")  # a change through the registry moves the version
+    assert [w.models for w in await registry.snapshot(redis, known)] == [["by-hand", "pulled"]]
+    await registry.register(redis, _record("w2"), heartbeat_ttl_s=30, secret_hash=auth.hash_secret("s"))
+    assert [w.worker_id for w in await registry.snapshot(redis, known)] == ["w1", "w2"]
+    await registry.mark_gone(redis, "w2")
+    assert await registry.deregister(redis, "w2")
+    assert [w.worker_id for w in await registry.snapshot(redis, known)] == ["w1"]
+
+
+async def test_a_record_changed_by_hand_shows_at_the_next_full_read(redis: Redis) -> None:
+    await registry.register(redis, _record("w1"), heartbeat_ttl_s=30, secret_hash=auth.hash_secret("s"))
+    known = registry.KnownRecords()
+    await registry.snapshot(redis, known)
+    await redis.set(keys.worker_key("w1"), _record("w1", ("by-hand",)).model_dump_json())
+    for _ in range(registry.FULL_READ_EVERY):
+        assert [w.models for w in await registry.snapshot(redis, known)] == [["m"]]
+    assert [w.models for w in await registry.snapshot(redis, known)] == [["by-hand"]]

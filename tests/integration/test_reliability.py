@@ -411,3 +411,4 @@ async def test_a_job_put_by_hand_on_a_dead_workers_list_is_found_at_the_next_ful
     assert await redis.llen(keys.queue_key("w1")) == 1  # not read again yet
     await reaper.reap_once()
     assert await redis.llen(keys.queue_key("w1")) == 0
+    assert await _queued_on_w2(redis) == ["by-hand"]

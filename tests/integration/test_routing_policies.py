@@ -355,10 +355,10 @@ async def test_a_reader_gets_a_read_that_began_after_it_asked(
     reads = 0
     read_pool = registry.snapshot
 
-    async def counted(client: Redis) -> list[WorkerState]:
+    async def counted(client: Redis, known: registry.KnownRecords | None = None) -> list[WorkerState]:
         nonlocal reads
         reads += 1
-        return await read_pool(client)
+        return await read_pool(client, known)
 
     monkeypatch.setattr(registry, "snapshot", counted)
     snapshot.queued(redis, "admitted-here", None, "fake")  # a read behind an admission, now under way
@@ -379,7 +379,7 @@ async def test_in_a_large_pool_a_request_for_a_model_nobody_serves_does_not_read
     await snapshot.for_routing(redis, missed=True)  # never read: reads
     reads = 0
 
-    async def counted(client: Redis) -> list[WorkerState]:
+    async def counted(client: Redis, known: registry.KnownRecords | None = None) -> list[WorkerState]:
         nonlocal reads
         reads += 1
         return []

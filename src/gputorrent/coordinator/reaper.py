@@ -15,9 +15,9 @@ again after a break also writes `liveness:grace` for the others (checked in the 
 A dead worker's lists are read until found empty; after that only when the lengths index shows a
 job in them (or every `FULL_LOOK_ROUNDS`), so a round costs what the dead workers with jobs cost.
 A worker dead for `dead_worker_retention_s` (as this reaper has seen it: from its first round
-that judged it dead) whose lists are empty leaves the registry (`registry.forget_dead`): a pool
-that workers join and leave for good does not keep every one it ever had, and read each one's
-lists every round.
+that judged it dead; a restarted coordinator counts afresh) whose lists are empty leaves the
+registry (`registry.forget_dead`): a pool that workers join and leave for good does not keep
+every one it ever had.
 """
 
 from __future__ import annotations
@@ -39,11 +39,11 @@ from gputorrent.telemetry import FailureRecord
 
 log = logging.getLogger(__name__)
 
-OVERDUE_BATCH = 256
+OVERDUE_BATCH = 256  # deadlines handled per round; the rest wait for the next round
 # A dead worker found with empty lists is not read again while the lengths index shows nothing
 # for it, except every this many rounds (a minute by default): a list changed by hand, which
 # the index does not see, is still found.
-FULL_LOOK_ROUNDS = 30  # deadlines handled per round; the rest wait for the next round
+FULL_LOOK_ROUNDS = 30
 DEADLINE_PASSED = ErrorInfo(code="timeout", message="the request passed its deadline (timeout_s) before it finished")
 
 
@@ -143,8 +143,12 @@ class Reaper:
         `liveness:grace` holds."""
         workers = await current_pool(self._redis)
         await self._saw()
-        if self.sight.seen_for_s() < self._heartbeat_timeout_s or not any(w.state == "dead" for w in workers):
+        if not any(w.state == "dead" for w in workers):
             self._dead_since.clear()
+            return 0
+        # A break in sight keeps `_dead_since`: the retention is not started again by every blip (the
+        # removal itself checks, in its script, that the worker is still dead with nothing held).
+        if self.sight.seen_for_s() < self._heartbeat_timeout_s:
             return 0
         if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
             return 0

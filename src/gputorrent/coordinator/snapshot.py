@@ -61,6 +61,7 @@ class PoolSnapshot:
         self._pending_for: Counter[str] = Counter()  # model -> its jobs in `_pending`
         self._rings: dict[str, routing.AffinityRing] = {}  # model -> its candidates' ring, made when first asked
         self._reading: asyncio.Task[None] | None = None
+        self._known = registry.KnownRecords()  # the records read last: read again only when the registry changed
 
     def max_age_s(self) -> float:
         return max(SNAPSHOT_MAX_AGE_S, self._cost_bound_s())
@@ -168,7 +169,7 @@ class PoolSnapshot:
     async def _read_now(self, redis: Redis) -> None:
         counted = list(self._pending)  # jobs queued while the read is on its way may be missing from it
         started = asyncio.get_running_loop().time()
-        workers = await registry.snapshot(redis)
+        workers = await registry.snapshot(redis, self._known)
         self._index(workers)
         self._read_at, self._read_cost_s = started, asyncio.get_running_loop().time() - started
         for request_id in counted:

@@ -201,6 +201,11 @@ class RedisLink:
         await self.redis.aclose()
 
 
+# Every this many beats a worker linked to Redis looks whether its record is still there (about 20 s at
+# the default interval): a worker back after it was removed drains and stops, rather than beat unlisted.
+REGISTRATION_LOOK_EVERY = 10
+
+
 class _RedisHeartbeat:
     """Beats on a blocking client of its own: the `jobs:ended:{id}` listener already tells of ended jobs."""
 
@@ -211,9 +216,14 @@ class _RedisHeartbeat:
         self._worker_id = worker_id
         self._ttl_s = ttl_s
         self._swarm_epoch = swarm_epoch
+        self._beats = 0
 
     def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
-        return registry.beat(self._client, self._worker_id, heartbeat, self._ttl_s, swarm_epoch=self._swarm_epoch)
+        self._beats += 1
+        return registry.beat(
+            self._client, self._worker_id, heartbeat, self._ttl_s, swarm_epoch=self._swarm_epoch,
+            registered=self._beats % REGISTRATION_LOOK_EVERY == 0,
+        )  # fmt: skip
 
     def reconnect(self) -> None:
         """The next beat asks the Sentinels where the primary is (called from the event loop's thread:
