@@ -109,8 +109,8 @@ def list_lengths() -> str:
     script that pushes onto one or takes from one writes its length there (or drops the field when
     it is empty), so the pool snapshot reads every worker's load in one command rather than eleven
     list lengths a worker (docs/architecture.md, "The pool snapshot"). Its field `REGISTRY_VERSION`
-    is bumped by every change of a worker's record or of `workers`, so that same command tells the
-    snapshot whether the records it holds are still the pool's."""
+    gets a new token at every change of a worker's record or of `workers`, so that same command tells
+    the snapshot whether the records it holds are still the pool's."""
     return f"{_tag}lengths"
 
 

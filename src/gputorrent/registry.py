@@ -7,6 +7,7 @@ beat, so a worker that dies simply expires and every coordinator sees it at once
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
@@ -35,6 +36,13 @@ log = logging.getLogger(__name__)
 M = TypeVar("M", WorkerRecord, BeatLoad)
 
 
+def new_registry_version() -> str:
+    """A token for `keys.REGISTRY_VERSION`, new at every change of a record or of `workers`: a reader
+    compares it for equality only, so a token never seen before, not a count (a count could come back
+    to a value a reader holds, after a failover lost a change)."""
+    return uuid.uuid4().hex
+
+
 # A live worker's id is taken: only its own secret (or `force`) replaces its registration.
 @dataclass(frozen=True)
 class _RegisterKeys:
@@ -42,7 +50,7 @@ class _RegisterKeys:
     workers: str
     heartbeat: str
     secret: str
-    lengths: str  # its `REGISTRY_VERSION` field is bumped
+    lengths: str  # its `REGISTRY_VERSION` field gets a new token
 
 
 @dataclass(frozen=True)
@@ -55,6 +63,7 @@ class _RegisterArgs:
     presented_hash: str
     force: bool
     version_field: str
+    version: str  # a new token (`new_registry_version`)
 
 
 _REGISTER = Script(
@@ -69,7 +78,7 @@ redis.call('SET', record_key, record)
 redis.call('SADD', workers, worker_id)
 redis.call('SET', heartbeat, first_beat, 'PX', heartbeat_ttl_ms)
 redis.call('SET', secret, secret_hash)
-redis.call('HINCRBY', lengths, version_field, 1)
+redis.call('HSET', lengths, version_field, version)
 return 1
 """,
 )
@@ -110,6 +119,7 @@ async def register(
             presented_hash=presented_hash,
             force=force,
             version_field=keys.REGISTRY_VERSION,
+            version=new_registry_version(),
         ),
     )
     return bool(stored)
@@ -158,13 +168,7 @@ def beat_answer(worker_id: str, replies: list[Any], *, registered: bool = False)
     for reply in (written, drain, listed):
         if isinstance(reply, Exception):
             raise reply
-    if not listed:
-        log.error(
-            "worker %s: its registration is gone (removed by an admin, or dead for longer than the "
-            "coordinators' GPUTORRENT_DEAD_WORKER_RETENTION_S); it drains and stops: restart it to join again",
-            worker_id,
-        )
-        return BeatAnswer(drain=True)
+
     if isinstance(swarm_epoch, ResponseError):
         # A Redis user made before the swarm (docs/security.md's ACL reads `swarm:epoch`): the beat must
         # not fail for it, or the worker would look dead; its swarm reads the members only at start.
@@ -173,7 +177,13 @@ def beat_answer(worker_id: str, replies: list[Any], *, registered: bool = False)
                         keys.swarm_epoch(), swarm_epoch, keys.swarm_epoch())  # fmt: skip
             _told_epoch_unreadable()
         swarm_epoch = None
-    return BeatAnswer(drain=bool(drain), swarm_epoch=int(swarm_epoch or 0))
+    if not listed:
+        log.error(
+            "worker %s: its registration is gone (removed by an admin, or dead for longer than the "
+            "coordinators' GPUTORRENT_DEAD_WORKER_RETENTION_S); it drains and stops: restart it to join again",
+            worker_id,
+        )
+    return BeatAnswer(drain=bool(drain) or not listed, swarm_epoch=int(swarm_epoch or 0))
 
 
 _epoch_unreadable_told = False
@@ -230,7 +240,7 @@ async def _update_record(redis: Redis, worker_id: str, change: Callable[[WorkerR
                     return True
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.set(key, changed.model_dump_json())
-                pipe.hincrby(keys.list_lengths(), keys.REGISTRY_VERSION, 1)
+                pipe.hset(keys.list_lengths(), keys.REGISTRY_VERSION, new_registry_version())
                 await pipe.execute()
                 return True
             except WatchError:  # the record changed under us: read it again
@@ -251,7 +261,7 @@ class _DeregisterKeys:
     heartbeat: str
     workers: str
     drain: str
-    lengths: str  # its `REGISTRY_VERSION` field is bumped
+    lengths: str  # its `REGISTRY_VERSION` field gets a new token
     lists: tuple[str, ...]  # its processing list and every band of its queue
 
 
@@ -259,6 +269,7 @@ class _DeregisterKeys:
 class _DeregisterArgs:
     worker_id: str
     version_field: str
+    version: str
 
 
 _DEREGISTER = Script(
@@ -270,7 +281,7 @@ for _, held in ipairs(lists) do
 end
 redis.call('DEL', record_key, heartbeat, drain)
 redis.call('SREM', workers, worker_id)
-redis.call('HINCRBY', lengths, version_field, 1)
+redis.call('HSET', lengths, version_field, version)
 return 1
 """,
 )
@@ -292,7 +303,7 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
             lengths=keys.list_lengths(),
             lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
         ),
-        _DeregisterArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION),
+        _DeregisterArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION, version=new_registry_version()),
     )
     if not left:
         await mark_gone(redis, worker_id)
@@ -307,7 +318,7 @@ class _ForgetKeys:
     drain: str
     secret: str
     grace: str  # `liveness:grace`: while it holds, an absent heartbeat proves nothing
-    lengths: str  # its `REGISTRY_VERSION` field is bumped
+    lengths: str  # its `REGISTRY_VERSION` field gets a new token
     lists: tuple[str, ...]  # its processing list and every band of its queue
 
 
@@ -315,6 +326,7 @@ class _ForgetKeys:
 class _ForgetArgs:
     worker_id: str
     version_field: str
+    version: str
 
 
 _FORGET_DEAD = Script(
@@ -327,7 +339,7 @@ for _, held in ipairs(lists) do
 end
 redis.call('DEL', record_key, drain, secret)
 redis.call('SREM', workers, worker_id)
-redis.call('HINCRBY', lengths, version_field, 1)
+redis.call('HSET', lengths, version_field, version)
 return 1
 """,
 )
@@ -351,7 +363,7 @@ async def forget_dead(redis: Redis, worker_id: str) -> bool:
                 lengths=keys.list_lengths(),
                 lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
             ),
-            _ForgetArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION),
+            _ForgetArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION, version=new_registry_version()),
         )
     )
 
@@ -367,7 +379,7 @@ class KnownRecords:
     """The registrations a reader of the pool read last, kept between its reads (`snapshot(known=...)`),
     with the `REGISTRY_VERSION` they were read at: while it has not moved, the next read takes the ids
     and records from here and reads only the heartbeats. A record changed another way (by hand) is
-    seen at the next full read, every `FULL_READ_EVERY` reads."""
+    seen at the next full read, every `FULL_READ_EVERY`th (or at once: `HDEL lengths registry`)."""
 
     version: str | None = None
     ids: list[str] = field(default_factory=list)
@@ -382,14 +394,14 @@ async def snapshot(redis: Redis, known: KnownRecords | None = None) -> list[Work
     """Every registered worker with its state, load and queue length, sorted by id.
 
     One round trip for the lengths of every non-empty list (`keys.list_lengths()`, which also holds
-    the registry's version) and the ids, then one per `SNAPSHOT_CHUNK` workers for their records and
-    heartbeats: plain reads, a few microseconds of Redis a worker, where reading its eleven lists in a
-    script cost about eight. With `known`, and the version where `known` read it, the ids and records
-    come from `known` (a second round trip for the ids when they do not): only the heartbeats are
-    read, which at 10,000 workers costs Redis less than half as much (docs/scaling.md)."""
+    the registry's version), one for the ids, then one per `SNAPSHOT_CHUNK` workers for their records
+    and heartbeats: plain reads, a few microseconds of Redis a worker, where reading its eleven lists
+    in a script cost about eight. With `known`, and the version where `known` read it, the ids and
+    records come from `known` and only the heartbeats are read, which at 10,000 workers costs Redis
+    less than half as much (docs/scaling.md); every `FULL_READ_EVERY`th read is full all the same."""
     lengths = await redis.hgetall(keys.list_lengths())
     version = lengths.get(keys.REGISTRY_VERSION)  # None in a pool written before the version was (always full)
-    full = known is None or version is None or version != known.version or known.reads_since_full >= FULL_READ_EVERY
+    full = known is None or version is None or version != known.version or known.reads_since_full + 1 >= FULL_READ_EVERY
     ids = sorted(map(str, await redis.smembers(keys.workers()))) if full else known.ids  # type: ignore[union-attr]
     queued: dict[str, int] = {}
     held: dict[str, int] = {}

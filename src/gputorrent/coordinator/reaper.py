@@ -143,12 +143,14 @@ class Reaper:
         `liveness:grace` holds."""
         workers = await current_pool(self._redis)
         await self._saw()
-        if not any(w.state == "dead" for w in workers):
+        dead_now = {w.worker_id for w in workers if w.state == "dead"}
+        if not dead_now:
             self._dead_since.clear()
             return 0
-        # A break in sight keeps `_dead_since`: the retention is not started again by every blip (the
-        # removal itself checks, in its script, that the worker is still dead with nothing held).
+        # A break in sight keeps `_dead_since` for those still dead: the retention is not started again
+        # by every blip (the removal itself checks, in its script, that the worker is dead with nothing held).
         if self.sight.seen_for_s() < self._heartbeat_timeout_s:
+            self._dead_since = {worker: since for worker, since in self._dead_since.items() if worker in dead_now}
             return 0
         if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
             return 0
