@@ -168,7 +168,6 @@ def beat_answer(worker_id: str, replies: list[Any], *, registered: bool = False)
     for reply in (written, drain, listed):
         if isinstance(reply, Exception):
             raise reply
-
     if isinstance(swarm_epoch, ResponseError):
         # A Redis user made before the swarm (docs/security.md's ACL reads `swarm:epoch`): the beat must
         # not fail for it, or the worker would look dead; its swarm reads the members only at start.

@@ -52,7 +52,7 @@ class PoolSnapshot:
         self.workers: list[WorkerState] = []  # every registered worker, as read
         self._read_at = -math.inf  # when the last read began (the event loop's clock)
         self._read_cost_s = 0.0  # how long the last read took
-        self._joined_at = -math.inf  # when a worker last registered through this coordinator
+        self._joined_at = -math.inf  # when a worker last joined (or took a model) through this coordinator
         self._live: dict[str, list[WorkerState]] = {}  # model -> the live workers serving it, by id
         self._speed: dict[str, float] = {}  # model -> `routing.pool_speed` of its live workers
         self._queued: Counter[str] = Counter()  # model -> jobs queued at the workers serving it
