@@ -17,6 +17,7 @@
 | `workers`             | set       | ids of every registered worker              | none           | coordinator |
 | `heartbeat:{id}`      | string    | last beat and jobs in flight; absent = dead | heartbeat TTL  | worker      |
 | `liveness:grace`      | string    | present: Redis was just away; judge no one dead | heartbeat TTL  | coordinator |
+| `dead_since`          | hash      | worker id → when a reaper first judged it dead (unix s) | none | coordinator |
 | `job:{request_id}`    | hash      | status, worker, model, the job (JSON)       | result TTL + timeout | both  |
 | `results:ready`       | channel   | ids of results just written (pub/sub)       | n/a            | worker      |
 | `stream:{request_id}` | stream    | text entries, then one entry with the result | `result_ttl_s` | worker      |
@@ -130,6 +131,13 @@ def api_keys() -> str:
 def recent_failures() -> str:
     """The last failed jobs, newest first."""
     return f"{_tag}failures:recent"
+
+
+def dead_since() -> str:
+    """Worker id → when a reaper first judged the worker dead (unix seconds), for every dead worker:
+    shared by the coordinators, so the retention of a dead worker's record is counted once for the
+    pool, whichever coordinator restarts."""
+    return f"{_tag}dead_since"
 
 
 def liveness_grace() -> str:

@@ -340,7 +340,7 @@ async def test_a_reaper_that_cannot_judge_liveness_still_ends_jobs_past_their_de
 def _retaining_reaper(redis: Redis, clock: _Clock, retention_s: float) -> Reaper:
     return Reaper(
         redis, interval_s=INTERVAL_S, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=0,
-        dead_worker_retention_s=retention_s, clock=clock,
+        dead_worker_retention_s=retention_s, clock=clock, wall_clock=clock,
     )  # fmt: skip
 
 
@@ -412,3 +412,32 @@ async def test_a_job_put_by_hand_on_a_dead_workers_list_is_found_at_the_next_ful
     await reaper.reap_once()
     assert await redis.llen(keys.queue_key("w1")) == 0
     assert await _queued_on_w2(redis) == ["by-hand"]
+
+
+async def test_the_retention_counts_from_the_first_coordinator_that_judged_the_worker_dead(redis: Redis) -> None:
+    await _register(redis, "w1", alive=False)
+    await _register(redis, "w2")
+    clock = _Clock()
+    await _retaining_reaper(redis, clock, retention_s=60).reap_once()  # a coordinator judges w1 dead, then stops
+    clock.now += 60
+    await _retaining_reaper(redis, clock, retention_s=60).reap_once()  # a coordinator started since
+    assert not await redis.sismember(keys.workers(), "w1")
+    assert not await redis.hexists(keys.dead_since(), "w1")
+
+
+async def test_a_worker_alive_again_starts_its_retention_afresh_when_it_dies_again(redis: Redis) -> None:
+    await _register(redis, "w1", alive=False)
+    await _register(redis, "w2", alive=False)
+    clock = _Clock()
+    reaper = _retaining_reaper(redis, clock, retention_s=60)
+    await reaper.reap_once()  # both judged dead at 1000
+    await _register(redis, "w1")  # w1 is back
+    clock.now += 30
+    await reaper.reap_once()
+    assert not await redis.hexists(keys.dead_since(), "w1")
+    await registry.mark_gone(redis, "w1")  # and dead again at 1030
+    await reaper.reap_once()
+    clock.now += 30
+    await reaper.reap_once()  # 1060: w2's retention is over, not w1's
+    assert await redis.sismember(keys.workers(), "w1")
+    assert not await redis.sismember(keys.workers(), "w2")

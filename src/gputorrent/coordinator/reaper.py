@@ -14,10 +14,10 @@ again after a break also writes `liveness:grace` for the others (checked in the 
 
 A dead worker's lists are read until found empty; after that only when the lengths index shows a
 job in them (or every `FULL_LOOK_ROUNDS`), so a round costs what the dead workers with jobs cost.
-A worker dead for `dead_worker_retention_s` (as this reaper has seen it: from its first round
-that judged it dead; a restarted coordinator counts afresh) whose lists are empty leaves the
-registry (`registry.forget_dead`): a pool that workers join and leave for good does not keep
-every one it ever had.
+A worker dead for `dead_worker_retention_s` (from the first round of any coordinator's reaper
+that judged it dead: `keys.dead_since()`) whose lists are empty leaves the registry
+(`registry.forget_dead`): a pool that workers join and leave for good does not keep every one it
+ever had.
 """
 
 from __future__ import annotations
@@ -45,6 +45,14 @@ OVERDUE_BATCH = 256  # deadlines handled per round; the rest wait for the next r
 # the index does not see, is still found.
 FULL_LOOK_ROUNDS = 30
 DEADLINE_PASSED = ErrorInfo(code="timeout", message="the request passed its deadline (timeout_s) before it finished")
+
+
+def _unix_s(text: bytes | str | None, default: float) -> float:
+    """A `dead_since` entry; `default` when absent or not a number (written by hand)."""
+    try:
+        return float(text) if text is not None else default
+    except ValueError:
+        return default
 
 
 class Sight:
@@ -93,11 +101,12 @@ class Reaper:
     def __init__(
         self, redis: Redis, interval_s: float, max_attempts: int, result_ttl_s: int, *, heartbeat_timeout_s: float,
         dead_worker_retention_s: float = math.inf, clock: Callable[[], float] = time.monotonic,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self._redis = redis
-        self._clock = clock
+        self._wall_clock = wall_clock  # `dead_since` is compared across coordinators: unix time
         self._dead_worker_retention_s = dead_worker_retention_s
-        self._dead_since: dict[str, float] = {}  # worker id -> when this reaper first judged it dead
+        self._tracks_dead = False  # `dead_since` may hold entries this reaper wrote or saw
         self._found_empty: set[str] = set()  # dead workers whose lists this reaper found empty since
         self._rounds = 0
         self._interval_s = interval_s
@@ -145,32 +154,50 @@ class Reaper:
         await self._saw()
         dead_now = {w.worker_id for w in workers if w.state == "dead"}
         if not dead_now:
-            self._dead_since.clear()
+            if self._tracks_dead:  # every worker it knew dead is alive again, or gone
+                await self._redis.delete(keys.dead_since())
+                self._tracks_dead = False
             return 0
-        # A break in sight keeps `_dead_since` for those still dead: the retention is not started again
-        # by every blip (the removal itself checks, in its script, that the worker is dead with nothing held).
+        # A break in sight leaves `dead_since` as it is: the retention is not started again by every
+        # blip (the removal itself checks, in its script, that the worker is dead with nothing held).
         if self.sight.seen_for_s() < self._heartbeat_timeout_s:
-            self._dead_since = {worker: since for worker, since in self._dead_since.items() if worker in dead_now}
             return 0
         if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
             return 0
-        now = self._clock()
-        self._dead_since = {w.worker_id: self._dead_since.get(w.worker_id, now) for w in workers if w.state == "dead"}
+        dead_since = await self._dead_since(dead_now)
+        now = self._wall_clock()
         self._rounds += 1
         if self._rounds % FULL_LOOK_ROUNDS == 0:
             self._found_empty.clear()
-        self._found_empty &= self._dead_since.keys()
+        self._found_empty &= dead_now
         handled = 0
         for dead in (w for w in workers if w.state == "dead"):
             # Found empty while dead, and the lengths index still shows nothing: only a dead worker's
             # own move could fill its lists, and every script that fills one writes the index.
             if dead.worker_id not in self._found_empty or dead.queue_length or dead.jobs_held:
                 handled += await self._hand_on_lists(dead.worker_id, workers)
-            retained = now - self._dead_since[dead.worker_id] < self._dead_worker_retention_s
+            retained = now - dead_since[dead.worker_id] < self._dead_worker_retention_s
             if not retained and await registry.forget_dead(self._redis, dead.worker_id):
-                del self._dead_since[dead.worker_id]
+                await self._redis.hdel(keys.dead_since(), dead.worker_id)
                 log.info("worker %s left the registry: dead with nothing left to hand on", dead.worker_id)
         return handled
+
+    async def _dead_since(self, dead_now: set[str]) -> dict[str, float]:
+        """When each dead worker was first judged dead, by this reaper or another (`keys.dead_since()`):
+        the workers new to it are written now (`HSETNX`: the first coordinator's time stands), those
+        alive again or gone are taken out."""
+        recorded = await self._redis.hgetall(keys.dead_since())
+        now = self._wall_clock()
+        new, gone = dead_now - recorded.keys(), recorded.keys() - dead_now
+        if new or gone:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for worker_id in new:
+                    pipe.hsetnx(keys.dead_since(), worker_id, repr(now))
+                if gone:
+                    pipe.hdel(keys.dead_since(), *gone)
+                await pipe.execute()
+        self._tracks_dead = True
+        return {worker_id: _unix_s(recorded.get(worker_id), now) for worker_id in dead_now}
 
     async def _hand_on_lists(self, worker_id: str, workers: list[WorkerState]) -> int:
         """Hand on the jobs of a dead worker's lists that hold any (their lengths read in one round trip)."""
