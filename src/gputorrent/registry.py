@@ -51,6 +51,7 @@ class _RegisterKeys:
     heartbeat: str
     secret: str
     lengths: str  # its `REGISTRY_VERSION` field gets a new token
+    dead_since: str  # a registration ends whatever death was recorded for the id
 
 
 @dataclass(frozen=True)
@@ -79,6 +80,7 @@ redis.call('SADD', workers, worker_id)
 redis.call('SET', heartbeat, first_beat, 'PX', heartbeat_ttl_ms)
 redis.call('SET', secret, secret_hash)
 redis.call('HSET', lengths, version_field, version)
+redis.call('HDEL', dead_since, worker_id)
 return 1
 """,
 )
@@ -109,6 +111,7 @@ async def register(
             heartbeat=keys.heartbeat_key(worker_id),
             secret=keys.worker_secret_key(worker_id),
             lengths=keys.list_lengths(),
+            dead_since=keys.dead_since(),
         ),
         _RegisterArgs(
             record=record.model_dump_json(),

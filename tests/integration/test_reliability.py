@@ -223,7 +223,8 @@ INTERVAL_S, TIMEOUT_S = 0.5, 3.0
 
 
 class _Clock:
-    """The monotonic clock of a reaper, moved by the test: the rule is about time, and no test sleeps."""
+    """A reaper's clock, moved by the test: the rule is about time, and no test sleeps (monotonic for its
+    sight; also its wall clock where a test passes it as one)."""
 
     def __init__(self) -> None:
         self.now = 1000.0
@@ -441,3 +442,18 @@ async def test_a_worker_alive_again_starts_its_retention_afresh_when_it_dies_aga
     await reaper.reap_once()  # 1060: w2's retention is over, not w1's
     assert await redis.sismember(keys.workers(), "w1")
     assert not await redis.sismember(keys.workers(), "w2")
+
+
+async def test_a_death_recorded_before_a_registration_does_not_date_the_next_death(redis: Redis) -> None:
+    """An entry left in `dead_since` (its reaper stopped before it saw the worker back) goes when the
+    worker registers again, and when a round finds no worker dead."""
+    clock = _Clock()
+    await redis.hset(keys.dead_since(), mapping={"w1": "0", "w2": "0"})  # long ago, by a coordinator gone since
+    await _register(redis, "w1")
+    assert not await redis.hexists(keys.dead_since(), "w1")
+    await _register(redis, "w2")
+    await _retaining_reaper(redis, clock, retention_s=60).reap_once()  # nobody is dead
+    assert not await redis.exists(keys.dead_since())
+    await registry.mark_gone(redis, "w2")
+    await _retaining_reaper(redis, clock, retention_s=60).reap_once()
+    assert await redis.sismember(keys.workers(), "w2")  # its retention starts now

@@ -104,9 +104,8 @@ class Reaper:
         wall_clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self._redis = redis
-        self._wall_clock = wall_clock  # `dead_since` is compared across coordinators: unix time
+        self._wall_clock = wall_clock  # `dead_since` is compared across coordinators: unix time (keep them in sync)
         self._dead_worker_retention_s = dead_worker_retention_s
-        self._tracks_dead = False  # `dead_since` may hold entries this reaper wrote or saw
         self._found_empty: set[str] = set()  # dead workers whose lists this reaper found empty since
         self._rounds = 0
         self._interval_s = interval_s
@@ -154,9 +153,8 @@ class Reaper:
         await self._saw()
         dead_now = {w.worker_id for w in workers if w.state == "dead"}
         if not dead_now:
-            if self._tracks_dead:  # every worker it knew dead is alive again, or gone
-                await self._redis.delete(keys.dead_since())
-                self._tracks_dead = False
+            # Whoever wrote them, entries left for workers alive again or gone must not date a later death.
+            await self._redis.delete(keys.dead_since())
             return 0
         # A break in sight leaves `dead_since` as it is: the retention is not started again by every
         # blip (the removal itself checks, in its script, that the worker is dead with nothing held).
@@ -196,7 +194,6 @@ class Reaper:
                 if gone:
                     pipe.hdel(keys.dead_since(), *gone)
                 await pipe.execute()
-        self._tracks_dead = True
         return {worker_id: _unix_s(recorded.get(worker_id), now) for worker_id in dead_now}
 
     async def _hand_on_lists(self, worker_id: str, workers: list[WorkerState]) -> int:
