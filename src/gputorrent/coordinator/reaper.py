@@ -151,7 +151,8 @@ class Reaper:
         `liveness:grace` holds."""
         workers = await current_pool(self._redis)
         await self._saw()
-        dead_now = {w.worker_id for w in workers if w.state == "dead"}
+        dead_workers = [w for w in workers if w.state == "dead"]
+        dead_now = {w.worker_id for w in dead_workers}
         if not dead_now:
             # Whoever wrote them, entries left for workers alive again or gone must not date a later death.
             await self._redis.delete(keys.dead_since())
@@ -162,14 +163,14 @@ class Reaper:
             return 0
         if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
             return 0
-        dead_since = await self._dead_since(dead_now)
         now = self._wall_clock()
+        dead_since = await self._dead_since(dead_now, now)
         self._rounds += 1
         if self._rounds % FULL_LOOK_ROUNDS == 0:
             self._found_empty.clear()
         self._found_empty &= dead_now
         handled = 0
-        for dead in (w for w in workers if w.state == "dead"):
+        for dead in dead_workers:
             # Found empty while dead, and the lengths index still shows nothing: only a dead worker's
             # own move could fill its lists, and every script that fills one writes the index.
             if dead.worker_id not in self._found_empty or dead.queue_length or dead.jobs_held:
@@ -180,12 +181,11 @@ class Reaper:
                 log.info("worker %s left the registry: dead with nothing left to hand on", dead.worker_id)
         return handled
 
-    async def _dead_since(self, dead_now: set[str]) -> dict[str, float]:
+    async def _dead_since(self, dead_now: set[str], now: float) -> dict[str, float]:
         """When each dead worker was first judged dead, by this reaper or another (`keys.dead_since()`):
-        the workers new to it are written now (`HSETNX`: the first coordinator's time stands), those
-        alive again or gone are taken out."""
+        the workers new to it are written as dead since `now` (`HSETNX`: the first coordinator's time
+        stands), those alive again or gone are taken out."""
         recorded = await self._redis.hgetall(keys.dead_since())
-        now = self._wall_clock()
         new, gone = dead_now - recorded.keys(), recorded.keys() - dead_now
         if new or gone:
             async with self._redis.pipeline(transaction=False) as pipe:
