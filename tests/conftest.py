@@ -171,6 +171,7 @@ def fake_worker(api: httpx.AsyncClient, redis: Redis, redis_url: str) -> Callabl
         link = RedisLink(
             redis, redis_url, worker_id, heartbeat_ttl_s=registered.heartbeat_timeout_s,
             max_attempts=settings.max_attempts, result_ttl_s=settings.result_ttl_s,
+            registered_at=registered.registered_at,
         )  # fmt: skip
         return Worker(link, backend, registered, settings, model)
 

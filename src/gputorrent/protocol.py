@@ -484,6 +484,8 @@ class Registered(WireModel):
     worker_secret: str = Field(default="", repr=False)
     heartbeat_interval_s: float
     heartbeat_timeout_s: float
+    # The record's `registered_at`: a worker linked to Redis tells by it whether the id is still its own.
+    registered_at: float | None = None
 
 
 WorkerCondition = Literal["alive", "draining", "unhealthy"]
@@ -611,6 +613,9 @@ class BeatAnswer(WireModel):
     jobs were ended elsewhere (cancelled, timed out, handed on): it stops them at their next token."""
 
     drain: bool = False
+    # Another process registered this worker's id since this one did (a worker linked to Redis reads its
+    # record to know): it stops at once, and leaves that id's queue, held jobs and registration alone.
+    replaced: bool = False
     ended: list[str] = Field(default_factory=list)
     # Changes whenever a worker joins the swarm or starts a fetch: the worker then reads the members again.
     swarm_epoch: int = 0

@@ -6,6 +6,7 @@ beat, so a worker that dies simply expires and every coordinator sees it at once
 
 from __future__ import annotations
 
+import json
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -130,16 +131,19 @@ async def register(
 
 def beat(
     client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool,
-    registered: bool = False,
+    registered: bool = False, registered_at: float | None = None,
 ) -> BeatAnswer:  # fmt: skip
     """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own
     thread); answers whether an admin asked it to drain, and the swarm's epoch if `swarm_epoch`.
-    With `registered`, it also looks whether the worker's record is still there: a worker removed
-    from the registry (by an admin, or dead past `GPUTORRENT_DEAD_WORKER_RETENTION_S`) is told to
-    drain, as a worker linked through the coordinator is when its secret is refused."""
+    With `registered`, it also reads the worker's record: a worker removed from the registry (by an
+    admin, or dead past `GPUTORRENT_DEAD_WORKER_RETENTION_S`) is told to drain, as a worker linked
+    through the coordinator is when its secret is refused; one whose id another process registered
+    since (a record whose `registered_at` is not this worker's `registered_at`) is told it was replaced."""
     with client.pipeline(transaction=False) as pipe:
         queue_beat(pipe, worker_id, heartbeat, ttl_s, swarm_epoch=swarm_epoch, registered=registered)
-        return beat_answer(worker_id, pipe.execute(raise_on_error=False), registered=registered)
+        return beat_answer(
+            worker_id, pipe.execute(raise_on_error=False), registered=registered, registered_at=registered_at
+        )
 
 
 def beat_replies(swarm_epoch: bool) -> int:
@@ -151,24 +155,27 @@ def queue_beat(
     pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool, registered: bool = False
 ) -> None:
     """Add one beat's commands to `pipe`, whose replies go to `beat_answer` (`beat_replies(swarm_epoch)`
-    of them, one more with `registered`). Only a worker with a swarm reads the swarm's epoch: for the
-    others it was a third of every beat's commands, which are most of what an idle pool costs Redis
-    (docs/scaling.md); for the same reason the record is looked at only on some beats."""
+    of them, one more with `registered`: the worker's record). Only a worker with a swarm reads the
+    swarm's epoch: for the others it was a third of every beat's commands, which are most of what an
+    idle pool costs Redis (docs/scaling.md); for the same reason the record is read only on some beats."""
     pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
     pipe.exists(keys.drain_key(worker_id))
     if registered:
-        pipe.exists(keys.worker_key(worker_id))
+        pipe.get(keys.worker_key(worker_id))
     if swarm_epoch:
         pipe.get(keys.swarm_epoch())
 
 
-def beat_answer(worker_id: str, replies: list[Any], *, registered: bool = False) -> BeatAnswer:
-    """What one beat's replies (`queue_beat`, with the same `registered`) say; raises the error of a
+def beat_answer(
+    worker_id: str, replies: list[Any], *, registered: bool = False, registered_at: float | None = None
+) -> BeatAnswer:
+    """What one beat's replies (`queue_beat`, with the same `registered`) say, for a worker registered
+    at `registered_at` (None: not known, then only a missing record counts); raises the error of a
     failed write."""
     written, drain, *read = replies
-    listed = read.pop(0) if registered else 1
+    record = read.pop(0) if registered else None
     swarm_epoch = read[0] if read else None
-    for reply in (written, drain, listed):
+    for reply in (written, drain, record):
         if isinstance(reply, Exception):
             raise reply
     if isinstance(swarm_epoch, ResponseError):
@@ -179,13 +186,33 @@ def beat_answer(worker_id: str, replies: list[Any], *, registered: bool = False)
                         keys.swarm_epoch(), swarm_epoch, keys.swarm_epoch())  # fmt: skip
             _told_epoch_unreadable()
         swarm_epoch = None
-    if not listed:
+    gone = registered and record is None
+    replaced = registered and record is not None and registered_at is not None and (
+        _registered_at(record) not in (None, registered_at)
+    )  # fmt: skip
+    if gone:
         log.error(
             "worker %s: its registration is gone (removed by an admin, or dead for longer than the "
             "coordinators' GPUTORRENT_DEAD_WORKER_RETENTION_S); it drains and stops: restart it to join again",
             worker_id,
         )
-    return BeatAnswer(drain=bool(drain) or not listed, swarm_epoch=int(swarm_epoch or 0))
+    if replaced:
+        log.error(
+            "worker %s: another process registered this id since (this one's heartbeat had lapsed, or an admin "
+            "forced it); this one stops, leaving that one's queue and jobs alone: give each worker an id of its own",
+            worker_id,
+        )
+    return BeatAnswer(drain=bool(drain) or gone or replaced, replaced=replaced, swarm_epoch=int(swarm_epoch or 0))
+
+
+def _registered_at(record: str | bytes) -> float | None:
+    """The `registered_at` of a stored record; None where it cannot be read (a record is never judged
+    another registration's on text this process cannot read)."""
+    try:
+        value = json.loads(record).get("registered_at")
+    except (ValueError, AttributeError):
+        return None
+    return float(value) if isinstance(value, int | float) else None
 
 
 _epoch_unreadable_told = False

@@ -172,6 +172,29 @@ async def test_a_beat_that_looks_finds_a_removed_worker_and_tells_it_to_drain(re
         assert registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=True, registered=True).drain
 
 
+async def test_a_beat_that_looks_tells_a_worker_whose_id_was_registered_again_that_it_was_replaced(
+    redis: Redis, redis_url: str
+) -> None:
+    first = _record("w1")
+    await registry.register(redis, first, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("s"))
+    with SyncRedis.from_url(redis_url) as client:
+        beat = Heartbeat(at=time.time())
+        answer = registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=False, registered=True,
+                               registered_at=first.registered_at)  # fmt: skip
+        assert not answer.drain and not answer.replaced
+        second = _record("w1").model_copy(update={"registered_at": first.registered_at + 1})
+        await registry.register(redis, second, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("t"), force=True)
+        answer = registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=False, registered=True,
+                               registered_at=first.registered_at)  # fmt: skip
+        assert answer.drain and answer.replaced
+        answer = registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=False, registered=True,
+                               registered_at=second.registered_at)  # fmt: skip
+        assert not answer.drain and not answer.replaced
+        # A worker that does not know when it registered (a coordinator older than the field) only
+        # tells a missing record.
+        assert not registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=False, registered=True).drain
+
+
 async def test_a_snapshot_with_known_records_reads_them_again_only_when_the_registry_changed(redis: Redis) -> None:
     await registry.register(redis, _record("w1"), heartbeat_ttl_s=30, secret_hash=auth.hash_secret("s"))
     known = registry.KnownRecords()

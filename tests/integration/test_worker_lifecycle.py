@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from gputorrent import keys, queue, registry, streams
 from gputorrent.coordinator import snapshot as pool_snapshot_module
 from gputorrent.errors import BackendUnavailable
-from gputorrent.protocol import GenerationDone, InferenceOptions, Job, JobResult, TokenChunk
+from gputorrent.protocol import GenerationDone, Heartbeat, InferenceOptions, Job, JobResult, TokenChunk
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.main import Worker
 from tests.conftest import TEST_DB, eventually
@@ -59,6 +59,10 @@ async def _serving(worker: Worker) -> AsyncIterator[None]:
     finally:
         stop.set()
         await asyncio.wait_for(running, timeout=10)
+
+
+async def _holds(redis: Redis, worker_id: str, request_id: str) -> bool:
+    return await redis.lpos(keys.processing_key(worker_id), request_id) is not None
 
 
 async def _streamed_tokens(redis: Redis, request_id: str) -> int:
@@ -109,6 +113,34 @@ async def _is_running(api: httpx.AsyncClient, request_id: str) -> bool:
 
 async def _state_is(api: httpx.AsyncClient, worker_id: str, state: str) -> bool:
     return await _state(api, worker_id) == state
+
+
+async def test_a_worker_whose_id_another_process_registered_stops_and_leaves_that_ids_jobs_alone(
+    api: httpx.AsyncClient, redis: Redis, fake_worker: MakeWorker, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A worker linked to Redis reads its record every `REGISTRATION_LOOK_EVERY` beats (5 s at the
+    tests' 0.5 s beats): once the record is another registration's it stops by itself, and hands
+    neither the id's queue nor its held job on, nor takes the registration away: they are the other
+    process's now (its own orphan check takes the held job back)."""
+    worker = await fake_worker("w1", token_delay_s=0.2, slots=1, drain_timeout_s=0.5)  # a job takes 12 s
+    await fake_worker("w2")  # alive, not consuming: where a hand-on would put w1's jobs
+    await redis.set(keys.heartbeat_key("w2"), Heartbeat(at=time.time()).model_dump_json(), px=60_000)
+    stop = asyncio.Event()
+    running = asyncio.create_task(worker.run(stop))
+    held = await _enqueue_streamed(redis, "w1")
+    await eventually(lambda: _holds(redis, "w1", held), "the worker taking the first job")
+    queued = await _enqueue_streamed(redis, "w1")
+    again = {"worker_id": "w1", "models": ["fake"], "backend": "fake"}  # an admin's key may take a live id
+    response = await api.post("/register", json=again)
+    assert response.status_code == 200, response.text
+    record = await redis.get(keys.worker_key("w1"))
+    await asyncio.wait_for(running, timeout=15)  # it stopped without being told to
+    assert stop.is_set()
+    assert "another process registered this id" in caplog.text
+    assert await redis.get(keys.worker_key("w1")) == record
+    assert await redis.sismember(keys.workers(), "w1")
+    assert await redis.lrange(keys.queue_key("w1"), 0, -1) == [queued]
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [held]
 
 
 async def test_a_job_still_running_after_the_drain_grace_resumes_on_another_worker_without_a_repeated_token(

@@ -147,7 +147,7 @@ async def test_the_heartbeat_answer_names_running_jobs_ended_elsewhere(
     _, b, job = two_workers
     beat = WorkerBeat(heartbeat=Heartbeat(at=0.0, jobs_in_flight=1), running=[job.request_id]).model_dump(mode="json")
     answer = (await api.post("/worker/heartbeat", json=beat, headers=b)).json()
-    assert answer == {"drain": False, "ended": [], "swarm_epoch": 0}
+    assert answer == {"drain": False, "replaced": False, "ended": [], "swarm_epoch": 0}
     assert await redis.exists(keys.heartbeat_key("b"))
     assert (await api.delete(f"/inference/{job.request_id}")).status_code == 200  # the client cancels it
     answer = (await api.post("/worker/heartbeat", json=beat, headers=b)).json()

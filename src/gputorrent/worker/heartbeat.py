@@ -32,7 +32,7 @@ class HeartbeatThread(threading.Thread):
         interval_s: float,
         heartbeat: Callable[[], Heartbeat],
         running: Callable[[], list[str]],
-        on_drain: Callable[[], None],
+        on_drain: Callable[[bool], None],
         on_ended: Callable[[list[str]], None],
         on_swarm_epoch: Callable[[int], None] | None = None,
     ) -> None:
@@ -42,7 +42,9 @@ class HeartbeatThread(threading.Thread):
         self._interval_s = interval_s
         self._heartbeat = heartbeat
         self._running = running
-        self._on_drain = on_drain  # called (from this thread) once an admin asks the worker to drain
+        # called (from this thread) once the worker is to drain (an admin asked, or it left the registry),
+        # with whether another process registered its id since (`BeatAnswer.replaced`)
+        self._on_drain = on_drain
         self._on_ended = on_ended  # called (from this thread) with running jobs that were ended elsewhere
         self._on_swarm_epoch = on_swarm_epoch  # called (from this thread) with each beat's swarm epoch
         self._stopping = threading.Event()
@@ -61,8 +63,11 @@ class HeartbeatThread(threading.Thread):
                 else:
                     if answer.ended:
                         self._on_ended(answer.ended)
+                    if answer.replaced:  # a beat more would write over the other process's heartbeat
+                        self._on_drain(True)
+                        return
                     if answer.drain:
-                        self._on_drain()
+                        self._on_drain(False)
                     if self._on_swarm_epoch is not None:
                         self._on_swarm_epoch(answer.swarm_epoch)
                 self._wake.wait(self._interval_s)

@@ -119,11 +119,12 @@ class RedisLink:
 
     def __init__(
         self, redis: Redis, redis_url: str, worker_id: str, *, heartbeat_ttl_s: float, max_attempts: int,
-        result_ttl_s: int,
+        result_ttl_s: int, registered_at: float | None = None,
     ) -> None:  # fmt: skip
         self.redis = redis
         self._redis_url = redis_url
         self.worker_id = worker_id
+        self._registered_at = registered_at  # `Registered.registered_at`: its beats tell a new registration by it
         self._heartbeat_ttl_s = heartbeat_ttl_s
         self._max_attempts = max_attempts
         self._result_ttl_s = result_ttl_s
@@ -190,7 +191,9 @@ class RedisLink:
             self._ended.resubscribe()
 
     def heartbeat_sender(self, *, swarm_epoch: bool) -> HeartbeatSender:
-        heartbeat = _RedisHeartbeat(self._redis_url, self.worker_id, self._heartbeat_ttl_s, swarm_epoch)
+        heartbeat = _RedisHeartbeat(
+            self._redis_url, self.worker_id, self._heartbeat_ttl_s, swarm_epoch, self._registered_at
+        )
         self._heartbeats.append(heartbeat)
         return heartbeat
 
@@ -201,29 +204,40 @@ class RedisLink:
         await self.redis.aclose()
 
 
-# Every this many beats a worker linked to Redis looks whether its record is still there (about 20 s at
-# the default interval): a worker back after it was removed drains and stops, rather than beat unlisted.
+# Every this many beats a worker linked to Redis reads its record (about 20 s at the default interval),
+# and at the first beat that gets through after one that failed: a worker back after it was removed
+# drains and stops, rather than beat unlisted; one whose id another process registered meanwhile stops.
 REGISTRATION_LOOK_EVERY = 10
 
 
 class _RedisHeartbeat:
     """Beats on a blocking client of its own: the `jobs:ended:{id}` listener already tells of ended jobs."""
 
-    def __init__(self, redis_url: str, worker_id: str, ttl_s: float, swarm_epoch: bool) -> None:
+    def __init__(
+        self, redis_url: str, worker_id: str, ttl_s: float, swarm_epoch: bool, registered_at: float | None
+    ) -> None:
         # Bounded as the coordinator's: a beat to a primary cut off fails soon and the next one asks the
         # Sentinels again, well inside the heartbeat timeout.
         self._client = redis_client.sync_client(redis_url, socket_connect_timeout=2, socket_timeout=2)
         self._worker_id = worker_id
         self._ttl_s = ttl_s
         self._swarm_epoch = swarm_epoch
+        self._registered_at = registered_at
         self._beats = 0
+        self._look_next = False  # a beat failed: the next one that gets through reads the record
 
     def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
         self._beats += 1
-        return registry.beat(
+        look = self._look_next or self._beats % REGISTRATION_LOOK_EVERY == 0
+        # While Redis is out of reach for longer than the heartbeat timeout the id may be taken: the first
+        # beat back looks, before this worker's consumers or orphan checks act for long on that id's lists.
+        self._look_next = True
+        answer = registry.beat(
             self._client, self._worker_id, heartbeat, self._ttl_s, swarm_epoch=self._swarm_epoch,
-            registered=self._beats % REGISTRATION_LOOK_EVERY == 0,
+            registered=look, registered_at=self._registered_at,
         )  # fmt: skip
+        self._look_next = False
+        return answer
 
     def reconnect(self) -> None:
         """The next beat asks the Sentinels where the primary is (called from the event loop's thread:

@@ -105,6 +105,9 @@ class Worker:
         # shared job handed back to its queue while this worker stalled, then taken again here).
         self._held: collections.Counter[str] = collections.Counter()
         self._abandoning = False  # set once a drain stops its jobs to hand them on
+        # Another process registered this worker's id since: the id's lists and registration are that
+        # process's now, so this one hands nothing on, reclaims nothing and does not leave.
+        self._replaced = False
         self._last_success = time.monotonic()
         self._heartbeat: HeartbeatThread | None = None
         self.telemetry = WorkerTelemetry(self.worker_id)
@@ -126,8 +129,8 @@ class Worker:
         """
         loop = asyncio.get_running_loop()
 
-        def drain_asked() -> None:  # on the heartbeat thread: an admin asked this worker to drain
-            loop.call_soon_threadsafe(stop.set)
+        def drain_asked(replaced: bool) -> None:  # on the heartbeat thread: see `HeartbeatThread`
+            loop.call_soon_threadsafe(self._stop, stop, replaced)
 
         def ended_elsewhere(request_ids: list[str]) -> None:  # on the heartbeat thread
             loop.call_soon_threadsafe(self.ended.end, request_ids)
@@ -168,6 +171,11 @@ class Worker:
                 with contextlib.suppress(asyncio.CancelledError):
                     await self._following
             await self._leave()
+
+    def _stop(self, stop: asyncio.Event, replaced: bool) -> None:
+        """Drain and stop (a beat's answer said so); `replaced`: as another process's id, see `_replaced`."""
+        self._replaced = self._replaced or replaced
+        stop.set()
 
     async def _recover(self, stop: asyncio.Event) -> int:
         """`link.recover()`, tried again while Redis cannot be reached (a worker started during a
@@ -230,7 +238,9 @@ class Worker:
 
     async def _hand_on(self, *, held: bool) -> int:
         """Give this worker's queue (with `held`, the jobs it holds) to other live workers; 0 when that
-        fails (the reaper moves them once this worker is gone)."""
+        fails (the reaper moves them once this worker is gone), or when the id is another process's now."""
+        if self._replaced:
+            return 0
         try:
             handed = await self.link.hand_on(held=held)
         except (RedisError, OSError) as e:
@@ -241,6 +251,9 @@ class Worker:
         return handed
 
     async def _leave(self) -> None:
+        if self._replaced:
+            log.info("worker %s stopped after %d jobs; its id is another process's now", self.worker_id, self.jobs_done)
+            return
         try:
             left = await self.link.leave()
         except (RedisError, OSError) as e:
@@ -339,7 +352,7 @@ class Worker:
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), self.link.orphan_check_s)
-            if stop.is_set():
+            if stop.is_set() or self._replaced:  # what the list holds is another process's now
                 return
             try:
                 held = set(self._held)
@@ -689,4 +702,5 @@ def open_link(settings: WorkerSettings, registered: Registered) -> PoolLink:
     return RedisLink(
         redis, settings.redis_url, registered.worker_id, heartbeat_ttl_s=registered.heartbeat_timeout_s,
         max_attempts=settings.max_attempts, result_ttl_s=settings.result_ttl_s,
+        registered_at=registered.registered_at,
     )  # fmt: skip

@@ -96,6 +96,7 @@ async def register_worker(
         worker_secret=secret,
         heartbeat_interval_s=settings.heartbeat_interval_s,
         heartbeat_timeout_s=settings.heartbeat_timeout_s,
+        registered_at=record.registered_at,
     )
 
 
