@@ -457,3 +457,53 @@ async def test_a_death_recorded_before_a_registration_does_not_date_the_next_dea
     await registry.mark_gone(redis, "w2")
     await _retaining_reaper(redis, clock, retention_s=60).reap_once()
     assert await redis.sismember(keys.workers(), "w2")  # its retention starts now
+
+
+class _CountingDeadSinceReads(Redis):
+    """A client of the same Redis that counts its reads of the whole `dead_since` hash."""
+
+    reads = 0
+
+    async def hgetall(self, name: str) -> dict[str, str]:  # type: ignore[override]
+        if name == keys.dead_since():
+            self.reads += 1
+        return await super().hgetall(name)  # type: ignore[no-any-return]
+
+
+async def test_the_reaper_reads_dead_since_again_only_when_the_dead_workers_change(
+    redis: Redis, redis_url: str
+) -> None:
+    await _register(redis, "w1", alive=False)
+    await _register(redis, "w2")
+    counting = _CountingDeadSinceReads.from_url(redis_url, decode_responses=True)
+    try:
+        reaper = _retaining_reaper(counting, _Clock(), retention_s=60)
+        for _ in range(5):
+            await reaper.reap_once()
+        assert counting.reads == 1
+        await registry.mark_gone(redis, "w2")
+        await reaper.reap_once()
+        await reaper.reap_once()
+        assert counting.reads == 2
+        assert set(await redis.hkeys(keys.dead_since())) == {"w1", "w2"}
+    finally:
+        await counting.aclose()
+
+
+async def test_a_worker_that_registered_and_died_again_between_two_rounds_gets_a_full_retention(redis: Redis) -> None:
+    """The reaper keeps the `dead_since` it read while the dead workers stay the same; before it
+    removes one it reads that entry again: a registration between its rounds deleted it."""
+    await _register(redis, "w1", alive=False)
+    await _register(redis, "w2")
+    clock = _Clock()
+    reaper = _retaining_reaper(redis, clock, retention_s=60)
+    await reaper.reap_once()  # w1 dead since 1000
+    clock.now += 59
+    await _register(redis, "w1")  # back, and dead again before the next round saw it alive
+    await registry.mark_gone(redis, "w1")
+    clock.now += 1
+    await reaper.reap_once()  # 1060: not 60 s since its second death
+    assert await redis.sismember(keys.workers(), "w1")
+    clock.now += 60
+    await reaper.reap_once()
+    assert not await redis.sismember(keys.workers(), "w1")

@@ -15,9 +15,9 @@ again after a break also writes `liveness:grace` for the others (checked in the 
 A dead worker's lists are read until found empty; after that only when the lengths index shows a
 job in them (or every `FULL_LOOK_ROUNDS`), so a round costs what the dead workers with jobs cost.
 A worker dead for `dead_worker_retention_s` (from the first round of any coordinator's reaper
-that judged it dead: `keys.dead_since()`) whose lists are empty leaves the registry
-(`registry.forget_dead`): a pool that workers join and leave for good does not keep every one it
-ever had.
+that judged it dead: `keys.dead_since()`, read again only when the dead workers change) whose lists
+are empty leaves the registry (`registry.forget_dead`): a pool that workers join and leave for good
+does not keep every one it ever had.
 """
 
 from __future__ import annotations
@@ -107,6 +107,9 @@ class Reaper:
         self._wall_clock = wall_clock  # `dead_since` is compared across coordinators: unix time (keep them in sync)
         self._dead_worker_retention_s = dead_worker_retention_s
         self._found_empty: set[str] = set()  # dead workers whose lists this reaper found empty since
+        # `dead_since` as last read, and the dead workers it was read for: read again only when they
+        # change (or every `FULL_LOOK_ROUNDS`), since at thousands of dead workers it is a large hash
+        self._dead_since: dict[str, float] = {}
         self._rounds = 0
         self._interval_s = interval_s
         self._max_attempts = max_attempts
@@ -156,6 +159,7 @@ class Reaper:
         if not dead_now:
             # Whoever wrote them, entries left for workers alive again or gone must not date a later death.
             await self._redis.delete(keys.dead_since())
+            self._dead_since = {}
             return 0
         # A break in sight leaves `dead_since` as it is: the retention is not started again by every
         # blip (the removal itself checks, in its script, that the worker is dead with nothing held).
@@ -164,27 +168,35 @@ class Reaper:
         if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
             return 0
         now = self._wall_clock()
-        dead_since = await self._dead_since(dead_now, now)
         self._rounds += 1
-        if self._rounds % FULL_LOOK_ROUNDS == 0:
+        full_look = self._rounds % FULL_LOOK_ROUNDS == 0
+        if full_look:
             self._found_empty.clear()
         self._found_empty &= dead_now
+        dead_since = await self._read_dead_since(dead_now, now, again=full_look)
         handled = 0
         for dead in dead_workers:
             # Found empty while dead, and the lengths index still shows nothing: only a dead worker's
             # own move could fill its lists, and every script that fills one writes the index.
             if dead.worker_id not in self._found_empty or dead.queue_length or dead.jobs_held:
                 handled += await self._hand_on_lists(dead.worker_id, workers)
-            retained = now - dead_since[dead.worker_id] < self._dead_worker_retention_s
-            if not retained and await registry.forget_dead(self._redis, dead.worker_id):
+            if now - dead_since[dead.worker_id] < self._dead_worker_retention_s:
+                continue
+            if not await self._past_retention(dead.worker_id, now):
+                continue
+            if await registry.forget_dead(self._redis, dead.worker_id):
                 await self._redis.hdel(keys.dead_since(), dead.worker_id)
                 log.info("worker %s left the registry: dead with nothing left to hand on", dead.worker_id)
         return handled
 
-    async def _dead_since(self, dead_now: set[str], now: float) -> dict[str, float]:
+    async def _read_dead_since(self, dead_now: set[str], now: float, *, again: bool) -> dict[str, float]:
         """When each dead worker was first judged dead, by this reaper or another (`keys.dead_since()`):
         the workers new to it are written as dead since `now` (`HSETNX`: the first coordinator's time
-        stands), those alive again or gone are taken out."""
+        stands), those alive again or gone are taken out. Read from Redis when the dead workers are not
+        those of the last read, or `again`; else the last read stands (`_past_retention` reads one
+        entry again before a removal, so an entry another coordinator wrote since never comes late)."""
+        if not again and dead_now == self._dead_since.keys():
+            return self._dead_since
         recorded = await self._redis.hgetall(keys.dead_since())
         new, gone = dead_now - recorded.keys(), recorded.keys() - dead_now
         if new or gone:
@@ -194,7 +206,19 @@ class Reaper:
                 if gone:
                     pipe.hdel(keys.dead_since(), *gone)
                 await pipe.execute()
-        return {worker_id: _unix_s(recorded.get(worker_id), now) for worker_id in dead_now}
+        self._dead_since = {worker_id: _unix_s(recorded.get(worker_id), now) for worker_id in dead_now}
+        return self._dead_since
+
+    async def _past_retention(self, worker_id: str, now: float) -> bool:
+        """Whether the worker's `dead_since` entry, read now, is older than the retention: the entry read
+        before may be gone since (the worker registered again, and died again) or another's, earlier."""
+        recorded = await self._redis.hget(keys.dead_since(), worker_id)
+        if recorded is None:
+            await self._redis.hsetnx(keys.dead_since(), worker_id, repr(now))
+            self._dead_since[worker_id] = now
+            return False
+        self._dead_since[worker_id] = since = _unix_s(recorded, now)
+        return now - since >= self._dead_worker_retention_s
 
     async def _hand_on_lists(self, worker_id: str, workers: list[WorkerState]) -> int:
         """Hand on the jobs of a dead worker's lists that hold any (their lengths read in one round trip)."""
