@@ -88,13 +88,14 @@ async def beat(
     return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=int(swarm_epoch or 0))
 
 
-async def add_pulled_model(redis: Redis, worker_id: str, job: Job) -> bool:
+async def add_pulled_model(redis: Redis, worker_id: str, job: Job, *, registered_at: float | None = None) -> bool:
     """Add the model of the pull job `job` to the worker's registration while the worker holds that job:
     a worker lists a model this way only when it was asked to pull it. False when `job` is not a pull
-    job the worker holds, or the registration cannot take the model (see `registry.add_model`)."""
+    job the worker holds, or the registration cannot take the model (see `registry.add_model`, and
+    its `registered_at`)."""
     if job.kind != "pull" or await redis.lpos(keys.processing_key(worker_id), job.request_id) is None:
         return False
-    return await registry.add_model(redis, worker_id, job.model)
+    return await registry.add_model(redis, worker_id, job.model, registered_at=registered_at)
 
 
 async def fail_over(redis: Redis, worker_id: str, job: Job, *, max_attempts: int, ttl_s: int, fence: str = "") -> bool:
@@ -141,8 +142,9 @@ async def hand_on_own(redis: Redis, worker_id: str, *, held: bool, max_attempts:
 
 
 async def reclaim_orphans(
-    redis: Redis, worker_id: str, held: set[str], suspects: set[str], result_ttl_s: int
-) -> tuple[int, set[str]]:
+    redis: Redis, worker_id: str, held: set[str], suspects: set[str], result_ttl_s: int, *,
+    registered_at: float | None = None,
+) -> tuple[int, set[str]]:  # fmt: skip
     """Queue again (at the front of the worker's queue) the jobs of its processing list that no consumer
     holds (`held`: request ids) and that were already unheld on the previous look (`suspects`): a take
     whose reply never reached the worker. Returns how many were queued again, and the unheld ones
@@ -150,6 +152,9 @@ async def reclaim_orphans(
     held_in = keys.processing_key(worker_id)
     unheld = {str(request_id) for request_id in await redis.lrange(held_in, 0, -1)} - held
     orphans = sorted(unheld & suspects)
+    if orphans and await registry.registered_by_another(redis, worker_id, registered_at):
+        # Another process registered this id: what its list holds is that one's (its beat stops this one).
+        return 0, set()
     requeued = 0
     entries = list(zip(orphans, await queue.bodies(redis, orphans), strict=True))
     for job in await queue.held_jobs(redis, held_in, entries, worker_id, result_ttl_s):

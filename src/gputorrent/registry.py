@@ -223,13 +223,13 @@ def _told_epoch_unreadable() -> None:
     _epoch_unreadable_told = True
 
 
-async def add_model(redis: Redis, worker_id: str, model: str) -> bool:
+async def add_model(redis: Redis, worker_id: str, model: str, *, registered_at: float | None = None) -> bool:
     """Add `model` to the models the worker's registration lists (a pull made it serve one more),
     so routing and the model listings see it; a model already listed is left as it is.
 
     A transaction on the record (WATCH, then MULTI): a registration written meanwhile is read again,
     never overwritten. False, and nothing written, when the worker is not registered (it left or was
-    removed) or already lists `MAX_MODELS` models.
+    removed; with `registered_at`, not as the registration made then) or already lists `MAX_MODELS` models.
     """
 
     def added(record: WorkerRecord) -> WorkerRecord | None:
@@ -240,19 +240,34 @@ async def add_model(redis: Redis, worker_id: str, model: str) -> bool:
             return None
         return record.model_copy(update={"models": [*record.models, model]})
 
-    return await _update_record(redis, worker_id, added)
+    return await _update_record(redis, worker_id, added, registered_at)
 
 
-async def set_group(redis: Redis, worker_id: str, group: Group) -> bool:
+async def set_group(redis: Redis, worker_id: str, group: Group, *, registered_at: float | None = None) -> bool:
     """Replace where the worker's split model lies (its group re-formed on other hosts); False when the
-    worker is not registered."""
-    return await _update_record(redis, worker_id, lambda record: record.model_copy(update={"group": group}))
+    worker is not registered (with `registered_at`, not as the registration made then)."""
+    return await _update_record(
+        redis, worker_id, lambda record: record.model_copy(update={"group": group}), registered_at
+    )
 
 
-async def _update_record(redis: Redis, worker_id: str, change: Callable[[WorkerRecord], WorkerRecord | None]) -> bool:
+async def registered_by_another(redis: Redis, worker_id: str, registered_at: float | None) -> bool:
+    """Whether the worker's record is another registration than the one made at `registered_at` (the
+    id was registered again since; a missing record, or `registered_at` None, is not)."""
+    if registered_at is None:
+        return False
+    record = await redis.get(keys.worker_key(worker_id))
+    return record is not None and _registered_at(record) not in (None, registered_at)
+
+
+async def _update_record(
+    redis: Redis, worker_id: str, change: Callable[[WorkerRecord], WorkerRecord | None],
+    registered_at: float | None = None,
+) -> bool:  # fmt: skip
     """Rewrite the worker's record as `change` says (None: leave it); a transaction on the record (WATCH,
     then MULTI), so a registration written meanwhile is read again, never overwritten. False, and
-    nothing written, when the worker is not registered or `change` declines."""
+    nothing written, when the worker is not registered, or not as the registration made at
+    `registered_at` (when given: another process registered its id since), or `change` declines."""
     key = keys.worker_key(worker_id)
     async with redis.pipeline(transaction=True) as pipe:
         while True:
@@ -262,6 +277,8 @@ async def _update_record(redis: Redis, worker_id: str, change: Callable[[WorkerR
                 if raw is None:
                     return False
                 record = WorkerRecord.model_validate_json(raw)
+                if registered_at is not None and record.registered_at != registered_at:
+                    return False
                 changed = change(record)
                 if changed is None:
                     return False

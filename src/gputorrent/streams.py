@@ -18,6 +18,7 @@ from redis.typing import KeyT, StreamIdT
 
 from gputorrent import keys, pipelined
 from gputorrent.protocol import JobResult, TokenChunk
+from gputorrent.queue.lists import FENCE, MOVES_FIELD
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -45,13 +46,20 @@ class _AppendArgs:
     tokens: str
     ttl_s: int
     worker_id: str
+    fence: str  # the holder's lease fence ('' = not checked: see `lists.FENCE`)
+    moves_field: str
 
 
+# A worker id names its holder, but a job handed back to its queue and taken again keeps it (a shared
+# job, or a worker whose id another process registered): the lease's fence tells the two takes apart.
 _APPEND = Script(
     _AppendKeys,
     _AppendArgs,
     """
 if redis.call('HGET', status, 'worker_id') ~= worker_id or redis.call('EXISTS', cancel) == 1 then return 0 end
+"""
+    + FENCE
+    + """
 redis.call('XADD', stream, '*', 'text', text, 'tokens', tokens)
 redis.call('EXPIRE', stream, ttl_s)
 return 1
@@ -59,16 +67,19 @@ return 1
 )
 
 
-async def append(redis: Redis, request_id: str, worker_id: str, text: str, tokens: int, ttl_s: int) -> bool:
-    """Append text to the stream if `worker_id` still holds the job; False (nothing written) once it
-    does not: the job was ended (see `queue.end`), finished or handed on."""
+async def append(
+    redis: Redis, request_id: str, worker_id: str, text: str, tokens: int, ttl_s: int, *, fence: str = ""
+) -> bool:
+    """Append text to the stream if `worker_id` still holds the job (with `fence`, under that lease:
+    `queue.Lease.fence`); False (nothing written) once it does not: the job was ended (see
+    `queue.end`), finished or handed on."""
     where = _AppendKeys(
         stream=keys.stream_key(request_id), cancel=keys.cancel_key(request_id), status=keys.job_key(request_id)
     )
-    written = await _APPEND.run(
-        redis, where, _AppendArgs(text=text, tokens=str(tokens), ttl_s=ttl_s, worker_id=worker_id)
+    append_args = _AppendArgs(
+        text=text, tokens=str(tokens), ttl_s=ttl_s, worker_id=worker_id, fence=fence, moves_field=MOVES_FIELD
     )
-    return bool(written)
+    return bool(await _APPEND.run(redis, where, append_args))
 
 
 async def sent_so_far(redis: Redis, request_id: str) -> tuple[str, int]:

@@ -11,8 +11,8 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gputorrent import auth, keys, registry
-from gputorrent.protocol import Hardware, Heartbeat, WorkerRecord
+from gputorrent import auth, keys, leases, registry
+from gputorrent.protocol import Group, Hardware, Heartbeat, WorkerRecord
 from gputorrent.telemetry import MachineSample, ModelCounters, Telemetry
 
 
@@ -193,6 +193,27 @@ async def test_a_beat_that_looks_tells_a_worker_whose_id_was_registered_again_th
         # A worker that does not know when it registered (a coordinator older than the field) only
         # tells a missing record.
         assert not registry.beat(client, "w1", beat, ttl_s=5, swarm_epoch=False, registered=True).drain
+
+
+async def test_a_replaced_registration_is_not_changed_by_the_process_it_replaced(redis: Redis) -> None:
+    """Record changes (a pulled model, a group) and the orphan check name the registration they act
+    for: once another process registered the id, the first process's calls change nothing."""
+    first = _record("w1")
+    await registry.register(redis, first, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("s"))
+    assert await registry.add_model(redis, "w1", "pulled", registered_at=first.registered_at)
+    second = _record("w1").model_copy(update={"registered_at": first.registered_at + 1})
+    await registry.register(redis, second, heartbeat_ttl_s=5, secret_hash=auth.hash_secret("t"), force=True)
+    assert not await registry.add_model(redis, "w1", "stale", registered_at=first.registered_at)
+    assert not await registry.set_group(redis, "w1", Group(hosts=[]), registered_at=first.registered_at)
+    assert (await registry.snapshot(redis))[0].models == ["m"]
+    await redis.rpush(keys.processing_key("w1"), "held-by-the-new-process")
+    suspects: set[str] = set()
+    for _ in range(2):  # an entry no consumer of the old process holds, on two looks
+        requeued, suspects = await leases.reclaim_orphans(
+            redis, "w1", set(), suspects, result_ttl_s=60, registered_at=first.registered_at
+        )
+        assert requeued == 0
+    assert await redis.lrange(keys.processing_key("w1"), 0, -1) == ["held-by-the-new-process"]
 
 
 async def test_a_snapshot_with_known_records_reads_them_again_only_when_the_registry_changed(redis: Redis) -> None:

@@ -146,3 +146,20 @@ async def test_a_worker_that_no_longer_holds_the_job_cannot_write_to_its_stream(
     await redis.hset(keys.job_key(job.request_id), "worker_id", "w2")  # it was handed on to w2
     assert not await streams.append(redis, job.request_id, "w1", " late", 1, ttl_s=60)
     assert await streams.sent_so_far(redis, job.request_id) == ("a", 1)
+
+
+async def test_a_lease_that_was_taken_again_cannot_write_to_the_stream(redis: Redis) -> None:
+    """A job handed back to its worker's queue and taken again keeps its holder's id: the first take's
+    fence tells that lease apart (a stalled consumer, or a process whose id was registered again)."""
+    job = _job("x")
+    await queue.enqueue(redis, job, ttl_s=60)
+    first = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
+    assert first is not None
+    rid = job.request_id
+    assert await streams.append(redis, rid, "w1", "a", 1, ttl_s=60, fence=first.fence)
+    assert await queue.requeue(redis, keys.processing_key("w1"), first.job, fence=first.fence)
+    second = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
+    assert second is not None and second.fence != first.fence
+    assert not await streams.append(redis, rid, "w1", " stale", 1, ttl_s=60, fence=first.fence)
+    assert await streams.append(redis, rid, "w1", " b", 1, ttl_s=60, fence=second.fence)
+    assert await streams.sent_so_far(redis, rid) == ("a b", 2)

@@ -119,10 +119,10 @@ async def test_a_worker_whose_id_another_process_registered_stops_and_leaves_tha
     api: httpx.AsyncClient, redis: Redis, fake_worker: MakeWorker, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A worker linked to Redis reads its record every `REGISTRATION_LOOK_EVERY` beats (5 s at the
-    tests' 0.5 s beats): once the record is another registration's it stops by itself, and hands
-    neither the id's queue nor its held job on, nor takes the registration away: they are the other
-    process's now (its own orphan check takes the held job back)."""
-    worker = await fake_worker("w1", token_delay_s=0.2, slots=1, drain_timeout_s=0.5)  # a job takes 12 s
+    tests' 0.5 s beats): once the record is another registration's it stops by itself at once (its
+    job stopped at the next token, no drain grace), and hands neither the id's queue nor its held
+    job on: they are the other process's now (its own orphan check takes the held job back)."""
+    worker = await fake_worker("w1", token_delay_s=0.5, slots=1)  # a job takes 30 s
     await fake_worker("w2")  # alive, not consuming: where a hand-on would put w1's jobs
     await redis.set(keys.heartbeat_key("w2"), Heartbeat(at=time.time()).model_dump_json(), px=60_000)
     stop = asyncio.Event()
@@ -141,6 +141,22 @@ async def test_a_worker_whose_id_another_process_registered_stops_and_leaves_tha
     assert await redis.sismember(keys.workers(), "w1")
     assert await redis.lrange(keys.queue_key("w1"), 0, -1) == [queued]
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [held]
+
+
+async def test_an_idle_worker_whose_id_another_process_registered_does_not_deregister_it(
+    api: httpx.AsyncClient, redis: Redis, fake_worker: MakeWorker
+) -> None:
+    """With nothing in its lists a stopping worker leaves the registry; a replaced one must not, or it
+    would remove the other process's registration."""
+    worker = await fake_worker("w1")
+    running = asyncio.create_task(worker.run(asyncio.Event()))
+    await eventually(lambda: redis.exists(keys.heartbeat_key("w1")), "the worker's first beat")
+    response = await api.post("/register", json={"worker_id": "w1", "models": ["fake"], "backend": "fake"})
+    assert response.status_code == 200, response.text
+    record = await redis.get(keys.worker_key("w1"))
+    await asyncio.wait_for(running, timeout=15)
+    assert await redis.get(keys.worker_key("w1")) == record
+    assert await redis.sismember(keys.workers(), "w1")
 
 
 async def test_a_job_still_running_after_the_drain_grace_resumes_on_another_worker_without_a_repeated_token(

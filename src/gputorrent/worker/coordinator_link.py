@@ -144,7 +144,8 @@ class CoordinatorLink:
         sent = _parse(StreamText, content)
         return sent.text, sent.tokens
 
-    async def append(self, request_id: str, text: str, tokens: int) -> bool:
+    async def append(self, lease: queue.Lease, text: str, tokens: int) -> bool:
+        request_id = lease.job.request_id
         status, content = await self._call("POST", f"/jobs/{request_id}/stream", StreamText(text=text, tokens=tokens))
         if status >= 300 and status != 409:
             log.error("request %s: the coordinator refused stream text (%d): %s", request_id, status, _message(content))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -61,8 +62,9 @@ class PoolLink(Protocol):
         """The text (and its token count) an earlier attempt of a held job already streamed."""
         ...
 
-    async def append(self, request_id: str, text: str, tokens: int) -> bool:
-        """Add text to a held job's stream; False once the job is no longer this worker's."""
+    async def append(self, lease: queue.Lease, text: str, tokens: int) -> bool:
+        """Add text to a held job's stream; False once the job is no longer this worker's (or, with
+        the lease's fence, once it moved on since it was taken)."""
         ...
 
     async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
@@ -142,8 +144,10 @@ class RedisLink:
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         return await streams.sent_so_far(self.redis, request_id)
 
-    async def append(self, request_id: str, text: str, tokens: int) -> bool:
-        return await streams.append(self.redis, request_id, self.worker_id, text, tokens, self._result_ttl_s)
+    async def append(self, lease: queue.Lease, text: str, tokens: int) -> bool:
+        return await streams.append(
+            self.redis, lease.job.request_id, self.worker_id, text, tokens, self._result_ttl_s, fence=lease.fence
+        )
 
     async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
         held_in = keys.processing_key(self.worker_id)
@@ -152,10 +156,10 @@ class RedisLink:
         )
 
     async def add_model(self, lease: queue.Lease) -> bool:
-        return await leases.add_pulled_model(self.redis, self.worker_id, lease.job)
+        return await leases.add_pulled_model(self.redis, self.worker_id, lease.job, registered_at=self._registered_at)
 
     async def set_group(self, group: Group) -> bool:
-        return await registry.set_group(self.redis, self.worker_id, group)
+        return await registry.set_group(self.redis, self.worker_id, group, registered_at=self._registered_at)
 
     async def fail_over(self, lease: queue.Lease) -> bool:
         return await leases.fail_over(
@@ -169,7 +173,9 @@ class RedisLink:
         )
 
     async def reclaim_orphans(self, held: set[str], suspects: set[str]) -> tuple[int, set[str]]:
-        return await leases.reclaim_orphans(self.redis, self.worker_id, held, suspects, self._result_ttl_s)
+        return await leases.reclaim_orphans(
+            self.redis, self.worker_id, held, suspects, self._result_ttl_s, registered_at=self._registered_at
+        )
 
     async def run_listeners(
         self, ended: EndedJobs, telemetry: WorkerTelemetry, interval_s: float, stop: asyncio.Event
@@ -225,18 +231,22 @@ class _RedisHeartbeat:
         self._registered_at = registered_at
         self._beats = 0
         self._look_next = False  # a beat failed: the next one that gets through reads the record
+        self._beat_at: float | None = None  # monotonic time of the last beat that got through
 
     def send(self, heartbeat: Heartbeat, running: list[str]) -> BeatAnswer:
         self._beats += 1
-        look = self._look_next or self._beats % REGISTRATION_LOOK_EVERY == 0
-        # While Redis is out of reach for longer than the heartbeat timeout the id may be taken: the first
-        # beat back looks, before this worker's consumers or orphan checks act for long on that id's lists.
+        now = time.monotonic()
+        # While this worker cannot beat for longer than the heartbeat timeout (Redis out of reach, or the
+        # process paused: a stall, a suspended machine) its id may be taken: the first beat after looks.
+        lapsed = self._beat_at is not None and now - self._beat_at > self._ttl_s
+        look = self._look_next or lapsed or self._beats % REGISTRATION_LOOK_EVERY == 0
         self._look_next = True
         answer = registry.beat(
             self._client, self._worker_id, heartbeat, self._ttl_s, swarm_epoch=self._swarm_epoch,
             registered=look, registered_at=self._registered_at,
         )  # fmt: skip
         self._look_next = False
+        self._beat_at = now
         return answer
 
     def reconnect(self) -> None:

@@ -208,7 +208,9 @@ class Worker:
         """Take no new job, hand the queue to others, give the jobs in flight `drain_timeout_s` to
         finish, then stop those still running at their next token, leave their leases unfinished and
         hand them on: the next worker continues each stream after exactly the tokens sent."""
-        grace_s = self.settings.drain_timeout_s
+        # A replaced worker's jobs are the other process's to run again (its orphan check finds them):
+        # each token more this one streams would be written beside that one's.
+        grace_s = 0.0 if self._replaced else self.settings.drain_timeout_s
         log.info(
             "worker %s draining: %d jobs in flight get %g s to finish", self.worker_id, self.jobs_in_flight, grace_s
         )
@@ -432,7 +434,7 @@ class Worker:
         log.info("request %s started model=%s", job.request_id, job.model)
         if job.stream and lease.streamed_before:
             job = await self._continuing(job)
-        writer = StreamWriter(functools.partial(self.link.append, job.request_id)) if job.stream else None
+        writer = StreamWriter(functools.partial(self.link.append, lease)) if job.stream else None
         ended = self.ended.watch(job.request_id)
         try:
             result = await execute(

@@ -177,7 +177,7 @@ class Simulation:
             worker.jobs_in_flight += 1
             try:
                 job = lease.job
-                writer = StreamWriter(functools.partial(worker.link.append, job.request_id))
+                writer = StreamWriter(functools.partial(worker.link.append, lease))
                 ended = self.ended.watch(job.request_id)
                 try:
                     result = await execute(self.backend, job, writer if job.stream else None, ended,
