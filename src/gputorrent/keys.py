@@ -45,7 +45,7 @@
 
 >>> queue_key("w1"), result_key("r1"), worker_index()
 ('queue:w1', 'result:r1', 'worker_index')
->>> queue_key("w1", priority=9), model_queue_key("gemma3:270m", priority=5)
+>>> queue_key("w1", priority=9), model_queue_key("gemma3:270m", priority=5, cell=0)
 ('queue:w1#p9', 'modelqueue:5:gemma3:270m')
 
 A job waits in one list per priority band, so a worker takes the highest band first. The
@@ -54,23 +54,30 @@ default band of a worker is the seed's `queue:{worker_id}`; `#` cannot occur in 
 no two of these names can be the same key. The shared queues are not `queue:model:{model}`:
 `model:x` is a valid worker id, whose queue that would be.
 
-On a Redis Cluster (a `redis+cluster://` URL) every name above starts with the hash tag
-`CLUSTER_CELL_TAG`, so the whole pool lies in one hash slot, the pool's cell: `{c0}queue:w1`.
-Every script's keys then lie in one slot, as a cluster requires, and the cell moves between
-primaries as a whole (docs/architecture.md, "Redis Cluster").
+The pool lies in cells (docs/architecture.md, "Redis Cluster"): on one Redis one cell, with the
+seed's names above; on a Redis Cluster (a `redis+cluster://` URL) every name starts with its cell's
+hash tag, so that every key one script names lies in one hash slot, and a cell moves between
+primaries as a whole: `{c0}queue:w1`. A worker's keys are in its cell (`worker_cell`: a hash of its
+id), a job's in its request's (`request_cell`), and the pool-wide ones (`workers`, `lengths`,
+`deadlines`, the shared queues, ...) are one per cell, each function taking the cell; the rest (API
+keys, the catalogue, the swarm, shard hosts, history) are in cell 0. Today a cluster holds one cell
+(`CLUSTER_CELL_TAGS`), so every cell number is 0; the partition's stages are in that document.
 """
 
 from __future__ import annotations
+
+import zlib
 
 RESULTS_CHANNEL = "results:ready"
 KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
 # A channel is not a key: on a Redis Cluster a message published on any node reaches subscribers on every node.
 
-# On a Redis Cluster every key of the pool carries one hash tag, so that every key a script names
-# lies in one hash slot, served by one primary (`redis_client`'s cluster client talks to that one).
-# Empty on one Redis, where the names are the seed's.
-CLUSTER_CELL_TAG = "{c0}"
-_tag = ""
+# Each cell's hash tag on a Redis Cluster: every key of the cell starts with it, so every key a script
+# names lies in one hash slot, served by one primary. On one Redis: one cell, no tag (the seed's names).
+CLUSTER_CELL_TAGS: tuple[str, ...] = ("{c0}",)
+CLUSTER_CELL_TAG = CLUSTER_CELL_TAGS[0]  # cell 0's, where the pool's home keys are
+HOME_CELL = 0
+_tags: tuple[str, ...] = ("",)
 
 
 def ended_channel(worker_id: str) -> str:
@@ -80,113 +87,148 @@ def ended_channel(worker_id: str) -> str:
 
 
 def use_cluster_layout(on: bool) -> None:
-    """Name every key for a Redis Cluster (with `CLUSTER_CELL_TAG`) or for one Redis. A process
-    belongs to one pool: `redis_client` calls this with each client it makes, for its URL's kind."""
-    global _tag
-    _tag = CLUSTER_CELL_TAG if on else ""
+    """Name every key for a Redis Cluster (`CLUSTER_CELL_TAGS`) or for one Redis. A process belongs to
+    one pool: `redis_client` calls this with each client it makes, for its URL's kind."""
+    use_cells(CLUSTER_CELL_TAGS if on else ("",))
+
+
+def use_cells(tags: tuple[str, ...]) -> None:
+    """Lay the pool out in `len(tags)` cells with these tags (tests lay cells out on one Redis too,
+    where no slot rule applies)."""
+    global _tags
+    _tags = tags
 
 
 def on_cluster() -> bool:
-    return bool(_tag)
+    return _tags != ("",)
 
 
-def unused() -> str:
-    """The name sent for a key a script is given but does not touch (a limit that is off)."""
-    return f"{_tag}-"
+def layout() -> tuple[str, ...]:
+    """Every cell's tag: what names every key (a cache of names keys on it)."""
+    return _tags
+
+
+def cells() -> range:
+    """Every cell's number."""
+    return range(len(_tags))
+
+
+def cell_of(name: str) -> int:
+    """The cell of a worker's keys (`name`: its id), of a request's (its request id) or of an
+    idempotency key's record: a hash of the name, so every part finds the keys from the name alone (a
+    coordinator draws its request ids so that each falls in the cell of the worker it routed to).
+
+    >>> cell_of("w1")
+    0
+    """
+    return zlib.crc32(name.encode()) % len(_tags)
+
+
+def _in(cell: int) -> str:
+    return _tags[cell]
+
+
+def _home() -> str:
+    return _tags[HOME_CELL]
+
+
+def unused(cell: int) -> str:
+    """The name sent for a key a script of `cell` is given but does not touch (a limit that is off)."""
+    return f"{_in(cell)}-"
 
 
 def worker_index() -> str:
     """The seed's round-robin counter."""
-    return f"{_tag}worker_index"
+    return f"{_home()}worker_index"
 
 
-def workers() -> str:
-    """The ids of every registered worker."""
-    return f"{_tag}workers"
+def workers(cell: int) -> str:
+    """The ids of every registered worker of the cell."""
+    return f"{_in(cell)}workers"
 
 
-def list_lengths() -> str:
+def list_lengths(cell: int) -> str:
     """The length of every non-empty queue band and processing list, by the list's name: each
     script that pushes onto one or takes from one writes its length there (or drops the field when
     it is empty), so the pool snapshot reads every worker's load in one command rather than eleven
     list lengths a worker (docs/architecture.md, "The pool snapshot"). Its field `REGISTRY_VERSION`
     gets a new token at every change of a worker's record or of `workers`, so that same command tells
-    the snapshot whether the records it holds are still the pool's."""
-    return f"{_tag}lengths"
+    the snapshot whether the records it holds are still the pool's. One a cell, of its lists and workers."""
+    return f"{_in(cell)}lengths"
 
 
-REGISTRY_VERSION = "registry"  # a field of `list_lengths()`: no list is named so
+REGISTRY_VERSION = "registry"  # a field of `list_lengths(cell)`: no list is named so
 
 
-def deadlines() -> str:
-    """Request ids by deadline."""
-    return f"{_tag}deadlines"
+def deadlines(cell: int) -> str:
+    """Request ids of the cell by deadline."""
+    return f"{_in(cell)}deadlines"
 
 
 def api_keys() -> str:
     """The ids of every API key."""
-    return f"{_tag}apikeys"
+    return f"{_home()}apikeys"
 
 
 def recent_failures() -> str:
     """The last failed jobs, newest first."""
-    return f"{_tag}failures:recent"
+    return f"{_home()}failures:recent"
 
 
-def dead_since() -> str:
+def dead_since(cell: int) -> str:
     """Worker id → when a reaper first judged the worker dead (unix seconds), for every dead worker:
     shared by the coordinators, so the retention of a dead worker's record is counted once for the
-    pool, whichever coordinator restarts."""
-    return f"{_tag}dead_since"
+    pool, whichever coordinator restarts. One a cell, of its workers."""
+    return f"{_in(cell)}dead_since"
 
 
-def liveness_grace() -> str:
+def liveness_grace(cell: int) -> str:
     """Set by a coordinator that sees Redis again after a break (with the heartbeat timeout as TTL):
     no worker could beat meanwhile, so while it exists no reaper moves the jobs of a worker without a
-    heartbeat."""
-    return f"{_tag}liveness:grace"
+    heartbeat. One a cell (written in every cell at once), read by its scripts."""
+    return f"{_in(cell)}liveness:grace"
 
 
 def catalogue() -> str:
     """The pool's model files, for the swarm (gputorrent/swarm.py)."""
-    return f"{_tag}catalogue"
+    return f"{_home()}catalogue"
 
 
 def swarm_fetching() -> str:
-    return f"{_tag}swarm:fetching"
+    return f"{_home()}swarm:fetching"
 
 
 def swarm_epoch() -> str:
-    return f"{_tag}swarm:epoch"
+    return f"{_home()}swarm:epoch"
 
 
 def swarm_transfers() -> str:
-    return f"{_tag}swarm:transfers"
+    return f"{_home()}swarm:transfers"
 
 
 def shards() -> str:
     """The ids of every registered shard host."""
-    return f"{_tag}shards"
+    return f"{_home()}shards"
 
 
 def shard_key(shard_id: str) -> str:
     """The registration of one shard host (`gputorrent shard`)."""
-    return f"{_tag}shard:{shard_id}"
+    return f"{_home()}shard:{shard_id}"
 
 
 def shard_beat_key(shard_id: str) -> str:
     """Present while the shard host beats; holds the bytes it lends now."""
-    return f"{_tag}shardbeat:{shard_id}"
+    return f"{_home()}shardbeat:{shard_id}"
 
 
 def shard_group_key(shard_id: str) -> str:
     """The group (its leader's worker id) that holds the shard host, while its lease lasts."""
-    return f"{_tag}shardgroup:{shard_id}"
+    return f"{_home()}shardgroup:{shard_id}"
 
 
 def worker_key(worker_id: str) -> str:
     """The registration record of one worker."""
-    return f"{_tag}worker:{worker_id}"
+    return f"{_in(cell_of(worker_id))}worker:{worker_id}"
 
 
 PRIORITY_DEFAULT = 5
@@ -197,7 +239,7 @@ DOORBELL_MAX = 1024  # tokens kept per doorbell: more than the consumers that ca
 def queue_key(worker_id: str, priority: int = PRIORITY_DEFAULT) -> str:
     """The job queue of one worker for one priority band (the seed's `queue:{worker_id}` is band 5)."""
     band = "" if priority == PRIORITY_DEFAULT else f"#p{priority}"
-    return f"{_tag}queue:{worker_id}{band}"
+    return f"{_in(cell_of(worker_id))}queue:{worker_id}{band}"
 
 
 def worker_queue_keys(worker_id: str) -> list[str]:
@@ -205,69 +247,82 @@ def worker_queue_keys(worker_id: str) -> list[str]:
     return [queue_key(worker_id, band) for band in PRIORITY_BANDS]
 
 
-def model_queue_key(model: str, priority: int = PRIORITY_DEFAULT) -> str:
-    """The shared queue of one model for one priority band: any worker serving the model takes from it."""
-    return f"{_tag}modelqueue:{priority}:{model}"
+def model_queue_key(model: str, priority: int = PRIORITY_DEFAULT, *, cell: int) -> str:
+    """The shared queue of one model in one cell for one priority band: any worker serving the model
+    takes from it."""
+    return f"{_in(cell)}modelqueue:{priority}:{model}"
 
 
-def model_queue_keys(model: str) -> list[str]:
-    """Every band of a model's shared queue, highest priority first."""
-    return [model_queue_key(model, band) for band in PRIORITY_BANDS]
+def model_queue_keys(model: str, *, cell: int) -> list[str]:
+    """Every band of a model's shared queue in the cell, highest priority first."""
+    return [model_queue_key(model, band, cell=cell) for band in PRIORITY_BANDS]
 
 
 def worker_doorbell_key(worker_id: str) -> str:
     """Tokens that wake a consumer of the worker blocked waiting for work."""
-    return f"{_tag}doorbell:worker:{worker_id}"
+    return f"{_in(cell_of(worker_id))}doorbell:worker:{worker_id}"
 
 
-def model_doorbell_key(model: str) -> str:
-    """Tokens that wake a consumer of any worker serving the model."""
-    return f"{_tag}doorbell:model:{model}"
+def model_doorbell_key(model: str, *, cell: int) -> str:
+    """Tokens that wake a consumer of any worker serving the model, for its shared queue in the cell."""
+    return f"{_in(cell)}doorbell:model:{model}"
 
 
 def result_key(request_id: str) -> str:
     """The stored result of one request."""
-    return f"{_tag}result:{request_id}"
+    return f"{_in(cell_of(request_id))}result:{request_id}"
 
 
-def heartbeat_key(worker_id: str) -> str:
-    """Present while the worker is alive; expires when its heartbeats stop."""
-    return f"{_tag}heartbeat:{worker_id}"
+def heartbeat_key(worker_id: str, cell: int | None = None) -> str:
+    """Present while the worker is alive; expires when its heartbeats stop. In its own cell by default
+    (`cell`: another cell's, a script's placeholder there)."""
+    return f"{_in(cell_of(worker_id) if cell is None else cell)}heartbeat:{worker_id}"
 
 
 def job_key(request_id: str) -> str:
     """The status of a request between admission and result."""
-    return f"{_tag}job:{request_id}"
+    return f"{_in(cell_of(request_id))}job:{request_id}"
 
 
 def stream_key(request_id: str) -> str:
     """The tokens of a streamed request, as they are generated."""
-    return f"{_tag}stream:{request_id}"
+    return f"{_in(cell_of(request_id))}stream:{request_id}"
 
 
 def cancel_key(request_id: str) -> str:
     """Present once the client has given up on the request (it disconnected from its stream)."""
-    return f"{_tag}cancel:{request_id}"
+    return f"{_in(cell_of(request_id))}cancel:{request_id}"
 
 
-def processing_key(worker_id: str) -> str:
-    """The jobs a worker has taken and not finished: moved here from its queue in one step."""
-    return f"{_tag}processing:{worker_id}"
+def processing_key(worker_id: str, cell: int | None = None) -> str:
+    """The jobs a worker has taken and not finished: moved here from its queue in one step. In its own
+    cell by default (`cell`: its jobs of another cell)."""
+    return f"{_in(cell_of(worker_id) if cell is None else cell)}processing:{worker_id}"
 
 
-def worker_list_of(list_key: str) -> tuple[str, bool] | None:
-    """The worker whose queue band or processing list `list_key` is, and whether it is the
-    processing list; None for any other list (a model's shared queue).
+def job_prefix(cell: int) -> str:
+    """`job_key` of the cell less the request id: a script that learns the id only as it runs (the take)."""
+    return f"{_in(cell)}job:"
 
-    >>> worker_list_of(queue_key("w1", priority=9)), worker_list_of(processing_key("w1"))
+
+def stream_prefix(cell: int) -> str:
+    """`stream_key` of the cell less the request id."""
+    return f"{_in(cell)}stream:"
+
+
+def worker_list_of(list_key: str, cell: int) -> tuple[str, bool] | None:
+    """The worker whose queue band or processing list `list_key` (a list of the cell) is, and whether it
+    is the processing list; None for any other list (a model's shared queue).
+
+    >>> worker_list_of(queue_key("w1", priority=9), 0), worker_list_of(processing_key("w1"), 0)
     (('w1', False), ('w1', True))
-    >>> worker_list_of(model_queue_key("m")) is None
+    >>> worker_list_of(model_queue_key("m", cell=0), 0) is None
     True
     """
-    held = processing_key("")
+    held = f"{_in(cell)}processing:"
     if list_key.startswith(held):
         return list_key[len(held) :], True
-    queued = queue_key("")
+    queued = f"{_in(cell)}queue:"
     if list_key.startswith(queued):  # a band's `#p{n}` follows the id: `#` is never in an id
         return list_key[len(queued) :].partition("#")[0], False
     return None
@@ -275,39 +330,39 @@ def worker_list_of(list_key: str) -> tuple[str, bool] | None:
 
 def idempotency_key(key: str) -> str:
     """The request id that a client's idempotency key (or its own request id) was admitted as."""
-    return f"{_tag}idempotency:{key}"
+    return f"{_in(cell_of(key))}idempotency:{key}"
 
 
 def api_key_key(key_id: str) -> str:
     """One API key's record (its secret only as a hash)."""
-    return f"{_tag}apikey:{key_id}"
+    return f"{_home()}apikey:{key_id}"
 
 
 def owner_key(request_id: str) -> str:
     """The id of the API key that submitted a request: only it (or an admin key) reads the result."""
-    return f"{_tag}owner:{request_id}"
+    return f"{_in(cell_of(request_id))}owner:{request_id}"
 
 
 def worker_secret_key(worker_id: str) -> str:
     """The hash of the secret a worker got at registration; re-registering its id must prove it."""
-    return f"{_tag}worker_secret:{worker_id}"
+    return f"{_in(cell_of(worker_id))}worker_secret:{worker_id}"
 
 
 def rate_key(key_id: str, minute: int) -> str:
     """Requests and tokens one API key was admitted for in one clock minute."""
-    return f"{_tag}ratelimit:{key_id}:{minute}"
+    return f"{_home()}ratelimit:{key_id}:{minute}"
 
 
 def open_streams_key(key_id: str) -> str:
     """The streams one API key has open now (request ids scored by start time)."""
-    return f"{_tag}streams:{key_id}"
+    return f"{_home()}streams:{key_id}"
 
 
 def drain_key(worker_id: str) -> str:
     """Present once an admin asked the worker to drain and stop; its heartbeat sees it."""
-    return f"{_tag}drain:{worker_id}"
+    return f"{_in(cell_of(worker_id))}drain:{worker_id}"
 
 
 def stats_key(bucket_start: int) -> str:
     """The pool's job figures for the `pool_stats.BUCKET_S` seconds starting at `bucket_start` (unix s)."""
-    return f"{_tag}stats:{bucket_start}"
+    return f"{_home()}stats:{bucket_start}"

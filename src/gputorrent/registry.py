@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -104,15 +104,16 @@ async def register(
     """
     heartbeat = Heartbeat(at=record.registered_at)
     worker_id = record.worker_id
+    cell = keys.cell_of(worker_id)
     stored = await _REGISTER.run(
         redis,
         _RegisterKeys(
             record_key=keys.worker_key(worker_id),
-            workers=keys.workers(),
+            workers=keys.workers(cell),
             heartbeat=keys.heartbeat_key(worker_id),
             secret=keys.worker_secret_key(worker_id),
-            lengths=keys.list_lengths(),
-            dead_since=keys.dead_since(),
+            lengths=keys.list_lengths(cell),
+            dead_since=keys.dead_since(cell),
         ),
         _RegisterArgs(
             record=record.model_dump_json(),
@@ -286,7 +287,7 @@ async def _update_record(
                     return True
                 pipe.multi()  # type: ignore[no-untyped-call]
                 pipe.set(key, changed.model_dump_json())
-                pipe.hset(keys.list_lengths(), keys.REGISTRY_VERSION, new_registry_version())
+                pipe.hset(keys.list_lengths(keys.cell_of(worker_id)), keys.REGISTRY_VERSION, new_registry_version())
                 await pipe.execute()
                 return True
             except WatchError:  # the record changed under us: read it again
@@ -339,14 +340,15 @@ async def deregister(redis: Redis, worker_id: str) -> bool:
     Returns whether it left the registry. The hash of its secret stays (a worker's Redis user need
     not write it); it only matters while a worker with this id is alive.
     """
+    cell = keys.cell_of(worker_id)
     left = await _DEREGISTER.run(
         redis,
         _DeregisterKeys(
             record_key=keys.worker_key(worker_id),
             heartbeat=keys.heartbeat_key(worker_id),
-            workers=keys.workers(),
+            workers=keys.workers(cell),
             drain=keys.drain_key(worker_id),
-            lengths=keys.list_lengths(),
+            lengths=keys.list_lengths(cell),
             lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
         ),
         _DeregisterArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION, version=new_registry_version()),
@@ -396,17 +398,18 @@ async def forget_dead(redis: Redis, worker_id: str) -> bool:
     once it has been dead for `GPUTORRENT_DEAD_WORKER_RETENTION_S`). Nothing changes, and it returns
     False, if the worker beats again or registered anew, if `liveness:grace` holds, or if it still
     holds jobs. In one script, so a worker that registers meanwhile keeps its new record and secret."""
+    cell = keys.cell_of(worker_id)
     return bool(
         await _FORGET_DEAD.run(
             redis,
             _ForgetKeys(
                 record_key=keys.worker_key(worker_id),
                 heartbeat=keys.heartbeat_key(worker_id),
-                workers=keys.workers(),
+                workers=keys.workers(cell),
                 drain=keys.drain_key(worker_id),
                 secret=keys.worker_secret_key(worker_id),
-                grace=keys.liveness_grace(),
-                lengths=keys.list_lengths(),
+                grace=keys.liveness_grace(cell),
+                lengths=keys.list_lengths(cell),
                 lists=(keys.processing_key(worker_id), *keys.worker_queue_keys(worker_id)),
             ),
             _ForgetArgs(worker_id=worker_id, version_field=keys.REGISTRY_VERSION, version=new_registry_version()),
@@ -421,11 +424,11 @@ SNAPSHOT_CHUNK = 200
 
 
 @dataclass
-class KnownRecords:
-    """The registrations a reader of the pool read last, kept between its reads (`snapshot(known=...)`),
-    with the `REGISTRY_VERSION` they were read at: while it has not moved, the next read takes the ids
-    and records from here and reads only the heartbeats. A record changed another way (by hand) is
-    seen at the next full read, every `FULL_READ_EVERY`th (or at once: `HDEL lengths registry`)."""
+class KnownCell:
+    """The registrations of one cell as a reader of the pool read them last, with the cell's
+    `REGISTRY_VERSION` then: while it has not moved, the next read takes the ids and records from
+    here and reads only the heartbeats. A record changed another way (by hand) is seen at the next
+    full read, every `FULL_READ_EVERY`th (or at once: `HDEL lengths registry`)."""
 
     version: str | None = None
     ids: list[str] = field(default_factory=list)
@@ -433,56 +436,86 @@ class KnownRecords:
     reads_since_full: int = 0
 
 
+@dataclass
+class KnownRecords:
+    """What a reader of the pool read last of each cell (`snapshot(known=...)`), kept between its reads."""
+
+    cells: dict[int, KnownCell] = field(default_factory=dict)
+
+
 FULL_READ_EVERY = 20
 
 
 async def snapshot(redis: Redis, known: KnownRecords | None = None) -> list[WorkerState]:
-    """Every registered worker with its state, load and queue length, sorted by id.
+    """Every registered worker with its state, load and queue length, sorted by id, read cell by cell.
 
-    One round trip for the lengths of every non-empty list (`keys.list_lengths()`, which also holds
-    the registry's version), one for the ids, then one per `SNAPSHOT_CHUNK` workers for their records
-    and heartbeats: plain reads, a few microseconds of Redis a worker, where reading its eleven lists
-    in a script cost about eight. With `known`, and the version where `known` read it, the ids and
-    records come from `known` and only the heartbeats are read, which at 10,000 workers costs Redis
-    less than half as much (docs/scaling.md); every `FULL_READ_EVERY`th read is full all the same."""
-    lengths = await redis.hgetall(keys.list_lengths())
-    version = lengths.get(keys.REGISTRY_VERSION)  # None in a pool written before the version was (always full)
-    full = known is None or version is None or version != known.version or known.reads_since_full + 1 >= FULL_READ_EVERY
-    ids = sorted(map(str, await redis.smembers(keys.workers()))) if full else known.ids  # type: ignore[union-attr]
+    Per cell, one round trip for the lengths of every non-empty list (`keys.list_lengths(cell)`, which
+    also holds the cell's registry version), one for the ids, then one per `SNAPSHOT_CHUNK` workers for
+    their records and heartbeats: plain reads, a few microseconds of Redis a worker, where reading its
+    eleven lists in a script cost about eight. With `known`, and the version where `known` read it,
+    the ids and records come from `known` and only the heartbeats are read, which at 10,000 workers
+    costs Redis less than half as much (docs/scaling.md); every `FULL_READ_EVERY`th read is full all
+    the same. A worker's jobs held in a cell other than its own count with the rest it holds."""
     queued: dict[str, int] = {}
     held: dict[str, int] = {}
-    for list_key, length in lengths.items():
-        if (owner := keys.worker_list_of(str(list_key))) is not None:
-            worker_id, is_held = owner
-            counts = held if is_held else queued
-            counts[worker_id] = counts.get(worker_id, 0) + int(length)
+    read: list[tuple[int, list[str], list[str | None], list[str | None]]] = []
+    for cell in keys.cells():
+        known_cell = None if known is None else known.cells.setdefault(cell, KnownCell())
+        lengths = await redis.hgetall(keys.list_lengths(cell))
+        _count_lists(lengths, cell, queued, held)
+        version = lengths.get(keys.REGISTRY_VERSION)
+        read.append((cell, *await _read_cell(redis, cell, None if version is None else str(version), known_cell)))
     states: list[WorkerState] = []
     records: dict[str, WorkerRecord] = {}
-    texts: dict[str, str] = {}
-    for start in range(0, len(ids), SNAPSHOT_CHUNK):
-        chunk = ids[start : start + SNAPSHOT_CHUNK]
-        heartbeat_keys = [keys.heartbeat_key(worker_id) for worker_id in chunk]
-        if full:
-            async with redis.pipeline(transaction=False) as pipe:
-                pipe.mget([keys.worker_key(worker_id) for worker_id in chunk])
-                pipe.mget(heartbeat_keys)
-                record_texts, heartbeat_texts = await pipe.execute()
-        else:
-            record_texts = [known.records.get(worker_id) for worker_id in chunk]  # type: ignore[union-attr]
-            heartbeat_texts = await redis.mget(heartbeat_keys)
-        for worker_id, record_raw, heartbeat_raw in zip(chunk, record_texts, heartbeat_texts, strict=True):
-            if record_raw:
-                texts[worker_id] = record_raw
+    for _, ids, record_texts, heartbeat_texts in read:
+        for worker_id, record_raw, heartbeat_raw in zip(ids, record_texts, heartbeat_texts, strict=True):
             state = _state(worker_id, record_raw, heartbeat_raw, queued.get(worker_id, 0), held.get(worker_id, 0),
                            records=records)  # fmt: skip
             if state is not None:
                 states.append(state)
+    if len(read) > 1:
+        states.sort(key=lambda state: state.worker_id)
     _records_parsed.clear()  # only the records of this read are kept: the cache is never larger than the pool
     _records_parsed.update(records)
+    return states
+
+
+def _count_lists(lengths: Mapping[Any, Any], cell: int, queued: dict[str, int], held: dict[str, int]) -> None:
+    """Add the jobs in a cell's lists (its `lengths` index) to each worker's count: queued, or held."""
+    for list_key, length in lengths.items():
+        if (owner := keys.worker_list_of(str(list_key), cell)) is not None:
+            worker_id, is_held = owner
+            counts = held if is_held else queued
+            counts[worker_id] = counts.get(worker_id, 0) + int(length)
+
+
+async def _read_cell(
+    redis: Redis, cell: int, version: str | None, known: KnownCell | None
+) -> tuple[list[str], list[str | None], list[str | None]]:
+    """The ids of the cell's workers, sorted, with their records' and heartbeats' texts (`snapshot`).
+    `version`: the cell's registry version now (None in a pool written before the version was: every
+    read full)."""
+    full = known is None or version is None or version != known.version or known.reads_since_full + 1 >= FULL_READ_EVERY
+    ids = sorted(map(str, await redis.smembers(keys.workers(cell)))) if full else known.ids  # type: ignore[union-attr]
+    record_texts: list[str | None] = []
+    heartbeat_texts: list[str | None] = []
+    for start in range(0, len(ids), SNAPSHOT_CHUNK):
+        chunk = ids[start : start + SNAPSHOT_CHUNK]
+        beats = [keys.heartbeat_key(worker_id) for worker_id in chunk]
+        if full:
+            async with redis.pipeline(transaction=False) as pipe:
+                pipe.mget([keys.worker_key(worker_id) for worker_id in chunk])
+                pipe.mget(beats)
+                chunk_records, chunk_beats = await pipe.execute()
+        else:
+            chunk_records, chunk_beats = [known.records.get(w) for w in chunk], await redis.mget(beats)  # type: ignore[union-attr]
+        record_texts += chunk_records
+        heartbeat_texts += chunk_beats
     if known is not None:
         known.reads_since_full = 0 if full else known.reads_since_full + 1
-        known.version, known.ids, known.records = None if version is None else str(version), ids, texts
-    return states
+        known.version, known.ids = version, ids
+        known.records = {worker_id: text for worker_id, text in zip(ids, record_texts, strict=True) if text}
+    return ids, record_texts, heartbeat_texts
 
 
 async def with_telemetry(redis: Redis, workers: Sequence[WorkerState]) -> list[WorkerState]:

@@ -45,9 +45,9 @@ async def test_simulated_workers_register_beat_serve_and_leave(
             answers = await asyncio.gather(*(ask(i) for i in range(60)))
         assert [text for _, text in answers] == [f"echo: hello {i}" for i in range(60)]
         assert len({worker for worker, _ in answers}) >= 30  # a burst spreads over the idle workers
-        assert await redis.scard(keys.workers()) == WORKERS
+        assert await redis.scard(keys.workers(0)) == WORKERS
         assert all([await redis.exists(keys.heartbeat_key(f"sim-{i:05d}")) for i in range(WORKERS)])
     finally:
         stop.set()
         await asyncio.wait_for(running, 60)
-    assert await redis.scard(keys.workers()) == 0  # each one left the pool as it stopped
+    assert await redis.scard(keys.workers(0)) == 0  # each one left the pool as it stopped

@@ -46,7 +46,7 @@ async def test_delete_ends_a_queued_job_at_once_and_it_never_runs(
     assert cancelled.json()["status"] == "failed"
     assert cancelled.json()["error"]["code"] == "cancelled"
     assert await redis.llen(keys.queue_key("w1")) == 0
-    assert await redis.zcard(keys.deadlines()) == 0
+    assert await redis.zcard(keys.deadlines(0)) == 0
 
     await worker.run(asyncio.Event(), burst=True)
     assert worker.jobs_done == 0
@@ -141,7 +141,7 @@ async def test_a_queued_job_past_its_deadline_fails_with_code_timeout(
     assert result["status"] == "failed"
     assert result["error"]["code"] == "timeout"
     assert await redis.llen(keys.queue_key("w1")) == 0
-    assert await redis.zcard(keys.deadlines()) == 0
+    assert await redis.zcard(keys.deadlines(0)) == 0
 
 
 async def test_a_running_job_past_its_deadline_fails_with_code_timeout(

@@ -1,4 +1,4 @@
-"""The lengths index (`keys.list_lengths()`): every script that moves a job writes the true length of
+"""The lengths index (`keys.list_lengths(0)`): every script that moves a job writes the true length of
 the lists it touched, so the pool snapshot reads each worker's load without reading its lists."""
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ async def _index_is_true(redis: Redis) -> bool:
 
 async def _indexed(redis: Redis) -> dict[str, int]:
     """The lists the index holds, by name (without the registry's version, which it holds too)."""
-    index = await redis.hgetall(keys.list_lengths())
+    index = await redis.hgetall(keys.list_lengths(0))
     return {key: int(length) for key, length in index.items() if key != keys.REGISTRY_VERSION}
 
 
@@ -74,7 +74,7 @@ async def test_each_transition_keeps_every_workers_queued_and_held_counts(redis:
 async def test_a_shared_queue_is_indexed_and_counted_at_no_worker(redis: Redis) -> None:
     await _register(redis, "w1")
     await queue.enqueue(redis, _job("s1", worker_id="").model_copy(update={"shared": True}), ttl_s=60)
-    assert await redis.hget(keys.list_lengths(), keys.model_queue_key("m")) == "1"
+    assert await redis.hget(keys.list_lengths(0), keys.model_queue_key("m", cell=0)) == "1"
     assert await _loads(redis) == {"w1": (0, 0)}
     assert await queue.pop(redis, "w1", timeout_s=1, models=["m"], result_ttl_s=60) is not None
     assert await _loads(redis) == {"w1": (0, 1)}

@@ -131,6 +131,6 @@ async def test_a_cluster_none_of_whose_nodes_answers_is_a_connection_error_namin
     client = redis_client.async_client(url, socket_connect_timeout=0.5)
     try:
         with pytest.raises(RedisConnectionError, match=f"primary of slot {CELL}"):
-            await client.get(keys.workers())
+            await client.get(keys.workers(0))
     finally:
         await client.aclose()

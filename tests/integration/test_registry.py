@@ -31,7 +31,7 @@ async def test_register_answers_with_id_and_heartbeat_interval(api: httpx.AsyncC
     record = WorkerRecord.model_validate_json(await redis.get(keys.worker_key(worker_id)))
     assert record.models == ["gemma3:270m"] and record.slots == 2
     assert record.hardware.gpus[0].name == "RTX 4090"
-    assert await redis.sismember(keys.workers(), worker_id)
+    assert await redis.sismember(keys.workers(0), worker_id)
     assert await redis.exists(keys.heartbeat_key(worker_id))
 
 
@@ -39,7 +39,7 @@ async def test_registering_the_same_id_twice_keeps_one_record(api: httpx.AsyncCl
     first = await api.post("/register", json={"worker_id": "w1", "models": ["a"], "backend": "fake"})
     second = await api.post("/register", json={"worker_id": "w1", "models": ["b"], "backend": "fake"})
     assert first.json()["worker_id"] == second.json()["worker_id"] == "w1"
-    assert await redis.smembers(keys.workers()) == {"w1"}
+    assert await redis.smembers(keys.workers(0)) == {"w1"}
     [worker] = (await api.get("/workers")).json()
     assert worker["models"] == ["b"]
 
@@ -48,7 +48,7 @@ async def test_concurrent_registrations_of_one_id_leave_one_whole_record(api: ht
     bodies = [{"worker_id": "w1", "models": [f"m{i}"], "backend": "fake", "slots": i + 1} for i in range(20)]
     responses = await asyncio.gather(*(api.post("/register", json=b) for b in bodies))
     assert {r.status_code for r in responses} == {200}
-    assert await redis.smembers(keys.workers()) == {"w1"}
+    assert await redis.smembers(keys.workers(0)) == {"w1"}
     record = WorkerRecord.model_validate_json(await redis.get(keys.worker_key("w1")))
     assert record.models == [f"m{record.slots - 1}"]  # models and slots come from the same registration
 

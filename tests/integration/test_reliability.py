@@ -269,7 +269,7 @@ async def test_a_new_reaper_judges_no_worker_dead_before_it_has_seen_redis_for_a
     assert await reaper.reap_once() == 0  # its first look: it cannot know how long the key has been gone
     assert await _rounds(reaper, clock, TIMEOUT_S - INTERVAL_S) == 0
     assert await redis.llen(keys.processing_key("w1")) == 1
-    assert not await redis.exists(keys.liveness_grace())  # a first look is no break: nobody else holds off
+    assert not await redis.exists(keys.liveness_grace(0))  # a first look is no break: nobody else holds off
 
     assert await _rounds(reaper, clock, INTERVAL_S) == 1  # a full timeout seen, w1 never beat: dead
     assert await _queued_on_w2(redis) == ["held"]
@@ -292,13 +292,13 @@ async def test_after_a_break_in_sight_no_reaper_moves_a_job_for_a_heartbeat_time
     await registry.mark_gone(redis, "w1")  # its key lapsed during the break: it could not beat either
 
     assert await broken.reap_once() == 0  # sees Redis again: holds off itself, and writes the grace
-    assert 0 < await redis.pttl(keys.liveness_grace()) <= TIMEOUT_S * 1000
+    assert 0 < await redis.pttl(keys.liveness_grace(0)) <= TIMEOUT_S * 1000
     assert await seeing.reap_once() == 0  # it saw no break, yet it holds off too
     assert seeing.sight.seen_for_s() >= TIMEOUT_S
     assert await _rounds(broken, broken_clock, TIMEOUT_S - INTERVAL_S) == 0
     assert await redis.llen(keys.processing_key("w1")) == 1
 
-    await redis.delete(keys.liveness_grace())  # its TTL ran out: a full timeout, and w1 never beat
+    await redis.delete(keys.liveness_grace(0))  # its TTL ran out: a full timeout, and w1 never beat
     assert await _rounds(broken, broken_clock, INTERVAL_S) == 1
     assert await _queued_on_w2(redis) == ["held"]
 
@@ -312,7 +312,7 @@ async def test_a_reapers_move_is_refused_in_its_script_while_the_grace_holds(red
     await registry.mark_gone(redis, "w1")
     [job] = await _jobs_in(redis, keys.processing_key("w1"))
     # A reaper that read w1 as dead and no grace, then another coordinator wrote the grace.
-    await redis.set(keys.liveness_grace(), "1", px=int(TIMEOUT_S * 1000))
+    await redis.set(keys.liveness_grace(0), "1", px=int(TIMEOUT_S * 1000))
 
     async def move() -> bool:
         return await queue.retry_or_fail(
@@ -323,7 +323,7 @@ async def test_a_reapers_move_is_refused_in_its_script_while_the_grace_holds(red
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == ["held"]
     assert not await redis.exists(keys.result_key("held"))
 
-    await redis.delete(keys.liveness_grace())
+    await redis.delete(keys.liveness_grace(0))
     assert await move()
 
 
@@ -353,12 +353,12 @@ async def test_a_dead_worker_with_nothing_to_hand_on_leaves_the_registry_after_t
     await reaper.reap_once()  # the first round that judges it dead
     clock.now += 59.9
     await reaper.reap_once()
-    assert await redis.sismember(keys.workers(), "w1")
+    assert await redis.sismember(keys.workers(0), "w1")
     clock.now += 0.1
     await reaper.reap_once()
-    assert not await redis.sismember(keys.workers(), "w1")
+    assert not await redis.sismember(keys.workers(0), "w1")
     assert await redis.exists(keys.worker_key("w1"), keys.worker_secret_key("w1")) == 0  # its secret went too
-    assert await redis.sismember(keys.workers(), "w2") and await redis.exists(keys.worker_key("w2"))
+    assert await redis.sismember(keys.workers(0), "w2") and await redis.exists(keys.worker_key("w2"))
 
 
 async def test_a_dead_worker_that_still_holds_a_job_stays_past_the_retention(redis: Redis) -> None:
@@ -369,7 +369,7 @@ async def test_a_dead_worker_that_still_holds_a_job_stays_past_the_retention(red
     clock = _Clock()
     reaper = _retaining_reaper(redis, clock, retention_s=0)
     await _rounds(reaper, clock, 2)
-    assert await redis.sismember(keys.workers(), "w1")
+    assert await redis.sismember(keys.workers(0), "w1")
     assert [job.request_id for job in await _jobs_in(redis, keys.processing_key("w1"))] == ["held"]
 
 
@@ -377,12 +377,12 @@ async def test_a_worker_is_forgotten_only_while_dead_and_no_grace_holds(redis: R
     await _register(redis, "w1")  # registered again since a reaper judged it dead: it beats
     assert not await registry.forget_dead(redis, "w1")
     await registry.mark_gone(redis, "w1")
-    await redis.set(keys.liveness_grace(), "1", px=60_000)  # a coordinator saw Redis again just now
+    await redis.set(keys.liveness_grace(0), "1", px=60_000)  # a coordinator saw Redis again just now
     assert not await registry.forget_dead(redis, "w1")
-    assert await redis.sismember(keys.workers(), "w1")
-    await redis.delete(keys.liveness_grace())
+    assert await redis.sismember(keys.workers(0), "w1")
+    await redis.delete(keys.liveness_grace(0))
     assert await registry.forget_dead(redis, "w1")
-    assert not await redis.sismember(keys.workers(), "w1")
+    assert not await redis.sismember(keys.workers(0), "w1")
 
 
 async def test_a_dead_worker_found_empty_is_read_again_when_the_lengths_index_shows_a_job(redis: Redis) -> None:
@@ -422,8 +422,8 @@ async def test_the_retention_counts_from_the_first_coordinator_that_judged_the_w
     await _retaining_reaper(redis, clock, retention_s=60).reap_once()  # a coordinator judges w1 dead, then stops
     clock.now += 60
     await _retaining_reaper(redis, clock, retention_s=60).reap_once()  # a coordinator started since
-    assert not await redis.sismember(keys.workers(), "w1")
-    assert not await redis.hexists(keys.dead_since(), "w1")
+    assert not await redis.sismember(keys.workers(0), "w1")
+    assert not await redis.hexists(keys.dead_since(0), "w1")
 
 
 async def test_a_worker_alive_again_starts_its_retention_afresh_when_it_dies_again(redis: Redis) -> None:
@@ -435,28 +435,28 @@ async def test_a_worker_alive_again_starts_its_retention_afresh_when_it_dies_aga
     await _register(redis, "w1")  # w1 is back
     clock.now += 30
     await reaper.reap_once()
-    assert not await redis.hexists(keys.dead_since(), "w1")
+    assert not await redis.hexists(keys.dead_since(0), "w1")
     await registry.mark_gone(redis, "w1")  # and dead again at 1030
     await reaper.reap_once()
     clock.now += 30
     await reaper.reap_once()  # 1060: w2's retention is over, not w1's
-    assert await redis.sismember(keys.workers(), "w1")
-    assert not await redis.sismember(keys.workers(), "w2")
+    assert await redis.sismember(keys.workers(0), "w1")
+    assert not await redis.sismember(keys.workers(0), "w2")
 
 
 async def test_a_death_recorded_before_a_registration_does_not_date_the_next_death(redis: Redis) -> None:
     """An entry left in `dead_since` (its reaper stopped before it saw the worker back) goes when the
     worker registers again, and when a round finds no worker dead."""
     clock = _Clock()
-    await redis.hset(keys.dead_since(), mapping={"w1": "0", "w2": "0"})  # long ago, by a coordinator gone since
+    await redis.hset(keys.dead_since(0), mapping={"w1": "0", "w2": "0"})  # long ago, by a coordinator gone since
     await _register(redis, "w1")
-    assert not await redis.hexists(keys.dead_since(), "w1")
+    assert not await redis.hexists(keys.dead_since(0), "w1")
     await _register(redis, "w2")
     await _retaining_reaper(redis, clock, retention_s=60).reap_once()  # nobody is dead
-    assert not await redis.exists(keys.dead_since())
+    assert not await redis.exists(keys.dead_since(0))
     await registry.mark_gone(redis, "w2")
     await _retaining_reaper(redis, clock, retention_s=60).reap_once()
-    assert await redis.sismember(keys.workers(), "w2")  # its retention starts now
+    assert await redis.sismember(keys.workers(0), "w2")  # its retention starts now
 
 
 class _CountingDeadSinceReads(Redis):
@@ -465,7 +465,7 @@ class _CountingDeadSinceReads(Redis):
     reads = 0
 
     async def hgetall(self, name: str) -> dict[str, str]:  # type: ignore[override]
-        if name == keys.dead_since():
+        if name == keys.dead_since(0):
             self.reads += 1
         return await super().hgetall(name)  # type: ignore[no-any-return]
 
@@ -485,7 +485,7 @@ async def test_the_reaper_reads_dead_since_again_only_when_the_dead_workers_chan
         await reaper.reap_once()
         await reaper.reap_once()
         assert counting.reads == 2
-        assert set(await redis.hkeys(keys.dead_since())) == {"w1", "w2"}
+        assert set(await redis.hkeys(keys.dead_since(0))) == {"w1", "w2"}
     finally:
         await counting.aclose()
 
@@ -503,7 +503,7 @@ async def test_a_worker_that_registered_and_died_again_between_two_rounds_gets_a
     await registry.mark_gone(redis, "w1")
     clock.now += 1
     await reaper.reap_once()  # 1060: not 60 s since its second death
-    assert await redis.sismember(keys.workers(), "w1")
+    assert await redis.sismember(keys.workers(0), "w1")
     clock.now += 60
     await reaper.reap_once()
-    assert not await redis.sismember(keys.workers(), "w1")
+    assert not await redis.sismember(keys.workers(0), "w1")

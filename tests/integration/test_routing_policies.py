@@ -42,7 +42,7 @@ async def _submit(api: httpx.AsyncClient, **body: object) -> httpx.Response:
 async def _shared_queue(redis: Redis, model: str = "fake") -> list[Job]:
     return [
         Job.model_validate_json(body or "")
-        for key in keys.model_queue_keys(model)
+        for key in keys.model_queue_keys(model, cell=0)
         for _, body in await queue.read_held(redis, key)
     ]
 
@@ -189,7 +189,7 @@ async def test_priority_is_checked_and_carried_to_the_job(
     assert bad.status_code == 422 and bad.json()["error"]["fields"][0]["field"] == "priority"
     await _submit(api, priority=8)
     assert [job.priority for job in await _shared_queue(redis)] == [8]
-    assert await redis.llen(keys.model_queue_key("fake", 8)) == 1
+    assert await redis.llen(keys.model_queue_key("fake", 8, cell=0)) == 1
 
 
 @with_settings(max_queue_per_model=2)

@@ -138,7 +138,7 @@ async def test_a_worker_whose_id_another_process_registered_stops_and_leaves_tha
     assert stop.is_set()
     assert "another process registered this id" in caplog.text
     assert await redis.get(keys.worker_key("w1")) == record
-    assert await redis.sismember(keys.workers(), "w1")
+    assert await redis.sismember(keys.workers(0), "w1")
     assert await redis.lrange(keys.queue_key("w1"), 0, -1) == [queued]
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == [held]
 
@@ -156,7 +156,7 @@ async def test_an_idle_worker_whose_id_another_process_registered_does_not_dereg
     record = await redis.get(keys.worker_key("w1"))
     await asyncio.wait_for(running, timeout=15)
     assert await redis.get(keys.worker_key("w1")) == record
-    assert await redis.sismember(keys.workers(), "w1")
+    assert await redis.sismember(keys.workers(0), "w1")
 
 
 async def test_a_job_still_running_after_the_drain_grace_resumes_on_another_worker_without_a_repeated_token(
@@ -299,7 +299,7 @@ async def test_an_idle_consumer_blocks_long_yet_takes_a_job_at_once_stops_at_onc
         stop.set()
     await asyncio.wait_for(running, timeout=10)  # not the 60 s block
     assert await redis.lrange(keys.processing_key("w1"), 0, -1) == []
-    assert await redis.lrange(keys.model_queue_key("m2"), 0, -1) == ["r-orphan"]
+    assert await redis.lrange(keys.model_queue_key("m2", cell=0), 0, -1) == ["r-orphan"]
 
 
 async def test_a_failing_backend_cuts_idle_blocks_off_and_what_they_left_goes_to_another_worker(

@@ -85,7 +85,8 @@ async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: Coor
     if caller.admin:
         return
     key_limits = limits(caller, 0, settings)
-    answer = await _FOLLOWER.run(redis, key_limits.keys(), key_limits.args(slot=slot, streamed=True))
+    # The key's limits are in the home cell (`keys.rate_key`), so is the script.
+    answer = await _FOLLOWER.run(redis, key_limits.keys(keys.HOME_CELL), key_limits.args(slot=slot, streamed=True))
     if answer in queue.REFUSALS:
         raise refused(queue.REFUSALS[answer], settings)
 

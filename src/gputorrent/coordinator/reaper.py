@@ -142,7 +142,11 @@ class Reaper:
         if self.sight.saw() and self._heartbeat_timeout_s > 0:
             # Workers (and those beating through this coordinator's /worker routes) could not beat
             # during the break either: each gets a full timeout to beat again, whoever judges.
-            await self._redis.set(keys.liveness_grace(), "1", px=max(1, round(self._heartbeat_timeout_s * 1000)))
+            grace_ms = max(1, round(self._heartbeat_timeout_s * 1000))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for cell in keys.cells():  # each cell's move scripts read their own
+                    pipe.set(keys.liveness_grace(cell), "1", px=grace_ms)
+                await pipe.execute()
             log.warning(
                 "reaper sees Redis again after a break; no worker is judged dead for %g s", self._heartbeat_timeout_s
             )
@@ -158,14 +162,18 @@ class Reaper:
         dead_now = {w.worker_id for w in dead_workers}
         if not dead_now:
             # Whoever wrote them, entries left for workers alive again or gone must not date a later death.
-            await self._redis.delete(keys.dead_since())
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for cell in keys.cells():
+                    pipe.delete(keys.dead_since(cell))
+                await pipe.execute()
             self._dead_since = {}
             return 0
         # A break in sight leaves `dead_since` as it is: the retention is not started again by every
         # blip (the removal itself checks, in its script, that the worker is dead with nothing held).
         if self.sight.seen_for_s() < self._heartbeat_timeout_s:
             return 0
-        if await self._redis.exists(keys.liveness_grace()):  # the move scripts check it too, atomically
+        # Written in every cell at once; the move scripts check their own cell's too, atomically.
+        if await self._redis.exists(keys.liveness_grace(keys.HOME_CELL)):
             return 0
         now = self._wall_clock()
         self._rounds += 1
@@ -185,36 +193,38 @@ class Reaper:
             if not await self._past_retention(dead.worker_id, now):
                 continue
             if await registry.forget_dead(self._redis, dead.worker_id):
-                await self._redis.hdel(keys.dead_since(), dead.worker_id)
+                await self._redis.hdel(keys.dead_since(keys.cell_of(dead.worker_id)), dead.worker_id)
                 log.info("worker %s left the registry: dead with nothing left to hand on", dead.worker_id)
         return handled
 
     async def _read_dead_since(self, dead_now: set[str], now: float, *, again: bool) -> dict[str, float]:
-        """When each dead worker was first judged dead, by this reaper or another (`keys.dead_since()`):
+        """When each dead worker was first judged dead, by this reaper or another (`keys.dead_since`):
         the workers new to it are written as dead since `now` (`HSETNX`: the first coordinator's time
         stands), those alive again or gone are taken out. Read from Redis when the dead workers are not
         those of the last read, or `again`; else the last read stands (`_past_retention` reads one
         entry again before a removal, so an entry another coordinator wrote since never comes late)."""
         if not again and dead_now == self._dead_since.keys():
             return self._dead_since
-        recorded = await self._redis.hgetall(keys.dead_since())
-        new, gone = dead_now - recorded.keys(), recorded.keys() - dead_now
-        if new or gone:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for worker_id in new:
-                    pipe.hsetnx(keys.dead_since(), worker_id, repr(now))
-                if gone:
-                    pipe.hdel(keys.dead_since(), *gone)
-                await pipe.execute()
+        by_cell = [await self._redis.hgetall(keys.dead_since(cell)) for cell in keys.cells()]
+        recorded: dict[str, str] = {}
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cell, entries in zip(keys.cells(), by_cell, strict=True):
+                dead = {worker_id for worker_id in dead_now if keys.cell_of(worker_id) == cell}
+                for worker_id in dead - entries.keys():
+                    pipe.hsetnx(keys.dead_since(cell), worker_id, repr(now))
+                if gone := entries.keys() - dead:
+                    pipe.hdel(keys.dead_since(cell), *gone)
+                recorded.update({str(worker_id): str(since) for worker_id, since in entries.items()})
+            await pipe.execute()
         self._dead_since = {worker_id: _unix_s(recorded.get(worker_id), now) for worker_id in dead_now}
         return self._dead_since
 
     async def _past_retention(self, worker_id: str, now: float) -> bool:
         """Whether the worker's `dead_since` entry, read now, is older than the retention: the entry read
         before may be gone since (the worker registered again, and died again) or another's, earlier."""
-        recorded = await self._redis.hget(keys.dead_since(), worker_id)
+        recorded = await self._redis.hget(keys.dead_since(keys.cell_of(worker_id)), worker_id)
         if recorded is None:
-            await self._redis.hsetnx(keys.dead_since(), worker_id, repr(now))
+            await self._redis.hsetnx(keys.dead_since(keys.cell_of(worker_id)), worker_id, repr(now))
             self._dead_since[worker_id] = now
             return False
         self._dead_since[worker_id] = since = _unix_s(recorded, now)
@@ -250,9 +260,12 @@ class Reaper:
         The worker of a running job also stops at its own deadline check; whichever acts first
         writes the one result.
         """
-        overdue = await self._redis.zrangebyscore(keys.deadlines(), "-inf", time.time(), start=0, num=OVERDUE_BATCH)
+        overdue: list[str] = []
+        for cell in keys.cells():
+            due = await self._redis.zrangebyscore(keys.deadlines(cell), "-inf", time.time(), start=0, num=OVERDUE_BATCH)
+            overdue += map(str, due)
         ended = 0
-        for request_id in map(str, overdue):
+        for request_id in overdue:
             if (result := await queue.end(self._redis, request_id, DEADLINE_PASSED, self._result_ttl_s)) is not None:
                 ended += 1
                 await pool_stats.record_failure(self._redis, FailureRecord(
@@ -260,5 +273,5 @@ class Reaper:
                     code=DEADLINE_PASSED.code, message=DEADLINE_PASSED.message,
                 ))  # fmt: skip
             elif not await self._redis.exists(keys.job_key(request_id)):  # finished meanwhile, or expired
-                await self._redis.zrem(keys.deadlines(), request_id)
+                await self._redis.zrem(keys.deadlines(keys.cell_of(request_id)), request_id)
         return ended

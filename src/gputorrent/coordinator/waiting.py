@@ -48,7 +48,10 @@ async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
         return status
     priority = int(await redis.hget(keys.job_key(status.request_id), "priority") or keys.PRIORITY_DEFAULT)
     worker_id = status.worker_id
-    bands = keys.worker_queue_keys(worker_id) if worker_id else keys.model_queue_keys(status.model)
+    if worker_id:
+        bands = keys.worker_queue_keys(worker_id)
+    else:
+        bands = keys.model_queue_keys(status.model, cell=keys.cell_of(status.request_id))
     own = keys.PRIORITY_BANDS.index(priority)
     where = _AheadKeys(higher=tuple(bands[:own]), band=bands[own])
     ahead = int(await _AHEAD.run(redis, where, _AheadArgs(request_id=status.request_id)))

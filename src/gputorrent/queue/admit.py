@@ -178,8 +178,9 @@ class Limits:
     max_streams: int = 0
     stale_before: float = 0.0  # slots opened before this time are dropped first (their coordinator died)
 
-    def keys(self) -> LimitKeys:
-        return LimitKeys(rate=self.rate_key or keys.unused(), streams=self.streams_key or keys.unused())
+    def keys(self, cell: int) -> LimitKeys:
+        """The limits' keys for a script of `cell` (an unused one named in that cell)."""
+        return LimitKeys(rate=self.rate_key or keys.unused(cell), streams=self.streams_key or keys.unused(cell))
 
     def args(self, *, slot: str, streamed: bool) -> LimitArgs:
         """The limits' script arguments for one request (`slot`: its id); only a streamed one takes a slot."""
@@ -240,15 +241,17 @@ async def enqueue(
     request_id = job.request_id
     # The status record must outlive a long deadline, or a queued job would lose its status.
     record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
-    limit_keys = limits.keys()
+    cell = keys.cell_of(request_id)
+    limit_keys = limits.keys(cell)
     admit_keys = AdmitKeys(
         rate=limit_keys.rate, streams=limit_keys.streams,
         status=keys.job_key(request_id), result=keys.result_key(request_id), owner=keys.owner_key(request_id),
-        waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.deadlines(), lengths=keys.list_lengths(),
+        waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.deadlines(cell),
+        lengths=keys.list_lengths(cell),
         heartbeat=keys.heartbeat_key(job.worker_id or ""), idempotency=keys.idempotency_key(idempotency_key or ""),
         seen_status=keys.job_key(seen or ""), seen_result=keys.result_key(seen or ""),
         own_bands=waiting_keys(job),
-        model_bands=tuple(keys.model_queue_keys(job.model)) if limits.max_model_queued else (),
+        model_bands=tuple(keys.model_queue_keys(job.model, cell=cell)) if limits.max_model_queued else (),
     )  # fmt: skip
     admit_args = AdmitArgs(
         **vars(limits.args(slot=request_id, streamed=job.stream)),

@@ -29,10 +29,12 @@ async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> Jo
         if found[0] is None:
             return None
         worker_id, model, streamed = str(found[1]), str(found[2]), found[3] == "1"
-        # Where it can be: its worker's queue (any band) or processing list, or its model's shared queue.
-        lists = keys.model_queue_keys(model)
+        # Where it can be, all in its cell: its worker's queue (any band) or the worker's processing list
+        # there, or its model's shared queue.
+        cell = keys.cell_of(request_id)
+        lists = keys.model_queue_keys(model, cell=cell)
         if worker_id:
-            lists = [*keys.worker_queue_keys(worker_id), keys.processing_key(worker_id), *lists]
+            lists = [*keys.worker_queue_keys(worker_id), keys.processing_key(worker_id, cell), *lists]
         async with redis.pipeline(transaction=False) as pipe:
             pipe.set(keys.cancel_key(request_id), error.code, ex=ttl_s)
             for held_in in lists:

@@ -98,11 +98,12 @@ async def finish(
     """
     request_id = result.request_id
     result_json = result.model_dump_json()
-    holder_beat, grace = guard_keys(dead)
+    cell = keys.cell_of(request_id)
+    holder_beat, grace = guard_keys(dead, cell)
     finish_keys = FinishKeys(
         held_in=held_in, holder_beat=holder_beat, grace=grace, result=keys.result_key(request_id),
-        status=keys.job_key(request_id), stream=keys.stream_key(request_id), deadlines=keys.deadlines(),
-        lengths=keys.list_lengths(),
+        status=keys.job_key(request_id), stream=keys.stream_key(request_id), deadlines=keys.deadlines(cell),
+        lengths=keys.list_lengths(cell),
     )  # fmt: skip
     finish_args = FinishArgs(
         reaping=dead is not None, fence=fence, moves_field=MOVES_FIELD, result_json=result_json, ttl_s=ttl_s,

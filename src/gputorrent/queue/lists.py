@@ -37,18 +37,25 @@ async def bodies(redis: Redis, request_ids: Sequence[str]) -> list[str | None]:
 
 
 def waiting_key(job: Job) -> str:
-    """The list a queued job waits in: its model's shared queue or its worker's, in its priority band."""
-    return keys.model_queue_key(job.model, job.priority) if job.shared else keys.queue_key(job.worker_id, job.priority)
+    """The list a queued job waits in: its model's shared queue (in the job's cell) or its worker's, in
+    its priority band."""
+    if job.shared:
+        return keys.model_queue_key(job.model, job.priority, cell=keys.cell_of(job.request_id))
+    return keys.queue_key(job.worker_id, job.priority)
 
 
 def waiting_keys(job: Job) -> tuple[str, ...]:
     """Every band of the queue a job waits in (what a bound on that queue counts)."""
-    return tuple(keys.model_queue_keys(job.model) if job.shared else keys.worker_queue_keys(job.worker_id))
+    if job.shared:
+        return tuple(keys.model_queue_keys(job.model, cell=keys.cell_of(job.request_id)))
+    return tuple(keys.worker_queue_keys(job.worker_id))
 
 
 def doorbell_key(job: Job) -> str:
     """The doorbell that wakes a consumer able to take the job."""
-    return keys.model_doorbell_key(job.model) if job.shared else keys.worker_doorbell_key(job.worker_id)
+    if job.shared:
+        return keys.model_doorbell_key(job.model, cell=keys.cell_of(job.request_id))
+    return keys.worker_doorbell_key(job.worker_id)
 
 
 # Every script that pushes onto a queue or a processing list, or takes from one, then calls
@@ -88,8 +95,10 @@ return removed
 async def forget(redis: Redis, held_in: str, request_id: str) -> bool:
     """Drop the id from the list `held_in` (a job that cannot run: its record is gone or unreadable)
     without a result; whether it was there."""
-    return bool(await _FORGET.run(redis, _ForgetKeys(held_in=held_in, lengths=keys.list_lengths()),
-                                  _ForgetArgs(request_id=request_id)))  # fmt: skip
+    lengths = keys.list_lengths(keys.cell_of(request_id))  # `held_in` is a list of the request's cell
+    return bool(
+        await _FORGET.run(redis, _ForgetKeys(held_in=held_in, lengths=lengths), _ForgetArgs(request_id=request_id))
+    )
 
 
 # A job pushed onto a queue rings that queue's doorbell (keys `doorbell`, argument `doorbell_max`):
@@ -113,10 +122,11 @@ if redis.call('LREM', held_in, 1, request_id) == 0 then return 0 end
 """
 
 
-def guard_keys(dead: str | None) -> tuple[str, str]:
-    """The `holder_beat` and `grace` keys of `HOLDER_DEAD`: for a reaper's move, the dead holder's
-    heartbeat and `liveness:grace`. A worker's own call reads neither and names `heartbeat:` in their
-    place, so its Redis user needs no access to `liveness:grace` (docs/security.md lists what it has)."""
+def guard_keys(dead: str | None, cell: int) -> tuple[str, str]:
+    """The `holder_beat` and `grace` keys of `HOLDER_DEAD` in the job's `cell`: for a reaper's move, the
+    dead holder's heartbeat there and the cell's `liveness:grace`. A worker's own call reads neither and
+    names `heartbeat:` in their place, so its Redis user needs no access to `liveness:grace`
+    (docs/security.md lists what it has)."""
     if dead is None:
-        return keys.heartbeat_key(""), keys.heartbeat_key("")
-    return keys.heartbeat_key(dead), keys.liveness_grace()
+        return keys.heartbeat_key("", cell), keys.heartbeat_key("", cell)
+    return keys.heartbeat_key(dead, cell), keys.liveness_grace(cell)

@@ -83,10 +83,11 @@ async def requeue(redis: Redis, source_key: str, job: Job, *, fence: str = "", d
     shared job its model's), its record now `job`; False when it is no longer there (or its record is
     gone), or when `dead`'s heartbeat is back (it beat again, or re-registered) or `liveness:grace` holds,
     or, with the holder's lease `fence`, when the job moved on since it was taken."""
-    holder_beat, grace = guard_keys(dead)
+    cell = keys.cell_of(job.request_id)  # the job's every key, and the lists it moves between
+    holder_beat, grace = guard_keys(dead, cell)
     move_keys = MoveKeys(
         held_in=source_key, holder_beat=holder_beat, grace=grace, waiting=waiting_key(job),
-        status=keys.job_key(job.request_id), doorbell=doorbell_key(job), lengths=keys.list_lengths(),
+        status=keys.job_key(job.request_id), doorbell=doorbell_key(job), lengths=keys.list_lengths(cell),
     )  # fmt: skip
     move_args = MoveArgs(
         reaping=dead is not None, fence=fence, request_id=job.request_id, job=job.model_dump_json(),

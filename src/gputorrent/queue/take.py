@@ -166,32 +166,33 @@ async def pop(
 def _take_arguments(worker_id: str, models: tuple[str, ...]) -> tuple[list[str], int, tuple[bytes, ...]]:
     """The doorbells, and the key count and arguments of `_TAKE`, for a worker serving `models`
     (the same on every take: built and encoded once per key layout)."""
-    return _take_arguments_in(keys.on_cluster(), worker_id, models)
+    return _take_arguments_in(keys.layout(), worker_id, models)
 
 
 @functools.lru_cache(maxsize=256)
 def _take_arguments_in(
-    on_cluster: bool,  # only part of the cache's key: the names differ on a cluster (keys.py)
+    layout: tuple[str, ...],  # only part of the cache's key: the names differ by layout (keys.py)
     worker_id: str,
     models: tuple[str, ...],
 ) -> tuple[list[str], int, tuple[bytes, ...]]:
-    doorbells = [keys.worker_doorbell_key(worker_id), *(keys.model_doorbell_key(m) for m in models)]
+    cell = keys.cell_of(worker_id)  # its own queue, and the shared queues of its cell
+    doorbells = [keys.worker_doorbell_key(worker_id), *(keys.model_doorbell_key(m, cell=cell) for m in models)]
     sources = [
         key
         for band in keys.PRIORITY_BANDS
-        for key in (keys.queue_key(worker_id, band), *(keys.model_queue_key(m, band) for m in models))
+        for key in (keys.queue_key(worker_id, band), *(keys.model_queue_key(m, band, cell=cell) for m in models))
     ]
     numkeys, arguments = _TAKE.call(
         TakeKeys(
             processing=keys.processing_key(worker_id),
             doorbells=tuple(doorbells),
             sources=tuple(sources),
-            lengths=keys.list_lengths(),
+            lengths=keys.list_lengths(cell),
         ),
         TakeArgs(
             worker_id=worker_id,
-            status_prefix=keys.job_key(""),
-            stream_prefix=keys.stream_key(""),
+            status_prefix=keys.job_prefix(cell),
+            stream_prefix=keys.stream_prefix(cell),
             job_field=JOB_FIELD,
             moves_field=MOVES_FIELD,
         ),
