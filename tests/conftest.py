@@ -49,10 +49,17 @@ def _collect_garbage_after_each_test() -> Iterator[None]:
     gc.collect()
 
 
+# `GPUTORRENT_TEST_CELLS=N`: run the tests with the pool in N cells on the one test Redis, as a
+# Redis Cluster would partition it (docs/architecture.md, "Redis Cluster"), every script's keys
+# checked to be of one cell.
+TEST_CELLS = int(os.environ.get("GPUTORRENT_TEST_CELLS", "1"))
+
+
 @pytest.fixture(autouse=True)
 def _keys_named_for_one_redis_after_each_test() -> Iterator[None]:
     """A test that made a client for a Redis Cluster named every key for it (`keys.use_cluster_layout`):
     the next test names them for one Redis again."""
+    keys.use_cells(tuple(f"{{t{cell}}}" for cell in range(TEST_CELLS)) if TEST_CELLS > 1 else ("",))
     yield
     keys.use_cluster_layout(False)
 

@@ -38,9 +38,10 @@ async def hand_on(
     dead = worker_id if only_if_dead else None
     entries = await queue.read_held(redis, source)
     for job in await queue.held_jobs(redis, source, entries, worker_id, ttl_s, reader="a hand-on", dead=dead):
+        candidates: list[str] = []
+        if not job.shared and job.kind != "pull":
+            job, candidates = routing.hand_on_candidates(job, workers)
         shared = job.shared
-        movable = not shared and job.kind != "pull"
-        candidates = routing.candidates_for(job.model, workers) if movable else []
         target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis)) if candidates else None
         moved = await queue.retry_or_fail(
             redis, source, job, started=count_attempt, target=target, max_attempts=max_attempts, ttl_s=ttl_s, dead=dead

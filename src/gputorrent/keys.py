@@ -67,6 +67,7 @@ keys, the catalogue, the swarm, shard hosts, history) are in cell 0. Today a clu
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
 
 RESULTS_CHANNEL = "results:ready"
 KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
@@ -89,14 +90,31 @@ def ended_channel(worker_id: str) -> str:
 def use_cluster_layout(on: bool) -> None:
     """Name every key for a Redis Cluster (`CLUSTER_CELL_TAGS`) or for one Redis. A process belongs to
     one pool: `redis_client` calls this with each client it makes, for its URL's kind."""
-    use_cells(CLUSTER_CELL_TAGS if on else ("",))
+    global _tags, _checked
+    _tags, _checked = (CLUSTER_CELL_TAGS, False) if on else (_one_redis_tags, _one_redis_tags != ("",))
 
 
-def use_cells(tags: tuple[str, ...]) -> None:
-    """Lay the pool out in `len(tags)` cells with these tags (tests lay cells out on one Redis too,
-    where no slot rule applies)."""
-    global _tags
-    _tags = tags
+def use_cells(tags: tuple[str, ...] = ("",)) -> None:
+    """Lay a pool on one Redis out in `len(tags)` cells with these tags, from now on (tests: no slot rule
+    applies on one Redis, so `check_one_cell` checks every script's keys as a cluster would); the
+    default is one cell without a tag, as a pool on one Redis is."""
+    global _one_redis_tags
+    _one_redis_tags = tags
+    use_cluster_layout(False)
+
+
+_one_redis_tags: tuple[str, ...] = ("",)
+_checked = False
+
+
+def check_one_cell(names: Sequence[str]) -> None:
+    """Raise `ValueError` when `names` (one script's keys) are of more than one cell, where cells are
+    laid out on one Redis (`use_cells`); a Redis Cluster refuses such a call itself (`CROSSSLOT`)."""
+    if not _checked or not names:
+        return
+    tags = {name[: name.index("}") + 1] if name.startswith("{") else "" for name in names}
+    if len(tags) > 1:
+        raise ValueError(f"one script's keys are in cells {sorted(tags)}: {list(names)}")
 
 
 def on_cluster() -> bool:
@@ -328,9 +346,10 @@ def worker_list_of(list_key: str, cell: int) -> tuple[str, bool] | None:
     return None
 
 
-def idempotency_key(key: str) -> str:
-    """The request id that a client's idempotency key (or its own request id) was admitted as."""
-    return f"{_in(cell_of(key))}idempotency:{key}"
+def idempotency_key(key: str, cell: int) -> str:
+    """The request id that a client's idempotency key (or its own request id) was admitted as, beside
+    that request's keys in its cell (a request that names itself is admitted in its name's cell)."""
+    return f"{_in(cell)}idempotency:{key}"
 
 
 def api_key_key(key_id: str) -> str:

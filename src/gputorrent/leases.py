@@ -106,17 +106,17 @@ async def fail_over(redis: Redis, worker_id: str, job: Job, *, max_attempts: int
     if job.attempt >= max_attempts or job.kind == "pull":
         return False
     workers = [w for w in await registry.snapshot(redis) if w.worker_id != worker_id]
-    candidates = routing.candidates_for(job.model, workers)
-    if not candidates:
+    if not routing.candidates_for(job.model, workers):
         return False
-    target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis))
+    job, candidates = routing.hand_on_candidates(job, workers)
+    target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis)) if candidates else None
     moved = await queue.retry_or_fail(
-        redis, keys.processing_key(worker_id), job, started=True, target=target, max_attempts=max_attempts,
-        ttl_s=ttl_s, fence=fence,
+        redis, keys.processing_key(worker_id, keys.cell_of(job.request_id)), job, started=True, target=target,
+        max_attempts=max_attempts, ttl_s=ttl_s, fence=fence,
     )  # fmt: skip
     if moved:
-        log.info("request %s handed to worker %s: worker %s's backend is unavailable", job.request_id, target,
-                 worker_id)  # fmt: skip
+        log.info("request %s handed to %s: worker %s's backend is unavailable", job.request_id,
+                 f"worker {target}" if target else "its model's shared queue", worker_id)  # fmt: skip
     return True
 
 

@@ -22,7 +22,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
-from gputorrent.protocol import EmbeddingRequest, InferenceRequest, WorkerState
+from gputorrent import keys
+from gputorrent.protocol import EmbeddingRequest, InferenceRequest, Job, WorkerState
 
 T = TypeVar("T")
 Policy = Literal["round_robin", "least_loaded", "session_affinity", "pull"]
@@ -38,9 +39,20 @@ class Route:
     worker_id: str | None
 
 
-def candidates_for(model: str, workers: Sequence[WorkerState]) -> list[str]:
-    """Ids of the live workers that serve `model`, in a stable order."""
-    return [w.worker_id for w in live_for(model, workers)]
+def candidates_for(model: str, workers: Sequence[WorkerState], cell: int | None = None) -> list[str]:
+    """Ids of the live workers that serve `model` (with `cell`, those of that cell: a job moves only
+    within its cell), in a stable order."""
+    return [w.worker_id for w in live_for(model, workers) if cell is None or keys.cell_of(w.worker_id) == cell]
+
+
+def hand_on_candidates(job: Job, workers: Sequence[WorkerState]) -> tuple[Job, list[str]]:
+    """Where a job its worker cannot finish may go: (the job, the live workers of its cell serving its
+    model), or, when only workers of other cells serve it, (the job made shared, []): its cell's shared
+    queue, which they take from abroad. (the job, []) when no live worker serves it."""
+    candidates = candidates_for(job.model, workers, keys.cell_of(job.request_id))
+    if not candidates and candidates_for(job.model, workers):
+        return job.model_copy(update={"shared": True}), []
+    return job, candidates
 
 
 def served_models(workers: Sequence[WorkerState]) -> list[str]:

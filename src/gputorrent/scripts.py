@@ -38,6 +38,7 @@ from typing import Any, Generic, TypeVar
 from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
+from gputorrent.keys import check_one_cell
 from gputorrent.pipelined import pipelined
 
 KeysT = TypeVar("KeysT")
@@ -142,6 +143,7 @@ class Script(Generic[KeysT, ArgsT]):
         for name in self._keys:
             value = getattr(keys, name)
             flat_keys.extend(value) if isinstance(value, tuple) else flat_keys.append(value)
+        check_one_cell(flat_keys)
         run_lengths = [str(len(getattr(keys, name))) for name in self._runs]
         flat_args: list[str] = []
         for name in self._args:

@@ -52,4 +52,4 @@ def test_in_cells_a_workers_keys_are_in_its_cell_a_requests_in_its_and_the_pools
         assert keys.api_keys() == "{a}apikeys" and keys.worker_index() == "{a}worker_index"  # the home cell's
         assert keys.job_prefix(1) + "r" == "{b}job:r"
     finally:
-        keys.use_cluster_layout(False)
+        keys.use_cells()

@@ -25,9 +25,12 @@ ROUTE_ATTEMPTS = 3  # a job whose chosen worker left just then is routed again, 
 QUEUE_FULL_RETRY_AFTER_S = 1  # a full queue drains by a job per slot per job time: try again soon
 
 
-def new_request_id() -> str:
-    """An unguessable request id (122 random bits)."""
-    return uuid.uuid4().hex
+def new_request_id(cell: int = keys.HOME_CELL) -> str:
+    """An unguessable request id (122 random bits) in `cell` (`keys.cell_of`): drawn again until it
+    is, as many draws on average as there are cells."""
+    while keys.cell_of(request_id := uuid.uuid4().hex) != cell:
+        pass
+    return request_id
 
 
 async def admit(
@@ -52,20 +55,24 @@ async def admit(
         ModelNotFound: live workers exist but none serves the model (nothing is enqueued).
     """
     client_id = request.request_id if isinstance(request, InferenceRequest) else None
+    named_cell = None  # a request that names itself is admitted in its name's cell, its idempotency record there
     if client_id is not None:
         # One namespace for both: a request id is the idempotency key of its own request.
-        idempotency_key = f"request:{client_id}"
+        idempotency_key, named_cell = f"request:{client_id}", keys.cell_of(client_id)
     elif idempotency_key is not None:
         idempotency_key = f"key:{caller.key_id}:{idempotency_key}"
-    seen = await _seen(redis, idempotency_key) if idempotency_key is not None else None
-    if seen is not None and (replayed := await _replay(redis, idempotency_key or "", seen, caller)) is not None:
-        return replayed
+        named_cell = keys.cell_of(idempotency_key)
+    seen = None
+    if idempotency_key is not None and named_cell is not None:
+        seen = await _seen(redis, idempotency_key, named_cell)
+        if seen is not None and (replayed := await _replay(redis, idempotency_key, named_cell, seen, caller)):
+            return replayed
     limits = quotas.limits(caller, quotas.check_size(request, settings), settings)
     snapshot = pool_snapshot(redis)
     for attempt in range(ROUTE_ATTEMPTS):
         try:
             return await _route_and_enqueue(
-                redis, snapshot, request, settings, caller, limits, client_id, idempotency_key, seen
+                redis, snapshot, request, settings, caller, limits, client_id, idempotency_key, named_cell, seen
             )
         except queue.WorkerGone as gone:  # it left after the snapshot was read: route again without it
             log.info("worker %s left before the job was queued; routing again", gone)
@@ -84,20 +91,30 @@ async def _route_and_enqueue(
     limits: queue.Limits,
     client_id: str | None,
     idempotency_key: str | None,
+    named_cell: int | None,
     seen: str | None,
 ) -> Accepted:
     await snapshot.for_routing(redis)
     counter = await queue.next_round_robin(redis) if routing.needs_counter(settings.routing) else 1
     affinity_key = routing.affinity_key(request)
-    route = snapshot.choose(settings.routing, request.model, counter=counter, affinity_key=affinity_key)
+    route = snapshot.choose(
+        settings.routing, request.model, counter=counter, affinity_key=affinity_key, cell=named_cell
+    )
     if route is None:  # a worker may have joined since the snapshot: look again before refusing
         await snapshot.for_routing(redis, missed=True)
-        route = snapshot.choose(settings.routing, request.model, counter=counter, affinity_key=affinity_key)
+        route = snapshot.choose(
+            settings.routing, request.model, counter=counter, affinity_key=affinity_key, cell=named_cell
+        )
     if route is None:
         raise _no_candidate_error(request.model, snapshot.workers)
     metrics.note_model(request.model)  # a served model: a bounded label
     timeout_s = request.timeout_s or settings.request_timeout_s
-    job = _job(client_id or new_request_id(), route.worker_id, request, timeout_s)
+    # The job's keys lie in one cell with the list it joins: its worker's, or a shared queue's.
+    if named_cell is not None:
+        cell = named_cell
+    else:
+        cell = keys.cell_of(route.worker_id) if route.worker_id else snapshot.shared_cell(request.model)
+    job = _job(client_id or new_request_id(cell), route.worker_id, request, timeout_s)
     logs.request_id.set(job.request_id)  # every later line of this request carries it
     limits = dataclasses.replace(
         limits,
@@ -116,7 +133,7 @@ async def _route_and_enqueue(
         worker_id = found.worker_id if found is not None else route.worker_id
         return Accepted(request_id=job.request_id, worker_id=worker_id or None, replayed=True)
     if admitted != job.request_id:  # a concurrent twin got in first
-        return await _replay(redis, idempotency_key or "", admitted, caller) or Accepted(
+        return await _replay(redis, idempotency_key or "", cell, admitted, caller) or Accepted(
             request_id=admitted, worker_id=route.worker_id
         )
     snapshot.queued(redis, job.request_id, route.worker_id, job.model)
@@ -138,13 +155,13 @@ def _queue_full(why: str) -> RateLimited:
     return RateLimited(f"the queue is full: {why}; retry later", retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
 
 
-async def _seen(redis: Redis, idempotency_key: str) -> str | None:
-    """The request id an idempotency key admitted before; None when the key is new."""
-    found_id = await redis.get(keys.idempotency_key(idempotency_key))
+async def _seen(redis: Redis, idempotency_key: str, cell: int) -> str | None:
+    """The request id an idempotency key (its record in `cell`) admitted before; None when the key is new."""
+    found_id = await redis.get(keys.idempotency_key(idempotency_key, cell))
     return None if found_id is None else str(found_id)
 
 
-async def _replay(redis: Redis, idempotency_key: str, request_id: str, caller: Caller) -> Accepted | None:
+async def _replay(redis: Redis, idempotency_key: str, cell: int, request_id: str, caller: Caller) -> Accepted | None:
     """The job `request_id`, which an idempotency key admitted before, or None when its job and result
     are gone (expired: the key is free again).
 
@@ -158,7 +175,7 @@ async def _replay(redis: Redis, idempotency_key: str, request_id: str, caller: C
         return None
     # The first admission's WAIT may have come short (a 503 the client now retries): answer 202 only
     # once the replicas have it.
-    await replication.confirm(redis, "admission", request_id, keys.idempotency_key(idempotency_key))
+    await replication.confirm(redis, "admission", request_id, keys.idempotency_key(idempotency_key, cell))
     return Accepted(request_id=request_id, worker_id=found.worker_id or None, replayed=True)
 
 

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import queue, streams
+from gputorrent import keys, queue, streams
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import relay
 from gputorrent.coordinator.dispatch import new_request_id
@@ -129,8 +129,8 @@ async def start(
     for worker_id in targets:
         now = time.time()
         job = Job(
-            request_id=new_request_id(), worker_id=worker_id, model=name, kind="pull", enqueued_at=now,
-            deadline=now + settings.pull_timeout_s, stream=stream, insecure=insecure,
+            request_id=new_request_id(keys.cell_of(worker_id)), worker_id=worker_id, model=name, kind="pull",
+            enqueued_at=now, deadline=now + settings.pull_timeout_s, stream=stream, insecure=insecure,
         )  # fmt: skip
         try:
             await queue.enqueue(redis, job, settings.result_ttl_s, owner=caller.key_id, require_alive=True)

@@ -17,16 +17,9 @@ from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import InvalidRequest, RateLimited
 from gputorrent.protocol import EmbeddingRequest, InferenceRequest
-from gputorrent.scripts import Script
 
 CHARS_PER_TOKEN = 4  # a rough, model-independent estimate of prompt tokens
 RATE_WINDOW_TTL_S = 120  # a minute's counters outlive the minute
-
-# A stream's follower, admitted alone: a free stream slot, a request counted, the slot taken
-# (the same checks the enqueue script makes for a streamed job; see `queue.enqueue`).
-_FOLLOWER = Script(
-    queue.LimitKeys, queue.LimitArgs, queue.STREAM_SLOT_FREE + queue.RATE_COUNT + queue.STREAM_SLOT_TAKE + "return 1"
-)
 
 
 def check_size(request: InferenceRequest | EmbeddingRequest, settings: CoordinatorSettings) -> int:
@@ -84,11 +77,10 @@ async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: Coor
     """
     if caller.admin:
         return
-    key_limits = limits(caller, 0, settings)
-    # The key's limits are in the home cell (`keys.rate_key`), so is the script.
-    answer = await _FOLLOWER.run(redis, key_limits.keys(keys.HOME_CELL), key_limits.args(slot=slot, streamed=True))
-    if answer in queue.REFUSALS:
-        raise refused(queue.REFUSALS[answer], settings)
+    try:  # a free stream slot, a request counted, the slot taken: as the admission of a streamed job
+        await limits(caller, 0, settings).count(redis, slot=slot, streamed=True)
+    except queue.Refused as e:
+        raise refused(e.limit, settings) from None
 
 
 async def close_stream(redis: Redis, caller: Caller, request_id: str) -> None:

@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import weakref
 from collections import Counter, defaultdict
 from collections.abc import Sequence
@@ -31,7 +32,7 @@ from collections.abc import Sequence
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from gputorrent import registry, routing
+from gputorrent import keys, registry, routing
 from gputorrent.protocol import WorkerState
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ class PoolSnapshot:
         self._pending: dict[str, tuple[str, str]] = {}  # request id -> (worker id, model): queued since the read
         self._pending_at: Counter[str] = Counter()  # worker id -> its jobs in `_pending`
         self._pending_for: Counter[str] = Counter()  # model -> its jobs in `_pending`
-        self._rings: dict[str, routing.AffinityRing] = {}  # model -> its candidates' ring, made when first asked
+        # (model, cell or None) -> its candidates' ring, and (model, cell) -> its live workers in the cell:
+        # each made when first asked after a read
+        self._rings: dict[tuple[str, int | None], routing.AffinityRing] = {}
+        self._live_in: dict[tuple[str, int], list[WorkerState]] = {}
         self._reading: asyncio.Task[None] | None = None
         self._known = registry.KnownRecords()  # the records read last: read again only when the registry changed
 
@@ -101,19 +105,38 @@ class PoolSnapshot:
             await self._read(redis)
         return self.workers
 
-    def choose(self, policy: str, model: str, *, counter: int, affinity_key: str | None) -> routing.Route | None:
+    def choose(
+        self, policy: str, model: str, *, counter: int, affinity_key: str | None, cell: int | None = None
+    ) -> routing.Route | None:
         """`routing.choose` on this snapshot, its pending jobs counted; its cost does not grow with the
-        pool (session affinity's ring of a model is made once per read, at its first use)."""
+        pool (session affinity's ring of a model is made once per read, at its first use). With `cell`
+        (a request that names itself is admitted in its name's cell), among that cell's workers only:
+        the cell's shared queue when none of them serves the model and others do."""
         live = self._live.get(model, [])
+        if cell is not None and len(keys.cells()) > 1 and live:
+            live = self._live_in.get((model, cell)) or self._live_in.setdefault(
+                (model, cell), [w for w in live if keys.cell_of(w.worker_id) == cell]
+            )
+            if not live:
+                return routing.Route(worker_id=None)
         ring = None
         if policy == "session_affinity" and affinity_key is not None and routing.walks_a_ring(live):
-            ring = self._rings.get(model)
+            ring = self._rings.get((model, cell))
             if ring is None:
-                ring = self._rings[model] = routing.affinity_ring(live)
+                ring = self._rings[(model, cell)] = routing.affinity_ring(live)
         return routing.choose_among(
             policy, live, counter=counter, affinity_key=affinity_key, pending=self._pending_at,
             speed=self._speed.get(model), ring=ring,
         )  # fmt: skip
+
+    def shared_cell(self, model: str) -> int:
+        """The cell whose shared queue of `model` a job goes to: that of one of its live workers, drawn
+        in proportion to their slots (cell 0 when none is live)."""
+        live = self._live.get(model, [])
+        if len(keys.cells()) == 1 or not live:
+            return keys.HOME_CELL
+        drawn = random.choices(live, weights=[w.slots for w in live])[0]
+        return keys.cell_of(drawn.worker_id)
 
     def queued_for(self, model: str) -> int:
         """Jobs queued at the workers serving `model`, with those this coordinator queued since the read."""
@@ -124,7 +147,8 @@ class PoolSnapshot:
         for model, live in self._live.items():
             if any(w.worker_id == worker_id for w in live):
                 self._live[model] = [w for w in live if w.worker_id != worker_id]
-                self._rings.pop(model, None)
+                self._rings = {at: ring for at, ring in self._rings.items() if at[0] != model}
+                self._live_in = {at: cell for at, cell in self._live_in.items() if at[0] != model}
 
     def queued(self, redis: Redis, request_id: str, worker_id: str | None, model: str) -> None:
         """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
@@ -183,7 +207,7 @@ class PoolSnapshot:
                 queued[model] += worker.queue_length
                 if worker.state == "alive":
                     live[model].append(worker)
-        self.workers, self._live, self._queued, self._rings = list(workers), dict(live), queued, {}
+        self.workers, self._live, self._queued, self._rings, self._live_in = list(workers), dict(live), queued, {}, {}
         self._speed = {model: routing.pool_speed(candidates) for model, candidates in live.items()}
 
 

@@ -3,6 +3,7 @@ one script (so a request costs one round trip here)."""
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import dataclass
 from typing import Literal
@@ -65,6 +66,27 @@ if max_streams > 0 then redis.call('ZADD', streams, now, slot) end
 """
 Refusal = Literal["queue", "model_queue", "rate", "streams"]
 REFUSALS: dict[int, Refusal] = {-1: "queue", -4: "model_queue", -5: "rate", -6: "streams"}  # the scripts' answers
+
+# The per-key limits alone (a stream's follower; a job in another cell than the key's counters).
+_COUNT = Script(LimitKeys, LimitArgs, STREAM_SLOT_FREE + RATE_COUNT + STREAM_SLOT_TAKE + "return 1")
+
+
+@dataclass(frozen=True)
+class _GiveBackArgs:
+    tokens: int
+    counted: bool  # the request was counted (a rate limit is on)
+    slot: str  # its stream slot's member ('' : none taken)
+
+
+# What `_COUNT` took for a request that was then not admitted.
+_GIVE_BACK = Script(LimitKeys, _GiveBackArgs, """
+if counted then
+  redis.call('HINCRBY', rate, 'requests', -1)
+  redis.call('HINCRBY', rate, 'tokens', -tokens)
+end
+if slot ~= '' then redis.call('ZREM', streams, slot) end
+return 1
+""")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -182,6 +204,28 @@ class Limits:
         """The limits' keys for a script of `cell` (an unused one named in that cell)."""
         return LimitKeys(rate=self.rate_key or keys.unused(cell), streams=self.streams_key or keys.unused(cell))
 
+    def apart_from(self, cell: int) -> bool:
+        """Whether these limits' counters (in the home cell, `keys.rate_key`) are in another cell than a
+        job of `cell`: then they are counted in a step of their own (`count`), not in its admission."""
+        return bool(self.rate_key or self.streams_key) and cell != keys.HOME_CELL
+
+    async def count(self, redis: Redis, *, slot: str, streamed: bool) -> None:
+        """Count a request against these limits alone (`slot`: its stream slot, taken when `streamed`).
+
+        Raises:
+            Refused: a limit turned it away; nothing was counted.
+        """
+        answer = await _COUNT.run(redis, self.keys(keys.HOME_CELL), self.args(slot=slot, streamed=streamed))
+        if answer in REFUSALS:
+            raise Refused(REFUSALS[answer])
+
+    async def give_back(self, redis: Redis, *, slot: str, streamed: bool) -> None:
+        """Take back what `count` counted for a request that was then not admitted."""
+        taken = self.args(slot=slot, streamed=streamed)
+        back = _GiveBackArgs(tokens=self.tokens, counted=bool(taken.rpm or taken.tpm),
+                             slot=slot if taken.max_streams else "")  # fmt: skip
+        await _GIVE_BACK.run(redis, self.keys(keys.HOME_CELL), back)
+
     def args(self, *, slot: str, streamed: bool) -> LimitArgs:
         """The limits' script arguments for one request (`slot`: its id); only a streamed one takes a slot."""
         counted = bool(self.rate_key)
@@ -239,6 +283,28 @@ async def enqueue(
             primary, unacknowledged (a repeat with the same request id or idempotency key confirms it).
     """
     request_id = job.request_id
+    cell = keys.cell_of(request_id)
+    if not limits.apart_from(cell):
+        return await _admit(redis, job, ttl_s, idempotency_key, owner, limits, require_alive, seen)
+    # The key's counters are in another cell: counted first, given back when nothing was admitted.
+    await limits.count(redis, slot=request_id, streamed=job.stream)
+    in_cell = dataclasses.replace(limits, rate_key="", streams_key="")
+    try:
+        answer = await _admit(redis, job, ttl_s, idempotency_key, owner, in_cell, require_alive, seen)
+    except (Refused, WorkerGone, Conflict, AdmittedBefore):  # nothing new admitted (a lost reply: not known)
+        await limits.give_back(redis, slot=request_id, streamed=job.stream)
+        raise
+    if answer != request_id:  # the idempotency key's earlier admission stands
+        await limits.give_back(redis, slot=request_id, streamed=job.stream)
+    return answer
+
+
+async def _admit(
+    redis: Redis, job: Job, ttl_s: int, idempotency_key: str | None, owner: str, limits: Limits,
+    require_alive: bool, seen: str | None,
+) -> str:  # fmt: skip
+    """`enqueue` in one script of the job's cell, `limits` counted in it."""
+    request_id = job.request_id
     # The status record must outlive a long deadline, or a queued job would lose its status.
     record_ttl_s = ttl_s + max(0, int((job.deadline or 0) - job.enqueued_at))
     cell = keys.cell_of(request_id)
@@ -248,8 +314,10 @@ async def enqueue(
         status=keys.job_key(request_id), result=keys.result_key(request_id), owner=keys.owner_key(request_id),
         waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.deadlines(cell),
         lengths=keys.list_lengths(cell),
-        heartbeat=keys.heartbeat_key(job.worker_id or ""), idempotency=keys.idempotency_key(idempotency_key or ""),
-        seen_status=keys.job_key(seen or ""), seen_result=keys.result_key(seen or ""),
+        heartbeat=keys.heartbeat_key(job.worker_id, cell),
+        idempotency=keys.idempotency_key(idempotency_key or "", cell),
+        seen_status=keys.job_key(seen) if seen else keys.unused(cell),
+        seen_result=keys.result_key(seen) if seen else keys.unused(cell),
         own_bands=waiting_keys(job),
         model_bands=tuple(keys.model_queue_keys(job.model, cell=cell)) if limits.max_model_queued else (),
     )  # fmt: skip

@@ -1,0 +1,149 @@
+"""The pool in cells (docs/architecture.md, "Redis Cluster"), laid out on the one test Redis: a Redis
+Cluster refuses a script whose keys lie in two cells, and `keys.check_one_cell` refuses it here, so
+every transition below ran in one cell."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Iterator
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from gputorrent import auth, keys, queue, registry
+from gputorrent.coordinator.dispatch import new_request_id
+from gputorrent.coordinator.reaper import Reaper
+from gputorrent.protocol import Hardware, Job, JobResult, WorkerRecord
+from gputorrent.worker.main import Worker
+
+MakeWorker = Callable[..., Awaitable[Worker]]
+CELLS = ("{t0}", "{t1}", "{t2}")
+
+
+@pytest.fixture(autouse=True)
+def _three_cells() -> Iterator[None]:
+    keys.use_cells(CELLS)
+    yield
+    keys.use_cells()
+
+
+def _id_in(cell: int, prefix: str) -> str:
+    """The first of `prefix0`, `prefix1`, ... that lies in `cell`."""
+    return next(f"{prefix}{i}" for i in range(1000) if keys.cell_of(f"{prefix}{i}") == cell)
+
+
+async def _result(api: httpx.AsyncClient, request_id: str) -> JobResult:
+    response = await api.get(f"/result/{request_id}")
+    assert response.status_code == 200, response.text
+    return JobResult.model_validate(response.json())
+
+
+async def test_requests_through_the_api_lie_in_their_workers_cells_and_are_answered(
+    api: httpx.AsyncClient, fake_worker: MakeWorker
+) -> None:
+    workers = [await fake_worker(_id_in(cell, "w")) for cell in keys.cells()]
+    accepted = []
+    for _ in range(9):
+        response = await api.post("/inference", json={"model": "fake", "prompt": "hello cells"})
+        assert response.status_code == 202, response.text
+        accepted.append(response.json())
+    assert {keys.cell_of(a["worker_id"]) for a in accepted} == set(keys.cells())  # least loaded spreads them
+    for a in accepted:
+        assert keys.cell_of(a["request_id"]) == keys.cell_of(a["worker_id"])
+    await asyncio.gather(*(worker.run(asyncio.Event(), burst=True) for worker in workers))
+    for a in accepted:
+        result = await _result(api, a["request_id"])
+        assert result.status == "completed" and result.worker_id == a["worker_id"]
+
+
+async def test_a_request_that_names_itself_is_admitted_in_its_names_cell(
+    api: httpx.AsyncClient, fake_worker: MakeWorker
+) -> None:
+    workers = [await fake_worker(_id_in(cell, "w")) for cell in keys.cells()]
+    for cell in keys.cells():
+        request_id = _id_in(cell, "my-request-")
+        body = {"model": "fake", "prompt": "named", "request_id": request_id}
+        response = await api.post("/inference", json=body)
+        assert response.status_code == 202, response.text
+        assert keys.cell_of(response.json()["worker_id"]) == cell
+        again = await api.post("/inference", json=body)  # its idempotency record is in the same cell
+        assert again.json() == {**response.json(), "replayed": True}
+    await asyncio.gather(*(worker.run(asyncio.Event(), burst=True) for worker in workers))
+    assert (await _result(api, _id_in(2, "my-request-"))).status == "completed"
+
+
+def _job(request_id: str, worker_id: str, **fields: object) -> Job:
+    return Job(request_id=request_id, worker_id=worker_id, model="m", prompt="p", enqueued_at=time.time(), **fields)
+
+
+async def test_a_keys_limits_in_another_cell_are_counted_apart_and_given_back_when_refused(redis: Redis) -> None:
+    cell = 1  # not the home cell, where the key's counters are
+    worker_id = _id_in(cell, "w")
+    rate_key = keys.rate_key("k1", int(time.time() // 60))
+    limits = queue.Limits(rate_key=rate_key, tokens=5, rpm=2, rate_ttl_s=120, max_queued=1)
+    await queue.enqueue(redis, _job(new_request_id(cell), worker_id), ttl_s=60, owner="k1", limits=limits)
+    assert await redis.hgetall(rate_key) == {"requests": "1", "tokens": "5"}
+    with pytest.raises(queue.Refused) as refused:  # the worker's queue holds its one job: refused in the cell
+        await queue.enqueue(redis, _job(new_request_id(cell), worker_id), ttl_s=60, owner="k1", limits=limits)
+    assert refused.value.limit == "queue"
+    assert await redis.hgetall(rate_key) == {"requests": "1", "tokens": "5"}  # given back
+    other = _id_in(cell, "x")
+    await queue.enqueue(redis, _job(new_request_id(cell), other), ttl_s=60, owner="k1", limits=limits)
+    with pytest.raises(queue.Refused) as refused:  # the key's minute is used up: refused before the cell
+        await queue.enqueue(redis, _job(new_request_id(cell), other), ttl_s=60, owner="k1", limits=limits)
+    assert refused.value.limit == "rate"
+    assert await redis.llen(keys.queue_key(other)) == 1
+
+
+async def _register(redis: Redis, worker_id: str, *, alive: bool = True) -> None:
+    record = WorkerRecord(worker_id=worker_id, models=["m"], backend="fake", slots=1, hardware=Hardware(),
+                          registered_at=time.time())  # fmt: skip
+    await registry.register(redis, record, heartbeat_ttl_s=30, secret_hash=auth.hash_secret("s"))
+    if not alive:
+        await registry.mark_gone(redis, worker_id)
+
+
+def _reaper(redis: Redis) -> Reaper:
+    return Reaper(redis, interval_s=0.1, max_attempts=3, result_ttl_s=60, heartbeat_timeout_s=0)
+
+
+async def test_a_dead_workers_job_moves_to_a_worker_of_its_cell_or_to_its_cells_shared_queue(redis: Redis) -> None:
+    dead, beside, elsewhere = _id_in(1, "a"), _id_in(1, "b"), _id_in(2, "c")
+    for worker_id in (dead, beside, elsewhere):
+        await _register(redis, worker_id)
+    first = new_request_id(1)
+    await queue.enqueue(redis, _job(first, dead), ttl_s=60)
+    await registry.mark_gone(redis, dead)
+    assert await _reaper(redis).reap_once() == 1
+    assert await redis.lrange(keys.queue_key(beside), 0, -1) == [first]  # never to the worker of another cell
+    await registry.mark_gone(redis, beside)
+    assert await _reaper(redis).reap_once() == 1  # no worker of its cell is left: its cell's shared queue
+    assert await redis.lrange(keys.model_queue_key("m", cell=1), 0, -1) == [first]
+    assert await redis.llen(keys.queue_key(elsewhere)) == 0
+
+
+async def test_deadlines_are_kept_and_ended_cell_by_cell(redis: Redis) -> None:
+    late = [new_request_id(cell) for cell in keys.cells()]
+    for cell, request_id in zip(keys.cells(), late, strict=True):
+        worker_id = _id_in(cell, "w")
+        await _register(redis, worker_id)
+        await queue.enqueue(redis, _job(request_id, worker_id, deadline=time.time() - 1), ttl_s=60)
+        assert await redis.zscore(keys.deadlines(cell), request_id) is not None
+    assert await _reaper(redis).end_overdue() == 3
+    for request_id in late:
+        found = await queue.lookup(redis, request_id)
+        assert isinstance(found, JobResult) and found.error is not None and found.error.code == "timeout"
+
+
+async def test_the_snapshot_reads_every_cell_and_counts_each_workers_lists(redis: Redis) -> None:
+    ids = sorted(_id_in(cell, "w") for cell in keys.cells())
+    for worker_id in ids:
+        await _register(redis, worker_id)
+    queued_for = ids[1]
+    await queue.enqueue(redis, _job(new_request_id(keys.cell_of(queued_for)), queued_for), ttl_s=60)
+    states = await registry.snapshot(redis, registry.KnownRecords())
+    assert [w.worker_id for w in states] == ids
+    assert [w.queue_length for w in states] == [int(w == queued_for) for w in ids]
+    assert [w.worker_id for w in await registry.snapshot(redis, registry.KnownRecords())] == ids
