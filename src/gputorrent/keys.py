@@ -57,8 +57,8 @@ no two of these names can be the same key. The shared queues are not `queue:mode
 The pool lies in cells (docs/architecture.md, "Redis Cluster"): on one Redis one cell, with the
 seed's names above; on a Redis Cluster (a `redis+cluster://` URL) every name starts with its cell's
 hash tag, so that every key one script names lies in one hash slot, and a cell moves between
-primaries as a whole: `{c0}queue:w1`. A worker's keys are in its cell (`worker_cell`: a hash of its
-id), a job's in its request's (`request_cell`), and the pool-wide ones (`workers`, `lengths`,
+primaries as a whole: `{c0}queue:w1`. A worker's keys are in its cell (`cell_of` its id: a hash), a
+job's in its request's (`cell_of` its request id), and the pool-wide ones (`workers`, `lengths`,
 `deadlines`, the shared queues, ...) are one per cell, each function taking the cell; the rest (API
 keys, the catalogue, the swarm, shard hosts, history) are in cell 0. Today a cluster holds one cell
 (`CLUSTER_CELL_TAGS`), so every cell number is 0; the partition's stages are in that document.
@@ -316,6 +316,42 @@ def processing_key(worker_id: str, cell: int | None = None) -> str:
     """The jobs a worker has taken and not finished: moved here from its queue in one step. In its own
     cell by default (`cell`: its jobs of another cell)."""
     return f"{_in(cell_of(worker_id) if cell is None else cell)}processing:{worker_id}"
+
+
+def abroad_key(worker_id: str) -> str:
+    """The cells whose shared queues hold jobs of a model the worker serves while no worker of theirs
+    does (a set of cell numbers, written by a reaper): its next take that finds nothing at home takes
+    from there."""
+    return f"{_in(cell_of(worker_id))}abroad:{worker_id}"
+
+
+def nothing_queued(cell: int) -> str:
+    """A list of the cell no job is ever pushed onto (`#` is never in a worker id): the worker's own
+    queue's place in a take from another cell, which takes from that cell's shared queues only."""
+    return f"{_in(cell)}queue:#none"
+
+
+def nobody_rung(cell: int) -> str:
+    """The doorbell beside `nothing_queued`."""
+    return f"{_in(cell)}doorbell:worker:#none"
+
+
+def shared_list_of(list_key: str, cell: int) -> str | None:
+    """The model whose shared queue `list_key` (a list of the cell) is, in any band; None for another list.
+
+    >>> shared_list_of(model_queue_key("gemma3:270m", 9, cell=0), 0)
+    'gemma3:270m'
+    """
+    prefix = f"{_in(cell)}modelqueue:"
+    if not list_key.startswith(prefix):
+        return None
+    return list_key[len(prefix) :].partition(":")[2]
+
+
+def held_in(worker_id: str, request_id: str) -> str:
+    """The processing list that holds the job `request_id` while `worker_id` runs it: the worker's, in
+    the job's cell (its own, unless it took the job from another cell's shared queue)."""
+    return processing_key(worker_id, cell_of(request_id))
 
 
 def job_prefix(cell: int) -> str:

@@ -25,7 +25,7 @@ async def held(redis: Redis, worker_id: str, request_id: str) -> Job | None:
     """The job `request_id` when the worker holds it (it is in the worker's processing list: its lease
     on the job); None when the worker holds no such job."""
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.lpos(keys.processing_key(worker_id), request_id)
+        pipe.lpos(keys.held_in(worker_id, request_id), request_id)
         pipe.hget(keys.job_key(request_id), queue.JOB_FIELD)
         position, body = await pipe.execute()
     if position is None or body is None:
@@ -76,16 +76,35 @@ async def beat(
         )
         pipe.eval(_BEAT.source, numkeys, *keys_and_args)
         pipe.exists(keys.drain_key(worker_id))
-        pipe.lrange(keys.processing_key(worker_id), 0, -1)
         pipe.get(keys.swarm_epoch())
+        lists = sorted({keys.held_in(worker_id, request_id) for request_id in running})  # its own, and any abroad
+        for held_in in lists:
+            pipe.lrange(held_in, 0, -1)
         for request_id in running:
             pipe.exists(keys.cancel_key(request_id))
-        written, drain, held, swarm_epoch, *cancelled = await pipe.execute()
+        written, drain, swarm_epoch, *replies = await pipe.execute()
     if not written:
         return None
-    held_ids = set(map(str, held))
+    held_ids = {str(request_id) for held in replies[: len(lists)] for request_id in held}
+    cancelled = replies[len(lists) :]
     ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
+    await renew_presence(redis, worker_id, running, ttl_s)
     return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=int(swarm_epoch or 0))
+
+
+def abroad(worker_id: str, running: list[str]) -> set[int]:
+    """The cells other than the worker's own whose jobs it runs (taken from their shared queues)."""
+    return {keys.cell_of(request_id) for request_id in running} - {keys.cell_of(worker_id)}
+
+
+async def renew_presence(redis: Redis, worker_id: str, running: list[str], ttl_s: float) -> None:
+    """Keep the worker's presence (`heartbeat:` in that cell) alive in every other cell whose jobs it
+    runs, with its heartbeat's TTL: that cell's reapers judge the jobs it holds there by it."""
+    if cells := abroad(worker_id, running):
+        async with redis.pipeline(transaction=False) as pipe:
+            for cell in cells:
+                pipe.set(keys.heartbeat_key(worker_id, cell), "1", px=int(ttl_s * 1000))
+            await pipe.execute()
 
 
 async def add_pulled_model(redis: Redis, worker_id: str, job: Job, *, registered_at: float | None = None) -> bool:
@@ -93,7 +112,7 @@ async def add_pulled_model(redis: Redis, worker_id: str, job: Job, *, registered
     a worker lists a model this way only when it was asked to pull it. False when `job` is not a pull
     job the worker holds, or the registration cannot take the model (see `registry.add_model`, and
     its `registered_at`)."""
-    if job.kind != "pull" or await redis.lpos(keys.processing_key(worker_id), job.request_id) is None:
+    if job.kind != "pull" or await redis.lpos(keys.held_in(worker_id, job.request_id), job.request_id) is None:
         return False
     return await registry.add_model(redis, worker_id, job.model, registered_at=registered_at)
 
@@ -111,7 +130,7 @@ async def fail_over(redis: Redis, worker_id: str, job: Job, *, max_attempts: int
     job, candidates = routing.hand_on_candidates(job, workers)
     target = routing.pick_round_robin(candidates, await queue.next_round_robin(redis)) if candidates else None
     moved = await queue.retry_or_fail(
-        redis, keys.processing_key(worker_id, keys.cell_of(job.request_id)), job, started=True, target=target,
+        redis, keys.held_in(worker_id, job.request_id), job, started=True, target=target,
         max_attempts=max_attempts, ttl_s=ttl_s, fence=fence,
     )  # fmt: skip
     if moved:

@@ -438,9 +438,13 @@ class KnownCell:
 
 @dataclass
 class KnownRecords:
-    """What a reader of the pool read last of each cell (`snapshot(known=...)`), kept between its reads."""
+    """What a reader of the pool read last of each cell (`snapshot(known=...)`), kept between its reads,
+    and what the last read's lengths index showed beyond the workers' own lists: the jobs in each
+    cell's shared queues, and the workers holding jobs in a cell other than their own."""
 
     cells: dict[int, KnownCell] = field(default_factory=dict)
+    shared_queued: dict[tuple[int, str], int] = field(default_factory=dict)  # (cell, model) -> jobs
+    held_abroad: set[tuple[int, str]] = field(default_factory=set)  # (cell, worker id)
 
 
 FULL_READ_EVERY = 20
@@ -459,10 +463,12 @@ async def snapshot(redis: Redis, known: KnownRecords | None = None) -> list[Work
     queued: dict[str, int] = {}
     held: dict[str, int] = {}
     read: list[tuple[int, list[str], list[str | None], list[str | None]]] = []
+    shared_queued: dict[tuple[int, str], int] = {}
+    held_abroad: set[tuple[int, str]] = set()
     for cell in keys.cells():
         known_cell = None if known is None else known.cells.setdefault(cell, KnownCell())
         lengths = await redis.hgetall(keys.list_lengths(cell))
-        _count_lists(lengths, cell, queued, held)
+        _count_lists(lengths, cell, queued, held, shared_queued, held_abroad)
         version = lengths.get(keys.REGISTRY_VERSION)
         read.append((cell, *await _read_cell(redis, cell, None if version is None else str(version), known_cell)))
     states: list[WorkerState] = []
@@ -475,18 +481,28 @@ async def snapshot(redis: Redis, known: KnownRecords | None = None) -> list[Work
                 states.append(state)
     if len(read) > 1:
         states.sort(key=lambda state: state.worker_id)
+    if known is not None:
+        known.shared_queued, known.held_abroad = shared_queued, held_abroad
     _records_parsed.clear()  # only the records of this read are kept: the cache is never larger than the pool
     _records_parsed.update(records)
     return states
 
 
-def _count_lists(lengths: Mapping[Any, Any], cell: int, queued: dict[str, int], held: dict[str, int]) -> None:
-    """Add the jobs in a cell's lists (its `lengths` index) to each worker's count: queued, or held."""
+def _count_lists(
+    lengths: Mapping[Any, Any], cell: int, queued: dict[str, int], held: dict[str, int],
+    shared_queued: dict[tuple[int, str], int], held_abroad: set[tuple[int, str]],
+) -> None:  # fmt: skip
+    """Add the jobs in a cell's lists (its `lengths` index) to each worker's count, queued or held, and to
+    its shared queues' (by model); note the workers of other cells that hold jobs here."""
     for list_key, length in lengths.items():
         if (owner := keys.worker_list_of(str(list_key), cell)) is not None:
             worker_id, is_held = owner
             counts = held if is_held else queued
             counts[worker_id] = counts.get(worker_id, 0) + int(length)
+            if is_held and keys.cell_of(worker_id) != cell:
+                held_abroad.add((cell, worker_id))
+        elif (model := keys.shared_list_of(str(list_key), cell)) is not None:
+            shared_queued[(cell, model)] = shared_queued.get((cell, model), 0) + int(length)
 
 
 async def _read_cell(
@@ -528,10 +544,19 @@ async def with_telemetry(redis: Redis, workers: Sequence[WorkerState]) -> list[W
     records: dict[str, WorkerRecord] = {}
     for start in range(0, len(workers), SNAPSHOT_CHUNK):
         chunk = workers[start : start + SNAPSHOT_CHUNK]
+        by_cell: dict[int, list[int]] = {}  # one MGET names keys of one cell only
+        for at, worker in enumerate(chunk):
+            by_cell.setdefault(keys.cell_of(worker.worker_id), []).append(at)
+        record_texts: list[str | None] = [None] * len(chunk)
+        heartbeat_texts: list[str | None] = [None] * len(chunk)
         async with redis.pipeline(transaction=False) as pipe:
-            pipe.mget([keys.worker_key(worker.worker_id) for worker in chunk])
-            pipe.mget([keys.heartbeat_key(worker.worker_id) for worker in chunk])
-            record_texts, heartbeat_texts = await pipe.execute()
+            for places in by_cell.values():
+                pipe.mget([keys.worker_key(chunk[at].worker_id) for at in places])
+                pipe.mget([keys.heartbeat_key(chunk[at].worker_id) for at in places])
+            replies = await pipe.execute()
+        for places, cell_records, cell_beats in zip(by_cell.values(), replies[::2], replies[1::2], strict=True):
+            for at, record_raw, heartbeat_raw in zip(places, cell_records, cell_beats, strict=True):
+                record_texts[at], heartbeat_texts[at] = record_raw, heartbeat_raw
         for worker, record_raw, heartbeat_raw in zip(chunk, record_texts, heartbeat_texts, strict=True):
             filled.append(_with_telemetry(worker, record_raw, heartbeat_raw, records))
     return filled

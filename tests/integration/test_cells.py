@@ -97,6 +97,20 @@ async def test_a_keys_limits_in_another_cell_are_counted_apart_and_given_back_wh
     assert await redis.llen(keys.queue_key(other)) == 1
 
 
+async def test_a_stream_slot_taken_apart_is_given_back_when_the_job_is_refused(redis: Redis) -> None:
+    worker_id = _id_in(2, "w")
+    streams_key = keys.open_streams_key("k1")
+    limits = queue.Limits(streams_key=streams_key, max_streams=5, max_queued=1)
+    first = new_request_id(2)
+    await queue.enqueue(redis, _job(first, worker_id, stream=True), ttl_s=60, owner="k1", limits=limits)
+    with pytest.raises(queue.Refused):
+        await queue.enqueue(redis, _job(new_request_id(2), worker_id, stream=True), ttl_s=60, owner="k1", limits=limits)
+    assert await redis.zrange(streams_key, 0, -1) == [first]
+    with pytest.raises(queue.AdmittedBefore):  # a repeat of the first: its slot is the first's, and stays
+        await queue.enqueue(redis, _job(first, worker_id, stream=True), ttl_s=60, owner="k1", limits=limits)
+    assert await redis.zrange(streams_key, 0, -1) == [first]
+
+
 async def _register(redis: Redis, worker_id: str, *, alive: bool = True) -> None:
     record = WorkerRecord(worker_id=worker_id, models=["m"], backend="fake", slots=1, hardware=Hardware(),
                           registered_at=time.time())  # fmt: skip
@@ -143,7 +157,67 @@ async def test_the_snapshot_reads_every_cell_and_counts_each_workers_lists(redis
         await _register(redis, worker_id)
     queued_for = ids[1]
     await queue.enqueue(redis, _job(new_request_id(keys.cell_of(queued_for)), queued_for), ttl_s=60)
-    states = await registry.snapshot(redis, registry.KnownRecords())
-    assert [w.worker_id for w in states] == ids
-    assert [w.queue_length for w in states] == [int(w == queued_for) for w in ids]
-    assert [w.worker_id for w in await registry.snapshot(redis, registry.KnownRecords())] == ids
+    known = registry.KnownRecords()
+    for _ in range(2):  # a full read, then one on the records it kept
+        states = await registry.snapshot(redis, known)
+        assert [w.worker_id for w in states] == ids
+        assert [w.queue_length for w in states] == [int(w == queued_for) for w in ids]
+        assert set(known.cells) == set(keys.cells())
+
+
+async def _enqueue_shared(redis: Redis, cell: int) -> str:
+    """A job on model m's shared queue of `cell`, as admission puts one there."""
+    request_id = new_request_id(cell)
+    await queue.enqueue(redis, _job(request_id, "", shared=True), ttl_s=60)
+    return request_id
+
+
+async def test_a_worker_takes_from_a_cell_whose_shared_queue_none_of_its_own_serves_and_finishes_there(
+    redis: Redis,
+) -> None:
+    taker = _id_in(0, "w")
+    await _register(redis, taker)
+    request_id = await _enqueue_shared(redis, 1)
+    assert await queue.pop(redis, taker, 0.05, ["m"], result_ttl_s=60) is None  # not asked yet: only its own cell
+    await _reaper(redis).reap_once()  # sees cell 1's queue with no worker of m, and asks the taker
+    assert await redis.smembers(keys.abroad_key(taker)) == {"1"}
+    lease = await queue.pop(redis, taker, 0.05, ["m"], result_ttl_s=60, presence_ttl_s=30)
+    assert lease is not None and lease.job.request_id == request_id and lease.job.worker_id == taker
+    assert await redis.lrange(keys.processing_key(taker, 1), 0, -1) == [request_id]
+    assert await redis.exists(keys.heartbeat_key(taker, 1))  # its presence in cell 1, with the job
+    assert not await redis.exists(keys.abroad_key(taker))
+    done = JobResult(request_id=request_id, status="completed", model="m", worker_id=taker, output="ok")
+    assert await queue.finish(redis, keys.held_in(taker, request_id), done, 60, streamed=False, fence=lease.fence)
+    assert await queue.lookup(redis, request_id) == done
+
+
+async def test_a_job_held_abroad_by_a_worker_whose_presence_there_lapsed_goes_back_to_its_cells_queue(
+    redis: Redis,
+) -> None:
+    taker = _id_in(0, "w")
+    await _register(redis, taker)
+    request_id = await _enqueue_shared(redis, 1)
+    reaper = _reaper(redis)
+    await reaper.reap_once()
+    assert await queue.pop(redis, taker, 0.05, ["m"], result_ttl_s=60, presence_ttl_s=30) is not None
+    assert await reaper.reap_once() == 0  # present there: it keeps the job
+    await redis.delete(keys.heartbeat_key(taker, 1))  # it stopped beating there (its home beat may go on)
+    assert await reaper.reap_once() == 1
+    assert await redis.lrange(keys.model_queue_key("m", cell=1), 0, -1) == [request_id]
+    assert await redis.llen(keys.processing_key(taker, 1)) == 0
+    job = Job.model_validate_json(await redis.hget(keys.job_key(request_id), queue.JOB_FIELD) or "")
+    assert job.attempt == 2  # its first attempt, abroad, counted
+
+
+async def test_a_named_request_whose_cell_has_no_worker_of_its_model_is_answered_from_abroad(
+    api: httpx.AsyncClient, redis: Redis, fake_worker: MakeWorker
+) -> None:
+    worker = await fake_worker(_id_in(0, "w"))
+    request_id = _id_in(2, "my-request-")
+    response = await api.post("/inference", json={"model": "fake", "prompt": "far", "request_id": request_id})
+    assert response.status_code == 202, response.text
+    assert response.json()["worker_id"] is None  # its cell's shared queue
+    await _reaper(redis).reap_once()
+    await worker.run(asyncio.Event(), burst=True)
+    result = await _result(api, request_id)
+    assert result.status == "completed" and result.worker_id == worker.worker_id

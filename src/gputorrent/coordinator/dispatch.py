@@ -120,7 +120,7 @@ async def _route_and_enqueue(
         limits,
         max_queued=0 if job.shared else settings.max_queue_per_worker,  # a shared queue is bounded as its model's
         max_model_queued=settings.max_queue_per_model,
-        queued_at_model_workers=snapshot.queued_for(request.model),
+        queued_at_model_workers=snapshot.queued_for(request.model, but_cell=cell),
     )
     try:
         admitted = await queue.enqueue(

@@ -15,7 +15,7 @@ again after a break also writes `liveness:grace` for the others (checked in the 
 A dead worker's lists are read until found empty; after that only when the lengths index shows a
 job in them (or every `FULL_LOOK_ROUNDS`), so a round costs what the dead workers with jobs cost.
 A worker dead for `dead_worker_retention_s` (from the first round of any coordinator's reaper
-that judged it dead: `keys.dead_since()`, read again only when the dead workers change) whose lists
+that judged it dead: `keys.dead_since`, read again only when the dead workers change) whose lists
 are empty leaves the registry (`registry.forget_dead`): a pool that workers join and leave for good
 does not keep every one it ever had.
 """
@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import random
 import time
 from collections.abc import Callable
 
@@ -33,13 +34,14 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from gputorrent import handoff, keys, pool_stats, queue, registry
-from gputorrent.coordinator.snapshot import current_pool
+from gputorrent.coordinator.snapshot import current_pool, pool_snapshot
 from gputorrent.protocol import ErrorInfo, WorkerState
 from gputorrent.telemetry import FailureRecord
 
 log = logging.getLogger(__name__)
 
 OVERDUE_BATCH = 256  # deadlines handled per round; the rest wait for the next round
+ABROAD_TAKERS = 2  # workers asked each round to take from a cell whose shared queue no worker of its own serves
 # A dead worker found with empty lists is not read again while the lengths index shows nothing
 # for it, except every this many rounds (a minute by default): a list changed by hand, which
 # the index does not see, is still found.
@@ -158,8 +160,11 @@ class Reaper:
         `liveness:grace` holds."""
         workers = await current_pool(self._redis)
         await self._saw()
+        if len(keys.cells()) > 1:
+            await self._call_from_abroad()
         dead_workers = [w for w in workers if w.state == "dead"]
         dead_now = {w.worker_id for w in dead_workers}
+        held_abroad = pool_snapshot(self._redis).held_abroad()
         if not dead_now:
             # Whoever wrote them, entries left for workers alive again or gone must not date a later death.
             async with self._redis.pipeline(transaction=False) as pipe:
@@ -167,7 +172,8 @@ class Reaper:
                     pipe.delete(keys.dead_since(cell))
                 await pipe.execute()
             self._dead_since = {}
-            return 0
+            if not held_abroad:
+                return 0
         # A break in sight leaves `dead_since` as it is: the retention is not started again by every
         # blip (the removal itself checks, in its script, that the worker is dead with nothing held).
         if self.sight.seen_for_s() < self._heartbeat_timeout_s:
@@ -175,6 +181,49 @@ class Reaper:
         # Written in every cell at once; the move scripts check their own cell's too, atomically.
         if await self._redis.exists(keys.liveness_grace(keys.HOME_CELL)):
             return 0
+        handled = await self._reap_abroad(held_abroad, workers)
+        if dead_now:
+            handled += await self._reap_dead(dead_workers, workers)
+        return handled
+
+    async def _call_from_abroad(self) -> None:
+        """Ask a few live workers of a model, of other cells, to take from each cell whose shared queue
+        of the model holds jobs that no live worker of that cell serves (`keys.abroad_key`, and a ring of
+        their doorbells), every round while it does."""
+        orphaned = pool_snapshot(self._redis).orphaned()
+        if not orphaned:
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cell, _, takers in orphaned:
+                for worker_id in random.sample(takers, min(len(takers), ABROAD_TAKERS)):
+                    pipe.sadd(keys.abroad_key(worker_id), str(cell))
+                    pipe.lpush(keys.worker_doorbell_key(worker_id), "1")
+                    pipe.ltrim(keys.worker_doorbell_key(worker_id), 0, keys.DOORBELL_MAX - 1)
+            await pipe.execute()
+
+    async def _reap_abroad(self, held_abroad: set[tuple[int, str]], workers: list[WorkerState]) -> int:
+        """Hand on the jobs that workers took from other cells than their own and hold there while their
+        presence in that cell lapsed (`queue.pop`): the worker died, or lost Redis, as for a dead worker."""
+        if not held_abroad:
+            return 0
+        holders = sorted(held_abroad)
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for cell, worker_id in holders:
+                pipe.exists(keys.heartbeat_key(worker_id, cell))
+            present = await pipe.execute()
+        handled = 0
+        for (cell, worker_id), here in zip(holders, present, strict=True):
+            if not here:
+                handled += await handoff.hand_on(
+                    self._redis, worker_id, keys.processing_key(worker_id, cell), workers, count_attempt=True,
+                    max_attempts=self._max_attempts, ttl_s=self._result_ttl_s, only_if_dead=True,
+                )  # fmt: skip
+                await self._saw()
+        return handled
+
+    async def _reap_dead(self, dead_workers: list[WorkerState], workers: list[WorkerState]) -> int:
+        """Hand on the jobs of the dead workers' own lists, and remove those dead past the retention."""
+        dead_now = {w.worker_id for w in dead_workers}
         now = self._wall_clock()
         self._rounds += 1
         full_look = self._rounds % FULL_LOOK_ROUNDS == 0

@@ -64,6 +64,7 @@ class PoolSnapshot:
         # each made when first asked after a read
         self._rings: dict[tuple[str, int | None], routing.AffinityRing] = {}
         self._live_in: dict[tuple[str, int], list[WorkerState]] = {}
+        self._slots_by_cell: dict[str, Counter[int]] = {}  # model -> its live workers' slots in each cell
         self._reading: asyncio.Task[None] | None = None
         self._known = registry.KnownRecords()  # the records read last: read again only when the registry changed
 
@@ -113,10 +114,12 @@ class PoolSnapshot:
         (a request that names itself is admitted in its name's cell), among that cell's workers only:
         the cell's shared queue when none of them serves the model and others do."""
         live = self._live.get(model, [])
-        if cell is not None and len(keys.cells()) > 1 and live:
-            live = self._live_in.get((model, cell)) or self._live_in.setdefault(
-                (model, cell), [w for w in live if keys.cell_of(w.worker_id) == cell]
-            )
+        if len(keys.cells()) == 1:
+            cell = None  # every worker's: one ring and one list a model
+        if cell is not None and live:
+            if (model, cell) not in self._live_in:
+                self._live_in[(model, cell)] = [w for w in live if keys.cell_of(w.worker_id) == cell]
+            live = self._live_in[(model, cell)]
             if not live:
                 return routing.Route(worker_id=None)
         ring = None
@@ -129,18 +132,41 @@ class PoolSnapshot:
             speed=self._speed.get(model), ring=ring,
         )  # fmt: skip
 
+    def orphaned(self) -> list[tuple[int, str, list[str]]]:
+        """(cell, model, live workers of other cells that serve it) for every cell whose shared queue of a
+        model holds jobs while no live worker of that cell serves the model: they take from abroad."""
+        found = []
+        for (cell, model), queued in self._known.shared_queued.items():
+            live = self._live.get(model, [])
+            if queued and live and not any(keys.cell_of(w.worker_id) == cell for w in live):
+                found.append((cell, model, [w.worker_id for w in live]))
+        return found
+
+    def held_abroad(self) -> set[tuple[int, str]]:
+        """(cell, worker id) for every worker that holds jobs in a cell other than its own (`queue.pop`)."""
+        return self._known.held_abroad
+
     def shared_cell(self, model: str) -> int:
-        """The cell whose shared queue of `model` a job goes to: that of one of its live workers, drawn
-        in proportion to their slots (cell 0 when none is live)."""
+        """The cell whose shared queue of `model` a job goes to: drawn in proportion to the slots of the
+        model's live workers in each cell (cell 0 when none is live)."""
         live = self._live.get(model, [])
         if len(keys.cells()) == 1 or not live:
             return keys.HOME_CELL
-        drawn = random.choices(live, weights=[w.slots for w in live])[0]
-        return keys.cell_of(drawn.worker_id)
+        if (slots := self._slots_by_cell.get(model)) is None:
+            slots = self._slots_by_cell[model] = Counter()
+            for worker in live:
+                slots[keys.cell_of(worker.worker_id)] += worker.slots
+        return random.choices(list(slots), weights=list(slots.values()))[0]
 
-    def queued_for(self, model: str) -> int:
-        """Jobs queued at the workers serving `model`, with those this coordinator queued since the read."""
-        return self._queued[model] + self._pending_for[model]
+    def queued_for(self, model: str, but_cell: int | None = None) -> int:
+        """Jobs queued at the workers serving `model`, with those this coordinator queued since the read,
+        and, with `but_cell`, those in the model's shared queues of every other cell (the admission of a
+        job of `but_cell` counts that cell's shared queue itself, exactly)."""
+        queued = self._queued[model] + self._pending_for[model]
+        if but_cell is not None:
+            shared = self._known.shared_queued
+            queued += sum(n for (cell, name), n in shared.items() if name == model and cell != but_cell)
+        return queued
 
     def left(self, worker_id: str) -> None:
         """The worker left since the read (a job routed to it was refused): route no more to it until the next."""
@@ -149,6 +175,7 @@ class PoolSnapshot:
                 self._live[model] = [w for w in live if w.worker_id != worker_id]
                 self._rings = {at: ring for at, ring in self._rings.items() if at[0] != model}
                 self._live_in = {at: cell for at, cell in self._live_in.items() if at[0] != model}
+                self._slots_by_cell.pop(model, None)
 
     def queued(self, redis: Redis, request_id: str, worker_id: str | None, model: str) -> None:
         """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
@@ -207,7 +234,8 @@ class PoolSnapshot:
                 queued[model] += worker.queue_length
                 if worker.state == "alive":
                     live[model].append(worker)
-        self.workers, self._live, self._queued, self._rings, self._live_in = list(workers), dict(live), queued, {}, {}
+        self.workers, self._live, self._queued = list(workers), dict(live), queued
+        self._rings, self._live_in, self._slots_by_cell = {}, {}, {}
         self._speed = {model: routing.pool_speed(candidates) for model, candidates in live.items()}
 
 

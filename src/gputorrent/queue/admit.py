@@ -4,17 +4,21 @@ one script (so a request costs one round trip here)."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from gputorrent import keys, replication
 from gputorrent.errors import Conflict
 from gputorrent.protocol import Job
 from gputorrent.queue.lists import JOB_FIELD, NOTE_LENGTH, RING, doorbell_key, waiting_key, waiting_keys
 from gputorrent.scripts import Script
+
+log = logging.getLogger(__name__)
 
 
 async def next_round_robin(redis: Redis) -> int:
@@ -204,10 +208,12 @@ class Limits:
         """The limits' keys for a script of `cell` (an unused one named in that cell)."""
         return LimitKeys(rate=self.rate_key or keys.unused(cell), streams=self.streams_key or keys.unused(cell))
 
-    def apart_from(self, cell: int) -> bool:
+    def apart_from(self, cell: int, *, streamed: bool) -> bool:
         """Whether these limits' counters (in the home cell, `keys.rate_key`) are in another cell than a
-        job of `cell`: then they are counted in a step of their own (`count`), not in its admission."""
-        return bool(self.rate_key or self.streams_key) and cell != keys.HOME_CELL
+        job of `cell` and count it: then they are counted in a step of their own (`count`), not in its
+        admission."""
+        counted = self.args(slot="", streamed=streamed)
+        return cell != keys.HOME_CELL and bool(counted.rpm or counted.tpm or counted.max_streams)
 
     async def count(self, redis: Redis, *, slot: str, streamed: bool) -> None:
         """Count a request against these limits alone (`slot`: its stream slot, taken when `streamed`).
@@ -220,11 +226,16 @@ class Limits:
             raise Refused(REFUSALS[answer])
 
     async def give_back(self, redis: Redis, *, slot: str, streamed: bool) -> None:
-        """Take back what `count` counted for a request that was then not admitted."""
+        """Take back what `count` counted for a request that was then not admitted (not its stream slot
+        when `streamed` is False: a repeat of an admitted request shares its slot). A failure to reach
+        Redis is logged, and the count stays one too high for the rest of the minute."""
         taken = self.args(slot=slot, streamed=streamed)
         back = _GiveBackArgs(tokens=self.tokens, counted=bool(taken.rpm or taken.tpm),
                              slot=slot if taken.max_streams else "")  # fmt: skip
-        await _GIVE_BACK.run(redis, self.keys(keys.HOME_CELL), back)
+        try:
+            await _GIVE_BACK.run(redis, self.keys(keys.HOME_CELL), back)
+        except (RedisError, OSError) as e:
+            log.warning("request %s was not admitted, and its count against its key's limits stays: %s", slot, e)
 
     def args(self, *, slot: str, streamed: bool) -> LimitArgs:
         """The limits' script arguments for one request (`slot`: its id); only a streamed one takes a slot."""
@@ -284,14 +295,18 @@ async def enqueue(
     """
     request_id = job.request_id
     cell = keys.cell_of(request_id)
-    if not limits.apart_from(cell):
+    if not limits.apart_from(cell, streamed=job.stream):
         return await _admit(redis, job, ttl_s, idempotency_key, owner, limits, require_alive, seen)
-    # The key's counters are in another cell: counted first, given back when nothing was admitted.
+    # The key's counters are in another cell: counted first, given back when nothing new was admitted.
+    # (So a request over its key's limits is refused before its job's own checks, in this order only.)
     await limits.count(redis, slot=request_id, streamed=job.stream)
     in_cell = dataclasses.replace(limits, rate_key="", streams_key="")
     try:
         answer = await _admit(redis, job, ttl_s, idempotency_key, owner, in_cell, require_alive, seen)
-    except (Refused, WorkerGone, Conflict, AdmittedBefore):  # nothing new admitted (a lost reply: not known)
+    except AdmittedBefore:  # a repeat: the first admission holds the count, and the stream slot it shares
+        await limits.give_back(redis, slot=request_id, streamed=False)
+        raise
+    except (Refused, WorkerGone, Conflict):  # nothing admitted (a lost reply or an unacknowledged one: not known)
         await limits.give_back(redis, slot=request_id, streamed=job.stream)
         raise
     if answer != request_id:  # the idempotency key's earlier admission stands
@@ -314,7 +329,8 @@ async def _admit(
         status=keys.job_key(request_id), result=keys.result_key(request_id), owner=keys.owner_key(request_id),
         waiting=waiting_key(job), doorbell=doorbell_key(job), deadlines=keys.deadlines(cell),
         lengths=keys.list_lengths(cell),
-        heartbeat=keys.heartbeat_key(job.worker_id, cell),
+        # A routed job's worker is of its cell (its request id was drawn there); a shared job has none.
+        heartbeat=keys.heartbeat_key(job.worker_id) if job.worker_id else keys.heartbeat_key("", cell),
         idempotency=keys.idempotency_key(idempotency_key or "", cell),
         seen_status=keys.job_key(seen) if seen else keys.unused(cell),
         seen_result=keys.result_key(seen) if seen else keys.unused(cell),

@@ -47,10 +47,12 @@ class Lease:
 
 @dataclass(frozen=True)
 class TakeKeys:
-    processing: str  # `processing:{worker_id}`: where a taken job stays until finished
+    processing: str  # `processing:{worker_id}` of the cell: where a taken job stays until finished
     doorbells: tuple[str, ...]  # the worker's doorbell, then each model's (its shared queue's)
     sources: tuple[str, ...]  # per band, highest first: the worker's queue, then each model's, as `doorbells`
-    lengths: str  # `keys.list_lengths()`
+    lengths: str  # `keys.list_lengths(cell)`
+    abroad: str  # at home, `keys.abroad_key`: the cells it is asked to take from (see `read_hints`)
+    presence: str  # abroad, the worker's `heartbeat:` in that cell (see `presence_ttl_ms`)
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,8 @@ class TakeArgs:
     stream_prefix: str
     job_field: str  # the status record's fields that hold the job and its move count
     moves_field: str
+    read_hints: bool  # at home: finding nothing, answer the cells of `abroad` (and empty it)
+    presence_ttl_ms: int  # abroad: taking a job, write `presence` with this TTL (0: at home, nothing)
 
 
 # Takes the first job of the first non-empty source into the processing list, marks it running with
@@ -74,12 +78,28 @@ class TakeArgs:
 # per source: with thousands of idle workers that is most of what they cost Redis (bench/scale.py).
 # The job's keys are known only once it is taken: they are made from the prefixes keys.py gives.
 # The time it was taken is Redis's own: the script may run long after its caller sent it (see `pop`).
+# At home, finding nothing, it answers {0, cell, ...}: the cells a reaper asked it to take from, whose
+# shared queues hold jobs of its models that no worker of theirs serves (docs/architecture.md). A take
+# in such a cell (from its shared queues only) writes the worker's presence there with the job: the
+# reapers of that cell judge the jobs it holds there by it.
 _TAKE = Script(
     TakeKeys,
     TakeArgs,
     NOTE_LENGTH
     + """
-if redis.call('EXISTS', unpack(sources)) == 0 then
+local function hints()
+  if read_hints then
+    local cells = redis.call('SMEMBERS', abroad)
+    if #cells > 0 then
+      redis.call('DEL', abroad)
+      return {0, unpack(cells)}
+    end
+  end
+  return false
+end
+local watched = sources
+if read_hints then watched = {abroad, unpack(sources)} end
+if redis.call('EXISTS', unpack(watched)) == 0 then
   for _, bell in ipairs(doorbells) do redis.call('DEL', bell) end
   return false
 end
@@ -88,6 +108,7 @@ for i, source in ipairs(sources) do
   if request_id then
     note_length(source)
     note_length(processing)
+    if presence_ttl_ms > 0 then redis.call('SET', presence, '1', 'PX', presence_ttl_ms) end
     local status = status_prefix .. request_id
     local found = redis.call('HMGET', status, job_field, moves_field)
     if found[1] then
@@ -119,7 +140,7 @@ for i, source in ipairs(sources) do
   end
 end
 for _, bell in ipairs(doorbells) do redis.call('DEL', bell) end
-return false
+return hints()
 """,
 )
 
@@ -132,16 +153,19 @@ async def pop(
     *,
     result_ttl_s: int,
     wait_first: bool = False,
+    presence_ttl_s: float = 0.0,
 ) -> Lease | None:
     """Move the oldest job of the highest priority band of the worker's queue, or of the shared
-    queues of `models`, into its processing list; None when there is none within about `timeout_s`.
+    queues of `models` in its cell, into its processing list; None when there is none within about
+    `timeout_s`.
 
     The move is one script, so the job is never only in the worker's memory: if the worker dies,
     the reaper finds it there. With nothing to take, the consumer blocks on the doorbells of those
     queues (one token per job queued), then looks once more. `wait_first`: the caller's last take
     left the queues empty (or found nothing), so any job queued since has rung a doorbell, and the
     first look is skipped. An entry that is not a readable job is not returned: it fails, with
-    `result_ttl_s` (see `held_jobs`).
+    `result_ttl_s` (see `held_jobs`). A look that finds nothing at home but hints of other cells takes
+    from their shared queues, its presence there lasting `presence_ttl_s` (its heartbeat's TTL).
     """
     doorbells, numkeys, take_args = _take_arguments(worker_id, tuple(models))
     taken = None if wait_first else await _TAKE.run_flat(redis, numkeys, take_args)
@@ -150,11 +174,15 @@ async def pop(
             taken = await _wait_and_take(redis, doorbells, timeout_s, numkeys, take_args)
             if taken is None:
                 return None
+        if taken[0] == 0:  # nothing at home; jobs of its models wait in these cells with nobody to take them
+            taken = await _take_abroad(redis, worker_id, tuple(models), [int(c) for c in taken[1:]], presence_ttl_s)
+            if taken is None:
+                return None
         request_id, body, streamed_before, more_queued, fence = taken
-        held_in = keys.processing_key(worker_id)
+        held_in = keys.processing_key(worker_id, keys.cell_of(str(request_id)))
         entry = (str(request_id), None if body is None else str(body))
         if not (jobs := await held_jobs(redis, held_in, [entry], worker_id, result_ttl_s)):
-            taken = await _TAKE.run_flat(redis, numkeys, take_args)
+            taken = await _TAKE.run_flat(redis, numkeys, take_args)  # at home: the hints come back if still due
             continue
         job = jobs[0].model_copy(update={"worker_id": worker_id}) if jobs[0].shared else jobs[0]
         return Lease(
@@ -163,10 +191,27 @@ async def pop(
         )  # fmt: skip
 
 
-def _take_arguments(worker_id: str, models: tuple[str, ...]) -> tuple[list[str], int, tuple[bytes, ...]]:
-    """The doorbells, and the key count and arguments of `_TAKE`, for a worker serving `models`
+async def _take_abroad(
+    redis: Redis, worker_id: str, models: tuple[str, ...], cells: list[int], presence_ttl_s: float
+) -> Any:
+    """The first job taken from the shared queues of `models` in `cells` (other cells than the
+    worker's), as `_TAKE` answers; None when they hold none now."""
+    for cell in cells:
+        if cell not in keys.cells() or cell == keys.cell_of(worker_id):
+            continue  # a hint of a layout this worker does not have
+        _, numkeys, take_args = _take_arguments(worker_id, models, cell, presence_ttl_s)
+        if (taken := await _TAKE.run_flat(redis, numkeys, take_args)) and taken[0] != 0:
+            return taken
+    return None
+
+
+def _take_arguments(
+    worker_id: str, models: tuple[str, ...], cell: int | None = None, presence_ttl_s: float = 0.0
+) -> tuple[list[str], int, tuple[bytes, ...]]:
+    """The doorbells, and the key count and arguments of `_TAKE`, for a worker serving `models`: at
+    home (its own queue and its cell's shared queues), or in another `cell` (its shared queues only)
     (the same on every take: built and encoded once per key layout)."""
-    return _take_arguments_in(keys.layout(), worker_id, models)
+    return _take_arguments_in(keys.layout(), worker_id, models, cell, round(presence_ttl_s * 1000))
 
 
 @functools.lru_cache(maxsize=256)
@@ -174,20 +219,32 @@ def _take_arguments_in(
     layout: tuple[str, ...],  # only part of the cache's key: the names differ by layout (keys.py)
     worker_id: str,
     models: tuple[str, ...],
+    abroad: int | None,
+    presence_ttl_ms: int,
 ) -> tuple[list[str], int, tuple[bytes, ...]]:
-    cell = keys.cell_of(worker_id)  # its own queue, and the shared queues of its cell
-    doorbells = [keys.worker_doorbell_key(worker_id), *(keys.model_doorbell_key(m, cell=cell) for m in models)]
+    home = abroad is None
+    cell = keys.cell_of(worker_id) if abroad is None else abroad
+    # Hints only where there are other cells: one cell's worker names no `abroad:` key (nor needs it in its ACL).
+    hints = home and len(layout) > 1
+    # Abroad the worker's own queue's place (per band, and its doorbell's) is a list nothing is pushed on.
+    own_bell = keys.worker_doorbell_key(worker_id) if home else keys.nobody_rung(cell)
+    doorbells = [own_bell, *(keys.model_doorbell_key(m, cell=cell) for m in models)]
     sources = [
         key
         for band in keys.PRIORITY_BANDS
-        for key in (keys.queue_key(worker_id, band), *(keys.model_queue_key(m, band, cell=cell) for m in models))
+        for key in (
+            keys.queue_key(worker_id, band) if home else keys.nothing_queued(cell),
+            *(keys.model_queue_key(m, band, cell=cell) for m in models),
+        )
     ]
     numkeys, arguments = _TAKE.call(
         TakeKeys(
-            processing=keys.processing_key(worker_id),
+            processing=keys.processing_key(worker_id, cell),
             doorbells=tuple(doorbells),
             sources=tuple(sources),
             lengths=keys.list_lengths(cell),
+            abroad=keys.abroad_key(worker_id) if hints else keys.heartbeat_key("", cell),
+            presence=keys.heartbeat_key("" if home else worker_id, cell),
         ),
         TakeArgs(
             worker_id=worker_id,
@@ -195,6 +252,8 @@ def _take_arguments_in(
             stream_prefix=keys.stream_prefix(cell),
             job_field=JOB_FIELD,
             moves_field=MOVES_FIELD,
+            read_hints=hints,
+            presence_ttl_ms=0 if home else max(1, presence_ttl_ms),
         ),
     )
     return doorbells, numkeys, tuple(argument.encode() for argument in arguments)

@@ -138,8 +138,9 @@ class RedisLink:
 
     async def take(self, timeout_s: float, models: Sequence[str], *, wait_first: bool = False) -> queue.Lease | None:
         return await queue.pop(
-            self.redis, self.worker_id, timeout_s, models, result_ttl_s=self._result_ttl_s, wait_first=wait_first
-        )
+            self.redis, self.worker_id, timeout_s, models, result_ttl_s=self._result_ttl_s, wait_first=wait_first,
+            presence_ttl_s=self._heartbeat_ttl_s,
+        )  # fmt: skip
 
     async def sent_so_far(self, request_id: str) -> tuple[str, int]:
         return await streams.sent_so_far(self.redis, request_id)
@@ -150,7 +151,7 @@ class RedisLink:
         )
 
     async def finish(self, lease: queue.Lease, result: JobResult) -> bool:
-        held_in = keys.processing_key(self.worker_id)
+        held_in = keys.held_in(self.worker_id, lease.job.request_id)
         return await queue.finish(
             self.redis, held_in, result, self._result_ttl_s, streamed=lease.job.stream, fence=lease.fence
         )
@@ -245,6 +246,11 @@ class _RedisHeartbeat:
             self._client, self._worker_id, heartbeat, self._ttl_s, swarm_epoch=self._swarm_epoch,
             registered=look, registered_at=self._registered_at,
         )  # fmt: skip
+        if cells := leases.abroad(self._worker_id, running):  # its presence where it runs jobs of other cells
+            with self._client.pipeline(transaction=False) as pipe:
+                for cell in cells:
+                    pipe.set(keys.heartbeat_key(self._worker_id, cell), "1", px=int(self._ttl_s * 1000))
+                pipe.execute()
         self._look_next = False
         self._beat_at = now
         return answer

@@ -179,7 +179,10 @@ async def take(
             )
         # Never 0: a BLPOP timeout of 0 blocks for ever.
         wait_s = max(TAKE_WAIT_MIN_S, min(wait_s, settings.max_result_wait_s))
-        lease = await queue.pop(redis, worker_id, wait_s, registered.models, result_ttl_s=settings.result_ttl_s)
+        lease = await queue.pop(
+            redis, worker_id, wait_s, registered.models, result_ttl_s=settings.result_ttl_s,
+            presence_ttl_s=settings.heartbeat_timeout_s,
+        )  # fmt: skip
     if lease is None:
         return Response(status_code=204)
     taken = Taken(job=lease.job, streamed_before=lease.streamed_before)
@@ -220,7 +223,7 @@ async def finish(
             return
         raise LeaseLost(f"job {request_id!r} is not leased to this worker")
     result = body.model_copy(update={"worker_id": worker_id, "model": job.model})
-    held_in = keys.processing_key(worker_id)
+    held_in = keys.held_in(worker_id, request_id)
     if not await queue.finish(redis, held_in, result, settings.result_ttl_s, streamed=job.stream):
         raise LeaseLost(f"job {request_id!r} is not leased to this worker")
     # The pool's history counts what was stored, not what a worker says it did.
