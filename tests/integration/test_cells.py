@@ -12,10 +12,11 @@ import httpx
 import pytest
 from redis.asyncio import Redis
 
-from gputorrent import auth, keys, queue, registry
+from gputorrent import auth, keys, leases, queue, registry
 from gputorrent.coordinator.dispatch import new_request_id
 from gputorrent.coordinator.reaper import Reaper
-from gputorrent.protocol import Hardware, Job, JobResult, WorkerRecord
+from gputorrent.protocol import Hardware, Heartbeat, Job, JobResult, WorkerRecord
+from gputorrent.worker.link import RedisLink
 from gputorrent.worker.main import Worker
 
 MakeWorker = Callable[..., Awaitable[Worker]]
@@ -221,3 +222,35 @@ async def test_a_named_request_whose_cell_has_no_worker_of_its_model_is_answered
     await worker.run(asyncio.Event(), burst=True)
     result = await _result(api, request_id)
     assert result.status == "completed" and result.worker_id == worker.worker_id
+
+
+async def test_a_keys_limits_that_count_nothing_name_no_key_of_another_cell(redis: Redis) -> None:
+    worker_id = _id_in(1, "w")
+    off = queue.Limits(rate_key=keys.rate_key("k1", 1), streams_key=keys.open_streams_key("k1"), max_streams=4)
+    request_id = new_request_id(1)
+    assert await queue.enqueue(redis, _job(request_id, worker_id), ttl_s=60, owner="k1", limits=off) == request_id
+    assert not await redis.exists(keys.rate_key("k1", 1), keys.open_streams_key("k1"))
+
+
+async def test_a_worker_keeps_its_presence_where_it_runs_a_job_taken_from_abroad(redis: Redis, redis_url: str) -> None:
+    taker = _id_in(0, "w")
+    await _register(redis, taker)
+    request_id = await _enqueue_shared(redis, 1)
+    await _enqueue_shared(redis, 1)  # a second: the take answers that more wait there
+    await _reaper(redis).reap_once()
+    assert await queue.pop(redis, taker, 0.05, ["m"], result_ttl_s=60, presence_ttl_s=30) is not None
+    assert await redis.smembers(keys.abroad_key(taker)) == {"1"}  # it comes back for the second
+    await redis.delete(keys.heartbeat_key(taker, 1))
+    # A worker linked to Redis: its beat, naming the job it runs, writes its presence there again.
+    link = RedisLink(redis, redis_url, taker, heartbeat_ttl_s=30, max_attempts=3, result_ttl_s=60)
+    sender = link.heartbeat_sender(swarm_epoch=False)
+    try:
+        sender.send(Heartbeat(at=time.time(), jobs_in_flight=1), [request_id])
+    finally:
+        sender.close()
+    assert await redis.pttl(keys.heartbeat_key(taker, 1)) > 25_000
+    await redis.delete(keys.heartbeat_key(taker, 1))
+    # One linked through the coordinator: its beat's answer keeps the job, and its presence.
+    answer = await leases.beat(redis, taker, Heartbeat(at=time.time(), jobs_in_flight=1), 30, [request_id])
+    assert answer is not None and answer.ended == []
+    assert await redis.exists(keys.heartbeat_key(taker, 1))

@@ -197,6 +197,7 @@ class Reaper:
             for cell, _, takers in orphaned:
                 for worker_id in random.sample(takers, min(len(takers), ABROAD_TAKERS)):
                     pipe.sadd(keys.abroad_key(worker_id), str(cell))
+                    pipe.expire(keys.abroad_key(worker_id), queue.ABROAD_HINT_TTL_S)
                     pipe.lpush(keys.worker_doorbell_key(worker_id), "1")
                     pipe.ltrim(keys.worker_doorbell_key(worker_id), 0, keys.DOORBELL_MAX - 1)
             await pipe.execute()

@@ -32,11 +32,12 @@ from gputorrent.queue.end import end, lookup
 from gputorrent.queue.finish import announces_result, finish, read_announcement
 from gputorrent.queue.lists import JOB_FIELD, bodies, doorbell_key, waiting_key, waiting_keys
 from gputorrent.queue.move import requeue, retry_or_fail
-from gputorrent.queue.take import Lease, held_jobs, pop, read_held, recover
+from gputorrent.queue.take import ABROAD_HINT_TTL_S, Lease, held_jobs, pop, read_held, recover
 
 __all__ = [
-    "JOB_FIELD", "RATE_COUNT", "REFUSALS", "STREAM_SLOT_FREE", "STREAM_SLOT_TAKE", "AdmittedBefore", "Lease",
-    "LimitArgs", "LimitKeys", "Limits", "Refusal", "Refused", "WorkerGone", "announces_result", "bodies",
+    "ABROAD_HINT_TTL_S", "JOB_FIELD", "RATE_COUNT", "REFUSALS", "STREAM_SLOT_FREE", "STREAM_SLOT_TAKE",
+    "AdmittedBefore", "Lease", "LimitArgs", "LimitKeys", "Limits", "Refusal", "Refused", "WorkerGone",
+    "announces_result", "bodies",
     "doorbell_key", "end", "enqueue", "finish", "held_jobs", "lookup", "next_round_robin", "pop", "read_announcement",
     "read_held", "recover", "requeue", "retry_or_fail", "waiting_key", "waiting_keys",
 ]  # fmt: skip

@@ -208,12 +208,11 @@ class Limits:
         """The limits' keys for a script of `cell` (an unused one named in that cell)."""
         return LimitKeys(rate=self.rate_key or keys.unused(cell), streams=self.streams_key or keys.unused(cell))
 
-    def apart_from(self, cell: int, *, streamed: bool) -> bool:
-        """Whether these limits' counters (in the home cell, `keys.rate_key`) are in another cell than a
-        job of `cell` and count it: then they are counted in a step of their own (`count`), not in its
-        admission."""
+    def counts(self, *, streamed: bool) -> bool:
+        """Whether any of these limits counts a request (`streamed`: a stream's). Their counters are in the
+        home cell (`keys.rate_key`): a job of another cell has them counted in a step of their own."""
         counted = self.args(slot="", streamed=streamed)
-        return cell != keys.HOME_CELL and bool(counted.rpm or counted.tpm or counted.max_streams)
+        return bool(counted.rpm or counted.tpm or counted.max_streams)
 
     async def count(self, redis: Redis, *, slot: str, streamed: bool) -> None:
         """Count a request against these limits alone (`slot`: its stream slot, taken when `streamed`).
@@ -295,12 +294,14 @@ async def enqueue(
     """
     request_id = job.request_id
     cell = keys.cell_of(request_id)
-    if not limits.apart_from(cell, streamed=job.stream):
+    if cell == keys.HOME_CELL:
         return await _admit(redis, job, ttl_s, idempotency_key, owner, limits, require_alive, seen)
-    # The key's counters are in another cell: counted first, given back when nothing new was admitted.
-    # (So a request over its key's limits is refused before its job's own checks, in this order only.)
+    in_cell = dataclasses.replace(limits, rate_key="", streams_key="")  # the key's counters are in cell 0
+    if not limits.counts(streamed=job.stream):
+        return await _admit(redis, job, ttl_s, idempotency_key, owner, in_cell, require_alive, seen)
+    # Counted first, given back when nothing new was admitted. (So a request over its key's limits is
+    # refused before its job's own checks, in this order only.)
     await limits.count(redis, slot=request_id, streamed=job.stream)
-    in_cell = dataclasses.replace(limits, rate_key="", streams_key="")
     try:
         answer = await _admit(redis, job, ttl_s, idempotency_key, owner, in_cell, require_alive, seen)
     except AdmittedBefore:  # a repeat: the first admission holds the count, and the stream slot it shares

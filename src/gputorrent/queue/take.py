@@ -23,6 +23,8 @@ from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 
+ABROAD_HINT_TTL_S = 60  # a hint (`keys.abroad_key`) of a worker gone since is not kept
+
 
 @dataclass(frozen=True)
 class Lease:
@@ -196,11 +198,18 @@ async def _take_abroad(
 ) -> Any:
     """The first job taken from the shared queues of `models` in `cells` (other cells than the
     worker's), as `_TAKE` answers; None when they hold none now."""
+    if presence_ttl_s <= 0:  # a taker that keeps no presence there would have its jobs handed on at once
+        return None
     for cell in cells:
         if cell not in keys.cells() or cell == keys.cell_of(worker_id):
             continue  # a hint of a layout this worker does not have
         _, numkeys, take_args = _take_arguments(worker_id, models, cell, presence_ttl_s)
         if (taken := await _TAKE.run_flat(redis, numkeys, take_args)) and taken[0] != 0:
+            if taken[3]:  # more wait there: its next look that finds nothing at home comes back
+                async with redis.pipeline(transaction=False) as pipe:
+                    pipe.sadd(keys.abroad_key(worker_id), str(cell))
+                    pipe.expire(keys.abroad_key(worker_id), ABROAD_HINT_TTL_S)
+                    await pipe.execute()
             return taken
     return None
 
