@@ -33,8 +33,15 @@ lint: $(VENV)/.dev-deps
 typecheck: $(VENV)/.dev-deps
 	$(BIN)/mypy
 
+# The API's tests again with the pool in three cells on the test Redis, every script's keys checked
+# to lie in one cell as a Redis Cluster checks them (docs/architecture.md, "Redis Cluster"). The
+# other tests build jobs by hand for one cell.
+CELLS_TESTS := $(addprefix tests/integration/,test_cells.py test_auth.py test_routes_native.py \
+	test_observability.py test_never_500.py test_overhead.py test_progress.py test_coordinator_link.py)
+
 pytest: $(VENV)/.dev-deps
 	$(BIN)/pytest
+	GPUTORRENT_TEST_CELLS=3 $(BIN)/pytest $(CELLS_TESTS)
 
 # llama.cpp's ggml-rpc-server and llama-server (a model split over machines), built once per machine
 # from the llama.cpp inside llama-cpp-python's sdist into the user's cache; a no-op once built.
