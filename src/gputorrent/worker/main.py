@@ -435,20 +435,28 @@ class Worker:
         if job.stream and lease.streamed_before:
             job = await self._continuing(job)
         writer = StreamWriter(functools.partial(self.link.append, lease)) if job.stream else None
+        # Watched until its result is stored: its beats name it (`EndedJobs.running`) until then, which
+        # keeps this worker's presence in the job's cell when it took the job from abroad.
         ended = self.ended.watch(job.request_id)
         try:
-            result = await execute(
-                self.backend, job, writer, ended, taken_at=lease.taken_at,
-                replay_max_tokens=self.settings.resume_replay_max_tokens,
-            )  # fmt: skip
+            await self._run_and_store(lease, job, writer, ended)
         finally:
             self.ended.unwatch(job.request_id)
+
+    async def _run_and_store(
+        self, lease: queue.Lease, job: Job, writer: StreamWriter | None, ended: asyncio.Event
+    ) -> None:
+        result = await execute(
+            self.backend, job, writer, ended, taken_at=lease.taken_at,
+            replay_max_tokens=self.settings.resume_replay_max_tokens,
+        )  # fmt: skip
+        stopped = ended.is_set()  # while it ran: an end heard once it is done changes nothing
         if writer is not None:
             try:
                 await writer.close()
             except (RedisError, OSError) as e:  # the stream loses text; the result below still carries all of it
                 log.warning("request %s: stream write failed (%s)", job.request_id, e)
-        if self._abandoning and ended.is_set():
+        if self._abandoning and stopped:
             log.info("request %s: stopped by the drain; left for another worker to finish", job.request_id)
             return
         if result.error is not None and result.error.code == BackendUnavailable.code:
