@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 from redis.asyncio import Redis
+from redis.asyncio.client import Pipeline
+from redis.client import Pipeline as SyncPipeline
 
 from gputorrent import handoff, keys, queue, registry, routing
 from gputorrent.protocol import BeatAnswer, Heartbeat, Job
@@ -92,18 +94,20 @@ async def beat(
     return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=int(swarm_epoch or 0))
 
 
-def abroad(worker_id: str, running: list[str]) -> set[int]:
-    """The cells other than the worker's own whose jobs it runs (taken from their shared queues)."""
-    return {keys.cell_of(request_id) for request_id in running} - {keys.cell_of(worker_id)}
+def queue_presence(pipe: Pipeline | SyncPipeline, worker_id: str, running: list[str], ttl_s: float) -> bool:
+    """Add to `pipe` the renewal of the worker's presence (`heartbeat:` in that cell, with its heartbeat's
+    TTL) in every other cell whose jobs it runs (taken from their shared queues): that cell's reapers
+    judge the jobs it holds there by it. Whether it added any."""
+    cells = {keys.cell_of(request_id) for request_id in running} - {keys.cell_of(worker_id)}
+    for cell in cells:
+        pipe.set(keys.heartbeat_key(worker_id, cell), "1", px=int(ttl_s * 1000))
+    return bool(cells)
 
 
 async def renew_presence(redis: Redis, worker_id: str, running: list[str], ttl_s: float) -> None:
-    """Keep the worker's presence (`heartbeat:` in that cell) alive in every other cell whose jobs it
-    runs, with its heartbeat's TTL: that cell's reapers judge the jobs it holds there by it."""
-    if cells := abroad(worker_id, running):
-        async with redis.pipeline(transaction=False) as pipe:
-            for cell in cells:
-                pipe.set(keys.heartbeat_key(worker_id, cell), "1", px=int(ttl_s * 1000))
+    """`queue_presence`, sent."""
+    async with redis.pipeline(transaction=False) as pipe:
+        if queue_presence(pipe, worker_id, running, ttl_s):
             await pipe.execute()
 
 

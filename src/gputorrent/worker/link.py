@@ -246,10 +246,8 @@ class _RedisHeartbeat:
             self._client, self._worker_id, heartbeat, self._ttl_s, swarm_epoch=self._swarm_epoch,
             registered=look, registered_at=self._registered_at,
         )  # fmt: skip
-        if cells := leases.abroad(self._worker_id, running):  # its presence where it runs jobs of other cells
-            with self._client.pipeline(transaction=False) as pipe:
-                for cell in cells:
-                    pipe.set(keys.heartbeat_key(self._worker_id, cell), "1", px=int(self._ttl_s * 1000))
+        with self._client.pipeline(transaction=False) as pipe:  # its presence where it runs jobs of other cells
+            if leases.queue_presence(pipe, self._worker_id, running, self._ttl_s):
                 pipe.execute()
         self._look_next = False
         self._beat_at = now
