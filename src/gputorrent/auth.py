@@ -20,10 +20,9 @@ import secrets
 import time
 from typing import Literal, cast
 
-from redis.asyncio import Redis
-
 from gputorrent import keys
 from gputorrent.protocol import ApiKeyInfo
+from gputorrent.redis_client import RedisClient
 
 Scope = Literal["client", "admin", "join"]
 SCOPES: tuple[Scope, ...] = ("client", "admin", "join")
@@ -46,7 +45,7 @@ def new_key() -> tuple[str, str]:
     return key_id, f"gt_{key_id}_{secrets.token_urlsafe(32)}"
 
 
-async def store_key(redis: Redis, full_key: str, name: str, scope: Scope) -> ApiKeyInfo:
+async def store_key(redis: RedisClient, full_key: str, name: str, scope: Scope) -> ApiKeyInfo:
     """Store the hash of `full_key` (made by `new_key`, or one saved earlier and brought back)."""
     parsed = parse_key(full_key)
     if parsed is None:
@@ -63,13 +62,13 @@ async def store_key(redis: Redis, full_key: str, name: str, scope: Scope) -> Api
     return info
 
 
-async def create_key(redis: Redis, name: str, scope: Scope) -> tuple[ApiKeyInfo, str]:
+async def create_key(redis: RedisClient, name: str, scope: Scope) -> tuple[ApiKeyInfo, str]:
     """A new key: its record, and the full key, which is shown once and never stored."""
     _, full_key = new_key()
     return await store_key(redis, full_key, name, scope), full_key
 
 
-async def list_keys(redis: Redis) -> list[ApiKeyInfo]:
+async def list_keys(redis: RedisClient) -> list[ApiKeyInfo]:
     """Every key (never its secret or hash), oldest first."""
     key_ids = sorted(str(k) for k in await redis.smembers(keys.api_keys()))
     async with redis.pipeline(transaction=False) as pipe:
@@ -80,18 +79,19 @@ async def list_keys(redis: Redis) -> list[ApiKeyInfo]:
     return sorted(found, key=lambda info: info.created_at)
 
 
-async def revoke_key(redis: Redis, key_id: str) -> bool:
+async def revoke_key(redis: RedisClient, key_id: str) -> bool:
     """Delete the key; False when there was none. It stops working at once on every coordinator
     (each drops it from its key cache on the announcement)."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.api_key_key(key_id))
         pipe.srem(keys.api_keys(), key_id)
-        pipe.publish(keys.KEYS_REVOKED_CHANNEL, key_id)
-        deleted, _, _ = await pipe.execute()
+        deleted, _ = await pipe.execute()
+    # After the transaction, not in it: a Redis Cluster takes only one slot's keys in one (a channel has none).
+    await redis.publish(keys.KEYS_REVOKED_CHANNEL, key_id)
     return bool(deleted)
 
 
-async def verify(redis: Redis, presented: str, cache: KeyCache | None = None) -> ApiKeyInfo | None:
+async def verify(redis: RedisClient, presented: str, cache: KeyCache | None = None) -> ApiKeyInfo | None:
     """The key's record if `presented` is a live key, else None (unknown, revoked or malformed).
 
     With a `cache`, a key verified there lately is not read from Redis again (see `KeyCache`).

@@ -22,8 +22,6 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gputorrent import keys
 from gputorrent.protocol import (
     SwarmFile,
@@ -34,6 +32,7 @@ from gputorrent.protocol import (
     SwarmTransfer,
     WorkerState,
 )
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 
 FETCH_LAPSE_S = 600  # an announced fetch counts this long; a fetch still waiting announces itself again
@@ -51,7 +50,7 @@ class Conflict(Exception):
         self.model = model
 
 
-async def publish(redis: Redis, files: dict[str, SwarmFile]) -> None:
+async def publish(redis: RedisClient, files: dict[str, SwarmFile]) -> None:
     """Add each model's file to the catalogue where the name is new.
 
     Raises:
@@ -69,17 +68,17 @@ async def publish(redis: Redis, files: dict[str, SwarmFile]) -> None:
             raise Conflict(model, published, offered)
 
 
-async def has(redis: Redis, model: str) -> bool:
+async def has(redis: RedisClient, model: str) -> bool:
     return bool(await redis.hexists(keys.catalogue(), model))
 
 
-async def forget(redis: Redis, model: str) -> bool:
+async def forget(redis: RedisClient, model: str) -> bool:
     """Remove `model` from the catalogue (an admin frees a name); False when it was not there. Workers
     that hold its file keep it; one that registers again publishes it again."""
     return bool(await redis.hdel(keys.catalogue(), model))
 
 
-async def entries(redis: Redis) -> dict[str, SwarmFile]:
+async def entries(redis: RedisClient) -> dict[str, SwarmFile]:
     """Every model in the catalogue with its file."""
     stored = await redis.hgetall(keys.catalogue())
     return {str(model): SwarmFile.model_validate_json(raw) for model, raw in sorted(stored.items())}
@@ -91,7 +90,7 @@ def holders(model: str, workers: Sequence[WorkerState]) -> list[WorkerState]:
 
 
 async def announce_fetch(
-    redis: Redis, model: str, peer: SwarmPeer, workers: Sequence[WorkerState]
+    redis: RedisClient, model: str, peer: SwarmPeer, workers: Sequence[WorkerState]
 ) -> SwarmSource | None:
     """Note that the worker at `peer` fetches `model` (its holders connect to it) and say where from;
     None when the catalogue has no such model."""
@@ -112,7 +111,7 @@ async def announce_fetch(
     )  # fmt: skip
 
 
-async def fetch_done(redis: Redis, model: str, peer: SwarmPeer) -> None:
+async def fetch_done(redis: RedisClient, model: str, peer: SwarmPeer) -> None:
     """The fetch at `peer` ended (it holds the file now, or gave up)."""
     async with redis.pipeline(transaction=False) as pipe:
         pipe.zrem(keys.swarm_fetching(), _fetching_member(model, peer))
@@ -121,7 +120,7 @@ async def fetch_done(redis: Redis, model: str, peer: SwarmPeer) -> None:
         await pipe.execute()
 
 
-async def report(redis: Redis, progress: SwarmProgress, workers: Sequence[WorkerState]) -> SwarmMembers:
+async def report(redis: RedisClient, progress: SwarmProgress, workers: Sequence[WorkerState]) -> SwarmMembers:
     """Keep the last progress of a fetch still announced (for the dashboard) and answer the members,
     which it lets in."""
     now = time.time()
@@ -156,7 +155,7 @@ return 1
 """)  # fmt: skip
 
 
-async def transfers(redis: Redis) -> list[SwarmTransfer]:
+async def transfers(redis: RedisClient) -> list[SwarmTransfer]:
     """The fetches under way, by model; those whose progress stopped coming are dropped."""
     stored = await redis.hgetall(keys.swarm_transfers())
     now = time.time()
@@ -173,7 +172,7 @@ async def transfers(redis: Redis) -> list[SwarmTransfer]:
     return sorted(current, key=lambda t: (t.model, t.peer.address, t.peer.port))
 
 
-async def members(redis: Redis, workers: Sequence[WorkerState]) -> SwarmMembers:
+async def members(redis: RedisClient, workers: Sequence[WorkerState]) -> SwarmMembers:
     """The addresses of live workers with a swarm address and of fetches under way, and the fetches."""
     now = time.time()
     async with redis.pipeline(transaction=False) as pipe:
@@ -189,7 +188,7 @@ async def members(redis: Redis, workers: Sequence[WorkerState]) -> SwarmMembers:
     return SwarmMembers(members=sorted(addresses), fetching=fetching)
 
 
-async def joined(redis: Redis) -> None:
+async def joined(redis: RedisClient) -> None:
     """A worker with a swarm address registered: the others let it in."""
     await redis.incr(keys.swarm_epoch())
 

@@ -6,16 +6,15 @@ from __future__ import annotations
 
 import logging
 
-from redis.asyncio import Redis
-
 from gputorrent import queue, routing
 from gputorrent.protocol import WorkerState
+from gputorrent.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
 
 async def hand_on(
-    redis: Redis,
+    redis: RedisClient,
     worker_id: str,
     source: str,
     workers: list[WorkerState],

@@ -12,18 +12,20 @@ import logging
 from dataclasses import dataclass
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
 from redis.asyncio.client import Pipeline
+from redis.asyncio.cluster import ClusterPipeline
 from redis.client import Pipeline as SyncPipeline
+from redis.cluster import ClusterPipeline as SyncClusterPipeline
 
 from gputorrent import handoff, keys, queue, registry, routing
 from gputorrent.protocol import BeatAnswer, Heartbeat, Job
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 
 
-async def held(redis: Redis, worker_id: str, request_id: str) -> Job | None:
+async def held(redis: RedisClient, worker_id: str, request_id: str) -> Job | None:
     """The job `request_id` when the worker holds it (it is in the worker's processing list: its lease
     on the job); None when the worker holds no such job."""
     async with redis.pipeline(transaction=True) as pipe:
@@ -66,7 +68,7 @@ return 1
 
 
 async def beat(
-    redis: Redis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, running: list[str]
+    redis: RedisClient, worker_id: str, heartbeat: Heartbeat, ttl_s: float, running: list[str]
 ) -> BeatAnswer | None:
     """Refresh the worker's liveness key while its secret exists; answer whether it should drain,
     and which of its `running` jobs it no longer holds or were ended (it stops them). None, and
@@ -94,7 +96,12 @@ async def beat(
     return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=int(swarm_epoch or 0))
 
 
-def queue_presence(pipe: Pipeline | SyncPipeline, worker_id: str, running: list[str], ttl_s: float) -> bool:
+def queue_presence(
+    pipe: Pipeline | ClusterPipeline | SyncPipeline | SyncClusterPipeline,
+    worker_id: str,
+    running: list[str],
+    ttl_s: float,
+) -> bool:
     """Add to `pipe` the renewal of the worker's presence (`heartbeat:` in that cell, with its heartbeat's
     TTL) in every other cell whose jobs it runs (taken from their shared queues): that cell's reapers
     judge the jobs it holds there by it. Whether it added any."""
@@ -104,14 +111,14 @@ def queue_presence(pipe: Pipeline | SyncPipeline, worker_id: str, running: list[
     return bool(cells)
 
 
-async def renew_presence(redis: Redis, worker_id: str, running: list[str], ttl_s: float) -> None:
+async def renew_presence(redis: RedisClient, worker_id: str, running: list[str], ttl_s: float) -> None:
     """`queue_presence`, sent."""
     async with redis.pipeline(transaction=False) as pipe:
         if queue_presence(pipe, worker_id, running, ttl_s):
             await pipe.execute()
 
 
-async def add_pulled_model(redis: Redis, worker_id: str, job: Job, *, registered_at: float | None = None) -> bool:
+async def add_pulled_model(redis: RedisClient, worker_id: str, job: Job, *, registered_at: float | None = None) -> bool:
     """Add the model of the pull job `job` to the worker's registration while the worker holds that job:
     a worker lists a model this way only when it was asked to pull it. False when `job` is not a pull
     job the worker holds, or the registration cannot take the model (see `registry.add_model`, and
@@ -121,7 +128,9 @@ async def add_pulled_model(redis: Redis, worker_id: str, job: Job, *, registered
     return await registry.add_model(redis, worker_id, job.model, registered_at=registered_at)
 
 
-async def fail_over(redis: Redis, worker_id: str, job: Job, *, max_attempts: int, ttl_s: int, fence: str = "") -> bool:
+async def fail_over(
+    redis: RedisClient, worker_id: str, job: Job, *, max_attempts: int, ttl_s: int, fence: str = ""
+) -> bool:
     """Hand a job the worker's backend could not run to another live worker serving its model (counting
     an attempt). True when the job is no longer the worker's to finish (handed on, or its lease was
     lost meanwhile); False when it had its last attempt or no other worker can take it (a pull job is
@@ -143,7 +152,7 @@ async def fail_over(redis: Redis, worker_id: str, job: Job, *, max_attempts: int
     return True
 
 
-async def hand_on_own(redis: Redis, worker_id: str, *, held: bool, max_attempts: int, ttl_s: int) -> int:
+async def hand_on_own(redis: RedisClient, worker_id: str, *, held: bool, max_attempts: int, ttl_s: int) -> int:
     """Give every band of the worker's own queue (with `held`, its processing list instead) to other live
     workers, without counting an attempt; the shared queues need no hand-on. Returns how many moved."""
     sources = [keys.processing_key(worker_id)] if held else keys.worker_queue_keys(worker_id)
@@ -165,7 +174,7 @@ async def hand_on_own(redis: Redis, worker_id: str, *, held: bool, max_attempts:
 
 
 async def reclaim_orphans(
-    redis: Redis, worker_id: str, held: set[str], suspects: set[str], result_ttl_s: int, *,
+    redis: RedisClient, worker_id: str, held: set[str], suspects: set[str], result_ttl_s: int, *,
     registered_at: float | None = None,
 ) -> tuple[int, set[str]]:  # fmt: skip
     """Queue again (at the front of the worker's queue) the jobs of its processing list that no consumer

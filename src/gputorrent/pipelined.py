@@ -10,9 +10,11 @@ whichever caller reads first. Concurrent callers therefore pipeline on one conne
 The connection is made and authenticated by the client's own pool (TLS, ACL users, the database,
 its timeouts: all as configured there), taken out of it for good; closing the client closes it.
 The shared connection (`pipelined`) is only for commands Redis answers at once; a blocking one (the
-worker's doorbell) takes a connection of its own (`borrowed`). On a Redis Cluster a send that a node
-refused whole, without running any of it, is sent again until the pool's cell is served
-(`REDIRECT_WAIT_S`).
+worker's doorbell) takes a connection of its own (`borrowed`). On a Redis Cluster each hash slot (a
+cell of the pool: `keys.py`) has its own, made by the cluster client's node that serves the slot, so
+every call names a key of its slot; a send that a node refused whole, without running any of it, is
+sent again until the slot is served (`REDIRECT_WAIT_S`), and a `MOVED` makes the cluster client read
+the slot map again.
 """
 
 from __future__ import annotations
@@ -21,12 +23,13 @@ import asyncio
 import contextlib
 import weakref
 from collections import deque
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any, TypeAlias
 
 import hiredis
-from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
+from redis.crc import key_slot
 from redis.exceptions import ConnectionError, DataError, NoPermissionError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -46,13 +49,22 @@ DEFAULT_TIMEOUT_S = 30.0  # when the client sets no socket timeout: a lost reply
 # that is closed, so a burst of followed streams does not hold its Redis connections for good.
 MAX_IDLE_BORROWED = 16
 
+Client: TypeAlias = Redis | RedisCluster
+SlotKey = str | bytes | None  # a key of the slot a call is for; None (one Redis: any) only off a cluster
+
 
 class PipelinedConnection:
-    """One connection of `redis`'s pool, shared: `await execute("EVALSHA", sha, 2, ...)`."""
+    """One connection of `redis`'s pool, shared: `await execute("EVALSHA", sha, 2, ...)`; on a Redis
+    Cluster, one to the node that serves `slot`."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: Client, slot: int | None = None) -> None:
         self._redis = redis
-        kwargs = redis.connection_pool.connection_kwargs
+        self._slot = slot
+        self._read_slots_again = False  # a node refused the slot: the cluster client's map is out of date
+        if isinstance(redis, RedisCluster):
+            kwargs = redis.get_connection_kwargs()
+        else:
+            kwargs = redis.connection_pool.connection_kwargs
         self._timeout_s = float(kwargs.get("socket_timeout") or DEFAULT_TIMEOUT_S)
         self._decode = bool(kwargs.get("decode_responses"))
         self._link: _Link | None = None
@@ -119,6 +131,7 @@ class PipelinedConnection:
             if self._link is link:
                 self._link = None
                 self._retired.add(link)
+                self._read_slots_again = True
             link.retired = True
         if link.retired and not link.waiting:
             link.close()
@@ -136,17 +149,41 @@ class PipelinedConnection:
         async with self._connecting:
             if self._link is None or self._link.broken:
                 # Out of the pool until it breaks: closing the client (or its pool) disconnects it.
-                pool = self._redis.connection_pool
-                connection = await pool.get_connection()  # type: ignore[no-untyped-call]
-                self._link = _Link(pool, connection, self._decode)
+                redis = self._redis
+                if isinstance(redis, RedisCluster):
+                    self._link = await self._connect_to_slot(redis)
+                else:
+                    pool = redis.connection_pool
+                    connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+                    self._link = _Link(pool.release, connection, self._decode)
             return self._link
+
+    async def _connect_to_slot(self, cluster: RedisCluster) -> _Link:
+        assert self._slot is not None
+        if self._read_slots_again:
+            await cluster.nodes_manager.initialize()
+            self._read_slots_again = False
+        else:
+            await cluster.initialize()  # nothing to do once the client has read the slot map
+        node = cluster.nodes_manager.get_node_from_slot(self._slot)
+        connection = node.acquire_connection()
+        try:
+            await connection.connect()  # type: ignore[no-untyped-call]
+        except BaseException:
+            node.release(connection)
+            raise
+
+        async def release(connection: AbstractConnection) -> None:
+            node.release(connection)  # type: ignore[arg-type]
+
+        return _Link(release, connection, self._decode)
 
 
 class _Link:
     """One connection's life: the commands sent on it wait for their replies here, in order."""
 
-    def __init__(self, pool: ConnectionPool, connection: AbstractConnection, decode: bool) -> None:
-        self._pool = pool
+    def __init__(self, release: Callable[[Any], Awaitable[None]], connection: AbstractConnection, decode: bool) -> None:
+        self._release = release  # gives the connection back to its pool (or the cluster's node)
         self._connection = connection
         self._parser = hiredis.Reader(replyError=ResponseError, encoding="utf-8" if decode else None)
         self._waiting: deque[asyncio.Future[Any]] = deque()
@@ -218,7 +255,7 @@ class _Link:
 
     async def _close(self) -> None:
         await self._connection.disconnect(nowait=True)
-        await self._pool.release(self._connection)
+        await self._release(self._connection)
 
 
 def _redirect(reply: Any, kinds: tuple[str, ...] = _REDIRECTED) -> bool:
@@ -241,27 +278,41 @@ def _typed(error: ResponseError) -> ResponseError:
     return error
 
 
-_shared: weakref.WeakKeyDictionary[Redis, PipelinedConnection] = weakref.WeakKeyDictionary()
+_shared: weakref.WeakKeyDictionary[Client, dict[int | None, PipelinedConnection]] = weakref.WeakKeyDictionary()
 _closing: set[asyncio.Task[None]] = set()
-_idle: weakref.WeakKeyDictionary[Redis, list[PipelinedConnection]] = weakref.WeakKeyDictionary()
+_idle: weakref.WeakKeyDictionary[Client, dict[int | None, list[PipelinedConnection]]] = weakref.WeakKeyDictionary()
 
 
-def pipelined(redis: Redis) -> PipelinedConnection:
-    """The shared connection of the client `redis` (made on its first command)."""
-    connection = _shared.get(redis)
+def slot_of(redis: Client, key: SlotKey) -> int | None:
+    """The hash slot of `key` on a Redis Cluster; None for one Redis (every key is on it)."""
+    if not isinstance(redis, RedisCluster):
+        return None
+    if key is None:
+        raise ValueError("a call on a Redis Cluster names a key of its slot")
+    return key_slot(key.encode() if isinstance(key, str) else key)
+
+
+def pipelined(redis: Client, key: SlotKey = None) -> PipelinedConnection:
+    """The shared connection of the client `redis` (made on its first command), for the slot of `key`."""
+    slot = slot_of(redis, key)
+    by_slot = _shared.get(redis)
+    if by_slot is None:
+        by_slot = _shared[redis] = {}
+    connection = by_slot.get(slot)
     if connection is None:
-        connection = _shared[redis] = PipelinedConnection(redis)
+        connection = by_slot[slot] = PipelinedConnection(redis, slot)
     return connection
 
 
 @contextlib.asynccontextmanager
-async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
+async def borrowed(redis: Client, key: SlotKey = None) -> AsyncIterator[PipelinedConnection]:
     """A connection of the caller's own while the block runs, for a blocking command (the worker's
-    doorbell); up to `MAX_IDLE_BORROWED` idle ones are kept for the next borrower, the rest closed.
+    doorbell) on the slot of `key`; up to `MAX_IDLE_BORROWED` idle ones are kept for the next borrower, the rest closed.
     A block left by an exception (a cancelled worker, say) closes it: Redis then drops the blocked
     command and whatever was sent after it, rather than run them for nobody."""
-    idle = _idle.setdefault(redis, [])
-    connection = idle.pop() if idle else PipelinedConnection(redis)
+    slot = slot_of(redis, key)
+    idle = _idle.setdefault(redis, {}).setdefault(slot, [])
+    connection = idle.pop() if idle else PipelinedConnection(redis, slot)
     drops = _drops.get(redis, 0)
     try:
         yield connection
@@ -277,22 +328,23 @@ async def borrowed(redis: Redis) -> AsyncIterator[PipelinedConnection]:
             connection.close()
 
 
-def keep_idle_borrowed(redis: Redis, count: int) -> None:
-    """Keep up to `count` idle borrowed connections of `redis`, not `MAX_IDLE_BORROWED`: for a process
+def keep_idle_borrowed(redis: Client, count: int) -> None:
+    """Keep up to `count` idle borrowed connections of `redis` a slot, not `MAX_IDLE_BORROWED`: for a process
     whose thousands of consumers share one client (the simulated workers), each blocking in turn."""
     _idle_max[redis] = count
 
 
-_idle_max: weakref.WeakKeyDictionary[Redis, int] = weakref.WeakKeyDictionary()
-_drops: weakref.WeakKeyDictionary[Redis, int] = weakref.WeakKeyDictionary()  # how often `drop` ran, by client
+_idle_max: weakref.WeakKeyDictionary[Client, int] = weakref.WeakKeyDictionary()
+_drops: weakref.WeakKeyDictionary[Client, int] = weakref.WeakKeyDictionary()  # how often `drop` ran, by client
 
 
-def drop(redis: Redis) -> None:
-    """Close the shared connection and the idle borrowed ones of `redis` (the primary they reach is
+def drop(redis: Client) -> None:
+    """Close the shared connections and the idle borrowed ones of `redis` (the primary they reach is
     being replaced); each reconnects, through the pool, on its next command. One borrowed now is closed
     when it is given back."""
     _drops[redis] = _drops.get(redis, 0) + 1
-    if (shared := _shared.get(redis)) is not None:
+    for shared in _shared.get(redis, {}).values():
         shared.close()
-    for connection in _idle.get(redis, []):
-        connection.close()
+    for idle in _idle.get(redis, {}).values():
+        for connection in idle:
+            connection.close()

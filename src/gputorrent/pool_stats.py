@@ -15,10 +15,10 @@ import time
 from dataclasses import dataclass, field, fields
 
 from pydantic import BaseModel, ConfigDict
-from redis.asyncio import Redis
 
 from gputorrent import keys
 from gputorrent.protocol import Job, JobResult
+from gputorrent.redis_client import RedisClient
 from gputorrent.telemetry import FailureRecord
 
 BUCKET_S = 5
@@ -94,7 +94,7 @@ def job_delta(job: Job, result: JobResult, worker_id: str, finished_at: float) -
     )  # fmt: skip
 
 
-async def add(redis: Redis, delta: StatsDelta, at: float | None = None) -> None:
+async def add(redis: RedisClient, delta: StatsDelta, at: float | None = None) -> None:
     """Add the delta to Redis in one round trip."""
     if not delta:
         return
@@ -104,7 +104,7 @@ async def add(redis: Redis, delta: StatsDelta, at: float | None = None) -> None:
         await pipe.execute()
 
 
-async def record_failure(redis: Redis, failure: FailureRecord) -> None:
+async def record_failure(redis: RedisClient, failure: FailureRecord) -> None:
     """Count one failed job that no worker reports (a coordinator ended it)."""
     await add(redis, StatsDelta(jobs=1, failed=1, failures=[failure]), failure.at)
 
@@ -123,7 +123,7 @@ class HistoryPoint(BaseModel):
     queue_wait_avg_s: float | None
 
 
-async def history(redis: Redis, span_s: int, now: float | None = None) -> list[HistoryPoint]:
+async def history(redis: RedisClient, span_s: int, now: float | None = None) -> list[HistoryPoint]:
     """Every bucket of the last `span_s` seconds, oldest first, empty ones included; the bucket in
     progress is left out (its figures are still arriving)."""
     last = bucket_of(time.time() if now is None else now) - BUCKET_S
@@ -150,7 +150,7 @@ def _point(at: int, raw: dict[str, float]) -> HistoryPoint:
     )
 
 
-async def recent_failures(redis: Redis, limit: int = FAILURES_KEPT) -> list[FailureRecord]:
+async def recent_failures(redis: RedisClient, limit: int = FAILURES_KEPT) -> list[FailureRecord]:
     """The last failures, newest first; an unreadable entry is skipped."""
     found = []
     for raw in await redis.lrange(keys.recent_failures(), 0, limit - 1):

@@ -1,5 +1,5 @@
 """The one way to make a Redis client from a URL: a single server, a primary found through Sentinel,
-or the primary of the pool's cell on a Redis Cluster.
+or a Redis Cluster.
 
 `redis://` and `rediss://` (and `unix://`) URLs go to redis-py as they always did. A Sentinel URL
 names the Sentinels and the primary's name; the client asks the Sentinels where the primary is on
@@ -24,14 +24,10 @@ the TLS parameters above. A cluster has one database, so there is no `/DB`:
     redis+cluster://[[USERNAME]:PASSWORD@]HOST[:PORT][,HOST[:PORT]...][/][?QUERY]
     rediss+cluster://...    the same with TLS
 
-On a cluster every key of the pool lies in one hash slot, the pool's cell (`keys.py`), and the
-client talks to the primary serving that slot, as a client of one Redis: it asks the nodes it knows
-which primary that is (`CLUSTER SLOTS`) on every new connection, so after a failover or a move of
-the slot the next connection goes to the new primary by itself. A node that no longer serves the
-slot (`MOVED`) or a cluster electing a primary (`CLUSTERDOWN`) refuses every command, and redis-py
-sends it again on a new connection. While the slot's keys move (`ASK`, `TRYAGAIN`) only the scripts
-on the hot path wait and are sent again (`pipelined.REDIRECT_WAIT_S`); other commands fail as on a
-lost connection, since a pipeline may have run in part.
+A cluster's client is redis-py's `RedisCluster`: it reads the slot map from the nodes and sends each
+command to the primary serving its key's slot, following `MOVED` and `ASK` itself; every key of one
+cell of the pool (`keys.py`) lies in one slot. The scripts on the hot path go through `pipelined.py`,
+on a connection of its own to the node serving their slot, made by the cluster client's node.
 
 >>> parse_sentinel_url("redis+sentinel://:pw@s1:26379,s2/pool/2?sentinel_password=spw").sentinels
 (('s1', 26379), ('s2', 26379))
@@ -46,30 +42,33 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeAlias
 from urllib.parse import parse_qsl, unquote, urlsplit
 
 import redis as sync_redis
-import redis.connection as sync_connection
+import redis.cluster as sync_cluster
 import redis.sentinel as sync_sentinel
-from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
-from redis.asyncio import connection as async_connection
+from redis.asyncio import BlockingConnectionPool, Redis, RedisCluster
 from redis.asyncio import sentinel as async_sentinel
-from redis.asyncio.retry import Retry as AsyncRetry
-from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.asyncio.cluster import ClusterNode as AsyncClusterNode
 from redis.connection import parse_url
-from redis.crc import key_slot
-from redis.exceptions import ClusterDownError, MovedError
-from redis.retry import Retry
+from redis.exceptions import RedisClusterUnreachableError, RedisError, SlotNotCoveredError
 
 from gputorrent import keys, pipelined
 from gputorrent.retry import Backoff
 
 log = logging.getLogger(__name__)
+
+# An asyncio client of the pool's Redis: one server (or the primary Sentinel names), or a Redis Cluster.
+RedisClient: TypeAlias = Redis | RedisCluster
+SyncRedisClient: TypeAlias = sync_redis.Redis | sync_redis.RedisCluster
+# Every way a call can fail because Redis is out of reach or refuses: the callers answer 503 or try again.
+# redis-py's cluster client raises the last two when no node answers, or none serves a key's slot;
+# they are not `RedisError`s.
+REDIS_FAILURES: tuple[type[Exception], ...] = (RedisError, OSError, RedisClusterUnreachableError, SlotNotCoveredError)
 
 SENTINEL_SCHEMES = {"redis+sentinel": False, "rediss+sentinel": True}  # scheme -> TLS
 CLUSTER_SCHEMES = {"redis+cluster": False, "rediss+cluster": True}
@@ -327,185 +326,6 @@ class _SyncSentinelPool(sync_sentinel.SentinelConnectionPool):
                 client.close()
 
 
-class _ClusterCell:
-    """Where the pool's cell is on a Redis Cluster: the primary serving its hash slot, asked on each
-    new connection of the nodes it knows, in turn: the last to answer first, then the nodes the
-    last answer named, then the URL's seeds; a node that fails goes last."""
-
-    def __init__(self, target: ClusterTarget, timeout_s: float) -> None:
-        self.slot = key_slot(keys.CLUSTER_CELL_TAG.encode())
-        self._target = target
-        self._timeout_s = timeout_s
-        self._known: list[tuple[str, int]] = list(target.seeds)
-        self._lock = threading.Lock()  # a blocking client may be shared by threads
-
-    def _probe_kwargs(self, retry: type, timeout_s: float) -> dict[str, Any]:
-        # One try per node: the next node is the retry (redis-py's default would retry each for seconds).
-        return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, "decode_responses": True,
-                "retry": retry(NoBackoff(), 0), **self._target.server_kwargs()}  # fmt: skip
-
-    def _plan(self) -> tuple[list[tuple[str, int]], float]:
-        """The nodes to ask, and how long each may take: a share of the connect timeout, so that
-        nodes out of reach (a dead host drops packets; it does not refuse) leave time for the rest."""
-        with self._lock:
-            order = list(self._known)
-        return order, max(self._timeout_s / len(order), min(self._timeout_s, 0.5))
-
-    def _answered(self, address: tuple[str, int], slots: Any) -> tuple[str, int] | None:
-        """The primary of the cell's slot in `address`'s `CLUSTER SLOTS` reply; the nodes it names
-        become the ones asked next time, after `address`."""
-        found = None
-        named: list[tuple[str, int]] = []
-        for start, end, primary, *replicas in slots:
-            for node in (primary, *replicas):
-                host = node[0] if node[0] not in (None, "", "?") else address[0]  # unknown: the node asked
-                named.append((str(host), int(node[1])))
-            if int(start) <= self.slot <= int(end):
-                found = named[-1 - len(replicas)]
-        if found is not None:
-            with self._lock:
-                rest = [node for node in dict.fromkeys([*named, *self._target.seeds]) if node != address]
-                self._known = [address, *rest]
-        return found
-
-    def _failed(self, address: tuple[str, int]) -> None:
-        with self._lock:
-            if address in self._known:
-                self._known.remove(address)
-                self._known.append(address)
-
-    def _not_found(self, errors: list[str]) -> ConnectionError:
-        tried = "; ".join(errors)
-        return ConnectionError(f"no node of the Redis Cluster names the primary of slot {self.slot}: {tried}")
-
-    async def primary(self) -> tuple[str, int]:
-        order, each_s = self._plan()
-        errors = []
-        for address in order:
-            probe = Redis(host=address[0], port=address[1], **self._probe_kwargs(AsyncRetry, each_s))
-            try:
-                slots = await probe.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-            except (sync_redis.RedisError, OSError) as e:
-                errors.append(f"{address[0]}:{address[1]} {e}")
-                self._failed(address)
-                continue
-            finally:
-                await probe.aclose()
-            if (owner := self._answered(address, slots)) is not None:
-                return owner
-            errors.append(f"{address[0]}:{address[1]} serves no such slot")
-        raise self._not_found(errors)
-
-    def primary_sync(self) -> tuple[str, int]:
-        """`primary`, blocking (the worker's heartbeat thread)."""
-        order, each_s = self._plan()
-        errors = []
-        for address in order:
-            probe = sync_redis.Redis(host=address[0], port=address[1], **self._probe_kwargs(Retry, each_s))
-            try:
-                slots = probe.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
-            except (sync_redis.RedisError, OSError) as e:
-                errors.append(f"{address[0]}:{address[1]} {e}")
-                self._failed(address)
-                continue
-            finally:
-                probe.close()
-            if (owner := self._answered(address, slots)) is not None:
-                return owner
-            errors.append(f"{address[0]}:{address[1]} serves no such slot")
-        raise self._not_found(errors)
-
-
-# redis-py's connections open their socket in `_connect`, to `self.host` and `self.port` (the same in
-# every redis-py this project takes, and a test checks it): the cell's connections set them first.
-# A node that answers MOVED or CLUSTERDOWN does not serve the cell (now): the connection's next
-# command goes to a new connection, which asks the cluster again. redis-py's own retry does that
-# for a single command, but not for a pipeline read without raising (`raise_on_error=False`, as
-# a worker's beat is), which would otherwise keep the old node for good.
-class _AsyncCell:
-    def __init__(self, *, cell: _ClusterCell, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.cell = cell
-        self.stale = False
-
-    async def _connect(self) -> None:
-        self.host, self.port = await self.cell.primary()
-        await super()._connect()  # type: ignore[misc]
-
-    async def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return await super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except CLUSTER_REDIRECTS:
-            self.stale = True
-            raise
-
-    async def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-        if self.stale:
-            self.stale = False
-            await self.disconnect()  # type: ignore[attr-defined]
-        await super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
-
-
-class _SyncCell:
-    def __init__(self, *, cell: _ClusterCell, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.cell = cell
-        self.stale = False
-
-    def _connect(self) -> Any:
-        self.host, self.port = self.cell.primary_sync()
-        return super()._connect()  # type: ignore[misc]
-
-    def read_response(self, *args: Any, **kwargs: Any) -> Any:
-        try:
-            return super().read_response(*args, **kwargs)  # type: ignore[misc]
-        except CLUSTER_REDIRECTS:
-            self.stale = True
-            raise
-
-    def send_packed_command(self, *args: Any, **kwargs: Any) -> None:
-        if self.stale:
-            self.stale = False
-            self.disconnect()  # type: ignore[attr-defined]
-        super().send_packed_command(*args, **kwargs)  # type: ignore[misc]
-
-
-class _AsyncCellConnection(_AsyncCell, async_connection.Connection): ...
-
-
-class _AsyncCellTLSConnection(_AsyncCell, async_connection.SSLConnection): ...
-
-
-class _SyncCellConnection(_SyncCell, sync_connection.Connection): ...
-
-
-class _SyncCellTLSConnection(_SyncCell, sync_connection.SSLConnection): ...
-
-
-# A node that does not serve the cell refuses every command for it, none runs: redis-py sends them
-# again, a pipeline whole, on a new connection (to the primary the cluster names now). Not `ASK` and
-# `TRYAGAIN` (the slot's keys are moving): a pipeline may have run in part, and sent again it would
-# run that part twice; such a command fails as on a lost connection. The scripts on the hot path
-# (`pipelined`) wait out a move as well, where the node refused the whole send.
-CLUSTER_REDIRECTS = (MovedError, ClusterDownError)
-_REDIRECT_RETRIES = 10  # at most 0.5 s apart: about 4 s in all
-
-
-def _cluster_kwargs(url: str, tls_class: type, plain_class: type, timeout_s: float, retry: type) -> dict[str, Any]:
-    """Connection settings for the pool's cell on the cluster of `url`."""
-    target = parse_cluster_url(url)
-    return {
-        "connection_class": tls_class if target.tls else plain_class,
-        "cell": _ClusterCell(target, timeout_s),
-        "host": target.seeds[0][0],  # replaced by the cell's primary on each connection
-        "port": target.seeds[0][1],
-        # Only the redirects: a lost connection fails at once, as with one Redis (the caller answers 503).
-        "retry": retry(ExponentialBackoff(cap=0.5, base=0.05), _REDIRECT_RETRIES, supported_errors=CLUSTER_REDIRECTS),
-        "retry_on_error": list(CLUSTER_REDIRECTS),
-        **{k: v for k, v in target.server_kwargs().items() if k != "ssl"},
-    }
-
-
 UNBOUNDED = 2**31  # connections: what "no bound" was in redis-py before its default became 100
 
 
@@ -517,7 +337,7 @@ def async_client(
     socket_timeout: float | None = None,
     max_connections: int | None = None,
     pool_timeout: float | None = None,
-) -> Redis:
+) -> RedisClient:
     """An asyncio client for `url`. `max_connections` bounds its pool, and a caller past the bound
     waits up to `pool_timeout` for a connection (a blocking pool); without it the pool is unbounded
     (redis-py's own default bound, 100 since its 6.x, failed a worker whose job slots each block on a
@@ -536,11 +356,14 @@ def async_client(
     }
     keys.use_cluster_layout(is_cluster_url(url))
     if is_cluster_url(url):
-        cell = _cluster_kwargs(url, _AsyncCellTLSConnection, _AsyncCellConnection, socket_connect_timeout, AsyncRetry)
-        if max_connections is None:
-            return Redis.from_pool(ConnectionPool(max_connections=UNBOUNDED, **cell, **common))
-        bounded = BlockingConnectionPool(max_connections=max_connections, timeout=pool_timeout, **cell, **common)
-        return Redis.from_pool(bounded)
+        cluster = parse_cluster_url(url)
+        return RedisCluster(
+            startup_nodes=[AsyncClusterNode(host, port) for host, port in cluster.seeds],
+            # Per node; a caller past the bound fails at once (redis-py's cluster client does not wait).
+            max_connections=UNBOUNDED if max_connections is None else max_connections,
+            **common,
+            **cluster.server_kwargs(),
+        )
     if not is_sentinel_url(url):
         check_url(url)
         if max_connections is None:
@@ -568,7 +391,7 @@ def sync_client(
     decode_responses: bool = False,
     socket_connect_timeout: float = 5.0,
     socket_timeout: float | None = None,
-) -> sync_redis.Redis:
+) -> SyncRedisClient:
     """A blocking client for `url` (the worker's heartbeat thread, tests). Raises `RedisUrlError`."""
     common: dict[str, Any] = {
         "decode_responses": decode_responses,
@@ -577,8 +400,9 @@ def sync_client(
     }
     keys.use_cluster_layout(is_cluster_url(url))
     if is_cluster_url(url):
-        cell = _cluster_kwargs(url, _SyncCellTLSConnection, _SyncCellConnection, socket_connect_timeout, Retry)
-        return sync_redis.Redis.from_pool(sync_redis.ConnectionPool(**cell, **common))
+        cluster = parse_cluster_url(url)
+        nodes = [sync_cluster.ClusterNode(host, port) for host, port in cluster.seeds]  # type: ignore[no-untyped-call]
+        return sync_redis.RedisCluster(startup_nodes=nodes, **common, **cluster.server_kwargs())
     if not is_sentinel_url(url):
         check_url(url)
         return sync_redis.Redis.from_url(url, **common)
@@ -596,19 +420,24 @@ def _sentinel_connection(target: SentinelTarget, timeout_s: float) -> dict[str, 
     return {"socket_connect_timeout": timeout_s, "socket_timeout": timeout_s, **target.sentinel_kwargs()}
 
 
-def finds_primary_through_sentinel(redis: Redis) -> bool:
-    return isinstance(redis.connection_pool, async_sentinel.SentinelConnectionPool)
+def finds_primary_through_sentinel(redis: RedisClient) -> bool:
+    return _sentinel_pool(redis) is not None
 
 
-async def still_primary(redis: Redis, run_id: str) -> bool:
+def _sentinel_pool(redis: RedisClient) -> async_sentinel.SentinelConnectionPool | None:
+    if isinstance(redis, Redis) and isinstance(redis.connection_pool, async_sentinel.SentinelConnectionPool):
+        return redis.connection_pool
+    return None
+
+
+async def still_primary(redis: RedisClient, run_id: str) -> bool:
     """Whether the client's Sentinels name the server with `run_id` as the primary, with no failover of
     it under way: every one that answers, and most of them. True for a client of a single Redis
     (nobody else could be primary).
 
     Every one, not most: in a failover only the Sentinel that leads it knows at first (the others
     learn the new primary from it a second or two after it has switched)."""
-    pool = redis.connection_pool
-    if not isinstance(pool, async_sentinel.SentinelConnectionPool):
+    if (pool := _sentinel_pool(redis)) is None:
         return True
     sentinels = pool.sentinel_manager.sentinels
     answers = await asyncio.gather(
@@ -629,14 +458,19 @@ async def still_primary(redis: Redis, run_id: str) -> bool:
     return confirming > len(sentinels) // 2
 
 
-async def reconnect(redis: Redis) -> None:
-    """Close `redis`'s idle connections and its shared one (`pipelined`): each new one asks the
-    Sentinels where the primary is. Those in use end with their command."""
+async def reconnect(redis: RedisClient) -> None:
+    """Close `redis`'s idle connections and its shared ones (`pipelined`): each new one asks the
+    Sentinels where the primary is (a cluster client, its nodes). Those in use end with their command."""
     pipelined.drop(redis)
-    await redis.connection_pool.disconnect(inuse_connections=False)
+    if isinstance(redis, RedisCluster):
+        await redis.nodes_manager.initialize()
+    else:
+        await redis.connection_pool.disconnect(inuse_connections=False)
 
 
-async def follow_failovers(redis: Redis, on_switch: Callable[[str], Awaitable[None]], stop: asyncio.Event) -> None:
+async def follow_failovers(
+    redis: RedisClient, on_switch: Callable[[str], Awaitable[None]], stop: asyncio.Event
+) -> None:
     """Until `stop`: hear every Sentinel of `redis` announce a failover of its primary (`+switch-master`)
     and call `on_switch` with the new primary's address. Returns at once for a client of a single Redis.
 
@@ -644,8 +478,7 @@ async def follow_failovers(redis: Redis, on_switch: Callable[[str], Awaitable[No
     for seconds after the switch (until a Sentinel makes it a replica), and whatever it takes then is
     lost. Sentinel clients are meant to listen for the switch (as Jedis and Lettuce do): each Sentinel
     is heard, since in a failover only the one leading it knows at first."""
-    pool = redis.connection_pool
-    if not isinstance(pool, async_sentinel.SentinelConnectionPool):
+    if (pool := _sentinel_pool(redis)) is None:
         return
     switched_to = ""
 

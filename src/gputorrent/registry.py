@@ -14,9 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
-from redis import Redis as SyncRedis
-from redis.asyncio import Redis
 from redis.client import Pipeline
+from redis.cluster import ClusterPipeline
 from redis.exceptions import ResponseError, WatchError
 
 from gputorrent import keys
@@ -30,6 +29,7 @@ from gputorrent.protocol import (
     WorkerRecord,
     WorkerState,
 )
+from gputorrent.redis_client import RedisClient, SyncRedisClient
 from gputorrent.scripts import Script
 from gputorrent.telemetry import Telemetry
 
@@ -88,7 +88,7 @@ return 1
 
 
 async def register(
-    redis: Redis,
+    redis: RedisClient,
     record: WorkerRecord,
     heartbeat_ttl_s: float,
     secret_hash: str,
@@ -131,7 +131,7 @@ async def register(
 
 
 def beat(
-    client: SyncRedis, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool,
+    client: SyncRedisClient, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool,
     registered: bool = False, registered_at: float | None = None,
 ) -> BeatAnswer:  # fmt: skip
     """Refresh the worker's liveness key with its load and condition (blocking: it runs on its own
@@ -153,7 +153,13 @@ def beat_replies(swarm_epoch: bool) -> int:
 
 
 def queue_beat(
-    pipe: Pipeline, worker_id: str, heartbeat: Heartbeat, ttl_s: float, *, swarm_epoch: bool, registered: bool = False
+    pipe: Pipeline | ClusterPipeline,
+    worker_id: str,
+    heartbeat: Heartbeat,
+    ttl_s: float,
+    *,
+    swarm_epoch: bool,
+    registered: bool = False,
 ) -> None:
     """Add one beat's commands to `pipe`, whose replies go to `beat_answer` (`beat_replies(swarm_epoch)`
     of them, one more with `registered`: the worker's record). Only a worker with a swarm reads the
@@ -224,7 +230,7 @@ def _told_epoch_unreadable() -> None:
     _epoch_unreadable_told = True
 
 
-async def add_model(redis: Redis, worker_id: str, model: str, *, registered_at: float | None = None) -> bool:
+async def add_model(redis: RedisClient, worker_id: str, model: str, *, registered_at: float | None = None) -> bool:
     """Add `model` to the models the worker's registration lists (a pull made it serve one more),
     so routing and the model listings see it; a model already listed is left as it is.
 
@@ -244,7 +250,7 @@ async def add_model(redis: Redis, worker_id: str, model: str, *, registered_at: 
     return await _update_record(redis, worker_id, added, registered_at)
 
 
-async def set_group(redis: Redis, worker_id: str, group: Group, *, registered_at: float | None = None) -> bool:
+async def set_group(redis: RedisClient, worker_id: str, group: Group, *, registered_at: float | None = None) -> bool:
     """Replace where the worker's split model lies (its group re-formed on other hosts); False when the
     worker is not registered (with `registered_at`, not as the registration made then)."""
     return await _update_record(
@@ -252,7 +258,7 @@ async def set_group(redis: Redis, worker_id: str, group: Group, *, registered_at
     )
 
 
-async def registered_by_another(redis: Redis, worker_id: str, registered_at: float | None) -> bool:
+async def registered_by_another(redis: RedisClient, worker_id: str, registered_at: float | None) -> bool:
     """Whether the worker's record is another registration than the one made at `registered_at` (the
     id was registered again since; a missing record, or `registered_at` None, is not)."""
     if registered_at is None:
@@ -262,7 +268,7 @@ async def registered_by_another(redis: Redis, worker_id: str, registered_at: flo
 
 
 async def _update_record(
-    redis: Redis, worker_id: str, change: Callable[[WorkerRecord], WorkerRecord | None],
+    redis: RedisClient, worker_id: str, change: Callable[[WorkerRecord], WorkerRecord | None],
     registered_at: float | None = None,
 ) -> bool:  # fmt: skip
     """Rewrite the worker's record as `change` says (None: leave it); a transaction on the record (WATCH,
@@ -294,7 +300,7 @@ async def _update_record(
                 continue
 
 
-async def mark_gone(redis: Redis, worker_id: str) -> None:
+async def mark_gone(redis: RedisClient, worker_id: str) -> None:
     """Declare the worker dead now (it is shutting down) so no new job is routed to it; a drain asked
     of it is done."""
     await redis.delete(keys.heartbeat_key(worker_id), keys.drain_key(worker_id))
@@ -334,7 +340,7 @@ return 1
 )
 
 
-async def deregister(redis: Redis, worker_id: str) -> bool:
+async def deregister(redis: RedisClient, worker_id: str) -> bool:
     """Remove the worker from the pool if its queue and processing list are empty, else only mark it gone.
 
     Returns whether it left the registry. The hash of its secret stays (a worker's Redis user need
@@ -393,7 +399,7 @@ return 1
 )
 
 
-async def forget_dead(redis: Redis, worker_id: str) -> bool:
+async def forget_dead(redis: RedisClient, worker_id: str) -> bool:
     """Remove a dead worker whose lists are empty from the registry, its secret with it (the reaper,
     once it has been dead for `GPUTORRENT_DEAD_WORKER_RETENTION_S`). Nothing changes, and it returns
     False, if the worker beats again or registered anew, if `liveness:grace` holds, or if it still
@@ -450,7 +456,7 @@ class KnownRecords:
 FULL_READ_EVERY = 20
 
 
-async def snapshot(redis: Redis, known: KnownRecords | None = None) -> list[WorkerState]:
+async def snapshot(redis: RedisClient, known: KnownRecords | None = None) -> list[WorkerState]:
     """Every registered worker with its state, load and queue length, sorted by id, read cell by cell.
 
     Per cell, one round trip for the lengths of every non-empty list (`keys.list_lengths(cell)`, which
@@ -506,7 +512,7 @@ def _count_lists(
 
 
 async def _read_cell(
-    redis: Redis, cell: int, version: str | None, known: KnownCell | None
+    redis: RedisClient, cell: int, version: str | None, known: KnownCell | None
 ) -> tuple[list[str], list[str | None], list[str | None]]:
     """The ids of the cell's workers, sorted, with their records' and heartbeats' texts (`snapshot`).
     `version`: the cell's registry version now (None in a pool written before the version was: every
@@ -520,8 +526,9 @@ async def _read_cell(
         beats = [keys.heartbeat_key(worker_id) for worker_id in chunk]
         if full:
             async with redis.pipeline(transaction=False) as pipe:
-                pipe.mget([keys.worker_key(worker_id) for worker_id in chunk])
-                pipe.mget(beats)
+                # By name: redis-py's cluster pipeline refuses `mget`, though one cell's keys are in one slot.
+                pipe.execute_command("MGET", *(keys.worker_key(worker_id) for worker_id in chunk))
+                pipe.execute_command("MGET", *beats)
                 chunk_records, chunk_beats = await pipe.execute()
         else:
             chunk_records, chunk_beats = [known.records.get(w) for w in chunk], await redis.mget(beats)  # type: ignore[union-attr]
@@ -534,7 +541,7 @@ async def _read_cell(
     return ids, record_texts, heartbeat_texts
 
 
-async def with_telemetry(redis: Redis, workers: Sequence[WorkerState]) -> list[WorkerState]:
+async def with_telemetry(redis: RedisClient, workers: Sequence[WorkerState]) -> list[WorkerState]:
     """`workers` (rows of `snapshot`) with the telemetry of their heartbeats, which `snapshot` leaves
     out; read in steps of `SNAPSHOT_CHUNK`, for the listings that show it. Each row's `registered_at`
     is read again with it, so that the two always belong to one run of the worker (`/metrics` tells a
@@ -551,8 +558,8 @@ async def with_telemetry(redis: Redis, workers: Sequence[WorkerState]) -> list[W
         heartbeat_texts: list[str | None] = [None] * len(chunk)
         async with redis.pipeline(transaction=False) as pipe:
             for places in by_cell.values():
-                pipe.mget([keys.worker_key(chunk[at].worker_id) for at in places])
-                pipe.mget([keys.heartbeat_key(chunk[at].worker_id) for at in places])
+                pipe.execute_command("MGET", *(keys.worker_key(chunk[at].worker_id) for at in places))  # as above
+                pipe.execute_command("MGET", *(keys.heartbeat_key(chunk[at].worker_id) for at in places))
             replies = await pipe.execute()
         for places, cell_records, cell_beats in zip(by_cell.values(), replies[::2], replies[1::2], strict=True):
             for at, record_raw, heartbeat_raw in zip(places, cell_records, cell_beats, strict=True):

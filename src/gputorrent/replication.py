@@ -37,11 +37,11 @@ import weakref
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from redis.asyncio import Redis
 from redis.exceptions import ConnectionError, NoPermissionError, NoScriptError, RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from gputorrent import pipelined, redis_client
+from gputorrent import keys, pipelined, redis_client
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import ArgsT, KeysT, NoArgs, Script
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,7 @@ class StalePrimary(RedisError):
 class ReplicaWait:
     """What one client's acknowledged writes wait for; made by `configure`."""
 
-    def __init__(self, redis: Redis, replicas: int | Literal["auto"], timeout_ms: int) -> None:
+    def __init__(self, redis: RedisClient, replicas: int | Literal["auto"], timeout_ms: int) -> None:
         self.replicas = replicas
         self.timeout_ms = timeout_ms
         self._redis = redis
@@ -142,7 +142,9 @@ class ReplicaWait:
     async def _primary_state(self) -> tuple[str, int]:
         """The primary's run id and its replicas online (`INFO server replication`)."""
         try:
-            info = await pipelined.pipelined(self._redis).execute("INFO", "server", "replication")
+            # On a cluster: the primary of cell 0's slot (the pool's home keys), taken to speak for all.
+            home = keys.worker_index()
+            info = await pipelined.pipelined(self._redis, home).execute("INFO", "server", "replication")
         except NoPermissionError:
             if not self._refused_info:
                 log.warning(
@@ -184,17 +186,17 @@ class ReplicaWait:
         raise Unreplicated(write, request_id, replicas, wanted, self.timeout_ms)
 
 
-_waits: weakref.WeakKeyDictionary[Redis, ReplicaWait] = weakref.WeakKeyDictionary()
+_waits: weakref.WeakKeyDictionary[RedisClient, ReplicaWait] = weakref.WeakKeyDictionary()
 
 
-def configure(redis: Redis, replicas: int | Literal["auto"], timeout_ms: int) -> None:
+def configure(redis: RedisClient, replicas: int | Literal["auto"], timeout_ms: int) -> None:
     """Make `redis`'s admissions and stored results wait for `replicas` (or `auto`) up to `timeout_ms`.
     A client never configured waits for none (tools, tests)."""
     _waits[redis] = ReplicaWait(redis, replicas, timeout_ms)
 
 
 async def run(
-    redis: Redis, write: Write, request_id: str, script: Script[KeysT, ArgsT], keys: KeysT, args: ArgsT
+    redis: RedisClient, write: Write, request_id: str, script: Script[KeysT, ArgsT], keys: KeysT, args: ArgsT
 ) -> Any:
     """The reply of `script` over `keys` and `args`, once the replicas wanted have its writes.
 
@@ -208,7 +210,7 @@ async def run(
     numkeys, flat = script.call(keys, args)
     wait = ("WAIT", wanted, waiting.timeout_ms)
     try:
-        async with pipelined.borrowed(redis) as connection:
+        async with pipelined.borrowed(redis, flat[0] if numkeys else None) as connection:
             try:
                 reply, replicas = await connection.execute_all(
                     ("EVALSHA", script.sha, numkeys, *flat), wait, blocks_s=waiting.timeout_ms / 1000
@@ -242,7 +244,7 @@ return value
 )
 
 
-async def confirm(redis: Redis, write: Write, request_id: str, key: str) -> Any:
+async def confirm(redis: RedisClient, write: Write, request_id: str, key: str) -> Any:
     """The value of `key` (None when it is gone), once the replicas wanted have it and everything
     written before it: for a repeat that finds an earlier write done, whose own `WAIT` may have come short.
 

@@ -35,11 +35,11 @@ import types
 import typing
 from typing import Any, Generic, TypeVar
 
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from gputorrent.keys import check_one_cell
 from gputorrent.pipelined import pipelined
+from gputorrent.redis_client import RedisClient
 
 KeysT = TypeVar("KeysT")
 ArgsT = TypeVar("ArgsT")
@@ -155,12 +155,13 @@ class Script(Generic[KeysT, ArgsT]):
                 flat_args.append(_encode(value))
         return len(flat_keys), (*flat_keys, *run_lengths, *flat_args)
 
-    async def run(self, redis: Redis, keys: KeysT, args: ArgsT) -> Any:
+    async def run(self, redis: RedisClient, keys: KeysT, args: ArgsT) -> Any:
         return await self.run_flat(redis, *self.call(keys, args))
 
-    async def run_flat(self, redis: Redis, numkeys: int, keys_and_args: tuple[str | bytes, ...]) -> Any:
+    async def run_flat(self, redis: RedisClient, numkeys: int, keys_and_args: tuple[str | bytes, ...]) -> Any:
         """Run it with what `call` gave (kept by a caller that sends the same call again and again)."""
-        connection = pipelined(redis)  # the hot path's connection: see pipelined.py
+        # The hot path's connection (pipelined.py), to the node serving the keys' slot on a cluster.
+        connection = pipelined(redis, keys_and_args[0] if numkeys else None)
         try:
             return await connection.execute("EVALSHA", self.sha, numkeys, *keys_and_args)
         except NoScriptError:

@@ -12,10 +12,9 @@ from __future__ import annotations
 import uuid
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gputorrent import keys
 from gputorrent.protocol import Shard, ShardAssign, ShardRegistration
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 
 LEASE_S = 30.0  # a group's hold on its hosts without a renewal (the leader renews every few seconds)
@@ -65,7 +64,7 @@ class NotEnoughShards(Exception):
     """The pool's free shard hosts cannot give what a group asks for; the message says what is missing."""
 
 
-async def register(redis: Redis, registration: ShardRegistration, ttl_s: float) -> str:
+async def register(redis: RedisClient, registration: ShardRegistration, ttl_s: float) -> str:
     """Store the host (a new id unless it gives one) and mark it alive; its id."""
     shard_id = registration.shard_id or f"s-{uuid.uuid4().hex[:12]}"
     record = registration.model_copy(update={"shard_id": shard_id})
@@ -77,7 +76,7 @@ async def register(redis: Redis, registration: ShardRegistration, ttl_s: float) 
     return shard_id
 
 
-async def live_address(redis: Redis, shard_id: str) -> tuple[str, int] | None:
+async def live_address(redis: RedisClient, shard_id: str) -> tuple[str, int] | None:
     """Where a live shard host of this id listens; None when there is none."""
     record, alive = await redis.mget(keys.shard_key(shard_id), keys.shard_beat_key(shard_id))
     if record is None or alive is None:
@@ -86,7 +85,7 @@ async def live_address(redis: Redis, shard_id: str) -> tuple[str, int] | None:
     return registration.address, registration.port
 
 
-async def beat(redis: Redis, shard_id: str, memory_bytes: int, ttl_s: float) -> bool:
+async def beat(redis: RedisClient, shard_id: str, memory_bytes: int, ttl_s: float) -> bool:
     """Keep the host alive with what it lends now; False when it is not registered (it registers again)."""
     if not await redis.exists(keys.shard_key(shard_id)):
         return False
@@ -94,14 +93,14 @@ async def beat(redis: Redis, shard_id: str, memory_bytes: int, ttl_s: float) -> 
     return True
 
 
-async def leave(redis: Redis, shard_id: str) -> None:
+async def leave(redis: RedisClient, shard_id: str) -> None:
     async with redis.pipeline(transaction=True) as pipe:
         pipe.delete(keys.shard_key(shard_id), keys.shard_beat_key(shard_id), keys.shard_group_key(shard_id))
         pipe.srem(keys.shards(), shard_id)
         await pipe.execute()
 
 
-async def listing(redis: Redis) -> list[Shard]:
+async def listing(redis: RedisClient) -> list[Shard]:
     """Every registered shard host, alive or not, with what it lends now and the group that holds it."""
     ids = sorted(str(shard_id) for shard_id in await redis.smembers(keys.shards()))
     if not ids:
@@ -131,7 +130,7 @@ async def listing(redis: Redis) -> list[Shard]:
     return shards
 
 
-async def assign(redis: Redis, ask: ShardAssign) -> list[Shard]:
+async def assign(redis: RedisClient, ask: ShardAssign) -> list[Shard]:
     """Hold shard hosts for `ask.group` and return them, the ones that lend most first: `ask.count` of
     them, or the fewest that lend `ask.memory_bytes` together. Hosts the group held and no longer
     gets are let go.
@@ -186,14 +185,14 @@ def _choose(free: list[Shard], ask: ShardAssign) -> list[Shard]:
     return chosen
 
 
-async def renew(redis: Redis, group: str, shard_ids: list[str]) -> list[str]:
+async def renew(redis: RedisClient, group: str, shard_ids: list[str]) -> list[str]:
     """Extend the group's hold on these hosts while they live; the ids it still holds. A host whose
     heartbeat lapsed (dead, or its link cut) is let go: the group re-forms without it."""
     renewal = _LeaseArgs(group=group, lease_ms=int(LEASE_S * 1000))
     return [shard_id for shard_id in shard_ids if await _RENEW.run(redis, _lease(shard_id), renewal)]
 
 
-async def release(redis: Redis, group: str, shard_ids: list[str] | None = None) -> None:
+async def release(redis: RedisClient, group: str, shard_ids: list[str] | None = None) -> None:
     """Let the group's hosts go (these only, with `shard_ids`)."""
     if shard_ids is None:
         shard_ids = [s.shard_id for s in await listing(redis) if s.group == group]

@@ -12,13 +12,12 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequen
 from dataclasses import dataclass
 from typing import Any, cast
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from redis.typing import KeyT, StreamIdT
 
 from gputorrent import keys, pipelined
 from gputorrent.protocol import JobResult, TokenChunk
 from gputorrent.queue.lists import FENCE, MOVES_FIELD
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ return 1
 
 
 async def append(
-    redis: Redis, request_id: str, worker_id: str, text: str, tokens: int, ttl_s: int, *, fence: str = ""
+    redis: RedisClient, request_id: str, worker_id: str, text: str, tokens: int, ttl_s: int, *, fence: str = ""
 ) -> bool:
     """Append text to the stream if `worker_id` still holds the job (with `fence`, under that lease:
     `queue.Lease.fence`); False (nothing written) once it does not: the job was ended (see
@@ -82,7 +81,7 @@ async def append(
     return bool(await _APPEND.run(redis, where, append_args))
 
 
-async def sent_so_far(redis: Redis, request_id: str) -> tuple[str, int]:
+async def sent_so_far(redis: RedisClient, request_id: str) -> tuple[str, int]:
     """The text an earlier attempt of the job already streamed, and its token count."""
     entries = cast(list[tuple[str, dict[str, str]]], await redis.xrange(keys.stream_key(request_id)))
     texts = [fields for _, fields in entries if TEXT_FIELD in fields]
@@ -94,7 +93,7 @@ StreamEntry = tuple[str, TokenChunk | JobResult]
 
 
 async def follow(
-    redis: Redis, request_id: str, timeout_s: float, after: str = "0-0"
+    redis: RedisClient, request_id: str, timeout_s: float, after: str = "0-0"
 ) -> AsyncIterator[list[StreamEntry]]:
     """Read the stream from after the entry id `after`, in rounds of at most `FOLLOW_BLOCK_MS`: each
     round's text (maybe none), the `JobResult` last; stops after the result, or after `timeout_s` without one."""
@@ -104,7 +103,7 @@ async def follow(
     key = keys.stream_key(request_id)
     read = ("XREAD", "COUNT", "512", "BLOCK", str(FOLLOW_BLOCK_MS), "STREAMS", key)
     # A connection of its own while it blocks, on the lean path (pipelined.py): a round per batch of text.
-    async with pipelined.borrowed(redis) as connection:
+    async with pipelined.borrowed(redis, key) as connection:
         while loop.time() < deadline:
             (reply,) = await connection.execute_all((*read, last_id), blocks_s=FOLLOW_BLOCK_MS / 1000)
             batch: list[StreamEntry] = []
@@ -120,7 +119,7 @@ async def follow(
 
 
 async def follow_many(
-    redis: Redis, request_ids: Sequence[str], timeout_s: float
+    redis: RedisClient, request_ids: Sequence[str], timeout_s: float
 ) -> AsyncIterator[list[tuple[str, StreamEntry]]]:
     """Read several streams from their start with one XREAD per round (at most `FOLLOW_BLOCK_MS`):
     each round's entries with their request ids (maybe none), each stream's `JobResult` last of it;
@@ -187,7 +186,7 @@ class StreamWriter:
                 self._pending.clear()
                 if not await self._append(text, tokens):
                     self.cancelled = True
-        except (RedisError, OSError) as e:  # kept for close(): a later push must not lose it
+        except REDIS_FAILURES as e:  # kept for close(): a later push must not lose it
             self.failure = e
             self._pending.clear()
 

@@ -22,12 +22,11 @@ from types import FrameType
 from typing import TypeVar
 
 import httpx
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gputorrent import redis_client
 from gputorrent.config import PACKAGED_CHAT_MODEL
 from gputorrent.embedded import EmbeddedRedis
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 
 T = TypeVar("T")
 
@@ -209,11 +208,11 @@ def _revoke(redis_url: str, key_id: str) -> None:
 
     try:
         asyncio.run(_with_redis(redis_url, lambda redis: auth.revoke_key(redis, key_id)))
-    except (RedisError, OSError) as e:
+    except REDIS_FAILURES as e:
         print(f"could not revoke the worker's join key {key_id} ({e}); `gputorrent keys revoke {key_id}`", flush=True)
 
 
-async def _with_redis(redis_url: str, action: Callable[[Redis], Awaitable[T]]) -> T:
+async def _with_redis(redis_url: str, action: Callable[[RedisClient], Awaitable[T]]) -> T:
     redis = redis_client.async_client(redis_url, socket_connect_timeout=5)
     try:
         return await action(redis)

@@ -1,6 +1,7 @@
 """The client of a `redis+cluster://` URL on a real three-primary Redis Cluster (tests/cluster.py):
-it reaches the primary of the pool's cell, follows the cell when its slot moves, and holds a command
-while the slot's keys migrate; and the redis-py private parts it and `pipelined.py` build on are there."""
+redis-py's `RedisCluster`, and `pipelined.py`'s connection per slot beside it. Each reaches the
+primary serving a key's slot, follows the slot when it moves, and holds a script while the slot's
+keys migrate; and the redis-py private parts `pipelined.py` builds on are there."""
 
 from __future__ import annotations
 
@@ -11,49 +12,49 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio.connection as async_connection
-import redis.connection as sync_connection
-from redis.asyncio import Redis
+from redis.asyncio import RedisCluster
+from redis.asyncio.cluster import ClusterNode, NodesManager
 from redis.crc import key_slot
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MovedError
 
 from gputorrent import keys, pipelined, redis_client
+from gputorrent.redis_client import REDIS_FAILURES
 from tests.cluster import ClusterDeployment
 
 CELL = key_slot(keys.CLUSTER_CELL_TAG.encode())
 
 
 @pytest.fixture
-async def cell_client(cluster: ClusterDeployment) -> AsyncIterator[Redis]:
+async def cell_client(cluster: ClusterDeployment) -> AsyncIterator[RedisCluster]:
     """A client of the cluster, empty before each test."""
     for node in cluster.primaries():
         node.client.flushall()
     client = redis_client.async_client(cluster.url)
+    assert isinstance(client, RedisCluster)
     yield client
     await client.aclose()
 
 
 def test_the_redis_py_private_parts_the_project_uses_are_there() -> None:
-    """redis_client.py opens a cell's connections by setting `host` and `port` before `_connect`;
-    pipelined.py writes and reads a pool's connection through `_writer` and `_reader`. A redis-py
-    that changes them fails here, not silently in production (pyproject.toml bounds its version)."""
-    for cls in (async_connection.Connection, async_connection.SSLConnection):
-        assert inspect.iscoroutinefunction(cls._connect), cls
-        assert {"host", "port"} <= set(inspect.signature(cls.__init__).parameters) | set(
-            inspect.signature(async_connection.Connection.__init__).parameters
-        )
-    for sync_cls in (sync_connection.Connection, sync_connection.SSLConnection):
-        assert callable(sync_cls._connect) and not inspect.iscoroutinefunction(sync_cls._connect), sync_cls
+    """pipelined.py takes a connection for a slot from the cluster client's node (`nodes_manager`,
+    `get_node_from_slot`, `acquire_connection`, `release`), reads the slot map again after a `MOVED`
+    (`initialize`), and writes and reads a connection through `_writer` and `_reader`. A redis-py that
+    changes them fails here, not silently in production (pyproject.toml bounds its version)."""
+    assert callable(RedisCluster.get_connection_kwargs)
+    assert inspect.iscoroutinefunction(NodesManager.initialize)
+    assert callable(NodesManager.get_node_from_slot)
+    assert callable(ClusterNode.acquire_connection) and not inspect.iscoroutinefunction(ClusterNode.acquire_connection)
+    assert callable(ClusterNode.release) and not inspect.iscoroutinefunction(ClusterNode.release)
     connection = async_connection.Connection()
     assert connection._reader is None and connection._writer is None
 
 
 async def test_a_cluster_client_names_keys_in_the_cell_and_reaches_its_primary(
-    cluster: ClusterDeployment, cell_client: Redis
+    cluster: ClusterDeployment, cell_client: RedisCluster
 ) -> None:
     assert keys.queue_key("w1") == "{c0}queue:w1"  # the client named the keys for the cluster
     await cell_client.rpush(keys.queue_key("w1"), "r1")
-    assert await pipelined.pipelined(cell_client).execute("LLEN", keys.queue_key("w1")) == 1
+    assert await pipelined.pipelined(cell_client, keys.queue_key("w1")).execute("LLEN", keys.queue_key("w1")) == 1
     owner = cluster.primary_of(CELL)
     assert owner is not None and owner.client.lrange("{c0}queue:w1", 0, -1) == ["r1"]
     sync = redis_client.sync_client(cluster.url, decode_responses=True)
@@ -63,10 +64,35 @@ async def test_a_cluster_client_names_keys_in_the_cell_and_reaches_its_primary(
         sync.close()
 
 
-async def test_the_client_follows_the_cell_when_its_slot_moves_and_holds_commands_while_it_migrates(
-    cluster: ClusterDeployment, cell_client: Redis
+async def test_a_call_on_a_cluster_must_name_a_key_of_its_slot(cell_client: RedisCluster) -> None:
+    with pytest.raises(ValueError, match="names a key of its slot"):
+        pipelined.pipelined(cell_client)
+
+
+async def test_each_slot_has_its_own_connection_to_the_primary_serving_it(
+    cluster: ClusterDeployment, cell_client: RedisCluster
 ) -> None:
-    shared = pipelined.pipelined(cell_client)
+    """Keys of slots on three primaries, each read through its slot's shared connection."""
+    by_primary: dict[int, str] = {}
+    for i in range(1000):
+        name = f"{{k{i}}}x"
+        owner = cluster.primary_of(key_slot(name.encode()))
+        assert owner is not None
+        by_primary.setdefault(owner.port, name)
+        if len(by_primary) == 3:
+            break
+    assert len(by_primary) == 3
+    for port, name in by_primary.items():
+        await pipelined.pipelined(cell_client, name).execute("SET", name, str(port))
+    for node in cluster.primaries():
+        assert node.client.get(by_primary[node.port]) == str(node.port)
+    assert len({id(pipelined.pipelined(cell_client, name)) for name in by_primary.values()}) == 3
+
+
+async def test_the_client_follows_the_cell_when_its_slot_moves_and_holds_scripts_while_it_migrates(
+    cluster: ClusterDeployment, cell_client: RedisCluster
+) -> None:
+    shared = pipelined.pipelined(cell_client, keys.job_key("before"))
     await shared.execute("SET", keys.job_key("before"), "1")
     new = next(node for node in cluster.primaries() if node is not cluster.primary_of(CELL))
     old = cluster.begin_migration(CELL, to=new)  # half a move: no key has moved yet
@@ -84,34 +110,30 @@ async def test_the_client_follows_the_cell_when_its_slot_moves_and_holds_command
     assert await cell_client.get(keys.job_key("during")) == "2"
 
 
-def test_a_blocking_clients_pipeline_that_reads_moved_without_raising_goes_to_the_new_primary_next(
-    cluster: ClusterDeployment, cell_client: Redis
+def test_a_blocking_clients_pipeline_goes_to_the_new_primary_after_its_slot_moved(
+    cluster: ClusterDeployment, cell_client: RedisCluster
 ) -> None:
-    """A worker's beat is such a pipeline (`raise_on_error=False`): redis-py neither retries it nor
-    drops its connection, so without the cell's own check every later beat would reach the old node."""
+    """A worker's beat is such a pipeline, read without raising (`raise_on_error=False`)."""
     sync = redis_client.sync_client(cluster.url, decode_responses=True)
     try:
         assert sync.set(keys.heartbeat_key("w1"), "1")
         owner = cluster.primary_of(CELL)
-        cluster.migrate_slot(CELL, to=next(node for node in cluster.primaries() if node is not owner))
+        new = next(node for node in cluster.primaries() if node is not owner)
+        cluster.migrate_slot(CELL, to=new)
         with sync.pipeline(transaction=False) as pipe:
             pipe.set(keys.heartbeat_key("w1"), "2")
-            (refused,) = pipe.execute(raise_on_error=False)
-        assert isinstance(refused, MovedError)
-        with sync.pipeline(transaction=False) as pipe:
-            pipe.set(keys.heartbeat_key("w1"), "3")
             assert pipe.execute(raise_on_error=False) == [True]
-        assert sync.get(keys.heartbeat_key("w1")) == "3"
+        assert new.client.get("{c0}heartbeat:w1") == "2"
     finally:
         sync.close()
 
 
 async def test_a_send_the_node_ran_only_part_of_is_a_connection_error_not_sent_again(
-    cluster: ClusterDeployment, cell_client: Redis
+    cluster: ClusterDeployment, cell_client: RedisCluster
 ) -> None:
     """Mid-migration the old primary runs a command on a key it still has and refuses one on a key it
     lacks: sending both again would run the first twice, so the caller gets a lost connection's error."""
-    shared = pipelined.pipelined(cell_client)
+    shared = pipelined.pipelined(cell_client, keys.job_key("here"))
     await shared.execute("SET", keys.job_key("here"), "0")
     new = next(node for node in cluster.primaries() if node is not cluster.primary_of(CELL))
     old = cluster.begin_migration(CELL, to=new)
@@ -125,12 +147,16 @@ async def test_a_send_the_node_ran_only_part_of_is_a_connection_error_not_sent_a
     assert await shared.execute("EXISTS", keys.job_key("elsewhere")) == 0
 
 
-async def test_a_cluster_none_of_whose_nodes_answers_is_a_connection_error_naming_the_slot(tmp_path: Path) -> None:
+async def test_a_cluster_none_of_whose_nodes_answers_fails_as_redis_being_away(tmp_path: Path) -> None:
+    """redis-py's cluster client raises errors that are not `RedisError`s there: `REDIS_FAILURES`
+    names them, so every caller that answers 503 or tries again treats them so."""
     with ClusterDeployment(tmp_path / "cluster") as cluster:
         url = cluster.url
     client = redis_client.async_client(url, socket_connect_timeout=0.5)
     try:
-        with pytest.raises(RedisConnectionError, match=f"primary of slot {CELL}"):
+        with pytest.raises(REDIS_FAILURES):
             await client.get(keys.workers(0))
+        with pytest.raises(REDIS_FAILURES):
+            await pipelined.pipelined(client, keys.workers(0)).execute("GET", keys.workers(0))
     finally:
         await client.aclose()

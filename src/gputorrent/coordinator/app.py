@@ -12,7 +12,6 @@ from fastapi import FastAPI, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
 from gputorrent import __version__, auth, keys, queue, redis_client, replication
@@ -39,6 +38,7 @@ from gputorrent.coordinator.routes import (
 )  # fmt: skip
 from gputorrent.coordinator.snapshot import pool_snapshot
 from gputorrent.errors import GPUTorrentError, RateLimited, RedisUnavailable, Unauthorized
+from gputorrent.redis_client import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,9 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     app.add_exception_handler(GPUTorrentError, _domain_error)  # type: ignore[arg-type]
     app.add_exception_handler(RequestValidationError, _validation_error)  # type: ignore[arg-type]
     app.add_exception_handler(HTTPException, _http_error)  # type: ignore[arg-type]
-    app.add_exception_handler(RedisError, _redis_down)
+    for failure in REDIS_FAILURES:
+        if failure is not OSError:  # any other OSError is the coordinator's own (a 500)
+            app.add_exception_handler(failure, _redis_down)
     return app
 
 

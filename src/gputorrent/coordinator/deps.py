@@ -13,7 +13,6 @@ from typing import Annotated, Any
 from fastapi import Depends, Request
 from fastapi.exceptions import RequestValidationError
 from pydantic import Field, TypeAdapter, ValidationError
-from redis.asyncio import Redis
 
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import dispatch, relay
@@ -28,9 +27,10 @@ from gputorrent.protocol import (
     InferenceRequest,
     JobResult,
 )
+from gputorrent.redis_client import RedisClient
 
 
-async def _redis(request: Request) -> Redis:
+async def _redis(request: Request) -> RedisClient:
     return request.app.state.redis  # type: ignore[no-any-return]
 
 
@@ -42,7 +42,7 @@ async def _waiter(request: Request) -> ResultWaiter:
     return request.app.state.waiter  # type: ignore[no-any-return]
 
 
-RedisDep = Annotated[Redis, Depends(_redis)]
+RedisDep = Annotated[RedisClient, Depends(_redis)]
 SettingsDep = Annotated[CoordinatorSettings, Depends(_settings)]
 WaiterDep = Annotated[ResultWaiter, Depends(_waiter)]
 
@@ -109,7 +109,7 @@ class Submission:
     caller: Caller
 
     @property
-    def redis(self) -> Redis:
+    def redis(self) -> RedisClient:
         return self.request.app.state.redis  # type: ignore[no-any-return]
 
     @property

@@ -8,8 +8,6 @@ import time
 import uuid
 from typing import Any
 
-from redis.asyncio import Redis
-
 from gputorrent import keys, logs, queue, replication, routing
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator import metrics, overhead, quotas
@@ -17,6 +15,7 @@ from gputorrent.coordinator.security import Caller, owns
 from gputorrent.coordinator.snapshot import PoolSnapshot, pool_snapshot
 from gputorrent.errors import Conflict, ModelNotFound, NoWorkersAvailable, RateLimited
 from gputorrent.protocol import Accepted, EmbeddingRequest, InferenceRequest, Job, WorkerState
+from gputorrent.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,7 @@ def new_request_id(cell: int = keys.HOME_CELL) -> str:
 
 
 async def admit(
-    redis: Redis,
+    redis: RedisClient,
     request: InferenceRequest | EmbeddingRequest,
     settings: CoordinatorSettings,
     caller: Caller,
@@ -83,7 +82,7 @@ async def admit(
 
 
 async def _route_and_enqueue(
-    redis: Redis,
+    redis: RedisClient,
     snapshot: PoolSnapshot,
     request: InferenceRequest | EmbeddingRequest,
     settings: CoordinatorSettings,
@@ -155,13 +154,15 @@ def _queue_full(why: str) -> RateLimited:
     return RateLimited(f"the queue is full: {why}; retry later", retry_after_s=QUEUE_FULL_RETRY_AFTER_S)
 
 
-async def _seen(redis: Redis, idempotency_key: str, cell: int) -> str | None:
+async def _seen(redis: RedisClient, idempotency_key: str, cell: int) -> str | None:
     """The request id an idempotency key (its record in `cell`) admitted before; None when the key is new."""
     found_id = await redis.get(keys.idempotency_key(idempotency_key, cell))
     return None if found_id is None else str(found_id)
 
 
-async def _replay(redis: Redis, idempotency_key: str, cell: int, request_id: str, caller: Caller) -> Accepted | None:
+async def _replay(
+    redis: RedisClient, idempotency_key: str, cell: int, request_id: str, caller: Caller
+) -> Accepted | None:
     """The job `request_id`, which an idempotency key admitted before, or None when its job and result
     are gone (expired: the key is free again).
 

@@ -12,9 +12,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import Any, Protocol
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -43,7 +41,7 @@ class Listener:
     """
 
     def __init__(
-        self, redis: Redis, handlers: Mapping[str, Callable[[str], None]], subscribers: tuple[Subscriber, ...]
+        self, redis: RedisClient, handlers: Mapping[str, Callable[[str], None]], subscribers: tuple[Subscriber, ...]
     ) -> None:
         self._redis = redis
         self._handlers = dict(handlers)
@@ -70,7 +68,7 @@ class Listener:
             try:
                 if not await self._until_interrupted(self._listen(backoff)) and not self._stopping:
                     self._lost()  # `reconnect()`: subscribed again at once
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 if self._stopping:
                     break
                 log.warning("the coordinator's listener lost Redis (%s); retrying in %.1f s", e, backoff.delay_s)
@@ -90,7 +88,7 @@ class Listener:
             if current is not None and current.cancelling():
                 raise  # run() itself was cancelled, not only its step
             return False
-        except (RedisError, OSError):
+        except REDIS_FAILURES:
             # redis-py can turn a cancelled read into a ConnectionError: run()'s own cancellation, or a cut.
             if current is not None and current.cancelling():
                 raise asyncio.CancelledError from None

@@ -5,12 +5,12 @@ from __future__ import annotations
 import time
 
 from pydantic import BaseModel, ConfigDict, Field
-from redis.asyncio import Redis
 
 from gputorrent import catalogue, pool_stats, registry
 from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.pool_stats import HistoryPoint
 from gputorrent.protocol import SwarmTransfer, WorkerState
+from gputorrent.redis_client import RedisClient
 from gputorrent.telemetry import FailureRecord
 
 RATE_WINDOW_S = 60  # the "now" figures are averages over the last minute
@@ -64,7 +64,7 @@ class PoolOverview(_View):
     transfers: list[SwarmTransfer] = Field(default_factory=list)  # model files being fetched from the swarm now
 
 
-async def overview(redis: Redis, history_s: int, *, with_failures: bool) -> PoolOverview:
+async def overview(redis: RedisClient, history_s: int, *, with_failures: bool) -> PoolOverview:
     """Read the pool, its history over the last `history_s` seconds and (if asked) its recent failures."""
     now = time.time()
     workers = await current_pool(redis)

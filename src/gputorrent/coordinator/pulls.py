@@ -24,8 +24,6 @@ from dataclasses import dataclass, field
 
 import anyio
 from pydantic import ValidationError
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gputorrent import keys, queue, streams
 from gputorrent.config import CoordinatorSettings
@@ -35,6 +33,7 @@ from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import JobFailed, NoWorkersAvailable, RedisUnavailable, ResultTimeout
 from gputorrent.protocol import ErrorInfo, Job, JobResult, PullProgress, WorkerState
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -112,7 +111,7 @@ class Started:
 
 
 async def start(
-    redis: Redis,
+    redis: RedisClient,
     name: str,
     targets: Sequence[str],
     settings: CoordinatorSettings,
@@ -150,7 +149,7 @@ def wait_s(settings: CoordinatorSettings) -> float:
 
 
 async def follow(
-    redis: Redis,
+    redis: RedisClient,
     started: Started,
     timeout_s: float,
     ttl_s: int,
@@ -181,7 +180,7 @@ async def follow(
                 return
         if len(finished) < len(started.jobs):
             raise ResultTimeout(f"the pull produced no result within {timeout_s:g} s")
-    except (RedisError, OSError) as e:
+    except REDIS_FAILURES as e:
         log.warning("pull: Redis failed while following it (%s)", e)
         raise RedisUnavailable("the coordinator lost Redis while following the pull; retry shortly") from e
     finally:
@@ -191,7 +190,7 @@ async def follow(
             for request_id in unfinished:
                 try:
                     await queue.end(redis, request_id, relay.CLIENT_LEFT, ttl_s)
-                except (RedisError, OSError) as e:
+                except REDIS_FAILURES as e:
                     log.warning("request %s: could not record the cancellation (%s)", request_id, e)
 
 

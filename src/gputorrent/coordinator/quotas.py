@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import time
 
-from redis.asyncio import Redis
-
 from gputorrent import keys, queue
 from gputorrent.config import CoordinatorSettings
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import InvalidRequest, RateLimited
 from gputorrent.protocol import EmbeddingRequest, InferenceRequest
+from gputorrent.redis_client import RedisClient
 
 CHARS_PER_TOKEN = 4  # a rough, model-independent estimate of prompt tokens
 RATE_WINDOW_TTL_S = 120  # a minute's counters outlive the minute
@@ -68,7 +67,7 @@ def refused(limit: queue.Refusal, settings: CoordinatorSettings) -> RateLimited:
     )
 
 
-async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: CoordinatorSettings) -> None:
+async def admit_follower(redis: RedisClient, caller: Caller, slot: str, settings: CoordinatorSettings) -> None:
     """Count a stream's follower as a request and give it one of the caller's stream slots (`slot`;
     `close_stream` gives it back).
 
@@ -83,7 +82,7 @@ async def admit_follower(redis: Redis, caller: Caller, slot: str, settings: Coor
         raise refused(e.limit, settings) from None
 
 
-async def close_stream(redis: Redis, caller: Caller, request_id: str) -> None:
+async def close_stream(redis: RedisClient, caller: Caller, request_id: str) -> None:
     await redis.zrem(keys.open_streams_key(caller.key_id), request_id)
 
 

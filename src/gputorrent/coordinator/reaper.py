@@ -30,12 +30,10 @@ import random
 import time
 from collections.abc import Callable
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from gputorrent import handoff, keys, pool_stats, queue, registry
 from gputorrent.coordinator.snapshot import current_pool, pool_snapshot
 from gputorrent.protocol import ErrorInfo, WorkerState
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.telemetry import FailureRecord
 
 log = logging.getLogger(__name__)
@@ -101,9 +99,9 @@ class Reaper:
     """
 
     def __init__(
-        self, redis: Redis, interval_s: float, max_attempts: int, result_ttl_s: int, *, heartbeat_timeout_s: float,
-        dead_worker_retention_s: float = math.inf, clock: Callable[[], float] = time.monotonic,
-        wall_clock: Callable[[], float] = time.time,
+        self, redis: RedisClient, interval_s: float, max_attempts: int, result_ttl_s: int, *,
+        heartbeat_timeout_s: float, dead_worker_retention_s: float = math.inf,
+        clock: Callable[[], float] = time.monotonic, wall_clock: Callable[[], float] = time.time,
     ) -> None:  # fmt: skip
         self._redis = redis
         self._wall_clock = wall_clock  # `dead_since` is compared across coordinators: unix time (keep them in sync)
@@ -131,7 +129,7 @@ class Reaper:
                 await self.reap_once()
                 await self.end_overdue()
                 await self._saw()
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 self.sight.lost()
                 log.warning("reaper cannot reach Redis (%s)", e)
             except Exception:  # the outermost boundary of a background duty: log, keep going

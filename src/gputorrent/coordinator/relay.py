@@ -10,8 +10,6 @@ import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gputorrent import queue, streams
 from gputorrent.coordinator import overhead, quotas, waiting
@@ -19,6 +17,7 @@ from gputorrent.coordinator.results import ResultWaiter
 from gputorrent.coordinator.security import Caller
 from gputorrent.errors import JobFailed, RedisUnavailable, ResultTimeout
 from gputorrent.protocol import Accepted, ErrorInfo, JobResult, JobStatus, TokenChunk
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ async def succeeded(waiter: ResultWaiter, accepted: Accepted, timeout_s: float) 
 
 
 async def follow(
-    redis: Redis,
+    redis: RedisClient,
     request_id: str,
     timeout_s: float,
     ttl_s: int,
@@ -98,7 +97,7 @@ async def follow(
                 return
         if not finished:
             raise ResultTimeout(f"the stream of {request_id} produced no result within {timeout_s:g} s")
-    except (RedisError, OSError) as e:  # one error type for every route to put in its stream
+    except REDIS_FAILURES as e:  # one error type for every route to put in its stream
         log.warning("request %s: Redis failed mid-stream (%s)", request_id, e)
         raise RedisUnavailable("the coordinator lost Redis while streaming; retry shortly") from e
     finally:
@@ -106,7 +105,7 @@ async def follow(
             with anyio.CancelScope(shield=True):  # shielded: see below
                 try:
                     await quotas.close_stream(redis, owner, request_id)
-                except (RedisError, OSError) as e:  # the slot lapses on its own
+                except REDIS_FAILURES as e:  # the slot lapses on its own
                     log.warning("request %s: could not give back its stream slot (%s)", request_id, e)
         if not finished and owner is not None:
             log.info(
@@ -117,7 +116,7 @@ async def follow(
             with anyio.CancelScope(shield=True):
                 try:
                     await queue.end(redis, request_id, CLIENT_LEFT, ttl_s)
-                except (RedisError, OSError) as e:
+                except REDIS_FAILURES as e:
                     log.warning("request %s: could not record the cancellation (%s)", request_id, e)
 
 
@@ -137,7 +136,7 @@ class _ClientLeft:
         return await self._disconnected()
 
 
-async def _place_in_queue(redis: Redis, request_id: str) -> JobStatus | None:
+async def _place_in_queue(redis: RedisClient, request_id: str) -> JobStatus | None:
     """The job's status with its place in its queue while it is queued; None once it is not."""
     found = await queue.lookup(redis, request_id)
     if not isinstance(found, JobStatus) or found.status != "queued":

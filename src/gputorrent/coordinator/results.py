@@ -12,10 +12,9 @@ import contextlib
 import logging
 from collections import OrderedDict, defaultdict
 
-from redis.asyncio import Redis
-
 from gputorrent import queue
 from gputorrent.protocol import JobResult, JobStatus
+from gputorrent.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +31,7 @@ class ResultWaiter:
     """Lets requests wait for `result:{request_id}`; the coordinator's `Listener` hands it the
     announcements of `results:ready`."""
 
-    def __init__(self, redis: Redis) -> None:
+    def __init__(self, redis: RedisClient) -> None:
         self._redis = redis
         self._events: defaultdict[str, set[asyncio.Event]] = defaultdict(set)
         # request id -> its result's JSON, or None when the announcement did not carry it (read Redis)

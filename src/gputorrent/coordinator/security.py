@@ -13,10 +13,10 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, Request
-from redis.asyncio import Redis
 
 from gputorrent import auth, keys
 from gputorrent.errors import Forbidden, Unauthorized
+from gputorrent.redis_client import RedisClient
 
 ANONYMOUS = "anonymous"  # the owner of every request when authentication is off
 
@@ -75,7 +75,7 @@ JoinDep = Annotated[Caller, Depends(_joiner)]
 AdminDep = Annotated[Caller, Depends(_admin)]
 
 
-async def owns(redis: Redis, caller: Caller, request_id: str) -> bool:
+async def owns(redis: RedisClient, caller: Caller, request_id: str) -> bool:
     """Whether `caller` may see the request: it submitted it, or it is an admin."""
     if caller.admin:
         return True

@@ -29,11 +29,9 @@ import weakref
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from gputorrent import keys, registry, routing
 from gputorrent.protocol import WorkerState
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +80,7 @@ class PoolSnapshot:
     def _age_s(self) -> float:
         return asyncio.get_running_loop().time() - self._read_at
 
-    async def for_routing(self, redis: Redis, *, missed: bool = False, fresh: bool = False) -> None:
+    async def for_routing(self, redis: RedisClient, *, missed: bool = False, fresh: bool = False) -> None:
         """Read the pool before routing after a quiet spell (older than the stale bound); when `missed`
         (no live worker serves the model: one may have joined), unless a large pool was read within
         `max_age_s()`; in a small pool when a worker joined here since the read began (a read that
@@ -100,7 +98,7 @@ class PoolSnapshot:
         it shows at the next read: within `SNAPSHOT_STALE_MAX_S` in a small pool.)"""
         self._joined_at = asyncio.get_running_loop().time()
 
-    async def current(self, redis: Redis) -> list[WorkerState]:
+    async def current(self, redis: RedisClient) -> list[WorkerState]:
         """Every registered worker, for a reader of the whole pool (see the module's docstring)."""
         if not self._large() or self._age_s() > self.max_age_s():
             await self._read(redis)
@@ -177,7 +175,7 @@ class PoolSnapshot:
                 self._live_in = {at: cell for at, cell in self._live_in.items() if at[0] != model}
                 self._slots_by_cell.pop(model, None)
 
-    def queued(self, redis: Redis, request_id: str, worker_id: str | None, model: str) -> None:
+    def queued(self, redis: RedisClient, request_id: str, worker_id: str | None, model: str) -> None:
         """This coordinator queued the job for `worker_id` (None: on a shared queue). A snapshot past
         `max_age_s()` is read again now, off the admitted request's way, for the next one."""
         if worker_id is not None:
@@ -199,10 +197,10 @@ class PoolSnapshot:
         """Stop a read in progress (the app is stopping)."""
         if self._reading is not None and not self._reading.done():
             self._reading.cancel()
-            with contextlib.suppress(asyncio.CancelledError, RedisError, OSError):
+            with contextlib.suppress(asyncio.CancelledError, *REDIS_FAILURES):
                 await self._reading
 
-    async def _read(self, redis: Redis, since: float | None = None) -> None:
+    async def _read(self, redis: RedisClient, since: float | None = None) -> None:
         """Read the pool, in a read that began after this call (or after `since`): one under way is
         joined, and another started after it where it began before (one read at a time, however many
         readers ask)."""
@@ -212,12 +210,12 @@ class PoolSnapshot:
                 self._reading = self._start_read(redis)
             await asyncio.shield(self._reading)
 
-    def _start_read(self, redis: Redis) -> asyncio.Task[None]:
+    def _start_read(self, redis: RedisClient) -> asyncio.Task[None]:
         reading = asyncio.create_task(self._read_now(redis), name="pool snapshot")
         reading.add_done_callback(_note_failure)
         return reading
 
-    async def _read_now(self, redis: Redis) -> None:
+    async def _read_now(self, redis: RedisClient) -> None:
         counted = list(self._pending)  # jobs queued while the read is on its way may be missing from it
         started = asyncio.get_running_loop().time()
         workers = await registry.snapshot(redis, self._known)
@@ -253,14 +251,14 @@ def _note_failure(reading: asyncio.Task[None]) -> None:
 
 
 # One per Redis client, which is one per coordinator app (a test's app does not see another's pool).
-_snapshots: weakref.WeakKeyDictionary[Redis, PoolSnapshot] = weakref.WeakKeyDictionary()
+_snapshots: weakref.WeakKeyDictionary[RedisClient, PoolSnapshot] = weakref.WeakKeyDictionary()
 
 
-def pool_snapshot(redis: Redis) -> PoolSnapshot:
+def pool_snapshot(redis: RedisClient) -> PoolSnapshot:
     """The snapshot kept for the app whose Redis client this is."""
     return _snapshots.setdefault(redis, PoolSnapshot())
 
 
-async def current_pool(redis: Redis) -> list[WorkerState]:
+async def current_pool(redis: RedisClient) -> list[WorkerState]:
     """Every registered worker, for a reader of the whole pool: `PoolSnapshot.current` of the app's snapshot."""
     return await pool_snapshot(redis).current(redis)

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gputorrent import keys, pool_stats
 from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.protocol import JobStatus
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 
 HISTORY_S = 60  # the span of recent jobs the start estimate learns from
@@ -41,7 +40,7 @@ return ahead
 )
 
 
-async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
+async def place_in_queue(redis: RedisClient, status: JobStatus) -> JobStatus:
     """`status` with `position` (jobs that will be taken before it) and `eta_s` (seconds until it
     starts, from the pool's recent job times and the slots that serve it), when it is queued."""
     if status.status != "queued":
@@ -60,7 +59,7 @@ async def place_in_queue(redis: Redis, status: JobStatus) -> JobStatus:
     return status.model_copy(update={"position": ahead, "eta_s": await _eta(redis, status, ahead)})
 
 
-async def _eta(redis: Redis, status: JobStatus, ahead: int) -> float | None:
+async def _eta(redis: RedisClient, status: JobStatus, ahead: int) -> float | None:
     recent = [p for p in await pool_stats.history(redis, HISTORY_S) if p.latency_avg_s is not None]
     if not recent:
         return None  # nothing finished lately to learn from

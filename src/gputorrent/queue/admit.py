@@ -9,19 +9,17 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from gputorrent import keys, replication
 from gputorrent.errors import Conflict
 from gputorrent.protocol import Job
 from gputorrent.queue.lists import JOB_FIELD, NOTE_LENGTH, RING, doorbell_key, waiting_key, waiting_keys
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 
 
-async def next_round_robin(redis: Redis) -> int:
+async def next_round_robin(redis: RedisClient) -> int:
     """Advance the seed's `worker_index` counter; the caller takes it modulo the candidates."""
     return int(await redis.incr(keys.worker_index()))
 
@@ -214,7 +212,7 @@ class Limits:
         counted = self.args(slot="", streamed=streamed)
         return bool(counted.rpm or counted.tpm or counted.max_streams)
 
-    async def count(self, redis: Redis, *, slot: str, streamed: bool) -> None:
+    async def count(self, redis: RedisClient, *, slot: str, streamed: bool) -> None:
         """Count a request against these limits alone (`slot`: its stream slot, taken when `streamed`).
 
         Raises:
@@ -224,7 +222,7 @@ class Limits:
         if answer in REFUSALS:
             raise Refused(REFUSALS[answer])
 
-    async def give_back(self, redis: Redis, *, slot: str, streamed: bool) -> None:
+    async def give_back(self, redis: RedisClient, *, slot: str, streamed: bool) -> None:
         """Take back what `count` counted for a request that was then not admitted (not its stream slot
         when `streamed` is False: a repeat of an admitted request shares its slot). A failure to reach
         Redis is logged, and the count stays one too high for the rest of the minute."""
@@ -233,7 +231,7 @@ class Limits:
                              slot=slot if taken.max_streams else "")  # fmt: skip
         try:
             await _GIVE_BACK.run(redis, self.keys(keys.HOME_CELL), back)
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             log.warning("request %s was not admitted, and its count against its key's limits stays: %s", slot, e)
 
     def args(self, *, slot: str, streamed: bool) -> LimitArgs:
@@ -264,7 +262,7 @@ class WorkerGone(Exception):
 
 
 async def enqueue(
-    redis: Redis,
+    redis: RedisClient,
     job: Job,
     ttl_s: int,
     idempotency_key: str | None = None,
@@ -316,7 +314,7 @@ async def enqueue(
 
 
 async def _admit(
-    redis: Redis, job: Job, ttl_s: int, idempotency_key: str | None, owner: str, limits: Limits,
+    redis: RedisClient, job: Job, ttl_s: int, idempotency_key: str | None, owner: str, limits: Limits,
     require_alive: bool, seen: str | None,
 ) -> str:  # fmt: skip
     """`enqueue` in one script of the job's cell, `limits` counted in it."""

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import logging
 
-from redis.asyncio import Redis
-
 from gputorrent import keys
 from gputorrent.protocol import ErrorInfo, JobResult, JobStatus
 from gputorrent.queue.finish import finish
+from gputorrent.redis_client import RedisClient
 
 log = logging.getLogger(__name__)
 
@@ -17,7 +16,7 @@ END_ATTEMPTS = 3
 _STATUS_FIELDS = ("status", "worker_id", "model", "stream")  # not the job itself: it may be large
 
 
-async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> JobResult | None:
+async def end(redis: RedisClient, request_id: str, error: ErrorInfo, ttl_s: int) -> JobResult | None:
     """End a job before its worker finishes it: the failed result with `error` is written at once.
 
     A queued job never runs; a running one loses its lease, so its worker's result is refused,
@@ -40,7 +39,8 @@ async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> Jo
             for held_in in lists:
                 pipe.lpos(held_in, request_id)
             if worker_id:  # a shared job no worker has taken yet runs nowhere
-                pipe.publish(keys.ended_channel(worker_id), request_id)
+                # By name: redis-py's cluster pipeline refuses `publish` (any node will do: it reaches every node).
+                pipe.execute_command("PUBLISH", keys.ended_channel(worker_id), request_id)
             positions = (await pipe.execute())[1 : 1 + len(lists)]
         ended = JobResult(request_id=request_id, status="failed", model=model, worker_id=worker_id, error=error)
         for held_in, position in zip(lists, positions, strict=True):
@@ -50,7 +50,7 @@ async def end(redis: Redis, request_id: str, error: ErrorInfo, ttl_s: int) -> Jo
     return None
 
 
-async def lookup(redis: Redis, request_id: str) -> JobResult | JobStatus | None:
+async def lookup(redis: RedisClient, request_id: str) -> JobResult | JobStatus | None:
     """The result if it exists, else the job's status, else None (unknown id), read atomically."""
     async with redis.pipeline(transaction=True) as pipe:
         pipe.get(keys.result_key(request_id))

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gputorrent import keys, replication
 from gputorrent.protocol import JobResult
 from gputorrent.queue.lists import FENCE, HOLDER_DEAD, MOVES_FIELD, NOTE_LENGTH, guard_keys
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 
 
@@ -72,7 +71,7 @@ return 1
 
 
 async def finish(
-    redis: Redis,
+    redis: RedisClient,
     held_in: str,
     result: JobResult,
     ttl_s: int,

@@ -5,10 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gputorrent import keys
 from gputorrent.protocol import Job
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 
 # A queue, and a worker's processing list, hold request ids; the job itself (its JSON) is this field
@@ -26,7 +25,7 @@ end
 """
 
 
-async def bodies(redis: Redis, request_ids: Sequence[str]) -> list[str | None]:
+async def bodies(redis: RedisClient, request_ids: Sequence[str]) -> list[str | None]:
     """The JSON of each job (None where its status record is gone), in one round trip."""
     if not request_ids:
         return []
@@ -92,7 +91,7 @@ return removed
 )
 
 
-async def forget(redis: Redis, held_in: str, request_id: str) -> bool:
+async def forget(redis: RedisClient, held_in: str, request_id: str) -> bool:
     """Drop the id from the list `held_in` (a job that cannot run: its record is gone or unreadable)
     without a result; whether it was there."""
     lengths = keys.list_lengths(keys.cell_of(request_id))  # `held_in` is a list of the request's cell

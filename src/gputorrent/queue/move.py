@@ -5,8 +5,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-from redis.asyncio import Redis
-
 from gputorrent import keys, pool_stats
 from gputorrent.protocol import ErrorInfo, Job, JobResult
 from gputorrent.queue.finish import finish
@@ -22,6 +20,7 @@ from gputorrent.queue.lists import (
     guard_keys,
     waiting_key,
 )
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 from gputorrent.telemetry import FailureRecord
 
@@ -78,7 +77,7 @@ return 1
 )
 
 
-async def requeue(redis: Redis, source_key: str, job: Job, *, fence: str = "", dead: str | None = None) -> bool:
+async def requeue(redis: RedisClient, source_key: str, job: Job, *, fence: str = "", dead: str | None = None) -> bool:
     """Move the job from `source_key` to the front of the queue `job` waits in (its worker's, or for a
     shared job its model's), its record now `job`; False when it is no longer there (or its record is
     gone), or when `dead`'s heartbeat is back (it beat again, or re-registered) or `liveness:grace` holds,
@@ -98,7 +97,7 @@ async def requeue(redis: Redis, source_key: str, job: Job, *, fence: str = "", d
 
 
 async def retry_or_fail(
-    redis: Redis,
+    redis: RedisClient,
     source_key: str,
     job: Job,
     *,

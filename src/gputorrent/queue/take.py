@@ -11,7 +11,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from redis.asyncio import Redis
 from redis.exceptions import NoScriptError
 
 from gputorrent import keys, pipelined
@@ -19,6 +18,7 @@ from gputorrent.protocol import ErrorInfo, Job, JobResult
 from gputorrent.queue.finish import finish
 from gputorrent.queue.lists import JOB_FIELD, MOVES_FIELD, NOTE_LENGTH, bodies, forget
 from gputorrent.queue.move import retry_or_fail
+from gputorrent.redis_client import RedisClient
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -148,7 +148,7 @@ return hints()
 
 
 async def pop(
-    redis: Redis,
+    redis: RedisClient,
     worker_id: str,
     timeout_s: float,
     models: Sequence[str] = (),
@@ -194,7 +194,7 @@ async def pop(
 
 
 async def _take_abroad(
-    redis: Redis, worker_id: str, models: tuple[str, ...], cells: list[int], presence_ttl_s: float
+    redis: RedisClient, worker_id: str, models: tuple[str, ...], cells: list[int], presence_ttl_s: float
 ) -> Any:
     """The first job taken from the shared queues of `models` in `cells` (other cells than the
     worker's), as `_TAKE` answers; None when they hold none now."""
@@ -269,12 +269,12 @@ def _take_arguments_in(
 
 
 async def _wait_and_take(
-    redis: Redis, doorbells: list[str], timeout_s: float, numkeys: int, take: tuple[bytes, ...]
+    redis: RedisClient, doorbells: list[str], timeout_s: float, numkeys: int, take: tuple[bytes, ...]
 ) -> Any:
     """Block on the doorbells for up to `timeout_s`, then run the take script, in one send: Redis runs
     the take on this connection as soon as the pop returns, with no round trip to the worker between
     them (a job's wake costs one reply, not two)."""
-    async with pipelined.borrowed(redis) as connection:
+    async with pipelined.borrowed(redis, doorbells[0]) as connection:
         try:
             _, taken = await connection.execute_all(
                 ("BLPOP", *doorbells, repr(timeout_s)),  # Redis 6+ takes fractional seconds
@@ -293,7 +293,7 @@ UNREADABLE_MESSAGE = (
 
 
 async def held_jobs(
-    redis: Redis,
+    redis: RedisClient,
     held_in: str,
     entries: Sequence[tuple[str, str | None]],
     worker_id: str,
@@ -339,13 +339,13 @@ async def held_jobs(
     return jobs
 
 
-async def read_held(redis: Redis, held_in: str) -> list[tuple[str, str | None]]:
+async def read_held(redis: RedisClient, held_in: str) -> list[tuple[str, str | None]]:
     """Every entry of the list `held_in` with its job's JSON (None where its record is gone)."""
     request_ids = [str(request_id) for request_id in await redis.lrange(held_in, 0, -1)]
     return list(zip(request_ids, await bodies(redis, request_ids), strict=True))
 
 
-async def recover(redis: Redis, worker_id: str, max_attempts: int, ttl_s: int) -> int:
+async def recover(redis: RedisClient, worker_id: str, max_attempts: int, ttl_s: int) -> int:
     """Give the jobs a previous run of this worker left in `processing:{worker_id}` another try here.
 
     They count an attempt, as the reaper counts them: a job that crashes its worker every time

@@ -17,10 +17,8 @@ import logging
 import time
 from collections import OrderedDict
 
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-
 from gputorrent import keys
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.retry import Backoff
 
 log = logging.getLogger(__name__)
@@ -68,7 +66,7 @@ class EndedJobs:
         for event in self._watched.values():
             event.set()
 
-    async def run(self, redis: Redis, worker_ids: list[str], stop: asyncio.Event) -> None:
+    async def run(self, redis: RedisClient, worker_ids: list[str], stop: asyncio.Event) -> None:
         """Listen on the channels of `worker_ids` (the workers this process runs) until `stop` is set,
         resubscribing with backoff when Redis fails."""
         backoff = Backoff()
@@ -82,7 +80,7 @@ class EndedJobs:
                         message = await pubsub.get_message(timeout=POLL_S)
                         if message is not None:
                             self._heard(str(message["data"]))
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("cannot hear ended jobs (%s); retrying in %.1f s", e, backoff.delay_s)
                 await backoff.wait()
             self._resubscribe = False
@@ -103,7 +101,7 @@ class EndedJobs:
         stays with the old one, which will never publish again)."""
         self._resubscribe = True
 
-    async def _catch_up(self, redis: Redis) -> None:
+    async def _catch_up(self, redis: RedisClient) -> None:
         watched = list(self._watched.items())
         if not watched:
             return

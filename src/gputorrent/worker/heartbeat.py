@@ -11,9 +11,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from redis.exceptions import RedisError
-
 from gputorrent.protocol import Heartbeat
+from gputorrent.redis_client import REDIS_FAILURES
 
 if TYPE_CHECKING:
     from gputorrent.worker.link import HeartbeatSender
@@ -56,7 +55,7 @@ class HeartbeatThread(threading.Thread):
                 self._wake.clear()
                 try:
                     answer = self._sender.send(self._heartbeat(), self._running())
-                except (RedisError, OSError) as e:
+                except REDIS_FAILURES as e:
                     log.warning("worker %s heartbeat failed: %s", self._worker_id, e)
                 except Exception:  # the outermost boundary of the beat: a thread that dies makes the worker look dead
                     log.exception("worker %s heartbeat failed", self._worker_id)

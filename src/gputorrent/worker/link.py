@@ -20,10 +20,11 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from redis.asyncio import Redis
+from redis import RedisCluster as SyncRedisCluster
 
 from gputorrent import keys, leases, queue, redis_client, registry, streams
 from gputorrent.protocol import BeatAnswer, Group, Heartbeat, JobResult
+from gputorrent.redis_client import RedisClient
 from gputorrent.worker.ended import EndedJobs
 from gputorrent.worker.telemetry import WorkerTelemetry
 
@@ -120,7 +121,7 @@ class RedisLink:
     takes_cancel_at_once = True  # its blocked command dies with its connection, which the cancel closes
 
     def __init__(
-        self, redis: Redis, redis_url: str, worker_id: str, *, heartbeat_ttl_s: float, max_attempts: int,
+        self, redis: RedisClient, redis_url: str, worker_id: str, *, heartbeat_ttl_s: float, max_attempts: int,
         result_ttl_s: int, registered_at: float | None = None,
     ) -> None:  # fmt: skip
         self.redis = redis
@@ -256,6 +257,8 @@ class _RedisHeartbeat:
     def reconnect(self) -> None:
         """The next beat asks the Sentinels where the primary is (called from the event loop's thread:
         redis-py's pool locks its own lists)."""
+        if isinstance(self._client, SyncRedisCluster):
+            return  # it follows its slots itself (MOVED), on a Sentinel's word or not
         self._client.connection_pool.disconnect(inuse_connections=False)
 
     def close(self) -> None:

@@ -14,7 +14,6 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import aiohttp
-from redis.exceptions import RedisError
 
 from gputorrent import __version__, logs, queue, redis_client, replication
 from gputorrent.config import WorkerSettings
@@ -32,6 +31,7 @@ from gputorrent.protocol import (
     WorkerCondition,
     WorkerRegistration,
 )
+from gputorrent.redis_client import REDIS_FAILURES
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends import Backend, make_backend, puller
@@ -184,7 +184,7 @@ class Worker:
         while True:
             try:
                 return await self.link.recover()
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 if stop.is_set():
                     return 0
                 log.warning(
@@ -245,7 +245,7 @@ class Worker:
             return 0
         try:
             handed = await self.link.hand_on(held=held)
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             log.warning("worker %s could not hand on its jobs (%s); the reaper will", self.worker_id, e)
             return 0
         if handed:
@@ -258,7 +258,7 @@ class Worker:
             return
         try:
             left = await self.link.leave()
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             log.warning("worker %s could not mark itself gone (%s); its heartbeat will expire", self.worker_id, e)
             return
         how = "left the pool" if left else "stopped; jobs no other worker could take wait in its lists"
@@ -270,7 +270,7 @@ class Worker:
         self._probe_soon.set()
         try:
             await self.link.set_group(group)
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             log.warning("worker %s: its group re-formed, but its registration still shows the old one (%s)",
                         self.worker_id, e)  # fmt: skip
 
@@ -359,7 +359,7 @@ class Worker:
             try:
                 held = set(self._held)
                 _, suspects = await self.link.reclaim_orphans(held, suspects)
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("worker %s cannot check its held jobs (%s)", self.worker_id, e)
 
     async def _consume(self, stop: asyncio.Event, burst: bool) -> None:
@@ -383,7 +383,7 @@ class Worker:
                 log.error("worker %s: %s; stopping", self.worker_id, e)
                 stop.set()
                 return
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("worker %s cannot reach Redis (%s); retrying in %.1f s", self.worker_id, e, backoff.delay_s)
                 await backoff.wait()
                 continue
@@ -454,7 +454,7 @@ class Worker:
         if writer is not None:
             try:
                 await writer.close()
-            except (RedisError, OSError) as e:  # the stream loses text; the result below still carries all of it
+            except REDIS_FAILURES as e:  # the stream loses text; the result below still carries all of it
                 log.warning("request %s: stream write failed (%s)", job.request_id, e)
         if self._abandoning and stopped:
             log.info("request %s: stopped by the drain; left for another worker to finish", job.request_id)
@@ -479,7 +479,7 @@ class Worker:
             try:
                 listed = await self.link.add_model(lease)
                 break
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("request %s: model %s pulled, not listed yet (%s); retrying", job.request_id, job.model, e)
                 await backoff.wait()
         if listed:
@@ -504,7 +504,7 @@ class Worker:
             try:
                 sent, tokens = await self.link.sent_so_far(job.request_id)
                 break
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("request %s: cannot read its stream yet (%s); retrying", job.request_id, e)
                 await backoff.wait()
         if not sent:
@@ -517,7 +517,7 @@ class Worker:
         False when it had its last attempt or no other live worker serves its model."""
         try:
             return await self.link.fail_over(lease)
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             log.warning("request %s: could not hand it on (%s); storing the failure", lease.job.request_id, e)
             return False
 
@@ -531,7 +531,7 @@ class Worker:
             try:
                 held = await asyncio.shield(self.link.finish(lease, result))
                 break
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("request %s: result not stored yet (%s); retrying", job.request_id, e)
                 await backoff.wait()
         if not held:

@@ -35,11 +35,10 @@ import time
 from collections.abc import Sequence
 
 import aiohttp
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gputorrent import __version__, pipelined, redis_client, registry
 from gputorrent.protocol import Heartbeat, Registered, WorkerRegistration
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.retry import Backoff
 from gputorrent.streams import StreamWriter
 from gputorrent.worker.backends.fake import FakeBackend
@@ -117,7 +116,7 @@ class Simulation:
         finally:
             await redis.aclose()
 
-    async def _register_all(self, redis: Redis) -> None:
+    async def _register_all(self, redis: RedisClient) -> None:
         headers = {"content-type": "application/json"}
         if self.join_token:
             headers["authorization"] = f"Bearer {self.join_token}"
@@ -165,7 +164,7 @@ class Simulation:
         while not stop.is_set():
             try:
                 lease = await worker.link.take(block_s, [self.model], wait_first=wait_first)
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("worker %s cannot reach Redis (%s)", worker.worker_id, e)
                 await backoff.wait()
                 continue
@@ -187,7 +186,7 @@ class Simulation:
                 if job.stream:
                     await writer.close()
                 await worker.link.finish(lease, result)
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("worker %s lost a job's result (%s); the reaper hands it on", worker.worker_id, e)
             finally:
                 worker.jobs_in_flight -= 1
@@ -216,20 +215,20 @@ class Simulation:
                                             swarm_epoch=False)  # fmt: skip
                     try:
                         replies = pipe.execute(raise_on_error=False)
-                    except (RedisError, OSError) as e:
+                    except REDIS_FAILURES as e:
                         log.warning("heartbeats failed: %s", e)
                         continue
                 for i, worker in enumerate(due):
                     try:
                         registry.beat_answer(worker.worker_id, replies[i * replied : (i + 1) * replied])
-                    except (RedisError, OSError) as e:
+                    except REDIS_FAILURES as e:
                         log.warning("heartbeat of %s failed: %s", worker.worker_id, e)
         finally:
             client.close()
 
     async def _leave_all(self) -> None:
         for worker in self.workers:
-            with contextlib.suppress(RedisError, OSError):
+            with contextlib.suppress(*REDIS_FAILURES):
                 await worker.link.leave()
 
 

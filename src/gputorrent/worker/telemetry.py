@@ -19,11 +19,10 @@ from types import ModuleType
 from typing import TypeVar
 
 import psutil
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
 
 from gputorrent import pool_stats
 from gputorrent.protocol import Job, JobResult
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.telemetry import GPUSample, MachineSample, ModelCounters, Telemetry
 
 log = logging.getLogger(__name__)
@@ -76,19 +75,19 @@ class WorkerTelemetry:
             jobs = dict(self._jobs)
         return Telemetry(sampled_at=time.time(), machine=machine, jobs=jobs)
 
-    async def flush(self, redis: Redis) -> None:
+    async def flush(self, redis: RedisClient) -> None:
         """Add the jobs finished since the last flush to the pool's history; kept for the next one if Redis fails."""
         with self._lock:
             pending, self._pending = self._pending, pool_stats.StatsDelta()
         try:
             await pool_stats.add(redis, pending)
-        except (RedisError, OSError) as e:
+        except REDIS_FAILURES as e:
             log.warning("worker %s: job figures not written yet (%s)", self.worker_id, e)
             with self._lock:
                 pending.add(self._pending)  # what finished meanwhile is later
                 self._pending = pending
 
-    async def run(self, redis: Redis, interval_s: float, stop: asyncio.Event) -> None:
+    async def run(self, redis: RedisClient, interval_s: float, stop: asyncio.Event) -> None:
         """Flush every `interval_s` until `stop`, then once more."""
         while not stop.is_set():
             with contextlib.suppress(TimeoutError):

@@ -13,7 +13,6 @@ from typing import Annotated
 import anyio
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
-from redis.exceptions import RedisError
 
 from gputorrent import auth, catalogue, keys, queue, registry
 from gputorrent.coordinator import overhead, quotas, relay, waiting
@@ -41,6 +40,7 @@ from gputorrent.protocol import (
     WorkerRegistration,
     WorkerState,
 )
+from gputorrent.redis_client import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -217,7 +217,7 @@ async def _releasing(events: AsyncIterator[bytes], redis: RedisDep, caller: Call
         with anyio.CancelScope(shield=True):  # the server cancels this task when the client goes
             try:
                 await quotas.close_stream(redis, caller, slot)
-            except (RedisError, OSError) as e:  # the slot lapses on its own
+            except REDIS_FAILURES as e:  # the slot lapses on its own
                 log.warning("could not give back stream slot %s (%s)", slot, e)
 
 
@@ -309,7 +309,7 @@ async def health(redis: RedisDep) -> JSONResponse:
     """200 while Redis answers, 503 when it does not (for load balancers)."""
     try:
         await asyncio.wait_for(redis.ping(), HEALTH_PING_TIMEOUT_S)
-    except (RedisError, OSError, TimeoutError):
+    except REDIS_FAILURES:  # the wait's TimeoutError among them (an OSError)
         return JSONResponse(
             {"status": "unhealthy", "redis": "disconnected"}, status_code=503, headers={"Retry-After": "1"}
         )

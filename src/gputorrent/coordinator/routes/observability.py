@@ -18,7 +18,6 @@ from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, GCCollector, ProcessCollector
-from redis.exceptions import RedisError
 from starlette.middleware import Middleware
 
 from gputorrent import pool_stats, registry
@@ -29,6 +28,7 @@ from gputorrent.coordinator.routes import add_routes
 from gputorrent.coordinator.security import ClientDep, require_client
 from gputorrent.coordinator.snapshot import current_pool
 from gputorrent.errors import RedisUnavailable
+from gputorrent.redis_client import REDIS_FAILURES
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["observability"])
@@ -104,7 +104,7 @@ async def pool_events(
             try:
                 found = await pool_view.overview(redis, history_s, with_failures=caller.admin)
                 yield sse(found.model_dump(mode="json"), event="pool")
-            except (RedisError, OSError) as e:
+            except REDIS_FAILURES as e:
                 log.warning("pool events: Redis unavailable (%s)", e)
                 yield sse(RedisUnavailable("the coordinator cannot read Redis right now").to_body(), event="error")
             await asyncio.sleep(interval_s)
