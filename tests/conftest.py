@@ -21,12 +21,13 @@ import pytest
 from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from gputorrent import auth, keys
+from gputorrent import auth, keys, redis_client
 from gputorrent.client import APIClient
 from gputorrent.config import CoordinatorSettings, WorkerSettings
 from gputorrent.coordinator.app import create_app
 from gputorrent.embedded import EmbeddedRedis, free_port
 from gputorrent.protocol import Registered, WorkerRegistration
+from gputorrent.redis_client import RedisClient
 from gputorrent.worker.backends import Backend, Puller
 from gputorrent.worker.backends.fake import FakeBackend
 from gputorrent.worker.link import RedisLink
@@ -111,8 +112,9 @@ def cluster_url(cluster: ClusterDeployment) -> Iterator[str]:
 
 
 @pytest.fixture
-async def redis(redis_url: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(redis_url, decode_responses=True)
+async def redis(redis_url: str) -> AsyncIterator[RedisClient]:
+    """A client of `redis_url` as the project makes one (a module may give a cluster's URL)."""
+    client = redis_client.async_client(redis_url)
     yield client
     await client.aclose()
 

@@ -69,16 +69,40 @@ from __future__ import annotations
 import zlib
 from collections.abc import Sequence
 
+from redis.crc import key_slot
+
 RESULTS_CHANNEL = "results:ready"
 KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
 # A channel is not a key: on a Redis Cluster a message published on any node reaches subscribers on every node.
 
+SLOTS = 16384  # a Redis Cluster's hash slots
+
+
+def cluster_tags(count: int) -> tuple[str, ...]:
+    """Hash tags for `count` cells on a Redis Cluster, cell N's slot in the N-th of `count` equal parts
+    of the slot space: so a cluster whose primaries serve even ranges of slots (as `--cluster create`
+    makes them) and whose number of primaries divides `count` gets as many cells on each. Cell N's
+    tag is `{cN}` when its slot lies in its part, else the first `{cN.k}` whose does.
+
+    >>> cluster_tags(1)
+    ('{c0}',)
+    >>> [key_slot(tag.encode()) * 3 // SLOTS for tag in cluster_tags(3)]
+    [0, 1, 2]
+    """
+    tags = []
+    for cell in range(count):
+        names = (f"{{c{cell}}}", *(f"{{c{cell}.{k}}}" for k in range(1, 100_000)))
+        tags.append(next(name for name in names if key_slot(name.encode()) * count // SLOTS == cell))
+    return tuple(tags)
+
+
 # Each cell's hash tag on a Redis Cluster: every key of the cell starts with it, so every key a script
 # names lies in one hash slot, served by one primary. On one Redis: one cell, no tag (the seed's names).
-CLUSTER_CELL_TAGS: tuple[str, ...] = ("{c0}",)
+CLUSTER_CELL_TAGS: tuple[str, ...] = cluster_tags(1)
 CLUSTER_CELL_TAG = CLUSTER_CELL_TAGS[0]  # cell 0's, where the pool's home keys are
 HOME_CELL = 0
 _tags: tuple[str, ...] = ("",)
+_cluster_tags = CLUSTER_CELL_TAGS
 
 
 def ended_channel(worker_id: str) -> str:
@@ -91,7 +115,7 @@ def use_cluster_layout(on: bool) -> None:
     """Name every key for a Redis Cluster (`CLUSTER_CELL_TAGS`) or for one Redis. A process belongs to
     one pool: `redis_client` calls this with each client it makes, for its URL's kind."""
     global _tags, _checked
-    _tags, _checked = (CLUSTER_CELL_TAGS, False) if on else (_one_redis_tags, _one_redis_tags != ("",))
+    _tags, _checked = (_cluster_tags, False) if on else (_one_redis_tags, _one_redis_tags != ("",))
 
 
 def use_cells(tags: tuple[str, ...] = ("",)) -> None:
@@ -105,6 +129,13 @@ def use_cells(tags: tuple[str, ...] = ("",)) -> None:
 
 _one_redis_tags: tuple[str, ...] = ("",)
 _checked = False
+
+
+def use_cluster_cells(count: int = len(CLUSTER_CELL_TAGS)) -> None:
+    """Lay a pool on a Redis Cluster out in `count` cells (`cluster_tags`) from the next
+    `use_cluster_layout(True)` on (tests of the cells on a real cluster); the default is the pool's own."""
+    global _cluster_tags
+    _cluster_tags = CLUSTER_CELL_TAGS if count == len(CLUSTER_CELL_TAGS) else cluster_tags(count)
 
 
 def check_one_cell(names: Sequence[str]) -> None:
