@@ -60,8 +60,8 @@ hash tag, so that every key one script names lies in one hash slot, and a cell m
 primaries as a whole: `{c0}queue:w1`. A worker's keys are in its cell (`cell_of` its id: a hash), a
 job's in its request's (`cell_of` its request id), and the pool-wide ones (`workers`, `lengths`,
 `deadlines`, the shared queues, ...) are one per cell, each function taking the cell; the rest (API
-keys, the catalogue, the swarm, shard hosts, history) are in cell 0. Today a cluster holds one cell
-(`CLUSTER_CELL_TAGS`), so every cell number is 0; the partition's stages are in that document.
+keys, the catalogue, the swarm, shard hosts, history) are in cell 0. A cluster holds
+`CLUSTER_CELLS` cells (`CLUSTER_CELL_TAGS`), spread evenly over its primaries; one Redis holds one.
 """
 
 from __future__ import annotations
@@ -79,26 +79,33 @@ SLOTS = 16384  # a Redis Cluster's hash slots
 
 
 def cluster_tags(count: int) -> tuple[str, ...]:
-    """Hash tags for `count` cells on a Redis Cluster, cell N's slot in the N-th of `count` equal parts
-    of the slot space: so a cluster whose primaries serve even ranges of slots (as `--cluster create`
-    makes them) and whose number of primaries divides `count` gets as many cells on each. Cell N's
-    tag is `{cN}` when its slot lies in its part, else the first `{cN.k}` whose does.
+    """Hash tags for `count` cells on a Redis Cluster, each cell's slot in a part of its own of `count`
+    equal parts of the slot space: so a cluster whose primaries serve even ranges of slots (as
+    `--cluster create` makes them) and whose number of primaries divides `count` gets as many cells
+    on each. Cell 0 keeps `{c0}`, the tag of a pool of one cell, so that its home keys (API keys, the
+    catalogue, history) stay where they were; the other cells take the other parts in order, cell N
+    the first of `{cN}`, `{cN.1}`, `{cN.2}`, ... whose slot lies in its part.
 
     >>> cluster_tags(1)
     ('{c0}',)
-    >>> [key_slot(tag.encode()) * 3 // SLOTS for tag in cluster_tags(3)]
+    >>> sorted(key_slot(tag.encode()) * 3 // SLOTS for tag in cluster_tags(3))
     [0, 1, 2]
     """
-    tags = []
-    for cell in range(count):
+    home = "{c0}"
+    home_part = key_slot(home.encode()) * count // SLOTS
+    parts = [part for part in range(count) if part != home_part]
+    tags = [home]
+    for cell, part in zip(range(1, count), parts, strict=True):
         names = (f"{{c{cell}}}", *(f"{{c{cell}.{k}}}" for k in range(1, 100_000)))
-        tags.append(next(name for name in names if key_slot(name.encode()) * count // SLOTS == cell))
+        tags.append(next(name for name in names if key_slot(name.encode()) * count // SLOTS == part))
     return tuple(tags)
 
 
 # Each cell's hash tag on a Redis Cluster: every key of the cell starts with it, so every key a script
 # names lies in one hash slot, served by one primary. On one Redis: one cell, no tag (the seed's names).
-CLUSTER_CELL_TAGS: tuple[str, ...] = cluster_tags(1)
+# Twelve: 2, 3, 4 and 6 primaries each get as many cells; a pool on one Redis has one cell.
+CLUSTER_CELLS = 12
+CLUSTER_CELL_TAGS: tuple[str, ...] = cluster_tags(CLUSTER_CELLS)
 CLUSTER_CELL_TAG = CLUSTER_CELL_TAGS[0]  # cell 0's, where the pool's home keys are
 HOME_CELL = 0
 _tags: tuple[str, ...] = ("",)
@@ -162,15 +169,16 @@ def cells() -> range:
     return range(len(_tags))
 
 
-def cell_of(name: str) -> int:
+def cell_of(name: str, cells: int | None = None) -> int:
     """The cell of a worker's keys (`name`: its id), of a request's (its request id) or of an
     idempotency key's record: a hash of the name, so every part finds the keys from the name alone (a
     coordinator draws its request ids so that each falls in the cell of the worker it routed to).
+    `cells`: in a pool of that many cells rather than this process's layout's.
 
-    >>> cell_of("w1")
-    0
+    >>> cell_of("w1"), cell_of("w1", CLUSTER_CELLS), cell_of("w16", CLUSTER_CELLS)
+    (0, 4, 0)
     """
-    return zlib.crc32(name.encode()) % len(_tags)
+    return zlib.crc32(name.encode()) % (cells or len(_tags))
 
 
 def _in(cell: int) -> str:

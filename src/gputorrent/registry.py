@@ -518,7 +518,13 @@ async def _read_cell(
     `version`: the cell's registry version now (None in a pool written before the version was: every
     read full)."""
     full = known is None or version is None or version != known.version or known.reads_since_full + 1 >= FULL_READ_EVERY
-    ids = sorted(map(str, await redis.smembers(keys.workers(cell)))) if full else known.ids  # type: ignore[union-attr]
+    if full:
+        # Only the cell's own: a pool on a cluster from before its twelve cells left every worker's id in
+        # cell 0's `workers` (docs/operations.md), and one read names keys of one cell only.
+        members = map(str, await redis.smembers(keys.workers(cell)))
+        ids = sorted(worker_id for worker_id in members if keys.cell_of(worker_id) == cell)
+    else:
+        ids = known.ids  # type: ignore[union-attr]  # not full: `known` is given
     record_texts: list[str | None] = []
     heartbeat_texts: list[str | None] = []
     for start in range(0, len(ids), SNAPSHOT_CHUNK):

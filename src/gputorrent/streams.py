@@ -123,21 +123,29 @@ async def follow_many(
 ) -> AsyncIterator[list[tuple[str, StreamEntry]]]:
     """Read several streams from their start with one XREAD per round (at most `FOLLOW_BLOCK_MS`):
     each round's entries with their request ids (maybe none), each stream's `JobResult` last of it;
-    stops once every stream gave its result, or after `timeout_s`."""
+    stops once every stream gave its result, or after `timeout_s`. Streams of several cells (one XREAD
+    names one cell's keys only, on a cluster) are read with one XREAD a cell, sharing the round's wait."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
     request_id_of = {keys.stream_key(request_id): request_id for request_id in request_ids}
+    cell_of: dict[KeyT, int] = {key: keys.cell_of(request_id) for key, request_id in request_id_of.items()}
     after: dict[KeyT, StreamIdT] = dict.fromkeys(request_id_of, "0-0")  # the streams without their result yet
     while after and loop.time() < deadline:
-        reply = cast(StreamReply, await redis.xread(dict(after), block=FOLLOW_BLOCK_MS, count=512))
+        by_cell: dict[int, dict[KeyT, StreamIdT]] = {}
+        for key, entry_id in after.items():
+            by_cell.setdefault(cell_of[key], {})[key] = entry_id
+        block_ms = max(1, FOLLOW_BLOCK_MS // len(by_cell))
         batch: list[tuple[str, StreamEntry]] = []
-        for key, entries in reply:
-            for entry_id, fields in entries:
-                after[key] = entry_id
-                batch.append((request_id_of[key], (entry_id, item := _item(fields))))
-                if isinstance(item, JobResult):
-                    del after[key]
-                    break
+        for streams in by_cell.values():
+            # Once a cell gave entries, the rest are read without waiting: the round's entries go out now.
+            reply = cast(StreamReply, await redis.xread(streams, block=None if batch else block_ms, count=512))
+            for key, entries in reply:
+                for entry_id, fields in entries:
+                    after[key] = entry_id
+                    batch.append((request_id_of[key], (entry_id, item := _item(fields))))
+                    if isinstance(item, JobResult):
+                        del after[key]
+                        break
         yield batch
 
 

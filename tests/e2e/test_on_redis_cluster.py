@@ -11,6 +11,8 @@ module's own checks where the keys went.
 
 from __future__ import annotations
 
+import zlib
+
 import pytest
 from redis.crc import key_slot
 
@@ -61,14 +63,21 @@ test_metrics = observability.test_metrics_counters_move_after_a_request
 test_pool_events = observability.test_pool_events_send_the_overview_again_and_again
 
 
-def test_every_key_of_the_pool_lies_in_its_cell_on_one_primary(
+def test_every_key_of_the_pool_lies_in_its_cell_on_the_primary_serving_the_cells_slot(
     cluster: ClusterDeployment, coordinator_url: str, start_worker: StartWorker
 ) -> None:
+    """Twelve cells, four on each primary; w1's keys in its cell, and no key outside the cells."""
     test_openai_chat(coordinator_url, start_worker)  # worker w1 joins, a job goes through
-    cell = key_slot(keys.CLUSTER_CELL_TAG.encode())
-    owner = cluster.primary_of(cell)
-    assert owner is not None
-    names = owner.client.keys("*")
-    assert names and all(key_slot(name.encode()) == cell for name in names), names
-    assert {"{c0}workers", "{c0}worker:w1", "{c0}heartbeat:w1"} <= set(names)
-    assert [node.client.dbsize() for node in cluster.primaries() if node is not owner] == [0, 0]
+    tags = keys.cluster_tags(keys.CLUSTER_CELLS)
+    owners = {tag: cluster.primary_of(key_slot(tag.encode())) for tag in tags}
+    assert sorted(sum(owner is node for owner in owners.values()) for node in cluster.primaries()) == [4, 4, 4]
+    w1 = tags[zlib.crc32(b"w1") % len(tags)]  # keys.cell_of on the cluster's cells
+    assert w1 != tags[0]
+    found: set[str] = set()
+    for tag, owner in owners.items():
+        assert owner is not None
+        names = owner.client.keys(tag + "*")  # a tag has no glob character
+        assert all(key_slot(name.encode()) == key_slot(tag.encode()) for name in names), names
+        found |= set(names)
+    assert {f"{w1}workers", f"{w1}worker:w1", f"{w1}heartbeat:w1"} <= found, found
+    assert sum(node.client.dbsize() for node in cluster.primaries()) == len(found)  # no key outside the cells

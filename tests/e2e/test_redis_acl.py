@@ -62,13 +62,13 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
 
 
 def cluster_users_acl(documented: str) -> str:
-    """The documented users changed as docs/security.md says for a Redis Cluster: the pool's hash tag
-    in front of each of the worker's key patterns, and `+cluster|slots`, with which its connections
-    find the primary."""
+    """The documented users changed as docs/security.md says for a Redis Cluster: `{c*}` (every cell's
+    hash tag) in front of each of the worker's key patterns, and `+cluster|slots`, with which its
+    client reads the slot map."""
     lines = []
     for line in documented.splitlines():
         if line.startswith("user worker "):
-            line = line.replace("~", "~" + keys.CLUSTER_CELL_TAG) + " +cluster|slots"
+            line = line.replace("~", "~{c*}") + " +cluster|slots"
         lines.append(line)
     return "\n".join(lines) + "\n"
 

@@ -2,9 +2,9 @@
 while its cell's slot moves to another primary.
 
 The coordinator and the workers are given only the `redis+cluster://` URL (tests/cluster.py: three
-primaries) and are not restarted. The pool's keys lie in one hash slot, the pool's cell
-(`keys.CLUSTER_CELL_TAG`); each process talks to the primary serving it and finds the new one by
-itself, asking the cluster on each new connection. Every job that got a 202 ends with exactly one
+primaries) and are not restarted. The pool lies in twelve cells, four on each primary; both workers
+and every job of the load are in cell 0 (`keys.CLUSTER_CELL_TAG`), whose slot the fault hits. Each
+process follows the slot to its new primary by itself. Every job that got a 202 ends with exactly one
 result, with its own prompt's output, and nothing is left in a queue or a processing list.
 """
 
@@ -25,7 +25,10 @@ from tests.faults.harness import HEARTBEAT_TIMEOUT_S, Load, Pool, Row
 
 pytestmark = pytest.mark.fault
 
-WORKERS = ("w1", "w2")
+# Both in cell 0 of the cluster's cells, as the pool's home keys are: every job of the load lies in
+# that cell's slot, the one the fault hits.
+WORKERS = ("w16", "w28")
+assert all(keys.cell_of(worker_id, keys.CLUSTER_CELLS) == 0 for worker_id in WORKERS)
 CELL = key_slot(keys.CLUSTER_CELL_TAG.encode())
 SCENARIO_FAILOVER = "11. Redis Cluster: kill -9 of the pool's cell's primary under load, a replica promoted"
 SCENARIO_MIGRATION = "11b. Redis Cluster: the pool's cell's slot moved to another primary under load"

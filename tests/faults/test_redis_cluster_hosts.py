@@ -2,7 +2,7 @@
 under load, and back.
 
 Three primaries and a replica of each, one node a host (`cluster_host_pool` in
-tests/faults/conftest.py); coordinator `c1`, workers `w1` and `w2` and the client each on a host of
+tests/faults/conftest.py); coordinator `c1`, workers `w16` and `w28` and the client each on a host of
 its own, all given only the `redis+cluster://` URL with the primaries' addresses. A cut host drops
 what it is sent, so unlike a killed node (scenario 11) nothing refuses a connection: every process
 must give up on the cut node within its timeouts, ask the other nodes, and follow the promoted
@@ -26,7 +26,10 @@ from tests.faults.netns_pool import HostLoad, HostPool
 
 pytestmark = pytest.mark.fault
 
-WORKERS = ("w1", "w2")
+# Both in cell 0 of the cluster's cells, as the pool's home keys are: every job of the load lies in
+# that cell's slot, the one the fault hits.
+WORKERS = ("w16", "w28")
+assert all(keys.cell_of(worker_id, keys.CLUSTER_CELLS) == 0 for worker_id in WORKERS)
 CELL = key_slot(keys.CLUSTER_CELL_TAG.encode())
 REJOIN_TIMEOUT_S = 30.0
 
@@ -35,7 +38,7 @@ def test_the_pool_follows_the_cell_when_its_primarys_host_is_cut_off_and_the_old
     cluster_host_pool: Callable[..., tuple[HostPool, ClusterDeployment]], record: Callable[[Row], None]
 ) -> None:
     scenario = "L7. Redis Cluster: the cell's primary's host link cut under load, a replica promoted, old one rejoins"
-    pool, cluster = cluster_host_pool("c1", "w1", "w2", "client")
+    pool, cluster = cluster_host_pool("c1", *WORKERS, "client")
     pool.start_workers(*WORKERS, token_delay_s=0.02, slots=2)
     old = cluster.primary_of(CELL)
     assert old is not None and old.host is not None

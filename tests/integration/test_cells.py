@@ -166,6 +166,16 @@ async def test_the_snapshot_reads_every_cell_and_counts_each_workers_lists(redis
         assert set(known.cells) == set(keys.cells())
 
 
+async def test_a_workers_id_left_in_cell_0s_workers_is_read_in_its_own_cell_only(redis: Redis) -> None:
+    """A pool on a cluster from before its twelve cells left every worker's id in cell 0's `workers`:
+    read there, its keys would be another cell's (a cluster refuses such an MGET)."""
+    elsewhere = _id_in(1, "w")
+    await _register(redis, elsewhere)
+    await redis.sadd(keys.workers(0), elsewhere)
+    states = await registry.snapshot(redis, registry.KnownRecords())
+    assert [w.worker_id for w in states] == [elsewhere]
+
+
 async def _enqueue_shared(redis: Redis, cell: int) -> str:
     """A job on model m's shared queue of `cell`, as admission puts one there."""
     request_id = new_request_id(cell)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,14 @@ from gputorrent.redis_client import REDIS_FAILURES
 from tests.cluster import ClusterDeployment
 
 CELL = key_slot(keys.CLUSTER_CELL_TAG.encode())
+
+
+@pytest.fixture(autouse=True)
+def _one_cell() -> Iterator[None]:
+    """The client's tests name keys of one cell, `{c0}` (the cells are test_cells_on_redis_cluster.py's)."""
+    keys.use_cluster_cells(1)
+    yield
+    keys.use_cluster_cells()
 
 
 @pytest.fixture

@@ -15,18 +15,23 @@ def test_added_keys_follow_the_same_pattern() -> None:
     assert keys.RESULTS_CHANNEL == "results:ready"
 
 
-def test_on_a_cluster_every_key_carries_the_cells_hash_tag_and_channels_do_not() -> None:
+def test_on_a_cluster_every_key_carries_its_cells_hash_tag_and_channels_do_not() -> None:
     keys.use_cluster_layout(True)
     try:
-        names = [keys.worker_key("w1"), keys.queue_key("w1"), keys.queue_key("w1", priority=9), keys.job_key("r1"),
+        assert len(keys.layout()) == keys.CLUSTER_CELLS == 12 and keys.layout()[0] == "{c0}"
+        w16 = keys.layout()[keys.cell_of("w16")]
+        assert keys.cell_of("w16") == 0 and keys.cell_of("w1") != 0
+        names = [keys.worker_key("w16"), keys.queue_key("w16"), keys.queue_key("w16", priority=9), keys.job_key("r1"),
                  keys.workers(0), keys.deadlines(0), keys.model_queue_key("m", cell=0), keys.stats_key(5),
                  keys.list_lengths(0)]  # fmt: skip
-        assert names[:3] == ["{c0}worker:w1", "{c0}queue:w1", "{c0}queue:w1#p9"]
-        assert all(name.startswith(keys.CLUSTER_CELL_TAG) for name in names)
+        assert names[:3] == ["{c0}worker:w16", "{c0}queue:w16", "{c0}queue:w16#p9"] and w16 == "{c0}"
+        assert all(name.startswith(keys.layout()) for name in names)
+        w1 = keys.layout()[keys.cell_of("w1")]
+        assert keys.worker_key("w1") == f"{w1}worker:w1" and keys.workers(keys.cell_of("w1")) == f"{w1}workers"
         assert keys.RESULTS_CHANNEL == "results:ready" and keys.ended_channel("w1") == "jobs:ended:w1"
         # The lengths index names lists by their tagged names; each still maps back to its worker.
-        assert keys.worker_list_of(keys.queue_key("w1", priority=9), 0) == ("w1", False)
-        assert keys.worker_list_of(keys.processing_key("w1"), 0) == ("w1", True)
+        assert keys.worker_list_of(keys.queue_key("w16", priority=9), 0) == ("w16", False)
+        assert keys.worker_list_of(keys.processing_key("w16"), 0) == ("w16", True)
     finally:
         keys.use_cluster_layout(False)
     assert keys.queue_key("w1") == "queue:w1"
