@@ -203,7 +203,7 @@ def settled(redis_url: str, counters: RedisCounters, count: int) -> bool:
     if counters.blocked_clients() < 0.9 * count:
         return False
     with redis_client.sync_client(redis_url) as redis:
-        ids = redis.smembers(keys.workers(0))
+        ids = set().union(*(redis.smembers(keys.workers(cell)) for cell in keys.cells()))  # on a cluster, 12 cells
         if len(ids) < count:
             return False
         with redis.pipeline(transaction=False) as pipe:

@@ -25,14 +25,38 @@ from gputorrent.scripts import Script
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True)
+class _HeldKeys:
+    held_in: str
+    job: str
+
+
+@dataclass(frozen=True)
+class _HeldArgs:
+    request_id: str
+    job_field: str
+
+
+# A script, not a transaction: one read on the hot path (redis-py's cluster client runs each command
+# of a transaction on a thread of its own, blocking the event loop).
+_HELD = Script(
+    _HeldKeys,
+    _HeldArgs,
+    """
+if not redis.call('LPOS', held_in, request_id) then return false end
+return redis.call('HGET', job, job_field)
+""",
+)
+
+
 async def held(redis: RedisClient, worker_id: str, request_id: str) -> Job | None:
     """The job `request_id` when the worker holds it (it is in the worker's processing list: its lease
     on the job); None when the worker holds no such job."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.lpos(keys.held_in(worker_id, request_id), request_id)
-        pipe.hget(keys.job_key(request_id), queue.JOB_FIELD)
-        position, body = await pipe.execute()
-    if position is None or body is None:
+    body = await _HELD.run(
+        redis, _HeldKeys(held_in=keys.held_in(worker_id, request_id), job=keys.job_key(request_id)),
+        _HeldArgs(request_id=request_id, job_field=queue.JOB_FIELD),
+    )  # fmt: skip
+    if body is None:
         return None
     try:
         return Job.model_validate_json(body)

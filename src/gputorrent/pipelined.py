@@ -30,7 +30,14 @@ import hiredis
 from redis.asyncio import Redis, RedisCluster
 from redis.asyncio.connection import AbstractConnection
 from redis.crc import key_slot
-from redis.exceptions import ConnectionError, DataError, NoPermissionError, NoScriptError, ResponseError
+from redis.exceptions import (
+    ConnectionError,
+    DataError,
+    NoPermissionError,
+    NoScriptError,
+    RedisClusterException,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 Argument = str | bytes | int
@@ -151,6 +158,8 @@ class PipelinedConnection:
                 # Out of the pool until it breaks: closing the client (or its pool) disconnects it.
                 redis = self._redis
                 if isinstance(redis, RedisCluster):
+                    # A link that broke may have lost its node (a primary died): read the slot map again.
+                    self._read_slots_again |= self._link is not None
                     self._link = await self._connect_to_slot(redis)
                 else:
                     pool = redis.connection_pool
@@ -160,17 +169,25 @@ class PipelinedConnection:
 
     async def _connect_to_slot(self, cluster: RedisCluster) -> _Link:
         assert self._slot is not None
-        if self._read_slots_again:
-            await cluster.nodes_manager.initialize()
-            self._read_slots_again = False
-        else:
-            await cluster.initialize()  # nothing to do once the client has read the slot map
-        node = cluster.nodes_manager.get_node_from_slot(self._slot)
+        try:
+            if self._read_slots_again:
+                await cluster.nodes_manager.initialize()
+                self._read_slots_again = False
+            else:
+                await cluster.initialize()  # nothing to do once the client has read the slot map
+            node = cluster.nodes_manager.get_node_from_slot(self._slot)
+        except RedisClusterException as e:  # not a RedisError: no node answered, or none serves the slot
+            self._read_slots_again = True
+            raise ConnectionError(f"the Redis Cluster cannot serve slot {self._slot} now: {e}") from e
         connection = node.acquire_connection()
         try:
+            # A fresh socket: one idle in the node's pool may be dead (an idle timeout, a restart),
+            # and every caller batched on this link would fail with it. A link lasts until it breaks.
+            await connection.disconnect()
             await connection.connect()  # type: ignore[no-untyped-call]
         except BaseException:
             node.release(connection)
+            self._read_slots_again = True
             raise
 
         async def release(connection: AbstractConnection) -> None:

@@ -193,6 +193,11 @@ def beat_answer(
                         keys.swarm_epoch(), swarm_epoch, keys.swarm_epoch())  # fmt: skip
             _told_epoch_unreadable()
         swarm_epoch = None
+    elif isinstance(swarm_epoch, Exception):
+        # On a cluster the epoch is in cell 0, maybe on another primary than the worker's cell: that
+        # primary failing must not fail the beat, which was written.
+        log.debug("worker %s could not read the swarm's epoch this beat (%s)", worker_id, swarm_epoch)
+        swarm_epoch = None
     gone = registered and record is None
     replaced = registered and record is not None and registered_at is not None and (
         _registered_at(record) not in (None, registered_at)

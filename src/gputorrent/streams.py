@@ -202,7 +202,7 @@ class StreamWriter:
         """Wait until everything pushed is in Redis.
 
         Raises:
-            RedisError | OSError: a write failed; the stream lacks text from that point.
+            REDIS_FAILURES: a write failed; the stream lacks text from that point.
         """
         if self._flusher is not None:
             await self._flusher

@@ -57,7 +57,8 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # A bounded, blocking pool: past its size (every open stream holds a connection) requests wait a
-        # little for a free one instead of failing at once. A Sentinel URL gives the same bound.
+        # little for a free one instead of failing at once. A Sentinel URL gives the same bound; on a
+        # cluster it bounds each node's connections, and a request past it fails at once (a 503).
         redis = redis_client.async_client(
             settings.redis_url,
             socket_connect_timeout=REDIS_CONNECT_TIMEOUT_S,

@@ -3,17 +3,38 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from gputorrent import keys
 from gputorrent.protocol import ErrorInfo, JobResult, JobStatus
 from gputorrent.queue.finish import finish
 from gputorrent.redis_client import RedisClient
+from gputorrent.scripts import NoArgs, Script
 
 log = logging.getLogger(__name__)
 
 
 END_ATTEMPTS = 3
 _STATUS_FIELDS = ("status", "worker_id", "model", "stream")  # not the job itself: it may be large
+
+
+@dataclass(frozen=True)
+class _LookupKeys:
+    result: str
+    job: str
+
+
+# A script, not a transaction: one read on the hot path (redis-py's cluster client runs each command
+# of a transaction on a thread of its own, blocking the event loop). The fields are `_STATUS_FIELDS`.
+_LOOKUP = Script(
+    _LookupKeys,
+    NoArgs,
+    """
+local found = redis.call('GET', result)
+if found then return {found} end
+return {false, unpack(redis.call('HMGET', job, 'status', 'worker_id', 'model', 'stream'))}
+""",
+)
 
 
 async def end(redis: RedisClient, request_id: str, error: ErrorInfo, ttl_s: int) -> JobResult | None:
@@ -52,12 +73,12 @@ async def end(redis: RedisClient, request_id: str, error: ErrorInfo, ttl_s: int)
 
 async def lookup(redis: RedisClient, request_id: str) -> JobResult | JobStatus | None:
     """The result if it exists, else the job's status, else None (unknown id), read atomically."""
-    async with redis.pipeline(transaction=True) as pipe:
-        pipe.get(keys.result_key(request_id))
-        pipe.hmget(keys.job_key(request_id), _STATUS_FIELDS)
-        result_json, (status, worker_id, model, stream) = await pipe.execute()
-    if result_json is not None:
-        return JobResult.model_validate_json(result_json)
+    found = await _LOOKUP.run(
+        redis, _LookupKeys(result=keys.result_key(request_id), job=keys.job_key(request_id)), NoArgs()
+    )
+    if found[0] is not None:
+        return JobResult.model_validate_json(found[0])
+    status, worker_id, model, stream = (None if value is None else str(value) for value in found[1:])
     if status is not None:
         return JobStatus(
             request_id=request_id, status=status, worker_id=worker_id or None, model=model, stream=stream == "1"

@@ -8,7 +8,7 @@ Two implementations, one interface, chosen by `GPUTORRENT_LINK`:
   `/worker` routes with the worker's id and secret, and the coordinator runs the same functions on
   Redis for that worker only. The worker holds no Redis credentials.
 
-A failed call raises `RedisError` or `OSError` (`CoordinatorUnreachable` is a `ConnectionError`),
+A failed call raises one of `redis_client.REDIS_FAILURES` (`CoordinatorUnreachable` is a `ConnectionError`),
 which the worker's loops retry with backoff.
 """
 
