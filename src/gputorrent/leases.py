@@ -19,7 +19,7 @@ from redis.cluster import ClusterPipeline as SyncClusterPipeline
 
 from gputorrent import handoff, keys, queue, registry, routing
 from gputorrent.protocol import BeatAnswer, Heartbeat, Job
-from gputorrent.redis_client import RedisClient
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient
 from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
@@ -104,20 +104,24 @@ async def beat(
         )
         pipe.eval(_BEAT.source, numkeys, *keys_and_args)
         pipe.exists(keys.drain_key(worker_id))
-        pipe.get(keys.swarm_epoch())
         lists = sorted({keys.held_in(worker_id, request_id) for request_id in running})  # its own, and any abroad
         for held_in in lists:
             pipe.lrange(held_in, 0, -1)
         for request_id in running:
             pipe.exists(keys.cancel_key(request_id))
-        written, drain, swarm_epoch, *replies = await pipe.execute()
+        written, drain, *replies = await pipe.execute()
     if not written:
         return None
+    try:  # apart: on a cluster it is in cell 0, whose primary may be out of reach while the worker's is not
+        swarm_epoch = int(await redis.get(keys.swarm_epoch()) or 0)
+    except REDIS_FAILURES as e:
+        log.debug("worker %s: the swarm's epoch cannot be read this beat (%s)", worker_id, e)
+        swarm_epoch = 0
     held_ids = {str(request_id) for held in replies[: len(lists)] for request_id in held}
     cancelled = replies[len(lists) :]
     ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
     await renew_presence(redis, worker_id, running, ttl_s)
-    return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=int(swarm_epoch or 0))
+    return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=swarm_epoch)
 
 
 def queue_presence(

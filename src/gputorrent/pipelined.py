@@ -183,7 +183,7 @@ class PipelinedConnection:
         try:
             # A fresh socket: one idle in the node's pool may be dead (an idle timeout, a restart),
             # and every caller batched on this link would fail with it. A link lasts until it breaks.
-            await connection.disconnect()
+            await connection.disconnect(nowait=True)
             await connection.connect()  # type: ignore[no-untyped-call]
         except BaseException:
             node.release(connection)

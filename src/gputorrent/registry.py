@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 from redis.client import Pipeline
 from redis.cluster import ClusterPipeline
-from redis.exceptions import ResponseError, WatchError
+from redis.exceptions import NoPermissionError, WatchError
 
 from gputorrent import keys
 from gputorrent.protocol import (
@@ -29,7 +29,7 @@ from gputorrent.protocol import (
     WorkerRecord,
     WorkerState,
 )
-from gputorrent.redis_client import RedisClient, SyncRedisClient
+from gputorrent.redis_client import REDIS_FAILURES, RedisClient, SyncRedisClient
 from gputorrent.scripts import Script
 from gputorrent.telemetry import Telemetry
 
@@ -141,15 +141,34 @@ def beat(
     through the coordinator is when its secret is refused; one whose id another process registered
     since (a record whose `registered_at` is not this worker's `registered_at`) is told it was replaced."""
     with client.pipeline(transaction=False) as pipe:
-        queue_beat(pipe, worker_id, heartbeat, ttl_s, swarm_epoch=swarm_epoch, registered=registered)
-        return beat_answer(
+        queue_beat(pipe, worker_id, heartbeat, ttl_s, registered=registered)
+        answer = beat_answer(
             worker_id, pipe.execute(raise_on_error=False), registered=registered, registered_at=registered_at
         )
+    if not swarm_epoch:
+        return answer
+    # Apart from the beat: on a cluster the epoch is in cell 0, maybe on a primary that is out of reach
+    # while the worker's own cell is served, and a pipeline that cannot reach a node it names fails whole.
+    return answer.model_copy(update={"swarm_epoch": _read_swarm_epoch(client, worker_id)})
 
 
-def beat_replies(swarm_epoch: bool) -> int:
-    """How many replies `queue_beat` (without `registered`) adds to a pipeline."""
-    return 3 if swarm_epoch else 2
+def _read_swarm_epoch(client: SyncRedisClient, worker_id: str) -> int:
+    """The swarm's epoch, or 0 when it cannot be read now."""
+    try:
+        return int(client.get(keys.swarm_epoch()) or 0)
+    except NoPermissionError as e:
+        # A Redis user made before the swarm (docs/security.md's ACL reads `swarm:epoch`): the beat must
+        # not fail for it, or the worker would look dead; its swarm reads the members only at start.
+        if not _epoch_unreadable_told:
+            log.warning("worker %s cannot read %s (%s): add %%R~%s to its Redis user", worker_id,
+                        keys.swarm_epoch(), e, keys.swarm_epoch())  # fmt: skip
+            _told_epoch_unreadable()
+    except REDIS_FAILURES as e:
+        log.debug("worker %s could not read the swarm's epoch this beat (%s)", worker_id, e)
+    return 0
+
+
+BEAT_REPLIES = 2  # the replies `queue_beat` (without `registered`) adds to a pipeline
 
 
 def queue_beat(
@@ -158,19 +177,16 @@ def queue_beat(
     heartbeat: Heartbeat,
     ttl_s: float,
     *,
-    swarm_epoch: bool,
     registered: bool = False,
 ) -> None:
-    """Add one beat's commands to `pipe`, whose replies go to `beat_answer` (`beat_replies(swarm_epoch)`
-    of them, one more with `registered`: the worker's record). Only a worker with a swarm reads the
-    swarm's epoch: for the others it was a third of every beat's commands, which are most of what an
-    idle pool costs Redis (docs/scaling.md); for the same reason the record is read only on some beats."""
+    """Add one beat's commands to `pipe`, whose replies go to `beat_answer` (`BEAT_REPLIES` of them, one
+    more with `registered`: the worker's record); every key is in the worker's cell. The record is read
+    only on some beats: beats are most of what an idle pool costs Redis (docs/scaling.md). Only a
+    worker with a swarm reads the swarm's epoch, apart (`beat`)."""
     pipe.set(keys.heartbeat_key(worker_id), heartbeat.model_dump_json(), px=int(ttl_s * 1000))
     pipe.exists(keys.drain_key(worker_id))
     if registered:
         pipe.get(keys.worker_key(worker_id))
-    if swarm_epoch:
-        pipe.get(keys.swarm_epoch())
 
 
 def beat_answer(
@@ -180,24 +196,10 @@ def beat_answer(
     at `registered_at` (None: not known, then only a missing record counts); raises the error of a
     failed write."""
     written, drain, *read = replies
-    record = read.pop(0) if registered else None
-    swarm_epoch = read[0] if read else None
+    record = read[0] if registered else None
     for reply in (written, drain, record):
         if isinstance(reply, Exception):
             raise reply
-    if isinstance(swarm_epoch, ResponseError):
-        # A Redis user made before the swarm (docs/security.md's ACL reads `swarm:epoch`): the beat must
-        # not fail for it, or the worker would look dead; its swarm reads the members only at start.
-        if not _epoch_unreadable_told:
-            log.warning("worker %s cannot read %s (%s): add %%R~%s to its Redis user", worker_id,
-                        keys.swarm_epoch(), swarm_epoch, keys.swarm_epoch())  # fmt: skip
-            _told_epoch_unreadable()
-        swarm_epoch = None
-    elif isinstance(swarm_epoch, Exception):
-        # On a cluster the epoch is in cell 0, maybe on another primary than the worker's cell: that
-        # primary failing must not fail the beat, which was written.
-        log.debug("worker %s could not read the swarm's epoch this beat (%s)", worker_id, swarm_epoch)
-        swarm_epoch = None
     gone = registered and record is None
     replaced = registered and record is not None and registered_at is not None and (
         _registered_at(record) not in (None, registered_at)
@@ -214,7 +216,7 @@ def beat_answer(
             "forced it); this one stops, leaving that one's queue and jobs alone: give each worker an id of its own",
             worker_id,
         )
-    return BeatAnswer(drain=bool(drain) or gone or replaced, replaced=replaced, swarm_epoch=int(swarm_epoch or 0))
+    return BeatAnswer(drain=bool(drain) or gone or replaced, replaced=replaced)
 
 
 def _registered_at(record: str | bytes) -> float | None:

@@ -78,7 +78,9 @@ async def lookup(redis: RedisClient, request_id: str) -> JobResult | JobStatus |
     )
     if found[0] is not None:
         return JobResult.model_validate_json(found[0])
-    status, worker_id, model, stream = (None if value is None else str(value) for value in found[1:])
+    status, worker_id, model, stream = (
+        value.decode() if isinstance(value, bytes) else value for value in found[1:]
+    )  # fmt: skip
     if status is not None:
         return JobStatus(
             request_id=request_id, status=status, worker_id=worker_id or None, model=model, stream=stream == "1"

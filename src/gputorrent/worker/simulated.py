@@ -199,7 +199,7 @@ class Simulation:
             return
         interval_s = self.workers[0].registered.heartbeat_interval_s
         ticks = max(1, round(interval_s / BEAT_TICK_S))
-        replied = registry.beat_replies(swarm_epoch=False)  # simulated workers have no swarm
+        replied = registry.BEAT_REPLIES  # simulated workers have no swarm
         client = redis_client.sync_client(self.redis_url, socket_connect_timeout=2, socket_timeout=2)
         try:
             due_at = time.monotonic()
@@ -211,8 +211,7 @@ class Simulation:
                 with client.pipeline(transaction=False) as pipe:
                     for worker in due:
                         beat = Heartbeat(at=time.time(), jobs_in_flight=worker.jobs_in_flight)
-                        registry.queue_beat(pipe, worker.worker_id, beat, worker.registered.heartbeat_timeout_s,
-                                            swarm_epoch=False)  # fmt: skip
+                        registry.queue_beat(pipe, worker.worker_id, beat, worker.registered.heartbeat_timeout_s)
                     try:
                         replies = pipe.execute(raise_on_error=False)
                     except REDIS_FAILURES as e:
