@@ -57,7 +57,7 @@ no two of these names can be the same key. The shared queues are not `queue:mode
 The pool lies in cells (docs/architecture.md, "Redis Cluster"): on one Redis one cell, with the
 seed's names above; on a Redis Cluster (a `redis+cluster://` URL) every name starts with its cell's
 hash tag, so that every key one script names lies in one hash slot, and a cell moves between
-primaries as a whole: `{c0}queue:w1`. A worker's keys are in its cell (`cell_of` its id: a hash), a
+primaries as a whole: `{c0}queue:w16`. A worker's keys are in its cell (`cell_of` its id: a hash), a
 job's in its request's (`cell_of` its request id), and the pool-wide ones (`workers`, `lengths`,
 `deadlines`, the shared queues, ...) are one per cell, each function taking the cell; the rest (API
 keys, the catalogue, the swarm, shard hosts, history) are in cell 0. A cluster holds
