@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from pydantic import ValidationError
 from redis.asyncio.client import Pipeline
-from redis.asyncio.cluster import ClusterPipeline
+from redis.asyncio.cluster import ClusterPipeline, RedisCluster
 from redis.client import Pipeline as SyncPipeline
 from redis.cluster import ClusterPipeline as SyncClusterPipeline
 
@@ -109,19 +109,29 @@ async def beat(
             pipe.lrange(held_in, 0, -1)
         for request_id in running:
             pipe.exists(keys.cancel_key(request_id))
+        # On a cluster the swarm's epoch is read apart: it is in cell 0, whose primary may be out of reach
+        # while the worker's is not, and a pipeline that cannot reach a node it names fails whole.
+        epoch_apart = isinstance(redis, RedisCluster)
+        if not epoch_apart:
+            pipe.get(keys.swarm_epoch())
         written, drain, *replies = await pipe.execute()
     if not written:
         return None
-    try:  # apart: on a cluster it is in cell 0, whose primary may be out of reach while the worker's is not
-        swarm_epoch = int(await redis.get(keys.swarm_epoch()) or 0)
-    except REDIS_FAILURES as e:
-        log.debug("worker %s: the swarm's epoch cannot be read this beat (%s)", worker_id, e)
-        swarm_epoch = 0
+    swarm_epoch = await _read_swarm_epoch(redis, worker_id) if epoch_apart else int(replies.pop() or 0)
     held_ids = {str(request_id) for held in replies[: len(lists)] for request_id in held}
     cancelled = replies[len(lists) :]
     ended = [rid for rid, gone in zip(running, cancelled, strict=True) if gone or rid not in held_ids]
     await renew_presence(redis, worker_id, running, ttl_s)
     return BeatAnswer(drain=bool(drain), ended=ended, swarm_epoch=swarm_epoch)
+
+
+async def _read_swarm_epoch(redis: RedisClient, worker_id: str) -> int:
+    """The swarm's epoch, or 0 when it cannot be read now."""
+    try:
+        return int(await redis.get(keys.swarm_epoch()) or 0)
+    except REDIS_FAILURES as e:
+        log.debug("worker %s: the swarm's epoch cannot be read this beat (%s)", worker_id, e)
+        return 0
 
 
 def queue_presence(

@@ -9,7 +9,7 @@ from gputorrent import keys
 from gputorrent.protocol import ErrorInfo, JobResult, JobStatus
 from gputorrent.queue.finish import finish
 from gputorrent.redis_client import RedisClient
-from gputorrent.scripts import NoArgs, Script
+from gputorrent.scripts import Script
 
 log = logging.getLogger(__name__)
 
@@ -24,15 +24,20 @@ class _LookupKeys:
     job: str
 
 
+@dataclass(frozen=True)
+class _LookupArgs:
+    fields: tuple[str, ...]
+
+
 # A script, not a transaction: one read on the hot path (redis-py's cluster client runs each command
-# of a transaction on a thread of its own, blocking the event loop). The fields are `_STATUS_FIELDS`.
+# of a transaction on a thread of its own, blocking the event loop).
 _LOOKUP = Script(
     _LookupKeys,
-    NoArgs,
+    _LookupArgs,
     """
 local found = redis.call('GET', result)
 if found then return {found} end
-return {false, unpack(redis.call('HMGET', job, 'status', 'worker_id', 'model', 'stream'))}
+return {false, unpack(redis.call('HMGET', job, unpack(fields)))}
 """,
 )
 
@@ -74,7 +79,9 @@ async def end(redis: RedisClient, request_id: str, error: ErrorInfo, ttl_s: int)
 async def lookup(redis: RedisClient, request_id: str) -> JobResult | JobStatus | None:
     """The result if it exists, else the job's status, else None (unknown id), read atomically."""
     found = await _LOOKUP.run(
-        redis, _LookupKeys(result=keys.result_key(request_id), job=keys.job_key(request_id)), NoArgs()
+        redis,
+        _LookupKeys(result=keys.result_key(request_id), job=keys.job_key(request_id)),
+        _LookupArgs(fields=_STATUS_FIELDS),
     )
     if found[0] is not None:
         return JobResult.model_validate_json(found[0])
