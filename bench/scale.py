@@ -51,7 +51,7 @@ import aiohttp
 from pool import Pool, Processes, process_cpu_s, redis_cpu_s, save_plot, start_pool, summary, write_result
 from redis import Redis as SyncRedis
 
-from gputorrent import keys, redis_client
+from gputorrent import auth, keys, redis_client
 from gputorrent.embedded import EmbeddedRedis
 from gputorrent.worker.main import IDLE_AFTER_S, IDLE_POP_TIMEOUT_S, POP_TIMEOUT_S
 
@@ -65,6 +65,7 @@ LOAD_SECONDS = 10.0
 IDLE_SECONDS = 10.0
 PEAK_SECONDS = 5.0
 PEAK_CLIENTS = 32
+CLIENT_KEYS = PEAK_CLIENTS  # the API keys the load comes from: one a peak client
 # Each simulated worker holds a connection for its blocked take, as a real one does beside its heartbeat's,
 # its listener's and its scripts' (which simulated workers share): 10,000 need more than Redis's default
 # 10,000 clients, and more open files than a process may get by default.
@@ -122,11 +123,27 @@ def rates(before: Reading, after: Reading) -> tuple[float, float]:
     return (after[0] - before[0]) / span, (after[1] - before[1]) / span
 
 
-async def _one(http: aiohttp.ClientSession, url: str, at: float) -> float | None:
+def client_headers(pool: Pool, count: int) -> list[dict[str, str]]:
+    """The headers of `count` client keys of the pool (its own first, then new ones), for load that comes
+    from many clients as a pool's does: each key's rate counters lie in one cell, so a single key would
+    put every request's counting on one shard."""
+
+    async def create(redis_url: str) -> list[str]:
+        redis = redis_client.async_client(redis_url)
+        try:
+            return [(await auth.create_key(redis, f"bench client {i}", "client"))[1] for i in range(1, count)]
+        finally:
+            await redis.aclose()
+
+    made = asyncio.run(create(pool.redis_url))
+    return [pool.headers, *({"Authorization": f"Bearer {key}"} for key in made)]
+
+
+async def _one(http: aiohttp.ClientSession, url: str, at: float, headers: dict[str, str]) -> float | None:
     await asyncio.sleep(max(0.0, at - time.perf_counter()))
     started = time.perf_counter()
     try:
-        async with http.post(url, json=BODY) as resp:
+        async with http.post(url, json=BODY, headers=headers) as resp:
             await resp.read()
             if resp.status != 200:
                 return None
@@ -135,36 +152,41 @@ async def _one(http: aiohttp.ClientSession, url: str, at: float) -> float | None
     return (time.perf_counter() - started) * 1000
 
 
-async def open_loop(base: str, headers: dict[str, str], rate: float, seconds: float) -> tuple[list[float], int]:
-    """Latencies (ms) of the requests that completed, and how many failed."""
+async def open_loop(base: str, clients: list[dict[str, str]], rate: float, seconds: float) -> tuple[list[float], int]:
+    """Latencies (ms) of the requests that completed, and how many failed; the requests take turns
+    with the `clients`' headers (`client_headers`)."""
     rng = random.Random(7)  # the same arrivals at every size
     arrivals, at = [], 0.0
     while (at := at + rng.expovariate(rate)) < seconds:
         arrivals.append(at)
     timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
         start = time.perf_counter() + 0.05
-        done = await asyncio.gather(*(_one(http, f"{base}/v1/completions", start + a) for a in arrivals))
+        url = f"{base}/v1/completions"
+        done = await asyncio.gather(
+            *(_one(http, url, start + a, clients[i % len(clients)]) for i, a in enumerate(arrivals))
+        )
     served = [d for d in done if d is not None]
     return served, len(done) - len(served)
 
 
-async def closed_loop(base: str, headers: dict[str, str], clients: int, seconds: float) -> tuple[int, int]:
-    """Requests completed and failed by `clients` back-to-back clients in `seconds`."""
+async def closed_loop(base: str, headers: list[dict[str, str]], clients: int, seconds: float) -> tuple[int, int]:
+    """Requests completed and failed by `clients` back-to-back clients in `seconds`, client i with
+    `headers[i % len(headers)]`."""
     completed, failed = 0, 0
     deadline = time.perf_counter() + seconds
     timeout = aiohttp.ClientTimeout(total=30)
-    async with aiohttp.ClientSession(headers=headers, timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=0)) as http:
 
-        async def client() -> None:
+        async def client(own: dict[str, str]) -> None:
             nonlocal completed, failed
             while time.perf_counter() < deadline:
-                if await _one(http, f"{base}/v1/completions", 0.0) is None:
+                if await _one(http, f"{base}/v1/completions", 0.0, own) is None:
                     failed += 1
                 else:
                     completed += 1
 
-        await asyncio.gather(*(client() for _ in range(clients)))
+        await asyncio.gather(*(client(headers[i % len(headers)]) for i in range(clients)))
     return completed, failed
 
 
@@ -268,7 +290,8 @@ def idle_cost(count: int, take_block_s: float) -> tuple[float, float]:
 
 def measure_size(count: int, shards: int) -> dict[str, Any]:
     with simulated_pool(count, SIMULATED_TAKE_BLOCK_S, shards) as (pool, counters, registered_s, empty_memory, sim):
-        asyncio.run(closed_loop(pool.url, pool.headers, 4, 2.0))  # warm the coordinator's paths
+        clients = client_headers(pool, CLIENT_KEYS)
+        asyncio.run(closed_loop(pool.url, clients, len(clients), 2.0))  # warm the coordinator's paths (and key cache)
         memory_per_worker = (counters.used_memory() - empty_memory) / count
 
         def processes_cpu_s() -> tuple[float, float]:
@@ -282,7 +305,7 @@ def measure_size(count: int, shards: int) -> dict[str, Any]:
         coordinator_idle, simulation_idle = ((b - a) / idle_span_s for a, b in zip(cpu_before, cpu_after, strict=True))
 
         before, cpu_before = counters.read(), processes_cpu_s()
-        latencies, errors = asyncio.run(open_loop(pool.url, pool.headers, RATE_PER_S, LOAD_SECONDS))
+        latencies, errors = asyncio.run(open_loop(pool.url, clients, RATE_PER_S, LOAD_SECONDS))
         after, cpu_after = counters.read(), processes_cpu_s()
         load_commands, load_cpu = rates(before, after)
         span_s = after[2] - before[2]
@@ -291,7 +314,7 @@ def measure_size(count: int, shards: int) -> dict[str, Any]:
         by_server = [late - early for early, late in zip(before[3], after[3], strict=True)]
 
         before = counters.read()
-        completed, failed = asyncio.run(closed_loop(pool.url, pool.headers, PEAK_CLIENTS, PEAK_SECONDS))
+        completed, failed = asyncio.run(closed_loop(pool.url, clients, PEAK_CLIENTS, PEAK_SECONDS))
         after = counters.read()
         peak_span_s = after[2] - before[2]
         _, peak_cpu = rates(before, after)

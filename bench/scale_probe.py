@@ -90,10 +90,10 @@ def measure(idle: int, nice: bool) -> dict[str, Any]:
                 os.sched_setaffinity(pid, set(rest))
             if nice and idle:
                 os.setpriority(os.PRIO_PROCESS, harness[1], 19)
-            asyncio.run(closed_loop(pool.url, pool.headers, 4, 2.0))  # warm the coordinator's paths
+            asyncio.run(closed_loop(pool.url, [pool.headers], 4, 2.0))  # warm the coordinator's paths
             results_before = set(redis.scan_iter(keys.result_key("*"), count=1000))
             collections_before = full_collections(pool)
-            latencies, errors = asyncio.run(open_loop(pool.url, pool.headers, RATE_PER_S, LOAD_SECONDS))
+            latencies, errors = asyncio.run(open_loop(pool.url, [pool.headers], RATE_PER_S, LOAD_SECONDS))
             collections = full_collections(pool) - collections_before
             new = set(redis.scan_iter(keys.result_key("*"), count=1000)) - results_before
             prefix = keys.result_key("")

@@ -181,6 +181,15 @@ def cell_of(name: str, cells: int | None = None) -> int:
     return zlib.crc32(name.encode()) % (cells or len(_tags))
 
 
+def cell_named(key: str) -> int:
+    """The cell a key of this layout lies in, from its tag.
+
+    >>> cell_named(rate_key("k1", 1)) == cell_of("k1")
+    True
+    """
+    return _tags.index(key[: key.index("}") + 1]) if key.startswith("{") else _tags.index("")
+
+
 def _in(cell: int) -> str:
     return _tags[cell]
 
@@ -443,13 +452,14 @@ def worker_secret_key(worker_id: str) -> str:
 
 
 def rate_key(key_id: str, minute: int) -> str:
-    """Requests and tokens one API key was admitted for in one clock minute."""
-    return f"{_home()}ratelimit:{key_id}:{minute}"
+    """Requests and tokens one API key was admitted for in one clock minute, in the key id's cell (so
+    the keys' counting is spread over the cells, not all on cell 0's shard)."""
+    return f"{_in(cell_of(key_id))}ratelimit:{key_id}:{minute}"
 
 
 def open_streams_key(key_id: str) -> str:
-    """The streams one API key has open now (request ids scored by start time)."""
-    return f"{_home()}streams:{key_id}"
+    """The streams one API key has open now (request ids scored by start time), in the key id's cell."""
+    return f"{_in(cell_of(key_id))}streams:{key_id}"
 
 
 def drain_key(worker_id: str) -> str:

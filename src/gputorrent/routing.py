@@ -128,8 +128,11 @@ def pick_least_loaded(
 ) -> str:
     """The worker that would finish a new job first: jobs queued and in flight, weighted by speed."""
     speed = pool_speed(live) if speed is None else speed
-    compared = live if len(live) <= LEAST_LOADED_EXACT_MAX else random.sample(live, LEAST_LOADED_SAMPLE)
-    best = min(compared, key=lambda w: (expected_finish(w, speed, pending), outstanding(w, pending), w.worker_id))
+    if len(live) <= LEAST_LOADED_EXACT_MAX:
+        best = min(live, key=lambda w: (expected_finish(w, speed, pending), outstanding(w, pending), w.worker_id))
+    else:  # a tie goes to the sample's own (random) order: by id, the lowest ids would draw most of an idle pool's jobs
+        sample = random.sample(live, LEAST_LOADED_SAMPLE)
+        best = min(sample, key=lambda w: (expected_finish(w, speed, pending), outstanding(w, pending)))
     return best.worker_id
 
 

@@ -79,8 +79,34 @@ def _job(request_id: str, worker_id: str, **fields: object) -> Job:
     return Job(request_id=request_id, worker_id=worker_id, model="m", prompt="p", enqueued_at=time.time(), **fields)
 
 
+def _not_the_keys_cell(key_id: str, step: int = 1) -> int:
+    """A cell other than the one `key_id`'s counters lie in."""
+    return (keys.cell_of(key_id) + step) % len(keys.cells())
+
+
+def test_each_api_keys_counters_lie_in_its_ids_cell() -> None:
+    for key_id in ("k1", "k2", "k3", "k4"):
+        cell = keys.cell_of(key_id)
+        assert keys.cell_named(keys.rate_key(key_id, 1)) == keys.cell_named(keys.open_streams_key(key_id)) == cell
+        assert queue.Limits(rate_key=keys.rate_key(key_id, 1)).cell == cell
+    assert {keys.cell_of(key_id) for key_id in ("k1", "k2", "k3", "k4")} != {keys.HOME_CELL}  # spread, not all in 0
+
+
+async def test_a_keys_limits_are_counted_in_the_jobs_script_when_the_job_is_in_the_keys_cell(redis: Redis) -> None:
+    cell = keys.cell_of("k1")
+    worker_id = _id_in(cell, "w")
+    rate_key = keys.rate_key("k1", int(time.time() // 60))
+    limits = queue.Limits(rate_key=rate_key, tokens=5, rpm=1, rate_ttl_s=120)
+    await queue.enqueue(redis, _job(new_request_id(cell), worker_id), ttl_s=60, owner="k1", limits=limits)
+    assert await redis.hgetall(rate_key) == {"requests": "1", "tokens": "5"}
+    with pytest.raises(queue.Refused) as refused:
+        await queue.enqueue(redis, _job(new_request_id(cell), worker_id), ttl_s=60, owner="k1", limits=limits)
+    assert refused.value.limit == "rate"
+    assert await redis.llen(keys.queue_key(worker_id)) == 1
+
+
 async def test_a_keys_limits_in_another_cell_are_counted_apart_and_given_back_when_refused(redis: Redis) -> None:
-    cell = 1  # not the home cell, where the key's counters are
+    cell = _not_the_keys_cell("k1")  # the key's counters are in its own id's cell
     worker_id = _id_in(cell, "w")
     rate_key = keys.rate_key("k1", int(time.time() // 60))
     limits = queue.Limits(rate_key=rate_key, tokens=5, rpm=2, rate_ttl_s=120, max_queued=1)
@@ -99,13 +125,16 @@ async def test_a_keys_limits_in_another_cell_are_counted_apart_and_given_back_wh
 
 
 async def test_a_stream_slot_taken_apart_is_given_back_when_the_job_is_refused(redis: Redis) -> None:
-    worker_id = _id_in(2, "w")
+    cell = _not_the_keys_cell("k1", step=2)
+    worker_id = _id_in(cell, "w")
     streams_key = keys.open_streams_key("k1")
     limits = queue.Limits(streams_key=streams_key, max_streams=5, max_queued=1)
-    first = new_request_id(2)
+    first = new_request_id(cell)
     await queue.enqueue(redis, _job(first, worker_id, stream=True), ttl_s=60, owner="k1", limits=limits)
     with pytest.raises(queue.Refused):
-        await queue.enqueue(redis, _job(new_request_id(2), worker_id, stream=True), ttl_s=60, owner="k1", limits=limits)
+        await queue.enqueue(
+            redis, _job(new_request_id(cell), worker_id, stream=True), ttl_s=60, owner="k1", limits=limits
+        )
     assert await redis.zrange(streams_key, 0, -1) == [first]
     with pytest.raises(queue.AdmittedBefore):  # a repeat of the first: its slot is the first's, and stays
         await queue.enqueue(redis, _job(first, worker_id, stream=True), ttl_s=60, owner="k1", limits=limits)
@@ -235,9 +264,10 @@ async def test_a_named_request_whose_cell_has_no_worker_of_its_model_is_answered
 
 
 async def test_a_keys_limits_that_count_nothing_name_no_key_of_another_cell(redis: Redis) -> None:
-    worker_id = _id_in(1, "w")
+    cell = _not_the_keys_cell("k1")
+    worker_id = _id_in(cell, "w")
     off = queue.Limits(rate_key=keys.rate_key("k1", 1), streams_key=keys.open_streams_key("k1"), max_streams=4)
-    request_id = new_request_id(1)
+    request_id = new_request_id(cell)
     assert await queue.enqueue(redis, _job(request_id, worker_id), ttl_s=60, owner="k1", limits=off) == request_id
     assert not await redis.exists(keys.rate_key("k1", 1), keys.open_streams_key("k1"))
 

@@ -132,6 +132,17 @@ def test_least_loaded_over_many_candidates_compares_a_sample_that_favours_the_id
     assert len({p.worker_id for p in idle if p is not None}) > 200
 
 
+def test_least_loaded_over_many_equal_candidates_spreads_evenly_over_their_ids(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Among a sample of equally loaded workers the pick is the sample's own: ties broken by id made the
+    lowest ids of an idle pool draw most of its jobs (and, on a Redis Cluster, their cells' shard)."""
+    monkeypatch.setattr(routing, "random", random.Random(2))
+    size = LEAST_LOADED_EXACT_MAX * 16
+    pool = [_loaded(f"w{i:05d}") for i in range(size)]
+    picks = [choose_among("least_loaded", pool) for _ in range(4000)]
+    lower_half = sum(1 for p in picks if p is not None and int(p.worker_id[1:]) < size // 2)
+    assert 0.45 * len(picks) < lower_half < 0.55 * len(picks)  # by id: all but one sample in 16, 94%
+
+
 def test_session_affinity_over_many_candidates_walks_a_ring_and_moves_only_a_leavers_keys() -> None:
     """Past `AFFINITY_EXACT_MAX` candidates a key's worker comes from a ring made once per read: a key
     stays on its worker, keys spread, a worker's leaving moves only its own keys, and an overloaded

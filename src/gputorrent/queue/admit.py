@@ -202,13 +202,19 @@ class Limits:
     max_streams: int = 0
     stale_before: float = 0.0  # slots opened before this time are dropped first (their coordinator died)
 
+    @property
+    def cell(self) -> int:
+        """The cell of `rate_key` and `streams_key` (the caller's key id's: `keys.rate_key`)."""
+        counter = self.rate_key or self.streams_key
+        return keys.cell_named(counter) if counter else keys.HOME_CELL
+
     def keys(self, cell: int) -> LimitKeys:
         """The limits' keys for a script of `cell` (an unused one named in that cell)."""
         return LimitKeys(rate=self.rate_key or keys.unused(cell), streams=self.streams_key or keys.unused(cell))
 
     def counts(self, *, streamed: bool) -> bool:
         """Whether any of these limits counts a request (`streamed`: a stream's). Their counters are in the
-        home cell (`keys.rate_key`): a job of another cell has them counted in a step of their own."""
+        caller's key's cell (`cell`): a job of another cell has them counted in a step of their own."""
         counted = self.args(slot="", streamed=streamed)
         return bool(counted.rpm or counted.tpm or counted.max_streams)
 
@@ -218,7 +224,7 @@ class Limits:
         Raises:
             Refused: a limit turned it away; nothing was counted.
         """
-        answer = await _COUNT.run(redis, self.keys(keys.HOME_CELL), self.args(slot=slot, streamed=streamed))
+        answer = await _COUNT.run(redis, self.keys(self.cell), self.args(slot=slot, streamed=streamed))
         if answer in REFUSALS:
             raise Refused(REFUSALS[answer])
 
@@ -230,7 +236,7 @@ class Limits:
         back = _GiveBackArgs(tokens=self.tokens, counted=bool(taken.rpm or taken.tpm),
                              slot=slot if taken.max_streams else "")  # fmt: skip
         try:
-            await _GIVE_BACK.run(redis, self.keys(keys.HOME_CELL), back)
+            await _GIVE_BACK.run(redis, self.keys(self.cell), back)
         except REDIS_FAILURES as e:
             log.warning("request %s was not admitted, and its count against its key's limits stays: %s", slot, e)
 
@@ -292,9 +298,9 @@ async def enqueue(
     """
     request_id = job.request_id
     cell = keys.cell_of(request_id)
-    if cell == keys.HOME_CELL:
+    if cell == limits.cell:
         return await _admit(redis, job, ttl_s, idempotency_key, owner, limits, require_alive, seen)
-    in_cell = dataclasses.replace(limits, rate_key="", streams_key="")  # the key's counters are in cell 0
+    in_cell = dataclasses.replace(limits, rate_key="", streams_key="")  # the key's counters are in its own cell
     if not limits.counts(streamed=job.stream):
         return await _admit(redis, job, ttl_s, idempotency_key, owner, in_cell, require_alive, seen)
     # Counted first, given back when nothing new was admitted. (So a request over its key's limits is
