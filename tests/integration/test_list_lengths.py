@@ -103,3 +103,38 @@ async def test_a_list_changed_by_hand_is_counted_right_at_its_next_move(redis: R
     await queue.enqueue(redis, _job("r3"), ttl_s=60)
     assert await _loads(redis) == {"w1": (1, 0)}
     assert await _index_is_true(redis)
+
+
+async def test_a_take_goes_by_the_index_and_is_right_where_the_index_is_wrong(redis: Redis) -> None:
+    """A take pops the first list the index names (not every band in turn), checking that no list
+    before it holds a job: a job the index does not know of (a list changed by hand) is still taken,
+    and in its band's order."""
+    await _register(redis, "w1")
+    await queue.enqueue(redis, _job("r5"), ttl_s=60)
+    await queue.enqueue(redis, _job("r9", priority=9), ttl_s=60)
+    await redis.hdel(keys.list_lengths(0), keys.queue_key("w1", 9))  # the index misses the higher band
+    first = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
+    assert first is not None and first.job.request_id == "r9" and first.more_queued
+    await redis.hset(keys.list_lengths(0), keys.queue_key("w1", 0), 1)  # names a list that is empty
+    await redis.hdel(keys.list_lengths(0), keys.queue_key("w1"))  # and misses the one that holds r5
+    second = await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60)
+    assert second is not None and second.job.request_id == "r5" and not second.more_queued
+    assert await queue.pop(redis, "w1", timeout_s=0.1, result_ttl_s=60) is None
+
+
+async def _pops(redis: Redis) -> int:
+    """RPOPLPUSH calls the server has run, scripts' included."""
+    return int((await redis.info("commandstats")).get("cmdstat_rpoplpush", {}).get("calls", 0))
+
+
+async def test_a_take_by_the_index_pops_one_list_and_says_whether_more_wait_after_it(redis: Redis) -> None:
+    await _register(redis, "w1")
+    for request_id, priority in (("a", 9), ("b", 5), ("c", 0)):
+        await queue.enqueue(redis, _job(request_id, priority=priority), ttl_s=60)
+    before = await _pops(redis)
+    taken = [await queue.pop(redis, "w1", timeout_s=1, result_ttl_s=60) for _ in range(3)]
+    assert await _pops(redis) - before == 3  # a pop for each band and queue tried in turn made 16
+    assert [(t.job.request_id, t.more_queued) for t in taken if t is not None] == [
+        ("a", True), ("b", True), ("c", False)
+    ]  # fmt: skip
+    assert await _index_is_true(redis)

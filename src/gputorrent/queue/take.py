@@ -78,6 +78,10 @@ class TakeArgs:
 # band, or of another model), and the model's other consumers would sleep out their block. An idle
 # worker runs it once per blocked wait, so an empty look is one EXISTS over every source, not a pop
 # per source: with thousands of idle workers that is most of what they cost Redis (bench/scale.py).
+# A look that finds work goes to the first source the lengths index names (every script that moves a
+# job keeps it), checking with one EXISTS that no source before it holds a job, rather than popping
+# every band of every queue in turn (twenty sources for a worker of one model): the walk is left for
+# an index that is wrong (a list changed by hand).
 # The job's keys are known only once it is taken: they are made from the prefixes keys.py gives.
 # The time it was taken is Redis's own: the script may run long after its caller sent it (see `pop`).
 # At home, finding nothing, it answers {0, cell, ...}: the cells a reaper asked it to take from, whose
@@ -99,47 +103,56 @@ local function hints()
   end
   return false
 end
+local function taken(i, request_id)
+  note_length(sources[i])
+  note_length(processing)
+  if presence_ttl_ms > 0 then redis.call('SET', presence, '1', 'PX', presence_ttl_ms) end
+  local status = status_prefix .. request_id
+  local found = redis.call('HMGET', status, job_field, moves_field)
+  if found[1] then
+    local now = redis.call('TIME')
+    local started_at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
+    redis.call('HSET', status, 'status', 'running', 'worker_id', worker_id, 'started_at', started_at)
+  end
+  local streamed = redis.call('EXISTS', stream_prefix .. request_id)
+  local more = 0
+  if redis.call('EXISTS', unpack(sources, i)) > 0 then more = 1 end
+  if more == 1 then
+    local per_band = #doorbells
+    for p = 2, per_band do
+      if redis.call('EXISTS', doorbells[p]) == 0 then
+        local j = i + (p - i) % per_band  -- the model's queue of this band, or of the next
+        while j <= #sources do
+          if redis.call('EXISTS', sources[j]) == 1 then
+            redis.call('LPUSH', doorbells[p], '1')
+            break
+          end
+          j = j + per_band
+        end
+      end
+    end
+  end
+  return {request_id, found[1], streamed, more, found[2] or '0'}
+end
 local watched = sources
 if read_hints then watched = {abroad, unpack(sources)} end
 if redis.call('EXISTS', unpack(watched)) == 0 then
   for _, bell in ipairs(doorbells) do redis.call('DEL', bell) end
   return false
 end
+local indexed = redis.call('HMGET', lengths, unpack(sources))
+for i, source in ipairs(sources) do
+  if indexed[i] then
+    if i == 1 or redis.call('EXISTS', unpack(sources, 1, i - 1)) == 0 then
+      local request_id = redis.call('RPOPLPUSH', source, processing)
+      if request_id then return taken(i, request_id) end
+    end
+    break
+  end
+end
 for i, source in ipairs(sources) do
   local request_id = redis.call('RPOPLPUSH', source, processing)
-  if request_id then
-    note_length(source)
-    note_length(processing)
-    if presence_ttl_ms > 0 then redis.call('SET', presence, '1', 'PX', presence_ttl_ms) end
-    local status = status_prefix .. request_id
-    local found = redis.call('HMGET', status, job_field, moves_field)
-    if found[1] then
-      local now = redis.call('TIME')
-      local started_at = now[1] .. '.' .. string.format('%06d', tonumber(now[2]))
-      redis.call('HSET', status, 'status', 'running', 'worker_id', worker_id, 'started_at', started_at)
-    end
-    local streamed = redis.call('EXISTS', stream_prefix .. request_id)
-    local more = 0
-    for j = i, #sources do
-      if redis.call('LLEN', sources[j]) > 0 then more = 1 break end
-    end
-    if more == 1 then
-      local per_band = #doorbells
-      for p = 2, per_band do
-        if redis.call('EXISTS', doorbells[p]) == 0 then
-          local j = i + (p - i) % per_band  -- the model's queue of this band, or of the next
-          while j <= #sources do
-            if redis.call('EXISTS', sources[j]) == 1 then
-              redis.call('LPUSH', doorbells[p], '1')
-              break
-            end
-            j = j + per_band
-          end
-        end
-      end
-    end
-    return {request_id, found[1], streamed, more, found[2] or '0'}
-  end
+  if request_id then return taken(i, request_id) end
 end
 for _, bell in ipairs(doorbells) do redis.call('DEL', bell) end
 return hints()
