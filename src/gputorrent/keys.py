@@ -71,9 +71,10 @@ from collections.abc import Sequence
 
 from redis.crc import key_slot
 
-RESULTS_CHANNEL = "results:ready"
+RESULTS_CHANNEL = "results:ready"  # on a Redis Cluster one a cell, a shard channel: `results_channel`
 KEYS_REVOKED_CHANNEL = "keys:revoked"  # the id of each API key revoked, so coordinators drop it from their caches
-# A channel is not a key: on a Redis Cluster a message published on any node reaches subscribers on every node.
+# A channel is not a key: on a Redis Cluster a message published on any node reaches subscribers on every node,
+# over the cluster bus. A shard channel (SPUBLISH) lies in its name's slot and reaches its primary's subscribers.
 
 SLOTS = 16384  # a Redis Cluster's hash slots
 
@@ -121,8 +122,9 @@ def ended_channel(worker_id: str) -> str:
 def use_cluster_layout(on: bool) -> None:
     """Name every key for a Redis Cluster (`CLUSTER_CELL_TAGS`) or for one Redis. A process belongs to
     one pool: `redis_client` calls this with each client it makes, for its URL's kind."""
-    global _tags, _checked
+    global _tags, _checked, _sharded
     _tags, _checked = (_cluster_tags, False) if on else (_one_redis_tags, _one_redis_tags != ("",))
+    _sharded = on
 
 
 def use_cells(tags: tuple[str, ...] = ("",)) -> None:
@@ -136,6 +138,26 @@ def use_cells(tags: tuple[str, ...] = ("",)) -> None:
 
 _one_redis_tags: tuple[str, ...] = ("",)
 _checked = False
+_sharded = False  # on a Redis Cluster: results are announced on shard channels, one a cell
+
+
+def sharded_channels() -> bool:
+    """Whether results are announced with `SPUBLISH` on each cell's shard channel (`results_channel`):
+    on a Redis Cluster, where a `PUBLISH` reaches other nodes' subscribers over the cluster bus, which
+    holds a few messages in a hundred for about 40 ms (docs/scaling.md, "The cluster's p99"). One Redis
+    (even laid out in cells) keeps the one `results:ready`, which Redis before 7 has too."""
+    return _sharded
+
+
+def results_channel(cell: int) -> str:
+    """The channel a result of `cell` is announced on: `results:ready`, or that cell's shard channel on
+    a cluster (in the cell's slot, so the script that stores the result publishes it on its own node)."""
+    return f"{_in(cell)}{RESULTS_CHANNEL}" if _sharded else RESULTS_CHANNEL
+
+
+def results_channels() -> list[str]:
+    """Every channel results are announced on (one, or one a cell)."""
+    return [results_channel(cell) for cell in cells()] if _sharded else [RESULTS_CHANNEL]
 
 
 def use_cluster_cells(count: int = len(CLUSTER_CELL_TAGS)) -> None:

@@ -11,12 +11,14 @@ module's own checks where the keys went.
 
 from __future__ import annotations
 
+import time
 import zlib
 
+import httpx
 import pytest
 from redis.crc import key_slot
 
-from gputorrent import keys
+from gputorrent import keys, queue
 from tests.cluster import ClusterDeployment
 from tests.e2e import test_anthropic_api as anthropic_api
 from tests.e2e import test_auth as auth_e2e
@@ -81,3 +83,33 @@ def test_every_key_of_the_pool_lies_in_its_cell_on_the_primary_serving_the_cells
         found |= set(names)
     assert {f"{w1}workers", f"{w1}worker:w1", f"{w1}heartbeat:w1"} <= found, found
     assert sum(node.client.dbsize() for node in cluster.primaries()) == len(found)  # no key outside the cells
+
+
+def test_each_cells_results_are_announced_on_its_shard_channel_where_the_coordinator_listens(
+    cluster: ClusterDeployment, coordinator_url: str, start_worker: StartWorker
+) -> None:
+    """A result is announced with `SPUBLISH` on its cell's channel, by the primary serving the cell,
+    and the coordinator reads each primary's channels there: no announcement crosses the cluster bus
+    (docs/scaling.md, "The cluster's p99")."""
+    start_worker("w1")
+    channels = [f"{tag}{keys.RESULTS_CHANNEL}" for tag in keys.cluster_tags(keys.CLUSTER_CELLS)]
+    w1_channel = channels[zlib.crc32(b"w1") % len(channels)]
+    owner = cluster.primary_of(key_slot(w1_channel.encode()))
+    assert owner is not None
+    for node in cluster.primaries():  # the coordinator's listener, on every cell's channel where it lives
+        served = [c for c in channels if cluster.primary_of(key_slot(c.encode())) is node]
+        counts = node.client.execute_command("PUBSUB", "SHARDNUMSUB", *served)
+        assert all(int(count) >= 1 for count in counts[1::2]), (node.port, counts)
+        assert node.client.execute_command("PUBSUB", "NUMSUB", keys.RESULTS_CHANNEL)[1] == 0
+    with owner.client.pubsub(ignore_subscribe_messages=True) as listening:
+        listening.ssubscribe(w1_channel)
+        accepted = httpx.post(f"{coordinator_url}/inference", json={"model": "fake", "prompt": "shard"}, timeout=10)
+        assert accepted.status_code == 202, accepted.text
+        request_id = accepted.json()["request_id"]
+        result = httpx.get(f"{coordinator_url}/result/{request_id}", params={"wait": 10}, timeout=15).json()
+        assert result["status"] == "completed"
+        deadline = time.monotonic() + 10
+        while (heard := listening.get_message(timeout=0.5)) is None and time.monotonic() < deadline:
+            pass
+    assert heard is not None and heard["type"] == "smessage"
+    assert queue.read_announcement(heard["data"])[0] == request_id

@@ -63,12 +63,13 @@ def test_a_pool_works_with_coordinator_and_worker_users_and_workers_cannot_read_
 
 def cluster_users_acl(documented: str) -> str:
     """The documented users changed as docs/security.md says for a Redis Cluster: `{c*}` (every cell's
-    hash tag) in front of each of the worker's key patterns, and `+cluster|slots`, with which its
-    client reads the slot map."""
+    hash tag) in front of each of the worker's key patterns and of its results channel (each cell's
+    results are announced on a shard channel of the cell), and `+cluster|slots`, with which its client
+    reads the slot map."""
     lines = []
     for line in documented.splitlines():
         if line.startswith("user worker "):
-            line = line.replace("~", "~{c*}") + " +cluster|slots"
+            line = line.replace("~", "~{c*}").replace("&results:ready", "&{c*}results:ready") + " +cluster|slots"
         lines.append(line)
     return "\n".join(lines) + "\n"
 
@@ -119,6 +120,7 @@ def _pool_under_users(coordinator_url: str, worker_url: str, processes: Callable
         proc.stop()
         # Every duty ran at least once (the worker's telemetry flush, the reaper): none was refused.
         assert "NOPERM" not in proc.log and "no permissions" not in proc.log.lower(), proc.log
+        assert "The user executing the script can't" not in proc.log, proc.log  # refused within a script
         assert "Traceback" not in proc.log, proc.log
 
 

@@ -162,6 +162,9 @@ class Announcements(threading.Thread):
         while not self._stopping.is_set():
             client = redis_client.sync_client(self._redis_url, socket_connect_timeout=1, socket_timeout=5)
             try:
+                if keys.sharded_channels():  # a cluster: each cell's shard channel, on its primary
+                    self._hear_shards(client)
+                    continue
                 with client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     pubsub.subscribe(keys.RESULTS_CHANNEL)
                     self.subscribed.set()
@@ -185,6 +188,21 @@ class Announcements(threading.Thread):
                 self._stopping.wait(0.02)  # Redis is restarting: try again soon, it is back within seconds
             finally:
                 client.close()
+
+    def _hear_shards(self, client: Any) -> None:
+        """On a Redis Cluster: every cell's results channel, read by redis-py's cluster pub/sub, which
+        polls each primary in turn and follows a channel whose slot moved. A link cut silently raises
+        nothing there and its pings go to one node: a subscription quiet for `SUBSCRIBER_SILENCE_S` is
+        made anew, with a new client that reads the slot map again."""
+        with client.pubsub(ignore_subscribe_messages=True) as pubsub:
+            pubsub.ssubscribe(*keys.results_channels())
+            self.subscribed.set()
+            heard_at = time.monotonic()
+            while not self._stopping.is_set() and time.monotonic() - heard_at < SUBSCRIBER_SILENCE_S:
+                message = pubsub.get_sharded_message(timeout=0.1)
+                if message is not None and message["type"] == "smessage":
+                    heard_at = time.monotonic()
+                    self._note(queue.read_announcement(message["data"].decode())[0])
 
     def _note(self, request_id: str) -> None:
         with self._lock:

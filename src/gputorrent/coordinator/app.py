@@ -76,10 +76,14 @@ def create_app(settings: CoordinatorSettings) -> FastAPI:
             waiter.announced(request_id, result_json)
             snapshot.announced(request_id)
 
+        announced = {channel: result_announced for channel in keys.results_channels()}
+        sharded = keys.sharded_channels()  # on a cluster: a shard channel a cell, read on each primary
         listener = Listener(
             redis,
-            {keys.RESULTS_CHANNEL: result_announced, keys.KEYS_REVOKED_CHANNEL: key_cache.revoked},
-            subscribers=(waiter, key_cache),
+            {keys.KEYS_REVOKED_CHANNEL: key_cache.revoked, **({} if sharded else announced)},
+            subscribers=(key_cache,) if sharded else (waiter, key_cache),
+            shard_handlers=announced if sharded else None,
+            shard_subscribers=(waiter,),
         )
         reaper = Reaper(
             redis, settings.heartbeat_interval_s, settings.max_attempts, settings.result_ttl_s,

@@ -31,7 +31,8 @@ class FinishArgs:
     result_json: str
     ttl_s: int
     streamed: bool  # the stream ends with the result
-    channel: str  # `results:ready`
+    channel: str  # `keys.results_channel`
+    publish: str  # PUBLISH, or SPUBLISH for a cell's shard channel (`keys.sharded_channels`)
     request_id: str
     announces_result: bool  # the announcement carries the result (see `announces_result`)
 
@@ -61,9 +62,9 @@ if streamed then
   redis.call('EXPIRE', stream, ttl_s)
 end
 if announces_result then
-  redis.call('PUBLISH', channel, request_id .. '\\n' .. result_json)
+  redis.call(publish, channel, request_id .. '\\n' .. result_json)
 else
-  redis.call('PUBLISH', channel, request_id)
+  redis.call(publish, channel, request_id)
 end
 return 1
 """,
@@ -106,7 +107,8 @@ async def finish(
     )  # fmt: skip
     finish_args = FinishArgs(
         reaping=dead is not None, fence=fence, moves_field=MOVES_FIELD, result_json=result_json, ttl_s=ttl_s,
-        streamed=streamed, channel=keys.RESULTS_CHANNEL, request_id=request_id,
+        streamed=streamed, channel=keys.results_channel(cell), request_id=request_id,
+        publish="SPUBLISH" if keys.sharded_channels() else "PUBLISH",
         announces_result=announces_result(result_json, streamed=streamed),
     )  # fmt: skip
     return bool(await replication.run(redis, "result", request_id, _FINISH, finish_keys, finish_args))
